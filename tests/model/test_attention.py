@@ -1,0 +1,139 @@
+"""Scaled dot-product attention against a plain NumPy softmax(Q K^T / sqrt(d_k)) V."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import dot_product_attention
+from transformer.model import attention as attn
+
+
+def numpy_attention(q, k, v, mask):
+  """The reference: loops over batch and heads, float64, zero output for fully masked rows."""
+  b, t, n, h = q.shape
+  mask = np.broadcast_to(mask, (b, n, t, k.shape[1]))
+  out = np.zeros((b, t, n, h))
+  for i in range(b):
+    for j in range(n):
+      scores = q[i, :, j].astype(np.float64) @ k[i, :, j].T.astype(np.float64) / np.sqrt(h)
+      scores = np.where(mask[i, j], scores, -np.inf)
+      with np.errstate(invalid="ignore"):
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights = weights / weights.sum(-1, keepdims=True)
+      out[i, :, j] = np.nan_to_num(weights) @ v[i, :, j]
+  return out
+
+
+def random_case(seed, b=2, t=6, s=11, n=3, h=8, causal=False):
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.normal(size=shape).astype(np.float32)
+             for shape in ((b, t, n, h), (b, s, n, h), (b, s, n, h)))
+  lengths = rng.integers(1, s + 1, size=b)
+  lengths[0] = s
+  mask = (np.arange(s)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S] padding
+  if causal:
+    mask = mask & np.tril(np.ones((t, s), bool))[None, None]
+  return q, k, v, mask
+
+
+def run(implementation, q, k, v, mask):
+  if implementation == "jax.nn":  # the cudnn path's wrapper, on jax.nn's portable backend
+    return attn._cudnn_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                 jnp.asarray(mask), False, implementation="xla")
+  return dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                               mask=jnp.asarray(mask), implementation=implementation, block_size=4)
+
+
+IMPLEMENTATIONS = ["xla", "blockwise", "jax.nn", "auto"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("seed,causal,t,s", [(0, False, 6, 11), (1, True, 9, 9), (2, True, 5, 16)])
+def test_matches_numpy(implementation, seed, causal, t, s):
+  q, k, v, mask = random_case(seed, t=t, s=s, causal=causal)
+  np.testing.assert_allclose(run(implementation, q, k, v, mask), numpy_attention(q, k, v, mask),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_is_causal_flag_equals_explicit_mask(implementation):
+  q, k, v, _ = random_case(3, t=10, s=10)
+  causal = np.tril(np.ones((10, 10), bool))[None, None]
+  got = dot_product_attention(q, k, v, is_causal=True, implementation=implementation, block_size=4)
+  np.testing.assert_allclose(got, numpy_attention(q, k, v, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fully_masked_rows_are_zero_not_nan(implementation):
+  q, k, v, _ = random_case(4, t=4, s=6)
+  mask = np.ones((2, 1, 4, 6), bool)
+  mask[0, :, 1] = False     # one query row sees nothing
+  mask[1] = False           # a whole example sees nothing
+  out = np.asarray(run(implementation, q, k, v, mask))
+  assert np.isfinite(out).all()
+  np.testing.assert_array_equal(out[0, 1], 0.0)
+  np.testing.assert_array_equal(out[1], 0.0)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_gradients_match_xla():
+  """The hand-written FlashAttention backward pass against autodiff of the plain formula."""
+  q, k, v, mask = random_case(5, t=7, s=13, causal=True)
+  mask = mask.copy()
+  mask[1, :, 2] = False  # a fully masked row must give zero, finite gradients too
+  cotangent = np.random.default_rng(6).normal(size=q.shape).astype(np.float32)
+
+  def loss(implementation):
+    f = lambda q, k, v: jnp.sum(dot_product_attention(
+        q, k, v, mask=mask, implementation=implementation, block_size=4) * cotangent)
+    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  for got, want in zip(loss("blockwise"), loss("xla")):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_worked_example_scaled_scores():
+  """With d_k = 2, dot products 12 and 3 are scaled to 12/sqrt(2) = 8.49 and 3/sqrt(2) = 2.12."""
+  q = jnp.array([3.0, 3.0]).reshape(1, 1, 1, 2)
+  k = jnp.array([[2.0, 2.0], [0.5, 0.5]]).reshape(1, 2, 1, 2)
+  scores = np.asarray(attn.attention_logits(q, k)).ravel()
+  np.testing.assert_allclose(scores, [8.49, 2.12], atol=5e-3)
+
+
+def test_worked_example_softmax_weights():
+  """Similarities (1, 0.71) become attention weights 0.57 and 0.43."""
+  q = jnp.array([np.sqrt(2.0), 0.0]).reshape(1, 1, 1, 2)          # q.k / sqrt(2) = k[0]
+  k = jnp.array([[1.0, 0.0], [0.71, 0.0]]).reshape(1, 2, 1, 2)
+  weights = np.asarray(attn.attention_weights(q, k)).ravel()
+  np.testing.assert_allclose(weights, [0.57, 0.43], atol=5e-3)
+  v = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)   # the output mixes v by weight
+  out = np.asarray(dot_product_attention(q, k, v)).ravel()
+  np.testing.assert_allclose(out, weights, atol=1e-6)
+
+
+def test_masked_keys_content_is_ignored():
+  q, k, v, mask = random_case(7)
+  k2, v2 = k.copy(), v.copy()
+  hidden = ~np.broadcast_to(mask, (2, 1, 1, 11))[:, 0, 0]  # [B, S] padded positions
+  k2[hidden] = 100.0
+  v2[hidden] = -100.0
+  for implementation in ("xla", "blockwise"):
+    np.testing.assert_allclose(run(implementation, q, k, v, mask),
+                               run(implementation, q, k2, v2, mask), atol=1e-6)
+
+
+def test_unknown_implementation_is_a_clear_error():
+  q, k, v, mask = random_case(0)
+  with pytest.raises(ValueError, match="unknown: use one of"):
+    dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_numpy_on_gpu():
+  q, k, v, mask = random_case(8, t=16, s=16, h=64)
+  to16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  got = dot_product_attention(to16(q), to16(k), to16(v), mask=mask, implementation="cudnn")
+  np.testing.assert_allclose(np.asarray(got, np.float32), numpy_attention(q, k, v, mask),
+                             atol=3e-2, rtol=3e-2)

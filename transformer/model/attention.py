@@ -1,0 +1,376 @@
+"""Scaled dot-product attention (Section 3.2.1) in three implementations behind one function.
+
+  Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+
+Our H is the paper's d_k = d_v. Masks are boolean, True where a query may attend to a key, and
+broadcast to [B, N, T, S]. A query that may attend to nothing (a fully masked row) gets a zero
+output and zero weights in every implementation, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from transformer.model.config import TransformerConfig
+from transformer.model.layers import param, rotary_embedding
+from transformer.parallel.axes import BATCH, EMBED, HEADS, KV, LENGTH, constrain
+
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "auto")
+
+# Finite stand-in for -inf: keeps exp() and its gradient free of NaN on fully masked rows.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _as_4d(mask: Bool[Array, "..."] | None) -> Bool[Array, "b n t s"] | None:
+  if mask is None:
+    return None
+  if mask.ndim > 4:
+    raise ValueError(f"attention mask has rank {mask.ndim}; it must broadcast to [B, N, T, S]")
+  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape).astype(jnp.bool_)
+
+
+def causal_mask(q_len: int, kv_len: int, q_offset: int | jax.Array = 0) -> Bool[Array, "1 1 T S"]:
+  """True where key position s <= query position t + q_offset (no peeking at later tokens)."""
+  q_pos_T1 = jnp.arange(q_len)[:, None] + q_offset
+  return (jnp.arange(kv_len)[None, :] <= q_pos_T1)[None, None]
+
+
+def padding_mask(ids_BS: jax.Array, pad_id: int) -> Bool[Array, "B 1 1 S"]:
+  """True at real (non-padding) key positions."""
+  return (ids_BS != pad_id)[:, None, None, :]
+
+
+def attention_logits(q_BTNH: Float[Array, "B T N H"],
+                     k_BSNH: Float[Array, "B S N H"]) -> Float[Array, "B N T S"]:
+  """The scaled dot products Q K^T / sqrt(d_k), in float32.
+
+  The scale keeps the logits' variance at 1 for unit-variance q and k; without it large d_k
+  pushes softmax into regions of vanishing gradient (Section 3.2.1, footnote 4).
+  """
+  scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+  return jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+
+
+def attention_weights(q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"], *,
+                      mask: Bool[Array, "..."] | None = None,
+                      is_causal: bool = False) -> Float[Array, "B N T S"]:
+  """softmax(Q K^T / sqrt(d_k)) in float32, masked entries exactly zero."""
+  logits_BNTS = attention_logits(q_BTNH, k_BSNH)
+  mask = _combine(_as_4d(mask), is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
+  if mask is None:
+    return jax.nn.softmax(logits_BNTS, axis=-1)
+  weights_BNTS = jax.nn.softmax(jnp.where(mask, logits_BNTS, _MASKED), axis=-1)
+  # A fully masked row would otherwise spread uniformly over keys it may not see.
+  return jnp.where(mask, weights_BNTS, 0.0)
+
+
+def _combine(mask, is_causal: bool, q_len: int, kv_len: int):
+  if not is_causal:
+    return mask
+  causal = causal_mask(q_len, kv_len)
+  return causal if mask is None else mask & causal
+
+
+def _xla_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal):
+  weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
+  return jnp.einsum("BNTS,BSNH->BTNH", weights_BNTS.astype(v_BSNH.dtype), v_BSNH)
+
+
+def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cudnn"):
+  """jax.nn.dot_product_attention: cuDNN's fused flash attention on NVIDIA GPUs."""
+  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
+                                          implementation=implementation)
+  mask = _combine(mask, is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
+  if mask is None:
+    return out_BTNH
+  # jax.nn averages all values on a fully masked row; we define that row's output as zero.
+  any_key_BNT = jnp.broadcast_to(
+      jnp.any(mask, axis=-1), (q_BTNH.shape[0], q_BTNH.shape[2], q_BTNH.shape[1]))
+  return out_BTNH * jnp.transpose(any_key_BNT, (0, 2, 1))[..., None].astype(out_BTNH.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise attention: the keys are visited in blocks of K with an online softmax (Milakov &
+# Gimelshein 2018; FlashAttention, Dao et al. 2022), so no [T, S] matrix ever exists: forward
+# and backward memory is O(T x K). The backward pass recomputes each block's probabilities from
+# the saved log-sum-exp instead of storing them.
+# --------------------------------------------------------------------------------------------
+
+def _key_blocks(x_BSNH, block):
+  """[B, S, N, H] -> [S/K, B, K, N, H]: the scan runs over the leading block axis."""
+  b, s, n, h = x_BSNH.shape
+  return jnp.moveaxis(x_BSNH.reshape(b, s // block, block, n, h), 1, 0)
+
+
+def _mask_blocks(mask, block, num_blocks):
+  """Splits the key axis of a [b, n, t, s] mask (s may be 1) into per-block slices."""
+  if mask.shape[-1] == 1:
+    return jnp.broadcast_to(mask[None], (num_blocks,) + mask.shape)
+  b, n, t, _ = mask.shape
+  return jnp.moveaxis(mask.reshape(b, n, t, num_blocks, block), 3, 0)
+
+
+def _block_mask(mask_j, is_causal, j, q_len, block):
+  if not is_causal:
+    return mask_j
+  causal = causal_mask(q_len, block, q_offset=-j * block)
+  return causal if mask_j is None else mask_j & causal
+
+
+def _blockwise_forward(q, k, v, mask, is_causal, block):
+  b, t, n, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  num_blocks = k.shape[1] // block
+  xs = (jnp.arange(num_blocks), _key_blocks(k, block), _key_blocks(v, block),
+        None if mask is None else _mask_blocks(mask, block, num_blocks))
+
+  def step(carry, x):
+    out_BTNH, max_BNT, sum_BNT = carry
+    j, k_j, v_j, mask_j = x
+    s_BNTK = jnp.einsum("BTNH,BKNH->BNTK", q, k_j, preferred_element_type=jnp.float32) * scale
+    mask_j = _block_mask(mask_j, is_causal, j, t, block)
+    if mask_j is not None:
+      s_BNTK = jnp.where(mask_j, s_BNTK, _MASKED)
+    new_max_BNT = jnp.maximum(max_BNT, s_BNTK.max(-1))
+    p_BNTK = jnp.exp(s_BNTK - new_max_BNT[..., None])
+    if mask_j is not None:
+      p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
+    correction_BNT = jnp.exp(max_BNT - new_max_BNT)
+    sum_BNT = sum_BNT * correction_BNT + p_BNTK.sum(-1)
+    pv_BTNH = jnp.einsum("BNTK,BKNH->BTNH", p_BNTK.astype(v.dtype), v_j,
+                         preferred_element_type=jnp.float32)
+    out_BTNH = out_BTNH * jnp.transpose(correction_BNT, (0, 2, 1))[..., None] + pv_BTNH
+    return (out_BTNH, new_max_BNT, sum_BNT), None
+
+  init = (jnp.zeros((b, t, n, h), jnp.float32), jnp.full((b, n, t), _MASKED, jnp.float32),
+          jnp.zeros((b, n, t), jnp.float32))
+  (out_BTNH, max_BNT, sum_BNT), _ = jax.lax.scan(step, init, xs)
+  safe_sum_BNT = jnp.where(sum_BNT > 0, sum_BNT, 1.0)
+  out_BTNH = out_BTNH / jnp.transpose(safe_sum_BNT, (0, 2, 1))[..., None]
+  lse_BNT = max_BNT + jnp.log(safe_sum_BNT)
+  return out_BTNH.astype(q.dtype), lse_BNT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_core(q, k, v, mask, is_causal, block):
+  return _blockwise_forward(q, k, v, mask, is_causal, block)[0]
+
+
+def _blockwise_core_fwd(q, k, v, mask, is_causal, block):
+  out, lse = _blockwise_forward(q, k, v, mask, is_causal, block)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _blockwise_core_bwd(is_causal, block, residuals, d_out_BTNH):
+  q, k, v, mask, out, lse_BNT = residuals
+  t, h = q.shape[1], q.shape[-1]
+  scale = 1.0 / math.sqrt(h)
+  num_blocks = k.shape[1] // block
+  # D_t = sum_h dO * O: the softmax Jacobian's correction term (FlashAttention-2, eq. for dS).
+  delta_BNT = jnp.einsum("BTNH,BTNH->BNT", d_out_BTNH.astype(jnp.float32), out.astype(jnp.float32))
+  xs = (jnp.arange(num_blocks), _key_blocks(k, block), _key_blocks(v, block),
+        None if mask is None else _mask_blocks(mask, block, num_blocks))
+
+  def step(d_q_BTNH, x):
+    j, k_j, v_j, mask_j = x
+    s_BNTK = jnp.einsum("BTNH,BKNH->BNTK", q, k_j, preferred_element_type=jnp.float32) * scale
+    p_BNTK = jnp.exp(s_BNTK - lse_BNT[..., None])
+    mask_j = _block_mask(mask_j, is_causal, j, t, block)
+    if mask_j is not None:
+      p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
+    d_v_BKNH = jnp.einsum("BNTK,BTNH->BKNH", p_BNTK.astype(d_out_BTNH.dtype), d_out_BTNH,
+                          preferred_element_type=jnp.float32)
+    d_p_BNTK = jnp.einsum("BTNH,BKNH->BNTK", d_out_BTNH, v_j, preferred_element_type=jnp.float32)
+    d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None]) * scale).astype(q.dtype)
+    d_q_BTNH = d_q_BTNH + jnp.einsum("BNTK,BKNH->BTNH", d_s_BNTK, k_j,
+                                     preferred_element_type=jnp.float32)
+    d_k_BKNH = jnp.einsum("BNTK,BTNH->BKNH", d_s_BNTK, q, preferred_element_type=jnp.float32)
+    return d_q_BTNH, (d_k_BKNH, d_v_BKNH)
+
+  d_q, (d_k_blocks, d_v_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), xs)
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # [S/K, B, K, N, H] -> [B, S, N, H]
+  return (d_q.astype(q.dtype), unblock(d_k_blocks).astype(k.dtype),
+          unblock(d_v_blocks).astype(v.dtype), None)
+
+
+_blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
+
+
+def blockwise_attention(q_BTNH, k_BSNH, v_BSNH, mask=None, is_causal=False, block_size=128):
+  """Memory-efficient exact attention; pads S to a multiple of the block and masks the padding."""
+  s = k_BSNH.shape[1]
+  block = min(block_size, s)
+  pad = -s % block
+  mask = _as_4d(mask)
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    k_BSNH, v_BSNH = jnp.pad(k_BSNH, widths), jnp.pad(v_BSNH, widths)
+    if mask is None:
+      mask = jnp.ones((1, 1, 1, s), jnp.bool_)
+    if mask.shape[-1] == 1:
+      mask = jnp.broadcast_to(mask, mask.shape[:3] + (s,))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=False)
+  return _blockwise_core(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, block)
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int, kv_len: int,
+                           q_len: int) -> str:
+  """The implementation that "auto" stands for on this backend and these shapes."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is unknown: "
+                     f"use one of {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+      and head_dim <= 128:
+    return "cudnn"
+  # Past ~1k x 1k the [T, S] score matrix costs more memory traffic than the blockwise loop.
+  return "blockwise" if q_len * kv_len > 1024 * 1024 else "xla"
+
+
+def dot_product_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S N H"],
+                          v: Float[Array, "B S N H"], *, mask: Bool[Array, "..."] | None = None,
+                          is_causal: bool = False, implementation: str = "xla",
+                          block_size: int = 128) -> Float[Array, "B T N H"]:
+  """softmax(Q K^T / sqrt(d_k)) V for every head at once.
+
+  Args:
+    q: queries [B, T, N, H]; k, v: keys and values [B, S, N, H].
+    mask: bool, broadcastable to [B, N, T, S]; True = the query may attend to the key.
+    is_causal: also forbid keys after the query's position (s > t), without building a mask.
+    implementation: "xla" (einsum + softmax), "cudnn" (`jax.nn.dot_product_attention`, flash
+      attention on NVIDIA GPUs), "blockwise" (online softmax, O(T x block) memory, any device),
+      or "auto" (cudnn on a GPU in 16-bit, blockwise for long sequences, else xla).
+    block_size: key block of the blockwise implementation.
+
+  Returns:
+    [B, T, N, H], in q's dtype; rows with no visible key are zero.
+  """
+  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], k.shape[1],
+                                          q.shape[1])
+  mask = _as_4d(mask)
+  if implementation == "xla":
+    return _xla_attention(q, k, v, mask, is_causal)
+  if implementation == "cudnn":
+    return _cudnn_attention(q, k, v, mask, is_causal)
+  return blockwise_attention(q, k, v, mask, is_causal, block_size)
+
+
+class MultiHeadAttention(nnx.Module):
+  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+  The per-head projections are stored as one [D, N, H] tensor each (all heads in one einsum);
+  the concatenation of heads followed by W^O is the [N, H, D] contraction in `out`.
+
+  Decoding: after `init_cache`, calls with `decode=True` take the new positions only. Self-
+  attention appends their keys and values to the cache; cross-attention reads the projected
+  encoder output stored once by `init_cache(context=...)`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, cross: bool = False, rngs: nnx.Rngs):
+    self.config, self.cross = config, cross
+    d, n, h, w = config.d_model, config.num_heads, config.head_dim, config.weight_dtype
+    # Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
+    init_in = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0,
+                                                out_axis=(1, 2))
+    init_out = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                                 out_axis=2)
+    self.query = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
+    self.key = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
+    self.value = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
+    self.out = param(rngs, init_out, (n, h, d), (HEADS, KV, EMBED), w)
+    zeros = nnx.initializers.zeros
+    self.query_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
+    self.key_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
+    self.value_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
+    self.out_bias = param(rngs, zeros, (d,), (EMBED,), w)
+    self.weights_dropout = nnx.Dropout(config.attention_dropout_rate, rngs=rngs)
+    self.cached_key = self.cached_value = self.cache_index = None
+    # Rotary positions belong to self-attention: source and target positions are not comparable.
+    self.uses_rope = config.position == "rope" and not cross
+
+  def _project(self, x_BTD, kernel: nnx.Param, bias: nnx.Param) -> Float[Array, "B T N H"]:
+    dtype = self.config.compute_dtype
+    y_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD.astype(dtype), kernel[...].astype(dtype))
+    return constrain(y_BTNH + bias[...].astype(dtype), (BATCH, LENGTH, HEADS, KV))
+
+  def init_cache(self, batch_size: int, max_length: int,
+                 context_BSD: Float[Array, "B S D"] | None = None) -> None:
+    """Allocates the KV cache: empty [B, max_length, N, H] for self-attention, or the projected
+    `context` (the encoder output) for cross-attention."""
+    if self.cross:
+      self.cached_key = nnx.Cache(self._project(context_BSD, self.key, self.key_bias))
+      self.cached_value = nnx.Cache(self._project(context_BSD, self.value, self.value_bias))
+      return
+    shape = (batch_size, max_length, self.config.num_heads, self.config.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(shape, self.config.compute_dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, self.config.compute_dtype))
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def _keys_values(self, x_BTD, context_BSD, decode: bool, kv_positions_BS):
+    if decode and self.cross:
+      return self.cached_key[...], self.cached_value[...], None
+    source_BSD = x_BTD if context_BSD is None else context_BSD
+    k_BSNH = self._project(source_BSD, self.key, self.key_bias)
+    v_BSNH = self._project(source_BSD, self.value, self.value_bias)
+    if self.uses_rope:
+      k_BSNH = rotary_embedding(k_BSNH, kv_positions_BS)
+    if not decode:
+      return k_BSNH, v_BSNH, None
+    # Self-attention decoding: write the new positions at cache_index, attend to all up to them.
+    index = self.cache_index[...]
+    start = (0, index, 0, 0)
+    self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], k_BSNH, start)
+    self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...], v_BSNH, start)
+    self.cache_index[...] = index + x_BTD.shape[1]
+    visible = causal_mask(x_BTD.shape[1], self.cached_key.shape[1], q_offset=index)
+    return self.cached_key[...], self.cached_value[...], visible
+
+  def __call__(self, x_BTD: Float[Array, "B T D"], context_BSD: Float[Array, "B S D"] | None = None,
+               *, mask: Bool[Array, "..."] | None = None, is_causal: bool = False,
+               q_positions_BT=None, kv_positions_BS=None, decode: bool = False,
+               return_weights: bool = False):
+    """Self-attention when `context` is None, else attention from x to context.
+
+    Args:
+      x_BTD: the queries' input [B, T, D].
+      context_BSD: keys' and values' input [B, S, D] for cross-attention.
+      mask: bool broadcastable to [B, N, T, S] (in decode mode, to [B, N, T, max_length]).
+      q_positions_BT, kv_positions_BS: absolute positions, used by RoPE only.
+      decode: use and update the KV cache (see `init_cache`).
+      return_weights: also return the attention weights [B, N, T, S] (xla path).
+
+    Returns:
+      [B, T, D], or ([B, T, D], [B, N, T, S]) with `return_weights`.
+    """
+    q_BTNH = self._project(x_BTD, self.query, self.query_bias)
+    if self.uses_rope:
+      q_BTNH = rotary_embedding(q_BTNH, q_positions_BT)
+      kv_positions_BS = q_positions_BT if kv_positions_BS is None else kv_positions_BS
+    k_BSNH, v_BSNH, visible = self._keys_values(x_BTD, context_BSD, decode, kv_positions_BS)
+    if visible is not None:
+      mask = visible if mask is None else (_as_4d(mask) & visible)
+      is_causal = False
+    weights_BNTS = None
+    use_weights = return_weights or (self.config.attention_dropout_rate > 0
+                                     and not self.weights_dropout.deterministic)
+    if use_weights:
+      weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
+      dropped_BNTS = self.weights_dropout(weights_BNTS)
+      out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    else:
+      out_BTNH = dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
+                                       implementation=self.config.attention,
+                                       block_size=self.config.attention_block_size)
+    dtype = self.config.compute_dtype
+    y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH.astype(dtype), self.out[...].astype(dtype))
+    y_BTD = y_BTD + self.out_bias[...].astype(dtype)
+    y_BTD = constrain(y_BTD, (BATCH, LENGTH, EMBED))
+    return (y_BTD, weights_BNTS) if return_weights else y_BTD

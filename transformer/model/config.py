@@ -1,0 +1,129 @@
+"""The model's hyper-parameters: one frozen dataclass shared by the three families."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+POSITIONS = ("sinusoidal", "learned", "rope")
+NORMS = ("post", "pre")
+ACTIVATIONS = ("relu", "gelu")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Sizes and options of a Transformer (Vaswani et al., 2017, Table 3 names in brackets).
+
+  Attributes:
+    vocab_size: V, one vocabulary shared by source and target (the paper's 37k BPE).
+    d_model: D [d_model], width of every residual stream.
+    num_heads: N [h]; the head width H = D / N is the paper's d_k = d_v.
+    d_ff: F [d_ff], hidden width of the position-wise feed-forward network.
+    num_encoder_layers, num_decoder_layers: L [N] of each stack.
+    dropout_rate: P_drop on embeddings + positions and on each sub-layer output.
+    attention_dropout_rate: dropout on the softmax weights (used by tensor2tensor, 0 in the paper's text).
+    max_len: the longest sequence that positional encodings and the KV cache provide for.
+    position: "sinusoidal" (the paper), "learned" (its Table 3 row E) or "rope".
+    norm: "post" = LayerNorm(x + Sublayer(x)) as in the paper; "pre" = x + Sublayer(LayerNorm(x)).
+    activation: "relu" as in the paper, or "gelu".
+    share_embeddings: one embedding table for source and target (needs a shared vocabulary).
+    tie_output: the pre-softmax linear layer reuses the embedding matrix (Section 3.4).
+    pad_id: token id of padding; padded keys are never attended to.
+    num_classes: size of the EncoderOnly classification head.
+    dtype: compute dtype; parameters stay in param_dtype (float32) and softmax/norms run in float32.
+    attention: implementation of scaled dot-product attention, see `dot_product_attention`.
+    attention_block_size: query/key block of the blockwise attention.
+    layer_norm_epsilon: epsilon of every LayerNorm.
+  """
+
+  vocab_size: int = 32_000
+  d_model: int = 512
+  num_heads: int = 8
+  d_ff: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  max_len: int = 256
+  position: Literal["sinusoidal", "learned", "rope"] = "sinusoidal"
+  norm: Literal["post", "pre"] = "post"
+  activation: Literal["relu", "gelu"] = "relu"
+  share_embeddings: bool = True
+  tie_output: bool = True
+  pad_id: int = 0
+  num_classes: int = 2
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
+  attention_block_size: int = 128
+  layer_norm_epsilon: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "attention_block_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    for name in ("num_encoder_layers", "num_decoder_layers"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+    if self.d_model % self.num_heads:
+      raise ValueError(
+          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}: "
+          "choose d_model as a multiple of num_heads")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
+    for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
+                          ("attention", ATTENTION_IMPLEMENTATIONS), ("dtype", DTYPES),
+                          ("param_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+  @property
+  def head_dim(self) -> int:
+    """H: the paper's d_k = d_v = d_model / h."""
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> TransformerConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def tiny(cls, **overrides) -> TransformerConfig:
+    """A few-thousand-parameter model for tests and the copy task."""
+    values = dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2,
+                  num_decoder_layers=2, max_len=64, dropout_rate=0.0)
+    return cls(**{**values, **overrides})
+
+  @classmethod
+  def small(cls, **overrides) -> TransformerConfig:
+    """The benchmark's fixed 'small' model: V 8192, D 512, 8 heads, F 2048, 6+6 layers."""
+    values = dict(vocab_size=8192, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                  num_decoder_layers=6, dropout_rate=0.1)
+    return cls(**{**values, **overrides})
+
+  @classmethod
+  def base(cls, vocab_size: int = 37_000, **overrides) -> TransformerConfig:
+    """The paper's base model (Table 3): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1."""
+    values = dict(vocab_size=vocab_size, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                  num_decoder_layers=6, dropout_rate=0.1)
+    return cls(**{**values, **overrides})
+
+  @classmethod
+  def big(cls, vocab_size: int = 37_000, **overrides) -> TransformerConfig:
+    """The paper's big model (Table 3): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3."""
+    values = dict(vocab_size=vocab_size, d_model=1024, num_heads=16, d_ff=4096,
+                  num_encoder_layers=6, num_decoder_layers=6, dropout_rate=0.3)
+    return cls(**{**values, **overrides})

@@ -1,0 +1,143 @@
+"""Embeddings, positional encodings, the feed-forward network and LayerNorm (Sections 3.3-3.5)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from transformer.model.config import TransformerConfig
+from transformer.parallel.axes import BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter carrying its logical axis names, mapped to mesh axes later by `parallel.rules`."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _sinusoid_table(length: int, d_model: int) -> np.ndarray:
+  position_T1 = np.arange(length, dtype=np.float64)[:, None]
+  two_i = np.arange(0, d_model, 2, dtype=np.float64)
+  angle_TD2 = position_T1 / np.power(10_000.0, two_i / d_model)
+  table_TD = np.zeros((length, d_model), np.float64)
+  table_TD[:, 0::2] = np.sin(angle_TD2)
+  table_TD[:, 1::2] = np.cos(angle_TD2[:, : d_model // 2])
+  return table_TD.astype(np.float32)
+
+
+def sinusoidal_position_encoding(length: int, d_model: int) -> Float[Array, "T D"]:
+  """The paper's fixed encodings (Section 3.5), float32 [length, d_model].
+
+  PE(pos, 2i) = sin(pos / 10000^(2i/d_model)),  PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+  Computed in NumPy float64 so it is a compile-time constant, exact to float32 rounding.
+  """
+  return jnp.asarray(_sinusoid_table(length, d_model))
+
+
+def rotary_embedding(x_BTNH: Float[Array, "B T N H"],
+                     positions_BT: Int[Array, "B T"]) -> Float[Array, "B T N H"]:
+  """RoPE (Su et al., 2021): rotates each pair (x_i, x_{i+H/2}) by angle pos / 10000^(2i/H).
+
+  Relative offsets then appear in q.k as a rotation by (pos_q - pos_k), so no table is added.
+  """
+  half = x_BTNH.shape[-1] // 2
+  inv_freq_H2 = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_BTH2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_H2
+  sin_BT1H2 = jnp.sin(angle_BTH2)[:, :, None, :]
+  cos_BT1H2 = jnp.cos(angle_BTH2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BT1H2 - x2 * sin_BT1H2, x2 * cos_BT1H2 + x1 * sin_BT1H2], -1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding scaled by sqrt(d_model) (Section 3.4); `attend` is the tied output layer."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    # Variance 1/D so that the sqrt(D)-scaled embedding has unit variance, and the tied
+    # output layer starts with logits of unit scale.
+    init = nnx.initializers.normal(stddev=config.d_model ** -0.5)
+    self.table = param(rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED),
+                       config.weight_dtype)
+
+  def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    table_VD = self.table[...].astype(self.config.compute_dtype)
+    x_BTD = jnp.take(table_VD, ids_BT, axis=0) * math.sqrt(self.config.d_model)
+    return constrain(x_BTD, (BATCH, LENGTH, EMBED))
+
+  def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Pre-softmax linear layer sharing the embedding matrix; logits come back in float32."""
+    table_VD = self.table[...].astype(self.config.compute_dtype)
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
+
+
+class OutputProjection(nnx.Module):
+  """An untied pre-softmax linear layer D -> V, for `tie_output=False`."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.kernel = param(rngs, nnx.initializers.lecun_normal(), (config.d_model, config.vocab_size),
+                        (EMBED, VOCAB), config.weight_dtype)
+
+  def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    kernel_DV = self.kernel[...].astype(self.config.compute_dtype)
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
+
+
+class PositionEncoding(nnx.Module):
+  """Adds sinusoidal or learned absolute positions; a no-op for RoPE (applied inside attention)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.kind, self.max_len, self.d_model = config.position, config.max_len, config.d_model
+    if config.position == "learned":
+      self.table = param(rngs, nnx.initializers.normal(stddev=0.02),
+                         (config.max_len, config.d_model), (LENGTH, EMBED), config.weight_dtype)
+
+  def __call__(self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
+    if self.kind == "rope":
+      return x_BTD
+    if self.kind == "learned":
+      table_LD = self.table[...]
+    else:  # a constant folded into the compiled program, not a parameter to train or save
+      table_LD = sinusoidal_position_encoding(self.max_len, self.d_model)
+    return x_BTD + jnp.take(table_LD, positions_BT, axis=0).astype(x_BTD.dtype)
+
+
+class FeedForward(nnx.Module):
+  """FFN(x) = act(x W1 + b1) W2 + b2 (Section 3.3), hidden width F sharded on the `mlp` axis."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, f, w = config.d_model, config.d_ff, config.weight_dtype
+    init = nnx.initializers.xavier_uniform()
+    self.wi = param(rngs, init, (d, f), (EMBED, MLP), w)
+    self.bi = param(rngs, nnx.initializers.zeros, (f,), (MLP,), w)
+    self.wo = param(rngs, init, (f, d), (MLP, EMBED), w)
+    self.bo = param(rngs, nnx.initializers.zeros, (d,), (EMBED,), w)
+    self.activation = jax.nn.relu if config.activation == "relu" else jax.nn.gelu
+
+  def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    dtype = self.config.compute_dtype
+    h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype)
+    h_BTF = constrain(self.activation(h_BTF), (BATCH, LENGTH, MLP))
+    y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.wo[...].astype(dtype)) + self.bo[...].astype(dtype)
+    return constrain(y_BTD, (BATCH, LENGTH, EMBED))
+
+
+def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm over D; statistics are computed in float32 whatever the compute dtype."""
+  return nnx.LayerNorm(
+      config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype, rngs=rngs,
+      scale_metadata={"out_sharding": (EMBED,), "eager_sharding": False},
+      bias_metadata={"out_sharding": (EMBED,), "eager_sharding": False})

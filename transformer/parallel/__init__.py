@@ -1,0 +1,1 @@
+"""Parallelism: logical axes, meshes and sharded steps."""
