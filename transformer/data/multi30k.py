@@ -52,90 +52,90 @@ _CITATION = """\
 
 
 def require_file(path: Path) -> None:
-    """Raises a one-line FileNotFoundError that names the missing file and the fix."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Multi30k file {path} is missing: copy the corpus into {path.parent} "
-            f"or pass source_dir= pointing at a directory with the *.en.gz/*.de.gz files."
-        )
+  """Raises a one-line FileNotFoundError that names the missing file and the fix."""
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"Multi30k file {path} is missing: copy the corpus into {path.parent} "
+        f"or pass source_dir= pointing at a directory with the *.en.gz/*.de.gz files."
+    )
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a gzip-compressed UTF-8 text file, without their `\\n`."""
-    require_file(path)
-    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
-        text = f.read()
-    # Not splitlines(): it also splits on \x1c, \u2028 etc., which may occur inside a sentence.
-    return text.removesuffix("\n").split("\n") if text else []
+  """Lines of a gzip-compressed UTF-8 text file, without their `\\n`."""
+  require_file(path)
+  with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+    text = f.read()
+  # Not splitlines(): it also splits on \x1c, \u2028 etc., which may occur inside a sentence.
+  return text.removesuffix("\n").split("\n") if text else []
 
 
 def read_parallel(source_dir: Path, stem: str) -> dict[str, list[str]]:
-    """{lang: lines} for `<stem>.<lang>.gz`, checking that both sides have as many lines."""
-    paths = {lang: Path(source_dir) / f"{stem}.{lang}.gz" for lang in LANGUAGES}
-    # Check all files exist before reading any, so the error names the first missing one.
-    for path in paths.values():
-        require_file(path)
-    lines = {lang: read_lines(path) for lang, path in paths.items()}
-    counts = {lang: len(side) for lang, side in lines.items()}
-    if len(set(counts.values())) != 1:
-        detail = ", ".join(f"{paths[lang]} has {counts[lang]} lines" for lang in LANGUAGES)
-        raise ValueError(f"Multi30k line counts differ: {detail}; the sides must be aligned.")
-    return lines
+  """{lang: lines} for `<stem>.<lang>.gz`, checking that both sides have as many lines."""
+  paths = {lang: Path(source_dir) / f"{stem}.{lang}.gz" for lang in LANGUAGES}
+  # Check all files exist before reading any, so the error names the first missing one.
+  for path in paths.values():
+    require_file(path)
+  lines = {lang: read_lines(path) for lang, path in paths.items()}
+  counts = {lang: len(side) for lang, side in lines.items()}
+  if len(set(counts.values())) != 1:
+    detail = ", ".join(f"{paths[lang]} has {counts[lang]} lines" for lang in LANGUAGES)
+    raise ValueError(f"Multi30k line counts differ: {detail}; the sides must be aligned.")
+  return lines
 
 
 class Multi30k(tfds.core.GeneratorBasedBuilder):
-    """Multi30k Task 1 (image captions), English-German, from local gzip files.
+  """Multi30k Task 1 (image captions), English-German, from local gzip files.
 
-    Args (besides tfds's `data_dir`, `file_format`, ...):
-      source_dir: directory holding the eight `<split>.<lang>.gz` files; defaults to the
-        repository's `data/multi30k`.
-    """
+  Args (besides tfds's `data_dir`, `file_format`, ...):
+    source_dir: directory holding the eight `<split>.<lang>.gz` files; defaults to the
+      repository's `data/multi30k`.
+  """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Raw text of data/task1/raw of multi30k/dataset."}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Raw text of data/task1/raw of multi30k/dataset."}
 
-    def __init__(self, *, source_dir: str | os.PathLike | None = None, **kwargs: Any):
-        self._source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
-        super().__init__(**kwargs)
+  def __init__(self, *, source_dir: str | os.PathLike | None = None, **kwargs: Any):
+    self._source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
+    super().__init__(**kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        # Not dataset_info_from_configs(): that reads README/CITATIONS files from a
-        # folder-per-dataset layout, which this single-module builder does not have.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Multi30k English-German image descriptions (raw, untokenized text).",
-            features=tfds.features.FeaturesDict(
-                {lang: tfds.features.Text() for lang in LANGUAGES}
-            ),
-            supervised_keys=("en", "de"),
-            homepage="https://github.com/multi30k/dataset",
-            citation=_CITATION,
-            disable_shuffling=True,
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Not dataset_info_from_configs(): that reads README/CITATIONS files from a
+    # folder-per-dataset layout, which this single-module builder does not have.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Multi30k English-German image descriptions (raw, untokenized text).",
+        features=tfds.features.FeaturesDict(
+            {lang: tfds.features.Text() for lang in LANGUAGES}
+        ),
+        supervised_keys=("en", "de"),
+        homepage="https://github.com/multi30k/dataset",
+        citation=_CITATION,
+        disable_shuffling=True,
+    )
 
-    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-        del dl_manager  # Nothing to download: the corpus ships with the repository.
-        # Read and check every split before writing any, so a bad corpus fails fast.
-        lines = {split: read_parallel(self._source_dir, stem) for split, stem in SPLIT_FILES.items()}
-        return {split: self._generate_examples(side) for split, side in lines.items()}
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    del dl_manager  # Nothing to download: the corpus ships with the repository.
+    # Read and check every split before writing any, so a bad corpus fails fast.
+    lines = {split: read_parallel(self._source_dir, stem) for split, stem in SPLIT_FILES.items()}
+    return {split: self._generate_examples(side) for split, side in lines.items()}
 
-    def _generate_examples(self, lines: Mapping[str, list[str]]):
-        for i, pair in enumerate(zip(*(lines[lang] for lang in LANGUAGES))):
-            yield i, dict(zip(LANGUAGES, pair))
+  def _generate_examples(self, lines: Mapping[str, list[str]]):
+    for i, pair in enumerate(zip(*(lines[lang] for lang in LANGUAGES))):
+      yield i, dict(zip(LANGUAGES, pair))
 
 
 def prepare_multi30k(
     tfds_data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
 ) -> Multi30k:
-    """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`."""
-    builder = Multi30k(data_dir=os.fspath(tfds_data_dir), source_dir=source_dir,
-                       file_format="array_record")
-    builder.download_and_prepare(file_format="array_record")
-    return builder
+  """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`."""
+  builder = Multi30k(data_dir=os.fspath(tfds_data_dir), source_dir=source_dir,
+                     file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  return builder
 
 
 def _decode(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+  return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def load_pairs(
@@ -148,33 +148,34 @@ def load_pairs(
     source_dir: str | os.PathLike | None = None,
     builder_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
-    """(source, target) sentence pairs of one split, in dataset order.
+  """(source, target) sentence pairs of one split, in dataset order.
 
-    Args:
-      dataset_name: "multi30k" for the local builder, or any tfds name whose examples are
-        {lang: text}, e.g. "wmt14_translate/de-en" (prepared through `tfds.data_source`).
-      split: a tfds split, slices allowed ("train[:2000]").
-      source_lang, target_lang: feature keys, e.g. "en", "de".
-      tfds_data_dir: where tfds keeps prepared datasets.
-      source_dir: Multi30k only: directory of the raw .gz files.
-      builder_kwargs: other datasets only: extra tfds builder arguments.
-    Returns:
-      A list of (source, target) str pairs.
-    """
-    if dataset_name == "multi30k":
-        source = prepare_multi30k(tfds_data_dir, source_dir).as_data_source(split=split)
-    else:
-        # tfds.data_source only defaults to ArrayRecord when given no data_dir and no
-        # builder_kwargs; otherwise it would prepare TFRecord files, unreadable without TF.
-        builder_kwargs = {"file_format": "array_record", **(builder_kwargs or {})}
-        source = tfds.data_source(dataset_name, split=split, data_dir=os.fspath(tfds_data_dir),
-                                  builder_kwargs=builder_kwargs)
-    examples = _read_all(source)
-    return [(_decode(ex[source_lang]), _decode(ex[target_lang])) for ex in examples]
+  Args:
+    dataset_name: "multi30k" for the local builder, or any tfds name whose examples are
+      {lang: text}, e.g. "wmt14_translate/de-en", prepared as ArrayRecord through
+      `tfds.data_source` (a copy prepared earlier as TFRecord in the same dir needs TF).
+    split: a tfds split, slices allowed ("train[:2000]").
+    source_lang, target_lang: feature keys, e.g. "en", "de".
+    tfds_data_dir: where tfds keeps prepared datasets.
+    source_dir: Multi30k only: directory of the raw .gz files.
+    builder_kwargs: other datasets only: extra tfds builder arguments.
+  Returns:
+    A list of (source, target) str pairs.
+  """
+  if dataset_name == "multi30k":
+    source = prepare_multi30k(tfds_data_dir, source_dir).as_data_source(split=split)
+  else:
+    # tfds.data_source only defaults to ArrayRecord when given no data_dir and no
+    # builder_kwargs; otherwise it would prepare TFRecord files, unreadable without TF.
+    builder_kwargs = {"file_format": "array_record", **(builder_kwargs or {})}
+    source = tfds.data_source(dataset_name, split=split, data_dir=os.fspath(tfds_data_dir),
+                              builder_kwargs=builder_kwargs)
+  examples = _read_all(source)
+  return [(_decode(ex[source_lang]), _decode(ex[target_lang])) for ex in examples]
 
 
 def _read_all(source: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    # One batched read instead of len(source) single-record reads.
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__(range(len(source))))
-    return [source[i] for i in range(len(source))]
+  # One batched read instead of len(source) single-record reads.
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(range(len(source))))
+  return [source[i] for i in range(len(source))]

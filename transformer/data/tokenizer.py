@@ -35,87 +35,87 @@ def train_sentencepiece(
     character_coverage: float = 1.0,
     num_threads: int = 1,
 ) -> Path:
-    """Trains a SentencePiece model on `sentences` and writes it atomically to `model_path`.
+  """Trains a SentencePiece model on `sentences` and writes it atomically to `model_path`.
 
-    Deterministic given the sentences: the whole input is used in order (no sampling, no
-    shuffling) and one thread is used, because the EM statistics summed over several threads
-    differ in rounding from run to run of a different thread count.
+  Deterministic given the sentences: the whole input is used in order (no sampling, no
+  shuffling) and one thread is used, because the EM statistics summed over several threads
+  differ in rounding from run to run of a different thread count.
 
-    Args:
-      sentences: raw text, one sentence per item.
-      model_path: where the `.model` file goes.
-      vocab_size: V, including the 4 control ids and `<mask>`.
-      model_type: "unigram" or "bpe".
-      character_coverage: 1.0 keeps every character seen (right for alphabets like en/de).
-      num_threads: trainer threads; the output depends on this number.
-    Returns:
-      `model_path` as a Path.
-    """
-    model_path = Path(model_path)
-    model_proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model_proto,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=[MASK_PIECE],
-        input_sentence_size=0,  # 0 = use every sentence; no random sample.
-        shuffle_input_sentence=False,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
-    _write_atomically(model_path, model_proto.getvalue())
-    return model_path
+  Args:
+    sentences: raw text, one sentence per item.
+    model_path: where the `.model` file goes.
+    vocab_size: V, including the 4 control ids and `<mask>`.
+    model_type: "unigram" or "bpe".
+    character_coverage: 1.0 keeps every character seen (right for alphabets like en/de).
+    num_threads: trainer threads; the output depends on this number.
+  Returns:
+    `model_path` as a Path.
+  """
+  model_path = Path(model_path)
+  model_proto = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences),
+      model_writer=model_proto,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      user_defined_symbols=[MASK_PIECE],
+      input_sentence_size=0,  # 0 = use every sentence; no random sample.
+      shuffle_input_sentence=False,
+      num_threads=num_threads,
+      minloglevel=2,
+  )
+  _write_atomically(model_path, model_proto.getvalue())
+  return model_path
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` so that `path` is either absent, the old file, or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)  # Atomic on POSIX within one filesystem.
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+  """Writes `data` so that `path` is either absent, the old file, or complete."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_name, path)  # Atomic on POSIX within one filesystem.
+  except BaseException:
+    Path(tmp_name).unlink(missing_ok=True)
+    raise
 
 
 class Tokenizer:
-    """Text <-> ids with a SentencePiece model; ids follow PAD/UNK/BOS/EOS/MASK_ID above."""
+  """Text <-> ids with a SentencePiece model; ids follow PAD/UNK/BOS/EOS/MASK_ID above."""
 
-    def __init__(self, model_path: str | os.PathLike):
-        self.model_path = Path(model_path)
-        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
-        expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>",
-                    MASK_ID: MASK_PIECE}
-        found = {i: self._sp.id_to_piece(i) for i in expected}
-        if found != expected:
-            raise ValueError(f"{self.model_path} has special pieces {found}, expected {expected}.")
+  def __init__(self, model_path: str | os.PathLike):
+    self.model_path = Path(model_path)
+    self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
+    expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>",
+                MASK_ID: MASK_PIECE}
+    found = {i: self._sp.id_to_piece(i) for i in expected}
+    if found != expected:
+      raise ValueError(f"{self.model_path} has special pieces {found}, expected {expected}.")
 
-    @property
-    def vocab_size(self) -> int:
-        """V: the number of ids, specials included."""
-        return self._sp.get_piece_size()
+  @property
+  def vocab_size(self) -> int:
+    """V: the number of ids, specials included."""
+    return self._sp.get_piece_size()
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text, without BOS/EOS (the pipeline appends EOS)."""
-        return self._sp.encode(list(texts), out_type=int)
+  def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, without BOS/EOS (the pipeline appends EOS)."""
+    return self._sp.encode(list(texts), out_type=int)
 
-    def decode(self, ids: Sequence[Sequence[int]] | np.ndarray) -> list[str]:
-        """Text of each id row [B, T]: stops at the first EOS and skips PAD and BOS."""
-        return self._sp.decode([_strip_specials(row) for row in ids])
+  def decode(self, ids: Sequence[Sequence[int]] | np.ndarray) -> list[str]:
+    """Text of each id row [B, T]: stops at the first EOS and skips PAD and BOS."""
+    return self._sp.decode([_strip_specials(row) for row in ids])
 
 
 def _strip_specials(row: Sequence[int] | np.ndarray) -> list[int]:
-    row = [int(i) for i in row]
-    if EOS_ID in row:
-        row = row[: row.index(EOS_ID)]
-    return [i for i in row if i not in (PAD_ID, BOS_ID)]
+  row = [int(i) for i in row]
+  if EOS_ID in row:
+    row = row[: row.index(EOS_ID)]
+  return [i for i in row if i not in (PAD_ID, BOS_ID)]
 
 
 def load_or_train_tokenizer(
@@ -125,22 +125,22 @@ def load_or_train_tokenizer(
     *,
     model_type: str = "unigram",
 ) -> Tokenizer:
-    """The tokenizer in `model_dir/spm.model`, training it on `sentences` first if absent.
+  """The tokenizer in `model_dir/spm.model`, training it on `sentences` first if absent.
 
-    `sentences` is only consumed when training, so a generator avoids reading text on reloads.
-    Raises ValueError if a stored model has another vocabulary size than asked for.
-    """
-    model_path = Path(model_dir) / MODEL_FILENAME
-    if not model_path.exists():
-        train_sentencepiece(sentences, model_path, vocab_size, model_type=model_type)
-    tokenizer = Tokenizer(model_path)
-    if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"{model_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: "
-                         "use another workdir or the stored model's size.")
-    return tokenizer
+  `sentences` is only consumed when training, so a generator avoids reading text on reloads.
+  Raises ValueError if a stored model has another vocabulary size than asked for.
+  """
+  model_path = Path(model_dir) / MODEL_FILENAME
+  if not model_path.exists():
+    train_sentencepiece(sentences, model_path, vocab_size, model_type=model_type)
+  tokenizer = Tokenizer(model_path)
+  if tokenizer.vocab_size != vocab_size:
+    raise ValueError(f"{model_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: "
+                     "use another workdir or the stored model's size.")
+  return tokenizer
 
 
 def pair_sentences(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    """Both sides of (source, target) pairs as one list: all sources, then all targets."""
-    pairs = list(pairs)
-    return [src for src, _ in pairs] + [tgt for _, tgt in pairs]
+  """Both sides of (source, target) pairs as one list: all sources, then all targets."""
+  pairs = list(pairs)
+  return [src for src, _ in pairs] + [tgt for _, tgt in pairs]
