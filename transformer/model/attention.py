@@ -292,14 +292,17 @@ class MultiHeadAttention(nnx.Module):
     self.value_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
     self.out_bias = param(rngs, zeros, (d,), (EMBED,), w)
     self.weights_dropout = nnx.Dropout(config.attention_dropout_rate, rngs=rngs)
-    self.cached_key = self.cached_value = self.cache_index = None
+    # Filled by init_cache; declared as data so the cache is part of the module's state.
+    self.cached_key = nnx.data(None)
+    self.cached_value = nnx.data(None)
+    self.cache_index = nnx.data(None)
     # Rotary positions belong to self-attention: source and target positions are not comparable.
     self.uses_rope = config.position == "rope" and not cross
 
   def _project(self, x_BTD, kernel: nnx.Param, bias: nnx.Param) -> Float[Array, "B T N H"]:
     dtype = self.config.compute_dtype
     y_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD.astype(dtype), kernel[...].astype(dtype))
-    return constrain(y_BTNH + bias[...].astype(dtype), (BATCH, LENGTH, HEADS, KV))
+    return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
   def init_cache(self, batch_size: int, max_length: int,
                  context_BSD: Float[Array, "B S D"] | None = None) -> None:
@@ -371,6 +374,6 @@ class MultiHeadAttention(nnx.Module):
                                        block_size=self.config.attention_block_size)
     dtype = self.config.compute_dtype
     y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH.astype(dtype), self.out[...].astype(dtype))
-    y_BTD = y_BTD + self.out_bias[...].astype(dtype)
+    y_BTD = y_BTD + self.out_bias[...].astype(dtype)[None, None]
     y_BTD = constrain(y_BTD, (BATCH, LENGTH, EMBED))
     return (y_BTD, weights_BNTS) if return_weights else y_BTD

@@ -49,7 +49,7 @@ def rotary_embedding(x_BTNH: Float[Array, "B T N H"],
   """
   half = x_BTNH.shape[-1] // 2
   inv_freq_H2 = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_BTH2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_H2
+  angle_BTH2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_H2[None, None, :]
   sin_BT1H2 = jnp.sin(angle_BTH2)[:, :, None, :]
   cos_BT1H2 = jnp.cos(angle_BTH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -128,9 +128,11 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     dtype = self.config.compute_dtype
-    h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype)
+    h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.wi[...].astype(dtype))
+    h_BTF = h_BTF + self.bi[...].astype(dtype)[None, None]
     h_BTF = constrain(self.activation(h_BTF), (BATCH, LENGTH, MLP))
-    y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.wo[...].astype(dtype)) + self.bo[...].astype(dtype)
+    y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.wo[...].astype(dtype))
+    y_BTD = y_BTD + self.bo[...].astype(dtype)[None, None]
     return constrain(y_BTD, (BATCH, LENGTH, EMBED))
 
 

@@ -110,7 +110,8 @@ class Decoder(nnx.Module):
     self.layers = nnx.List([DecoderLayer(config, cross=cross, rngs=rngs)
                             for _ in range(config.num_decoder_layers)])
     self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
-    self.cache_index = self.memory_mask = None
+    self.cache_index = nnx.data(None)
+    self.memory_mask = nnx.data(None)
 
   def init_cache(self, batch_size: int, max_length: int, memory_BSD=None,
                  memory_mask_B11S=None) -> None:
@@ -214,7 +215,7 @@ class MaskedLMHead(nnx.Module):
 
   def __call__(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
     h_BSD = jnp.einsum("BSD,DE->BSE", x_BSD, self.dense[...].astype(x_BSD.dtype))
-    return self.embed.attend(self.norm(jax.nn.gelu(h_BSD))) + self.bias[...]
+    return self.embed.attend(self.norm(jax.nn.gelu(h_BSD))) + self.bias[...][None, None]
 
 
 class EncoderOnly(nnx.Module):
@@ -243,5 +244,5 @@ class EncoderOnly(nnx.Module):
     first_BD = self(ids_BS)[:, 0]
     pooled_BD = jnp.tanh(first_BD @ self.pooler[...].astype(first_BD.dtype))
     logits_BC = pooled_BD @ self.classifier[...].astype(first_BD.dtype)
-    return logits_BC.astype(jnp.float32) + self.classifier_bias[...]
+    return logits_BC.astype(jnp.float32) + self.classifier_bias[...][None]
 

@@ -1,0 +1,57 @@
+"""Positional encodings, embeddings and the config against their formulas."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer import TransformerConfig, sinusoidal_position_encoding
+from transformer.model.layers import Embedding, rotary_embedding
+
+
+@pytest.mark.parametrize("pos", [0, 1, 7, 50, 255])
+@pytest.mark.parametrize("i", [0, 1, 2, 17, 255])
+def test_sinusoidal_matches_formula(pos, i):
+  d = 512
+  table = np.asarray(sinusoidal_position_encoding(256, d))
+  assert table.shape == (256, d) and table.dtype == np.float32
+  angle = pos / 10000 ** (2 * i / d)
+  assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
+  assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_embedding_is_scaled_by_sqrt_d_model_and_tied():
+  config = TransformerConfig.tiny()
+  embed = Embedding(config, rngs=nnx.Rngs(0))
+  ids = jnp.array([[3, 5, 0]])
+  table = np.asarray(embed.table[...])
+  np.testing.assert_allclose(embed(ids)[0], table[[3, 5, 0]] * math.sqrt(config.d_model),
+                             rtol=1e-6)
+  x = np.random.default_rng(0).normal(size=(1, 2, config.d_model)).astype(np.float32)
+  np.testing.assert_allclose(embed.attend(jnp.asarray(x)), x @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotates_so_scores_depend_on_offset_only():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  score = lambda pq, pk: float(jnp.sum(rotary_embedding(q, jnp.array([[pq]]))
+                                       * rotary_embedding(k, jnp.array([[pk]]))))
+  assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
+  assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+  np.testing.assert_allclose(jnp.linalg.norm(rotary_embedding(q, jnp.array([[5]]))),
+                             jnp.linalg.norm(q), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(d_model=30, num_heads=4), "not divisible by model.num_heads"),
+    (dict(d_model=0), "must be positive"),
+    (dict(position="alibi"), "unknown: use one of"),
+    (dict(attention="flash"), "unknown: use one of"),
+    (dict(dropout_rate=1.0), r"must be in \[0, 1\)"),
+])
+def test_config_rejects_bad_values(change, message):
+  with pytest.raises(ValueError, match=message):
+    TransformerConfig.tiny(**change)
