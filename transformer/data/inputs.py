@@ -1,0 +1,132 @@
+"""Everything a run reads, built from the config: tokenizer, training stream, evaluation sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
+from transformer.data.pipeline import (Batch, BatchIterator, Examples, default_length_buckets,
+                                       encode_pairs, eval_batches, lm_train_batches,
+                                       make_examples, mask_tokens, translation_train_batches)
+from transformer.data.tokenizer import Tokenizer, load_or_train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TestSet:
+  """One evaluation split: its text pairs (references in file order) and its batches."""
+  name: str
+  pairs: list[tuple[str, str]]
+  examples: Examples
+  batches: list[Batch]
+
+
+@dataclasses.dataclass
+class Inputs:
+  tokenizer: Tokenizer
+  train: "Resumable"
+  eval_batches: list[Batch]
+  test_sets: list[TestSet]
+
+
+class MaskedBatches(Iterator[Batch]):
+  """BERT corruption over an LM stream, seeded by the stream position so resuming is exact."""
+
+  def __init__(self, stream: BatchIterator, vocab_size: int, seed: int, select_rate: float):
+    self.stream, self.vocab_size, self.seed, self.select_rate = stream, vocab_size, seed, select_rate
+
+  def __next__(self) -> Batch:
+    position = self.stream.state()
+    rng = np.random.default_rng([self.seed, position["epoch"], position["batch_index"]])
+    return mask_tokens(next(self.stream)["targets"], rng, self.vocab_size,
+                       select_rate=self.select_rate)
+
+  def state(self) -> dict:
+    return self.stream.state()
+
+  def restore(self, state: dict) -> None:
+    self.stream.restore(state)
+
+
+Resumable = BatchIterator | MaskedBatches
+
+
+def _tfds_dir(config, workdir: Path) -> Path:
+  return Path(config.data.tfds_data_dir) if config.data.tfds_data_dir else workdir / "tfds"
+
+
+def read_split(config, workdir: Path, split: str) -> list[tuple[str, str]]:
+  data = config.data
+  return load_pairs(data.dataset, split, data.source_lang, data.target_lang,
+                    _tfds_dir(config, workdir), source_dir=data.source_dir or DEFAULT_SOURCE_DIR)
+
+
+def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
+  """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
+  sentences = [s for pair in train_pairs[: config.data.tokenizer_sentences // 2] for s in pair]
+  return load_or_train_tokenizer(workdir, sentences, config.data.vocab_size,
+                                 model_type=config.data.tokenizer_type)
+
+
+def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
+                 process_index: int = 0, process_count: int = 1) -> Inputs:
+  """Reads the dataset, trains or loads the tokenizer, and builds the run's batch streams."""
+  workdir = Path(workdir)
+  data = config.data
+  train_pairs = read_split(config, workdir, data.train_split)
+  tokenizer = tokenizer_for(config, workdir, train_pairs)
+  buckets = tuple(data.length_buckets) or default_length_buckets(data.max_length)
+  shard = dict(process_index=process_index, process_count=process_count)
+
+  def examples_of(pairs, truncate):
+    return make_examples(*encode_pairs(tokenizer, pairs), data.max_length, truncate=truncate)[0]
+
+  def batches_of(examples):
+    return eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
+
+  if config.task == "translation":
+    train = translation_train_batches(
+        examples_of(train_pairs, data.truncate), tokens_per_batch=data.tokens_per_batch,
+        seed=config.seed, length_buckets=buckets, batch_multiple=batch_multiple, **shard)
+  else:
+    # Language models read one side as running text, in windows of max_length tokens.
+    side = tokenizer.encode([tgt for _, tgt in train_pairs])
+    rows = max(data.tokens_per_batch // data.max_length // batch_multiple, 1) * batch_multiple
+    train = lm_train_batches(side, seq_len=data.max_length, batch_size=rows, seed=config.seed,
+                             **shard)
+    if config.task == "mlm":
+      train = MaskedBatches(train, tokenizer.vocab_size, config.seed, data.mlm_select_rate)
+
+  eval_examples = examples_of(read_split(config, workdir, data.eval_split), True)
+  test_sets = []
+  if config.task == "translation":
+    for split in data.test_splits:
+      pairs = read_split(config, workdir, split)
+      examples = examples_of(pairs, True)
+      test_sets.append(TestSet(split, pairs, examples, batches_of(examples)))
+  return Inputs(tokenizer, train, _eval_batches_for_task(config, batches_of(eval_examples),
+                                                          tokenizer), test_sets)
+
+
+def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer) -> list[Batch]:
+  """Validation batches in the task's format, with per-token weights."""
+  out = []
+  for i, batch in enumerate(batches):
+    weights_BT = (batch["targets"] != 0).astype(np.float32) * batch["weights"][:, None]
+    if config.task == "translation":
+      out.append({"inputs": batch["inputs"], "targets": batch["targets"], "weights": weights_BT})
+    elif config.task == "lm":
+      out.append({"targets": batch["targets"], "weights": weights_BT})
+    else:
+      masked = mask_tokens(batch["targets"], np.random.default_rng([config.seed, -1, i]),
+                           tokenizer.vocab_size, select_rate=config.data.mlm_select_rate)
+      masked["weights"] = masked["weights"] * batch["weights"][:, None]
+      out.append(masked)
+  return out

@@ -1,0 +1,208 @@
+"""The training loop: config -> data -> sharded state -> jitted steps -> checkpoints -> BLEU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from transformer.data.inputs import Inputs, build_inputs
+from transformer.parallel import distributed
+from transformer.parallel.mesh import (batch_sharding, check_divisible, global_batch,
+                                       logical_shardings, make_mesh, put_global, replicated)
+from transformer.parallel.axes import DATA, FSDP, RULES
+from transformer.train import metrics as metrics_lib
+from transformer.train.checkpoint import Checkpointer, CheckpointError, average_params
+from transformer.train.config import model_config, validate
+from transformer.train.loss import summarize
+from transformer.train.models import create_model, load_params_into
+from transformer.train.optimizer import learning_rate, make_optimizer
+from transformer.train.step import TrainState, make_steps
+
+log = logging.getLogger(__name__)
+
+
+class StopRequested:
+  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def sharded_state(model, tx, mesh):
+  """The train state of `model`, placed on the mesh by its parameters' logical axis names."""
+  params = nnx.state(model, nnx.Param)
+  host_state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  shardings = logical_shardings(host_state, mesh)
+  return put_global(host_state, shardings), shardings
+
+
+def abstract_with_shardings(state_shardings, state):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, state_shardings)
+
+
+class Trainer:
+  """Owns a run's mesh, state, compiled steps and checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+    validate(config)
+    self.config, self.workdir = config, Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.mesh = make_mesh(config.parallel)
+    data_ways = self.mesh.shape[DATA] * self.mesh.shape[FSDP]
+    self.inputs: Inputs = build_inputs(config, self.workdir, batch_multiple=data_ways,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    with config.unlocked():
+      config.model.vocab_size = self.inputs.tokenizer.vocab_size
+    self.model_config = model_config(config)
+    check_divisible(self.mesh, num_heads=self.model_config.num_heads,
+                    d_ff=self.model_config.d_ff, d_model=self.model_config.d_model,
+                    vocab_size=self.model_config.vocab_size)
+    self.model = create_model(config.task, self.model_config, config.seed)
+    if config.init_from:
+      load_params_into(self.model, config.init_from)
+    self.tx = make_optimizer(config)
+    self.state, self.state_shardings = sharded_state(self.model, self.tx, self.mesh)
+    self.graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)
+    train_step, eval_step = make_steps(
+        self.graphdef, rest, self.tx, task=config.task, label_smoothing=config.label_smoothing,
+        dropout_key=jax.random.key(config.seed + 1))
+    batch_shard = batch_sharding(self.mesh)
+    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_shard),
+                              out_shardings=(self.state_shardings, replicated(self.mesh)),
+                              donate_argnums=0)
+    self.eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings.params, batch_shard),
+                             out_shardings=replicated(self.mesh))
+    self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
+    self.resumed_from = self._restore()
+
+  def _restore(self) -> int | None:
+    if not self.checkpointer.steps():
+      return None
+    abstract = abstract_with_shardings(self.state_shardings, self.state)
+    self.state, data_state, step = self.checkpointer.restore(abstract)
+    if data_state:
+      self.inputs.train.restore(data_state)
+    log.info("resumed from step %d in %s", step, self.checkpointer.directory)
+    return step
+
+  def evaluate(self, params, batches) -> dict[str, float]:
+    totals = None
+    with jax.set_mesh(self.mesh):
+      for batch in batches:
+        sums = self.eval_step(params, global_batch(batch, self.mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return summarize(jax.device_get(totals))
+
+  def save(self, force: bool = False) -> None:
+    step = int(self.state.step)
+    if step in self.checkpointer.steps():
+      return
+    self.checkpointer.save(step, self.state, self.inputs.train.state(), force=force)
+
+  def train(self, writer: metrics_lib.MetricWriter) -> None:
+    """Runs steps until num_train_steps; the step counter lives on the host to avoid syncs."""
+    config = self.config
+    step = int(self.state.step)
+    stop = StopRequested()
+    progress = metrics_lib.progress_bar(step, config.num_train_steps)
+    window = metrics_lib.ThroughputWindow()
+    sums = None
+    try:
+      with jax.set_mesh(self.mesh):
+        while step < config.num_train_steps and not stop.signal:
+          batch = next(self.inputs.train)
+          self.state, step_metrics = self.train_step(self.state, global_batch(batch, self.mesh))
+          step += 1
+          sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+          window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count())
+          progress.update(1)
+          if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            self._log_train(writer, progress, window, jax.device_get(sums), step)
+            sums = None
+          if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+            eval_metrics = self.evaluate(self.state.params, self.inputs.eval_batches)
+            writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          if step % config.checkpoint_every_steps == 0:
+            self.save()
+    finally:
+      progress.close()
+      stop.restore()
+      self.save(force=True)
+      self.checkpointer.wait()
+    if stop.signal:
+      log.warning("%s received at step %d: checkpoint saved; run again to resume", stop.signal,
+                  step)
+      raise KeyboardInterrupt(stop.signal)
+
+  def _log_train(self, writer, progress, window, sums, step) -> None:
+    steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
+    grad_norm = float(sums.pop("grad_norm")) / steps
+    summary = summarize(sums)
+    rate = window.tokens_per_second()
+    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{rate:,.0f}")
+    writer.write(step, {"train/loss": summary["loss"], "train/nll": summary["nll"],
+                        "train/accuracy": summary["accuracy"], "train/grad_norm": grad_norm,
+                        "train/tokens_per_second": rate, "train/skipped_updates": nonfinite,
+                        "train/learning_rate": float(learning_rate(self.config)(step - 1))})
+    if nonfinite:
+      message = (f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
+                 f"{nonfinite} update(s) skipped, parameters kept at their last finite values")
+      if self.config.nan_policy == "stop":
+        raise FloatingPointError(message + "; lower the learning rate or set nan_policy=skip")
+      log.warning(message)
+
+  def averaged_params(self):
+    """Parameters averaged over the last checkpoints (Section 6.1), or the current ones."""
+    k = self.config.average_last_checkpoints
+    if k <= 1 or len(self.checkpointer.steps()) < 2:
+      return self.state.params
+    abstract = abstract_with_shardings(self.state_shardings, self.state)
+    params, steps = average_params(self.checkpointer, abstract, k)
+    log.info("averaged the parameters of checkpoints %s", steps)
+    return params
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains (or resumes) a run in `workdir`, then evaluates it; returns the final metrics."""
+  distributed.initialize(config.parallel)
+  trainer = Trainer(config, workdir)
+  workdir = Path(workdir)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  try:
+    trainer.train(writer)
+    params = trainer.averaged_params()
+    results = {"step": int(trainer.state.step)}
+    results.update({f"eval/{k}": v for k, v in
+                    trainer.evaluate(params, trainer.inputs.eval_batches).items()})
+    if config.task == "translation" and config.decode.bleu_at_end:
+      from transformer.decode.evaluate import bleu_report
+      results.update(bleu_report(trainer, params, workdir))
+    writer.write(results["step"], {k: v for k, v in results.items() if k != "step"})
+    if jax.process_index() == 0:
+      (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+  finally:
+    writer.close()
+    trainer.checkpointer.close()

@@ -1,0 +1,72 @@
+"""Which model family a task trains, and warm-starting it from another run's parameters."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from transformer.model import DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
+
+
+def create_model(task: str, config: TransformerConfig, seed: int) -> nnx.Module:
+  """A freshly initialised model of the task's family (dropout RNG streams seeded apart)."""
+  return FAMILIES[task](config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def latest_params(workdir: str | Path) -> dict:
+  """The newest checkpoint's parameters of another run, as a nested dict of NumPy arrays."""
+  directory = Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.is_dir()) \
+      if directory.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f"init_from: no checkpoint in {directory}: train that run first")
+  restored = ocp.StandardCheckpointer().restore(directory / str(steps[-1]) / "state")
+  return restored["params"]
+
+
+def load_params_into(model: nnx.Module, workdir: str | Path) -> None:
+  """Copies every parameter whose path and shape match from `workdir`'s latest checkpoint.
+
+  A pre-trained decoder-only or encoder-only model can so start a fine-tuning run; parameters
+  the source lacks (e.g. a new classification head) keep their fresh initialisation.
+  """
+  source = dict(_flatten(latest_params(workdir)))
+  params = nnx.state(model, nnx.Param)
+  copied, fresh = 0, []
+  for path, variable in nnx.to_flat_state(params):
+    key = tuple(str(p) for p in path)
+    value = source.get(key)
+    if value is not None and value.shape == variable.shape:
+      variable.set_value(value.astype(variable.dtype))
+      copied += 1
+    else:
+      fresh.append("/".join(key))
+  nnx.update(model, params)
+  log.info("init_from %s: %d parameters copied, %d initialised fresh%s", workdir, copied,
+           len(fresh), f" ({', '.join(fresh[:5])}...)" if fresh else "")
+  if copied == 0:
+    raise ValueError(f"init_from {workdir}: no parameter matches this model's names and shapes; "
+                     "check that both runs use the same model sizes")
+
+
+def _flatten(tree, prefix=()):
+  """(path of str keys, array) pairs of a restored nested dict; a Variable's "value" level
+  is dropped so paths match `nnx.to_flat_state`."""
+  if isinstance(tree, dict):
+    for key, child in tree.items():
+      yield from _flatten(child, prefix if key == "value" else prefix + (str(key),))
+  else:
+    yield prefix, np.asarray(tree)
+
+
+def save_model_config(workdir: Path, config: TransformerConfig, task: str) -> None:
+  (workdir / "model.json").write_text(json.dumps({"task": task, **config.__dict__}, indent=2))

@@ -1,0 +1,38 @@
+"""The Optax optimizer from the config: clipping, Adam(W), schedule, gradient accumulation."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+from transformer.train import schedule as schedules
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  opt = config.optimizer
+  if opt.schedule == "rsqrt":
+    return schedules.rsqrt_schedule(config.model.d_model, opt.warmup_steps, opt.lr_scale)
+  if opt.schedule == "cosine":
+    return schedules.warmup_cosine_schedule(opt.peak_learning_rate, opt.warmup_steps,
+                                            config.num_train_steps)
+  if opt.schedule == "constant":
+    return optax.constant_schedule(opt.peak_learning_rate)
+  raise ValueError(f"optimizer.schedule={opt.schedule!r} is unknown: use rsqrt, cosine or constant")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(b1=0.9, b2=0.98, eps=1e-9) with the paper's schedule by default (Section 5.3)."""
+  opt = config.optimizer
+  lr = learning_rate(config)
+  if opt.name == "adam":
+    core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  elif opt.name == "adamw":
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r} is unknown: use adam or adamw")
+  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
+      if opt.grad_clip_norm > 0 else core
+  if opt.grad_accum_steps > 1:
+    # Sums gradients over k micro-batches and applies one update: a k-times larger batch.
+    tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
+  return tx

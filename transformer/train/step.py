@@ -1,0 +1,90 @@
+"""Pure training and evaluation steps: `train_step(state, batch) -> (state, metrics)`.
+
+The model lives as (graphdef, params): the step merges them into an NNX module, computes the
+task's loss, and returns new arrays. No I/O, no Python branching on values, so the loop can jit
+it once with explicit shardings and donate the old state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from transformer.data.tokenizer import BOS_ID, PAD_ID
+from transformer.train.loss import token_metrics
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training and is checkpointed."""
+  step: jax.Array            # int32 scalar: updates applied so far
+  params: nnx.State          # the model's nnx.Param variables
+  opt_state: optax.OptState
+
+
+def shift_right(ids_BT: jax.Array, bos_id: int = BOS_ID) -> jax.Array:
+  """Teacher forcing: the decoder reads BOS, y_1, ..., y_{T-1} and predicts y_1, ..., y_T."""
+  return jnp.concatenate([jnp.full_like(ids_BT[:, :1], bos_id), ids_BT[:, :-1]], axis=1)
+
+
+def _translation(model, batch: Batch):
+  targets_BT = batch["targets"]
+  logits_BTV = model(batch["inputs"], shift_right(targets_BT))
+  return logits_BTV, targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
+
+
+def _language_model(model, batch: Batch):
+  targets_BT = batch["targets"]
+  return model(shift_right(targets_BT)), targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
+
+
+def _masked_language_model(model, batch: Batch):
+  # Only the selected positions count (BERT): weights mark them.
+  return model.mlm_logits(batch["inputs"]), batch["targets"], batch["weights"]
+
+
+TASK_OUTPUTS: dict[str, Callable] = {
+    "translation": _translation, "lm": _language_model, "mlm": _masked_language_model}
+
+
+def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
+               task: str, label_smoothing: float, dropout_key: jax.Array):
+  """Builds the pure (train_step, eval_step) pair for one model graph and task.
+
+  `rest` is the model's non-parameter state (dropout RNG streams), reseeded at every step from
+  `dropout_key` and the step number, so a resumed run draws exactly the same dropout masks.
+  """
+  outputs = TASK_OUTPUTS[task]
+
+  def loss_fn(params, batch, step):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+    logits_BTV, targets_BT, weights_BT = outputs(model, batch)
+    sums = token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
+    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
+    # `nonfinite` and stops or skips according to the config, with the last good state in hand.
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state))
+    metrics = {**sums, "grad_norm": optax.global_norm(grads), "steps": jnp.ones((), jnp.int32),
+               "nonfinite": (~finite).astype(jnp.int32)}
+    return new_state, metrics
+
+  def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    return token_metrics(*outputs(model, batch), label_smoothing)
+
+  return train_step, eval_step
