@@ -82,9 +82,9 @@ class Trainer:
       load_params_into(self.model, config.init_from)
     self.tx = make_optimizer(config)
     self.state, self.state_shardings = sharded_state(self.model, self.tx, self.mesh)
-    self.graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)
+    self.graphdef, _, self.rest = nnx.split(self.model, nnx.Param, ...)
     train_step, eval_step = make_steps(
-        self.graphdef, rest, self.tx, task=config.task, label_smoothing=config.label_smoothing,
+        self.graphdef, self.rest, self.tx, task=config.task, label_smoothing=config.label_smoothing,
         dropout_key=jax.random.key(config.seed + 1))
     batch_shard = batch_sharding(self.mesh)
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_shard),
@@ -202,7 +202,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     writer.write(results["step"], {k: v for k, v in results.items() if k != "step"})
     if jax.process_index() == 0:
       (workdir / "results.json").write_text(json.dumps(results, indent=2))
+      print_summary(results, workdir)
     return results
   finally:
     writer.close()
     trainer.checkpointer.close()
+
+
+def print_summary(results: dict, workdir: Path) -> None:
+  """The run's headline numbers and a few translations, on stdout."""
+  print(f"\nstep {results['step']}: validation loss {results['eval/loss']:.3f}, "
+        f"perplexity {results['eval/perplexity']:.2f}, accuracy {results['eval/accuracy']:.3f}")
+  bleu_file = workdir / "bleu.json"
+  if not bleu_file.exists():
+    return
+  for split, report in json.loads(bleu_file.read_text()).items():
+    print(f"{split}: {report['detail']}")
+    for example in report["examples"]:
+      print(f"  source:      {example['source']}\n  reference:   {example['reference']}\n"
+            f"  translation: {example['translation']}")

@@ -74,11 +74,11 @@ def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransf
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
-    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
-    metrics = {**sums, "grad_norm": optax.global_norm(grads), "steps": jnp.ones((), jnp.int32),
+    metrics = {**sums, "grad_norm": optax.tree.norm(grads), "steps": jnp.ones((), jnp.int32),
                "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, metrics
 

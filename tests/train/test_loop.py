@@ -1,0 +1,61 @@
+"""The whole training job on a slice of Multi30k with a one-layer model."""
+
+import json
+
+import pytest
+
+from transformer.train.config import get_config
+from transformer.train.loop import run
+
+
+def tiny_config(steps: int):
+  config = get_config()
+  config.model.update(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,
+                      num_decoder_layers=1, max_len=32, dropout_rate=0.1)
+  config.data.update(train_split="train[:1500]", eval_split="validation[:64]",
+                     test_splits=("test_2016[:24]",), vocab_size=500, max_length=32,
+                     length_buckets=(32,), tokens_per_batch=512, eval_batch_size=32)
+  config.optimizer.update(warmup_steps=10, lr_scale=1.0)
+  config.update(num_train_steps=steps, log_every_steps=1, eval_every_steps=100,
+                checkpoint_every_steps=3, keep_checkpoints=5)
+  config.decode.update(beam_size=2, max_extra_length=8, batch_size=8, num_examples=2)
+  return config
+
+
+def train_losses(workdir):
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  results = run(tiny_config(6), workdir)
+  return workdir, results
+
+
+def test_run_trains_checkpoints_and_evaluates(uninterrupted):
+  workdir, results = uninterrupted
+  assert results["step"] == 6
+  assert (workdir / "spm.model").exists() and (workdir / "results.json").exists()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
+      == [3, 6]
+  losses = train_losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  assert losses[6] < losses[1]
+  assert results["eval/perplexity"] > 1 and 0 <= results["eval/accuracy"] <= 1
+  assert "bleu/test_2016[:24]" in results
+  translations = (workdir / "translations" / "test_2016[:24].txt").read_text().splitlines()
+  assert len(translations) == 24
+
+
+def test_resumed_run_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
+  """Stop after 3 steps, start again in the same workdir: steps 4-6 see the same batches,
+  dropout masks and optimizer state, so the losses agree exactly."""
+  reference, _ = uninterrupted
+  run(tiny_config(3), tmp_path)
+  results = run(tiny_config(6), tmp_path)
+  assert results["step"] == 6
+  want, got = train_losses(reference), train_losses(tmp_path)
+  for step in range(1, 7):
+    assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step

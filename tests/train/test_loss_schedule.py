@@ -1,0 +1,75 @@
+"""Label smoothing, metrics and learning-rate schedules against their formulas in NumPy."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from transformer.train.config import get_config
+from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
+from transformer.train.optimizer import make_optimizer
+from transformer.train.schedule import rsqrt_schedule
+
+
+def numpy_smoothed_ce(logits, targets, eps):
+  vocab = logits.shape[-1]
+  log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  q = np.full(logits.shape, eps / vocab)
+  np.put_along_axis(q, targets[..., None], 1 - eps + eps / vocab, axis=-1)
+  return -(q * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_label_smoothed_cross_entropy_matches_numpy(eps):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, 11)) * 3
+  targets = rng.integers(0, 11, size=(3, 5))
+  got = label_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), eps)
+  np.testing.assert_allclose(got, numpy_smoothed_ce(logits, targets, eps), rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_ignore_padding_and_average_per_token():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 7)), jnp.float32)
+  targets = jnp.array([[1, 2, 3, 0], [4, 0, 0, 0]])
+  weights = (targets != 0).astype(jnp.float32)
+  summary = summarize(token_metrics(logits, targets, weights, 0.0))
+  nll = numpy_smoothed_ce(np.asarray(logits, np.float64), np.asarray(targets), 0.0)
+  mask = np.asarray(targets) != 0
+  assert summary["tokens"] == 4
+  assert summary["nll"] == pytest.approx(nll[mask].mean(), rel=1e-5)
+  assert summary["perplexity"] == pytest.approx(np.exp(nll[mask].mean()), rel=1e-4)
+  argmax = np.asarray(logits).argmax(-1)
+  assert summary["accuracy"] == pytest.approx((argmax == np.asarray(targets))[mask].mean())
+
+
+def test_rsqrt_schedule_is_the_papers_formula():
+  d_model, warmup = 512, 4000
+  schedule = rsqrt_schedule(d_model, warmup)
+  for step in (1, 100, 3999, 4000, 4001, 10_000, 100_000):
+    want = d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    assert float(schedule(step - 1)) == pytest.approx(want, rel=1e-5)
+  peak = max(float(schedule(s)) for s in range(0, 8000, 7))
+  assert peak == pytest.approx((d_model * warmup) ** -0.5, rel=1e-3)
+
+
+def test_optimizer_is_adam_with_papers_betas():
+  config = get_config()
+  opt = config.optimizer
+  assert (opt.b1, opt.b2, opt.eps) == (0.9, 0.98, 1e-9)
+  tx = make_optimizer(config)
+  params = {"w": jnp.ones((3,))}
+  state = tx.init(params)
+  grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+  updates, _ = tx.update(grads, state, params)
+  # First Adam step: m_hat = g, v_hat = g^2, update = -lr * g / (|g| + eps) = -lr * sign(g).
+  lr = config.model.d_model ** -0.5 * 1 * opt.warmup_steps ** -1.5
+  np.testing.assert_allclose(updates["w"], -lr * np.sign(grads["w"]), rtol=1e-4)
+
+
+def test_unknown_config_key_is_rejected():
+  config = get_config()
+  with pytest.raises((AttributeError, KeyError)):
+    config.optimizer.learning_rat = 1.0
+  assert isinstance(config, ml_collections.ConfigDict)
