@@ -59,3 +59,37 @@ def test_resumed_run_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
   want, got = train_losses(reference), train_losses(tmp_path)
   for step in range(1, 7):
     assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("task", ["lm", "mlm"])
+def test_language_model_families_train_and_transfer(task, tmp_path):
+  """Decoder-only and encoder-only runs train; their parameters then initialise a new model."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from transformer.train.config import model_config
+  from transformer.train.models import create_model, latest_params, load_params_into
+
+  config = tiny_config(4)
+  config.task = task
+  config.model.update(num_encoder_layers=1 if task == "mlm" else 0,
+                      num_decoder_layers=1 if task == "lm" else 0)
+  config.label_smoothing = 0.0
+  results = run(config, tmp_path / "pretrain")
+  losses = train_losses(tmp_path / "pretrain")
+  assert results["step"] == 4 and losses[4] < losses[1]
+
+  with config.unlocked():
+    config.model.vocab_size = 500
+  fresh = create_model(task, model_config(config), seed=123)
+  load_params_into(fresh, tmp_path / "pretrain")
+  saved = latest_params(tmp_path / "pretrain")
+  flat = {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(
+      nnx.state(fresh, nnx.Param))}
+  saved_flat = {tuple(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  saved_flat = {k[:-1]: v for k, v in saved_flat.items()}  # drop each Variable's "value" key
+  assert set(flat) == set(saved_flat)
+  for key, variable in flat.items():
+    np.testing.assert_array_equal(variable[...], saved_flat[key], err_msg=str(key))

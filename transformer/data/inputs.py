@@ -125,7 +125,8 @@ def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer) -
     elif config.task == "lm":
       out.append({"targets": batch["targets"], "weights": weights_BT})
     else:
-      masked = mask_tokens(batch["targets"], np.random.default_rng([config.seed, -1, i]),
+      # A fixed corruption per validation batch (stream 2**31, apart from training epochs).
+      masked = mask_tokens(batch["targets"], np.random.default_rng([config.seed, 2**31, i]),
                            tokenizer.vocab_size, select_rate=config.data.mlm_select_rate)
       masked["weights"] = masked["weights"] * batch["weights"][:, None]
       out.append(masked)

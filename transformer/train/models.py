@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -29,8 +30,13 @@ def latest_params(workdir: str | Path) -> dict:
       if directory.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"init_from: no checkpoint in {directory}: train that run first")
-  restored = ocp.StandardCheckpointer().restore(directory / str(steps[-1]) / "state")
-  return restored["params"]
+  path = directory / str(steps[-1]) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  # Restore onto this host's first device, whatever mesh the other run was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target)["params"]
 
 
 def load_params_into(model: nnx.Module, workdir: str | Path) -> None:
@@ -63,7 +69,8 @@ def _flatten(tree, prefix=()):
   is dropped so paths match `nnx.to_flat_state`."""
   if isinstance(tree, dict):
     for key, child in tree.items():
-      yield from _flatten(child, prefix if key == "value" else prefix + (str(key),))
+      leaf_value = key == "value" and not isinstance(child, dict)
+      yield from _flatten(child, prefix if leaf_value else prefix + (str(key),))
   else:
     yield prefix, np.asarray(tree)
 

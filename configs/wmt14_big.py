@@ -1,0 +1,12 @@
+"""The paper's big model on WMT 2014 English->German (Table 3, "big"; 28.4 BLEU in the paper)."""
+
+from configs import wmt14_base
+
+
+def get_config():
+  config = wmt14_base.get_config()
+  config.model.update(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
+  config.num_train_steps = 300_000        # 3.5 days on 8 P100s (Section 5.2)
+  config.average_last_checkpoints = 20    # "averaged the last 20 checkpoints" (Section 6.1)
+  config.keep_checkpoints = 20
+  return config
