@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.parallel = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,      # mesh axis sizes; one -1 takes the devices left over
-      strategy="jit",                 # "jit" (NamedSharding, the pjit model) or "pmap" (shard_map)
+      strategy="jit",                 # "jit" (NamedSharding, the pjit model) or "shard_map" (pmap-style)
       coordinator_address="", num_processes=0, process_id=-1,
   ))
   config.lock()

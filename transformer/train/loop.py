@@ -18,7 +18,8 @@ from transformer.data.inputs import Inputs, build_inputs
 from transformer.parallel import distributed
 from transformer.parallel.mesh import (batch_sharding, check_divisible, global_batch,
                                        logical_shardings, make_mesh, put_global, replicated)
-from transformer.parallel.axes import DATA, FSDP, RULES
+from transformer.parallel.axes import DATA, FSDP
+from transformer.parallel.strategies import compile_train_step
 from transformer.train import metrics as metrics_lib
 from transformer.train.checkpoint import Checkpointer, CheckpointError, average_params
 from transformer.train.config import model_config, validate
@@ -83,14 +84,13 @@ class Trainer:
     self.tx = make_optimizer(config)
     self.state, self.state_shardings = sharded_state(self.model, self.tx, self.mesh)
     self.graphdef, _, self.rest = nnx.split(self.model, nnx.Param, ...)
-    train_step, eval_step = make_steps(
-        self.graphdef, self.rest, self.tx, task=config.task, label_smoothing=config.label_smoothing,
-        dropout_key=jax.random.key(config.seed + 1))
-    batch_shard = batch_sharding(self.mesh)
-    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_shard),
-                              out_shardings=(self.state_shardings, replicated(self.mesh)),
-                              donate_argnums=0)
-    self.eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings.params, batch_shard),
+    steps = make_steps(self.graphdef, self.rest, self.tx, task=config.task,
+                       label_smoothing=config.label_smoothing,
+                       dropout_key=jax.random.key(config.seed + 1))
+    self.train_step = compile_train_step(config.parallel.strategy, steps, self.state_shardings,
+                                         self.mesh)
+    self.eval_step = jax.jit(steps.eval_step,
+                             in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
                              out_shardings=replicated(self.mesh))
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
     self.resumed_from = self._restore()

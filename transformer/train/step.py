@@ -52,39 +52,56 @@ TASK_OUTPUTS: dict[str, Callable] = {
     "translation": _translation, "lm": _language_model, "mlm": _masked_language_model}
 
 
+class Steps(NamedTuple):
+  """The pure functions of one model graph and task (see `make_steps`)."""
+  gradients: Callable      # (params, batch, step) -> (grads of the summed loss, metric sums)
+  apply: Callable          # (state, summed grads, metric sums) -> (state, metrics)
+  train_step: Callable     # (state, batch) -> (state, metrics)
+  eval_step: Callable      # (params, batch) -> metric sums
+
+
 def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
-               task: str, label_smoothing: float, dropout_key: jax.Array):
-  """Builds the pure (train_step, eval_step) pair for one model graph and task.
+               task: str, label_smoothing: float, dropout_key: jax.Array) -> Steps:
+  """Builds the pure training and evaluation functions for one model graph and task.
 
   `rest` is the model's non-parameter state (dropout RNG streams), reseeded at every step from
   `dropout_key` and the step number, so a resumed run draws exactly the same dropout masks.
+  Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
+  paths can so add gradients and counts across devices before one exact division.
   """
   outputs = TASK_OUTPUTS[task]
 
-  def loss_fn(params, batch, step):
+  def summed_loss(params, batch, step):
     model = nnx.merge(graphdef, params, rest, copy=True)
     nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
     logits_BTV, targets_BT, weights_BT = outputs(model, batch)
     sums = token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
-    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+    return sums["loss_sum"], sums
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, batch, state.step)
+  def gradients(params, batch, step):
+    return jax.grad(summed_loss, has_aux=True)(params, batch, step)
+
+  def apply(state: TrainState, grads, sums) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
-    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
-    metrics = {**sums, "grad_norm": optax.tree.norm(grads), "steps": jnp.ones((), jnp.int32),
+    metrics = {**sums, "grad_norm": grad_norm, "steps": jnp.ones((), jnp.int32),
                "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, metrics
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return apply(state, *gradients(state.params, batch, state.step))
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params, rest)
     model.eval()
     return token_metrics(*outputs(model, batch), label_smoothing)
 
-  return train_step, eval_step
+  return Steps(gradients, apply, train_step, eval_step)
