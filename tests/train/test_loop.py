@@ -4,21 +4,13 @@ import json
 
 import pytest
 
-from transformer.train.config import get_config
+from configs import smoke
 from transformer.train.loop import run
 
 
 def tiny_config(steps: int):
-  config = get_config()
-  config.model.update(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1,
-                      num_decoder_layers=1, max_len=32, dropout_rate=0.1)
-  config.data.update(train_split="train[:1500]", eval_split="validation[:64]",
-                     test_splits=("test_2016[:24]",), vocab_size=500, max_length=32,
-                     length_buckets=(32,), tokens_per_batch=512, eval_batch_size=32)
-  config.optimizer.update(warmup_steps=10, lr_scale=1.0)
-  config.update(num_train_steps=steps, log_every_steps=1, eval_every_steps=100,
-                checkpoint_every_steps=3, keep_checkpoints=5)
-  config.decode.update(beam_size=2, max_extra_length=8, batch_size=8, num_examples=2)
+  config = smoke.get_config()
+  config.num_train_steps = steps
   return config
 
 

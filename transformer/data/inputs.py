@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
 from transformer.data.pipeline import (Batch, BatchIterator, Examples, default_length_buckets,
                                        encode_pairs, eval_batches, lm_train_batches,
                                        make_examples, mask_tokens, translation_train_batches)
-from transformer.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from transformer.data.tokenizer import UNK_ID, Tokenizer, load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,37 @@ def _tfds_dir(config, workdir: Path) -> Path:
 
 def read_split(config, workdir: Path, split: str) -> list[tuple[str, str]]:
   data = config.data
-  return load_pairs(data.dataset, split, data.source_lang, data.target_lang,
-                    _tfds_dir(config, workdir), source_dir=data.source_dir or DEFAULT_SOURCE_DIR)
+  try:
+    return load_pairs(data.dataset, split, data.source_lang, data.target_lang,
+                      _tfds_dir(config, workdir),
+                      source_dir=data.source_dir or DEFAULT_SOURCE_DIR)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"data.dataset={data.dataset!r} is not a tensorflow-datasets name: use "
+                     "multi30k or a tfds dataset such as wmt14_translate/de-en") from None
+  except KeyError as error:
+    raise ValueError(f"{data.dataset} has no language {error} in split {split!r}: set "
+                     "data.source_lang and data.target_lang to its feature names") from None
+
+
+def drop_empty(pairs: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
+  """Training pairs with text on both sides; how many were dropped is reported."""
+  kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+  if len(kept) < len(pairs):
+    log.warning("%s: %d of %d pairs have an empty side and were dropped", split,
+                len(pairs) - len(kept), len(pairs))
+  if not kept:
+    raise ValueError(f"{split} has no pair with text on both sides: check the data files")
+  return kept
+
+
+def report_unknown(ids: list[list[int]], split: str) -> int:
+  """Counts pieces outside the vocabulary (mapped to <unk>) and reports them."""
+  unknown = sum(row.count(UNK_ID) for row in ids)
+  total = max(sum(len(row) for row in ids), 1)
+  if unknown:
+    log.warning("%s: %d of %d pieces (%.3f%%) are outside the vocabulary and map to <unk>",
+                split, unknown, total, 100 * unknown / total)
+  return unknown
 
 
 def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
@@ -80,21 +110,31 @@ def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
   """Reads the dataset, trains or loads the tokenizer, and builds the run's batch streams."""
   workdir = Path(workdir)
   data = config.data
-  train_pairs = read_split(config, workdir, data.train_split)
+  train_pairs = drop_empty(read_split(config, workdir, data.train_split), data.train_split)
   tokenizer = tokenizer_for(config, workdir, train_pairs)
   buckets = tuple(data.length_buckets) or default_length_buckets(data.max_length)
   shard = dict(process_index=process_index, process_count=process_count)
 
-  def examples_of(pairs, truncate):
-    return make_examples(*encode_pairs(tokenizer, pairs), data.max_length, truncate=truncate)[0]
+  def examples_of(pairs, truncate, split):
+    source_ids, target_ids = encode_pairs(tokenizer, pairs)
+    report_unknown(source_ids + target_ids, split)
+    examples, stats = make_examples(source_ids, target_ids, data.max_length, truncate=truncate)
+    if stats.dropped or stats.truncated:
+      log.warning("%s: pairs over data.max_length=%d tokens: %d dropped, %d truncated, %d kept",
+                  split, data.max_length, stats.dropped, stats.truncated, stats.kept)
+    if not stats.kept:
+      raise ValueError(f"{split}: every pair is longer than data.max_length={data.max_length}: "
+                       "raise it")
+    return examples
 
   def batches_of(examples):
     return eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
 
   if config.task == "translation":
+    train_examples = examples_of(train_pairs, data.truncate, data.train_split)
     train = translation_train_batches(
-        examples_of(train_pairs, data.truncate), tokens_per_batch=data.tokens_per_batch,
-        seed=config.seed, length_buckets=buckets, batch_multiple=batch_multiple, **shard)
+        train_examples, tokens_per_batch=data.tokens_per_batch, seed=config.seed,
+        length_buckets=buckets, batch_multiple=batch_multiple, **shard)
   else:
     # Language models read one side as running text, in windows of max_length tokens.
     side = tokenizer.encode([tgt for _, tgt in train_pairs])
@@ -104,12 +144,13 @@ def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
     if config.task == "mlm":
       train = MaskedBatches(train, tokenizer.vocab_size, config.seed, data.mlm_select_rate)
 
-  eval_examples = examples_of(read_split(config, workdir, data.eval_split), True)
+  eval_examples = examples_of(read_split(config, workdir, data.eval_split), True,
+                              data.eval_split)
   test_sets = []
   if config.task == "translation":
     for split in data.test_splits:
       pairs = read_split(config, workdir, split)
-      examples = examples_of(pairs, True)
+      examples = examples_of(pairs, True, split)
       test_sets.append(TestSet(split, pairs, examples, batches_of(examples)))
   return Inputs(tokenizer, train, _eval_batches_for_task(config, batches_of(eval_examples),
                                                           tokenizer), test_sets)

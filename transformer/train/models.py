@@ -25,7 +25,7 @@ def create_model(task: str, config: TransformerConfig, seed: int) -> nnx.Module:
 
 def latest_params(workdir: str | Path) -> dict:
   """The newest checkpoint's parameters of another run, as a nested dict of NumPy arrays."""
-  directory = Path(workdir) / "checkpoints"
+  directory = Path(workdir).absolute() / "checkpoints"
   steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.is_dir()) \
       if directory.is_dir() else []
   if not steps:
