@@ -8,6 +8,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Recipe file.",
@@ -19,6 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, th
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.KEY=VALUE")
+  # Orbax and tfds log every file they touch at INFO through absl; keep the run's own lines.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   from transformer.cli import run_cli
   from transformer.train.loop import run
   return run_cli(lambda: run(_CONFIG.value, _WORKDIR.value))
@@ -26,6 +29,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  # Orbax and tfds log every file they touch at INFO through absl; keep the run's own lines.
-  logging.getLogger("absl").setLevel(logging.WARNING)
   sys.exit(app.run(main))

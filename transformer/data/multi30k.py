@@ -130,7 +130,9 @@ def prepare_multi30k(
   """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`."""
   builder = Multi30k(data_dir=os.fspath(tfds_data_dir), source_dir=source_dir,
                      file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's own log
+    builder.download_and_prepare(file_format="array_record")
   return builder
 
 

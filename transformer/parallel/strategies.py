@@ -39,8 +39,10 @@ def shard_map_train_step(steps: Steps, mesh: Mesh):
     grads, sums = jax.lax.psum((grads, sums), DATA)
     return steps.apply(state, grads, sums)
 
+  # check_vma=False gives pmap's semantics: gradients of replicated parameters stay per-device
+  # until the explicit psum (with it, JAX would insert that psum itself in the backward pass).
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA)),
-                         out_specs=(PartitionSpec(), PartitionSpec()))
+                         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 
 
