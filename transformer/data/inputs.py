@@ -101,8 +101,15 @@ def report_unknown(ids: list[list[int]], split: str) -> int:
 def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
   """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
   sentences = [s for pair in train_pairs[: config.data.tokenizer_sentences // 2] for s in pair]
-  return load_or_train_tokenizer(workdir, sentences, config.data.vocab_size,
-                                 model_type=config.data.tokenizer_type)
+  try:
+    return load_or_train_tokenizer(workdir, sentences, config.data.vocab_size,
+                                   model_type=config.data.tokenizer_type)
+  except RuntimeError as error:
+    if "Vocabulary size too high" not in str(error):
+      raise
+    limit = str(error).rsplit("<=", 1)[-1].strip(" .")
+    raise ValueError(f"data.vocab_size={config.data.vocab_size} is more pieces than the training "
+                     f"text supports (at most {limit}): lower data.vocab_size") from None
 
 
 def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,

@@ -1,0 +1,133 @@
+"""Bad input gets one line naming the problem and the fix, a non-zero exit, no traceback."""
+
+import gzip
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import smoke
+from transformer.cli import run_cli
+from transformer.train.loop import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_error(capsys, main) -> str:
+  """Runs `main` as the CLIs do; returns the single stderr line after checking the exit code."""
+  assert run_cli(main) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model=dict(d_model=30, num_heads=4)), "d_model=30 is not divisible by model.num_heads"),
+    (dict(model=dict(d_ff=0)), "model.d_ff must be positive"),
+    (dict(num_train_steps=0), "num_train_steps must be positive"),
+    (dict(model=dict(attention="flash")), "attention='flash' is unknown"),
+    (dict(parallel=dict(fsdp=3)), "does not divide the 8 devices"),
+    (dict(parallel=dict(tensor=8, data=1)), "num_heads=2 is not divisible by the tensor axis"),
+    (dict(data=dict(dataset="no_such_dataset")), "not a tensorflow-datasets name"),
+    (dict(data=dict(max_length=128)), "exceeds model.max_len"),
+    (dict(task="seq2seq"), "task='seq2seq' is unknown"),
+])
+def test_bad_config_values(change, message, tmp_path, capsys):
+  config = smoke.get_config()
+  config.update(change)
+  assert message in cli_error(capsys, lambda: run(config, tmp_path))
+
+
+def write_corpus(directory: Path, lines: dict[str, list[str]]) -> None:
+  for split in ("train", "val", "test_2016_flickr", "test_2017_flickr"):
+    for lang, text in lines.items():
+      with gzip.open(directory / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+def test_missing_data_file(tmp_path, capsys):
+  config = smoke.get_config()
+  config.data.source_dir = str(tmp_path / "nowhere")
+  line = cli_error(capsys, lambda: run(config, tmp_path / "run"))
+  assert "is missing" in line and "train.en.gz" in line
+
+
+def test_misaligned_data_files(tmp_path, capsys):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  write_corpus(corpus, {"en": ["a man", "a dog", "a cat"], "de": ["ein Mann", "ein Hund"]})
+  config = smoke.get_config()
+  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
+                     test_splits=("test_2016",))
+  line = cli_error(capsys, lambda: run(config, tmp_path / "run"))
+  assert "line counts differ" in line and "3 lines" in line and "2 lines" in line
+
+
+def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
+  from transformer.data.inputs import build_inputs
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  english = ["a man rides a bike", "", "two dogs play in the snow", "word " * 60, "a cat sleeps"]
+  german = ["ein Mann fährt Rad", "leer", "zwei Hunde spielen im Schnee", "Wort " * 60,
+            "eine Katze schläft"]
+  write_corpus(corpus, {"en": english * 40, "de": german * 40})
+  with gzip.open(corpus / "val.en.gz", "wt", encoding="utf-8") as f:  # a symbol never trained on
+    f.write("\n".join(["a ☃ sleeps"] * 200) + "\n")
+  config = smoke.get_config()
+  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
+                     test_splits=(), vocab_size=40, max_length=32)
+  with caplog.at_level(logging.WARNING):
+    build_inputs(config, tmp_path / "run")
+  text = caplog.text
+  assert "40 of 200 pairs have an empty side and were dropped" in text
+  assert "40 dropped" in text                    # the over-long pair, in training
+  assert "truncated" in text                     # evaluation keeps and truncates it
+  assert "validation: 200 of" in text and "outside the vocabulary" in text  # the snowman
+
+
+def test_vocabulary_too_large_for_the_text(tmp_path, capsys):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  write_corpus(corpus, {"en": ["a man", "a dog"] * 10, "de": ["ein Mann", "ein Hund"] * 10})
+  config = smoke.get_config()
+  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
+                     test_splits=(), vocab_size=500)
+  assert "lower data.vocab_size" in cli_error(capsys, lambda: run(config, tmp_path / "run"))
+
+
+def test_translate_errors(tmp_path, capsys):
+  from transformer.decode.translate import main
+  line = cli_error(capsys, lambda: main(["--workdir", str(tmp_path), "A man."]))
+  assert "config.json is missing" in line
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  config = smoke.get_config()
+  config.decode.bleu_at_end = False
+  run(config, workdir)
+  return workdir
+
+
+def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys, caplog):
+  from transformer.decode.translate import main
+  line = cli_error(capsys, lambda: main(["--workdir", str(trained_workdir), "  "]))
+  assert "empty" in line
+  with caplog.at_level(logging.WARNING):
+    assert run_cli(lambda: main(["--workdir", str(trained_workdir), "dog " * 100])) == 0
+  assert "only the first 31 are translated" in caplog.text
+  assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+def test_train_py_reports_errors_without_traceback(tmp_path):
+  """The real entry point, in a subprocess: exit code 2 and one line, for a config error."""
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+       "--config.model.d_model=30", "--config.model.num_heads=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: model.d_model=30")
