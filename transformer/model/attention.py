@@ -272,7 +272,15 @@ class MultiHeadAttention(nnx.Module):
   Decoding: after `init_cache`, calls with `decode=True` take the new positions only. Self-
   attention appends their keys and values to the cache; cross-attention reads the projected
   encoder output stored once by `init_cache(context=...)`.
+
+  Inspection: with `sow_weights` set, each call also sows its weights [B, N, T, S] as
+  `nnx.Intermediate` "attention_weights", so a caller can gather every layer's weights with
+  `nnx.capture` without threading `return_weights` through the stacks (see
+  `transformer.decode.visualize`).
   """
+
+  # A plain (static) attribute: off, the fused attention path below runs unchanged.
+  sow_weights: bool = False
 
   def __init__(self, config: TransformerConfig, *, cross: bool = False, rngs: nnx.Rngs):
     self.config, self.cross = config, cross
@@ -362,10 +370,12 @@ class MultiHeadAttention(nnx.Module):
       mask = visible if mask is None else (_as_4d(mask) & visible)
       is_causal = False
     weights_BNTS = None
-    use_weights = return_weights or (self.config.attention_dropout_rate > 0
-                                     and not self.weights_dropout.deterministic)
+    use_weights = return_weights or self.sow_weights or (
+        self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic)
     if use_weights:
       weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
+      if self.sow_weights:
+        self.sow(nnx.Intermediate, "attention_weights", weights_BNTS)
       dropped_BNTS = self.weights_dropout(weights_BNTS)
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
     else:
