@@ -14,7 +14,7 @@ import pytest
 
 from configs import smoke
 from transformer.train.checkpoint import Checkpointer
-from transformer.train.loop import Trainer, abstract_with_shardings, run
+from transformer.train.loop import Trainer, run
 
 ROOT = Path(__file__).resolve().parents[2]
 

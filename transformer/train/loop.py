@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from transformer.parallel.mesh import (batch_sharding, check_divisible, global_b
 from transformer.parallel.axes import DATA, FSDP
 from transformer.parallel.strategies import compile_train_step
 from transformer.train import metrics as metrics_lib
-from transformer.train.checkpoint import Checkpointer, CheckpointError, average_params
+from transformer.train.checkpoint import Checkpointer, average_params
 from transformer.train.config import model_config, validate
 from transformer.train.loss import summarize
 from transformer.train.models import create_model, load_params_into

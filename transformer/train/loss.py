@@ -14,7 +14,6 @@ def label_smoothed_cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: 
   Smoothing "hurts perplexity, as the model learns to be more unsure, but improves accuracy and
   BLEU" (Section 5.4); `token_metrics` therefore also reports the unsmoothed NLL.
   """
-  vocab = logits_BTV.shape[-1]
   log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
   nll_BT = -jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
   uniform_BT = -jnp.mean(log_probs_BTV, axis=-1)
