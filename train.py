@@ -22,6 +22,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.KEY=VALUE")
   # Orbax and tfds log every file they touch at INFO through absl; keep the run's own lines.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("transformer").setLevel(logging.INFO)
   from transformer.cli import run_cli
   from transformer.train.loop import run
   return run_cli(lambda: run(_CONFIG.value, _WORKDIR.value))
