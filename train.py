@@ -5,6 +5,7 @@ Running again with the same --workdir resumes from its last checkpoint.
 """
 
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -15,6 +16,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Recip
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, the tokenizer, "
                                "metrics and translations are written.")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad --config override reported in one line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    message = " ".join(str(error).replace("\\n", " ").split())
+    unknown = re.search(r"(\w+)\\?'\s*Did you mean \"(\w+)\"", message)
+    if unknown:  # ml_collections' locked config: an escaped KeyError inside an AttributeError
+      message = f"unknown config key {unknown[1]!r}, did you mean {unknown[2]!r}?"
+    print(f"error: bad flag or config override: {message} "
+          "(see configs/ and transformer/train/config.py for the keys)", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -30,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=parse_flags))

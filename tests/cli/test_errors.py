@@ -122,12 +122,15 @@ def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys
   assert len(capsys.readouterr().out.strip().splitlines()) == 1
 
 
-def test_train_py_reports_errors_without_traceback(tmp_path):
-  """The real entry point, in a subprocess: exit code 2 and one line, for a config error."""
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.model.d_model=30", "--config.model.num_heads=4"], "error: model.d_model=30"),
+    (["--config.model.d_modl=30"], "unknown config key 'd_modl', did you mean 'd_model'?"),
+])
+def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message):
+  """The real entry point, in a subprocess: exit code 2 and one line, no traceback."""
   result = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
-       "--config.model.d_model=30", "--config.model.num_heads=4"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+       *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith("error: model.d_model=30")
+  assert message in result.stderr.strip().splitlines()[-1]
