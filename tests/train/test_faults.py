@@ -104,3 +104,21 @@ def test_non_finite_loss_can_skip_updates(tmp_path):
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert sum(r.get("train/skipped_updates", 0) for r in records) >= 1
   assert results["step"] == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
+  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+             str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=1000"]
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists()
+                                        and len(metrics.read_text().splitlines()) >= 5):
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr[-2000:]
+  assert "stopped by SIGTERM" in stderr
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved and 5 <= max(saved) < 1000

@@ -73,3 +73,31 @@ def test_unknown_config_key_is_rejected():
   with pytest.raises((AttributeError, KeyError)):
     config.optimizer.learning_rat = 1.0
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_gradient_accumulation_applies_the_mean_every_k_steps():
+  config = get_config()
+  config.optimizer.grad_accum_steps = 2
+  accumulated, plain = make_optimizer(config), make_optimizer(get_config())
+  params = {"w": jnp.array([1.0, 2.0, 3.0])}
+  g1, g2 = {"w": jnp.array([0.5, -1.0, 2.0])}, {"w": jnp.array([1.5, 1.0, -1.0])}
+  state = accumulated.init(params)
+  first, state = accumulated.update(g1, state, params)
+  np.testing.assert_array_equal(first["w"], 0.0)          # no update after the first micro-step
+  second, _ = accumulated.update(g2, state, params)
+  mean = {"w": (g1["w"] + g2["w"]) / 2}
+  want, _ = plain.update(mean, plain.init(params), params)
+  np.testing.assert_allclose(second["w"], want["w"], rtol=1e-6)
+
+
+def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
+  from transformer.train.checkpoint import Checkpointer, average_params
+  from transformer.train.step import TrainState
+  checkpointer = Checkpointer(tmp_path, keep=5, asynchronous=False)
+  for step in (1, 2, 3):
+    state = TrainState(jnp.asarray(step), {"w": jnp.full((4,), float(step))}, ())
+    checkpointer.save(step, state, {})
+  averaged, steps = average_params(checkpointer, state, last=2)
+  checkpointer.close()
+  assert steps == [2, 3]
+  np.testing.assert_allclose(averaged["w"], 2.5)
