@@ -6,6 +6,7 @@ Shared by the sharding tests and the multi-process worker, so both run the very 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -64,3 +65,9 @@ def train(mesh, num_steps: int, strategy: str = "jit"):
       state, metrics = step(state, global_batch(batch, mesh))
       losses.append(float(metrics["loss_sum"]) / float(metrics["tokens"]))
   return losses, state
+
+
+def checksum(tree) -> float:
+  """Sum of |x| over every array, computed on the (possibly multi-process) global arrays."""
+  leaves = jax.tree.leaves(tree)
+  return float(jax.jit(lambda xs: sum(jnp.sum(jnp.abs(x)) for x in xs))(leaves))

@@ -16,13 +16,24 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def main(port: str, process_id: str) -> None:
+def main(port: str, process_id: str, checkpoint_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
   import harness
+  from transformer.parallel.mesh import logical_shardings
+  from transformer.train.checkpoint import Checkpointer
+  from transformer.train.loop import abstract_with_shardings
   assert jax.device_count() == 8 and jax.local_device_count() == 4
-  losses, _ = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
-  print(json.dumps({"process": jax.process_index(), "losses": losses}))
+  losses, state = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
+  # Both processes write their shards of one checkpoint, then read it back onto another mesh.
+  checkpointer = Checkpointer(checkpoint_dir, keep=1)
+  checkpointer.save(3, state, {"epoch": 0, "batch_index": 3})
+  checkpointer.wait()
+  target = logical_shardings(state, harness.mesh_of(fsdp=2, tensor=4))
+  restored, _, _ = checkpointer.restore(abstract_with_shardings(target, state))
+  checkpointer.close()
+  print(json.dumps({"process": jax.process_index(), "losses": losses,
+                    "checksum": harness.checksum(restored.params)}))
   jax.distributed.shutdown()
 
 

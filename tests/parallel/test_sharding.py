@@ -105,13 +105,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_reproduce_single_process_losses():
-  """jax.distributed on localhost: 2 processes x 4 CPU devices vs. this process's 8 devices."""
-  want, _ = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
+def test_two_processes_reproduce_single_process_losses(tmp_path):
+  """jax.distributed on localhost: 2 processes x 4 CPU devices vs. this process's 8 devices,
+  then a checkpoint written by both processes and restored onto a 2 x 4 fsdp x tensor mesh."""
+  want, state = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
   worker = Path(__file__).with_name("multihost_worker.py")
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, str(worker), port, str(i)], env=env,
+  procs = [subprocess.Popen([sys.executable, str(worker), port, str(i), str(tmp_path / "ckpt")],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
@@ -120,3 +122,4 @@ def test_two_processes_reproduce_single_process_losses():
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   for result in results:
     np.testing.assert_allclose(result["losses"], want, rtol=1e-5, atol=1e-6)
+    assert result["checksum"] == pytest.approx(harness.checksum(state.params), rel=1e-5)
