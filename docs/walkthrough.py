@@ -1,6 +1,6 @@
 """Prints the numbers of docs/tutorial.md: one sentence through the first encoder layer.
 
-  python docs/walkthrough.py --workdir runs/probe1 ["A dog runs on the grass."] [--images DIR]
+  python docs/walkthrough.py --workdir runs/default ["A dog runs on the grass."] [--images DIR]
 
 Each step is computed by hand from the model's parameters and checked against the library's
 own module, so the printed numbers are the ones the model computes. `--images` also writes the
