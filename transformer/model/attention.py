@@ -102,10 +102,15 @@ def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cu
 # the saved log-sum-exp instead of storing them.
 # --------------------------------------------------------------------------------------------
 
-def _key_blocks(x_BSNH, block):
-  """[B, S, N, H] -> [S/K, B, K, N, H]: the scan runs over the leading block axis."""
-  b, s, n, h = x_BSNH.shape
-  return jnp.moveaxis(x_BSNH.reshape(b, s // block, block, n, h), 1, 0)
+def _heads_major(x_BTNH):
+  """[B, T, N, H] -> [B, N, T, H]: every per-block product becomes a GEMM batched over (B, N)."""
+  return jnp.transpose(x_BTNH, (0, 2, 1, 3))
+
+
+def _key_blocks(x_BNSH, block):
+  """[B, N, S, H] -> [S/K, B, N, K, H]: the scan runs over the leading block axis."""
+  b, n, s, h = x_BNSH.shape
+  return jnp.moveaxis(x_BNSH.reshape(b, n, s // block, block, h), 2, 0)
 
 
 def _mask_blocks(mask, block, num_blocks):
@@ -123,17 +128,22 @@ def _block_mask(mask_j, is_causal, j, q_len, block):
   return causal if mask_j is None else mask_j & causal
 
 
+def _block_inputs(k_BNSH, v_BNSH, mask, block):
+  num_blocks = k_BNSH.shape[2] // block
+  return (jnp.arange(num_blocks), _key_blocks(k_BNSH, block), _key_blocks(v_BNSH, block),
+          None if mask is None else _mask_blocks(mask, block, num_blocks))
+
+
 def _blockwise_forward(q, k, v, mask, is_causal, block):
+  """Online softmax over key blocks; returns the output [B, T, N, H] and log-sum-exp [B, N, T]."""
   b, t, n, h = q.shape
-  scale = 1.0 / math.sqrt(h)
-  num_blocks = k.shape[1] // block
-  xs = (jnp.arange(num_blocks), _key_blocks(k, block), _key_blocks(v, block),
-        None if mask is None else _mask_blocks(mask, block, num_blocks))
+  # The 1/sqrt(d_k) scale goes on q once instead of on every [T, K] block of scores.
+  q_BNTH = _heads_major(q) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
 
   def step(carry, x):
-    out_BTNH, max_BNT, sum_BNT = carry
+    out_BNTH, max_BNT, sum_BNT = carry
     j, k_j, v_j, mask_j = x
-    s_BNTK = jnp.einsum("BTNH,BKNH->BNTK", q, k_j, preferred_element_type=jnp.float32) * scale
+    s_BNTK = jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_j, preferred_element_type=jnp.float32)
     mask_j = _block_mask(mask_j, is_causal, j, t, block)
     if mask_j is not None:
       s_BNTK = jnp.where(mask_j, s_BNTK, _MASKED)
@@ -143,18 +153,17 @@ def _blockwise_forward(q, k, v, mask, is_causal, block):
       p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
     correction_BNT = jnp.exp(max_BNT - new_max_BNT)
     sum_BNT = sum_BNT * correction_BNT + p_BNTK.sum(-1)
-    pv_BTNH = jnp.einsum("BNTK,BKNH->BTNH", p_BNTK.astype(v.dtype), v_j,
+    pv_BNTH = jnp.einsum("BNTK,BNKH->BNTH", p_BNTK.astype(v.dtype), v_j,
                          preferred_element_type=jnp.float32)
-    out_BTNH = out_BTNH * jnp.transpose(correction_BNT, (0, 2, 1))[..., None] + pv_BTNH
-    return (out_BTNH, new_max_BNT, sum_BNT), None
+    return (out_BNTH * correction_BNT[..., None] + pv_BNTH, new_max_BNT, sum_BNT), None
 
-  init = (jnp.zeros((b, t, n, h), jnp.float32), jnp.full((b, n, t), _MASKED, jnp.float32),
+  init = (jnp.zeros((b, n, t, h), jnp.float32), jnp.full((b, n, t), _MASKED, jnp.float32),
           jnp.zeros((b, n, t), jnp.float32))
-  (out_BTNH, max_BNT, sum_BNT), _ = jax.lax.scan(step, init, xs)
+  xs = _block_inputs(_heads_major(k), _heads_major(v), mask, block)
+  (out_BNTH, max_BNT, sum_BNT), _ = jax.lax.scan(step, init, xs)
   safe_sum_BNT = jnp.where(sum_BNT > 0, sum_BNT, 1.0)
-  out_BTNH = out_BTNH / jnp.transpose(safe_sum_BNT, (0, 2, 1))[..., None]
-  lse_BNT = max_BNT + jnp.log(safe_sum_BNT)
-  return out_BTNH.astype(q.dtype), lse_BNT
+  out_BTNH = _heads_major(out_BNTH / safe_sum_BNT[..., None])
+  return out_BTNH.astype(q.dtype), max_BNT + jnp.log(safe_sum_BNT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -171,31 +180,36 @@ def _blockwise_core_bwd(is_causal, block, residuals, d_out_BTNH):
   q, k, v, mask, out, lse_BNT = residuals
   t, h = q.shape[1], q.shape[-1]
   scale = 1.0 / math.sqrt(h)
-  num_blocks = k.shape[1] // block
+  q_BNTH = _heads_major(q) * jnp.asarray(scale, q.dtype)
+  d_out_BNTH = _heads_major(d_out_BTNH)
   # D_t = sum_h dO * O: the softmax Jacobian's correction term (FlashAttention-2, eq. for dS).
   delta_BNT = jnp.einsum("BTNH,BTNH->BNT", d_out_BTNH.astype(jnp.float32), out.astype(jnp.float32))
-  xs = (jnp.arange(num_blocks), _key_blocks(k, block), _key_blocks(v, block),
-        None if mask is None else _mask_blocks(mask, block, num_blocks))
 
-  def step(d_q_BTNH, x):
+  def step(d_q_BNTH, x):
     j, k_j, v_j, mask_j = x
-    s_BNTK = jnp.einsum("BTNH,BKNH->BNTK", q, k_j, preferred_element_type=jnp.float32) * scale
+    s_BNTK = jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_j, preferred_element_type=jnp.float32)
     p_BNTK = jnp.exp(s_BNTK - lse_BNT[..., None])
     mask_j = _block_mask(mask_j, is_causal, j, t, block)
     if mask_j is not None:
       p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
-    d_v_BKNH = jnp.einsum("BNTK,BTNH->BKNH", p_BNTK.astype(d_out_BTNH.dtype), d_out_BTNH,
+    d_v_BNKH = jnp.einsum("BNTK,BNTH->BNKH", p_BNTK.astype(d_out_BNTH.dtype), d_out_BNTH,
                           preferred_element_type=jnp.float32)
-    d_p_BNTK = jnp.einsum("BTNH,BKNH->BNTK", d_out_BTNH, v_j, preferred_element_type=jnp.float32)
-    d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None]) * scale).astype(q.dtype)
-    d_q_BTNH = d_q_BTNH + jnp.einsum("BNTK,BKNH->BTNH", d_s_BNTK, k_j,
+    d_p_BNTK = jnp.einsum("BNTH,BNKH->BNTK", d_out_BNTH, v_j, preferred_element_type=jnp.float32)
+    d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None])).astype(q.dtype)
+    d_q_BNTH = d_q_BNTH + jnp.einsum("BNTK,BNKH->BNTH", d_s_BNTK, k_j,
                                      preferred_element_type=jnp.float32)
-    d_k_BKNH = jnp.einsum("BNTK,BTNH->BKNH", d_s_BNTK, q, preferred_element_type=jnp.float32)
-    return d_q_BTNH, (d_k_BKNH, d_v_BKNH)
+    # d(q.k * scale)/dk = scale * q: the pre-scaled q gives it directly.
+    d_k_BNKH = jnp.einsum("BNTK,BNTH->BNKH", d_s_BNTK, q_BNTH, preferred_element_type=jnp.float32)
+    return d_q_BNTH, (d_k_BNKH, d_v_BNKH)
 
-  d_q, (d_k_blocks, d_v_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), xs)
-  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # [S/K, B, K, N, H] -> [B, S, N, H]
-  return (d_q.astype(q.dtype), unblock(d_k_blocks).astype(k.dtype),
+  xs = _block_inputs(_heads_major(k), _heads_major(v), mask, block)
+  d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(step, jnp.zeros(q_BNTH.shape, jnp.float32), xs)
+
+  def unblock(x_JBNKH):  # [S/K, B, N, K, H] -> [B, S, N, H]
+    j, b, n, kk, hh = x_JBNKH.shape
+    return jnp.transpose(x_JBNKH, (1, 0, 3, 2, 4)).reshape(b, j * kk, n, hh)
+
+  return (_heads_major(d_q_BNTH * scale).astype(q.dtype), unblock(d_k_blocks).astype(k.dtype),
           unblock(d_v_blocks).astype(v.dtype), None)
 
 
