@@ -1,0 +1,200 @@
+"""Layer level: one multi-head self-attention layer against one LSTM and one GRU layer of width D.
+
+For each layer, batch size B and sequence length T it measures forward and forward+backward
+throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, compile time, and
+the number of steps on the sequential critical path:
+
+  attention "xla"        1            (one [T, T] score matrix per head)
+  attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 128; the backward scans again)
+  LSTM, GRU              T            (h_t needs h_{t-1}; the backward runs T more steps)
+
+FLOPs per forward call (matmuls only, the convention of `train_mfu.py`; backward = 2 x forward):
+  attention  B (8 T D^2 + 4 T^2 D)   Q, K, V, output projections + Q K^T and P V (non-causal)
+  LSTM       B T 16 D^2              [x_t ; h_{t-1}] (2D) x 4 gates (D each), multiply-add = 2
+  GRU        B T 12 D^2              the same with 3 gates
+
+Per token, attention costs 8 D^2 + 4 T D FLOPs and the LSTM 16 D^2: they are equal at T = 2 D
+(1024 for D = 512; T = D against the GRU), so past that length attention can only stay ahead if
+the recurrence runs at a much lower FLOP rate than attention's large matmuls.
+
+The crossover of an attention implementation with the LSTM is where, as T grows, attention's
+forward+backward tokens/s falls below the LSTM's; it is interpolated linearly in log T between
+the two measured lengths that bracket the sign change. "lstm_autodiff" is the same LSTM
+differentiated by JAX's own scan transpose (weight gradients accumulated inside the loop) instead
+of the cuDNN-style backward of `transformer.model.rnn.recurrence`; it shows how much of the
+comparison depends on the recurrent baseline's implementation.
+
+  python -m benchmarks.attention_vs_rnn [--preset quick|full]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks import common
+from transformer import MultiHeadAttention, TransformerConfig
+from transformer.model.rnn import GRU, LSTM
+
+D_MODEL, NUM_HEADS, BLOCK = 512, 8, 128
+RNN_LAYERS = ("lstm", "gru", "lstm_autodiff")
+PRESETS = {
+    # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
+    # forward+backward only (a 16k-token call takes ~25 s here); autodiff_up_to: the slow
+    # scan-autodiff LSTM stops there.
+    "quick": dict(sweeps={4: (16, 64, 256)}, long_lengths=(), autodiff_up_to=256,
+                  max_score_bytes=2 ** 28, block_sizes=(32, 128), block_sweep_length=256),
+    "full": dict(sweeps={1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
+                 long_lengths=(8192, 16384), autodiff_up_to=2048, max_score_bytes=2 ** 31,
+                 block_sizes=(64, 128, 256, 512, 2048), block_sweep_length=2048),
+}
+
+
+def attention_layers() -> list[str]:
+  names = ["xla", "blockwise"]
+  if jax.default_backend() == "gpu":
+    names.append("cudnn")
+  return names
+
+
+def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
+  rngs = nnx.Rngs(0)
+  if name in ("lstm", "lstm_autodiff"):
+    return LSTM(D_MODEL, D_MODEL, rngs=rngs, weight_grads_in_loop=name == "lstm_autodiff")
+  if name == "gru":
+    return GRU(D_MODEL, D_MODEL, rngs=rngs)
+  # cuDNN's fused kernel needs 16-bit inputs; the other layers run in float32.
+  dtype = "bfloat16" if name == "cudnn" else "float32"
+  config = TransformerConfig.small(attention=name, attention_block_size=block_size,
+                                   dropout_rate=0.0, dtype=dtype)
+  return MultiHeadAttention(config, rngs=rngs)
+
+
+def forward_flops(name: str, batch: int, length: int) -> float:
+  d = D_MODEL
+  if name in ("lstm", "lstm_autodiff"):
+    return batch * length * 16 * d * d
+  if name == "gru":
+    return batch * length * 12 * d * d
+  return batch * (8 * length * d * d + 4 * length * length * d)
+
+
+def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int:
+  if name in ("lstm", "lstm_autodiff", "gru"):
+    return length
+  if name == "blockwise":
+    return math.ceil(length / min(block_size, length))
+  return 1
+
+
+def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = True,
+            block_size: int = BLOCK) -> dict:
+  """Forward and forward+backward (gradients of parameters and input) of one layer."""
+  graphdef, params, rest = nnx.split(build_layer(name, block_size), nnx.Param, ...)
+  apply = lambda params, x_BTD: nnx.merge(graphdef, params, rest)(x_BTD)
+
+  def forward_backward(params, x_BTD, dy_BTD):
+    _, vjp = jax.vjp(apply, params, x_BTD)
+    return vjp(dy_BTD)
+
+  x_BTD = jax.random.normal(jax.random.key(1), (batch, length, D_MODEL), jnp.float32)
+  dy_BTD = jax.random.normal(jax.random.key(2), (batch, length, D_MODEL), jnp.float32)
+  tokens, flops = batch * length, forward_flops(name, batch, length)
+  steps = sequential_steps(name, length, block_size)
+  record = {"layer": name, "batch": batch, "length": length,
+            "sequential_steps_forward": steps, "sequential_steps_forward_backward": 2 * steps}
+  if name == "blockwise":
+    record["block_size"] = block_size
+  modes = [("forward", apply, (params, x_BTD), flops)] if with_forward else []
+  modes.append(("forward_backward", forward_backward, (params, x_BTD, dy_BTD), 3 * flops))
+  for mode, fn, args, mode_flops in modes:
+    timing, compiled = common.time_jitted(fn, *args, runs=runs)
+    record[mode] = {"tokens_per_s": tokens / timing.median_s, "flops": mode_flops,
+                    "flop_per_s": mode_flops / timing.median_s,
+                    "memory": common.compiled_memory(compiled), "timing": timing.as_dict()}
+  forward = (f"fwd {common.human(record['forward']['tokens_per_s'])}tok/s  " if with_forward
+             else "")
+  print(f"  {name:13s} B={batch:<3d} T={length:<6d} {forward}fwd+bwd "
+        f"{common.human(record['forward_backward']['tokens_per_s'])}tok/s  "
+        f"compile {record['forward_backward']['timing']['compile_s']:.1f}s", flush=True)
+  return record
+
+
+def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> list[dict]:
+  """Lengths where `layer`'s fwd+bwd tokens/s crosses `baseline`'s (log-linear interpolation)."""
+  rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
+                       if r["layer"] == name and r["batch"] == batch}
+  ours, theirs = rate(layer), rate(baseline)
+  lengths = sorted(set(ours) & set(theirs))
+  ratio = [math.log(ours[t] / theirs[t]) for t in lengths]
+  found = []
+  for (t0, r0), (t1, r1) in zip(zip(lengths, ratio), zip(lengths[1:], ratio[1:])):
+    if (r0 > 0) != (r1 > 0):
+      at = math.exp(math.log(t0) + (math.log(t1) - math.log(t0)) * r0 / (r0 - r1))
+      found.append({"layer": layer, "baseline": baseline, "batch": batch, "length": round(at),
+                    "between": [t0, t1],
+                    "direction": "falls below" if r0 > 0 else "rises above"})
+  return found
+
+
+def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: int = 2048) -> dict:
+  """Does blockwise attention's fwd+bwd beat `baseline` at every measured T <= up_to?"""
+  rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
+                       if r["layer"] == name and r["batch"] == batch}
+  blockwise, theirs = rate("blockwise"), rate(baseline)
+  lengths = sorted(t for t in set(blockwise) & set(theirs) if t <= up_to)
+  losing = [t for t in lengths if blockwise[t] <= theirs[t]]
+  return {"batch": batch, "baseline": baseline, "up_to": up_to, "lengths_checked": lengths,
+          "lengths_lost": losing, "speedup": {t: blockwise[t] / theirs[t] for t in lengths},
+          "reaches_up_to": bool(lengths) and max(lengths) >= up_to,
+          "passed": bool(lengths) and not losing}
+
+
+def main(argv=None):
+  args = common.parse_args(__doc__.splitlines()[0], argv)
+  preset = PRESETS[args.preset]
+  results = []
+  for batch, lengths in preset["sweeps"].items():
+    long_lengths = preset["long_lengths"] if batch == 1 else ()
+    for length in (*lengths, *long_lengths):
+      long = length in long_lengths
+      for name in (*attention_layers(), *RNN_LAYERS):
+        if long and name not in ("blockwise", "lstm"):
+          continue
+        if name == "lstm_autodiff" and length > preset["autodiff_up_to"]:
+          continue
+        score_bytes = batch * NUM_HEADS * length * length * 4
+        if name in ("xla", "cudnn") and score_bytes > preset["max_score_bytes"]:
+          continue  # the [B, N, T, T] score matrix alone would not fit our memory budget
+        results.append(measure(name, batch, length, args.runs, with_forward=not long))
+  # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
+  block_sweep = [measure("blockwise", 1, preset["block_sweep_length"], args.runs,
+                         with_forward=False, block_size=k) for k in preset["block_sizes"]]
+  batches = list(preset["sweeps"])
+  found = [c for batch in batches for baseline in ("lstm", "lstm_autodiff")
+           for layer in attention_layers() for c in crossovers(results, layer, baseline, batch)]
+  accepted = [acceptance(results, batch, baseline) for baseline in ("lstm", "lstm_autodiff")
+              for batch in batches]
+  for line in found:
+    print(f"crossover: {line['layer']} {line['direction']} {line['baseline']} at "
+          f"T~{line['length']} (B={line['batch']}, between {line['between']})")
+  for check in accepted:
+    print(f"blockwise beats {check['baseline']} fwd+bwd at every measured T<=2048 "
+          f"(B={check['batch']}, up to T={max(check['lengths_checked'], default=0)}): "
+          f"{check['passed']}  lost at {check['lengths_lost']}")
+  path = common.write_json("attention_vs_rnn", args.preset, {
+      "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "is_causal": False,
+      "dtype": "float32", "results": results, "block_size_sweep": block_sweep,
+      "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
+      "crossovers": found,
+      "acceptance_blockwise_beats_lstm": accepted}, args.out)
+  from benchmarks import plot
+  plot.plot_attention_vs_rnn(path)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

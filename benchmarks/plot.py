@@ -1,0 +1,164 @@
+"""PNG plots from the benchmark JSONs: benchmarks/results/<name>_<device>.json -> same name .png.
+
+  python -m benchmarks.plot [files...]     (default: every JSON under benchmarks/results/)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from benchmarks.common import RESULTS_DIR  # noqa: E402
+
+STYLE = {"xla": ("tab:blue", "o"), "blockwise": ("tab:green", "s"), "cudnn": ("tab:purple", "D"),
+         "lstm": ("tab:red", "^"), "gru": ("tab:orange", "v"),
+         "lstm_autodiff": ("tab:brown", "x")}
+LABEL = {"xla": "attention (xla)", "blockwise": "attention (blockwise)",
+         "cudnn": "attention (cudnn)", "lstm": "LSTM", "gru": "GRU",
+         "lstm_autodiff": "LSTM, scan autodiff"}
+
+
+def _title(record: dict, what: str) -> str:
+  env = record["environment"]
+  return f"{what}\n{env['device_kind']} ({env['cpu_cores']} cores), jax {env['jax']}" \
+      if env["platform"] == "cpu" else f"{what}\n{env['device_kind']}, jax {env['jax']}"
+
+
+def plot_attention_vs_rnn(path: Path) -> Path:
+  """Log-log tokens/s vs T per batch size: fwd+bwd solid, forward dashed, crossovers marked."""
+  record = json.loads(Path(path).read_text())
+  results = record["results"]
+  batches = sorted({r["batch"] for r in results})
+  legend_in = 2.8  # inches kept free on the right for the legend
+  fig, axes = plt.subplots(1, len(batches), figsize=(6.2 * len(batches) + legend_in, 5.2),
+                           squeeze=False)
+  for ax, batch in zip(axes[0], batches):
+    for layer in STYLE:
+      rows = sorted((r for r in results if r["layer"] == layer and r["batch"] == batch),
+                    key=lambda r: r["length"])
+      if not rows:
+        continue
+      color, marker = STYLE[layer]
+      lengths = [r["length"] for r in rows]
+      ax.plot(lengths, [r["forward_backward"]["tokens_per_s"] for r in rows], color=color,
+              marker=marker, label=f"{LABEL[layer]} fwd+bwd")
+      forward = [r for r in rows if "forward" in r]
+      ax.plot([r["length"] for r in forward], [r["forward"]["tokens_per_s"] for r in forward],
+              color=color, marker=marker, linestyle=":", alpha=0.45, markersize=3,
+              label=f"{LABEL[layer]} fwd")
+    marks = [c for c in record["crossovers"] if c["batch"] == batch and c["baseline"] == "lstm"]
+    for index, cross in enumerate(sorted(marks, key=lambda c: c["length"])):
+      color = STYLE[cross["layer"]][0]
+      ax.axvline(cross["length"], color=color, linestyle="--", linewidth=1)
+      # Staggered heights keep neighbouring labels apart.
+      ax.annotate(f"{cross['layer']} = LSTM\nat T~{cross['length']}",
+                  (cross["length"], 0.04 + 0.1 * index), xycoords=("data", "axes fraction"),
+                  color=color, fontsize=8, xytext=(4, 0), textcoords="offset points",
+                  bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"B = {batch}")
+    ax.grid(True, which="both", alpha=0.25)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, loc="center right")
+  fig.suptitle(_title(record, f"One layer, D={record['d_model']}, {record['num_heads']} heads: "
+                              "throughput vs length (solid fwd+bwd, dotted fwd)"), fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
+  return _save(fig, path)
+
+
+def plot_train_mfu(path: Path) -> Path:
+  record = json.loads(Path(path).read_text())
+  rows = record["results"]
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  names = [f"{r['config']}\n{r['parameters'] / 1e6:.3g}M params" for r in rows]
+  bars = ax.bar(names, [100 * r["mfu_vs_f32_matmul"] for r in rows], color="tab:blue")
+  for bar, r in zip(bars, rows):
+    ax.annotate(f"{100 * r['mfu_vs_f32_matmul']:.0f}%\n{r['tokens_per_s']:.0f} tok/s",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                va="bottom", fontsize=8)
+  ax.axhline(60, color="gray", linestyle="--", linewidth=1, label="60% target")
+  peak = record["matmul_peaks"]["float32"]["flop_per_s"]
+  ax.set_ylabel(f"MFU (% of measured f32 matmul peak, {peak / 1e9:.0f} GFLOP/s)")
+  ax.set_ylim(0, 105)
+  ax.legend(fontsize=8)
+  b, t = rows[0]["batch"], rows[0]["target_length"]
+  ax.set_title(_title(record, f"Train step MFU, B={b}, S=T={t}, Adam, dropout"), fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _grouped_bars(path: Path, rows: list[dict], group: str, series: str, value: str,
+                  ylabel: str, title: str, log: bool) -> Path:
+  record = json.loads(Path(path).read_text())
+  groups = sorted({r[group] for r in rows}, key=str)
+  names = list(dict.fromkeys(r[series] for r in rows))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  width = 0.8 / len(names)
+  for i, name in enumerate(names):
+    values = [next((r[value] for r in rows if r[group] == g and r[series] == name), 0)
+              for g in groups]
+    xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(groups))]
+    bars = ax.bar(xs, values, width, label=name)
+    for bar, v in zip(bars, values):
+      ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                  va="bottom", fontsize=7)
+  ax.set_xticks(range(len(groups)), [f"{group} = {g}" for g in groups])
+  if log:
+    ax.set_yscale("log")
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  ax.set_title(_title(record, title), fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_decode_speed(path: Path) -> Path:
+  record = json.loads(Path(path).read_text())
+  return _grouped_bars(path, record["results"], "batch", "decoder", "tokens_per_s",
+                       "generated tokens / s", f"Decoding, {record['results'][0]['max_length']} "
+                       "tokens per sentence, small config", log=True)
+
+
+def plot_model_level(path: Path) -> Path:
+  record = json.loads(Path(path).read_text())
+  rows = [{**r, "label": f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"} for r in record["results"]]
+  return _grouped_bars(path, rows, "batch", "label", "target_tokens_per_s",
+                       "target tokens / s (train step)",
+                       "Train step, Multi30k-shaped batches, equal parameter count", log=False)
+
+
+PLOTTERS = {"attention_vs_rnn": plot_attention_vs_rnn, "train_mfu": plot_train_mfu,
+            "decode_speed": plot_decode_speed, "model_level": plot_model_level}
+
+
+def plot_file(path: Path) -> Path | None:
+  benchmark = json.loads(Path(path).read_text()).get("benchmark")
+  plotter = PLOTTERS.get(benchmark)
+  return plotter(path) if plotter else None
+
+
+def _save(fig, path: Path) -> Path:
+  out = Path(path).with_suffix(".png")
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  print(f"wrote {out}")
+  return out
+
+
+def main(argv=None):
+  paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
+  for path in paths or sorted(RESULTS_DIR.glob("*.json")):
+    plot_file(path)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,106 @@
+"""Where a train step's time goes: a `jax.profiler` trace of the jitted step, summed per XLA op
+and per kind of op (matmul, elementwise fusion, reduction, data movement, ...).
+
+On CPU every executed HLO instruction (a "thunk") is a trace event on the XLA worker threads,
+named like the instruction in the optimised HLO; its kind is read from that HLO text. A matmul is
+a `dot` or a fusion that contains one (XNNPACK "ynn" fusions included). Times are summed over
+the two worker threads: an op that XNNPACK parallelises inside appears once with its wall time,
+while two independent ops running at once on the two threads both count, so the total can
+exceed the step's wall time.
+
+  python -m benchmarks.profile_train_step [--preset quick|full] [--config small]
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.profiler import ProfileData
+
+from benchmarks import common
+from benchmarks.train_mfu import CONFIGS, build_step, random_batch, train_flops
+from transformer import EncoderDecoder
+
+IGNORED = re.compile(r"^(ThreadpoolListener|ThunkExecutor|end: |\$|PjitFunction|Parse|Python)")
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> kind, from the optimised HLO of the whole program."""
+  bodies = dict(re.findall(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M))
+  kinds = {}
+  for name, opcode, rest in re.findall(r"%([\w.\-]+) = [^=]*? ([a-z\-]+)\((.*)$", hlo_text,
+                                       re.M):
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    body = bodies.get(called.group(1), "") if called else ""
+    if opcode in ("dot", "convolution") or " dot(" in body or name.startswith("ynn"):
+      kinds[name] = "matmul"
+    elif opcode == "fusion" and (" reduce(" in body or "reduce" in name):
+      kinds[name] = "reduction fusion"
+    elif opcode == "fusion":
+      kinds[name] = "elementwise fusion"
+    elif opcode in ("copy", "transpose", "dynamic-update-slice", "dynamic-slice", "slice",
+                    "concatenate", "pad", "broadcast", "gather", "scatter"):
+      kinds[name] = "data movement"
+    elif opcode in ("rng-bit-generator", "rng"):
+      kinds[name] = "random bits"
+    else:
+      kinds[name] = opcode
+  return kinds
+
+
+def trace_events(directory: Path) -> list[tuple[str, float]]:
+  """(op name, seconds) of every thunk event on the XLA:CPU threads."""
+  path = sorted(directory.glob("**/*.xplane.pb"))[-1]
+  events = []
+  for plane in ProfileData.from_file(str(path)).planes:
+    for line in plane.lines:
+      if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
+        continue
+      events += [(e.name, e.duration_ns * 1e-9) for e in line.events if not IGNORED.match(e.name)]
+  return events
+
+
+def main(argv=None):
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("--config", choices=tuple(CONFIGS), default=None)
+  args = common.parse_args(parser, argv)
+  name = args.config or ("tiny" if args.preset == "quick" else "small")
+  config = CONFIGS[name]()
+  batch_size, length = (4, 16) if args.preset == "quick" else (32, 64)
+  steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
+  batch = random_batch(config.vocab_size, batch_size, length, length)
+  compiled, _ = common.compile_jitted(steps.train_step, state, batch, donate_argnums=0)
+  state, _ = jax.block_until_ready(compiled(state, batch))  # warm-up
+  with tempfile.TemporaryDirectory() as directory:
+    jax.profiler.start_trace(directory)
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+    jax.profiler.stop_trace()
+    events = trace_events(Path(directory))
+  kinds = op_kinds(compiled.as_text())
+  by_op, by_kind = collections.Counter(), collections.Counter()
+  for op, seconds in events:
+    by_op[op] += seconds
+    by_kind[kinds.get(op, "other")] += seconds
+  total = sum(by_kind.values())
+  print(f"{name}: {total:.2f} s of XLA op time in one step (summed over threads)")
+  for kind, seconds in by_kind.most_common():
+    print(f"  {kind:20s} {seconds:7.3f} s  {seconds / total:6.1%}")
+  top = [{"op": op, "kind": kinds.get(op, "other"), "seconds": s}
+         for op, s in by_op.most_common(20)]
+  for row in top[:10]:
+    print(f"  {row['op'][:40]:40s} {row['kind']:20s} {row['seconds'] * 1e3:8.1f} ms")
+  common.write_json(f"profile_train_step_{name}", args.preset, {
+      "config": name, "batch": batch_size, "source_length": length, "target_length": length,
+      "flops_per_step": train_flops(config, batch_size, length, length),
+      "op_seconds_total": total, "seconds_by_kind": dict(by_kind.most_common()),
+      "top_ops": top}, args.out)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,160 @@
+"""Train-step throughput and MFU of the encoder-decoder (tiny, small, base) against the matmul peak
+measured in the same run.
+
+Model FLOPs of one train step (forward + backward = 3 x forward; every multiply-add is 2 FLOPs):
+
+  6 B [ S (L_enc (4 D^2 + 2 D F) + L_dec 2 D^2) + T (L_dec (6 D^2 + 2 D F) + D V) ]
+  + 12 B D [ L_enc S^2 + L_dec (T^2 + T S) ]
+
+What is counted, per layer: the Q, K, V and output projections (4 D^2 per token; in the decoder's
+cross-attention Q and output run over the T target positions and K, V over the S memory
+positions), the feed-forward network (2 D F), and the score and value products Q K^T and P V
+(2 T S D each, over the full [T, S] matrix: the causal mask hides half of the decoder's
+self-attention scores but the implementation computes them all). Once per target token: the
+output projection to the vocabulary (D V, tied to the embedding; it counts). Not counted: the
+embedding lookup (a gather), biases, LayerNorm, softmax, dropout, the loss and the Adam update.
+
+MFU = model FLOPs per step / step seconds / measured peak FLOP/s, where the peak is the median
+rate of a large float32 matmul (and bfloat16 on accelerators) timed by this same process.
+
+  python -m benchmarks.train_mfu [--preset quick|full]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmarks import common
+from transformer import EncoderDecoder, TransformerConfig
+from transformer.train.step import TrainState, make_steps
+
+FLOP_FORMULA = ("6 B [S (L_enc (4 D^2 + 2 D F) + L_dec 2 D^2) + T (L_dec (6 D^2 + 2 D F) + D V)]"
+                " + 12 B D [L_enc S^2 + L_dec (T^2 + T S)]; output projection counted, embedding "
+                "lookup, biases, norms, softmax, dropout, loss and optimizer not counted")
+CONFIGS = {"tiny": TransformerConfig.tiny, "small": TransformerConfig.small,
+           "base": TransformerConfig.base}
+PRESETS = {
+    "quick": dict(configs=("tiny", "small"), batch=4, length=16),
+    "full": dict(configs=("tiny", "small", "base"), batch=32, length=64),
+}
+
+
+def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+  """Model FLOPs of one forward + backward pass, by the formula in the module docstring."""
+  d, f, v = config.d_model, config.d_ff, config.vocab_size
+  enc, dec = config.num_encoder_layers, config.num_decoder_layers
+  per_source = enc * (4 * d * d + 2 * d * f) + dec * 2 * d * d
+  per_target = dec * (6 * d * d + 2 * d * f) + d * v
+  dense = 6 * batch * (src_len * per_source + tgt_len * per_target)
+  scores = 12 * batch * d * (enc * src_len ** 2 + dec * (tgt_len ** 2 + tgt_len * src_len))
+  return float(dense + scores)
+
+
+def random_batch(vocab_size: int, batch: int, src_len: int, tgt_len: int, seed: int = 0):
+  """Full-length rows of ids >= 4 (no PAD/BOS/EOS/UNK), so every position is a counted token."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {"inputs": jax.random.randint(k1, (batch, src_len), 4, vocab_size, jnp.int32),
+          "targets": jax.random.randint(k2, (batch, tgt_len), 4, vocab_size, jnp.int32)}
+
+
+def adam() -> optax.GradientTransformation:
+  """The paper's Adam (beta2 0.98, eps 1e-9); a constant rate, as the schedule costs nothing."""
+  return optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
+
+
+def build_step(model: nnx.Module, tx=None):
+  """(steps, initial TrainState): the same pure steps as the training loop, Adam, dropout on."""
+  tx = tx or adam()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
+                     dropout_key=jax.random.key(0))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return steps, state
+
+
+def time_train_step(steps, state, batch, runs: int):
+  """Compiles the donated train step (timed apart), then times steps that feed their state on."""
+  compiled, compile_s = common.compile_jitted(steps.train_step, state, batch, donate_argnums=0)
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics
+
+  timing = common.time_calls(call, runs=runs, compile_s=compile_s)
+  return timing, common.compiled_memory(compiled), common.compiled_flops(compiled)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
+  """Times the step's pieces, to show where the time outside the counted matmuls goes:
+  the forward pass and loss alone (eval mode, no dropout), forward + backward with dropout, and
+  the whole step without dropout (the step with dropout is the main measurement)."""
+  pieces = {}
+  steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
+  for piece, fn in (("forward_eval", steps.eval_step),
+                    ("gradients", lambda p, b: steps.gradients(p, b, state.step))):
+    pieces[piece] = common.time_jitted(fn, state.params, batch, runs=runs)[0].as_dict()
+  no_dropout = EncoderDecoder(config.replace(dropout_rate=0.0),
+                              rngs=nnx.Rngs(params=0, dropout=1))
+  pieces["train_step_dropout_0"] = time_train_step(*build_step(no_dropout), batch,
+                                                   runs)[0].as_dict()
+  print("  breakdown: " + ", ".join(f"{k} {v['median_s'] * 1e3:.0f} ms"
+                                    for k, v in pieces.items()), flush=True)
+  return pieces
+
+
+def main(argv=None):
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the small config's step in pieces (about 2 extra minutes)")
+  args = common.parse_args(parser, argv)
+  preset = PRESETS[args.preset]
+  peaks = common.matmul_peaks(quick=args.preset == "quick")
+  peak = peaks["float32"]["flop_per_s"]
+  print(f"matmul peak float32: {common.human(peak, 'FLOP/s')}", flush=True)
+  batch_size, length = preset["batch"], preset["length"]
+  rows = []
+  for name in preset["configs"]:
+    config = CONFIGS[name]()
+    model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
+    batch = random_batch(config.vocab_size, batch_size, length, length)
+    steps, state = build_step(model)
+    timing, memory, xla_flops = time_train_step(steps, state, batch, args.runs)
+    flops = train_flops(config, batch_size, length, length)
+    row = {"config": name, "model": {k: getattr(config, k) for k in (
+               "vocab_size", "d_model", "num_heads", "d_ff", "num_encoder_layers",
+               "num_decoder_layers", "dropout_rate", "attention")},
+           "parameters": count_params(model), "batch": batch_size, "source_length": length,
+           "target_length": length, "flops_per_step": flops,
+           "tokens_per_s": batch_size * 2 * length / timing.median_s,
+           "target_tokens_per_s": batch_size * length / timing.median_s,
+           "model_flop_per_s": flops / timing.median_s,
+           "mfu_vs_f32_matmul": common.mfu(flops, timing.median_s, peak),
+           "xla_cost_analysis_flops": xla_flops,
+           "memory": memory, "timing": timing.as_dict()}
+    rows.append(row)
+    print(f"  {name:5s} {row['parameters'] / 1e6:.3g}M params  "
+          f"step {timing.median_s * 1e3:.0f} ms  "
+          f"{common.human(row['tokens_per_s'])}tok/s  {common.human(row['model_flop_per_s'])}"
+          f"FLOP/s  MFU {row['mfu_vs_f32_matmul']:.1%}  compile {timing.compile_s:.1f}s",
+          flush=True)
+  payload = {"flop_formula": FLOP_FORMULA, "optimizer": "adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)",
+             "label_smoothing": 0.1, "matmul_peaks": peaks, "results": rows}
+  if args.breakdown:
+    small = CONFIGS["small"]()
+    payload["small_breakdown"] = breakdown(
+        small, random_batch(small.vocab_size, batch_size, length, length), args.runs)
+  common.write_json("train_mfu", args.preset, payload, args.out)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
