@@ -1,23 +1,16 @@
 """An encoder-only (BERT-style) masked language model on the German side of Multi30k, CPU-sized.
 
-15% of tokens are selected, 80/10/10 masked/random/kept, as in BERT.
+15% of tokens are selected, 80/10/10 masked/random/kept, as in BERT. Training settings are the
+decoder-only recipe's (configs/lm.py), with a lower peak learning rate.
 """
 
-from transformer.train.config import get_config as base_config
+from configs import lm
 
 
 def get_config():
-  config = base_config()
+  config = lm.get_config()
   config.task = "mlm"
-  config.model.update(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=4,
-                      num_decoder_layers=0, dropout_rate=0.1, max_len=64, activation="gelu")
-  config.data.update(vocab_size=8000, max_length=64, tokens_per_batch=4096, eval_batch_size=64,
-                     mlm_select_rate=0.15)
-  config.optimizer.update(name="adamw", schedule="cosine", peak_learning_rate=5e-4,
-                          warmup_steps=200, weight_decay=0.01, grad_clip_norm=1.0)
-  config.label_smoothing = 0.0
-  config.num_train_steps = 2000
-  config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.model.update(num_encoder_layers=4, num_decoder_layers=0, norm="post")
+  config.data.mlm_select_rate = 0.15
+  config.optimizer.peak_learning_rate = 5e-4
   return config
