@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -74,6 +73,3 @@ def _flatten(tree, prefix=()):
   else:
     yield prefix, np.asarray(tree)
 
-
-def save_model_config(workdir: Path, config: TransformerConfig, task: str) -> None:
-  (workdir / "model.json").write_text(json.dumps({"task": task, **config.__dict__}, indent=2))
