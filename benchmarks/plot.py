@@ -136,8 +136,33 @@ def plot_model_level(path: Path) -> Path:
                        "Train step, Multi30k-shaped batches, equal parameter count", log=False)
 
 
+def plot_quality_vs_time(path: Path) -> Path:
+  """Validation BLEU (left) and NLL (right) against training seconds, one line per model."""
+  record = json.loads(Path(path).read_text())
+  fig, (bleu_ax, nll_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+  colours = {"transformer": "tab:green", "lstm_attention": "tab:red"}
+  for run in record["results"]:
+    seconds = [p["train_s"] for p in run["curve"]]
+    label = (f"{run['model']} ({run['parameters'] / 1e6:.2f}M, "
+             f"{run['target_tokens_per_s']:,.0f} target tok/s)")
+    colour = colours.get(run["model"])
+    bleu_ax.plot(seconds, [p["bleu"] for p in run["curve"]], "o-", color=colour, label=label)
+    nll_ax.plot(seconds, [p["validation_nll"] for p in run["curve"]], "o-", color=colour,
+                label=run["model"])
+  bleu_ax.set(xlabel="training time (s)", ylabel="validation BLEU (greedy, sacreBLEU)")
+  nll_ax.set(xlabel="training time (s)", ylabel="validation NLL per token")
+  for ax in (bleu_ax, nll_ax):
+    ax.grid(alpha=0.3)
+  bleu_ax.legend(fontsize=8)
+  fig.suptitle(_title(record, f"Multi30k en-de, same wall-clock budget "
+                              f"({record['budget_s']:.0f} s of training each)"), fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 PLOTTERS = {"attention_vs_rnn": plot_attention_vs_rnn, "train_mfu": plot_train_mfu,
-            "decode_speed": plot_decode_speed, "model_level": plot_model_level}
+            "decode_speed": plot_decode_speed, "model_level": plot_model_level,
+            "quality_vs_time": plot_quality_vs_time}
 
 
 def plot_file(path: Path) -> Path | None:

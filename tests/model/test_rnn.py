@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer.data.tokenizer import BOS_ID
+from transformer.decode.greedy import greedy_decode
 from transformer.model.rnn import GRU, LSTM, LSTMSeq2Seq, RNNConfig
 
 
@@ -139,3 +141,20 @@ def test_padding_in_the_source_changes_nothing():
   graphdef, state = nnx.split(model)
   apply = jax.jit(lambda src: nnx.merge(graphdef, state)(src, tgt_BT))
   np.testing.assert_allclose(apply(padded_BS), apply(src_BS), atol=1e-5)
+
+
+def test_greedy_decoding_with_the_recurrent_state_equals_recomputing_and_a_python_loop():
+  """The LSTM's cached decoding (state carried step to step) and the recompute path both give
+  the tokens of a plain loop that reruns the whole model on the prefix and takes the argmax."""
+  model = LSTMSeq2Seq(SEQ2SEQ.replace(max_len=6), rngs=nnx.Rngs(3))
+  model.eval()
+  src_BS = jnp.array([[3, 4, 5, 6, 0], [7, 8, 9, 10, 11]], jnp.int32)
+  prefix_BT = np.full((2, 1), BOS_ID, np.int32)
+  for _ in range(6):
+    logits_BTV = np.array(model(src_BS, jnp.asarray(prefix_BT))[:, -1])
+    logits_BTV[:, SEQ2SEQ.pad_id] = -np.inf
+    prefix_BT = np.concatenate([prefix_BT, logits_BTV.argmax(-1)[:, None]], axis=1)
+  expected_BT = prefix_BT[:, 1:]
+  for use_cache in (True, False):
+    got_BT = greedy_decode(model, src_BS, max_length=6, use_cache=use_cache, eos_id=-1)
+    np.testing.assert_array_equal(np.asarray(got_BT), expected_BT, err_msg=f"{use_cache=}")

@@ -261,6 +261,8 @@ class RNNConfig:
     dropout_rate: on the embeddings, between encoder layers and before the output layer (never
       on the recurrent connections, Zaremba et al., 2014).
     pad_id: padding id; padded source positions are skipped by the encoder and never attended to.
+    max_len: the longest target the decoders may generate (an RNN has no positional table; this
+      only bounds decoding, as `TransformerConfig.max_len` does).
   """
 
   vocab_size: int = 8192
@@ -269,6 +271,7 @@ class RNNConfig:
   num_decoder_layers: int = 2
   dropout_rate: float = 0.1
   pad_id: int = 0
+  max_len: int = 256
 
   def __post_init__(self):
     if self.d_model % 2 or self.d_model <= 0:
@@ -346,46 +349,86 @@ class AttentionDecoder(nnx.Module):
     self.score_vector = nnx.Param(glorot(rngs.params(), (d, 1))[:, 0])
     self.output_kernel = nnx.Param(glorot(rngs.params(), (2 * d, d)))
     self.output_bias = nnx.Param(jnp.zeros((d,), jnp.float32))
+    # Filled by init_cache; declared as data so the decoding state is part of the module's state.
+    self.hidden, self.cell, self.cross_attention = nnx.data(None), nnx.data(None), nnx.data(None)
 
   def _initial_state(self, memory_BSD):
     summary_BI = memory_BSD[:, 0, memory_BSD.shape[-1] // 2:]
     s0_BD = jnp.tanh(summary_BI @ self.bridge_kernel[...] + self.bridge_bias[...][None])
     return tuple((s0_BD, jnp.zeros_like(s0_BD)) for _ in self.layers)
 
+  def _step(self, states, xw_BGD, keys_BSD, memory_BSD, memory_mask_BS):
+    """One decoder step: attend with the top state s_{t-1}, then run the LSTM stack.
+
+    xw_BGD is the embedded y_{t-1}'s share of the first layer's gates (with its bias).
+    Returns the new (h, c) per layer and (s_t, c_t).
+    """
+    query_BD = states[-1][0] @ self.query_kernel[...]
+    scores_BS = jnp.einsum("BSD,D->BS", jnp.tanh(keys_BSD + query_BD[:, None]),
+                           self.score_vector[...])
+    weights_BS = jax.nn.softmax(jnp.where(memory_mask_BS, scores_BS, _MASKED), axis=-1)
+    context_BD = jnp.einsum("BS,BSD->BD", weights_BS, memory_BSD)
+    x_BGD = xw_BGD + jnp.einsum("BI,IGD->BGD", context_BD, self.context_kernel[...])
+    new_states = []
+    for index, (layer, state) in enumerate(zip(self.layers, states)):
+      if index:
+        x_BGD = (jnp.einsum("BI,IGD->BGD", new_states[-1][0], layer.input_kernel[...])
+                 + layer.bias[...][None])
+      new_states.append(lstm_cell(x_BGD, _recurrent_gates(state[0], layer.recurrent_kernel[...]),
+                                  *state))
+    return tuple(new_states), (new_states[-1][0], context_BD)
+
+  def _output(self, s_BTD, context_BTD):
+    both_BTI = jnp.concatenate([s_BTD, context_BTD], axis=-1)
+    return jnp.tanh(both_BTI @ self.output_kernel[...] + self.output_bias[...][None, None])
+
   def __call__(self, y_BTD: Float[Array, "B T D"], memory_BSD: Float[Array, "B S D"],
                memory_mask_BS: Bool[Array, "B S"]) -> Float[Array, "B T D"]:
     """Embedded decoder inputs y_{t-1} [B, T, D] -> out_t [B, T, D] (before the vocabulary)."""
     keys_BSD = jnp.einsum("BSI,ID->BSD", memory_BSD, self.key_kernel[...])
     xw_TBGD = _time_major(self.layers[0].input_gates(y_BTD))
-    recurrent = [layer.recurrent_kernel[...] for layer in self.layers]
-    upper = [(layer.input_kernel[...], layer.bias[...]) for layer in self.layers[1:]]
-    query_DD, score_D, context_DGD = (self.query_kernel[...], self.score_vector[...],
-                                      self.context_kernel[...])
-
-    def step(states, xw_BGD):
-      query_BD = states[-1][0] @ query_DD
-      scores_BS = jnp.einsum("BSD,D->BS", jnp.tanh(keys_BSD + query_BD[:, None]), score_D)
-      weights_BS = jax.nn.softmax(jnp.where(memory_mask_BS, scores_BS, _MASKED), axis=-1)
-      context_BD = jnp.einsum("BS,BSD->BD", weights_BS, memory_BSD)
-      x_BGD = xw_BGD + jnp.einsum("BI,IGD->BGD", context_BD, context_DGD)
-      new_states = [lstm_cell(x_BGD, _recurrent_gates(states[0][0], recurrent[0]),
-                              *states[0])]
-      for (kernel_IGD, bias_GD), recurrent_DGD, state in zip(upper, recurrent[1:], states[1:]):
-        x_BGD = jnp.einsum("BI,IGD->BGD", new_states[-1][0], kernel_IGD) + bias_GD[None]
-        new_states.append(lstm_cell(x_BGD, _recurrent_gates(state[0], recurrent_DGD),
-                                    *state))
-      return tuple(new_states), (new_states[-1][0], context_BD)
-
+    step = lambda states, xw_BGD: self._step(states, xw_BGD, keys_BSD, memory_BSD,
+                                             memory_mask_BS)
     _, (s_TBD, context_TBD) = jax.lax.scan(step, self._initial_state(memory_BSD), xw_TBGD)
-    both_BTI = _time_major(jnp.concatenate([s_TBD, context_TBD], axis=-1))
-    return jnp.tanh(both_BTI @ self.output_kernel[...] + self.output_bias[...][None, None])
+    return self._output(_time_major(s_TBD), _time_major(context_TBD))
+
+  def init_cache(self, memory_BSD: Float[Array, "B S D"], memory_mask_BS: Bool[Array, "B S"]):
+    """Prepares step-by-step decoding: the recurrent state is the RNN's whole "KV cache"."""
+    states = self._initial_state(memory_BSD)
+    self.hidden = nnx.Cache(jnp.stack([h for h, _ in states]))
+    self.cell = nnx.Cache(jnp.stack([c for _, c in states]))
+    keys_BSD = jnp.einsum("BSI,ID->BSD", memory_BSD, self.key_kernel[...])
+    self.cross_attention = AttentionMemory(keys_BSD, memory_BSD, memory_mask_BS)
+
+  def decode_step(self, y_B1D: Float[Array, "B 1 D"]) -> Float[Array, "B 1 D"]:
+    """out_t for the one new input y_{t-1}, advancing the cached state (after `init_cache`)."""
+    memory = self.cross_attention
+    states = tuple(zip(self.hidden[...], self.cell[...]))
+    xw_BGD = self.layers[0].input_gates(y_B1D)[:, 0]
+    states, (s_BD, context_BD) = self._step(states, xw_BGD, memory.keys[...], memory.memory[...],
+                                            memory.mask[...])
+    self.hidden[...] = jnp.stack([h for h, _ in states])
+    self.cell[...] = jnp.stack([c for _, c in states])
+    return self._output(s_BD[:, None], context_BD[:, None])
+
+
+class AttentionMemory(nnx.Module):
+  """What decoding reads but never changes: projected keys W_k h_j, annotations h_j, and their
+  mask. Named `cross_attention` in the decoder, so `transformer.decode.cache` keeps it out of
+  the loop carry as it does the Transformer's cross-attention cache."""
+
+  def __init__(self, keys_BSD, memory_BSD, mask_BS):
+    self.keys, self.memory, self.mask = (nnx.Cache(keys_BSD), nnx.Cache(memory_BSD),
+                                         nnx.Cache(mask_BS))
 
 
 class LSTMSeq2Seq(nnx.Module):
   """The LSTM encoder-decoder with attention, called like `EncoderDecoder`.
 
   `__call__(src_ids [B, S], decoder input ids [B, T]) -> logits [B, T, V]`; one embedding table
-  serves source, target and (transposed) the output layer.
+  serves source, target and (transposed) the output layer. `encode`, `decode` and `init_cache`
+  follow `EncoderDecoder`'s, so `transformer.decode`'s greedy decoder runs it with its recurrent
+  state as the cache (`use_cache=True`) or by rerunning the decoder over the prefix.
   """
 
   def __init__(self, config: RNNConfig, *, rngs: nnx.Rngs):
@@ -402,8 +445,27 @@ class LSTMSeq2Seq(nnx.Module):
   def encode(self, src_ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.encoder(self.embed(src_ids_BS), src_ids_BS != self.config.pad_id)
 
+  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None,
+             src_ids_BS: Int[Array, "B S"] | None, *, decode: bool = False) -> Float[Array, "B T V"]:
+    """Logits [B, T, V] of the decoder inputs (BOS, y_1, ...) given the encoder's output.
+
+    With `decode=True` (after `init_cache`), `tgt_ids` is the one new position [B, 1] and
+    memory and source come from the cache (pass None).
+    """
+    y_BTD = self.embed(tgt_ids_BT)
+    if decode:
+      out_BTD = self.decoder.decode_step(y_BTD)
+    else:
+      out_BTD = self.decoder(y_BTD, memory_BSD, src_ids_BS != self.config.pad_id)
+    return jnp.einsum("BTD,VD->BTV", self.dropout(out_BTD), self.embedding[...])
+
+  def init_cache(self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"],
+                 max_length: int) -> None:
+    """Prepares step-by-step decoding (`max_length` is only checked: the state has no length)."""
+    if max_length > self.config.max_len:
+      raise ValueError(f"cannot decode {max_length} positions: max_len is {self.config.max_len}")
+    self.decoder.init_cache(memory_BSD, src_ids_BS != self.config.pad_id)
+
   def __call__(self, src_ids_BS: Int[Array, "B S"],
                tgt_ids_BT: Int[Array, "B T"]) -> Float[Array, "B T V"]:
-    memory_BSD = self.encode(src_ids_BS)
-    out_BTD = self.decoder(self.embed(tgt_ids_BT), memory_BSD, src_ids_BS != self.config.pad_id)
-    return jnp.einsum("BTD,VD->BTV", self.dropout(out_BTD), self.embedding[...])
+    return self.decode(tgt_ids_BT, self.encode(src_ids_BS), src_ids_BS)

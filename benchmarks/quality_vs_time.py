@@ -1,0 +1,204 @@
+"""Quality per unit of compute: the Transformer and the LSTM encoder-decoder with attention, each
+trained on Multi30k for the same wall-clock budget, BLEU against training time.
+
+Both models train on the same batches (the CPU recipe `configs/default.py`: its tokenizer, its
+2,048-target-token length buckets, label smoothing 0.1, dropout 0.1, seed 0) with the project's
+own pure train step (`transformer.train.step`):
+
+  transformer     the recipe's model (d_model 192, 3+3 layers, 4 heads, d_ff 768) and optimizer
+                  (Adam 0.9/0.98/1e-9, the paper's warm-up + rsqrt schedule, lr_scale 0.4)
+  lstm_attention  `transformer.model.rnn.LSTMSeq2Seq` (2-layer bidirectional encoder, 2-layer
+                  decoder, Bahdanau attention, tied embeddings) at the width whose parameter count
+                  is closest to the Transformer's; Adam 1e-3 after a 200-step linear warm-up,
+                  gradients clipped to norm 1 (the usual LSTM NMT recipe, e.g. fairseq's)
+
+The clock counts only training: fetching batches and running synchronised train steps. Each
+batch shape is compiled before its first step, timed apart (`compile_s`). Every `eval_every_s`
+of training the clock stops and the model is scored on the validation split: greedy decoding
+(the Transformer with its KV cache, the LSTM carrying its recurrent state), detokenised
+sacreBLEU against the reference text, and the validation NLL per token. At the end of the budget both are also scored on test_2016.
+
+Not part of `run_all` (2 x 8 minutes of training on 2 cores):
+
+  python -m benchmarks.quality_vs_time [--preset quick|full] [--budget_s S]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sacrebleu
+from flax import nnx
+
+from benchmarks import common
+from benchmarks.train_mfu import count_params
+from configs import default as default_recipe
+from transformer.data.inputs import build_inputs
+from transformer.decode.greedy import greedy_decode
+from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
+from transformer.train.config import model_config
+from transformer.train.models import create_model
+from transformer.train.optimizer import make_optimizer
+from transformer.train.step import TrainState, make_steps
+
+PRESETS = {
+    # eval_sentences: validation sentences scored at each evaluation (None: all 1,014).
+    "quick": dict(budget_s=30.0, eval_every_s=15.0, eval_sentences=128, test=False),
+    "full": dict(budget_s=480.0, eval_every_s=60.0, eval_sentences=None, test=True),
+}
+# Greedy decoding stops at source length + this; Multi30k German rarely runs longer.
+MAX_EXTRA_LENGTH = 10
+LSTM_PEAK_LR, LSTM_WARMUP, LSTM_CLIP = 1e-3, 200, 1.0
+
+
+def recipe(preset: str):
+  config = default_recipe.get_config()
+  if preset == "quick":
+    config.data.eval_batch_size = 64
+  return config
+
+
+def lstm_optimizer() -> optax.GradientTransformation:
+  warmup = optax.linear_schedule(0.0, LSTM_PEAK_LR, LSTM_WARMUP)
+  schedule = optax.join_schedules([warmup, optax.constant_schedule(LSTM_PEAK_LR)], [LSTM_WARMUP])
+  return optax.chain(optax.clip_by_global_norm(LSTM_CLIP), optax.adam(schedule))
+
+
+def translate(model, batches, tokenizer) -> list[str]:
+  """Greedy translations of every real row of `batches`, in the split's order."""
+  by_index = {}
+  for batch in batches:
+    src_BS = jnp.asarray(batch["inputs"])
+    max_length = min(src_BS.shape[1] + MAX_EXTRA_LENGTH, model.config.max_len)
+    tokens_BT = greedy_decode(model, src_BS, max_length=max_length)
+    for row, text in zip(batch["index"], tokenizer.decode(np.asarray(tokens_BT))):
+      if row >= 0:
+        by_index[int(row)] = text
+  return [by_index[i] for i in sorted(by_index)]
+
+
+def score(model, test_set, tokenizer, sentences: int | None) -> dict:
+  """Greedy sacreBLEU on the first `sentences` of a split (all if None), and the decode time."""
+  batches, pairs = test_set.batches, test_set.pairs
+  if sentences is not None:
+    batches = [b for b in batches if np.any((b["index"] >= 0) & (b["index"] < sentences))]
+    batches = [{**b, "index": np.where(b["index"] < sentences, b["index"], -1)} for b in batches]
+    pairs = pairs[:sentences]
+  start = time.perf_counter()
+  hypotheses = translate(model, batches, tokenizer)
+  bleu = sacrebleu.BLEU().corpus_score(hypotheses, [[tgt for _, tgt in pairs]])
+  return {"bleu": bleu.score, "sentences": len(pairs), "decode_s": time.perf_counter() - start,
+          "example": hypotheses[0]}
+
+
+def validation_nll(eval_step, params, batches) -> float:
+  sums = [eval_step(params, {k: b[k] for k in ("inputs", "targets", "weights")}) for b in batches]
+  nll = sum(float(s["nll_sum"]) for s in sums)
+  return nll / max(sum(float(s["tokens"]) for s in sums), 1.0)
+
+
+def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformation, inputs,
+                     preset: dict) -> dict:
+  """Trains `model` for `preset["budget_s"]` seconds of training time, scoring it along the way."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
+                     dropout_key=jax.random.key(1))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  eval_step = jax.jit(steps.eval_step)
+  validation = inputs.test_sets[0]
+  compiled, compile_s = {}, 0.0
+  train_s, next_eval_s, tokens, curve = 0.0, 0.0, 0, []
+  stream = inputs.train
+
+  def evaluate():
+    scored = nnx.merge(graphdef, state.params, rest)
+    scored.eval()
+    point = {"train_s": train_s, "step": int(state.step), "target_tokens": tokens,
+             "validation_nll": validation_nll(eval_step, state.params, inputs.eval_batches),
+             **score(scored, validation, inputs.tokenizer, preset["eval_sentences"])}
+    curve.append(point)
+    print(f"  {name:15s} {train_s:6.0f} s  step {point['step']:5d}  val NLL "
+          f"{point['validation_nll']:.3f}  BLEU {point['bleu']:5.2f}  "
+          f"(decode {point['decode_s']:.0f} s)", flush=True)
+
+  while True:
+    if train_s >= next_eval_s:
+      evaluate()
+      next_eval_s += preset["eval_every_s"]
+    if train_s >= preset["budget_s"]:
+      break
+    start = time.perf_counter()
+    batch = {k: v for k, v in next(stream).items() if k in ("inputs", "targets")}
+    shape = (batch["inputs"].shape, batch["targets"].shape)
+    if shape not in compiled:  # a new bucket: compile it off the clock
+      compile_start = time.perf_counter()
+      compiled[shape] = jax.jit(steps.train_step, donate_argnums=0).lower(state, batch).compile()
+      compile_s += time.perf_counter() - compile_start
+      start = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled[shape](state, batch))
+    train_s += time.perf_counter() - start
+    tokens += int(np.sum(batch["targets"] != 0))
+    if not math.isfinite(float(metrics["loss_sum"])):
+      raise FloatingPointError(f"{name}: non-finite loss at step {int(state.step)}")
+  record = {"model": name, "parameters": count_params(model), "steps": int(state.step),
+            "train_s": train_s, "compile_s": compile_s, "compiled_shapes": len(compiled),
+            "target_tokens_per_s": tokens / train_s, "curve": curve}
+  if preset["test"]:
+    scored = nnx.merge(graphdef, state.params, rest)
+    scored.eval()
+    record["test_2016"] = score(scored, inputs.test_sets[1], inputs.tokenizer, None)
+    print(f"  {name:15s} test_2016 greedy BLEU {record['test_2016']['bleu']:.2f}", flush=True)
+  return record
+
+
+def main(argv=None):
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="training seconds per model (default: the preset's)")
+  parser.add_argument("--workdir", type=Path, default=None,
+                      help="where the tokenizer and the tfds data are prepared (default: a "
+                           "temporary folder)")
+  args = common.parse_args(parser, argv)
+  preset = dict(PRESETS[args.preset])
+  if args.budget_s is not None:
+    preset["budget_s"] = args.budget_s
+  config = recipe(args.preset)
+  config.data.test_splits = ("validation", "test_2016")
+  with tempfile.TemporaryDirectory() as scratch:
+    inputs = build_inputs(config, args.workdir or scratch)
+    config.model.vocab_size = inputs.tokenizer.vocab_size  # as the training loop does
+    transformer = create_model("translation", model_config(config), config.seed)
+    rnn_config = RNNConfig.with_num_parameters(count_params(transformer), config.model.vocab_size,
+                                               dropout_rate=config.model.dropout_rate,
+                                               max_len=config.model.max_len)
+    lstm = LSTMSeq2Seq(rnn_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    print(f"transformer {count_params(transformer) / 1e6:.2f}M parameters, LSTM "
+          f"(d_model {rnn_config.d_model}) {count_params(lstm) / 1e6:.2f}M; "
+          f"{preset['budget_s']:.0f} s of training each", flush=True)
+    runs, first_batch = [], inputs.train.state()
+    for name, model, tx in (("transformer", transformer, make_optimizer(config)),
+                            ("lstm_attention", lstm, lstm_optimizer())):
+      inputs.train.restore(first_batch)  # both models see the same batches in the same order
+      runs.append(train_for_budget(name, model, tx, inputs, preset))
+  common.write_json("quality_vs_time", args.preset, {
+      "recipe": "configs/default.py", "budget_s": preset["budget_s"],
+      "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
+      "max_extra_length": MAX_EXTRA_LENGTH,
+      "transformer_config": config.model.to_dict(), "lstm_config": vars(rnn_config),
+      "lstm_optimizer": {"name": "adam", "peak_learning_rate": LSTM_PEAK_LR,
+                         "warmup_steps": LSTM_WARMUP, "clip_global_norm": LSTM_CLIP},
+      "results": runs}, args.out)
+  from benchmarks import plot
+  plot.plot_file(common.result_path("quality_vs_time", args.preset, args.out))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
