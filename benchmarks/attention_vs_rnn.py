@@ -1,15 +1,24 @@
 """Layer level: one multi-head self-attention layer against one LSTM and one GRU layer of width D.
 
+Two attention layers: bidirectional ("xla", "blockwise"; every position sees every other, as in
+the encoder) and causal ("blockwise_causal": each position sees its past only, as in the decoder
+and in a language model, and as in the LSTM, which reads left to right). The causal layer runs
+the blockwise schedule that skips the tiles above the diagonal, so it computes half the scores.
+
 For each layer, batch size B and sequence length T it measures forward and forward+backward
 throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, compile time, and
 the number of steps on the sequential critical path:
 
   attention "xla"        1            (one [T, T] score matrix per head)
   attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 128; the backward scans again)
+  "blockwise_causal"     ceil(T / K)  (query block i folds in key blocks 0..i; blocks are
+                                       independent of each other, the chain is at most T / K long)
   LSTM, GRU              T            (h_t needs h_{t-1}; the backward runs T more steps)
 
 FLOPs per forward call (matmuls only, the convention of `train_mfu.py`; backward = 2 x forward):
   attention  B (8 T D^2 + 4 T^2 D)   Q, K, V, output projections + Q K^T and P V (non-causal)
+  causal     B (8 T D^2 + 2 T^2 D)   the lower half of Q K^T and P V (the diagonal tiles' upper
+                                     halves, T K D more, are computed and not counted)
   LSTM       B T 16 D^2              [x_t ; h_{t-1}] (2D) x 4 gates (D each), multiply-add = 2
   GRU        B T 12 D^2              the same with 3 gates
 
@@ -44,18 +53,21 @@ D_MODEL, NUM_HEADS, BLOCK = 512, 8, 128
 RNN_LAYERS = ("lstm", "gru", "lstm_autodiff")
 PRESETS = {
     # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
-    # forward+backward only (a 16k-token call takes ~25 s here); autodiff_up_to: the slow
+    # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
     # scan-autodiff LSTM stops there.
     "quick": dict(sweeps={4: (16, 64, 256)}, long_lengths=(), autodiff_up_to=256,
                   max_score_bytes=2 ** 28, block_sizes=(32, 128), block_sweep_length=256),
     "full": dict(sweeps={1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
-                 long_lengths=(8192, 16384), autodiff_up_to=2048, max_score_bytes=2 ** 31,
-                 block_sizes=(64, 128, 256, 512, 2048), block_sweep_length=2048),
+                 long_lengths=(8192,), autodiff_up_to=2048, max_score_bytes=2 ** 31,
+                 block_sizes=(64, 128, 256, 512), block_sweep_length=2048),
 }
 
 
+CAUSAL = ("blockwise_causal",)
+
+
 def attention_layers() -> list[str]:
-  names = ["xla", "blockwise"]
+  names = ["xla", "blockwise", *CAUSAL]
   if jax.default_backend() == "gpu":
     names.append("cudnn")
   return names
@@ -69,7 +81,8 @@ def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
     return GRU(D_MODEL, D_MODEL, rngs=rngs)
   # cuDNN's fused kernel needs 16-bit inputs; the other layers run in float32.
   dtype = "bfloat16" if name == "cudnn" else "float32"
-  config = TransformerConfig.small(attention=name, attention_block_size=block_size,
+  config = TransformerConfig.small(attention=name.removesuffix("_causal"),
+                                   attention_block_size=block_size,
                                    dropout_rate=0.0, dtype=dtype)
   return MultiHeadAttention(config, rngs=rngs)
 
@@ -80,13 +93,14 @@ def forward_flops(name: str, batch: int, length: int) -> float:
     return batch * length * 16 * d * d
   if name == "gru":
     return batch * length * 12 * d * d
-  return batch * (8 * length * d * d + 4 * length * length * d)
+  score_flops = (2 if name in CAUSAL else 4) * length * length * d
+  return batch * (8 * length * d * d + score_flops)
 
 
 def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int:
   if name in ("lstm", "lstm_autodiff", "gru"):
     return length
-  if name == "blockwise":
+  if name.startswith("blockwise"):
     return math.ceil(length / min(block_size, length))
   return 1
 
@@ -95,7 +109,8 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
             block_size: int = BLOCK) -> dict:
   """Forward and forward+backward (gradients of parameters and input) of one layer."""
   graphdef, params, rest = nnx.split(build_layer(name, block_size), nnx.Param, ...)
-  apply = lambda params, x_BTD: nnx.merge(graphdef, params, rest)(x_BTD)
+  options = {"is_causal": True} if name in CAUSAL else {}
+  apply = lambda params, x_BTD: nnx.merge(graphdef, params, rest)(x_BTD, **options)
 
   def forward_backward(params, x_BTD, dy_BTD):
     _, vjp = jax.vjp(apply, params, x_BTD)
@@ -107,7 +122,7 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   steps = sequential_steps(name, length, block_size)
   record = {"layer": name, "batch": batch, "length": length,
             "sequential_steps_forward": steps, "sequential_steps_forward_backward": 2 * steps}
-  if name == "blockwise":
+  if name.startswith("blockwise"):
     record["block_size"] = block_size
   modes = [("forward", apply, (params, x_BTD), flops)] if with_forward else []
   modes.append(("forward_backward", forward_backward, (params, x_BTD, dy_BTD), 3 * flops))
@@ -141,14 +156,16 @@ def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> li
   return found
 
 
-def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: int = 2048) -> dict:
-  """Does blockwise attention's fwd+bwd beat `baseline` at every measured T <= up_to?"""
+def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: int = 2048,
+               layer: str = "blockwise") -> dict:
+  """Does `layer`'s fwd+bwd beat `baseline` at every measured T <= up_to?"""
   rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
                        if r["layer"] == name and r["batch"] == batch}
-  blockwise, theirs = rate("blockwise"), rate(baseline)
+  blockwise, theirs = rate(layer), rate(baseline)
   lengths = sorted(t for t in set(blockwise) & set(theirs) if t <= up_to)
   losing = [t for t in lengths if blockwise[t] <= theirs[t]]
-  return {"batch": batch, "baseline": baseline, "up_to": up_to, "lengths_checked": lengths,
+  return {"layer": layer, "batch": batch, "baseline": baseline, "up_to": up_to,
+          "lengths_checked": lengths,
           "lengths_lost": losing, "speedup": {t: blockwise[t] / theirs[t] for t in lengths},
           "reaches_up_to": bool(lengths) and max(lengths) >= up_to,
           "passed": bool(lengths) and not losing}
@@ -163,7 +180,7 @@ def main(argv=None):
     for length in (*lengths, *long_lengths):
       long = length in long_lengths
       for name in (*attention_layers(), *RNN_LAYERS):
-        if long and name not in ("blockwise", "lstm"):
+        if long and name not in ("blockwise", *CAUSAL, "lstm"):
           continue
         if name == "lstm_autodiff" and length > preset["autodiff_up_to"]:
           continue
@@ -172,22 +189,24 @@ def main(argv=None):
           continue  # the [B, N, T, T] score matrix alone would not fit our memory budget
         results.append(measure(name, batch, length, args.runs, with_forward=not long))
   # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
-  block_sweep = [measure("blockwise", 1, preset["block_sweep_length"], args.runs,
-                         with_forward=False, block_size=k) for k in preset["block_sizes"]]
+  block_sweep = [measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
+                         block_size=k)
+                 for name in ("blockwise", *CAUSAL) for k in preset["block_sizes"]]
   batches = list(preset["sweeps"])
   found = [c for batch in batches for baseline in ("lstm", "lstm_autodiff")
            for layer in attention_layers() for c in crossovers(results, layer, baseline, batch)]
-  accepted = [acceptance(results, batch, baseline) for baseline in ("lstm", "lstm_autodiff")
-              for batch in batches]
+  accepted = [acceptance(results, batch, baseline, layer=layer)
+               for layer in ("blockwise", *CAUSAL) for baseline in ("lstm", "lstm_autodiff")
+               for batch in batches]
   for line in found:
     print(f"crossover: {line['layer']} {line['direction']} {line['baseline']} at "
           f"T~{line['length']} (B={line['batch']}, between {line['between']})")
   for check in accepted:
-    print(f"blockwise beats {check['baseline']} fwd+bwd at every measured T<=2048 "
+    print(f"{check['layer']} beats {check['baseline']} fwd+bwd at every measured T<=2048 "
           f"(B={check['batch']}, up to T={max(check['lengths_checked'], default=0)}): "
           f"{check['passed']}  lost at {check['lengths_lost']}")
   path = common.write_json("attention_vs_rnn", args.preset, {
-      "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "is_causal": False,
+      "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
       "dtype": "float32", "results": results, "block_size_sweep": block_sweep,
       "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
       "crossovers": found,

@@ -17,9 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 from benchmarks.common import RESULTS_DIR  # noqa: E402
 
 STYLE = {"xla": ("tab:blue", "o"), "blockwise": ("tab:green", "s"), "cudnn": ("tab:purple", "D"),
+         "blockwise_causal": ("tab:olive", "P"),
          "lstm": ("tab:red", "^"), "gru": ("tab:orange", "v"),
          "lstm_autodiff": ("tab:brown", "x")}
 LABEL = {"xla": "attention (xla)", "blockwise": "attention (blockwise)",
+         "blockwise_causal": "causal attention (blockwise)",
          "cudnn": "attention (cudnn)", "lstm": "LSTM", "gru": "GRU",
          "lstm_autodiff": "LSTM, scan autodiff"}
 

@@ -94,6 +94,31 @@ def test_blockwise_gradients_match_xla():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "rows"])
+def test_causal_tiles_match_xla_values_and_gradients(mask_kind):
+  """is_causal self-attention takes the schedule that skips the upper triangle (T = S = 11 with
+  block 4: leaves of 3 and rectangles of 3 and 6, padded to 12); a per-row mask takes the full
+  schedule. Values and all three gradients equal autodiff of the plain formula, with no mask, a
+  key-padding mask (a fully padded row included), and per-row masks with a fully masked row."""
+  assert attn.causal_leaf(11, 4) == (3, 2)
+  q, k, v, key_mask = random_case(7, t=11, s=11)
+  mask = {"none": None, "keys": key_mask,
+          "rows": np.broadcast_to(key_mask, (2, 1, 11, 11)).copy()}[mask_kind]
+  if mask_kind == "rows":
+    mask[0, :, 5] = False
+  cotangent = np.random.default_rng(8).normal(size=q.shape).astype(np.float32)
+
+  def value_and_grads(implementation):
+    f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                              implementation=implementation, block_size=4)
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out, *vjp(jnp.asarray(cotangent)))
+
+  for got, want in zip(value_and_grads("blockwise"), value_and_grads("xla")):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_worked_example_scaled_scores():
   """With d_k = 2, dot products 12 and 3 are scaled to 12/sqrt(2) = 8.49 and 3/sqrt(2) = 2.12."""
   q = jnp.array([3.0, 3.0]).reshape(1, 1, 1, 2)

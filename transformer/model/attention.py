@@ -100,6 +100,18 @@ def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cu
 # Gimelshein 2018; FlashAttention, Dao et al. 2022), so no [T, S] matrix ever exists: forward
 # and backward memory is O(T x K). The backward pass recomputes each block's probabilities from
 # the saved log-sum-exp instead of storing them.
+#
+# Two schedules share the per-block math below:
+#   full    one scan over key blocks, every query at once ([T, K] blocks): the fewest, largest
+#           products, for bidirectional attention (and causal attention when T != S);
+#   causal  self-attention with is_causal (T == S) skips the masked upper half of [T, T]. The
+#           lower triangle is cut into squares along the diagonal (causal inside, "leaves" of
+#           at most K) plus rectangles: at every level the second half of each 2L-long segment
+#           attends to its first half, for L = leaf, 2 leaf, ..., T / 2. All rectangles of one
+#           level are stacked into the batch, so each level is one full-schedule call with T / 2
+#           query rows: every product keeps the full schedule's size, and the FLOPs halve.
+#           The pieces' outputs merge through their log-sum-exps; the backward pass needs only
+#           the global log-sum-exp, so each piece's gradients simply add up.
 # --------------------------------------------------------------------------------------------
 
 def _heads_major(x_BTNH):
@@ -111,6 +123,12 @@ def _key_blocks(x_BNSH, block):
   """[B, N, S, H] -> [S/K, B, N, K, H]: the scan runs over the leading block axis."""
   b, n, s, h = x_BNSH.shape
   return jnp.moveaxis(x_BNSH.reshape(b, n, s // block, block, h), 2, 0)
+
+
+def _unblock(x_JBNKH):
+  """[S/K, B, N, K, ...] -> [B, N, S, ...]: the inverse of `_key_blocks`."""
+  x_BNJK_ = jnp.moveaxis(x_JBNKH, 0, 2)
+  return x_BNJK_.reshape(x_BNJK_.shape[:2] + (-1,) + x_BNJK_.shape[4:])
 
 
 def _mask_blocks(mask, block, num_blocks):
@@ -134,36 +152,189 @@ def _block_inputs(k_BNSH, v_BNSH, mask, block):
           None if mask is None else _mask_blocks(mask, block, num_blocks))
 
 
-def _blockwise_forward(q, k, v, mask, is_causal, block):
-  """Online softmax over key blocks; returns the output [B, T, N, H] and log-sum-exp [B, N, T]."""
-  b, t, n, h = q.shape
-  # The 1/sqrt(d_k) scale goes on q once instead of on every [T, K] block of scores.
-  q_BNTH = _heads_major(q) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+def _online_softmax(carry, s_BNTK, v_BNKH, mask_j):
+  """Folds one block of scores into the running (output, row max, row sum)."""
+  out_BNTH, max_BNT, sum_BNT = carry
+  if mask_j is not None:
+    s_BNTK = jnp.where(mask_j, s_BNTK, _MASKED)
+  new_max_BNT = jnp.maximum(max_BNT, s_BNTK.max(-1))
+  p_BNTK = jnp.exp(s_BNTK - new_max_BNT[..., None])
+  if mask_j is not None:
+    p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
+  correction_BNT = jnp.exp(max_BNT - new_max_BNT)
+  pv_BNTH = jnp.einsum("BNTK,BNKH->BNTH", p_BNTK.astype(v_BNKH.dtype), v_BNKH,
+                       preferred_element_type=jnp.float32)
+  return (out_BNTH * correction_BNT[..., None] + pv_BNTH, new_max_BNT,
+          sum_BNT * correction_BNT + p_BNTK.sum(-1))
+
+
+def _empty_softmax(q_BNTH):
+  b, n, t, h = q_BNTH.shape
+  return (jnp.zeros((b, n, t, h), jnp.float32), jnp.full((b, n, t), _MASKED, jnp.float32),
+          jnp.zeros((b, n, t), jnp.float32))
+
+
+def _finish_softmax(carry):
+  """(output / row sum, log-sum-exp); a row that saw no key gets zero output."""
+  out_BNTH, max_BNT, sum_BNT = carry
+  safe_sum_BNT = jnp.where(sum_BNT > 0, sum_BNT, 1.0)
+  return out_BNTH / safe_sum_BNT[..., None], max_BNT + jnp.log(safe_sum_BNT)
+
+
+def _scores(q_BNTH, k_BNKH):
+  return jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_BNKH, preferred_element_type=jnp.float32)
+
+
+def _tile_gradients(q_BNTH, k_BNKH, v_BNKH, d_out_BNTH, lse_BNT, delta_BNT, mask):
+  """FlashAttention-2's backward for one tile: (dQ, dK, dV) contributions, scale folded in q."""
+  p_BNTK = jnp.exp(_scores(q_BNTH, k_BNKH) - lse_BNT[..., None])
+  if mask is not None:
+    p_BNTK = jnp.where(mask, p_BNTK, 0.0)
+  d_v_BNKH = jnp.einsum("BNTK,BNTH->BNKH", p_BNTK.astype(d_out_BNTH.dtype), d_out_BNTH,
+                        preferred_element_type=jnp.float32)
+  d_p_BNTK = jnp.einsum("BNTH,BNKH->BNTK", d_out_BNTH, v_BNKH, preferred_element_type=jnp.float32)
+  d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None])).astype(q_BNTH.dtype)
+  d_q_BNTH = jnp.einsum("BNTK,BNKH->BNTH", d_s_BNTK, k_BNKH, preferred_element_type=jnp.float32)
+  # d(q.k * scale)/dk = scale * q: the pre-scaled q gives it directly.
+  d_k_BNKH = jnp.einsum("BNTK,BNTH->BNKH", d_s_BNTK, q_BNTH, preferred_element_type=jnp.float32)
+  return d_q_BNTH, d_k_BNKH, d_v_BNKH
+
+
+def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block):
+  t = q_BNTH.shape[2]
 
   def step(carry, x):
-    out_BNTH, max_BNT, sum_BNT = carry
     j, k_j, v_j, mask_j = x
-    s_BNTK = jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_j, preferred_element_type=jnp.float32)
     mask_j = _block_mask(mask_j, is_causal, j, t, block)
-    if mask_j is not None:
-      s_BNTK = jnp.where(mask_j, s_BNTK, _MASKED)
-    new_max_BNT = jnp.maximum(max_BNT, s_BNTK.max(-1))
-    p_BNTK = jnp.exp(s_BNTK - new_max_BNT[..., None])
-    if mask_j is not None:
-      p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
-    correction_BNT = jnp.exp(max_BNT - new_max_BNT)
-    sum_BNT = sum_BNT * correction_BNT + p_BNTK.sum(-1)
-    pv_BNTH = jnp.einsum("BNTK,BNKH->BNTH", p_BNTK.astype(v.dtype), v_j,
-                         preferred_element_type=jnp.float32)
-    return (out_BNTH * correction_BNT[..., None] + pv_BNTH, new_max_BNT, sum_BNT), None
+    return _online_softmax(carry, _scores(q_BNTH, k_j), v_j, mask_j), None
 
-  init = (jnp.zeros((b, n, t, h), jnp.float32), jnp.full((b, n, t), _MASKED, jnp.float32),
-          jnp.zeros((b, n, t), jnp.float32))
-  xs = _block_inputs(_heads_major(k), _heads_major(v), mask, block)
-  (out_BNTH, max_BNT, sum_BNT), _ = jax.lax.scan(step, init, xs)
-  safe_sum_BNT = jnp.where(sum_BNT > 0, sum_BNT, 1.0)
-  out_BTNH = _heads_major(out_BNTH / safe_sum_BNT[..., None])
-  return out_BTNH.astype(q.dtype), max_BNT + jnp.log(safe_sum_BNT)
+  carry, _ = jax.lax.scan(step, _empty_softmax(q_BNTH),
+                          _block_inputs(k_BNSH, v_BNSH, mask, block))
+  return _finish_softmax(carry)
+
+
+def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal,
+                   block):
+  t = q_BNTH.shape[2]
+
+  def step(d_q_BNTH, x):
+    j, k_j, v_j, mask_j = x
+    mask_j = _block_mask(mask_j, is_causal, j, t, block)
+    d_q, d_k, d_v = _tile_gradients(q_BNTH, k_j, v_j, d_out_BNTH, lse_BNT, delta_BNT, mask_j)
+    return d_q_BNTH + d_q, (d_k, d_v)
+
+  d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(
+      step, jnp.zeros(q_BNTH.shape, jnp.float32), _block_inputs(k_BNSH, v_BNSH, mask, block))
+  return d_q_BNTH, _unblock(d_k_blocks), _unblock(d_v_blocks)
+
+
+def causal_leaf(length: int, block: int) -> tuple[int, int]:
+  """(leaf, levels) of the causal schedule: leaf * 2**levels >= length, leaf <= block.
+
+  `blockwise_attention` pads T to leaf * 2**levels (fewer than 2**levels extra positions).
+  """
+  levels = max(0, math.ceil(math.log2(length / block)))
+  return -(-length // 2 ** levels), levels
+
+
+def _segments(x_BNT_, size):
+  """[B, N, T, ...] -> [B, N T / size, size, ...]: consecutive segments become extra heads of one
+  attention call (a reshape, no copy: the heads-major layout keeps each segment contiguous)."""
+  b, n, t = x_BNT_.shape[:3]
+  return x_BNT_.reshape(b, n * (t // size), size, *x_BNT_.shape[3:])
+
+
+def _pairs(x_BNT_, size):
+  """[B, N, T, ...] -> [B, N, T / 2 size, 2, size, ...]: each 2 size segment split in halves."""
+  b, n, t = x_BNT_.shape[:3]
+  return x_BNT_.reshape(b, n, t // (2 * size), 2, size, *x_BNT_.shape[3:])
+
+
+def _half(x_BNT_, size, second: bool):
+  """The first or second halves of every 2 size segment, as extra heads [B, N T / 2 size, size, ...]."""
+  half = _pairs(x_BNT_, size)[:, :, :, int(second)]
+  return half.reshape(half.shape[0], -1, *half.shape[3:])
+
+
+def _update_half(x_BNT_, piece, size, second: bool, add: bool):
+  """x with `piece` (shaped like `_half`'s output) written into, or added to, its first or
+  second halves."""
+  pairs = _pairs(x_BNT_, size)
+  piece = piece.reshape(pairs.shape[:3] + pairs.shape[4:])
+  at = pairs.at[:, :, :, int(second)]
+  return (at.add(piece) if add else at.set(piece)).reshape(x_BNT_.shape)
+
+
+def _causal_pieces(q_BNTH, mask, block):
+  """(leaf, the rectangles' segment sizes leaf, 2 leaf, ..., T / 2, the key mask [B, N, T])."""
+  b, n, t, _ = q_BNTH.shape
+  leaf, levels = causal_leaf(t, block)
+  key_mask_BNT = None if mask is None else jnp.broadcast_to(mask[:, :, 0], (b, n, t))
+  return leaf, [leaf * 2 ** level for level in range(levels)], key_mask_BNT
+
+
+def _piece_mask(key_mask_BNT, size, leaf: bool):
+  """The key mask of the leaves or of one level's rectangles, with a row axis: [B, N', 1, size]."""
+  if key_mask_BNT is None:
+    return None
+  keys = _segments(key_mask_BNT, size) if leaf else _half(key_mask_BNT, size, second=False)
+  return keys[:, :, None]
+
+
+def _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block):
+  """Leaves along the diagonal, then one rectangle call per level, merged by log-sum-exp."""
+  leaf, sizes, key_mask_BNT = _causal_pieces(q_BNTH, mask, block)
+  out, lse = _full_forward(*(_segments(x, leaf) for x in (q_BNTH, k_BNSH, v_BNSH)),
+                           _piece_mask(key_mask_BNT, leaf, True), True, leaf)
+  out_BNTH, lse_BNT = out.reshape(q_BNTH.shape), lse.reshape(q_BNTH.shape[:3])
+  for size in sizes:
+    out, lse = _full_forward(_half(q_BNTH, size, True), _half(k_BNSH, size, False),
+                             _half(v_BNSH, size, False), _piece_mask(key_mask_BNT, size, False),
+                             False, leaf)
+    # Merge with what the second halves' queries saw so far: softmax over the union of keys.
+    seen_out, seen_lse = _half(out_BNTH, size, True), _half(lse_BNT, size, True)
+    new_lse = jnp.logaddexp(seen_lse, lse)
+    merged = (seen_out * jnp.exp(seen_lse - new_lse)[..., None]
+              + out * jnp.exp(lse - new_lse)[..., None])
+    out_BNTH = _update_half(out_BNTH, merged, size, True, add=False)
+    lse_BNT = _update_half(lse_BNT, new_lse, size, True, add=False)
+  return out_BNTH, lse_BNT
+
+
+def _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, block):
+  """Each piece's FlashAttention backward with the global log-sum-exp; the gradients add."""
+  leaf, sizes, key_mask_BNT = _causal_pieces(q_BNTH, mask, block)
+  inputs = (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT)
+  grads = _full_backward(*(_segments(x, leaf) for x in inputs),
+                         _piece_mask(key_mask_BNT, leaf, True), True, leaf)
+  d_q_BNTH, d_k_BNSH, d_v_BNSH = (g.reshape(q_BNTH.shape) for g in grads)
+  for size in sizes:
+    queries = (_half(x, size, True) for x in (q_BNTH, d_out_BNTH, lse_BNT, delta_BNT))
+    q, d_out, lse, delta = queries
+    d_q, d_k, d_v = _full_backward(q, _half(k_BNSH, size, False), _half(v_BNSH, size, False),
+                                   d_out, lse, delta, _piece_mask(key_mask_BNT, size, False),
+                                   False, leaf)
+    d_q_BNTH = _update_half(d_q_BNTH, d_q, size, True, add=True)
+    d_k_BNSH = _update_half(d_k_BNSH, d_k, size, False, add=True)
+    d_v_BNSH = _update_half(d_v_BNSH, d_v, size, False, add=True)
+  return d_q_BNTH, d_k_BNSH, d_v_BNSH
+
+
+def _skips_upper_half(is_causal, q, k, mask=None):
+  """The causal schedule serves self-attention whose mask (if any) depends on keys only."""
+  return is_causal and q.shape[1] == k.shape[1] and (mask is None or mask.shape[2] == 1)
+
+
+def _blockwise_forward(q, k, v, mask, is_causal, block):
+  """Returns the output [B, T, N, H] and the log-sum-exp [B, N, T]."""
+  # The 1/sqrt(d_k) scale goes on q once instead of on every block of scores.
+  q_BNTH = _heads_major(q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  k_BNSH, v_BNSH = _heads_major(k), _heads_major(v)
+  if _skips_upper_half(is_causal, q, k, mask):
+    out_BNTH, lse_BNT = _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block)
+  else:
+    out_BNTH, lse_BNT = _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block)
+  return _heads_major(out_BNTH).astype(q.dtype), lse_BNT
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -178,59 +349,51 @@ def _blockwise_core_fwd(q, k, v, mask, is_causal, block):
 
 def _blockwise_core_bwd(is_causal, block, residuals, d_out_BTNH):
   q, k, v, mask, out, lse_BNT = residuals
-  t, h = q.shape[1], q.shape[-1]
-  scale = 1.0 / math.sqrt(h)
+  scale = 1.0 / math.sqrt(q.shape[-1])
   q_BNTH = _heads_major(q) * jnp.asarray(scale, q.dtype)
-  d_out_BNTH = _heads_major(d_out_BTNH)
+  k_BNSH, v_BNSH, d_out_BNTH = _heads_major(k), _heads_major(v), _heads_major(d_out_BTNH)
   # D_t = sum_h dO * O: the softmax Jacobian's correction term (FlashAttention-2, eq. for dS).
   delta_BNT = jnp.einsum("BTNH,BTNH->BNT", d_out_BTNH.astype(jnp.float32), out.astype(jnp.float32))
-
-  def step(d_q_BNTH, x):
-    j, k_j, v_j, mask_j = x
-    s_BNTK = jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_j, preferred_element_type=jnp.float32)
-    p_BNTK = jnp.exp(s_BNTK - lse_BNT[..., None])
-    mask_j = _block_mask(mask_j, is_causal, j, t, block)
-    if mask_j is not None:
-      p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
-    d_v_BNKH = jnp.einsum("BNTK,BNTH->BNKH", p_BNTK.astype(d_out_BNTH.dtype), d_out_BNTH,
-                          preferred_element_type=jnp.float32)
-    d_p_BNTK = jnp.einsum("BNTH,BNKH->BNTK", d_out_BNTH, v_j, preferred_element_type=jnp.float32)
-    d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None])).astype(q.dtype)
-    d_q_BNTH = d_q_BNTH + jnp.einsum("BNTK,BNKH->BNTH", d_s_BNTK, k_j,
-                                     preferred_element_type=jnp.float32)
-    # d(q.k * scale)/dk = scale * q: the pre-scaled q gives it directly.
-    d_k_BNKH = jnp.einsum("BNTK,BNTH->BNKH", d_s_BNTK, q_BNTH, preferred_element_type=jnp.float32)
-    return d_q_BNTH, (d_k_BNKH, d_v_BNKH)
-
-  xs = _block_inputs(_heads_major(k), _heads_major(v), mask, block)
-  d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(step, jnp.zeros(q_BNTH.shape, jnp.float32), xs)
-
-  def unblock(x_JBNKH):  # [S/K, B, N, K, H] -> [B, S, N, H]
-    j, b, n, kk, hh = x_JBNKH.shape
-    return jnp.transpose(x_JBNKH, (1, 0, 3, 2, 4)).reshape(b, j * kk, n, hh)
-
-  return (_heads_major(d_q_BNTH * scale).astype(q.dtype), unblock(d_k_blocks).astype(k.dtype),
-          unblock(d_v_blocks).astype(v.dtype), None)
+  if _skips_upper_half(is_causal, q, k, mask):
+    grads = _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, block)
+  else:
+    grads = _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask,
+                           is_causal, block)
+  d_q_BNTH, d_k_BNSH, d_v_BNSH = grads
+  return (_heads_major(d_q_BNTH * scale).astype(q.dtype), _heads_major(d_k_BNSH).astype(k.dtype),
+          _heads_major(d_v_BNSH).astype(v.dtype), None)
 
 
 _blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
 
 
 def blockwise_attention(q_BTNH, k_BSNH, v_BSNH, mask=None, is_causal=False, block_size=128):
-  """Memory-efficient exact attention; pads S to a multiple of the block and masks the padding."""
-  s = k_BSNH.shape[1]
-  block = min(block_size, s)
-  pad = -s % block
+  """Memory-efficient exact attention; pads S to a multiple of the block and masks the padding.
+
+  Causal self-attention (T == S, a key-only mask) pads queries and keys to leaf * 2**levels
+  (see `causal_leaf`); the padded query rows are dropped from the output.
+  """
+  t, s = q_BTNH.shape[1], k_BSNH.shape[1]
   mask = _as_4d(mask)
+  square = _skips_upper_half(is_causal, q_BTNH, k_BSNH, mask)
+  if square:
+    leaf, levels = causal_leaf(s, block_size)
+    block, padded = leaf, leaf * 2 ** levels
+  else:
+    block = min(block_size, s)
+    padded = -(-s // block) * block
+  pad = padded - s
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     k_BSNH, v_BSNH = jnp.pad(k_BSNH, widths), jnp.pad(v_BSNH, widths)
+    if square:
+      q_BTNH = jnp.pad(q_BTNH, widths)
     if mask is None:
       mask = jnp.ones((1, 1, 1, s), jnp.bool_)
     if mask.shape[-1] == 1:
       mask = jnp.broadcast_to(mask, mask.shape[:3] + (s,))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=False)
-  return _blockwise_core(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, block)
+  return _blockwise_core(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, block)[:, :t]
 
 
 def resolve_implementation(implementation: str, dtype, head_dim: int, kv_len: int,
