@@ -76,8 +76,35 @@ class Embedding(nnx.Module):
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """Pre-softmax linear layer sharing the embedding matrix; logits come back in float32."""
     table_VD = self.table[...].astype(self.config.compute_dtype)
-    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+    logits_BTV = tied_logits(x_BTD, table_VD)
     return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
+
+
+@jax.custom_vjp
+def tied_logits(x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"]) -> Float[Array, "B T V"]:
+  """x E^T in float32, with a backward pass that reads d logits [B T, V] in its own layout.
+
+  Autodiff's gradient of the table, d E = d logits^T x, makes XLA:CPU write a transposed copy of
+  the [B T, V] logit gradient (the largest array of the step) before the matmul. Computing
+  d E^T = x^T d logits instead transposes only x [B T, D] and the [D, V] result.
+  """
+  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x_BTD, table_VD):
+  return tied_logits(x_BTD, table_VD), (x_BTD, table_VD)
+
+
+def _tied_logits_bwd(residuals, d_logits_BTV):
+  x_BTD, table_VD = residuals
+  d_logits_BTV = d_logits_BTV.astype(x_BTD.dtype)
+  d_x_BTD = jnp.einsum("BTV,VD->BTD", d_logits_BTV, table_VD)
+  d_table_DV = jnp.einsum("BTD,BTV->DV", x_BTD, d_logits_BTV,
+                          preferred_element_type=jnp.float32)
+  return d_x_BTD, d_table_DV.T.astype(table_VD.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class OutputProjection(nnx.Module):
