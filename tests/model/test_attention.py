@@ -94,16 +94,18 @@ def test_blockwise_gradients_match_xla():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "keys", "rows"])
-def test_causal_tiles_match_xla_values_and_gradients(mask_kind):
-  """is_causal self-attention takes the schedule that skips the upper triangle (T = S = 11 with
-  block 4: leaves of 3 and rectangles of 3 and 6, padded to 12); a per-row mask takes the full
-  schedule. Values and all three gradients equal autodiff of the plain formula, with no mask, a
+@pytest.mark.parametrize("mask_kind,leaf_blocks", [("none", 1), ("keys", 1), ("keys", 4),
+                                                   ("rows", 1)])
+def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks, monkeypatch):
+  """is_causal self-attention takes the schedule that skips the upper triangle (T = S = 37 with
+  block 4, padded to 48: leaves of 3 and rectangles of 3, 6, 12, 24; or, with leaves of up to 4
+  blocks, leaves of 12 and rectangles of 12, 24); a per-row mask takes the full schedule. Values and all three gradients equal autodiff of the plain formula, with no mask, a
   key-padding mask (a fully padded row included), and per-row masks with a fully masked row."""
-  assert attn.causal_leaf(11, 4) == (3, 2)
-  q, k, v, key_mask = random_case(7, t=11, s=11)
+  monkeypatch.setattr(attn, "LEAF_BLOCKS", leaf_blocks)
+  assert attn.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
+  q, k, v, key_mask = random_case(7, t=37, s=37)
   mask = {"none": None, "keys": key_mask,
-          "rows": np.broadcast_to(key_mask, (2, 1, 11, 11)).copy()}[mask_kind]
+          "rows": np.broadcast_to(key_mask, (2, 1, 37, 37)).copy()}[mask_kind]
   if mask_kind == "rows":
     mask[0, :, 5] = False
   cotangent = np.random.default_rng(8).normal(size=q.shape).astype(np.float32)
