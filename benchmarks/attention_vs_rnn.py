@@ -26,6 +26,11 @@ Per token, attention costs 8 D^2 + 4 T D FLOPs and the LSTM 16 D^2: they are equ
 (1024 for D = 512; T = D against the GRU), so past that length attention can only stay ahead if
 the recurrence runs at a much lower FLOP rate than attention's large matmuls.
 
+Single measurements on a shared VM drift by 10-20% within minutes, more than the margins near a
+crossover. At the acceptance length (T = 2048, B = 1) a head-to-head therefore times the LSTM,
+bidirectional and causal layers in turns, one call each per round, and reports the per-round
+speed-up over the LSTM (median, range, rounds won).
+
 The crossover of an attention implementation with the LSTM is where, as T grows, attention's
 forward+backward tokens/s falls below the LSTM's; it is interpolated linearly in log T between
 the two measured lengths that bracket the sign change. "lstm_autodiff" is the same LSTM
@@ -39,7 +44,9 @@ comparison depends on the recurrent baseline's implementation.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +63,12 @@ PRESETS = {
     # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
     # scan-autodiff LSTM stops there.
     "quick": dict(sweeps={4: (16, 64, 256)}, long_lengths=(), autodiff_up_to=256,
-                  max_score_bytes=2 ** 28, block_sizes=(32, 128), block_sweep_length=256),
+                  max_score_bytes=2 ** 28, block_sizes=(32, 128), block_sweep_length=256,
+                  head_to_head=dict(length=256, rounds=5)),
     "full": dict(sweeps={1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
                  long_lengths=(8192,), autodiff_up_to=2048, max_score_bytes=2 ** 31,
-                 block_sizes=(64, 128, 256, 512), block_sweep_length=2048),
+                 block_sizes=(64, 128, 256, 512), block_sweep_length=2048,
+                 head_to_head=dict(length=2048, rounds=15)),
 }
 
 
@@ -139,6 +148,42 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   return record
 
 
+def head_to_head(length: int, rounds: int, layers=("lstm", "blockwise", *CAUSAL)) -> dict:
+  """Paired timing at one length, B = 1: the layers' compiled forward+backward calls take turns,
+  one call each per round, so a slow phase of a shared machine hits all of them alike. Reports
+  each attention layer's per-round speed-up over the LSTM: median, min, max, rounds won."""
+  calls = {}
+  for name in layers:
+    graphdef, params, rest = nnx.split(build_layer(name), nnx.Param, ...)
+    options = {"is_causal": True} if name in CAUSAL else {}
+
+    def forward_backward(params, x_BTD, dy_BTD, graphdef=graphdef, rest=rest, options=options):
+      _, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x, **options), params, x_BTD)
+      return vjp(dy_BTD)
+
+    args = (params, *(jax.random.normal(jax.random.key(i), (1, length, D_MODEL), jnp.float32)
+                      for i in (1, 2)))
+    compiled, _ = common.compile_jitted(forward_backward, *args)
+    jax.block_until_ready(compiled(*args))  # warm-up
+    calls[name] = lambda compiled=compiled, args=args: compiled(*args)
+  seconds = {name: [] for name in layers}
+  for _ in range(rounds):
+    for name in layers:
+      start = time.perf_counter()
+      jax.block_until_ready(calls[name]())
+      seconds[name].append(time.perf_counter() - start)
+  report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds, "speedup_over_lstm": {}}
+  for name in layers[1:]:
+    ratios = [lstm / ours for lstm, ours in zip(seconds["lstm"], seconds[name])]
+    report["speedup_over_lstm"][name] = {
+        "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+        "rounds_won": sum(r > 1 for r in ratios)}
+    print(f"head to head T={length}: {name} / lstm fwd+bwd speed-up median "
+          f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}), "
+          f"won {sum(r > 1 for r in ratios)} of {rounds} rounds", flush=True)
+  return report
+
+
 def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> list[dict]:
   """Lengths where `layer`'s fwd+bwd tokens/s crosses `baseline`'s (log-linear interpolation)."""
   rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
@@ -192,6 +237,7 @@ def main(argv=None):
   block_sweep = [measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
                          block_size=k)
                  for name in ("blockwise", *CAUSAL) for k in preset["block_sizes"]]
+  paired = head_to_head(**preset["head_to_head"])
   batches = list(preset["sweeps"])
   found = [c for batch in batches for baseline in ("lstm", "lstm_autodiff")
            for layer in attention_layers() for c in crossovers(results, layer, baseline, batch)]
@@ -209,7 +255,7 @@ def main(argv=None):
       "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
       "dtype": "float32", "results": results, "block_size_sweep": block_sweep,
       "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
-      "crossovers": found,
+      "crossovers": found, "head_to_head": paired,
       "acceptance_blockwise_beats_lstm": accepted}, args.out)
   from benchmarks import plot
   plot.plot_attention_vs_rnn(path)

@@ -142,15 +142,16 @@ def plot_quality_vs_time(path: Path) -> Path:
   """Validation BLEU (left) and NLL (right) against training seconds, one line per model."""
   record = json.loads(Path(path).read_text())
   fig, (bleu_ax, nll_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-  colours = {"transformer": "tab:green", "lstm_attention": "tab:red"}
+  lstm_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
   for run in record["results"]:
     seconds = [p["train_s"] for p in run["curve"]]
-    label = (f"{run['model']} ({run['parameters'] / 1e6:.2f}M, "
+    lstm = run["model"] != "transformer"
+    lr = f", lr {run['optimizer']['peak_learning_rate']:g}" if lstm and "optimizer" in run else ""
+    label = (f"{run['model']}{lr} ({run['parameters'] / 1e6:.2f}M, "
              f"{run['target_tokens_per_s']:,.0f} target tok/s)")
-    colour = colours.get(run["model"])
+    colour = next(lstm_colours) if lstm else "tab:green"
     bleu_ax.plot(seconds, [p["bleu"] for p in run["curve"]], "o-", color=colour, label=label)
-    nll_ax.plot(seconds, [p["validation_nll"] for p in run["curve"]], "o-", color=colour,
-                label=run["model"])
+    nll_ax.plot(seconds, [p["validation_nll"] for p in run["curve"]], "o-", color=colour)
   bleu_ax.set(xlabel="training time (s)", ylabel="validation BLEU (greedy, sacreBLEU)")
   nll_ax.set(xlabel="training time (s)", ylabel="validation NLL per token")
   for ax in (bleu_ax, nll_ax):

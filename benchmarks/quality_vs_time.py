@@ -18,13 +18,17 @@ of training the clock stops and the model is scored on the validation split: gre
 (the Transformer with its KV cache, the LSTM carrying its recurrent state), detokenised
 sacreBLEU against the reference text, and the validation NLL per token. At the end of the budget both are also scored on test_2016.
 
-Not part of `run_all` (2 x 8 minutes of training on 2 cores):
+Not part of `run_all` (2 x 8 minutes of training on 2 cores). `--lstm_lr` trains the LSTM at
+another peak learning rate; with `--models lstm_attention --append` that run joins the existing
+result file (and its plot) instead of replacing it, so a learning-rate check costs one run:
 
   python -m benchmarks.quality_vs_time [--preset quick|full] [--budget_s S]
+  python -m benchmarks.quality_vs_time --models lstm_attention --lstm_lr 3e-3 --append
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -57,6 +61,7 @@ PRESETS = {
 # Greedy decoding stops at source length + this; Multi30k German rarely runs longer.
 MAX_EXTRA_LENGTH = 10
 LSTM_PEAK_LR, LSTM_WARMUP, LSTM_CLIP = 1e-3, 200, 1.0
+MODELS = ("transformer", "lstm_attention")
 
 
 def recipe(preset: str):
@@ -66,9 +71,9 @@ def recipe(preset: str):
   return config
 
 
-def lstm_optimizer() -> optax.GradientTransformation:
-  warmup = optax.linear_schedule(0.0, LSTM_PEAK_LR, LSTM_WARMUP)
-  schedule = optax.join_schedules([warmup, optax.constant_schedule(LSTM_PEAK_LR)], [LSTM_WARMUP])
+def lstm_optimizer(peak_lr: float) -> optax.GradientTransformation:
+  warmup = optax.linear_schedule(0.0, peak_lr, LSTM_WARMUP)
+  schedule = optax.join_schedules([warmup, optax.constant_schedule(peak_lr)], [LSTM_WARMUP])
   return optax.chain(optax.clip_by_global_norm(LSTM_CLIP), optax.adam(schedule))
 
 
@@ -106,7 +111,7 @@ def validation_nll(eval_step, params, batches) -> float:
 
 
 def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformation, inputs,
-                     preset: dict) -> dict:
+                     preset: dict, optimizer: dict) -> dict:
   """Trains `model` for `preset["budget_s"]` seconds of training time, scoring it along the way."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
@@ -148,7 +153,8 @@ def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformat
     tokens += int(np.sum(batch["targets"] != 0))
     if not math.isfinite(float(metrics["loss_sum"])):
       raise FloatingPointError(f"{name}: non-finite loss at step {int(state.step)}")
-  record = {"model": name, "parameters": count_params(model), "steps": int(state.step),
+  record = {"model": name, "optimizer": optimizer, "parameters": count_params(model),
+            "steps": int(state.step),
             "train_s": train_s, "compile_s": compile_s, "compiled_shapes": len(compiled),
             "target_tokens_per_s": tokens / train_s, "curve": curve}
   if preset["test"]:
@@ -163,10 +169,22 @@ def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--budget_s", type=float, default=None,
                       help="training seconds per model (default: the preset's)")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help=f"comma-separated, from {MODELS}")
+  parser.add_argument("--lstm_lr", type=float, default=LSTM_PEAK_LR,
+                      help="the LSTM's peak learning rate (Adam, after the warm-up)")
+  parser.add_argument("--append", action="store_true",
+                      help="add these runs to the existing result file of this preset")
   parser.add_argument("--workdir", type=Path, default=None,
                       help="where the tokenizer and the tfds data are prepared (default: a "
                            "temporary folder)")
   args = common.parse_args(parser, argv)
+  models = args.models.split(",")
+  if not set(models) <= set(MODELS):
+    parser.error(f"--models takes names from {MODELS}")
+  path = common.result_path("quality_vs_time", args.preset, args.out)
+  if args.append and not path.exists():
+    parser.error(f"--append: no {path} to add to; run without --append first")
   preset = dict(PRESETS[args.preset])
   if args.budget_s is not None:
     preset["budget_s"] = args.budget_s
@@ -183,21 +201,29 @@ def main(argv=None):
     print(f"transformer {count_params(transformer) / 1e6:.2f}M parameters, LSTM "
           f"(d_model {rnn_config.d_model}) {count_params(lstm) / 1e6:.2f}M; "
           f"{preset['budget_s']:.0f} s of training each", flush=True)
+    contestants = {
+        "transformer": (transformer, make_optimizer(config),
+                        {"name": "adam", "schedule": "rsqrt", **config.optimizer.to_dict()}),
+        "lstm_attention": (lstm, lstm_optimizer(args.lstm_lr),
+                           {"name": "adam", "peak_learning_rate": args.lstm_lr,
+                            "warmup_steps": LSTM_WARMUP, "clip_global_norm": LSTM_CLIP})}
     runs, first_batch = [], inputs.train.state()
-    for name, model, tx in (("transformer", transformer, make_optimizer(config)),
-                            ("lstm_attention", lstm, lstm_optimizer())):
-      inputs.train.restore(first_batch)  # both models see the same batches in the same order
-      runs.append(train_for_budget(name, model, tx, inputs, preset))
-  common.write_json("quality_vs_time", args.preset, {
+    for name in models:
+      inputs.train.restore(first_batch)  # every model sees the same batches in the same order
+      runs.append(train_for_budget(name, *contestants[name], inputs, preset))
+  earlier = {}
+  if args.append:
+    previous = json.loads(path.read_text())
+    runs = previous["results"] + runs
+    earlier = {"earlier_runs": {k: previous[k] for k in ("environment", "contention")}}
+  common.write_json("quality_vs_time", args.preset, {**earlier,
       "recipe": "configs/default.py", "budget_s": preset["budget_s"],
       "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
       "max_extra_length": MAX_EXTRA_LENGTH,
       "transformer_config": config.model.to_dict(), "lstm_config": vars(rnn_config),
-      "lstm_optimizer": {"name": "adam", "peak_learning_rate": LSTM_PEAK_LR,
-                         "warmup_steps": LSTM_WARMUP, "clip_global_norm": LSTM_CLIP},
       "results": runs}, args.out)
   from benchmarks import plot
-  plot.plot_file(common.result_path("quality_vs_time", args.preset, args.out))
+  plot.plot_file(path)
 
 
 if __name__ == "__main__":
