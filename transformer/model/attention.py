@@ -201,7 +201,9 @@ def _tile_gradients(q_BNTH, k_BNKH, v_BNKH, d_out_BNTH, lse_BNT, delta_BNT, mask
   return d_q_BNTH, d_k_BNKH, d_v_BNKH
 
 
-def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block):
+def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block, carry=None):
+  """The running (output, row max, row sum) after folding in every key block, starting from
+  `carry` (nothing seen yet if None); `_finish_softmax` turns it into (output, log-sum-exp)."""
   t = q_BNTH.shape[2]
 
   def step(carry, x):
@@ -209,9 +211,9 @@ def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block):
     mask_j = _block_mask(mask_j, is_causal, j, t, block)
     return _online_softmax(carry, _scores(q_BNTH, k_j), v_j, mask_j), None
 
-  carry, _ = jax.lax.scan(step, _empty_softmax(q_BNTH),
-                          _block_inputs(k_BNSH, v_BNSH, mask, block))
-  return _finish_softmax(carry)
+  carry = _empty_softmax(q_BNTH) if carry is None else carry
+  carry, _ = jax.lax.scan(step, carry, _block_inputs(k_BNSH, v_BNSH, mask, block))
+  return carry
 
 
 def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal,
@@ -293,23 +295,19 @@ def _piece_mask(key_mask_BNT, size, leaf: bool):
 
 
 def _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block):
-  """Leaves along the diagonal, then one rectangle call per level, merged by log-sum-exp."""
+  """Leaves along the diagonal, then one rectangle call per level; each level continues the
+  online softmax of the queries it serves from where the smaller pieces left it."""
   leaf, sizes, key_mask_BNT = _causal_pieces(q_BNTH, mask, block)
-  out, lse = _full_forward(*(_segments(x, leaf) for x in (q_BNTH, k_BNSH, v_BNSH)),
-                           _piece_mask(key_mask_BNT, leaf, True), True, block)
-  out_BNTH, lse_BNT = out.reshape(q_BNTH.shape), lse.reshape(q_BNTH.shape[:3])
+  carry = _full_forward(*(_segments(x, leaf) for x in (q_BNTH, k_BNSH, v_BNSH)),
+                        _piece_mask(key_mask_BNT, leaf, True), True, block)
+  carry = tuple(x.reshape(q_BNTH.shape[:3] + x.shape[3:]) for x in carry)
   for size in sizes:
-    out, lse = _full_forward(_half(q_BNTH, size, True), _half(k_BNSH, size, False),
-                             _half(v_BNSH, size, False), _piece_mask(key_mask_BNT, size, False),
-                             False, block)
-    # Merge with what the second halves' queries saw so far: softmax over the union of keys.
-    seen_out, seen_lse = _half(out_BNTH, size, True), _half(lse_BNT, size, True)
-    new_lse = jnp.logaddexp(seen_lse, lse)
-    merged = (seen_out * jnp.exp(seen_lse - new_lse)[..., None]
-              + out * jnp.exp(lse - new_lse)[..., None])
-    out_BNTH = _update_half(out_BNTH, merged, size, True, add=False)
-    lse_BNT = _update_half(lse_BNT, new_lse, size, True, add=False)
-  return out_BNTH, lse_BNT
+    seen = tuple(_half(x, size, True) for x in carry)
+    seen = _full_forward(_half(q_BNTH, size, True), _half(k_BNSH, size, False),
+                         _half(v_BNSH, size, False), _piece_mask(key_mask_BNT, size, False),
+                         False, block, carry=seen)
+    carry = tuple(_update_half(x, h, size, True, add=False) for x, h in zip(carry, seen))
+  return _finish_softmax(carry)
 
 
 def _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, block):
@@ -344,7 +342,8 @@ def _blockwise_forward(q, k, v, mask, is_causal, block):
   if _skips_upper_half(is_causal, q, k, mask):
     out_BNTH, lse_BNT = _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block)
   else:
-    out_BNTH, lse_BNT = _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block)
+    out_BNTH, lse_BNT = _finish_softmax(_full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal,
+                                                      block))
   return _heads_major(out_BNTH).astype(q.dtype), lse_BNT
 
 
