@@ -210,7 +210,8 @@ def main(argv=None):
     runs, first_batch = [], inputs.train.state()
     for name in models:
       inputs.train.restore(first_batch)  # every model sees the same batches in the same order
-      runs.append(train_for_budget(name, *contestants[name], inputs, preset))
+      model, tx, optimizer = contestants[name]
+      runs.append(train_for_budget(name, model, tx, inputs, preset, optimizer))
   earlier = {}
   if args.append:
     previous = json.loads(path.read_text())
