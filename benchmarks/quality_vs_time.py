@@ -216,7 +216,8 @@ def main(argv=None):
   if args.append:
     previous = json.loads(path.read_text())
     runs = previous["results"] + runs
-    earlier = {"earlier_runs": {k: previous[k] for k in ("environment", "contention")}}
+    earlier = {"earlier_runs": previous.get("earlier_runs", []) + [
+        {k: previous[k] for k in ("environment", "contention")}]}
   common.write_json("quality_vs_time", args.preset, {**earlier,
       "recipe": "configs/default.py", "budget_s": preset["budget_s"],
       "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
