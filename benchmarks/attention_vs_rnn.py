@@ -172,7 +172,8 @@ def head_to_head(length: int, rounds: int, layers=("lstm", "blockwise", *CAUSAL)
       start = time.perf_counter()
       jax.block_until_ready(calls[name]())
       seconds[name].append(time.perf_counter() - start)
-  report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds, "speedup_over_lstm": {}}
+  report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds,
+            "speedup_over_lstm": {}}
   for name in layers[1:]:
     ratios = [lstm / ours for lstm, ours in zip(seconds["lstm"], seconds[name])]
     report["speedup_over_lstm"][name] = {

@@ -16,7 +16,8 @@ The clock counts only training: fetching batches and running synchronised train 
 batch shape is compiled before its first step, timed apart (`compile_s`). Every `eval_every_s`
 of training the clock stops and the model is scored on the validation split: greedy decoding
 (the Transformer with its KV cache, the LSTM carrying its recurrent state), detokenised
-sacreBLEU against the reference text, and the validation NLL per token. At the end of the budget both are also scored on test_2016.
+sacreBLEU against the reference text, and the validation NLL per token. At the end of the
+budget every model is also scored on test_2016.
 
 Not part of `run_all` (2 x 8 minutes of training on 2 cores). `--lstm_lr` trains the LSTM at
 another peak learning rate; with `--models lstm_attention --append` that run joins the existing

@@ -99,8 +99,9 @@ def test_blockwise_gradients_match_xla():
 def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks, monkeypatch):
   """is_causal self-attention takes the schedule that skips the upper triangle (T = S = 37 with
   block 4, padded to 48: leaves of 3 and rectangles of 3, 6, 12, 24; or, with leaves of up to 4
-  blocks, leaves of 12 and rectangles of 12, 24); a per-row mask takes the full schedule. Values and all three gradients equal autodiff of the plain formula, with no mask, a
-  key-padding mask (a fully padded row included), and per-row masks with a fully masked row."""
+  blocks, leaves of 12 and rectangles of 12, 24); a per-row mask takes the full schedule.
+  Values and all three gradients equal autodiff of the plain formula, with no mask, a key-padding
+  mask (a fully padded row included), and per-row masks with a fully masked row."""
   monkeypatch.setattr(attn, "LEAF_BLOCKS", leaf_blocks)
   assert attn.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
   q, k, v, key_mask = random_case(7, t=37, s=37)

@@ -264,7 +264,8 @@ def _pairs(x_BNT_, size):
 
 
 def _half(x_BNT_, size, second: bool):
-  """The first or second halves of every 2 size segment, as extra heads [B, N T / 2 size, size, ...]."""
+  """The first or second halves of every 2 size segment, as extra heads:
+  [B, N T / 2 size, size, ...]."""
   half = _pairs(x_BNT_, size)[:, :, :, int(second)]
   return half.reshape(half.shape[0], -1, *half.shape[3:])
 

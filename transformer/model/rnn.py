@@ -446,7 +446,8 @@ class LSTMSeq2Seq(nnx.Module):
     return self.encoder(self.embed(src_ids_BS), src_ids_BS != self.config.pad_id)
 
   def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None,
-             src_ids_BS: Int[Array, "B S"] | None, *, decode: bool = False) -> Float[Array, "B T V"]:
+             src_ids_BS: Int[Array, "B S"] | None, *,
+             decode: bool = False) -> Float[Array, "B T V"]:
     """Logits [B, T, V] of the decoder inputs (BOS, y_1, ...) given the encoder's output.
 
     With `decode=True` (after `init_cache`), `tgt_ids` is the one new position [B, 1] and
