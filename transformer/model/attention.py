@@ -111,8 +111,9 @@ def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cu
 #           first half, for L = leaf, 2 leaf, ..., T / 2. The segments of one level become extra
 #           heads of one full-schedule call with T / 2 query rows, so each level is a handful of
 #           large products. At T = 2048, K = 128 this computes 17/32 of the [T, T] scores.
-#           The pieces' outputs merge through their log-sum-exps; the backward pass needs only
-#           the global log-sum-exp, so each piece's gradients simply add up.
+#           Each level continues the online softmax of the queries it serves from where the
+#           smaller pieces left it; the backward pass needs only the global log-sum-exp, so each
+#           piece's gradients simply add up.
 # --------------------------------------------------------------------------------------------
 
 def _heads_major(x_BTNH):
@@ -319,8 +320,8 @@ def _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mas
                          _piece_mask(key_mask_BNT, leaf, True), True, block)
   d_q_BNTH, d_k_BNSH, d_v_BNSH = (g.reshape(q_BNTH.shape) for g in grads)
   for size in sizes:
-    queries = (_half(x, size, True) for x in (q_BNTH, d_out_BNTH, lse_BNT, delta_BNT))
-    q, d_out, lse, delta = queries
+    q, d_out, lse, delta = (_half(x, size, True) for x in (q_BNTH, d_out_BNTH, lse_BNT,
+                                                           delta_BNT))
     d_q, d_k, d_v = _full_backward(q, _half(k_BNSH, size, False), _half(v_BNSH, size, False),
                                    d_out, lse, delta, _piece_mask(key_mask_BNT, size, False),
                                    False, block)

@@ -81,7 +81,8 @@ class Embedding(nnx.Module):
 
 
 @jax.custom_vjp
-def tied_logits(x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"]) -> Float[Array, "B T V"]:
+def tied_logits(x_BTD: Float[Array, "B T D"],
+                table_VD: Float[Array, "V D"]) -> Float[Array, "B T V"]:
   """x E^T in float32, with a backward pass that reads d logits [B T, V] in its own layout.
 
   Autodiff's gradient of the table, d E = d logits^T x, makes XLA:CPU write a transposed copy of
