@@ -5,12 +5,19 @@ the encoder) and causal ("blockwise_causal": each position sees its past only, a
 and in a language model, and as in the LSTM, which reads left to right). The causal layer runs
 the blockwise schedule that skips the tiles above the diagonal, so it computes half the scores.
 
+On a GPU the suite adds cuDNN on both sides: "cudnn" and "cudnn_causal" (flash attention through
+`jax.nn.dot_product_attention`, bfloat16, the Transformer's GPU setting) and "lstm_cudnn" (cuDNN's
+fused LSTM through `jax.experimental.rnn`, float32 with TF32 matmuls, as PyTorch's default
+nn.LSTM on the GPU), the strongest recurrent baseline there; GPU runs use their own sizes
+(`PRESETS_GPU`: larger batches and lengths, the LSTM's own scan only up to where it takes seconds).
+
 For each layer, batch size B and sequence length T it measures forward and forward+backward
 throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, compile time, and
 the number of steps on the sequential critical path:
 
   attention "xla"        1            (one [T, T] score matrix per head)
   attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 128; the backward scans again)
+  attention "cudnn"      ceil(T / K)  (the flash kernel walks the key blocks inside one launch)
   "blockwise_causal"     ceil(T / K)  (query block i folds in key blocks 0..i; blocks are
                                        independent of each other, the chain is at most T / K long)
   LSTM, GRU              T            (h_t needs h_{t-1}; the backward runs T more steps)
@@ -54,10 +61,10 @@ from flax import nnx
 
 from benchmarks import common
 from transformer import MultiHeadAttention, TransformerConfig
-from transformer.model.rnn import GRU, LSTM
+from transformer.model.rnn import GRU, LSTM, CudnnLSTM
 
 D_MODEL, NUM_HEADS, BLOCK = 512, 8, 128
-RNN_LAYERS = ("lstm", "gru", "lstm_autodiff")
+LSTMS = ("lstm", "lstm_autodiff", "lstm_cudnn")
 PRESETS = {
     # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
     # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
@@ -70,26 +77,48 @@ PRESETS = {
                  block_sizes=(64, 128, 256, 512), block_sweep_length=2048,
                  head_to_head=dict(length=2048, rounds=15)),
 }
+# min_total_s: the timed calls of one measurement add up to at least this (calls take ms here).
+PRESETS_GPU = {
+    "quick": dict(sweeps={4: (64, 256)}, long_lengths=(), autodiff_up_to=256, scan_up_to=256,
+                  max_score_bytes=2 ** 30, block_sizes=(128,), block_sweep_length=256,
+                  head_to_head=dict(length=256, rounds=5), min_total_s=0.2),
+    "full": dict(sweeps={1: (64, 256, 1024, 4096), 16: (64, 256, 1024, 4096)},
+                 long_lengths=(16384,), autodiff_up_to=1024, scan_up_to=4096,
+                 max_score_bytes=2 ** 33, block_sizes=(64, 128, 256), block_sweep_length=4096,
+                 head_to_head=dict(length=2048, rounds=15), min_total_s=0.3),
+}
 
 
-CAUSAL = ("blockwise_causal",)
+CAUSAL = ("blockwise_causal", "cudnn_causal")
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
 
 
 def attention_layers() -> list[str]:
-  names = ["xla", "blockwise", *CAUSAL]
-  if jax.default_backend() == "gpu":
-    names.append("cudnn")
-  return names
+  return ["xla", "blockwise", "blockwise_causal"] + (["cudnn", "cudnn_causal"] if on_gpu() else [])
+
+
+def rnn_layers() -> list[str]:
+  return ["lstm", "gru", "lstm_autodiff"] + (["lstm_cudnn"] if on_gpu() else [])
+
+
+def baselines() -> list[str]:
+  """The recurrent layers every attention layer is compared with, the strongest last."""
+  return ["lstm_autodiff", "lstm"] + (["lstm_cudnn"] if on_gpu() else [])
 
 
 def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
   rngs = nnx.Rngs(0)
+  if name == "lstm_cudnn":
+    return CudnnLSTM(D_MODEL, D_MODEL, rngs=rngs)
   if name in ("lstm", "lstm_autodiff"):
     return LSTM(D_MODEL, D_MODEL, rngs=rngs, weight_grads_in_loop=name == "lstm_autodiff")
   if name == "gru":
     return GRU(D_MODEL, D_MODEL, rngs=rngs)
   # cuDNN's fused kernel needs 16-bit inputs; the other layers run in float32.
-  dtype = "bfloat16" if name == "cudnn" else "float32"
+  dtype = "bfloat16" if name.startswith("cudnn") else "float32"
   config = TransformerConfig.small(attention=name.removesuffix("_causal"),
                                    attention_block_size=block_size,
                                    dropout_rate=0.0, dtype=dtype)
@@ -98,7 +127,7 @@ def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
 
 def forward_flops(name: str, batch: int, length: int) -> float:
   d = D_MODEL
-  if name in ("lstm", "lstm_autodiff"):
+  if name in LSTMS:
     return batch * length * 16 * d * d
   if name == "gru":
     return batch * length * 12 * d * d
@@ -107,15 +136,15 @@ def forward_flops(name: str, batch: int, length: int) -> float:
 
 
 def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int:
-  if name in ("lstm", "lstm_autodiff", "gru"):
+  if name in (*LSTMS, "gru"):
     return length
-  if name.startswith("blockwise"):
+  if name.startswith(("blockwise", "cudnn")):
     return math.ceil(length / min(block_size, length))
   return 1
 
 
 def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = True,
-            block_size: int = BLOCK) -> dict:
+            block_size: int = BLOCK, min_total_s: float = 1.0) -> dict:
   """Forward and forward+backward (gradients of parameters and input) of one layer."""
   graphdef, params, rest = nnx.split(build_layer(name, block_size), nnx.Param, ...)
   options = {"is_causal": True} if name in CAUSAL else {}
@@ -136,7 +165,7 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   modes = [("forward", apply, (params, x_BTD), flops)] if with_forward else []
   modes.append(("forward_backward", forward_backward, (params, x_BTD, dy_BTD), 3 * flops))
   for mode, fn, args, mode_flops in modes:
-    timing, compiled = common.time_jitted(fn, *args, runs=runs)
+    timing, compiled = common.time_jitted(fn, *args, runs=runs, min_total_s=min_total_s)
     record[mode] = {"tokens_per_s": tokens / timing.median_s, "flops": mode_flops,
                     "flop_per_s": mode_flops / timing.median_s,
                     "memory": common.compiled_memory(compiled), "timing": timing.as_dict()}
@@ -148,10 +177,11 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   return record
 
 
-def head_to_head(length: int, rounds: int, layers=("lstm", "blockwise", *CAUSAL)) -> dict:
+def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
   """Paired timing at one length, B = 1: the layers' compiled forward+backward calls take turns,
   one call each per round, so a slow phase of a shared machine hits all of them alike. Reports
-  each attention layer's per-round speed-up over the LSTM: median, min, max, rounds won."""
+  each attention layer's per-round speed-up over the first layer, the recurrent baseline
+  (median, min, max, rounds won)."""
   calls = {}
   for name in layers:
     graphdef, params, rest = nnx.split(build_layer(name), nnx.Param, ...)
@@ -172,14 +202,15 @@ def head_to_head(length: int, rounds: int, layers=("lstm", "blockwise", *CAUSAL)
       start = time.perf_counter()
       jax.block_until_ready(calls[name]())
       seconds[name].append(time.perf_counter() - start)
+  baseline = layers[0]
   report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds,
-            "speedup_over_lstm": {}}
+            "baseline": baseline, "speedup_over_lstm": {}}
   for name in layers[1:]:
-    ratios = [lstm / ours for lstm, ours in zip(seconds["lstm"], seconds[name])]
+    ratios = [lstm / ours for lstm, ours in zip(seconds[baseline], seconds[name])]
     report["speedup_over_lstm"][name] = {
         "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
         "rounds_won": sum(r > 1 for r in ratios)}
-    print(f"head to head T={length}: {name} / lstm fwd+bwd speed-up median "
+    print(f"head to head T={length}: {name} / {baseline} fwd+bwd speed-up median "
           f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}), "
           f"won {sum(r > 1 for r in ratios)} of {rounds} rounds", flush=True)
   return report
@@ -219,32 +250,41 @@ def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: i
 
 def main(argv=None):
   args = common.parse_args(__doc__.splitlines()[0], argv)
-  preset = PRESETS[args.preset]
+  preset = {**(PRESETS_GPU if on_gpu() else PRESETS)[args.preset]}
+  min_total_s = preset.get("min_total_s", 1.0)
+  scan_up_to = preset.get("scan_up_to", math.inf)  # the scan LSTM/GRU; cuDNN's LSTM always runs
+  long_layers = ("blockwise", "blockwise_causal", "cudnn", "cudnn_causal", "lstm", "lstm_cudnn")
   results = []
   for batch, lengths in preset["sweeps"].items():
     long_lengths = preset["long_lengths"] if batch == 1 else ()
     for length in (*lengths, *long_lengths):
       long = length in long_lengths
-      for name in (*attention_layers(), *RNN_LAYERS):
-        if long and name not in ("blockwise", *CAUSAL, "lstm"):
+      for name in (*attention_layers(), *rnn_layers()):
+        if long and name not in long_layers:
           continue
         if name == "lstm_autodiff" and length > preset["autodiff_up_to"]:
           continue
+        if name in ("lstm", "gru") and length > scan_up_to and not long:
+          continue
         score_bytes = batch * NUM_HEADS * length * length * 4
-        if name in ("xla", "cudnn") and score_bytes > preset["max_score_bytes"]:
+        if name in ("xla", "cudnn", "cudnn_causal") and score_bytes > preset["max_score_bytes"]:
           continue  # the [B, N, T, T] score matrix alone would not fit our memory budget
-        results.append(measure(name, batch, length, args.runs, with_forward=not long))
+        results.append(measure(name, batch, length, args.runs, with_forward=not long,
+                               min_total_s=min_total_s))
   # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
   block_sweep = [measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
-                         block_size=k)
-                 for name in ("blockwise", *CAUSAL) for k in preset["block_sizes"]]
-  paired = head_to_head(**preset["head_to_head"])
+                         block_size=k, min_total_s=min_total_s)
+                 for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
+  # On a GPU the scan LSTM joins the round too, to show what cuDNN's LSTM gains over it.
+  paired = head_to_head(**preset["head_to_head"], layers=(
+      baselines()[-1], *(["lstm"] if on_gpu() else []),
+      *(n for n in attention_layers() if n != "xla")))
   batches = list(preset["sweeps"])
-  found = [c for batch in batches for baseline in ("lstm", "lstm_autodiff")
+  found = [c for batch in batches for baseline in baselines()
            for layer in attention_layers() for c in crossovers(results, layer, baseline, batch)]
   accepted = [acceptance(results, batch, baseline, layer=layer)
-               for layer in ("blockwise", *CAUSAL) for baseline in ("lstm", "lstm_autodiff")
-               for batch in batches]
+              for layer in attention_layers() if layer != "xla" for baseline in baselines()
+              for batch in batches]
   for line in found:
     print(f"crossover: {line['layer']} {line['direction']} {line['baseline']} at "
           f"T~{line['length']} (B={line['batch']}, between {line['between']})")
@@ -254,7 +294,8 @@ def main(argv=None):
           f"{check['passed']}  lost at {check['lengths_lost']}")
   path = common.write_json("attention_vs_rnn", args.preset, {
       "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
-      "dtype": "float32", "results": results, "block_size_sweep": block_sweep,
+      "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
+      "results": results, "block_size_sweep": block_sweep,
       "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
       "crossovers": found, "head_to_head": paired,
       "acceptance_blockwise_beats_lstm": accepted}, args.out)

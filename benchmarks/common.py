@@ -191,13 +191,15 @@ def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1
   return Timing(statistics.median(times), min(times), max(times), len(times), compile_s, times)
 
 
-def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1, **jit_kwargs):
+def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1,
+                min_total_s: float = 1.0, **jit_kwargs):
   """Compiles `fn` for `args` (timed apart), then times the compiled call on the same args.
 
   Returns (Timing, compiled). Donated arguments cannot be reused; time those with `time_calls`.
   """
   compiled, compile_s = compile_jitted(fn, *args, **jit_kwargs)
-  timing = time_calls(lambda: compiled(*args), runs=runs, warmup=warmup, compile_s=compile_s)
+  timing = time_calls(lambda: compiled(*args), runs=runs, warmup=warmup, compile_s=compile_s,
+                      min_total_s=min_total_s)
   return timing, compiled
 
 

@@ -15,15 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.common import human as common_human  # noqa: E402
 
 STYLE = {"xla": ("tab:blue", "o"), "blockwise": ("tab:green", "s"), "cudnn": ("tab:purple", "D"),
-         "blockwise_causal": ("tab:olive", "P"),
+         "blockwise_causal": ("tab:olive", "P"), "cudnn_causal": ("tab:pink", "d"),
          "lstm": ("tab:red", "^"), "gru": ("tab:orange", "v"),
-         "lstm_autodiff": ("tab:brown", "x")}
+         "lstm_autodiff": ("tab:brown", "x"), "lstm_cudnn": ("black", "*")}
 LABEL = {"xla": "attention (xla)", "blockwise": "attention (blockwise)",
          "blockwise_causal": "causal attention (blockwise)",
-         "cudnn": "attention (cudnn)", "lstm": "LSTM", "gru": "GRU",
-         "lstm_autodiff": "LSTM, scan autodiff"}
+         "cudnn": "attention (cudnn)", "cudnn_causal": "causal attention (cudnn)",
+         "lstm": "LSTM", "gru": "GRU", "lstm_autodiff": "LSTM, scan autodiff",
+         "lstm_cudnn": "LSTM (cuDNN)"}
 
 
 def _title(record: dict, what: str) -> str:
@@ -54,12 +56,15 @@ def plot_attention_vs_rnn(path: Path) -> Path:
       ax.plot([r["length"] for r in forward], [r["forward"]["tokens_per_s"] for r in forward],
               color=color, marker=marker, linestyle=":", alpha=0.45, markersize=3,
               label=f"{LABEL[layer]} fwd")
-    marks = [c for c in record["crossovers"] if c["batch"] == batch and c["baseline"] == "lstm"]
+    # Crossovers against the strongest recurrent baseline measured (cuDNN's LSTM on a GPU).
+    baseline = "lstm_cudnn" if any(r["layer"] == "lstm_cudnn" for r in results) else "lstm"
+    marks = [c for c in record["crossovers"]
+             if c["batch"] == batch and c["baseline"] == baseline]
     for index, cross in enumerate(sorted(marks, key=lambda c: c["length"])):
       color = STYLE[cross["layer"]][0]
       ax.axvline(cross["length"], color=color, linestyle="--", linewidth=1)
       # Staggered heights keep neighbouring labels apart.
-      ax.annotate(f"{cross['layer']} = LSTM\nat T~{cross['length']}",
+      ax.annotate(f"{cross['layer']} = {LABEL[baseline]}\nat T~{cross['length']}",
                   (cross["length"], 0.04 + 0.1 * index), xycoords=("data", "axes fraction"),
                   color=color, fontsize=8, xytext=(4, 0), textcoords="offset points",
                   bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
@@ -80,20 +85,25 @@ def plot_attention_vs_rnn(path: Path) -> Path:
 def plot_train_mfu(path: Path) -> Path:
   record = json.loads(Path(path).read_text())
   rows = record["results"]
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  names = [f"{r['config']}\n{r['parameters'] / 1e6:.3g}M params" for r in rows]
-  bars = ax.bar(names, [100 * r["mfu_vs_f32_matmul"] for r in rows], color="tab:blue")
+  dtype = record.get("mfu_peak_dtype", "float32")
+  mfu = lambda r: r.get("mfu", r["mfu_vs_f32_matmul"])
+  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.2))
+  names = [f"{r['config']}, B={r['batch']}\n{r['parameters'] / 1e6:.3g}M params" for r in rows]
+  bars = ax.bar(names, [100 * mfu(r) for r in rows], color="tab:blue")
   for bar, r in zip(bars, rows):
-    ax.annotate(f"{100 * r['mfu_vs_f32_matmul']:.0f}%\n{r['tokens_per_s']:.0f} tok/s",
+    ax.annotate(f"{100 * mfu(r):.0f}%\n{common_human(r['tokens_per_s'])} tok/s",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                 va="bottom", fontsize=8)
-  ax.axhline(60, color="gray", linestyle="--", linewidth=1, label="60% target")
-  peak = record["matmul_peaks"]["float32"]["flop_per_s"]
-  ax.set_ylabel(f"MFU (% of measured f32 matmul peak, {peak / 1e9:.0f} GFLOP/s)")
+  target = 60 if dtype == "float32" else 45
+  ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"{target}% target")
+  peak = record["matmul_peaks"][dtype]["flop_per_s"]
+  ax.set_ylabel(f"MFU (% of measured {dtype} matmul, {peak / 1e12:.3g} TFLOP/s)")
   ax.set_ylim(0, 105)
   ax.legend(fontsize=8)
   b, t = rows[0]["batch"], rows[0]["target_length"]
-  ax.set_title(_title(record, f"Train step MFU, B={b}, S=T={t}, Adam, dropout"), fontsize=9)
+  batches = "" if len({r["batch"] for r in rows}) > 1 else f"B={b}, "
+  ax.set_title(_title(record, f"Train step MFU, {batches}S=T={t}, Adam, dropout, {dtype}"),
+               fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 

@@ -8,7 +8,11 @@ the two worker threads: an op that XNNPACK parallelises inside appears once with
 while two independent ops running at once on the two threads both count, so the total can
 exceed the step's wall time.
 
-  python -m benchmarks.profile_train_step [--preset quick|full] [--config small]
+On a GPU the events are the kernels on the device's streams; each carries the HLO instruction it
+runs (the `hlo_op` stat), so kernels are summed per instruction as on CPU. cuBLAS matmuls and
+cuDNN attention are custom calls in the HLO and count as "matmul" and "attention (cuDNN)".
+
+  python -m benchmarks.profile_train_step [--preset quick|full] [--config small] [--batch 32]
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from flax import nnx
 from jax.profiler import ProfileData
 
 from benchmarks import common
-from benchmarks.train_mfu import CONFIGS, build_step, random_batch, train_flops
+from benchmarks.train_mfu import CONFIGS, build_step, compute_dtype, random_batch, train_flops
 from transformer import EncoderDecoder
 
 IGNORED = re.compile(r"^(ThreadpoolListener|ThunkExecutor|end: |\$|PjitFunction|Parse|Python)")
@@ -38,8 +42,13 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
                                        re.M):
     called = re.search(r"calls=%([\w.\-]+)", rest)
     body = bodies.get(called.group(1), "") if called else ""
-    if opcode in ("dot", "convolution") or " dot(" in body or name.startswith("ynn"):
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    target = target.group(1).lower() if target else ""
+    if opcode in ("dot", "convolution") or " dot(" in body or name.startswith("ynn") \
+        or "gemm" in target or "__triton_gemm" in rest:
       kinds[name] = "matmul"
+    elif "cudnn" in target and ("fmha" in target or "attention" in target):
+      kinds[name] = "attention (cuDNN)"
     elif opcode == "fusion" and (" reduce(" in body or "reduce" in name):
       kinds[name] = "reduction fusion"
     elif opcode == "fusion":
@@ -54,25 +63,39 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
   return kinds
 
 
+def _hlo_op(event) -> str:
+  """The HLO instruction a GPU kernel runs (its `hlo_op` stat), else the kernel's name."""
+  for key, value in getattr(event, "stats", ()):
+    if key == "hlo_op":
+      return str(value)
+  return event.name
+
+
 def trace_events(directory: Path) -> list[tuple[str, float]]:
-  """(op name, seconds) of every thunk event on the XLA:CPU threads."""
+  """(op name, seconds) of every thunk event on the XLA:CPU threads, or of every kernel on the
+  GPU's streams."""
   path = sorted(directory.glob("**/*.xplane.pb"))[-1]
   events = []
   for plane in ProfileData.from_file(str(path)).planes:
+    on_gpu = plane.name.startswith("/device:GPU")
     for line in plane.lines:
-      if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
-        continue
-      events += [(e.name, e.duration_ns * 1e-9) for e in line.events if not IGNORED.match(e.name)]
+      if on_gpu and "Stream" in line.name:
+        events += [(_hlo_op(e), e.duration_ns * 1e-9) for e in line.events]
+      elif "XLAEigen" in line.name or "PjRtCpuClient" in line.name:
+        events += [(e.name, e.duration_ns * 1e-9) for e in line.events
+                   if not IGNORED.match(e.name)]
   return events
 
 
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--config", choices=tuple(CONFIGS), default=None)
+  parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 32)")
   args = common.parse_args(parser, argv)
   name = args.config or ("tiny" if args.preset == "quick" else "small")
-  config = CONFIGS[name]()
+  config = CONFIGS[name](dtype=compute_dtype())
   batch_size, length = (4, 16) if args.preset == "quick" else (32, 64)
+  batch_size = args.batch or batch_size
   steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
   batch = random_batch(config.vocab_size, batch_size, length, length)
   compiled, _ = common.compile_jitted(steps.train_step, state, batch, donate_argnums=0)
@@ -88,14 +111,16 @@ def main(argv=None):
     by_op[op] += seconds
     by_kind[kinds.get(op, "other")] += seconds
   total = sum(by_kind.values())
-  print(f"{name}: {total:.2f} s of XLA op time in one step (summed over threads)")
+  print(f"{name} B={batch_size}: {total * 1e3:.1f} ms of XLA op time in one step "
+        "(summed over threads or streams)")
   for kind, seconds in by_kind.most_common():
     print(f"  {kind:20s} {seconds:7.3f} s  {seconds / total:6.1%}")
   top = [{"op": op, "kind": kinds.get(op, "other"), "seconds": s}
          for op, s in by_op.most_common(20)]
   for row in top[:10]:
     print(f"  {row['op'][:40]:40s} {row['kind']:20s} {row['seconds'] * 1e3:8.1f} ms")
-  common.write_json(f"profile_train_step_{name}", args.preset, {
+  suffix = "" if args.batch is None else f"_b{batch_size}"
+  common.write_json(f"profile_train_step_{name}{suffix}", args.preset, {
       "config": name, "batch": batch_size, "source_length": length, "target_length": length,
       "flops_per_step": train_flops(config, batch_size, length, length),
       "op_seconds_total": total, "seconds_by_kind": dict(by_kind.most_common()),

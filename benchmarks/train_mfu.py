@@ -15,8 +15,15 @@ output projection to the vocabulary (D V, tied to the embedding; it counts). Not
 embedding lookup (a gather), biases, LayerNorm, softmax, dropout, the loss and the Adam update.
 
 MFU = model FLOPs per step / step seconds / measured peak FLOP/s, where the peak is the median
-rate of a large float32 matmul (and bfloat16 on accelerators) timed by this same process, once
-before and once after the steps; the higher of the two is used.
+rate of a large matmul in the step's compute dtype (float32 on CPU, bfloat16 on GPU) timed by
+this same process, once before and once after the steps; the higher of the two is used. On GPUs
+whose datasheet rate is known the MFU against it is reported too (the convention of MaxText and
+the PaLM paper), which is lower than against the measured peak.
+
+On a GPU the steps run as the GPU recipe trains: bfloat16 compute with float32 parameters and
+Adam state, cuDNN flash attention (attention="auto"), float32 logits and loss. Besides the fixed
+"small" row (B = 32 pairs of 64 tokens, for comparison across projects) the base model runs at
+larger batches; B = 384 pairs of 64 tokens is about the paper's 25k source + 25k target tokens.
 
   python -m benchmarks.train_mfu [--preset quick|full]
 """
@@ -39,10 +46,29 @@ FLOP_FORMULA = ("6 B [S (L_enc (4 D^2 + 2 D F) + L_dec 2 D^2) + T (L_dec (6 D^2 
                 "lookup, biases, norms, softmax, dropout, loss and optimizer not counted")
 CONFIGS = {"tiny": TransformerConfig.tiny, "small": TransformerConfig.small,
            "base": TransformerConfig.base}
+# Rows of (config, batch B, length S = T); `breakdown` times the pieces of that row's step.
 PRESETS = {
-    "quick": dict(configs=("tiny", "small"), batch=4, length=16),
-    "full": dict(configs=("tiny", "small", "base"), batch=32, length=64),
+    "quick": dict(rows=(("tiny", 4, 16), ("small", 4, 16)), breakdown=("small", 4, 16)),
+    "full": dict(rows=(("tiny", 32, 64), ("small", 32, 64), ("base", 32, 64)),
+                 breakdown=("small", 32, 64)),
 }
+PRESETS_GPU = {
+    "quick": dict(rows=(("tiny", 8, 32), ("base", 32, 64)), breakdown=("base", 32, 64)),
+    "full": dict(rows=(("tiny", 32, 64), ("small", 32, 64), ("base", 32, 64), ("base", 128, 64),
+                       ("base", 384, 64)), breakdown=("base", 384, 64)),
+}
+# Dense bfloat16 tensor-core rate of the SXM parts by NVIDIA's datasheet (no sparsity).
+DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def compute_dtype() -> str:
+  """The training dtype of the backend: bfloat16 on accelerators, float32 on CPU."""
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def datasheet_peak() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((rate for name, rate in DATASHEET_BF16.items() if name in kind), None)
 
 
 def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
@@ -101,6 +127,7 @@ def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
   """Times the step's pieces, to show where the time outside the counted matmuls goes:
   the forward pass and loss alone (eval mode, no dropout), forward + backward with dropout, and
   the whole step without dropout (the step with dropout is the main measurement)."""
+  config = config.replace(dtype=compute_dtype())
   pieces = {}
   steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
   for piece, fn in (("forward_eval", steps.eval_step),
@@ -118,18 +145,18 @@ def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--breakdown", action="store_true",
-                      help="also time the small config's step in pieces (about 2 extra minutes)")
+                      help="also time the pieces of one row's step (the preset's `breakdown`)")
   args = common.parse_args(parser, argv)
-  preset = PRESETS[args.preset]
+  preset = (PRESETS if jax.default_backend() == "cpu" else PRESETS_GPU)[args.preset]
+  dtype = compute_dtype()
   # The peak is measured before and after the steps and the higher rate is the denominator: on
   # a shared VM one window can land in a slow phase, which would inflate every MFU.
   peaks_before = common.matmul_peaks(quick=args.preset == "quick")
-  print(f"matmul peak float32: {common.human(peaks_before['float32']['flop_per_s'], 'FLOP/s')}",
+  print(f"matmul peak {dtype}: {common.human(peaks_before[dtype]['flop_per_s'], 'FLOP/s')}",
         flush=True)
-  batch_size, length = preset["batch"], preset["length"]
   rows = []
-  for name in preset["configs"]:
-    config = CONFIGS[name]()
+  for name, batch_size, length in preset["rows"]:
+    config = CONFIGS[name](dtype=dtype)
     model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
     batch = random_batch(config.vocab_size, batch_size, length, length)
     steps, state = build_step(model)
@@ -137,33 +164,42 @@ def main(argv=None):
     flops = train_flops(config, batch_size, length, length)
     rows.append({"config": name, "model": {k: getattr(config, k) for k in (
                      "vocab_size", "d_model", "num_heads", "d_ff", "num_encoder_layers",
-                     "num_decoder_layers", "dropout_rate", "attention")},
+                     "num_decoder_layers", "dropout_rate", "attention", "dtype", "param_dtype")},
                  "parameters": count_params(model), "batch": batch_size, "source_length": length,
                  "target_length": length, "flops_per_step": flops,
                  "tokens_per_s": batch_size * 2 * length / timing.median_s,
                  "target_tokens_per_s": batch_size * length / timing.median_s,
                  "model_flop_per_s": flops / timing.median_s,
                  "xla_cost_analysis_flops": xla_flops, "memory": memory,
-                 "timing": timing.as_dict()})
-    print(f"  {name:5s} {rows[-1]['parameters'] / 1e6:.3g}M params  "
-          f"step {timing.median_s * 1e3:.0f} ms  {common.human(rows[-1]['tokens_per_s'])}tok/s  "
+                 "device_peak_bytes": common.device_peak_bytes(), "timing": timing.as_dict()})
+    print(f"  {name:5s} B={batch_size:<4d} {rows[-1]['parameters'] / 1e6:.3g}M params  "
+          f"step {timing.median_s * 1e3:.1f} ms  {common.human(rows[-1]['tokens_per_s'])}tok/s  "
           f"{common.human(rows[-1]['model_flop_per_s'])}FLOP/s  compile {timing.compile_s:.1f}s",
           flush=True)
+    del model, steps, state
   peaks_after = common.matmul_peaks(quick=args.preset == "quick")
-  peaks = max(peaks_before, peaks_after, key=lambda p: p["float32"]["flop_per_s"])
-  peak = peaks["float32"]["flop_per_s"]
-  print(f"matmul peak float32: {common.human(peaks_after['float32']['flop_per_s'], 'FLOP/s')} "
+  peaks = max(peaks_before, peaks_after, key=lambda p: p[dtype]["flop_per_s"])
+  peak, sheet = peaks[dtype]["flop_per_s"], datasheet_peak()
+  print(f"matmul peak {dtype}: {common.human(peaks_after[dtype]['flop_per_s'], 'FLOP/s')} "
         f"after the steps; MFU against {common.human(peak, 'FLOP/s')}", flush=True)
   for row in rows:
-    row["mfu_vs_f32_matmul"] = common.mfu(row["flops_per_step"], row["timing"]["median_s"], peak)
-    print(f"  {row['config']:5s} MFU {row['mfu_vs_f32_matmul']:.1%}", flush=True)
+    row["mfu"] = common.mfu(row["flops_per_step"], row["timing"]["median_s"], peak)
+    row["mfu_vs_f32_matmul"] = common.mfu(row["flops_per_step"], row["timing"]["median_s"],
+                                          peaks["float32"]["flop_per_s"])
+    if sheet and dtype == "bfloat16":
+      row["mfu_vs_datasheet"] = common.mfu(row["flops_per_step"], row["timing"]["median_s"], sheet)
+    print(f"  {row['config']:5s} B={row['batch']:<4d} MFU {row['mfu']:.1%} of the measured "
+          f"{dtype} matmul" + (f", {row['mfu_vs_datasheet']:.1%} of the datasheet"
+                               if "mfu_vs_datasheet" in row else ""), flush=True)
   payload = {"flop_formula": FLOP_FORMULA, "optimizer": "adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)",
-             "label_smoothing": 0.1, "matmul_peaks": peaks,
+             "label_smoothing": 0.1, "compute_dtype": dtype, "mfu_peak_dtype": dtype,
+             "datasheet_peak_flop_per_s": sheet, "matmul_peaks": peaks,
              "matmul_peaks_before_after": [peaks_before, peaks_after], "results": rows}
   if args.breakdown:
-    small = CONFIGS["small"]()
-    payload["small_breakdown"] = breakdown(
-        small, random_batch(small.vocab_size, batch_size, length, length), args.runs)
+    name, batch_size, length = preset["breakdown"]
+    config = CONFIGS[name]()
+    payload["breakdown"] = {"config": name, "batch": batch_size, "length": length, **breakdown(
+        config, random_batch(config.vocab_size, batch_size, length, length), args.runs)}
   common.write_json("train_mfu", args.preset, payload, args.out)
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from transformer.data.tokenizer import BOS_ID
 from transformer.decode.greedy import greedy_decode
-from transformer.model.rnn import GRU, LSTM, LSTMSeq2Seq, RNNConfig
+from transformer.model.rnn import GRU, LSTM, CudnnLSTM, LSTMSeq2Seq, RNNConfig
 
 
 # Two decoder layers so the stacked layer's path is covered; one encoder layer keeps it fast.
@@ -103,6 +103,32 @@ def test_cudnn_style_backward_equals_scan_autodiff(layer_class, reverse):
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.gpu
+def test_cudnn_lstm_equals_the_numpy_recurrence_and_the_scan_gradients():
+  """cuDNN's kernel with our packed weights: values against NumPy (float64), and the gradients
+  of parameters and inputs against the scan LSTM with the same parameters, padding included."""
+  layer = CudnnLSTM(24, 16, rngs=nnx.Rngs(0))
+  layer.bias[...] = jax.random.normal(jax.random.key(1), layer.bias.shape)
+  x_BTI = np.random.default_rng(2).normal(size=(3, 9, 24)).astype(np.float32)
+  expected = numpy_lstm(x_BTI.astype(np.float64), *weights(layer))
+  with jax.default_matmul_precision("highest"):  # no TF32: compare float32 with float64
+    np.testing.assert_allclose(layer(jnp.asarray(x_BTI)), expected, atol=1e-5)
+    mask_BT = jnp.arange(9)[None] < jnp.array([[9], [6], [1]])
+    dy_BTD = jax.random.normal(jax.random.key(3), (3, 9, 16)) * mask_BT[..., None]
+
+    def grads(call, params):
+      loss = lambda p, x: jnp.sum(call(p, x) * dy_BTD)
+      return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x_BTI))
+
+    graphdef, params = nnx.split(layer, nnx.Param)
+    scan = LSTM(24, 16, rngs=nnx.Rngs(0))
+    scan_graphdef, _ = nnx.split(scan, nnx.Param)
+    got = grads(lambda p, x: nnx.merge(graphdef, p)(x, mask_BT), params)
+    want = grads(lambda p, x: nnx.merge(scan_graphdef, p)(x, mask_BT), params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 def test_seq2seq_shapes_and_gradients_reach_every_parameter():
   model = LSTMSeq2Seq(SEQ2SEQ, rngs=nnx.Rngs(0))

@@ -226,6 +226,36 @@ class LSTM(_Recurrent):
     return (h_BTD, state) if return_state else h_BTD
 
 
+class CudnnLSTM(LSTM):
+  """`LSTM` run by cuDNN's fused kernel (`jax.experimental.rnn.lstm`; NVIDIA GPUs only).
+
+  The same parameters and the same function as `LSTM` (gate order i, f, g, o is PyTorch's and
+  cuDNN's), packed into cuDNN's flat weight vector on every call, so a trained `LSTM`'s state
+  loads into it unchanged. cuDNN runs the whole recurrence, forward and backward, as one kernel
+  sequence; its float32 matmuls may use TF32 unless `jax_default_matmul_precision` is "highest".
+  Padding must be on the right: a mask enters as per-row lengths.
+  """
+
+  def cudnn_weights(self) -> Float[Array, "P"]:
+    """cuDNN's layout for one unidirectional layer: W_ih [4D, I], W_hh [4D, D], b_ih, b_hh."""
+    w_ih = self.input_kernel[...].reshape(self.input_kernel.shape[0], -1).T
+    w_hh = self.recurrent_kernel[...].reshape(self.features, -1).T
+    return jnp.concatenate([w_ih.ravel(), w_hh.ravel(), self.bias[...].ravel(),
+                            jnp.zeros((4 * self.features,), jnp.float32)])
+
+  def __call__(self, x_BTI: Float[Array, "B T I"], mask_BT: Bool[Array, "B T"] | None = None):
+    from jax.experimental import rnn  # imports cuDNN bindings; only GPU programs need them
+
+    batch, length, in_features = x_BTI.shape
+    lengths_B = (jnp.full((batch,), length, jnp.int32) if mask_BT is None
+                 else jnp.sum(mask_BT, axis=1, dtype=jnp.int32))
+    zeros_1BD = jnp.zeros((1, batch, self.features), jnp.float32)
+    h_BTD, _, _ = rnn.lstm(x_BTI.astype(jnp.float32), zeros_1BD, zeros_1BD, self.cudnn_weights(),
+                           lengths_B, input_size=in_features, hidden_size=self.features,
+                           num_layers=1, dropout=0.0, bidirectional=False)
+    return h_BTD
+
+
 class GRU(_Recurrent):
   """One GRU layer: `__call__(x [B, T, I]) -> h [B, T, D]`, as `LSTM` with 3 gates and no cell."""
 
