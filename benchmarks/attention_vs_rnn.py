@@ -143,6 +143,11 @@ def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int:
   return 1
 
 
+def output_dtype(apply, params, x_BTD) -> jnp.dtype:
+  """The layer's output dtype (bfloat16 for the cuDNN attention layers): the cotangent's."""
+  return jax.eval_shape(apply, params, x_BTD).dtype
+
+
 def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = True,
             block_size: int = BLOCK, min_total_s: float = 1.0) -> dict:
   """Forward and forward+backward (gradients of parameters and input) of one layer."""
@@ -155,7 +160,8 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
     return vjp(dy_BTD)
 
   x_BTD = jax.random.normal(jax.random.key(1), (batch, length, D_MODEL), jnp.float32)
-  dy_BTD = jax.random.normal(jax.random.key(2), (batch, length, D_MODEL), jnp.float32)
+  dy_BTD = jax.random.normal(jax.random.key(2), (batch, length, D_MODEL),
+                             output_dtype(apply, params, x_BTD))
   tokens, flops = batch * length, forward_flops(name, batch, length)
   steps = sequential_steps(name, length, block_size)
   record = {"layer": name, "batch": batch, "length": length,
@@ -191,8 +197,9 @@ def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
       _, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x, **options), params, x_BTD)
       return vjp(dy_BTD)
 
-    args = (params, *(jax.random.normal(jax.random.key(i), (1, length, D_MODEL), jnp.float32)
-                      for i in (1, 2)))
+    x_BTD = jax.random.normal(jax.random.key(1), (1, length, D_MODEL), jnp.float32)
+    dtype = output_dtype(lambda p, x: nnx.merge(graphdef, p, rest)(x, **options), params, x_BTD)
+    args = (params, x_BTD, jax.random.normal(jax.random.key(2), (1, length, D_MODEL), dtype))
     compiled, _ = common.compile_jitted(forward_backward, *args)
     jax.block_until_ready(compiled(*args))  # warm-up
     calls[name] = lambda compiled=compiled, args=args: compiled(*args)

@@ -84,6 +84,10 @@ def _xla_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal):
 
 def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cudnn"):
   """jax.nn.dot_product_attention: cuDNN's fused flash attention on NVIDIA GPUs."""
+  if mask is not None and mask.shape[2] != q_BTNH.shape[1]:
+    # cuDNN takes the mask as an additive bias with full query and key lengths ([b, n, T, S];
+    # b and n may stay 1); a key-padding mask [B, 1, 1, S] is spread over the queries.
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_BTNH.shape[1], mask.shape[3]))
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
                                           implementation=implementation)
   mask = _combine(mask, is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
