@@ -82,10 +82,10 @@ PRESETS_GPU = {
     "quick": dict(sweeps={4: (64, 256)}, long_lengths=(), autodiff_up_to=256, scan_up_to=256,
                   max_score_bytes=2 ** 30, block_sizes=(128,), block_sweep_length=256,
                   head_to_head=dict(length=256, rounds=5), min_total_s=0.2),
-    "full": dict(sweeps={1: (64, 256, 1024, 4096), 16: (64, 256, 1024, 4096)},
+    "full": dict(sweeps={1: (64, 1024, 4096), 16: (1024,)},
                  long_lengths=(16384,), autodiff_up_to=1024, scan_up_to=4096,
-                 max_score_bytes=2 ** 33, block_sizes=(64, 128, 256), block_sweep_length=4096,
-                 head_to_head=dict(length=2048, rounds=15), min_total_s=0.3),
+                 max_score_bytes=2 ** 33, block_sizes=(128,), block_sweep_length=4096,
+                 head_to_head=dict(length=2048, rounds=10), min_total_s=0.2),
 }
 
 

@@ -142,12 +142,25 @@ def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
   return pieces
 
 
+def parse_row(text: str, parser) -> tuple[str, int, int]:
+  name, _, sizes = text.partition(":")
+  batch, _, length = sizes.partition(":")
+  if name not in CONFIGS or not batch.isdigit() or not length.isdigit():
+    parser.error(f"--rows {text!r}: write CONFIG:BATCH:LENGTH with CONFIG one of "
+                 f"{', '.join(CONFIGS)}, e.g. base:384:64")
+  return name, int(batch), int(length)
+
+
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the pieces of one row's step (the preset's `breakdown`)")
+  parser.add_argument("--rows", nargs="*", metavar="CONFIG:B:L",
+                      help="measure these rows instead of the preset's, e.g. base:384:64")
   args = common.parse_args(parser, argv)
-  preset = (PRESETS if jax.default_backend() == "cpu" else PRESETS_GPU)[args.preset]
+  preset = dict((PRESETS if jax.default_backend() == "cpu" else PRESETS_GPU)[args.preset])
+  if args.rows:
+    preset["rows"] = tuple(parse_row(row, parser) for row in args.rows)
   dtype = compute_dtype()
   # The peak is measured before and after the steps and the higher rate is the denominator: on
   # a shared VM one window can land in a slow phase, which would inflate every MFU.

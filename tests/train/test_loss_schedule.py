@@ -1,5 +1,6 @@
 """Label smoothing, metrics and learning-rate schedules against their formulas in NumPy."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -27,6 +28,28 @@ def test_label_smoothed_cross_entropy_matches_numpy(eps):
   targets = rng.integers(0, 11, size=(3, 5))
   got = label_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), eps)
   np.testing.assert_allclose(got, numpy_smoothed_ce(logits, targets, eps), rtol=1e-5, atol=1e-5)
+
+
+
+def test_loss_gradients_equal_autodiff_of_the_log_softmax_formula():
+  """The hand-written backward (softmax - q, weighted by the loss and NLL cotangents) against
+  JAX's autodiff of the textbook formula, for an objective that uses both sums."""
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 9)) * 2, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 9, size=(2, 3)))
+  weights = jnp.asarray(rng.uniform(size=(2, 3)), jnp.float32)
+
+  def plain(logits, eps):
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(weights * ((1 - eps) * nll - eps * jnp.mean(log_p, axis=-1)))
+
+  def ours(logits):
+    sums = token_metrics(logits, targets, weights, 0.1)
+    return sums["loss_sum"] + 0.3 * sums["nll_sum"] ** 2
+
+  want = jax.grad(lambda x: plain(x, 0.1) + 0.3 * plain(x, 0.0) ** 2)(logits)
+  np.testing.assert_allclose(jax.grad(ours)(logits), want, rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_ignore_padding_and_average_per_token():
