@@ -45,7 +45,7 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     target = target.group(1).lower() if target else ""
     if opcode in ("dot", "convolution") or " dot(" in body or name.startswith("ynn") \
-        or "gemm" in target or "__triton_gemm" in rest:
+        or "gemm" in target or "cublas" in target or "__triton_gemm" in rest:
       kinds[name] = "matmul"
     elif "cudnn" in target and ("fmha" in target or "attention" in target):
       kinds[name] = "attention (cuDNN)"
