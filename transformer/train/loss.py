@@ -39,7 +39,11 @@ def _losses(logits_BTV, targets_BT, smoothing: float):
   [B, T, V] arrays of a step are the logits and their gradient alone: on a GPU the vocabulary-wide
   passes of autodiff's version took a quarter of the base model's step.
   """
-  max_BT, lse_BT, mean_BT, target_BT = _logit_stats(logits_BTV, targets_BT)
+  return _from_stats(_logit_stats(logits_BTV, targets_BT), smoothing)
+
+
+def _from_stats(stats, smoothing: float):
+  max_BT, lse_BT, mean_BT, target_BT = stats
   nll_BT = lse_BT - target_BT
   loss_BT = (1.0 - smoothing) * nll_BT + smoothing * (lse_BT - mean_BT)
   # The target is a most likely token (a tie counts as correct, unlike argmax's first index).
@@ -48,7 +52,7 @@ def _losses(logits_BTV, targets_BT, smoothing: float):
 
 def _losses_fwd(logits_BTV, targets_BT, smoothing):
   stats = _logit_stats(logits_BTV, targets_BT)
-  return _losses(logits_BTV, targets_BT, smoothing), (logits_BTV, targets_BT, stats[1])
+  return _from_stats(stats, smoothing), (logits_BTV, targets_BT, stats[1])
 
 
 def _losses_bwd(smoothing, residuals, cotangents):
