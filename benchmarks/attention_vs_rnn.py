@@ -255,13 +255,36 @@ def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: i
           "passed": bool(lengths) and not losing}
 
 
+def summary(results: list[dict], batches: list[int]) -> dict:
+  """Crossovers with every recurrent baseline and the acceptance checks, from the sweep so far."""
+  return {
+      "crossovers": [c for batch in batches for baseline in baselines()
+                     for layer in attention_layers()
+                     for c in crossovers(results, layer, baseline, batch)],
+      "acceptance_blockwise_beats_lstm": [
+          acceptance(results, batch, baseline, layer=layer)
+          for layer in attention_layers() if layer != "xla" for baseline in baselines()
+          for batch in batches]}
+
+
 def main(argv=None):
   args = common.parse_args(__doc__.splitlines()[0], argv)
   preset = {**(PRESETS_GPU if on_gpu() else PRESETS)[args.preset]}
   min_total_s = preset.get("min_total_s", 1.0)
   scan_up_to = preset.get("scan_up_to", math.inf)  # the scan LSTM/GRU; cuDNN's LSTM always runs
   long_layers = ("blockwise", "blockwise_causal", "cudnn", "cudnn_causal", "lstm", "lstm_cudnn")
-  results = []
+  batches = list(preset["sweeps"])
+  record = {"d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK,
+            "causal_layers": CAUSAL,
+            "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
+            "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL}, "complete": False,
+            "results": []}
+
+  def save(done: str):
+    # Written after every step, so a run stopped by a time limit keeps what it measured.
+    record.update(summary(record["results"], batches), done=done)
+    return common.write_json("attention_vs_rnn", args.preset, record, args.out, quiet=True)
+
   for batch, lengths in preset["sweeps"].items():
     long_lengths = preset["long_lengths"] if batch == 1 else ()
     for length in (*lengths, *long_lengths):
@@ -276,36 +299,29 @@ def main(argv=None):
         score_bytes = batch * NUM_HEADS * length * length * 4
         if name in ("xla", "cudnn", "cudnn_causal") and score_bytes > preset["max_score_bytes"]:
           continue  # the [B, N, T, T] score matrix alone would not fit our memory budget
-        results.append(measure(name, batch, length, args.runs, with_forward=not long,
-                               min_total_s=min_total_s))
-  # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
-  block_sweep = [measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
-                         block_size=k, min_total_s=min_total_s)
-                 for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
+        record["results"].append(measure(name, batch, length, args.runs, with_forward=not long,
+                                         min_total_s=min_total_s))
+        save(f"sweep to {name}, B={batch}, T={length}")
   # On a GPU the scan LSTM joins the round too, to show what cuDNN's LSTM gains over it.
-  paired = head_to_head(**preset["head_to_head"], layers=(
+  record["head_to_head"] = head_to_head(**preset["head_to_head"], layers=(
       baselines()[-1], *(["lstm"] if on_gpu() else []),
       *(n for n in attention_layers() if n != "xla")))
-  batches = list(preset["sweeps"])
-  found = [c for batch in batches for baseline in baselines()
-           for layer in attention_layers() for c in crossovers(results, layer, baseline, batch)]
-  accepted = [acceptance(results, batch, baseline, layer=layer)
-              for layer in attention_layers() if layer != "xla" for baseline in baselines()
-              for batch in batches]
-  for line in found:
+  save("sweep and head-to-head")
+  # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
+  record["block_size_sweep"] = [
+      measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
+              block_size=k, min_total_s=min_total_s)
+      for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
+  record["complete"] = True
+  for line in record["crossovers"]:
     print(f"crossover: {line['layer']} {line['direction']} {line['baseline']} at "
           f"T~{line['length']} (B={line['batch']}, between {line['between']})")
-  for check in accepted:
+  for check in record["acceptance_blockwise_beats_lstm"]:
     print(f"{check['layer']} beats {check['baseline']} fwd+bwd at every measured T<=2048 "
           f"(B={check['batch']}, up to T={max(check['lengths_checked'], default=0)}): "
           f"{check['passed']}  lost at {check['lengths_lost']}")
-  path = common.write_json("attention_vs_rnn", args.preset, {
-      "d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
-      "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
-      "results": results, "block_size_sweep": block_sweep,
-      "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
-      "crossovers": found, "head_to_head": paired,
-      "acceptance_blockwise_beats_lstm": accepted}, args.out)
+  path = save("everything")
+  print(f"wrote {path}")
   from benchmarks import plot
   plot.plot_attention_vs_rnn(path)
 

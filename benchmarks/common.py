@@ -291,16 +291,22 @@ def result_path(name: str, preset: str, out: Path = RESULTS_DIR) -> Path:
   return Path(out) / f"{name}_{device_slug()}{suffix}.json"
 
 
-def write_json(name: str, preset: str, payload: dict[str, Any], out: Path = RESULTS_DIR) -> Path:
+def write_json(name: str, preset: str, payload: dict[str, Any], out: Path = RESULTS_DIR,
+               quiet: bool = False) -> Path:
+  """Writes the result atomically (a temporary file renamed over the old one): a run stopped
+  mid-write leaves the previous file whole. `quiet` skips the messages (for partial saves)."""
   path = result_path(name, preset, out)
   path.parent.mkdir(parents=True, exist_ok=True)
   record = {"benchmark": name, "preset": preset, "environment": environment(),
             "contention": contention(), **payload}
-  if record["contention"]["foreign_share"] > 0.05:
+  if record["contention"]["foreign_share"] > 0.05 and not quiet:
     print(f"WARNING: other processes used {record['contention']['foreign_share']:.0%} of the "
           "CPU during this run; its timings are not trustworthy")
-  path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-  print(f"wrote {path}")
+  partial = path.with_name(path.name + ".partial")
+  partial.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+  os.replace(partial, path)
+  if not quiet:
+    print(f"wrote {path}")
   return path
 
 
