@@ -94,12 +94,13 @@ def adam() -> optax.GradientTransformation:
   return optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
 
 
-def build_step(model: nnx.Module, tx=None):
-  """(steps, initial TrainState): the same pure steps as the training loop, Adam, dropout on."""
+def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None):
+  """(steps, initial TrainState): the same pure steps as the training loop, Adam, dropout on.
+  `rng_impl` picks the PRNG of the dropout masks (JAX's default threefry2x32 when None)."""
   tx = tx or adam()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(0))
+                     dropout_key=jax.random.key(0, impl=rng_impl))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return steps, state
 
@@ -157,6 +158,13 @@ def main(argv=None):
                       help="also time the pieces of one row's step (the preset's `breakdown`)")
   parser.add_argument("--rows", nargs="*", metavar="CONFIG:B:L",
                       help="measure these rows instead of the preset's, e.g. base:384:64")
+  # Variants of the step, applied to every row (each is one flag to try on a new device).
+  parser.add_argument("--attention", choices=("auto", "xla", "cudnn", "blockwise"),
+                      default="auto", help="attention implementation (default: auto)")
+  parser.add_argument("--logits_dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="dtype of the [B, T, V] logits (the loss reduces in float32 anyway)")
+  parser.add_argument("--rng_impl", choices=("threefry2x32", "rbg", "unsafe_rbg"),
+                      default=None, help="PRNG of the dropout masks (default: JAX's)")
   args = common.parse_args(parser, argv)
   preset = dict((PRESETS if jax.default_backend() == "cpu" else PRESETS_GPU)[args.preset])
   if args.rows:
@@ -169,15 +177,17 @@ def main(argv=None):
         flush=True)
   rows = []
   for name, batch_size, length in preset["rows"]:
-    config = CONFIGS[name](dtype=dtype)
+    config = CONFIGS[name](dtype=dtype, attention=args.attention,
+                           logits_dtype=args.logits_dtype)
     model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
     batch = random_batch(config.vocab_size, batch_size, length, length)
-    steps, state = build_step(model)
+    steps, state = build_step(model, rng_impl=args.rng_impl)
     timing, memory, xla_flops = time_train_step(steps, state, batch, args.runs)
     flops = train_flops(config, batch_size, length, length)
     rows.append({"config": name, "model": {k: getattr(config, k) for k in (
                      "vocab_size", "d_model", "num_heads", "d_ff", "num_encoder_layers",
-                     "num_decoder_layers", "dropout_rate", "attention", "dtype", "param_dtype")},
+                     "num_decoder_layers", "dropout_rate", "attention", "dtype", "param_dtype",
+                     "logits_dtype")}, "dropout_rng_impl": args.rng_impl or "default",
                  "parameters": count_params(model), "batch": batch_size, "source_length": length,
                  "target_length": length, "flops_per_step": flops,
                  "tokens_per_s": batch_size * 2 * length / timing.median_s,

@@ -32,7 +32,8 @@ def log_probs_without_pad(logits_XV: Float[Array, "... V"], pad_id: int) -> Floa
   and recompute mode would hide it from attention while the cache would not. Its probability
   mass stays in the normaliser, so the other entries are the model's true log-probabilities.
   """
-  return jax.nn.log_softmax(logits_XV, axis=-1).at[..., pad_id].set(NEG_INF)
+  log_probs_XV = jax.nn.log_softmax(logits_XV.astype(jnp.float32), axis=-1)
+  return log_probs_XV.at[..., pad_id].set(NEG_INF)
 
 
 def token_loop(next_token: NextToken, tokens_BT: Int[Array, "B T"], start: int, carry, *,

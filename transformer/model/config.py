@@ -35,6 +35,9 @@ class TransformerConfig:
     pad_id: token id of padding; padded keys are never attended to.
     num_classes: size of the EncoderOnly classification head.
     dtype: compute dtype; parameters stay in param_dtype (float32) and softmax/norms run in float32.
+    logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step. float32
+      by default; "bfloat16" halves their memory traffic (the loss and the decoders still reduce
+      over them in float32, element by element).
     attention: implementation of scaled dot-product attention, see `dot_product_attention`.
     attention_block_size: query/key block of the blockwise attention.
     layer_norm_epsilon: epsilon of every LayerNorm.
@@ -58,6 +61,7 @@ class TransformerConfig:
   num_classes: int = 2
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
+  logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
   attention_block_size: int = 128
   layer_norm_epsilon: float = 1e-6
@@ -77,7 +81,7 @@ class TransformerConfig:
       raise ValueError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
     for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
                           ("attention", ATTENTION_IMPLEMENTATIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES)):
+                          ("param_dtype", DTYPES), ("logits_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
     for name in ("dropout_rate", "attention_dropout_rate"):

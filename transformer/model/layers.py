@@ -74,29 +74,31 @@ class Embedding(nnx.Module):
     return constrain(x_BTD, (BATCH, LENGTH, EMBED))
 
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Pre-softmax linear layer sharing the embedding matrix; logits come back in float32."""
+    """Pre-softmax linear layer sharing the embedding matrix; logits in `config.logits_dtype`."""
     table_VD = self.table[...].astype(self.config.compute_dtype)
-    logits_BTV = tied_logits(x_BTD, table_VD)
+    logits_BTV = tied_logits(x_BTD, table_VD, self.config.logits_dtype)
     return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
 
 
-@jax.custom_vjp
-def tied_logits(x_BTD: Float[Array, "B T D"],
-                table_VD: Float[Array, "V D"]) -> Float[Array, "B T V"]:
-  """x E^T in float32, with a backward pass that reads d logits [B T, V] in its own layout.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tied_logits(x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"],
+                dtype: str = "float32") -> Float[Array, "B T V"]:
+  """x E^T (accumulated in float32, returned in `dtype`), with a backward pass that reads
+  d logits [B T, V] in its own layout.
 
   Autodiff's gradient of the table, d E = d logits^T x, makes XLA:CPU write a transposed copy of
   the [B T, V] logit gradient (the largest array of the step) before the matmul. Computing
   d E^T = x^T d logits instead transposes only x [B T, D] and the [D, V] result.
   """
-  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD,
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _tied_logits_fwd(x_BTD, table_VD):
-  return tied_logits(x_BTD, table_VD), (x_BTD, table_VD)
+def _tied_logits_fwd(x_BTD, table_VD, dtype):
+  return tied_logits(x_BTD, table_VD, dtype), (x_BTD, table_VD)
 
 
-def _tied_logits_bwd(residuals, d_logits_BTV):
+def _tied_logits_bwd(dtype, residuals, d_logits_BTV):
   x_BTD, table_VD = residuals
   d_logits_BTV = d_logits_BTV.astype(x_BTD.dtype)
   d_x_BTD = jnp.einsum("BTV,VD->BTD", d_logits_BTV, table_VD)
@@ -119,7 +121,7 @@ class OutputProjection(nnx.Module):
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     kernel_DV = self.kernel[...].astype(self.config.compute_dtype)
     logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
+    return constrain(logits_BTV.astype(self.config.logits_dtype), (BATCH, LENGTH, VOCAB))
 
 
 class PositionEncoding(nnx.Module):
