@@ -124,13 +124,13 @@ def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
+def breakdown(config: TransformerConfig, batch, runs: int, rng_impl: str | None = None) -> dict:
   """Times the step's pieces, to show where the time outside the counted matmuls goes:
   the forward pass and loss alone (eval mode, no dropout), forward + backward with dropout, and
   the whole step without dropout (the step with dropout is the main measurement)."""
-  config = config.replace(dtype=compute_dtype())
   pieces = {}
-  steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
+  steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)),
+                            rng_impl=rng_impl)
   for piece, fn in (("forward_eval", steps.eval_step),
                     ("gradients", lambda p, b: steps.gradients(p, b, state.step))):
     pieces[piece] = common.time_jitted(fn, state.params, batch, runs=runs)[0].as_dict()
@@ -220,9 +220,10 @@ def main(argv=None):
              "matmul_peaks_before_after": [peaks_before, peaks_after], "results": rows}
   if args.breakdown:
     name, batch_size, length = preset["breakdown"]
-    config = CONFIGS[name]()
+    config = CONFIGS[name](dtype=dtype, attention=args.attention, logits_dtype=args.logits_dtype)
     payload["breakdown"] = {"config": name, "batch": batch_size, "length": length, **breakdown(
-        config, random_batch(config.vocab_size, batch_size, length, length), args.runs)}
+        config, random_batch(config.vocab_size, batch_size, length, length), args.runs,
+        args.rng_impl)}
   common.write_json("train_mfu", args.preset, payload, args.out)
 
 
