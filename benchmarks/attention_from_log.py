@@ -79,12 +79,8 @@ def main(argv=None):
       "causal_layers": avr.CAUSAL,
       "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
       "results": results, "flop_parity_length": {"lstm": 2 * avr.D_MODEL, "gru": avr.D_MODEL},
-      "crossovers": [c for batch in batches for baseline in baselines for layer in attention
-                     for c in avr.crossovers(results, layer, baseline, batch)],
-      "acceptance_blockwise_beats_lstm": [
-          avr.acceptance(results, batch, baseline, layer=layer)
-          for layer in attention if layer != "xla" for baseline in baselines
-          for batch in batches]}
+      # The layers this log holds, not this machine's: a GPU log read on a CPU keeps lstm_cudnn.
+      **avr.summary(results, batches, attention, baselines)}
   out = args.out or args.environment.parent / f"attention_vs_rnn_{environment['device']}.json"
   out.write_text(json.dumps(record, indent=1) + "\n")
   print(f"wrote {out} ({len(results)} measurements)")

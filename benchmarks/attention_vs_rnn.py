@@ -255,16 +255,17 @@ def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: i
           "passed": bool(lengths) and not losing}
 
 
-def summary(results: list[dict], batches: list[int]) -> dict:
-  """Crossovers with every recurrent baseline and the acceptance checks, from the sweep so far."""
+def summary(results: list[dict], batches: list[int], layers: list[str] | None = None,
+            recurrent: list[str] | None = None) -> dict:
+  """Crossovers of each attention layer with each recurrent baseline and the acceptance checks,
+  from the measurements so far (layers and baselines: this backend's, unless given)."""
+  layers, recurrent = layers or attention_layers(), recurrent or baselines()
   return {
-      "crossovers": [c for batch in batches for baseline in baselines()
-                     for layer in attention_layers()
+      "crossovers": [c for batch in batches for baseline in recurrent for layer in layers
                      for c in crossovers(results, layer, baseline, batch)],
       "acceptance_blockwise_beats_lstm": [
           acceptance(results, batch, baseline, layer=layer)
-          for layer in attention_layers() if layer != "xla" for baseline in baselines()
-          for batch in batches]}
+          for layer in layers if layer != "xla" for baseline in recurrent for batch in batches]}
 
 
 def main(argv=None):
