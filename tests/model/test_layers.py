@@ -83,14 +83,13 @@ def test_bfloat16_logits_round_the_float32_logits_and_keep_their_gradients():
   rng = np.random.default_rng(1)
   x_BTD = jnp.asarray(rng.normal(size=(2, 3, 32)), jnp.float32)
   targets_BT = jnp.asarray(rng.integers(0, 64, size=(2, 3)))
-  grads = {}
+  loss = lambda embed: token_metrics(embed.attend(x_BTD), targets_BT, jnp.ones((2, 3)),
+                                     0.1)["loss_sum"]
+  logits, grads = {}, {}
   for dtype in ("float32", "bfloat16"):
     embed = Embedding(TransformerConfig.tiny(logits_dtype=dtype), rngs=nnx.Rngs(0))
-    logits = embed.attend(x_BTD)
-    assert logits.dtype == jnp.dtype(dtype)
-    grads[dtype] = jax.grad(lambda e: token_metrics(
-        e.attend(x_BTD), targets_BT, jnp.ones((2, 3)), 0.1)["loss_sum"])(embed).table[...]
-    if dtype == "bfloat16":
-      np.testing.assert_array_equal(logits, float32_logits.astype(jnp.bfloat16))
-    float32_logits = logits
+    logits[dtype] = embed.attend(x_BTD)
+    assert logits[dtype].dtype == jnp.dtype(dtype)
+    grads[dtype] = jax.grad(loss)(embed).table[...]
+  np.testing.assert_array_equal(logits["bfloat16"], logits["float32"].astype(jnp.bfloat16))
   np.testing.assert_allclose(grads["bfloat16"], grads["float32"], rtol=2e-2, atol=2e-3)

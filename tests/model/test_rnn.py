@@ -104,7 +104,6 @@ def test_cudnn_style_backward_equals_scan_autodiff(layer_class, reverse):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.gpu
 def test_cudnn_lstm_equals_the_numpy_recurrence_and_the_scan_gradients():
   """cuDNN's kernel with our packed weights: values against NumPy (float64), and the gradients
@@ -129,6 +128,7 @@ def test_cudnn_lstm_equals_the_numpy_recurrence_and_the_scan_gradients():
     want = grads(lambda p, x: nnx.merge(scan_graphdef, p)(x, mask_BT), params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
 
 def test_seq2seq_shapes_and_gradients_reach_every_parameter():
   model = LSTMSeq2Seq(SEQ2SEQ, rngs=nnx.Rngs(0))
