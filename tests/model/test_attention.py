@@ -77,8 +77,13 @@ def test_fully_masked_rows_are_zero_not_nan(implementation):
   np.testing.assert_allclose(out, numpy_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_blockwise_gradients_match_xla():
-  """The hand-written FlashAttention backward pass against autodiff of the plain formula."""
+@pytest.mark.parametrize("scores_bytes", [None, 1])
+def test_blockwise_gradients_match_xla(scores_bytes, monkeypatch):
+  """The hand-written FlashAttention backward pass against autodiff of the plain formula; with
+  scores_bytes=1 the scans visit one head at a time (the CPU cache schedule), the per-row mask
+  split along with them."""
+  if scores_bytes is not None:
+    monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
   q, k, v, mask = random_case(5, t=7, s=13, causal=True)
   mask = mask.copy()
   mask[1, :, 2] = False  # a fully masked row must give zero, finite gradients too
@@ -94,15 +99,21 @@ def test_blockwise_gradients_match_xla():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mask_kind,leaf_blocks", [("none", 1), ("keys", 1), ("keys", 4),
-                                                   ("rows", 1)])
-def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks, monkeypatch):
+@pytest.mark.parametrize("mask_kind,leaf_blocks,scores_bytes", [
+    ("none", 1, None), ("keys", 1, None), ("keys", 4, None), ("rows", 1, None),
+    ("keys", 1, 4 * 24 * 4)])
+def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks, scores_bytes,
+                                                          monkeypatch):
   """is_causal self-attention takes the schedule that skips the upper triangle (T = S = 37 with
   block 4, padded to 48: leaves of 3 and rectangles of 3, 6, 12, 24; or, with leaves of up to 4
   blocks, leaves of 12 and rectangles of 12, 24); a per-row mask takes the full schedule.
   Values and all three gradients equal autodiff of the plain formula, with no mask, a key-padding
-  mask (a fully padded row included), and per-row masks with a fully masked row."""
+  mask (a fully padded row included), and per-row masks with a fully masked row. With
+  scores_bytes set, each scan visits the heads in groups that fit that many bytes of scores
+  (1 to 8 of the 6 to 96 heads of the pieces), as on CPU at long lengths."""
   monkeypatch.setattr(attn, "LEAF_BLOCKS", leaf_blocks)
+  if scores_bytes is not None:
+    monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
   assert attn.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
   q, k, v, key_mask = random_case(7, t=37, s=37)
   mask = {"none": None, "keys": key_mask,

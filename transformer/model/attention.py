@@ -206,34 +206,77 @@ def _tile_gradients(q_BNTH, k_BNKH, v_BNKH, d_out_BNTH, lse_BNT, delta_BNT, mask
   return d_q_BNTH, d_k_BNKH, d_v_BNKH
 
 
+# On CPU one scan step's scores, [heads, T, K] in float32, should stay in a core's L2 cache
+# (1 MiB on the machines measured): with all 8 heads of a T = 2048 layer at once the working set
+# of a step is 8 MiB and every elementwise pass over it goes to L3 or memory. Heads are
+# independent, so the scans run over groups of heads in turn. Bidirectional forward+backward at
+# T = 2048, K = 128, B = 1: 1.4x faster with one head per step than with all eight.
+CPU_SCORES_BYTES = 1 << 20
+
+
+def head_group(heads: int, q_len: int, block: int, backend: str | None = None) -> int:
+  """How many of the `heads` (batch x heads) one scan step takes: every one off CPU; on CPU the
+  largest divisor of `heads` whose [group, q_len, block] float32 scores fit CPU_SCORES_BYTES."""
+  if (backend or jax.default_backend()) != "cpu":
+    return heads
+  fit = max(1, CPU_SCORES_BYTES // (4 * q_len * block))
+  return max(g for g in range(1, min(fit, heads) + 1) if heads % g == 0)
+
+
+def _by_head_groups(fn, arrays, mask, group):
+  """`fn(arrays, mask)` on `group` heads at a time: the [B, N, ...] arrays (and a mask that
+  varies over B or N) are cut into [1, group, ...] slices that `lax.map` visits in turn."""
+  b, n = arrays[0].shape[:2]
+  if group >= b * n:
+    return fn(arrays, mask)
+  split = lambda x: x.reshape((b * n // group, 1, group) + x.shape[2:])
+  shared = mask is None or mask.shape[:2] == (1, 1)
+  masks = None if shared else split(jnp.broadcast_to(mask, (b, n) + mask.shape[2:]))
+  out = jax.lax.map(lambda x: fn(x[0], mask if shared else x[1]),
+                    (tuple(split(x) for x in arrays), masks))
+  return jax.tree.map(lambda x: x.reshape((b, n) + x.shape[3:]), out)
+
+
 def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block, carry=None):
   """The running (output, row max, row sum) after folding in every key block, starting from
   `carry` (nothing seen yet if None); `_finish_softmax` turns it into (output, log-sum-exp)."""
-  t = q_BNTH.shape[2]
+  b, n, t, _ = q_BNTH.shape
 
-  def step(carry, x):
-    j, k_j, v_j, mask_j = x
-    mask_j = _block_mask(mask_j, is_causal, j, t, block)
-    return _online_softmax(carry, _scores(q_BNTH, k_j), v_j, mask_j), None
+  def heads_forward(arrays, mask):
+    q_BNTH, k_BNSH, v_BNSH, *carry = arrays
+
+    def step(carry, x):
+      j, k_j, v_j, mask_j = x
+      mask_j = _block_mask(mask_j, is_causal, j, t, block)
+      return _online_softmax(carry, _scores(q_BNTH, k_j), v_j, mask_j), None
+
+    carry, _ = jax.lax.scan(step, tuple(carry), _block_inputs(k_BNSH, v_BNSH, mask, block))
+    return carry
 
   carry = _empty_softmax(q_BNTH) if carry is None else carry
-  carry, _ = jax.lax.scan(step, carry, _block_inputs(k_BNSH, v_BNSH, mask, block))
-  return carry
+  return _by_head_groups(heads_forward, (q_BNTH, k_BNSH, v_BNSH, *carry), mask,
+                         head_group(b * n, t, block))
 
 
 def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal,
                    block):
-  t = q_BNTH.shape[2]
+  b, n, t, _ = q_BNTH.shape
 
-  def step(d_q_BNTH, x):
-    j, k_j, v_j, mask_j = x
-    mask_j = _block_mask(mask_j, is_causal, j, t, block)
-    d_q, d_k, d_v = _tile_gradients(q_BNTH, k_j, v_j, d_out_BNTH, lse_BNT, delta_BNT, mask_j)
-    return d_q_BNTH + d_q, (d_k, d_v)
+  def heads_backward(arrays, mask):
+    q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT = arrays
 
-  d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(
-      step, jnp.zeros(q_BNTH.shape, jnp.float32), _block_inputs(k_BNSH, v_BNSH, mask, block))
-  return d_q_BNTH, _unblock(d_k_blocks), _unblock(d_v_blocks)
+    def step(d_q_BNTH, x):
+      j, k_j, v_j, mask_j = x
+      mask_j = _block_mask(mask_j, is_causal, j, t, block)
+      d_q, d_k, d_v = _tile_gradients(q_BNTH, k_j, v_j, d_out_BNTH, lse_BNT, delta_BNT, mask_j)
+      return d_q_BNTH + d_q, (d_k, d_v)
+
+    d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(
+        step, jnp.zeros(q_BNTH.shape, jnp.float32), _block_inputs(k_BNSH, v_BNSH, mask, block))
+    return d_q_BNTH, _unblock(d_k_blocks), _unblock(d_v_blocks)
+
+  return _by_head_groups(heads_backward, (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT),
+                         mask, head_group(b * n, t, block))
 
 
 # Leaves span up to this many key blocks. Larger leaves mean fewer levels of smaller batched
