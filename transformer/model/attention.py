@@ -125,16 +125,25 @@ def _heads_major(x_BTNH):
   return jnp.transpose(x_BTNH, (0, 2, 1, 3))
 
 
-def _key_blocks(x_BNSH, block):
-  """[B, N, S, H] -> [S/K, B, N, K, H]: the scan runs over the leading block axis."""
-  b, n, s, h = x_BNSH.shape
-  return jnp.moveaxis(x_BNSH.reshape(b, n, s // block, block, h), 2, 0)
+def _key_blocks(x_BNS_, block, axis: int = 2):
+  """Splits the key axis into blocks and puts the block index first, for a scan over it:
+  [B, N, S, H] -> [S/K, B, N, K, H], or with axis=3 [B, N, H, S] -> [S/K, B, N, H, K]."""
+  shape = x_BNS_.shape
+  blocked = x_BNS_.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
+  return jnp.moveaxis(blocked, axis, 0)
 
 
 def _unblock(x_JBNKH):
   """[S/K, B, N, K, ...] -> [B, N, S, ...]: the inverse of `_key_blocks`."""
   x_BNJK_ = jnp.moveaxis(x_JBNKH, 0, 2)
   return x_BNJK_.reshape(x_BNJK_.shape[:2] + (-1,) + x_BNJK_.shape[4:])
+
+
+def _transposed(x_BNTH):
+  """[B, N, T, H] -> [B, N, H, T]: one copy outside a scan, so that every product inside it
+  multiplies row-major operands; on CPU a product that contracts its operand's leading axis
+  (the [T, K]^T x [T, H] of dK and dV) runs at about two thirds of the row-major rate."""
+  return jnp.swapaxes(x_BNTH, 2, 3)
 
 
 def _mask_blocks(mask, block, num_blocks):
@@ -152,9 +161,11 @@ def _block_mask(mask_j, is_causal, j, q_len, block):
   return causal if mask_j is None else mask_j & causal
 
 
-def _block_inputs(k_BNSH, v_BNSH, mask, block):
-  num_blocks = k_BNSH.shape[2] // block
-  return (jnp.arange(num_blocks), _key_blocks(k_BNSH, block), _key_blocks(v_BNSH, block),
+def _block_inputs(key_blocks, v_BNSH, mask, block):
+  """(block index, `key_blocks` as split by `_key_blocks`, value blocks, mask blocks): what a
+  scan over key blocks reads."""
+  num_blocks = v_BNSH.shape[2] // block
+  return (jnp.arange(num_blocks), key_blocks, _key_blocks(v_BNSH, block),
           None if mask is None else _mask_blocks(mask, block, num_blocks))
 
 
@@ -187,23 +198,22 @@ def _finish_softmax(carry):
   return out_BNTH / safe_sum_BNT[..., None], max_BNT + jnp.log(safe_sum_BNT)
 
 
-def _scores(q_BNTH, k_BNKH):
-  return jnp.einsum("BNTH,BNKH->BNTK", q_BNTH, k_BNKH, preferred_element_type=jnp.float32)
-
-
-def _tile_gradients(q_BNTH, k_BNKH, v_BNKH, d_out_BNTH, lse_BNT, delta_BNT, mask):
-  """FlashAttention-2's backward for one tile: (dQ, dK, dV) contributions, scale folded in q."""
-  p_BNTK = jnp.exp(_scores(q_BNTH, k_BNKH) - lse_BNT[..., None])
-  if mask is not None:
-    p_BNTK = jnp.where(mask, p_BNTK, 0.0)
-  d_v_BNKH = jnp.einsum("BNTK,BNTH->BNKH", p_BNTK.astype(d_out_BNTH.dtype), d_out_BNTH,
+def _tile_gradients(q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_BNKH, d_out_BNTH, d_out_BNHT, lse_BNT,
+                    delta_BNT, mask_BNKT):
+  """FlashAttention-2's backward for one tile, on the transposed tile [K, T] so that all five
+  products take row-major operands: (dQ^T, dK, dV) contributions, scale folded in q."""
+  s_BNKT = jnp.einsum("BNKH,BNHT->BNKT", k_BNKH, q_BNHT, preferred_element_type=jnp.float32)
+  p_BNKT = jnp.exp(s_BNKT - lse_BNT[:, :, None])
+  if mask_BNKT is not None:
+    p_BNKT = jnp.where(mask_BNKT, p_BNKT, 0.0)
+  d_v_BNKH = jnp.einsum("BNKT,BNTH->BNKH", p_BNKT.astype(d_out_BNTH.dtype), d_out_BNTH,
                         preferred_element_type=jnp.float32)
-  d_p_BNTK = jnp.einsum("BNTH,BNKH->BNTK", d_out_BNTH, v_BNKH, preferred_element_type=jnp.float32)
-  d_s_BNTK = (p_BNTK * (d_p_BNTK - delta_BNT[..., None])).astype(q_BNTH.dtype)
-  d_q_BNTH = jnp.einsum("BNTK,BNKH->BNTH", d_s_BNTK, k_BNKH, preferred_element_type=jnp.float32)
+  d_p_BNKT = jnp.einsum("BNKH,BNHT->BNKT", v_BNKH, d_out_BNHT, preferred_element_type=jnp.float32)
+  d_s_BNKT = (p_BNKT * (d_p_BNKT - delta_BNT[:, :, None])).astype(q_BNTH.dtype)
+  d_q_BNHT = jnp.einsum("BNHK,BNKT->BNHT", k_BNHK, d_s_BNKT, preferred_element_type=jnp.float32)
   # d(q.k * scale)/dk = scale * q: the pre-scaled q gives it directly.
-  d_k_BNKH = jnp.einsum("BNTK,BNTH->BNKH", d_s_BNTK, q_BNTH, preferred_element_type=jnp.float32)
-  return d_q_BNTH, d_k_BNKH, d_v_BNKH
+  d_k_BNKH = jnp.einsum("BNKT,BNTH->BNKH", d_s_BNKT, q_BNTH, preferred_element_type=jnp.float32)
+  return d_q_BNHT, d_k_BNKH, d_v_BNKH
 
 
 # On CPU one scan step's scores, [heads, T, K] in float32, should stay in a core's L2 cache
@@ -246,11 +256,13 @@ def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block, carry=None):
     q_BNTH, k_BNSH, v_BNSH, *carry = arrays
 
     def step(carry, x):
-      j, k_j, v_j, mask_j = x
+      j, k_BNHK, v_j, mask_j = x
       mask_j = _block_mask(mask_j, is_causal, j, t, block)
-      return _online_softmax(carry, _scores(q_BNTH, k_j), v_j, mask_j), None
+      s_BNTK = jnp.einsum("BNTH,BNHK->BNTK", q_BNTH, k_BNHK, preferred_element_type=jnp.float32)
+      return _online_softmax(carry, s_BNTK, v_j, mask_j), None
 
-    carry, _ = jax.lax.scan(step, tuple(carry), _block_inputs(k_BNSH, v_BNSH, mask, block))
+    key_blocks = _key_blocks(_transposed(k_BNSH), block, axis=3)
+    carry, _ = jax.lax.scan(step, tuple(carry), _block_inputs(key_blocks, v_BNSH, mask, block))
     return carry
 
   carry = _empty_softmax(q_BNTH) if carry is None else carry
@@ -264,16 +276,21 @@ def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask,
 
   def heads_backward(arrays, mask):
     q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT = arrays
+    q_BNHT, d_out_BNHT = _transposed(q_BNTH), _transposed(d_out_BNTH)
 
-    def step(d_q_BNTH, x):
-      j, k_j, v_j, mask_j = x
+    def step(d_q_BNHT, x):
+      j, (k_BNKH, k_BNHK), v_j, mask_j = x
       mask_j = _block_mask(mask_j, is_causal, j, t, block)
-      d_q, d_k, d_v = _tile_gradients(q_BNTH, k_j, v_j, d_out_BNTH, lse_BNT, delta_BNT, mask_j)
-      return d_q_BNTH + d_q, (d_k, d_v)
+      mask_BNKT = None if mask_j is None else jnp.swapaxes(mask_j, 2, 3)
+      d_q, d_k, d_v = _tile_gradients(q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_j, d_out_BNTH,
+                                      d_out_BNHT, lse_BNT, delta_BNT, mask_BNKT)
+      return d_q_BNHT + d_q, (d_k, d_v)
 
-    d_q_BNTH, (d_k_blocks, d_v_blocks) = jax.lax.scan(
-        step, jnp.zeros(q_BNTH.shape, jnp.float32), _block_inputs(k_BNSH, v_BNSH, mask, block))
-    return d_q_BNTH, _unblock(d_k_blocks), _unblock(d_v_blocks)
+    key_blocks = (_key_blocks(k_BNSH, block), _key_blocks(_transposed(k_BNSH), block, axis=3))
+    d_q_BNHT, (d_k_blocks, d_v_blocks) = jax.lax.scan(
+        step, jnp.zeros(q_BNHT.shape, jnp.float32),
+        _block_inputs(key_blocks, v_BNSH, mask, block))
+    return _transposed(d_q_BNHT), _unblock(d_k_blocks), _unblock(d_v_blocks)
 
   return _by_head_groups(heads_backward, (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT),
                          mask, head_group(b * n, t, block))
