@@ -16,7 +16,7 @@ throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, co
 the number of steps on the sequential critical path:
 
   attention "xla"        1            (one [T, T] score matrix per head)
-  attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 128; the backward scans again)
+  attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 256; the backward scans again)
   attention "cudnn"      ceil(T / K)  (the flash kernel walks the key blocks inside one launch)
   "blockwise_causal"     ceil(T / K)  (query block i folds in key blocks 0..i; blocks are
                                        independent of each other, the chain is at most T / K long)
@@ -63,7 +63,8 @@ from benchmarks import common
 from transformer import MultiHeadAttention, TransformerConfig
 from transformer.model.rnn import GRU, LSTM, CudnnLSTM
 
-D_MODEL, NUM_HEADS, BLOCK = 512, 8, 128
+D_MODEL, NUM_HEADS = 512, 8
+BLOCK = TransformerConfig.attention_block_size  # the library default
 LSTMS = ("lstm", "lstm_autodiff", "lstm_cudnn")
 PRESETS = {
     # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,

@@ -63,7 +63,7 @@ class TransformerConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
-  attention_block_size: int = 128
+  attention_block_size: int = 256
   layer_norm_epsilon: float = 1e-6
 
   def __post_init__(self):
