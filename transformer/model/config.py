@@ -39,7 +39,8 @@ class TransformerConfig:
       by default; "bfloat16" halves their memory traffic (the loss and the decoders still reduce
       over them in float32, element by element).
     attention: implementation of scaled dot-product attention, see `dot_product_attention`.
-    attention_block_size: query/key block of the blockwise attention.
+    attention_block_size: key block of the blockwise attention (256: on CPU at T = 2048 level
+      with 512 and ahead of 64 and 128, see benchmarks/README.md).
     layer_norm_epsilon: epsilon of every LayerNorm.
   """
 
