@@ -83,6 +83,7 @@ def test_blockwise_gradients_match_xla(scores_bytes, monkeypatch):
   scores_bytes=1 the scans visit one head at a time (the CPU cache schedule), the per-row mask
   split along with them."""
   if scores_bytes is not None:
+    monkeypatch.setattr(attn, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
     monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
   q, k, v, mask = random_case(5, t=7, s=13, causal=True)
   mask = mask.copy()
@@ -113,6 +114,7 @@ def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks
   (1 to 8 of the 6 to 96 heads of the pieces), as on CPU at long lengths."""
   monkeypatch.setattr(attn, "LEAF_BLOCKS", leaf_blocks)
   if scores_bytes is not None:
+    monkeypatch.setattr(attn, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
     monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
   assert attn.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
   q, k, v, key_mask = random_case(7, t=37, s=37)
@@ -131,6 +133,29 @@ def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks
   for got, want in zip(value_and_grads("blockwise"), value_and_grads("xla")):
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_keeps_sharded_heads_on_their_devices(monkeypatch):
+  """With batch and heads sharded over 8 devices the scans keep all heads together (no head
+  groups, whatever the cache budget): the compiled program moves no data between devices and
+  equals the single-device result."""
+  monkeypatch.setattr(attn, "CPU_SCORES_BYTES", 1)
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model"))
+  q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(8, 32, 4, 8)), jnp.float32)
+             for i in range(3))
+
+  def forward_backward(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: attn.blockwise_attention(q, k, v, block_size=8), q, k, v)
+    return out, vjp(out)
+
+  sharded = jax.jit(forward_backward).lower(*(jax.device_put(x, sharding) for x in (q, k, v)))
+  compiled = sharded.compile()
+  assert not any(op in compiled.as_text() for op in ("all-gather", "all-to-all", "all-reduce"))
+  got = compiled(*(jax.device_put(x, sharding) for x in (q, k, v)))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(forward_backward)(q, k, v))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_worked_example_scaled_scores():
