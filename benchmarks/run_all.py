@@ -1,7 +1,7 @@
 """Runs the whole benchmark suite, one script per process, then plots every result.
 
 Each script runs in a fresh process so one benchmark's buffers and compilation caches cannot
-slow the next. On a 2-core CPU the full preset takes about 13 minutes (764 s measured);
+slow the next. On a 2-core CPU the full preset takes about 13 minutes (764 and 798 s measured);
 --preset quick checks in a few minutes that everything runs (its results go to *_quick.json
 files).
 
