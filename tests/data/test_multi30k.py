@@ -2,11 +2,13 @@
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
 
+from transformer.cli import run_cli
 from transformer.data import multi30k
 from transformer.data.multi30k import (DEFAULT_SOURCE_DIR, SPLIT_FILES, SPLIT_SIZES, Multi30k,
                                        load_pairs, prepare_multi30k)
@@ -107,3 +109,80 @@ def test_mismatched_line_counts(tmp_path):
     multi30k.read_parallel(tmp_path / "src", "train")
   with pytest.raises(ValueError, match="line counts differ"):
     prepare_multi30k(tmp_path / "tfds", tmp_path / "src")
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+  path.mkdir(exist_ok=True)
+  for stem in SPLIT_FILES.values():
+    for lang in ("en", "de"):
+      with gzip.open(path / f"{stem}.{lang}.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(f"{lang}: {line}\n" for line in lines))
+
+
+def test_each_source_dir_gets_its_own_prepared_copy(tmp_path):
+  write_lines(tmp_path / "a", ["a man", "a dog"])
+  write_lines(tmp_path / "b", ["a cat", "two birds", "a fish"])
+  tfds_dir = tmp_path / "tfds"
+  for name, lines in [("a", ["a man", "a dog"]), ("b", ["a cat", "two birds", "a fish"]),
+                      ("a", ["a man", "a dog"])]:
+    pairs = load_pairs("multi30k", "train", "en", "de", tfds_dir, source_dir=tmp_path / name)
+    assert pairs == [(f"en: {line}", f"de: {line}") for line in lines]
+  # Editing a file in place is a different corpus too.
+  write_lines(tmp_path / "a", ["a horse"])
+  pairs = load_pairs("multi30k", "train", "en", "de", tfds_dir, source_dir=tmp_path / "a")
+  assert pairs == [("en: a horse", "de: a horse")]
+
+
+def test_missing_source_dir(tmp_path):
+  write_lines(tmp_path / "a", ["a man"])
+  load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds", source_dir=tmp_path / "a")
+  with pytest.raises(FileNotFoundError) as error:
+    load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds",
+               source_dir=tmp_path / "does" / "not" / "exist")
+  message = str(error.value)
+  assert message.startswith(f"data.source_dir {tmp_path / 'does' / 'not' / 'exist'} not found: ")
+  assert "train.en.gz" in message and "\n" not in message
+
+
+def gzip_bytes(text: bytes) -> bytes:
+  return gzip.compress(text, mtime=0)
+
+
+def test_truncated_file_names_path_and_line(tmp_path):
+  text = "".join(f"sentence number {i} of a long file\n" for i in range(5000)).encode()
+  whole = gzip_bytes(text)
+  cut = whole[: len(whole) // 2]
+  (tmp_path / "train.en.gz").write_bytes(cut)
+  # Reference: what zlib itself recovers from the cut stream, line by line.
+  recovered = zlib.decompressobj(wbits=31).decompress(cut)
+  expected_line = recovered.count(b"\n") + 1
+  assert 1 < expected_line < 5000
+  with pytest.raises(ValueError) as error:
+    multi30k.read_lines(tmp_path / "train.en.gz")
+  message = str(error.value)
+  assert f"{tmp_path / 'train.en.gz'} cannot be read at line {expected_line} " in message
+  assert "gzip" in message and "\n" not in message
+
+
+def test_not_gzip_names_path(tmp_path):
+  (tmp_path / "val.de.gz").write_bytes(b"plain text, never compressed\n")
+  with pytest.raises(ValueError, match=r"val\.de\.gz cannot be read at line 1 .*gzip"):
+    multi30k.read_lines(tmp_path / "val.de.gz")
+
+
+def test_invalid_utf8_names_path_and_line(tmp_path):
+  (tmp_path / "train.de.gz").write_bytes(gzip_bytes(b"ein Mann\nzwei Hunde\nein Ba\xffum\n"))
+  with pytest.raises(ValueError) as error:
+    multi30k.read_lines(tmp_path / "train.de.gz")
+  message = str(error.value)
+  assert message.startswith(f"{tmp_path / 'train.de.gz'} line 3 is not UTF-8 (byte 0xff at byte 7 ")
+  assert "convert the file to UTF-8" in message and "\n" not in message
+
+
+def test_bad_file_is_one_cli_line(tmp_path, capsys):
+  write_lines(tmp_path / "a", ["a man"])
+  (tmp_path / "a" / "train.en.gz").write_bytes(gzip_bytes(b"a m\xe4n\n"))
+  assert run_cli(lambda: load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds",
+                                    source_dir=tmp_path / "a")) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "train.en.gz line 1 is not UTF-8" in lines[0], lines

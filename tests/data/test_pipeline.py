@@ -192,3 +192,13 @@ def test_mask_tokens_statistics():
   np.testing.assert_array_equal(batch["inputs"][~selected], ids[~selected])
   again = mask_tokens(ids, np.random.default_rng(1), vocab_size=1000)
   np.testing.assert_array_equal(again["inputs"], batch["inputs"])
+
+
+def test_mask_tokens_over_processes_is_the_single_process_batch():
+  ids = np.random.default_rng(0).integers(FIRST_ID, 1000, size=(8, 32)).astype(np.int32)
+  whole = mask_tokens(ids, np.random.default_rng(3), vocab_size=1000)
+  # Each process holds its contiguous half of the rows and seeds its rng like every other.
+  halves = [mask_tokens(ids[4 * p: 4 * (p + 1)], np.random.default_rng(3), vocab_size=1000,
+                        process_index=p, process_count=2) for p in range(2)]
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])

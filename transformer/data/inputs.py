@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
 from transformer.data.pipeline import (Batch, BatchIterator, Examples, default_length_buckets,
                                        encode_pairs, eval_batches, lm_train_batches,
                                        make_examples, mask_tokens, translation_train_batches)
-from transformer.data.tokenizer import UNK_ID, Tokenizer, load_or_train_tokenizer
+from transformer.data.tokenizer import MASK_ID, UNK_ID, Tokenizer, load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,22 @@ class Inputs:
 
 
 class MaskedBatches(Iterator[Batch]):
-  """BERT corruption over an LM stream, seeded by the stream position so resuming is exact."""
+  """BERT corruption over an LM stream, seeded by the stream position so resuming is exact.
 
-  def __init__(self, stream: BatchIterator, vocab_size: int, seed: int, select_rate: float):
+  The corruption is drawn for the global batch and sliced like the stream's rows, so with
+  several processes their batches together are the single-process batch.
+  """
+
+  def __init__(self, stream: BatchIterator, vocab_size: int, seed: int, select_rate: float, *,
+               process_index: int = 0, process_count: int = 1):
     self.stream, self.vocab_size, self.seed, self.select_rate = stream, vocab_size, seed, select_rate
+    self.shard = {"process_index": process_index, "process_count": process_count}
 
   def __next__(self) -> Batch:
     position = self.stream.state()
     rng = np.random.default_rng([self.seed, position["epoch"], position["batch_index"]])
     return mask_tokens(next(self.stream)["targets"], rng, self.vocab_size,
-                       select_rate=self.select_rate)
+                       select_rate=self.select_rate, **self.shard)
 
   def state(self) -> dict:
     return self.stream.state()
@@ -100,16 +107,25 @@ def report_unknown(ids: list[list[int]], split: str) -> int:
 
 def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
   """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
+  vocab_size = config.data.vocab_size
+  if vocab_size <= MASK_ID:  # SentencePiece's own error for this names no size at all
+    raise ValueError(f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
+                     f"{MASK_ID + 1} special pieces plus one per distinct character of the "
+                     "training text: raise data.vocab_size")
   sentences = [s for pair in train_pairs[: config.data.tokenizer_sentences // 2] for s in pair]
   try:
-    return load_or_train_tokenizer(workdir, sentences, config.data.vocab_size,
+    return load_or_train_tokenizer(workdir, sentences, vocab_size,
                                    model_type=config.data.tokenizer_type)
   except RuntimeError as error:
-    if "Vocabulary size too high" not in str(error):
-      raise
-    limit = str(error).rsplit("<=", 1)[-1].strip(" .")
-    raise ValueError(f"data.vocab_size={config.data.vocab_size} is more pieces than the training "
-                     f"text supports (at most {limit}): lower data.vocab_size") from None
+    # SentencePiece states the size the text allows only inside its message.
+    if too_small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
+      raise ValueError(f"data.vocab_size={vocab_size} is fewer pieces than the training text's "
+                       f"characters and the special pieces need (at least {too_small[1]}): "
+                       "raise data.vocab_size") from None
+    if too_large := re.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
+      raise ValueError(f"data.vocab_size={vocab_size} is more pieces than the training text "
+                       f"supports (at most {too_large[1]}): lower data.vocab_size") from None
+    raise
 
 
 def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
@@ -149,7 +165,8 @@ def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
     train = lm_train_batches(side, seq_len=data.max_length, batch_size=rows, seed=config.seed,
                              **shard)
     if config.task == "mlm":
-      train = MaskedBatches(train, tokenizer.vocab_size, config.seed, data.mlm_select_rate)
+      train = MaskedBatches(train, tokenizer.vocab_size, config.seed, data.mlm_select_rate,
+                            **shard)
 
   eval_examples = examples_of(read_split(config, workdir, data.eval_split), True,
                               data.eval_split)
@@ -160,11 +177,15 @@ def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
       examples = examples_of(pairs, True, split)
       test_sets.append(TestSet(split, pairs, examples, batches_of(examples)))
   return Inputs(tokenizer, train, _eval_batches_for_task(config, batches_of(eval_examples),
-                                                          tokenizer), test_sets)
+                                                          tokenizer, **shard), test_sets)
 
 
-def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer) -> list[Batch]:
-  """Validation batches in the task's format, with per-token weights."""
+def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer, *,
+                           process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """Validation batches in the task's format, with per-token weights.
+
+  `batches` hold this process's rows; masked-LM corruption is drawn for the global batches.
+  """
   out = []
   for i, batch in enumerate(batches):
     weights_BT = (batch["targets"] != 0).astype(np.float32) * batch["weights"][:, None]
@@ -175,7 +196,8 @@ def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer) -
     else:
       # A fixed corruption per validation batch (stream 2**31, apart from training epochs).
       masked = mask_tokens(batch["targets"], np.random.default_rng([config.seed, 2**31, i]),
-                           tokenizer.vocab_size, select_rate=config.data.mlm_select_rate)
+                           tokenizer.vocab_size, select_rate=config.data.mlm_select_rate,
+                           process_index=process_index, process_count=process_count)
       masked["weights"] = masked["weights"] * batch["weights"][:, None]
       out.append(masked)
   return out

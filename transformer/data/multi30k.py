@@ -11,7 +11,9 @@ so translations of the test sets stay aligned with their references.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,36 @@ def require_file(path: Path) -> None:
 
 
 def read_lines(path: Path) -> list[str]:
-  """Lines of a gzip-compressed UTF-8 text file, without their `\\n`."""
+  """Lines of a gzip-compressed UTF-8 text file, without their `\\n`.
+
+  A damaged, cut-short or non-UTF-8 file raises a one-line ValueError naming the file and line.
+  """
   require_file(path)
-  with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
-    text = f.read()
+  data = _gunzip(path)
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    raise ValueError(f"{path} line {line} is not UTF-8 (byte {data[error.start]:#04x} at byte "
+                     f"{column} of the line): convert the file to UTF-8 and gzip it again"
+                     ) from None
   # Not splitlines(): it also splits on \x1c, \u2028 etc., which may occur inside a sentence.
   return text.removesuffix("\n").split("\n") if text else []
+
+
+def _gunzip(path: Path) -> bytes:
+  """The decompressed bytes of `path`, or a ValueError naming the first line it cannot read."""
+  lines = []
+  try:
+    with gzip.open(path, "rb") as f:
+      # Line by line: gzip yields everything before a damaged spot, so the count is exact.
+      for line in f:
+        lines.append(line)  # noqa: PERF402 (list(f) would lose the lines read before an error)
+  except (OSError, EOFError, zlib.error) as error:
+    raise ValueError(f"{path} cannot be read at line {len(lines) + 1} ({error}): the file is cut "
+                     "short or damaged; copy it again or re-create it with gzip") from None
+  return b"".join(lines)
 
 
 def read_parallel(source_dir: Path, stem: str) -> dict[str, list[str]]:
@@ -124,11 +150,39 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
       yield i, dict(zip(LANGUAGES, pair))
 
 
+def source_fingerprint(source_dir: Path) -> str:
+  """A short hash of the names and contents of the eight corpus files in `source_dir`.
+
+  Contents, not sizes or times: a copy of the same corpus elsewhere (or re-checked-out) keeps
+  its prepared examples, while an edited or different corpus never reuses them.
+  """
+  if not source_dir.is_dir():
+    raise FileNotFoundError(
+        f"data.source_dir {source_dir} not found: the directory is missing; set it to a "
+        f"directory holding the Multi30k files ({SPLIT_FILES['train']}.en.gz, "
+        f"{SPLIT_FILES['train']}.de.gz, {SPLIT_FILES['validation']}.en.gz, ...)")
+  digest = hashlib.sha256()
+  for stem in SPLIT_FILES.values():
+    for lang in LANGUAGES:
+      path = source_dir / f"{stem}.{lang}.gz"
+      require_file(path)
+      content = path.read_bytes()
+      digest.update(f"{path.name}\0{len(content)}\0".encode())
+      digest.update(content)
+  return digest.hexdigest()[:16]
+
+
 def prepare_multi30k(
     tfds_data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
 ) -> Multi30k:
-  """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`."""
-  builder = Multi30k(data_dir=os.fspath(tfds_data_dir), source_dir=source_dir,
+  """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`.
+
+  Each corpus gets its own copy, in `tfds_data_dir/multi30k_sources/<source_fingerprint>`, so
+  changing `source_dir` (or a file in it) never trains on examples prepared from other text.
+  """
+  source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
+  data_dir = Path(tfds_data_dir) / "multi30k_sources" / source_fingerprint(source_dir)
+  builder = Multi30k(data_dir=os.fspath(data_dir), source_dir=source_dir,
                      file_format="array_record")
   if not builder.is_prepared():
     tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's own log

@@ -345,6 +345,8 @@ def mask_tokens(
     select_rate: float = 0.15,
     mask_rate: float = 0.8,
     random_rate: float = 0.1,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> dict[str, np.ndarray]:
   """BERT's masked-LM corruption of a batch.
 
@@ -352,16 +354,24 @@ def mask_tokens(
   MASK_ID with probability `mask_rate`, a random ordinary token with `random_rate`, and stays
   itself otherwise (BERT's 80/10/10). For a resumable run seed `rng` with (seed, step).
 
+  With `process_count` > 1, `ids_BT` is this process's slice of a global batch of
+  B * process_count rows (as `process_rows` cuts it): the random draws are made for the whole
+  global batch and sliced the same way, so the processes' batches together are the batch one
+  process would corrupt. Every process must seed `rng` alike.
+
   Returns:
     {"inputs": [B, T] corrupted ids, "targets": [B, T] original ids,
      "weights": [B, T] float32, 1 at selected positions (the only ones the loss counts)}.
   """
   ids_BT = np.asarray(ids_BT, dtype=np.int32)
+  rows, length = ids_BT.shape
+  global_shape = (rows * process_count, length)
+  local = slice(process_index * rows, (process_index + 1) * rows)
   special = np.isin(ids_BT, [PAD_ID, BOS_ID, EOS_ID, MASK_ID])
-  selected = (rng.random(ids_BT.shape) < select_rate) & ~special
-  action = rng.random(ids_BT.shape)
+  selected = (rng.random(global_shape)[local] < select_rate) & ~special
+  action = rng.random(global_shape)[local]
   # Ordinary pieces start after the reserved ids; replacing with a special id would leak them.
-  random_ids = rng.integers(MASK_ID + 1, vocab_size, size=ids_BT.shape, dtype=np.int32)
+  random_ids = rng.integers(MASK_ID + 1, vocab_size, size=global_shape, dtype=np.int32)[local]
   inputs = np.where(selected & (action < mask_rate), MASK_ID, ids_BT)
   inputs = np.where(selected & (action >= mask_rate) & (action < mask_rate + random_rate),
                     random_ids, inputs)

@@ -1,0 +1,88 @@
+"""What a run reads, built from the config: multi-process batches and vocabulary-size errors."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transformer.cli import run_cli
+from transformer.data.inputs import build_inputs, tokenizer_for
+from transformer.data.tokenizer import MASK_ID
+from transformer.train.config import get_config
+
+ENGLISH = ["a man rides a bike", "two dogs play in the snow", "a cat sleeps on a red sofa",
+           "children run across the green field", "an old woman reads a book"]
+GERMAN = ["ein Mann fährt Rad", "zwei Hunde spielen im Schnee", "eine Katze schläft auf einem Sofa",
+          "Kinder laufen über die grüne Wiese", "eine alte Frau liest ein Buch"]
+
+
+def write_corpus(directory: Path, repeat: int) -> None:
+  directory.mkdir()
+  for stem in ("train", "val", "test_2016_flickr", "test_2017_flickr"):
+    for lang, lines in (("en", ENGLISH), ("de", GERMAN)):
+      with gzip.open(directory / f"{stem}.{lang}.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines * repeat) + "\n")
+
+
+def mlm_config(corpus: Path):
+  config = get_config()
+  config.task = "mlm"
+  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
+                     test_splits=(), vocab_size=60, max_length=16, length_buckets=(16,),
+                     tokens_per_batch=16 * 8, eval_batch_size=8)
+  return config
+
+
+def test_mlm_batches_over_two_processes_are_the_single_process_batches(tmp_path):
+  write_corpus(tmp_path / "corpus", repeat=8)
+  config = mlm_config(tmp_path / "corpus")
+  workdir = tmp_path / "run"  # One workdir: the tokenizer trained once is shared by all three.
+  single = build_inputs(config, workdir, batch_multiple=2)
+  shards = [build_inputs(config, workdir, batch_multiple=2, process_index=p, process_count=2)
+            for p in range(2)]
+  for _ in range(3):
+    whole = next(single.train)
+    halves = [next(shard.train) for shard in shards]
+    assert whole["weights"].sum() > 0 and halves[0]["inputs"].shape[0] == 4
+    for key in ("inputs", "targets", "weights"):
+      np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+  assert len(single.eval_batches) > 1
+  for i, whole in enumerate(single.eval_batches):
+    for key in ("inputs", "targets", "weights"):
+      np.testing.assert_array_equal(
+          np.concatenate([shard.eval_batches[i][key] for shard in shards]), whole[key])
+
+
+# The two training sentences hold 16 distinct characters (a m n r i d e s b k M f ä h t R);
+# SentencePiece adds ▁ for the space, and there are 5 special pieces: at least 22 in all.
+PAIRS = [("a man rides a bike", "ein Mann fährt Rad")] * 20
+MINIMUM = 16 + 1 + MASK_ID + 1
+
+
+def vocab_config(vocab_size: int):
+  config = get_config()
+  config.data.vocab_size = vocab_size
+  return config
+
+
+def cli_error(capsys, main) -> str:
+  assert run_cli(main) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+def test_vocab_size_below_the_characters_names_the_minimum(tmp_path, capsys):
+  line = cli_error(capsys, lambda: tokenizer_for(vocab_config(MINIMUM - 2), tmp_path, PAIRS))
+  assert f"data.vocab_size={MINIMUM - 2}" in line and f"at least {MINIMUM})" in line
+  assert "raise data.vocab_size" in line
+  # The minimum it names is one that trains.
+  assert tokenizer_for(vocab_config(MINIMUM), tmp_path, PAIRS).vocab_size == MINIMUM
+
+
+@pytest.mark.parametrize("vocab_size", [0, MASK_ID])
+def test_vocab_size_below_the_special_pieces(vocab_size, tmp_path, capsys):
+  line = cli_error(capsys, lambda: tokenizer_for(vocab_config(vocab_size), tmp_path, PAIRS))
+  assert f"data.vocab_size={vocab_size}" in line and f"the {MASK_ID + 1} special pieces" in line
+  assert "raise data.vocab_size" in line
