@@ -20,7 +20,8 @@ from pathlib import Path
 
 from transformer.decode import visualize
 from transformer.decode.visualize import encoder_states, load_translator, pieces_of, source_ids
-from transformer.model.attention import attention_logits, attention_weights, padding_mask
+from transformer.model.attention import attention_logits, attention_weights
+from transformer.model.masks import padding_mask
 from transformer.model.layers import sinusoidal_position_encoding
 
 COLUMNS = 4  # dimensions shown of each D- or H-wide vector

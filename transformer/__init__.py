@@ -2,7 +2,7 @@
 
 Dimension key, used in every shape comment, tensor suffix and einsum string:
   B batch, S source length, T target length, D d_model, N heads, H head width (the paper's d_k),
-  F d_ff, V vocabulary, L layers, K attention block, C classes.
+  F d_ff, V vocabulary, L layers, K attention block, C classes, W beam width (R = B W rows).
 """
 
 from transformer.model import (DecoderOnly, EncoderDecoder, EncoderOnly, MultiHeadAttention,

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import dot_product_attention
+from transformer import TransformerConfig, dot_product_attention
 from transformer.model import attention as attn
+from transformer.model import blockwise
 
 
 def numpy_attention(q, k, v, mask):
@@ -45,7 +46,32 @@ def run(implementation, q, k, v, mask):
                                mask=jnp.asarray(mask), implementation=implementation, block_size=4)
 
 
-IMPLEMENTATIONS = ["xla", "blockwise", "jax.nn", "auto"]
+IMPLEMENTATIONS = ["xla", "blockwise", "jax.nn"]
+
+
+@pytest.mark.parametrize("backend,dtype,head_dim,t,s,expected", [
+    ("cpu", jnp.float32, 64, 64, 64, "xla"),
+    ("cpu", jnp.float32, 64, 2048, 2048, "blockwise"),
+    ("gpu", jnp.bfloat16, 64, 64, 64, "cudnn"),
+    ("gpu", jnp.bfloat16, 64, 63, 64, "xla"),       # odd: cuDNN's masked backward refuses it
+    ("gpu", jnp.bfloat16, 64, 2047, 2047, "blockwise"),
+    ("gpu", jnp.float32, 64, 64, 64, "xla"),        # cuDNN needs 16-bit inputs
+    ("gpu", jnp.bfloat16, 12, 64, 64, "xla"),       # ... and H a multiple of 8
+])
+def test_auto_picks_an_implementation_the_shapes_allow(monkeypatch, backend, dtype, head_dim, t, s,
+                                                       expected):
+  monkeypatch.setattr(attn.jax, "default_backend", lambda: backend)
+  assert attn.resolve_implementation("auto", dtype, head_dim, s, t) == expected
+  assert attn.resolve_implementation("xla", dtype, head_dim, s, t) == "xla"
+  with pytest.raises(ValueError, match="unknown"):
+    attn.resolve_implementation("flash", dtype, head_dim, s, t)
+
+
+@pytest.mark.parametrize("implementation", ["cudnn", "blockwise"])
+def test_attention_dropout_is_refused_by_fused_implementations(implementation):
+  with pytest.raises(ValueError, match="attention_dropout_rate"):
+    TransformerConfig.tiny(attention=implementation, attention_dropout_rate=0.1)
+  TransformerConfig.tiny(attention="auto", attention_dropout_rate=0.1)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -83,8 +109,8 @@ def test_blockwise_gradients_match_xla(scores_bytes, monkeypatch):
   scores_bytes=1 the scans visit one head at a time (the CPU cache schedule), the per-row mask
   split along with them."""
   if scores_bytes is not None:
-    monkeypatch.setattr(attn, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
-    monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
+    monkeypatch.setattr(blockwise, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
+    monkeypatch.setattr(blockwise, "CPU_SCORES_BYTES", scores_bytes)
   q, k, v, mask = random_case(5, t=7, s=13, causal=True)
   mask = mask.copy()
   mask[1, :, 2] = False  # a fully masked row must give zero, finite gradients too
@@ -112,11 +138,11 @@ def test_causal_schedule_matches_xla_values_and_gradients(mask_kind, leaf_blocks
   mask (a fully padded row included), and per-row masks with a fully masked row. With
   scores_bytes set, each scan visits the heads in groups that fit that many bytes of scores
   (1 to 8 of the 6 to 96 heads of the pieces), as on CPU at long lengths."""
-  monkeypatch.setattr(attn, "LEAF_BLOCKS", leaf_blocks)
+  monkeypatch.setattr(blockwise, "LEAF_BLOCKS", leaf_blocks)
   if scores_bytes is not None:
-    monkeypatch.setattr(attn, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
-    monkeypatch.setattr(attn, "CPU_SCORES_BYTES", scores_bytes)
-  assert attn.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
+    monkeypatch.setattr(blockwise, "groups_heads", lambda: True)  # the tests run on 8 CPU devices
+    monkeypatch.setattr(blockwise, "CPU_SCORES_BYTES", scores_bytes)
+  assert blockwise.causal_leaf(37, 4) == {1: (3, 4), 4: (12, 2)}[leaf_blocks]
   q, k, v, key_mask = random_case(7, t=37, s=37)
   mask = {"none": None, "keys": key_mask,
           "rows": np.broadcast_to(key_mask, (2, 1, 37, 37)).copy()}[mask_kind]
@@ -139,7 +165,7 @@ def test_blockwise_keeps_sharded_heads_on_their_devices(monkeypatch):
   """With batch and heads sharded over 8 devices the scans keep all heads together (no head
   groups, whatever the cache budget): the compiled program moves no data between devices and
   equals the single-device result."""
-  monkeypatch.setattr(attn, "CPU_SCORES_BYTES", 1)
+  monkeypatch.setattr(blockwise, "CPU_SCORES_BYTES", 1)
   mesh = jax.make_mesh((4, 2), ("data", "model"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model"))
@@ -147,7 +173,8 @@ def test_blockwise_keeps_sharded_heads_on_their_devices(monkeypatch):
              for i in range(3))
 
   def forward_backward(q, k, v):
-    out, vjp = jax.vjp(lambda q, k, v: attn.blockwise_attention(q, k, v, block_size=8), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: blockwise.blockwise_attention(q, k, v, block_size=8),
+                       q, k, v)
     return out, vjp(out)
 
   sharded = jax.jit(forward_backward).lower(*(jax.device_put(x, sharding) for x in (q, k, v)))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformer import TransformerConfig, sinusoidal_position_encoding
-from transformer.model.layers import Embedding, rotary_embedding, tied_logits
+from transformer import EncoderDecoder, TransformerConfig, sinusoidal_position_encoding
+from transformer.model.layers import Embedding, PositionEncoding, rotary_embedding, tied_logits
 
 
 @pytest.mark.parametrize("pos", [0, 1, 7, 50, 255])
@@ -21,6 +21,30 @@ def test_sinusoidal_matches_formula(pos, i):
   angle = pos / 10000 ** (2 * i / d)
   assert table[pos, 2 * i] == pytest.approx(math.sin(angle), abs=1e-6)
   assert table[pos, 2 * i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_positions_up_to_max_len_are_added_and_beyond_it_raise(position):
+  """max_len = 21 (not a multiple of 8): 21 positions add the table's rows, 22 are an error
+  (an out-of-range row would be NaN, spreading through attention to every output)."""
+  config = TransformerConfig.tiny(max_len=21, position=position)
+  encoding = PositionEncoding(config, rngs=nnx.Rngs(0))
+  if position == "learned":
+    table_TD = np.asarray(encoding.table[...])
+  else:
+    angle_TD = np.arange(21)[:, None] / 10_000 ** (np.arange(0, 32, 2) / 32)[None, :]
+    table_TD = np.stack([np.sin(angle_TD), np.cos(angle_TD)], axis=-1).reshape(21, 32)
+  positions = lambda t: jnp.broadcast_to(jnp.arange(t), (2, t))
+  x_BTD = jnp.ones((2, 21, 32))
+  expected_BTD = 1.0 + np.broadcast_to(table_TD, (2, 21, 32))
+  np.testing.assert_allclose(encoding(x_BTD, positions(21)), expected_BTD, atol=1e-6)
+  message = "sequence of 22 positions exceeds model.max_len=21: raise max_len or shorten"
+  with pytest.raises(ValueError, match=message):
+    encoding(jnp.ones((2, 22, 32)), positions(22))
+  model = EncoderDecoder(config, rngs=nnx.Rngs(0))
+  assert np.all(np.isfinite(model.encode(jnp.full((1, 21), 5, jnp.int32))))
+  with pytest.raises(ValueError, match=message):
+    model.encode(jnp.full((1, 22), 5, jnp.int32))
 
 
 def test_embedding_is_scaled_by_sqrt_d_model_and_tied():

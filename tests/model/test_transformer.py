@@ -46,7 +46,7 @@ def test_padding_changes_no_real_position(variant):
   np.testing.assert_allclose(encoder(pad(src, 6))[:, :5], encoder(src), atol=1e-5)
 
 
-def incremental_logits(step, first_ids, ids, prefill):
+def incremental_logits(step, ids, prefill):
   """Feeds `prefill` tokens at once, then one at a time, collecting every position's logits."""
   logits = [step(ids[:, :prefill])]
   logits += [step(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])]
@@ -63,12 +63,12 @@ def test_kv_cache_decoding_equals_full_forward(variant):
   memory = model.encode(src)
   model.init_cache(memory, src, max_length=12)
   step = lambda ids: model.decode(ids, None, None, decode=True)
-  np.testing.assert_allclose(incremental_logits(step, None, tgt, prefill=1), model(src, tgt),
+  np.testing.assert_allclose(incremental_logits(step, tgt, prefill=1), model(src, tgt),
                              atol=1e-5)
 
   lm.init_cache(batch_size=2, max_length=12)
   step = lambda ids: lm(ids, decode=True)
-  np.testing.assert_allclose(incremental_logits(step, None, tgt, prefill=3), lm(tgt), atol=1e-5)
+  np.testing.assert_allclose(incremental_logits(step, tgt, prefill=3), lm(tgt), atol=1e-5)
 
 
 def test_parameter_counts_match_table_3():
@@ -124,6 +124,21 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   logits = model(src, tgt)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, reference(src, tgt), atol=0.1)
+
+
+def test_bfloat16_param_dtype_reaches_every_parameter_of_every_family():
+  """param_dtype="bfloat16" stores every weight in bfloat16, the BERT heads included; the
+  classifier still returns float32 logits."""
+  config = TransformerConfig.tiny(param_dtype="bfloat16")
+  src = random_ids(13, (2, 6))
+  for family in (EncoderDecoder, DecoderOnly, EncoderOnly):
+    model = family(config, rngs=nnx.Rngs(0))
+    dtypes = {jax.tree_util.keystr(path): x.dtype for path, x in
+              jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+    assert set(dtypes.values()) == {jnp.dtype("bfloat16")}, (family.__name__, dtypes)
+  logits_BC = model.classify(src)
+  assert logits_BC.dtype == jnp.float32 and np.all(np.isfinite(logits_BC))
+  assert np.all(np.isfinite(model.mlm_logits(src).astype(jnp.float32)))
 
 
 def test_dropout_is_active_in_train_mode_only():

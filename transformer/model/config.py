@@ -25,7 +25,9 @@ class TransformerConfig:
     d_ff: F [d_ff], hidden width of the position-wise feed-forward network.
     num_encoder_layers, num_decoder_layers: L [N] of each stack.
     dropout_rate: P_drop on embeddings + positions and on each sub-layer output.
-    attention_dropout_rate: dropout on the softmax weights (used by tensor2tensor, 0 in the paper's text).
+    attention_dropout_rate: dropout on the softmax weights (used by tensor2tensor, 0 in the paper's
+      text). It needs the [B, N, T, S] weights, so training runs the "xla" path; "auto" allows it,
+      the fused "cudnn" and "blockwise" implementations refuse it.
     max_len: the longest sequence that positional encodings and the KV cache provide for.
     position: "sinusoidal" (the paper), "learned" (its Table 3 row E) or "rope".
     norm: "post" = LayerNorm(x + Sublayer(x)) as in the paper; "pre" = x + Sublayer(LayerNorm(x)).
@@ -61,7 +63,7 @@ class TransformerConfig:
   pad_id: int = 0
   num_classes: int = 2
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
   attention_block_size: int = 256
@@ -88,6 +90,11 @@ class TransformerConfig:
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.attention_dropout_rate > 0 and self.attention in ("cudnn", "blockwise"):
+      raise ValueError(
+          f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "
+          f"weights, which model.attention={self.attention!r} never forms: set it to 0, or use "
+          "attention 'xla' or 'auto'")
 
   @property
   def head_dim(self) -> int:
@@ -107,7 +114,7 @@ class TransformerConfig:
 
   @classmethod
   def tiny(cls, **overrides) -> TransformerConfig:
-    """A few-thousand-parameter model for tests and the copy task."""
+    """A ~45k-parameter model for tests and the copy task."""
     values = dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2,
                   num_decoder_layers=2, max_len=64, dropout_rate=0.0)
     return cls(**{**values, **overrides})

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.model.config import TransformerConfig
-from transformer.parallel.axes import BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
+from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -71,7 +71,7 @@ class Embedding(nnx.Module):
   def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     table_VD = self.table[...].astype(self.config.compute_dtype)
     x_BTD = jnp.take(table_VD, ids_BT, axis=0) * math.sqrt(self.config.d_model)
-    return constrain(x_BTD, (BATCH, LENGTH, EMBED))
+    return constrain(x_BTD, (BATCH, LENGTH, ACT_EMBED))
 
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """Pre-softmax linear layer sharing the embedding matrix; logits in `config.logits_dtype`."""
@@ -136,6 +136,12 @@ class PositionEncoding(nnx.Module):
   def __call__(self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
     if self.kind == "rope":
       return x_BTD
+    # `jnp.take` fills rows past the table with NaN, which masked attention then spreads to
+    # every position; the length is static, so the check costs nothing at run time. (In decode
+    # mode the offset is traced, but `init_cache` already bounds the cache by max_len.)
+    if positions_BT.shape[-1] > self.max_len:
+      raise ValueError(f"sequence of {positions_BT.shape[-1]} positions exceeds model.max_len="
+                       f"{self.max_len}: raise max_len or shorten the input")
     if self.kind == "learned":
       table_LD = self.table[...]
     else:  # a constant folded into the compiled program, not a parameter to train or save
@@ -163,7 +169,7 @@ class FeedForward(nnx.Module):
     h_BTF = constrain(self.activation(h_BTF), (BATCH, LENGTH, MLP))
     y_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.wo[...].astype(dtype))
     y_BTD = y_BTD + self.bo[...].astype(dtype)[None, None]
-    return constrain(y_BTD, (BATCH, LENGTH, EMBED))
+    return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
 def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:

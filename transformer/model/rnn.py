@@ -423,22 +423,27 @@ class AttentionDecoder(nnx.Module):
     return self._output(_time_major(s_TBD), _time_major(context_TBD))
 
   def init_cache(self, memory_BSD: Float[Array, "B S D"], memory_mask_BS: Bool[Array, "B S"]):
-    """Prepares step-by-step decoding: the recurrent state is the RNN's whole "KV cache"."""
+    """Prepares step-by-step decoding: the recurrent state is the RNN's whole "KV cache".
+
+    h and c are stored [B, L, D], rows first like every other decoding cache, so beam search
+    can reorder them along axis 0 (`transformer.decode.gather_beams`).
+    """
     states = self._initial_state(memory_BSD)
-    self.hidden = nnx.Cache(jnp.stack([h for h, _ in states]))
-    self.cell = nnx.Cache(jnp.stack([c for _, c in states]))
+    self.hidden = nnx.Cache(jnp.stack([h for h, _ in states], axis=1))
+    self.cell = nnx.Cache(jnp.stack([c for _, c in states], axis=1))
     keys_BSD = jnp.einsum("BSI,ID->BSD", memory_BSD, self.key_kernel[...])
     self.cross_attention = AttentionMemory(keys_BSD, memory_BSD, memory_mask_BS)
 
   def decode_step(self, y_B1D: Float[Array, "B 1 D"]) -> Float[Array, "B 1 D"]:
     """out_t for the one new input y_{t-1}, advancing the cached state (after `init_cache`)."""
     memory = self.cross_attention
-    states = tuple(zip(self.hidden[...], self.cell[...]))
+    hidden_BLD, cell_BLD = self.hidden[...], self.cell[...]
+    states = tuple((hidden_BLD[:, l], cell_BLD[:, l]) for l in range(len(self.layers)))
     xw_BGD = self.layers[0].input_gates(y_B1D)[:, 0]
     states, (s_BD, context_BD) = self._step(states, xw_BGD, memory.keys[...], memory.memory[...],
                                             memory.mask[...])
-    self.hidden[...] = jnp.stack([h for h, _ in states])
-    self.cell[...] = jnp.stack([c for _, c in states])
+    self.hidden[...] = jnp.stack([h for h, _ in states], axis=1)
+    self.cell[...] = jnp.stack([c for _, c in states], axis=1)
     return self._output(s_BD[:, None], context_BD[:, None])
 
 
@@ -458,7 +463,8 @@ class LSTMSeq2Seq(nnx.Module):
   `__call__(src_ids [B, S], decoder input ids [B, T]) -> logits [B, T, V]`; one embedding table
   serves source, target and (transposed) the output layer. `encode`, `decode` and `init_cache`
   follow `EncoderDecoder`'s, so `transformer.decode`'s greedy decoder runs it with its recurrent
-  state as the cache (`use_cache=True`) or by rerunning the decoder over the prefix.
+  state as the cache (`use_cache=True`) or by rerunning the decoder over the prefix, and its
+  beam search reorders that state between beams.
   """
 
   def __init__(self, config: RNNConfig, *, rngs: nnx.Rngs):

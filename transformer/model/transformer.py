@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from transformer.model.attention import MultiHeadAttention, padding_mask
+from transformer.model.attention import MultiHeadAttention
+from transformer.model.masks import padding_mask
 from transformer.model.config import TransformerConfig
 from transformer.model.layers import (Embedding, FeedForward, OutputProjection, PositionEncoding,
                                       layer_norm, param)
@@ -147,7 +148,8 @@ class EncoderDecoder(nnx.Module):
   """The paper's translation model: `encode` the source once, `decode` target positions.
 
   `__call__(src, tgt)` takes the decoder's input (targets shifted right, starting with BOS) and
-  returns float32 logits [B, T, V]; softmax(logits[:, t]) is the distribution of token t + 1.
+  returns logits [B, T, V] in `config.logits_dtype`; softmax(logits[:, t]) is the distribution of
+  token t + 1.
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -209,13 +211,16 @@ class MaskedLMHead(nnx.Module):
   def __init__(self, config: TransformerConfig, embed: Embedding, *, rngs: nnx.Rngs):
     self.config, self.embed = config, embed
     d = config.d_model
-    self.dense = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None))
+    self.dense = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None),
+                       config.weight_dtype)
     self.norm = layer_norm(config, rngs=rngs)
-    self.bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,))
+    self.bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,),
+                      config.weight_dtype)
 
   def __call__(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
     h_BSD = jnp.einsum("BSD,DE->BSE", x_BSD, self.dense[...].astype(x_BSD.dtype))
-    return self.embed.attend(self.norm(jax.nn.gelu(h_BSD))) + self.bias[...][None, None]
+    logits_BSV = self.embed.attend(self.norm(jax.nn.gelu(h_BSD)))
+    return logits_BSV + self.bias[...].astype(logits_BSV.dtype)[None, None]
 
 
 class EncoderOnly(nnx.Module):
@@ -227,10 +232,11 @@ class EncoderOnly(nnx.Module):
     self.encoder = Encoder(config, self.embed, rngs=rngs)
     self.mlm_head = MaskedLMHead(config, self.embed, rngs=rngs)
     d = config.d_model
-    self.pooler = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None))
+    w = config.weight_dtype
+    self.pooler = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), w)
     self.classifier = param(rngs, nnx.initializers.xavier_uniform(), (d, config.num_classes),
-                            (EMBED, None))
-    self.classifier_bias = param(rngs, nnx.initializers.zeros, (config.num_classes,), (None,))
+                            (EMBED, None), w)
+    self.classifier_bias = param(rngs, nnx.initializers.zeros, (config.num_classes,), (None,), w)
 
   def __call__(self, ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.encoder(ids_BS)
@@ -244,5 +250,5 @@ class EncoderOnly(nnx.Module):
     first_BD = self(ids_BS)[:, 0]
     pooled_BD = jnp.tanh(first_BD @ self.pooler[...].astype(first_BD.dtype))
     logits_BC = pooled_BD @ self.classifier[...].astype(first_BD.dtype)
-    return logits_BC.astype(jnp.float32) + self.classifier_bias[...][None]
+    return logits_BC.astype(jnp.float32) + self.classifier_bias[...].astype(jnp.float32)[None]
 
