@@ -4,7 +4,7 @@
 Every run generates exactly `max_length` tokens per sentence: the end-of-sentence id passed to
 the decoders is -1, which argmax never returns, so no row stops early (random weights would
 otherwise stop at arbitrary points). Tokens/s = B x max_length / median seconds per call, the
-tokens of the returned translation (beam search computes K = 4 rows per sentence for them).
+tokens of the returned translation (beam search computes W = 4 rows per sentence for them).
 
 `greedy_decode` and `beam_search` compile inside their first call; compile_s here is that first
 call's time minus the median of the later ones.

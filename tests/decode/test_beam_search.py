@@ -1,32 +1,39 @@
-"""Beam search: greedy as its K = 1 case, scores from a full forward pass, never below greedy."""
+"""Beam search: greedy as its W = 1 case, scores from a full forward pass, never below greedy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode, length_penalty
+from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
 
 MAX_LENGTH = 10
 
 
-def full_forward_scores(model, src_BS, tokens_BKT, alpha):
+def numpy_log_softmax(logits_XV):
+  """log softmax in float64, shifted by the row maximum."""
+  shifted_XV = np.asarray(logits_XV, np.float64)
+  shifted_XV = shifted_XV - shifted_XV.max(axis=-1, keepdims=True)
+  return shifted_XV - np.log(np.exp(shifted_XV).sum(axis=-1, keepdims=True))
+
+
+def full_forward_scores(model, src_BS, tokens_BWT, alpha, eos_id=EOS_ID):
   """log p(tokens | source) / ((5 + length) / 6)^alpha from one non-cached forward pass.
 
   length counts the tokens up to and including the first EOS (all of them if there is none).
   """
-  batch, beams, length = tokens_BKT.shape
-  tokens_RT = np.asarray(tokens_BKT).reshape(batch * beams, length)
+  batch, beams, length = tokens_BWT.shape
+  tokens_RT = np.asarray(tokens_BWT).reshape(batch * beams, length)
   tgt_in_RT = np.concatenate([np.full((batch * beams, 1), BOS_ID), tokens_RT[:, :-1]], axis=1)
   forward = nnx.jit(lambda model, src_BS, tgt_in_BT: model(src_BS, tgt_in_BT))
   logits_RTV = forward(model, jnp.repeat(src_BS, beams, axis=0), jnp.asarray(tgt_in_RT, jnp.int32))
-  log_probs_RTV = jax.nn.log_softmax(np.asarray(logits_RTV, np.float64), axis=-1)
-  log_probs_RTV = np.asarray(log_probs_RTV)
+  log_probs_RTV = numpy_log_softmax(logits_RTV)
   token_log_probs_RT = np.take_along_axis(log_probs_RTV, tokens_RT[:, :, None], axis=2)[..., 0]
-  has_eos_R = np.any(tokens_RT == EOS_ID, axis=1)
-  lengths_R = np.where(has_eos_R, np.argmax(tokens_RT == EOS_ID, axis=1) + 1, length)
+  has_eos_R = np.any(tokens_RT == eos_id, axis=1)
+  lengths_R = np.where(has_eos_R, np.argmax(tokens_RT == eos_id, axis=1) + 1, length)
   counted_RT = np.arange(length)[None, :] < lengths_R[:, None]
   log_p_R = np.sum(np.where(counted_RT, token_log_probs_RT, 0.0), axis=1)
   return (log_p_R / ((5.0 + lengths_R) / 6.0) ** alpha).reshape(batch, beams)
@@ -39,11 +46,11 @@ def test_length_penalty_is_gnmt():
 
 
 def test_beam_of_one_without_penalty_is_greedy(copy_model, copy_sources):
-  """With alpha > 0 a K = 1 search may keep going after greedy's EOS and finish better, so the
+  """With alpha > 0 a W = 1 search may keep going after greedy's EOS and finish better, so the
   equivalence holds for the plain log-probability ranking."""
-  tokens_BKT, _ = beam_search(copy_model, copy_sources, beam_size=1, alpha=0.0,
+  tokens_BWT, _ = beam_search(copy_model, copy_sources, beam_size=1, alpha=0.0,
                               max_length=MAX_LENGTH)
-  np.testing.assert_array_equal(tokens_BKT[:, 0],
+  np.testing.assert_array_equal(tokens_BWT[:, 0],
                                 greedy_decode(copy_model, copy_sources, max_length=MAX_LENGTH))
 
 
@@ -53,18 +60,18 @@ def beams(copy_model, copy_sources):
 
 
 def test_scores_equal_full_forward_log_prob_over_penalty(copy_model, copy_sources, beams):
-  tokens_BKT, scores_BK = beams
-  assert tokens_BKT.shape == (8, 4, MAX_LENGTH) and scores_BK.shape == (8, 4)
-  np.testing.assert_allclose(scores_BK, full_forward_scores(copy_model, copy_sources, tokens_BKT,
+  tokens_BWT, scores_BW = beams
+  assert tokens_BWT.shape == (8, 4, MAX_LENGTH) and scores_BW.shape == (8, 4)
+  np.testing.assert_allclose(scores_BW, full_forward_scores(copy_model, copy_sources, tokens_BWT,
                                                             0.6), atol=1e-4)
 
 
 def test_hypotheses_are_distinct_sorted_and_eos_terminated(beams):
-  tokens_BKT, scores_BK = (np.asarray(x) for x in beams)
-  assert np.all(np.diff(scores_BK, axis=1) <= 1e-6), scores_BK
-  for hypotheses_KT in tokens_BKT:
-    assert len({tuple(row) for row in hypotheses_KT}) == len(hypotheses_KT)
-    for row in hypotheses_KT:
+  tokens_BWT, scores_BW = (np.asarray(x) for x in beams)
+  assert np.all(np.diff(scores_BW, axis=1) <= 1e-6), scores_BW
+  for hypotheses_WT in tokens_BWT:
+    assert len({tuple(row) for row in hypotheses_WT}) == len(hypotheses_WT)
+    for row in hypotheses_WT:
       end = np.argmax(row == EOS_ID)
       assert row[end] == EOS_ID and np.all(row[:end] != PAD_ID) and np.all(row[end + 1:] == PAD_ID)
 
@@ -75,3 +82,37 @@ def test_beam_of_four_scores_at_least_greedy(copy_model, copy_sources, beams):
   assert np.all(np.asarray(beams[1][:, 0]) >= greedy_B - 1e-5), (beams[1][:, 0], greedy_B)
   # The lightly trained model leaves room to improve: beam search does, on some sentences.
   assert np.any(np.asarray(beams[1][:, 0]) > greedy_B + 1e-3)
+
+
+@pytest.mark.parametrize("eos_id", [4, 11])
+def test_hypotheses_cut_off_at_max_length_are_ranked_with_the_finished(eos_id):
+  """A random model and a short max_length leave finished and unfinished hypotheses side by
+  side (these EOS ids make some finish); all of them come back best first by their score."""
+  model = EncoderDecoder(TransformerConfig.tiny(tie_output=False), rngs=nnx.Rngs(0))
+  src_BS = jnp.asarray(np.random.default_rng(0).integers(4, 64, (4, 6)), jnp.int32)
+  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=4, alpha=0.6, max_length=3,
+                                      eos_id=eos_id)
+  expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6, eos_id=eos_id)
+  np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)
+  finished_BW = np.any(np.asarray(tokens_BWT) == eos_id, axis=2)
+  assert np.any(finished_BW) and not np.all(finished_BW), finished_BW
+  assert np.all(np.diff(expected_BW, axis=1) <= 1e-5), expected_BW
+  np.testing.assert_allclose(expected_BW[:, 0], expected_BW.max(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, beam_size", [(1, 2), (2, 3)])
+def test_lstm_beam_scores_equal_full_forward_log_prob_over_penalty(batch, beam_size):
+  """The LSTM's recurrent state is its decoding cache: beam search must reorder it by beam.
+  With 2 decoder layers, batch 1 x beam 2 gives as many rows as layers, where a state stored
+  layers-first would be reordered along the wrong axis without any shape error."""
+  config = RNNConfig(vocab_size=13, d_model=8, num_encoder_layers=1, num_decoder_layers=2,
+                     dropout_rate=0.0)
+  model = LSTMSeq2Seq(config, rngs=nnx.Rngs(0))
+  model.eval()
+  src_BS = jnp.array([[5, 6, 7, 8], [9, 10, 4, PAD_ID]], jnp.int32)[:batch]
+  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=beam_size, alpha=0.6,
+                                      max_length=6)
+  assert tokens_BWT.shape == (batch, beam_size, 6)
+  expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6)
+  np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)
+  assert np.all(np.diff(expected_BW, axis=1) <= 1e-5), expected_BW

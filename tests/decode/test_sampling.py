@@ -31,7 +31,7 @@ def greedy_ids(lm, prompts):
   return loop_greedy(lm, np.asarray(prompts), NEW_TOKENS)
 
 
-def loop_greedy(model, prompt_BT, new_tokens):
+def loop_greedy(model, prompt_BT, new_tokens, pad_id=PAD_ID):
   """Python loop over full forward passes of a fixed-width buffer, appending the argmax."""
   forward = nnx.jit(lambda model, ids_BT: model(ids_BT))
   length = prompt_BT.shape[1]
@@ -39,7 +39,7 @@ def loop_greedy(model, prompt_BT, new_tokens):
   ids_BT[:, :length] = prompt_BT
   for t in range(length - 1, length + new_tokens - 1):
     logits_BV = np.array(forward(model, jnp.asarray(ids_BT))[:, t])
-    logits_BV[:, PAD_ID] = -np.inf
+    logits_BV[:, pad_id] = -np.inf
     ids_BT[:, t + 1] = logits_BV.argmax(-1)
   return ids_BT
 
@@ -105,3 +105,20 @@ def test_token_frequencies_follow_filtered_softmax(temperature, top_k, top_p):
   expected_V = np.where(keep, probs_V, 0.0) / np.sum(np.where(keep, probs_V, 0.0))
   frequencies_V = np.bincount(tokens, minlength=len(logits_V)) / draws
   np.testing.assert_allclose(frequencies_V, expected_V, atol=0.03)
+
+
+def test_positions_after_an_early_eos_hold_the_configs_pad_id():
+  """With pad_id 5, a row that ends before max_new_tokens is padded with 5, not 0. One row, so
+  the loop stops at its EOS and never writes the remaining positions itself."""
+  pad_id = 5
+  model = DecoderOnly(TransformerConfig.tiny(tie_output=False, pad_id=pad_id), rngs=nnx.Rngs(0))
+  model.eval()
+  prompt_1T = np.asarray(np.random.default_rng(0).integers(6, 64, (1, 4)), np.int32)
+  expected = loop_greedy(model, prompt_1T, NEW_TOKENS, pad_id=pad_id)
+  eos = int(expected[0, 5])  # the second new token: the row ends with NEW_TOKENS - 2 left
+  first_eos = np.argmax(expected[0, 4:] == eos) + 4
+  assert first_eos < expected.shape[1] - 1
+  ended = np.asarray(sample(model, jnp.asarray(prompt_1T), max_new_tokens=NEW_TOKENS,
+                            rng=jax.random.key(0), temperature=0.0, eos_id=eos))
+  np.testing.assert_array_equal(ended[0, :first_eos + 1], expected[0, :first_eos + 1])
+  np.testing.assert_array_equal(ended[0, first_eos + 1:], pad_id)

@@ -1,10 +1,9 @@
 """Attention maps: the sown weights against the layers' own projections, figures, CLI errors.
 
-A tiny random encoder-decoder and a SentencePiece model trained on 300 Multi30k sentence pairs
-stand in for a trained run; `workdir` saves both the way train.py does.
+A tiny random encoder-decoder and the SentencePiece model of conftest's `tokenizer` stand in for
+a trained run; `workdir` saves both the way train.py does.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -19,23 +18,11 @@ from flax import nnx
 
 from transformer import EncoderDecoder, MultiHeadAttention, TransformerConfig
 from transformer.cli import run_cli
-from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
-from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, train_sentencepiece
+from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID
 from transformer.decode import visualize
-from transformer.model.attention import attention_weights, padding_mask
-from transformer.train.checkpoint import Checkpointer
-from transformer.train.config import get_config
+from transformer.model.masks import padding_mask
 
 MAX_LEN = 24  # keeps a random model's (EOS-less) translations and their figures small
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  from transformer.data.tokenizer import Tokenizer
-  sentences = (read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:300]
-               + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:300])
-  path = tmp_path_factory.mktemp("spm") / MODEL_FILENAME
-  return Tokenizer(train_sentencepiece(sentences, path, vocab_size=250))
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +34,9 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tokenizer, model):
-  """config.json, spm.model and a checkpoint of `model`, as a training run leaves them."""
-  workdir = tmp_path_factory.mktemp("run")
-  config = get_config()
-  config.model.update(dataclasses.asdict(model.config))
-  config.data.max_length = MAX_LEN
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  shutil.copy(tokenizer.model_path, workdir / MODEL_FILENAME)
-  checkpointer = Checkpointer(workdir / "checkpoints", asynchronous=False)
-  checkpointer.save(1, {"params": nnx.state(model, nnx.Param)}, {})
-  checkpointer.close()
-  return workdir
+def workdir(tmp_path_factory, tokenizer, model, write_run):
+  return write_run(tmp_path_factory.mktemp("run"), model, tokenizer, task="translation",
+                   data_max_length=MAX_LEN)
 
 
 def _batch():
@@ -93,8 +71,16 @@ def test_weights_have_every_layers_shape_and_rows_sum_to_one(model):
                  if isinstance(m, MultiHeadAttention))
 
 
+def numpy_attention_weights(q_BTNH, k_BSNH, keep_BS):
+  """softmax(q k^T / sqrt(H)) over the keys where keep_BS is True, in float64: [B, N, T, S]."""
+  scores_BNTS = np.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / np.sqrt(q_BTNH.shape[-1])
+  scores_BNTS = np.where(keep_BS[:, None, None, :], scores_BNTS, -np.inf)
+  exp_BNTS = np.exp(scores_BNTS - scores_BNTS.max(axis=-1, keepdims=True))
+  return exp_BNTS / exp_BNTS.sum(axis=-1, keepdims=True)
+
+
 def test_cross_attention_equals_softmax_of_the_layers_own_projections(model):
-  """softmax(q k^T / sqrt(H)) from x W^Q + b and memory W^K + b, layer by layer."""
+  """softmax(q k^T / sqrt(H)) from x W^Q + b and memory W^K + b, layer by layer, in NumPy."""
   src_BS, tgt_in_BT = map(jnp.asarray, _batch())
   _, maps = visualize.collect_attention(model, src_BS, tgt_in_BT)
   memory_BSD = model.encode(src_BS)
@@ -108,11 +94,12 @@ def test_cross_attention_equals_softmax_of_the_layers_own_projections(model):
     # The cross-attention's queries come from the output of the layer's masked self-attention.
     h_BTD = layer.self_attention_block(
         x_BTD, lambda y: layer.self_attention(y, mask=self_mask, is_causal=True))
-    q_BTNH = (jnp.einsum("BTD,DNH->BTNH", h_BTD, attention.query[...])
-              + attention.query_bias[...][None, None])
-    k_BSNH = (jnp.einsum("BSD,DNH->BSNH", memory_BSD, attention.key[...])
-              + attention.key_bias[...][None, None])
-    expected_BNTS = attention_weights(q_BTNH, k_BSNH, mask=memory_mask)
+    as64 = lambda x: np.asarray(x, np.float64)
+    q_BTNH = (np.einsum("btd,dnh->btnh", as64(h_BTD), as64(attention.query[...]))
+              + as64(attention.query_bias[...])[None, None])
+    k_BSNH = (np.einsum("bsd,dnh->bsnh", as64(memory_BSD), as64(attention.key[...]))
+              + as64(attention.key_bias[...])[None, None])
+    expected_BNTS = numpy_attention_weights(q_BTNH, k_BSNH, np.asarray(src_BS) != PAD_ID)
     np.testing.assert_allclose(weights_BNTS, expected_BNTS, atol=1e-5)
     x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, False)
 

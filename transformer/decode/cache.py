@@ -3,7 +3,8 @@
 A `jax.lax.while_loop` carries arrays, not modules. After `init_cache` the model is split three
 ways (`split_cache`):
   graphdef    the module structure (static; hashable, so it can key a jit cache);
-  step cache  self-attention keys/values [R, T, N, H] and the step counters (scalars), which every
+  step cache  self-attention keys/values [R, T, N, H] (an LSTM's h and c [R, L, D]: every
+              per-row entry has the rows R first) and the step counters (scalars), which every
               step reads and advances: the loop carries it, and beam search reorders its rows;
   rest        parameters, dropout RNG state, and the cross-attention cache (the encoder output
               projected once by `init_cache`, with its padding mask). Decoding only reads these,
@@ -42,22 +43,25 @@ def call_cached(graphdef: nnx.GraphDef, cache: nnx.State, rest: nnx.State,
   return out, nnx.state(model, STEP_CACHE)
 
 
-def gather_beams(cache: nnx.State, parent_BK: Int[Array, "B K"]) -> nnx.State:
-  """Beam k of sentence b takes the cache of beam parent_BK[b, k] of the same sentence.
+def gather_beams(cache: nnx.State, parent_BW: Int[Array, "B W"]) -> nnx.State:
+  """Beam w of sentence b takes the cache of beam parent_BW[b, w] of the same sentence.
 
-  Per-row entries have R = B * K rows, beam k of sentence b at row b * K + k. The gather runs
-  along the beam axis of a [B, K, ...] view, so a batch axis sharded over devices stays local.
+  Per-row entries have R = B * W rows, beam w of sentence b at row b * W + w. The gather runs
+  along the beam axis of a [B, W, ...] view, so a batch axis sharded over devices stays local.
   The step counters are scalars shared by all rows (all rows are at the same position), so they
   pass through unchanged.
   """
-  batch, beams = parent_BK.shape
+  batch, beams = parent_BW.shape
 
   def gather(x_R_):
     if x_R_.ndim == 0:
       return x_R_
-    x_BK_ = x_R_.reshape(batch, beams, *x_R_.shape[1:])
-    index_BK_ = parent_BK.reshape(batch, beams, *(1,) * (x_R_.ndim - 1))
-    return jnp.take_along_axis(x_BK_, index_BK_, axis=1).reshape(x_R_.shape)
+    if x_R_.shape[0] != batch * beams:  # a cache stored with another axis first
+      raise ValueError(f"a decoding cache entry of shape {x_R_.shape} does not have the "
+                       f"{batch} x {beams} beam rows first")
+    x_BW_ = x_R_.reshape(batch, beams, *x_R_.shape[1:])
+    index_BW_ = parent_BW.reshape(batch, beams, *(1,) * (x_R_.ndim - 1))
+    return jnp.take_along_axis(x_BW_, index_BW_, axis=1).reshape(x_R_.shape)
 
   return jax.tree.map(gather, cache)
 

@@ -12,21 +12,10 @@ import sacrebleu
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from transformer.decode.beam_search import beam_search
-from transformer.decode.greedy import greedy_decode
+from transformer.decode.batch import translate_ids
 from transformer.parallel.mesh import global_batch
 
 log = logging.getLogger(__name__)
-
-
-def translate_ids(model, src_ids_BS, *, beam_size: int, alpha: float, max_extra_length: int):
-  """Best translation ids [B, T] of a padded source batch (beam search, or greedy for beam 1)."""
-  max_length = min(src_ids_BS.shape[1] + max_extra_length, model.config.max_len)
-  if beam_size == 1:
-    return greedy_decode(model, src_ids_BS, max_length=max_length)
-  tokens_BKT, _ = beam_search(model, src_ids_BS, max_length=max_length, beam_size=beam_size,
-                              alpha=alpha)
-  return tokens_BKT[:, 0]
 
 
 def translate_batches(model, batches, tokenizer, decode_config, mesh) -> list[str]:

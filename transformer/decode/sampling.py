@@ -70,7 +70,9 @@ def _sample(model: DecoderOnly, prompt_ids_BT, rng, temperature, top_p, *, max_n
   prefill = lambda m: m(prompt_ids_BT, decode=True)
   logits_BTV, cache = call_cached(graphdef, cache, rest, prefill)
   first_B = choose(logits_BTV[:, -1], prompt_length - 1)
-  ids_BT = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_length].set(prompt_ids_BT)
+  # PAD where the loop writes nothing: it stops once every row has ended.
+  ids_BT = jnp.full((batch, total), model.config.pad_id, jnp.int32)
+  ids_BT = ids_BT.at[:, :prompt_length].set(prompt_ids_BT)
   ids_BT = ids_BT.at[:, prompt_length].set(first_B)
 
   def next_token(ids_BT, t, cache):

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transformer.data.tokenizer import EOS_ID, MODEL_FILENAME, PAD_ID, Tokenizer
+from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, Tokenizer
+from transformer.decode.batch import padded_length, translate_ids
+from transformer.decode.sampling import sample
 from transformer.train.config import model_config
 from transformer.train.models import create_model, load_params_into
 
@@ -38,7 +40,8 @@ class Translator:
 
   @property
   def max_source_tokens(self) -> int:
-    return self.config.data.max_length
+    """The longest source, EOS included: the training length, within the model's positions."""
+    return min(self.config.data.max_length, self.config.model.max_len)
 
   def encode(self, texts: list[str]) -> np.ndarray:
     """Source ids [B, S] (EOS-terminated, PAD-padded); over-long texts are cut with a warning."""
@@ -52,13 +55,11 @@ class Translator:
                     len(ids), self.max_source_tokens - 1)
         ids = ids[: self.max_source_tokens - 1]
       rows.append(list(ids) + [EOS_ID])
-    # Lengths rounded up to a multiple of 8: few distinct shapes, few compilations.
-    length = -(-max(len(r) for r in rows) // 8) * 8
+    length = padded_length(max(len(r) for r in rows), self.config.model.max_len)
     return np.array([r + [PAD_ID] * (length - len(r)) for r in rows], np.int32)
 
   def translate(self, texts: list[str], *, beam_size: int = 4, alpha: float = 0.6,
                 max_extra_length: int = 50) -> list[str]:
-    from transformer.decode.evaluate import translate_ids
     src_ids_BS = jnp.asarray(self.encode(texts))
     tokens_BT = translate_ids(self.model, src_ids_BS, beam_size=beam_size, alpha=alpha,
                               max_extra_length=max_extra_length)
@@ -68,12 +69,11 @@ class Translator:
                     top_k: int | None, top_p: float | None, seed: int) -> list[str]:
     """Samples continuations of prompts from a decoder-only model (one prompt at a time when
     their token counts differ, since a batch of prompts must share one length)."""
-    from transformer.decode.sampling import sample
-    from transformer.data.tokenizer import BOS_ID
     outputs = []
     for i, text in enumerate(texts):
       ids = [BOS_ID] + self.tokenizer.encode([text])[0]
-      budget = min(max_new_tokens, self.config.model.max_len - len(ids))
+      # The last new token is never fed back: T + new - 1 positions must fit in max_len.
+      budget = min(max_new_tokens, self.config.model.max_len + 1 - len(ids))
       if budget <= 0:
         raise ValueError(f"prompt {i + 1} has {len(ids)} tokens, the model's limit is "
                          f"{self.config.model.max_len}: shorten it")

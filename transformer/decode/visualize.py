@@ -30,7 +30,9 @@ from jaxtyping import Array, Float, Int
 from matplotlib.figure import Figure
 
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from transformer.model.attention import MultiHeadAttention, padding_mask
+from transformer.decode.batch import padded_length, translate_ids
+from transformer.model.attention import MultiHeadAttention
+from transformer.model.masks import padding_mask
 from transformer.model.transformer import EncoderDecoder
 
 KINDS = ("encoder_self", "decoder_self", "cross")
@@ -162,11 +164,10 @@ def source_ids(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[int]:
 def prepare_sentence(model: EncoderDecoder, tokenizer: Tokenizer, text: str, *,
                      max_source_tokens: int, beam_size: int = 4, alpha: float = 0.6) -> Sentence:
   """Translates `text` (beam search; greedy for beam_size 1) and keeps the ids and pieces."""
-  from transformer.decode.evaluate import translate_ids
   max_len = model.config.max_len
   src_ids = source_ids(tokenizer, text, min(max_source_tokens, max_len))
-  # Sources padded to a multiple of 8, as `Translator.encode` does: fewer shapes to compile.
-  length = -(-len(src_ids) // 8) * 8
+  # Padded as `Translator.encode` pads: fewer shapes to compile, never past max_len.
+  length = padded_length(len(src_ids), max_len)
   src_1S = jnp.asarray([src_ids + [PAD_ID] * (length - len(src_ids))], jnp.int32)
   tokens = [int(i) for i in np.asarray(translate_ids(model, src_1S, beam_size=beam_size,
                                                      alpha=alpha, max_extra_length=50))[0]]
