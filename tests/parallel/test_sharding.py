@@ -7,14 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dataclasses
+
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import harness
-from transformer.parallel.mesh import check_divisible, logical_shardings
+from transformer import EncoderDecoder
+from transformer.parallel.mesh import check_divisible, global_batch, logical_shardings
+from transformer.parallel.strategies import compile_train_step
 from transformer.train.checkpoint import Checkpointer
-from transformer.train.loop import abstract_with_shardings
+from transformer.train.loop import abstract_with_shardings, sharded_state
+from transformer.train.step import make_steps
 
 LAYOUTS = {
     "data": (dict(data=8), "jit"),
@@ -62,6 +69,57 @@ def test_per_device_parameter_memory_falls_with_fsdp():
       compiled = step.lower(state, batch).compile()
     sizes.append(compiled.memory_analysis().argument_size_in_bytes)
   assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0] / 4, sizes
+
+
+def one_update(mesh, strategy: str, batch, *, grad_accum_steps: int = 1, dropout_rate=0.0):
+  """The state and metrics after one update of the harness model (with dropout_rate) on `batch`."""
+  model = EncoderDecoder(dataclasses.replace(harness.CONFIG, dropout_rate=dropout_rate),
+                         rngs=nnx.Rngs(params=0, dropout=1))
+  tx = optax.sgd(0.5, momentum=0.9)
+  state, shardings = sharded_state(model, tx, mesh)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
+                     dropout_key=jax.random.key(0), grad_accum_steps=grad_accum_steps)
+  step = compile_train_step(strategy, steps, shardings, mesh)
+  with jax.set_mesh(mesh):
+    return step(state, global_batch(batch, mesh, stacked=grad_accum_steps > 1))
+
+
+@pytest.fixture(scope="module")
+def two_micro_batches():
+  """Two micro-batches with very different token counts, and their concatenation."""
+  first, second = harness.fixed_batch(0), harness.fixed_batch(1)
+  second["targets"][:, 3:] = 0
+  micro = {k: np.stack([first[k], second[k]]) for k in first}                  # [2, B, T]
+  whole = {k: np.concatenate([first[k], second[k]]) for k in first}            # [2B, T]
+  assert np.sum(first["targets"] != 0) > 2 * np.sum(second["targets"] != 0)
+  return micro, one_update(harness.mesh_of(data=8), "jit", whole)
+
+
+@pytest.mark.parametrize("axes,strategy", [(dict(data=2, fsdp=2, tensor=2), "jit"),
+                                           (dict(data=8), "shard_map")])
+def test_accumulated_micro_batches_make_one_update_on_their_concatenation(
+    axes, strategy, two_micro_batches):
+  """Gradients summed over the micro-batches, divided once by all their tokens."""
+  micro, (want_state, want_metrics) = two_micro_batches
+  state, metrics = one_update(harness.mesh_of(**axes), strategy, micro, grad_accum_steps=2)
+  assert int(state.step) == 1 and int(metrics["steps"]) == 1
+  for key in ("loss_sum", "tokens"):
+    np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_draws_different_dropout_masks_on_each_device():
+  """The same row on 8 devices: identical masks would make the summed loss exactly 8 times the
+  loss of that row on one device (whose data index, 0, is device 0's)."""
+  row = {k: np.repeat(v[:1], 8, axis=0) for k, v in harness.fixed_batch(0).items()}
+  _, eight = one_update(harness.mesh_of(data=8), "shard_map", row, dropout_rate=0.5)
+  _, one = one_update(harness.mesh_of(devices=jax.devices()[:1]), "shard_map",
+                      {k: v[:1] for k, v in row.items()}, dropout_rate=0.5)
+  np.testing.assert_allclose(eight["tokens"], 8 * one["tokens"])
+  assert abs(float(eight["loss_sum"]) - 8 * float(one["loss_sum"])) > 1e-3 * float(
+      eight["loss_sum"])
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
@@ -123,3 +181,18 @@ def test_two_processes_reproduce_single_process_losses(tmp_path):
   for result in results:
     np.testing.assert_allclose(result["losses"], want, rtol=1e-5, atol=1e-6)
     assert result["checksum"] == pytest.approx(harness.checksum(state.params), rel=1e-5)
+
+
+def test_activations_follow_the_logical_rules():
+  """Under a data x fsdp x tensor mesh the compiled step pins the activations as the rules say:
+  rows over data x fsdp, the feed-forward hidden layer and the vocabulary over tensor, the
+  residual stream whole per row (a weight's D axis is split over fsdp, an activation's is not)."""
+  mesh = harness.mesh_of(data=2, fsdp=2, tensor=2)
+  state, _, step = harness.setup(mesh)
+  with jax.set_mesh(mesh):
+    text = step.lower(state, global_batch(harness.fixed_batch(0), mesh)).as_text()
+  rows = '{"data", "fsdp"}'
+  for layout in ([rows, "{}", "{}"],                       # [B, T, D]
+                 [rows, "{}", '{"tensor"}'],               # [B, T, F] and [B, T, V]
+                 [rows, "{}", '{"tensor"}', "{}"]):        # [B, T, N, H]
+    assert "sdy.sharding_constraint %" in text and f"[{', '.join(layout)}]>" in text, layout

@@ -85,3 +85,32 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   assert set(flat) == set(saved_flat)
   for key, variable in flat.items():
     np.testing.assert_array_equal(variable[...], saved_flat[key], err_msg=str(key))
+
+
+def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
+  """grad_accum_steps=2: each of num_train_steps steps is one Adam update on two micro-batches of
+  the shape a batch without accumulation has, and the logged learning rate is that update's."""
+  import optax
+
+  from transformer.train.loop import Trainer
+  from transformer.train.metrics import MetricWriter
+
+  config = tiny_config(2)
+  config.optimizer.grad_accum_steps = 2
+  trainer = Trainer(config, tmp_path)
+  writer = MetricWriter(tmp_path)
+  try:
+    trainer.train(writer)
+  finally:
+    writer.close()
+    trainer.checkpointer.close()
+  assert int(trainer.state.step) == 2
+  counts = optax.tree_utils.tree_get_all_with_path(trainer.state.opt_state, "count")
+  assert counts and all(int(count) == 2 for _, count in counts)
+  # Section 5.3 with d_model=32, warmup_steps=10, at update s = 1, 2 (still warming up).
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rates = {m["step"]: m["train/learning_rate"] for m in lines if "train/learning_rate" in m}
+  assert rates == pytest.approx({s: 32 ** -0.5 * s * 10 ** -1.5 for s in (1, 2)}, rel=1e-6)
+  # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
+  assert trainer.inputs.train.state() == {"epoch": 0, "batch_index": 2}
+  assert next(trainer.inputs.train)["targets"].shape == (32, 32)

@@ -64,18 +64,30 @@ def logical_shardings(tree, mesh: Mesh, rules=RULES):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows split over data x fsdp, everything else replicated."""
-  return NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
+def batch_spec(stacked: bool = False) -> PartitionSpec:
+  """Rows split over data x fsdp, everything else replicated.
+
+  A stack of micro-batches [k, B, ...] (gradient accumulation) keeps k whole on every device and
+  splits its rows, axis 1, so each micro-batch is spread over all devices.
+  """
+  return PartitionSpec(None, (DATA, FSDP)) if stacked else PartitionSpec((DATA, FSDP))
+
+
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(stacked))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's rows into one global array sharded over data x fsdp."""
-  sharding = batch_sharding(mesh)
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 stacked: bool = False) -> dict[str, jax.Array]:
+  """Assembles each process's rows into one global array sharded over data x fsdp.
+
+  `stacked`: the arrays are micro-batches [k, B_local, ...], their rows on axis 1.
+  """
+  sharding = batch_sharding(mesh, stacked)
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in local_batch.items()}
 

@@ -6,6 +6,9 @@
 "shard_map": classic data parallelism, written per device as `jax.pmap` programs were: each
   device computes gradients of its rows, `lax.psum` adds them (and the token counts) over the
   data axis, and every device applies the same update to its replica.
+
+Both take the batch as `steps.train_step` does: [B, ...], or k micro-batches [k, B, ...] with
+gradient accumulation, rows split over the devices on axis 1.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from transformer.parallel.axes import DATA, FSDP, TENSOR
-from transformer.parallel.mesh import batch_sharding, replicated
+from transformer.parallel.mesh import batch_sharding, batch_spec, replicated
 from transformer.train.step import Steps
 
 STRATEGIES = ("jit", "shard_map")
@@ -22,7 +25,8 @@ STRATEGIES = ("jit", "shard_map")
 
 def jit_train_step(steps: Steps, state_shardings, mesh: Mesh):
   """The pjit-style step: sharded state in, sharded state out, old state donated."""
-  return jax.jit(steps.train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+  rows = batch_sharding(mesh, stacked=steps.grad_accum_steps > 1)
+  return jax.jit(steps.train_step, in_shardings=(state_shardings, rows),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
@@ -34,14 +38,17 @@ def shard_map_train_step(steps: Steps, mesh: Mesh):
                      "parallel.strategy=jit")
 
   def per_device(state, batch):
-    grads, sums = steps.gradients(state.params, batch, state.step)
+    # Each device draws its own dropout masks: the same key everywhere would repeat them.
+    grads, sums = steps.gradients(state.params, batch, state.step,
+                                  device=jax.lax.axis_index(DATA))
     # Summed gradients and token counts from every device, then one exact division in apply.
     grads, sums = jax.lax.psum((grads, sums), DATA)
     return steps.apply(state, grads, sums)
 
+  rows = batch_spec(stacked=steps.grad_accum_steps > 1)  # fsdp = 1: rows split over data
   # check_vma=False gives pmap's semantics: gradients of replicated parameters stay per-device
   # until the explicit psum (with it, JAX would insert that psum itself in the backward pass).
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA)),
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), rows),
                          out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 

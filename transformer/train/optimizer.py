@@ -1,4 +1,4 @@
-"""The Optax optimizer from the config: clipping, Adam(W), schedule, gradient accumulation."""
+"""The Optax optimizer from the config: clipping, Adam(W) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -30,9 +30,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
   else:
     raise ValueError(f"optimizer.name={opt.name!r} is unknown: use adam or adamw")
-  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
+  # Gradient accumulation (optimizer.grad_accum_steps) is not here: the train step sums the
+  # micro-batches' gradients itself and calls this optimizer once per update.
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
       if opt.grad_clip_norm > 0 else core
-  if opt.grad_accum_steps > 1:
-    # Sums gradients over k micro-batches and applies one update: a k-times larger batch.
-    tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
-  return tx

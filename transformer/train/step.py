@@ -53,33 +53,67 @@ TASK_OUTPUTS: dict[str, Callable] = {
 
 
 class Steps(NamedTuple):
-  """The pure functions of one model graph and task (see `make_steps`)."""
-  gradients: Callable      # (params, batch, step) -> (grads of the summed loss, metric sums)
+  """The pure functions of one model graph and task (see `make_steps`).
+
+  With `grad_accum_steps` = k > 1, training batches are k micro-batches stacked on a leading
+  axis, [k, B, ...] (rows on axis 1); evaluation batches are always [B, ...].
+  """
+  gradients: Callable      # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
   apply: Callable          # (state, summed grads, metric sums) -> (state, metrics)
   train_step: Callable     # (state, batch) -> (state, metrics)
   eval_step: Callable      # (params, batch) -> metric sums
+  grad_accum_steps: int = 1
 
 
 def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
-               task: str, label_smoothing: float, dropout_key: jax.Array) -> Steps:
+               task: str, label_smoothing: float, dropout_key: jax.Array,
+               grad_accum_steps: int = 1) -> Steps:
   """Builds the pure training and evaluation functions for one model graph and task.
 
   `rest` is the model's non-parameter state (dropout RNG streams), reseeded at every step from
   `dropout_key` and the step number, so a resumed run draws exactly the same dropout masks.
   Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
-  paths can so add gradients and counts across devices before one exact division.
+  paths can so add gradients and counts across devices, and gradient accumulation across
+  micro-batches, before one exact division: k micro-batches make one update on a batch k times
+  larger, whatever their token counts.
   """
   outputs = TASK_OUTPUTS[task]
 
-  def summed_loss(params, batch, step):
+  def summed_loss(params, batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+    nnx.reseed(model, dropout=key)
     logits_BTV, targets_BT, weights_BT = outputs(model, batch)
     sums = token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
     return sums["loss_sum"], sums
 
-  def gradients(params, batch, step):
-    return jax.grad(summed_loss, has_aux=True)(params, batch, step)
+  micro_gradients = jax.grad(summed_loss, has_aux=True)
+
+  def accumulate(params, batches, key):
+    """Gradient and metric sums over micro-batches [k, B, ...]: a scan holds the activations of
+    one micro-batch at a time."""
+    def add(totals, indexed):
+      i, batch = indexed
+      grads_sums = micro_gradients(params, batch, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, totals, grads_sums), None
+
+    first = jax.tree.map(lambda x: x[0], batches)
+    shapes = jax.eval_shape(micro_gradients, params, first, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    totals, _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum_steps), batches))
+    return totals
+
+  def gradients(params, batch, step, device=None):
+    """Gradients of the summed loss and the metric sums of one update's batch.
+
+    `device` (a data-parallel index) draws different dropout masks on each device of a
+    per-device program; each micro-batch also gets its own masks.
+    """
+    key = jax.random.fold_in(dropout_key, step)
+    if device is not None:
+      key = jax.random.fold_in(key, device)
+    if grad_accum_steps == 1:
+      return micro_gradients(params, batch, key)
+    return accumulate(params, batch, key)
 
   def apply(state: TrainState, grads, sums) -> tuple[TrainState, dict[str, jax.Array]]:
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
@@ -104,4 +138,4 @@ def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransf
     model.eval()
     return token_metrics(*outputs(model, batch), label_smoothing)
 
-  return Steps(gradients, apply, train_step, eval_step)
+  return Steps(gradients, apply, train_step, eval_step, grad_accum_steps)
