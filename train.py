@@ -19,9 +19,17 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, th
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with a bad --config override reported in one line, no traceback."""
+  """absl's flag parsing, with a bad --config file or override reported in one line, no
+  traceback."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.get("task")  # config_flags defers a file's load error to the first access
+    return remaining
+  except OSError as error:
+    cause = str(error).strip().splitlines()[-1].strip()  # "[Errno 2] No such file ...: 'x.py'"
+    print(f"error: cannot load --config: {cause}: pass a recipe file such as configs/default.py",
+          file=sys.stderr)
+    sys.exit(2)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     message = " ".join(str(error).replace("\\n", " ").split())
     unknown = re.search(r"(\w+)\\?'\s*Did you mean \"(\w+)\"", message)

@@ -19,5 +19,5 @@ def get_config():
   config.eval_every_steps = 300
   config.checkpoint_every_steps = 300
   config.average_last_checkpoints = 0
-  config.decode.update(beam_size=4, alpha=0.6, batch_size=128)
+  config.decode.update(beam_size=4, alpha=0.6)
   return config

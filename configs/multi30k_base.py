@@ -21,5 +21,5 @@ def get_config():
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 5
   config.average_last_checkpoints = 5
-  config.decode.update(beam_size=4, alpha=0.6, batch_size=256)
+  config.decode.update(beam_size=4, alpha=0.6)
   return config

@@ -13,5 +13,5 @@ def get_config():
   config.optimizer.update(warmup_steps=10, lr_scale=1.0)
   config.update(num_train_steps=6, log_every_steps=1, eval_every_steps=100,
                 checkpoint_every_steps=3, keep_checkpoints=5)
-  config.decode.update(beam_size=2, max_extra_length=8, batch_size=8, num_examples=2)
+  config.decode.update(beam_size=2, max_extra_length=8, num_examples=2)
   return config

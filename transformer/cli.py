@@ -6,8 +6,9 @@ import logging
 import sys
 from typing import Callable
 
-# Errors that mean "the input or config is wrong", as opposed to a bug worth a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError, KeyError)
+# Errors that mean "the input, config or environment is wrong", as opposed to a bug worth a
+# traceback. OSError covers a missing, unreadable or unwritable path (--workdir /dev/null/x).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 
 def run_cli(main: Callable[[], object]) -> int:
@@ -21,7 +22,15 @@ def run_cli(main: Callable[[], object]) -> int:
     return 130
   except (*USER_ERRORS, CheckpointError) as error:
     logging.getLogger(__name__).debug("user error", exc_info=True)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   return 0
+
+
+def user_message(error: BaseException) -> str:
+  """The first line of the error; an OS error on a path says which path and what to check."""
+  if isinstance(error, OSError) and error.filename is not None and error.strerror:
+    return (f"{error.filename}: {error.strerror}: check the path (a writable directory for "
+            "--workdir, an existing file otherwise)")
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

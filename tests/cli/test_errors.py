@@ -33,11 +33,33 @@ def cli_error(capsys, main) -> str:
     (dict(data=dict(dataset="no_such_dataset")), "not a tensorflow-datasets name"),
     (dict(data=dict(max_length=128)), "exceeds model.max_len"),
     (dict(task="seq2seq"), "task='seq2seq' is unknown"),
+    (dict(optimizer=dict(warmup_steps=0)), "optimizer.warmup_steps must be >= 1"),
+    (dict(optimizer=dict(warmup_steps=-5)), "optimizer.warmup_steps must be >= 1"),
+    (dict(label_smoothing=1.0), "label_smoothing must be in [0, 1)"),
+    (dict(label_smoothing=-0.1), "label_smoothing must be in [0, 1)"),
+    (dict(optimizer=dict(b1=1.0)), "optimizer.b1 must be in [0, 1)"),
+    (dict(optimizer=dict(b2=-0.5)), "optimizer.b2 must be in [0, 1)"),
+    (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be positive"),
+    (dict(optimizer=dict(schedule="linear")), "optimizer.schedule='linear' is unknown"),
+    (dict(average_last_checkpoints=6), "average_last_checkpoints=6 must be in [0, "
+                                       "keep_checkpoints=5]"),
+    (dict(decode=dict(beam_size=0)), "decode.beam_size must be >= 1"),
+    (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be >= 0"),
+    (dict(decode=dict(max_extra_length=-1)), "decode.max_extra_length must be >= 0"),
+    (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
+    (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
+    (dict(data=dict(eval_batch_size=12)), "batch of 12 rows does not split over data x fsdp = 8"),
+    (dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
+     "d_model=36 is not divisible by the fsdp axis"),
 ])
 def test_bad_config_values(change, message, tmp_path, capsys):
+  """Each is refused before the tokenizer is trained (or, below, before the data is read)."""
   config = smoke.get_config()
   config.update(change)
   assert message in cli_error(capsys, lambda: run(config, tmp_path))
+  assert not (tmp_path / "spm.model").exists()
+  if "dataset" not in change:
+    assert not (tmp_path / "tfds").exists()
 
 
 def write_corpus(directory: Path, lines: dict[str, list[str]]) -> None:
@@ -125,6 +147,10 @@ def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys
 @pytest.mark.parametrize("overrides,message", [
     (["--config.model.d_model=30", "--config.model.num_heads=4"], "error: model.d_model=30"),
     (["--config.model.d_modl=30"], "unknown config key 'd_modl', did you mean 'd_model'?"),
+    (["--config", "configs/nothere.py"],
+     "error: cannot load --config: [Errno 2] No such file or directory: 'configs/nothere.py'"),
+    (["--workdir", "/dev/null/x"], "error: /dev/null/x: Not a directory: check the path"),
+    (["--config.optimizer.warmup_steps=0"], "error: optimizer.warmup_steps must be >= 1"),
 ])
 def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message):
   """The real entry point, in a subprocess: exit code 2 and one line, no traceback."""
@@ -134,3 +160,17 @@ def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_with_another_model_names_the_config(trained_workdir):
+  """A checkpoint of another shape is not reported as corrupt, and Orbax leaves no traceback."""
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+       str(trained_workdir), "--config.model.d_ff=128"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f"error: checkpoint at {trained_workdir}/checkpoints/6 was written with "
+                         "another model/optimizer config (")
+  assert "saved (64,), now (128,)" in line and "use a new workdir or the old config" in line

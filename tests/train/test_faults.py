@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import smoke
-from transformer.train.checkpoint import Checkpointer
-from transformer.train.loop import Trainer, run
+from transformer.train.checkpoint import CheckpointError, Checkpointer, average_params
+from transformer.train.loop import Trainer, abstract_with_shardings, run
+from transformer.train.metrics import MetricWriter
+from transformer.train.models import latest_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,16 +73,90 @@ def corrupt(step_dir: Path) -> None:
       path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
-def test_corrupted_checkpoint_falls_back_to_previous(tmp_path, caplog):
-  config = config_for(8)
-  run(config, tmp_path)
-  trainer_state_dir = tmp_path / "checkpoints"
-  assert sorted(int(p.name) for p in trainer_state_dir.iterdir() if p.name.isdigit()) == [4, 8]
-  corrupt(trainer_state_dir / "8")
+def saved_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def numpy_params(state) -> list[np.ndarray]:
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+
+
+def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
+  """Step 8 corrupted: resume from 4, write 8 again (the same as the lost one, since resuming is
+  exact) and average over it at the end."""
+  run(config_for(8), tmp_path)
+  assert saved_steps(tmp_path) == [4, 8]
+  trainer = Trainer(config_for(8), tmp_path)
+  params_8 = numpy_params(trainer.state)   # the intact step 8, the reference
+  trainer.checkpointer.close()
+  corrupt(tmp_path / "checkpoints" / "8")
+
+  config = config_for(12)
+  config.average_last_checkpoints = 3
   trainer = Trainer(config, tmp_path)
   assert trainer.resumed_from == 4
   assert "checkpoint step 8" in caplog.text and "unreadable" in caplog.text
+  assert trainer.checkpointer.steps() == [4]   # the unreadable step is gone, the readable kept
   trainer.checkpointer.close()
+  assert run(config, tmp_path)["step"] == 12   # averages steps 4, 8 and 12
+  assert saved_steps(tmp_path) == [4, 8, 12]
+
+  trainer = Trainer(config, tmp_path)
+  abstract = abstract_with_shardings(trainer.state_shardings, trainer.state)
+  states = {step: trainer.checkpointer.restore(abstract, step)[0] for step in (4, 8, 12)}
+  for got, want in zip(numpy_params(states[8]), params_8):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  # Averaging leaves out a step that became unreadable, with a warning, and averages the rest.
+  corrupt(tmp_path / "checkpoints" / "4")
+  averaged, steps = average_params(trainer.checkpointer, abstract, 3)
+  assert steps == [8, 12] and "averaging leaves out checkpoint step 4" in caplog.text
+  for got, a, b in zip(jax.tree.leaves(averaged), numpy_params(states[8]),
+                       numpy_params(states[12])):
+    np.testing.assert_allclose(np.asarray(got), (a + b) / 2, rtol=1e-6, atol=1e-7)
+
+  # A config of another shape is named as such, not as corruption, and nothing is deleted.
+  other = config_for(12)
+  other.model.d_ff = 128
+  with pytest.raises(CheckpointError, match=r"checkpoint at .*/12 was written with another "
+                     r"model/optimizer config \(.*feed_forward.* saved \(64,\), now \(128,\)"):
+    Trainer(other, tmp_path)
+  assert saved_steps(tmp_path) == [4, 8, 12]
+  trainer.checkpointer.close()
+
+
+def test_crash_in_the_first_step_leaves_no_checkpoint(tmp_path):
+  """Nothing trained, nothing saved: a fixed config (here another d_ff) then starts afresh."""
+  trainer = Trainer(config_for(4), tmp_path)
+
+  def out_of_memory(state, batch):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  trainer.train_step = out_of_memory
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    trainer.train(MetricWriter(tmp_path, enabled=False))
+  trainer.checkpointer.close()
+  assert saved_steps(tmp_path) == []
+  fixed = config_for(4)
+  fixed.model.d_ff = 128
+  trainer = Trainer(fixed, tmp_path)
+  assert trainer.resumed_from is None
+  trainer.checkpointer.close()
+
+
+def test_init_from_skips_an_unfinished_save(tmp_path):
+  """A save cut short leaves Orbax's "<step>.orbax-checkpoint-tmp-<time>" directory; the source
+  run's newest complete step is used, and the other run's directory is left as it was."""
+  source = tmp_path / "source"
+  checkpointer = Checkpointer(source / "checkpoints", asynchronous=False)
+  weights = np.arange(6, dtype=np.float32).reshape(2, 3)
+  checkpointer.save(4, {"params": {"w": jnp.asarray(weights)}}, {})
+  checkpointer.close()
+  unfinished = source / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000"
+  (unfinished / "state").mkdir(parents=True)
+  params = latest_params(source)
+  np.testing.assert_array_equal(np.asarray(params["w"]), weights)
+  assert unfinished.is_dir()
 
 
 def test_non_finite_loss_stops_and_keeps_finite_state(tmp_path):

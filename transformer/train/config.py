@@ -6,9 +6,12 @@ import dataclasses
 
 import ml_collections
 
+from transformer.data.tokenizer import MASK_ID
 from transformer.model.config import TransformerConfig
+from transformer.train.optimizer import make_optimizer
 
 TASKS = ("translation", "lm", "mlm")
+TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=8000, tokenizer_type="unigram", tokenizer_sentences=1_000_000,
       max_length=64,                  # tokens, EOS included; longer pairs are dropped (or truncated)
       truncate=False,
-      tokens_per_batch=4096,          # target tokens (with padding) per global batch
+      # target tokens (with padding) per global micro-batch; an update reads
+      # optimizer.grad_accum_steps of them
+      tokens_per_batch=4096,
       length_buckets=(),              # () = default boundaries up to max_length
       eval_batch_size=64,
       mlm_select_rate=0.15,
@@ -36,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0,
       schedule="rsqrt", warmup_steps=4000, lr_scale=1.0, peak_learning_rate=1e-3,
+      # grad_accum_steps k > 1: each update sums the gradients of k micro-batches (one k-times
+      # larger batch, divided once by its token count); num_train_steps and the schedule count
+      # updates
       grad_clip_norm=0.0, grad_accum_steps=1,
   ))
   config.label_smoothing = 0.1
@@ -50,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.nan_policy = "stop"             # "stop" or "skip" on a non-finite loss
 
   config.decode = ml_collections.ConfigDict(dict(
-      beam_size=4, alpha=0.6, max_extra_length=50, batch_size=64, num_examples=5,
-      bleu_at_end=True,
+      beam_size=4, alpha=0.6, max_extra_length=50, num_examples=5,
+      bleu_at_end=True,               # test sets are batched by data.eval_batch_size
   ))
 
   config.parallel = ml_collections.ConfigDict(dict(
@@ -79,11 +87,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("max_length", "tokens_per_batch", "eval_batch_size", "vocab_size"):
     if config.data[key] <= 0:
       raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
+  if config.data.vocab_size <= MASK_ID + 1:
+    raise ValueError(f"data.vocab_size={config.data.vocab_size} leaves no room for text: it needs "
+                     f"the {MASK_ID + 1} special pieces plus one per distinct character of the "
+                     "training text: raise data.vocab_size")
   if config.data.max_length > config.model.max_len:
     raise ValueError(f"data.max_length={config.data.max_length} exceeds model.max_len="
                      f"{config.model.max_len}: raise model.max_len or lower data.max_length")
+  if config.data.tokenizer_type not in TOKENIZER_TYPES:
+    raise ValueError(f"data.tokenizer_type={config.data.tokenizer_type!r} is unknown: use one of "
+                     f"{TOKENIZER_TYPES}")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"nan_policy={config.nan_policy!r} is unknown: use stop or skip")
-  if config.optimizer.grad_accum_steps < 1:
-    raise ValueError("optimizer.grad_accum_steps must be >= 1")
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+  if not 0 <= config.average_last_checkpoints <= config.keep_checkpoints:
+    raise ValueError(f"average_last_checkpoints={config.average_last_checkpoints} must be in "
+                     f"[0, keep_checkpoints={config.keep_checkpoints}]: only kept checkpoints "
+                     "can be averaged; raise keep_checkpoints or lower it")
+  _validate_optimizer(config)
+  _validate_decode(config.decode)
   model_config(config)
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  opt = config.optimizer
+  if opt.warmup_steps < 1:
+    raise ValueError(f"optimizer.warmup_steps must be >= 1 (the schedules divide by it), got "
+                     f"{opt.warmup_steps}")
+  for key in ("b1", "b2"):
+    if not 0.0 <= opt[key] < 1.0:
+      raise ValueError(f"optimizer.{key} must be in [0, 1) (Adam's decay rate), got {opt[key]}")
+  if opt.eps <= 0:
+    raise ValueError(f"optimizer.eps must be positive (it keeps Adam's division finite), got "
+                     f"{opt.eps}")
+  for key in ("lr_scale", "peak_learning_rate"):
+    if opt[key] <= 0:
+      raise ValueError(f"optimizer.{key} must be positive, got {opt[key]}")
+  for key in ("weight_decay", "grad_clip_norm"):
+    if opt[key] < 0:
+      raise ValueError(f"optimizer.{key} must be >= 0 (0 turns it off), got {opt[key]}")
+  if opt.grad_accum_steps < 1:
+    raise ValueError("optimizer.grad_accum_steps must be >= 1")
+  make_optimizer(config)  # unknown optimizer.name or optimizer.schedule
+
+
+def _validate_decode(decode: ml_collections.ConfigDict) -> None:
+  """Checked before training, so a bad value does not surface only at the final BLEU."""
+  if decode.beam_size < 1:
+    raise ValueError(f"decode.beam_size must be >= 1 (1 = greedy), got {decode.beam_size}")
+  if decode.alpha < 0:
+    raise ValueError(f"decode.alpha (length penalty) must be >= 0, got {decode.alpha}")
+  for key in ("max_extra_length", "num_examples"):
+    if decode[key] < 0:
+      raise ValueError(f"decode.{key} must be >= 0, got {decode[key]}")

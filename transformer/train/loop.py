@@ -59,6 +59,25 @@ def abstract_with_shardings(state_shardings, state):
                       state, state_shardings)
 
 
+def update_stream_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config the training stream reads: one batch per update.
+
+  With optimizer.grad_accum_steps = k, that batch holds k x data.tokens_per_batch tokens from one
+  length bucket, in rows a multiple of k x the data-parallel ways (see `build_inputs`), and
+  `micro_batches` cuts it into k micro-batches with exactly the rows and length of a batch
+  without accumulation. One bucket per update keeps the stack one shape without padding it to
+  the largest of k buckets, and the stream's position still counts updates, so resuming is exact.
+  """
+  stream = config.copy_and_resolve_references()
+  stream.data.tokens_per_batch = config.data.tokens_per_batch * config.optimizer.grad_accum_steps
+  return stream
+
+
+def micro_batches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+  """[k * B, ...] -> [k, B, ...]: an update's rows as k micro-batches of consecutive rows."""
+  return {key: value.reshape(k, -1, *value.shape[1:]) for key, value in batch.items()}
+
+
 class Trainer:
   """Owns a run's mesh, state, compiled steps and checkpoints."""
 
@@ -67,8 +86,15 @@ class Trainer:
     self.config, self.workdir = config, Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.mesh = make_mesh(config.parallel)
+    # Before any data work, so a mesh that cannot split the model or the evaluation batches
+    # fails in seconds. The tokenizer has exactly data.vocab_size pieces (checked again below).
+    check_divisible(self.mesh, num_heads=config.model.num_heads, d_ff=config.model.d_ff,
+                    d_model=config.model.d_model, vocab_size=config.data.vocab_size,
+                    batch_size=config.data.eval_batch_size)
     data_ways = self.mesh.shape[DATA] * self.mesh.shape[FSDP]
-    self.inputs: Inputs = build_inputs(config, self.workdir, batch_multiple=data_ways,
+    self.grad_accum_steps = config.optimizer.grad_accum_steps
+    self.inputs: Inputs = build_inputs(update_stream_config(config), self.workdir,
+                                       batch_multiple=data_ways * self.grad_accum_steps,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
     with config.unlocked():
@@ -85,14 +111,20 @@ class Trainer:
     self.graphdef, _, self.rest = nnx.split(self.model, nnx.Param, ...)
     steps = make_steps(self.graphdef, self.rest, self.tx, task=config.task,
                        label_smoothing=config.label_smoothing,
-                       dropout_key=jax.random.key(config.seed + 1))
+                       dropout_key=jax.random.key(config.seed + 1),
+                       grad_accum_steps=self.grad_accum_steps)
     self.train_step = compile_train_step(config.parallel.strategy, steps, self.state_shardings,
                                          self.mesh)
     self.eval_step = jax.jit(steps.eval_step,
                              in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
                              out_shardings=replicated(self.mesh))
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
-    self.resumed_from = self._restore()
+    try:
+      self.resumed_from = self._restore()
+    except BaseException:
+      # An unclosed manager's background threads fail noisily at interpreter exit.
+      self.checkpointer.close()
+      raise
 
   def _restore(self) -> int | None:
     if not self.checkpointer.steps():
@@ -114,12 +146,17 @@ class Trainer:
 
   def save(self, force: bool = False) -> None:
     step = int(self.state.step)
-    if step in self.checkpointer.steps():
+    # Step 0 is the seed's initialisation: saving it (e.g. after a crash in the first step)
+    # would only pin the workdir to a config that may need fixing.
+    if step == 0 or step in self.checkpointer.steps():
       return
     self.checkpointer.save(step, self.state, self.inputs.train.state(), force=force)
 
   def train(self, writer: metrics_lib.MetricWriter) -> None:
-    """Runs steps until num_train_steps; the step counter lives on the host to avoid syncs."""
+    """Runs updates until num_train_steps; the step counter lives on the host to avoid syncs.
+
+    A step is one optimizer update, on grad_accum_steps micro-batches.
+    """
     config = self.config
     step = int(self.state.step)
     stop = StopRequested()
@@ -130,7 +167,7 @@ class Trainer:
       with jax.set_mesh(self.mesh):
         while step < config.num_train_steps and not stop.signal:
           batch = next(self.inputs.train)
-          self.state, step_metrics = self.train_step(self.state, global_batch(batch, self.mesh))
+          self.state, step_metrics = self.train_step(self.state, self._train_batch(batch))
           step += 1
           sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
           window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count())
@@ -152,6 +189,13 @@ class Trainer:
       log.warning("%s received at step %d: checkpoint saved; run again to resume", stop.signal,
                   step)
       raise KeyboardInterrupt(stop.signal)
+
+  def _train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A host batch of the training stream as the train step takes it, on the mesh."""
+    k = self.grad_accum_steps
+    if k == 1:
+      return global_batch(batch, self.mesh)
+    return global_batch(micro_batches(batch, k), self.mesh, stacked=True)
 
   def _log_train(self, writer, progress, window, sums, step) -> None:
     steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))

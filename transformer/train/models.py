@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from transformer.model import DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig
+from transformer.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +26,25 @@ def create_model(task: str, config: TransformerConfig, seed: int) -> nnx.Module:
 def latest_params(workdir: str | Path) -> dict:
   """The newest checkpoint's parameters of another run, as a nested dict of NumPy arrays."""
   directory = Path(workdir).absolute() / "checkpoints"
-  steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.is_dir()) \
-      if directory.is_dir() else []
+  steps = []
+  if directory.is_dir():
+    # Orbax's own listing: it leaves out the temporary directories of unfinished saves
+    # ("8.orbax-checkpoint-tmp-<time>"), which a glob for digits would take for steps.
+    listing = Checkpointer(directory, read_only=True)
+    steps = listing.steps()
+    listing.close()
   if not steps:
     raise FileNotFoundError(f"init_from: no checkpoint in {directory}: train that run first")
   path = directory / str(steps[-1]) / "state"
   checkpointer = ocp.StandardCheckpointer()
   # Restore onto this host's first device, whatever mesh the other run was saved from.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, target)["params"]
+  try:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, target)["params"]
+  finally:
+    checkpointer.close()
 
 
 def load_params_into(model: nnx.Module, workdir: str | Path) -> None:
