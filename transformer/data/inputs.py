@@ -16,7 +16,8 @@ from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
 from transformer.data.pipeline import (Batch, BatchIterator, Examples, default_length_buckets,
                                        encode_pairs, eval_batches, lm_train_batches,
                                        make_examples, mask_tokens, translation_train_batches)
-from transformer.data.tokenizer import MASK_ID, UNK_ID, Tokenizer, load_or_train_tokenizer
+from transformer.data.tokenizer import (UNK_ID, Tokenizer, check_vocab_size,
+                                        load_or_train_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,7 @@ def report_unknown(ids: list[list[int]], split: str) -> int:
 def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
   """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
   vocab_size = config.data.vocab_size
-  if vocab_size <= MASK_ID:  # SentencePiece's own error for this names no size at all
-    raise ValueError(f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
-                     f"{MASK_ID + 1} special pieces plus one per distinct character of the "
-                     "training text: raise data.vocab_size")
+  check_vocab_size(vocab_size)
   sentences = [s for pair in train_pairs[: config.data.tokenizer_sentences // 2] for s in pair]
   try:
     return load_or_train_tokenizer(workdir, sentences, vocab_size,

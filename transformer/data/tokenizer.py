@@ -26,6 +26,15 @@ MASK_PIECE = "<mask>"
 MODEL_FILENAME = "spm.model"
 
 
+def check_vocab_size(vocab_size: int) -> None:
+  """A clear error for a vocabulary with no room beyond the special pieces (SentencePiece's own
+  error for it names no size)."""
+  if vocab_size <= MASK_ID + 1:
+    raise ValueError(f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
+                     f"{MASK_ID + 1} special pieces plus one per distinct character of the "
+                     "training text: raise data.vocab_size")
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     model_path: str | os.PathLike,

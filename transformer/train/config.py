@@ -6,7 +6,7 @@ import dataclasses
 
 import ml_collections
 
-from transformer.data.tokenizer import MASK_ID
+from transformer.data.tokenizer import check_vocab_size
 from transformer.model.config import TransformerConfig
 from transformer.train.optimizer import make_optimizer
 
@@ -87,10 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("max_length", "tokens_per_batch", "eval_batch_size", "vocab_size"):
     if config.data[key] <= 0:
       raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
-  if config.data.vocab_size <= MASK_ID + 1:
-    raise ValueError(f"data.vocab_size={config.data.vocab_size} leaves no room for text: it needs "
-                     f"the {MASK_ID + 1} special pieces plus one per distinct character of the "
-                     "training text: raise data.vocab_size")
+  check_vocab_size(config.data.vocab_size)
   if config.data.max_length > config.model.max_len:
     raise ValueError(f"data.max_length={config.data.max_length} exceeds model.max_len="
                      f"{config.model.max_len}: raise model.max_len or lower data.max_length")
