@@ -25,6 +25,7 @@ from transformer.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, 
                                         train_sentencepiece)
 from transformer.train.checkpoint import Checkpointer
 from transformer.train.config import get_config
+from transformer.train.optimizer import with_standard_promotion
 
 COPY_VOCAB = 16
 COPY_LENGTH = 8
@@ -43,7 +44,7 @@ def copy_batch(rng: np.random.Generator, batch: int, length: int = COPY_LENGTH):
 
 def train_copy_model(steps: int = 100, seed: int = 0) -> EncoderDecoder:
   model = EncoderDecoder(TransformerConfig.tiny(vocab_size=COPY_VOCAB), rngs=nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, with_standard_promotion(optax.adam(3e-3)), wrt=nnx.Param)
 
   @nnx.jit
   def train_step(model, optimizer, src_BS, tgt_in_BT, tgt_BT):

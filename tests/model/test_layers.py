@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig, sinusoidal_position_encoding
-from transformer.model.layers import Embedding, PositionEncoding, rotary_embedding, tied_logits
+from transformer.model.layers import (Embedding, LayerNorm, PositionEncoding, rotary_embedding,
+                                      tied_logits)
 
 
 @pytest.mark.parametrize("pos", [0, 1, 7, 50, 255])
@@ -117,3 +118,35 @@ def test_bfloat16_logits_round_the_float32_logits_and_keep_their_gradients():
     grads[dtype] = jax.grad(loss)(embed).table[...]
   np.testing.assert_array_equal(logits["bfloat16"], logits["float32"].astype(jnp.bfloat16))
   np.testing.assert_allclose(grads["bfloat16"], grads["float32"], rtol=2e-2, atol=2e-3)
+
+
+def test_layer_norm_matches_float64_formula_even_far_from_zero_mean():
+  """Against NumPy float64; a mean of 1e4 with unit spread is where E[x^2] - E[x]^2 in float32
+  loses every digit of the variance, and bfloat16 input gets the float32 result rounded once."""
+  config = TransformerConfig.tiny()
+  norm = LayerNorm(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  norm.scale[...] = jnp.asarray(rng.normal(size=config.d_model), jnp.float32)
+  norm.bias[...] = jnp.asarray(rng.normal(size=config.d_model), jnp.float32)
+  x_BTD = (1e4 + rng.normal(size=(2, 3, config.d_model))).astype(np.float32)
+  x64 = x_BTD.astype(np.float64)
+  normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True)
+                                                         + config.layer_norm_epsilon)
+  expected_BTD = normed * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+  np.testing.assert_allclose(norm(jnp.asarray(x_BTD)), expected_BTD, rtol=0, atol=1e-2)
+
+  bf16_norm = LayerNorm(TransformerConfig.tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))
+  nnx.update(bf16_norm, nnx.state(norm))
+  x_bf16 = jnp.asarray(rng.normal(size=(2, 3, config.d_model)), jnp.bfloat16)
+  got = bf16_norm(x_bf16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got, norm(x_bf16.astype(jnp.float32)).astype(jnp.bfloat16))
+
+
+def test_layer_norm_state_has_the_layout_of_flax_layer_norm():
+  """Checkpoints written when the model used nnx.LayerNorm restore into this one."""
+  config = TransformerConfig.tiny()
+  ours = nnx.state(LayerNorm(config, rngs=nnx.Rngs(0)))
+  flax_norm = nnx.state(nnx.LayerNorm(config.d_model, rngs=nnx.Rngs(0)))
+  shapes = lambda state: jax.tree.map(lambda v: (v.shape, v.dtype), nnx.to_pure_dict(state))
+  assert shapes(ours) == shapes(flax_norm)

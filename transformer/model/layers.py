@@ -172,10 +172,33 @@ class FeedForward(nnx.Module):
     return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
-def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm over D; statistics are computed in float32 whatever the compute dtype."""
-  return nnx.LayerNorm(
-      config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
-      param_dtype=config.weight_dtype, rngs=rngs,
-      scale_metadata={"out_sharding": (EMBED,), "eager_sharding": False},
-      bias_metadata={"out_sharding": (EMBED,), "eager_sharding": False})
+def layer_norm_BTD(x_BTD: Float[Array, "B T D"], scale_D: Float[Array, "D"],
+                   bias_D: Float[Array, "D"], epsilon: float) -> Float[Array, "B T D"]:
+  """(x - mean) / sqrt(var + eps) * scale + bias over D (Ba et al., 2016), in x's dtype.
+
+  Mean and variance are taken in float32 whatever x's dtype (bfloat16 sums of 512 squares lose
+  the variance's low bits), and the variance as the mean of squared deviations, not
+  E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
+  """
+  x32_BTD = x_BTD.astype(jnp.float32)
+  mean_BT1 = jnp.mean(x32_BTD, axis=-1, keepdims=True)
+  centred_BTD = x32_BTD - mean_BT1
+  variance_BT1 = jnp.mean(jnp.square(centred_BTD), axis=-1, keepdims=True)
+  normed_BTD = centred_BTD * jax.lax.rsqrt(variance_BT1 + jnp.float32(epsilon))
+  scale_11D = scale_D.astype(jnp.float32)[None, None]
+  y_BTD = normed_BTD * scale_11D + bias_D.astype(jnp.float32)[None, None]
+  return y_BTD.astype(x_BTD.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over D with a learned scale (ones) and bias (zeros), stored in param_dtype."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.epsilon, self.dtype = config.layer_norm_epsilon, config.compute_dtype
+    d, w = config.d_model, config.weight_dtype
+    self.scale = param(rngs, nnx.initializers.ones, (d,), (EMBED,), w)
+    self.bias = param(rngs, nnx.initializers.zeros, (d,), (EMBED,), w)
+
+  def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    y_BTD = layer_norm_BTD(x_BTD, self.scale[...], self.bias[...], self.epsilon)
+    return y_BTD.astype(self.dtype)

@@ -12,8 +12,8 @@ from jaxtyping import Array, Float, Int
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.masks import padding_mask
 from transformer.model.config import TransformerConfig
-from transformer.model.layers import (Embedding, FeedForward, OutputProjection, PositionEncoding,
-                                      layer_norm, param)
+from transformer.model.layers import (Embedding, FeedForward, LayerNorm, OutputProjection,
+                                      PositionEncoding, param)
 from transformer.parallel.axes import EMBED, VOCAB
 
 
@@ -26,7 +26,7 @@ class Residual(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.pre_norm = config.norm == "pre"
-    self.norm = layer_norm(config, rngs=rngs)
+    self.norm = LayerNorm(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, x_BTD, sublayer: Callable[[jax.Array], jax.Array]):
@@ -86,7 +86,7 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([EncoderLayer(config, rngs=rngs)
                             for _ in range(config.num_encoder_layers)])
     # Pre-LN leaves the residual stream un-normalised: one last LayerNorm closes the stack.
-    self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+    self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
   def __call__(self, ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
@@ -110,7 +110,7 @@ class Decoder(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
     self.layers = nnx.List([DecoderLayer(config, cross=cross, rngs=rngs)
                             for _ in range(config.num_decoder_layers)])
-    self.final_norm = layer_norm(config, rngs=rngs) if config.norm == "pre" else None
+    self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
     self.cache_index = nnx.data(None)
     self.memory_mask = nnx.data(None)
 
@@ -213,7 +213,7 @@ class MaskedLMHead(nnx.Module):
     d = config.d_model
     self.dense = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None),
                        config.weight_dtype)
-    self.norm = layer_norm(config, rngs=rngs)
+    self.norm = LayerNorm(config, rngs=rngs)
     self.bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,),
                       config.weight_dtype)
 

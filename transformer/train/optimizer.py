@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
@@ -32,5 +33,24 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"optimizer.name={opt.name!r} is unknown: use adam or adamw")
   # Gradient accumulation (optimizer.grad_accum_steps) is not here: the train step sums the
   # micro-batches' gradients itself and calls this optimizer once per update.
-  return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
+  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
       if opt.grad_clip_norm > 0 else core
+  return with_standard_promotion(tx)
+
+
+def with_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` traced under JAX's standard dtype promotion, its state unchanged.
+
+  Optax's bias correction raises a Python float to the int32 step count, which
+  `jax_numpy_dtype_promotion="strict"` rejects; programs (and this project's tests) that turn
+  strict promotion on would otherwise fail inside the optimizer rather than in their own code.
+  """
+  def init(params):
+    with jax.numpy_dtype_promotion("standard"):
+      return tx.init(params)
+
+  def update(updates, state, params=None):
+    with jax.numpy_dtype_promotion("standard"):
+      return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
