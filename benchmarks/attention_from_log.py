@@ -7,6 +7,7 @@ Crossovers and the acceptance check are recomputed from these medians by the sam
 in a complete run. The record says where it came from (`provenance`).
 
   python -m benchmarks.attention_from_log LOG --environment RESULT.json [--note TEXT]
+      [--block_size K] [--out PATH]
 
 `--environment` names a JSON result of the same machine and run (written by another script of
 the same call) whose `environment` block is copied.
@@ -25,11 +26,12 @@ from benchmarks import plot
 
 LINE = re.compile(r"^\s+(?P<layer>\w+)\s+B=(?P<batch>\d+)\s+T=(?P<length>\d+)\s+"
                   r"(?:fwd (?P<fwd>[\d.]+) (?P<fwd_unit>[kMG]?)tok/s\s+)?"
-                  r"fwd\+bwd (?P<fb>[\d.]+) (?P<fb_unit>[kMG]?)tok/s\s+compile (?P<compile>[\d.]+)s")
+                  r"fwd\+bwd (?P<fb>[\d.]+) (?P<fb_unit>[kMG]?)tok/s\s+"
+                  r"compile (?P<compile>[\d.]+)s")
 SCALE = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
 
-def parse(text: str) -> list[dict]:
+def parse(text: str, block_size: int = avr.BLOCK) -> list[dict]:
   """One record per printed measurement, in the layout of `attention_vs_rnn.measure`; a layer,
   batch and length printed twice (the block-size sweep) keeps its first line."""
   records = {}
@@ -38,7 +40,7 @@ def parse(text: str) -> list[dict]:
       continue
     layer, batch, length = match["layer"], int(match["batch"]), int(match["length"])
     record = {"layer": layer, "batch": batch, "length": length,
-              "sequential_steps_forward": avr.sequential_steps(layer, length)}
+              "sequential_steps_forward": avr.sequential_steps(layer, length, block_size)}
     flops = avr.forward_flops(layer, batch, length)
     modes = [("forward_backward", match["fb"], match["fb_unit"], 3 * flops)]
     if match["fwd"]:
@@ -52,36 +54,47 @@ def parse(text: str) -> list[dict]:
   return list(records.values())
 
 
+def read_environment(parser: argparse.ArgumentParser, path: Path) -> dict:
+  """The `environment` block of another JSON result; a missing or unsuitable file ends the run
+  with a one-line message."""
+  if not path.is_file():
+    parser.error(f"--environment {path} does not exist: pass a JSON result written by another "
+                 "benchmark of the same machine and run")
+  try:
+    return json.loads(path.read_text())["environment"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    parser.error(f"--environment {path} is not a benchmark JSON with an 'environment' block")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("log", type=Path)
   parser.add_argument("--environment", type=Path, required=True)
   parser.add_argument("--note", default="")
+  parser.add_argument("--block_size", type=int, default=avr.BLOCK,
+                      help="the blockwise key block of the run (the log does not print it; "
+                           "default: the library's current one)")
   parser.add_argument("--out", type=Path, default=None, help="default: beside the environment")
   args = parser.parse_args(argv)
   if not args.log.is_file():
     parser.error(f"{args.log} does not exist: pass the log the benchmark printed")
-  results = parse(args.log.read_text())
+  if args.block_size < 1:
+    parser.error("--block_size must be a positive number of keys")
+  results = parse(args.log.read_text(), args.block_size)
   if not results:
     parser.error(f"{args.log} holds no measurement lines of benchmarks.attention_vs_rnn")
-  environment = json.loads(args.environment.read_text())["environment"]
-  layers = sorted({r["layer"] for r in results})
-  batches = sorted({r["batch"] for r in results})
-  baselines = [b for b in ("lstm_autodiff", "lstm", "lstm_cudnn") if b in layers]
-  attention = [a for a in ("xla", "blockwise", "blockwise_causal", "cudnn", "cudnn_causal")
-               if a in layers]
+  environment = read_environment(parser, args.environment)
   record = {
       "benchmark": "attention_vs_rnn", "preset": "full", "environment": environment,
       "provenance": f"parsed from the printed lines of {args.log.name} by "
                     f"benchmarks.attention_from_log (medians to 3 significant digits; no min, "
                     f"max or memory). {args.note}".strip(),
-      "d_model": avr.D_MODEL, "num_heads": avr.NUM_HEADS, "block_size": avr.BLOCK,
-      "causal_layers": avr.CAUSAL,
-      "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
-      "results": results, "flop_parity_length": {"lstm": 2 * avr.D_MODEL, "gru": avr.D_MODEL},
-      # The layers this log holds, not this machine's: a GPU log read on a CPU keeps lstm_cudnn.
-      **avr.summary(results, batches, attention, baselines)}
+      **avr.record_header(), "block_size": args.block_size, "results": results,
+      # Derived from the layers this log holds, not this machine's: a GPU log read on a CPU
+      # keeps lstm_cudnn and the cuDNN attention layers.
+      **avr.summary(results)}
   out = args.out or args.environment.parent / f"attention_vs_rnn_{environment['device']}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=1) + "\n")
   print(f"wrote {out} ({len(results)} measurements)")
   plot.plot_attention_vs_rnn(out)

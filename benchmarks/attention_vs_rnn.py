@@ -3,57 +3,87 @@
 Two attention layers: bidirectional ("xla", "blockwise"; every position sees every other, as in
 the encoder) and causal ("blockwise_causal": each position sees its past only, as in the decoder
 and in a language model, and as in the LSTM, which reads left to right). The causal layer runs
-the blockwise schedule that skips the tiles above the diagonal, so it computes half the scores.
+the blockwise schedule that skips most of the tiles above the diagonal: for T = K 2^m it
+computes (T + K) / (2T) of the [T, T] scores (9/16 at T = 2048, K = 256; all of them for T <= K).
 
 On a GPU the suite adds cuDNN on both sides: "cudnn" and "cudnn_causal" (flash attention through
 `jax.nn.dot_product_attention`, bfloat16, the Transformer's GPU setting) and "lstm_cudnn" (cuDNN's
 fused LSTM through `jax.experimental.rnn`, float32 with TF32 matmuls, as PyTorch's default
-nn.LSTM on the GPU), the strongest recurrent baseline there; GPU runs use their own sizes
-(`PRESETS_GPU`: larger batches and lengths, the LSTM's own scan only up to where it takes seconds).
+nn.LSTM on the GPU); GPU runs use their own sizes (`PRESETS_GPU`: larger batches and lengths,
+the LSTM's own scan only up to where it takes seconds). Which recurrent layer is the strongest
+is not assumed: the summary names the fastest one measured at each length
+(`strongest_recurrent`). In the committed runs it is mostly the GRU, on CPU and GPU; cuDNN's
+LSTM is the slowest recurrent layer on the GPU at B = 1 (each of its steps is too small a
+product to fill the device).
 
 For each layer, batch size B and sequence length T it measures forward and forward+backward
 throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, compile time, and
-the number of steps on the sequential critical path:
+the number of steps on the sequential dependency chain (`sequential_steps_forward`):
 
-  attention "xla"        1            (one [T, T] score matrix per head)
-  attention "blockwise"  ceil(T / K)  (a scan over key blocks of K = 256; the backward scans again)
-  attention "cudnn"      ceil(T / K)  (the flash kernel walks the key blocks inside one launch)
-  "blockwise_causal"     ceil(T / K)  (query block i folds in key blocks 0..i; blocks are
-                                       independent of each other, the chain is at most T / K long)
-  LSTM, GRU              T            (h_t needs h_{t-1}; the backward runs T more steps)
+  attention "xla"        1            one [T, T] score matrix per head
+  attention "blockwise"  ceil(T / K)  key blocks of K = 256 (below)
+  "blockwise_causal"     ceil(T / K)  T padded to K 2^m (below)
+  "cudnn", "cudnn_causal"  not given  the flash kernel tiles with its own block size
+  LSTM, GRU              T            h_t needs h_{t-1}; the backward runs T more steps
+
+What `transformer.model.blockwise` runs: "blockwise" is one `lax.scan` over the key blocks with
+every query row at once ([T, K] score tiles, online softmax); the backward, a custom VJP, scans
+the key blocks again and recomputes each tile from the saved log-sum-exp. "blockwise_causal" cuts
+the lower triangle into T / K diagonal squares of one block (the "leaves", run under the causal
+mask) and, for L = K, 2K, ..., T/2, one level of rectangles in which the second half of every
+2L-long segment attends to its first half; the rectangles of a level are extra heads of one
+full-schedule call (L query rows, L / K key-block steps), and the levels run in order, each
+continuing the online softmax where the smaller pieces left it: 1 + 1 + 2 + ... + T / 2K = T / K
+dependent steps. On one CPU device both schedules visit the heads in groups whose float32 score
+tiles fit 1 MiB, one group after another in a `lax.map`; the groups do not depend on each other,
+but the loop runs them in turn: at T = 2048, K = 256, B = 1 the bidirectional forward executes
+8 groups x 8 steps = 64 iterations, the causal one 72.
 
 FLOPs per forward call (matmuls only, the convention of `train_mfu.py`; backward = 2 x forward):
   attention  B (8 T D^2 + 4 T^2 D)   Q, K, V, output projections + Q K^T and P V (non-causal)
-  causal     B (8 T D^2 + 2 T^2 D)   the lower half of Q K^T and P V (the diagonal tiles' upper
-                                     halves, T K D more, are computed and not counted)
+  causal     B (8 T D^2 + 2 T^2 D)   the lower half of Q K^T and P V. Not counted: the leaves'
+                                     masked upper halves, T K / 2 score entries x 4 D (2 D for
+                                     Q K^T, 2 D for P V, over all heads) = 2 T K D more FLOPs
+                                     computed (the 9/16 above: 2 T^2 D + 2 T K D of 4 T^2 D)
   LSTM       B T 16 D^2              [x_t ; h_{t-1}] (2D) x 4 gates (D each), multiply-add = 2
   GRU        B T 12 D^2              the same with 3 gates
 
 Per token, attention costs 8 D^2 + 4 T D FLOPs and the LSTM 16 D^2: they are equal at T = 2 D
-(1024 for D = 512; T = D against the GRU), so past that length attention can only stay ahead if
-the recurrence runs at a much lower FLOP rate than attention's large matmuls.
+(1024 for D = 512; T = D against the GRU; the causal layer's 8 D^2 + 2 T D at T = 4 D and 2 D),
+so past that length attention can only stay ahead if the recurrence runs at a much lower FLOP
+rate than attention's large matmuls.
 
 Single measurements on a shared VM drift by 10-20% within minutes, more than the margins near a
 crossover. At the acceptance length (T = 2048, B = 1) a head-to-head therefore times the LSTM,
-bidirectional and causal layers in turns, one call each per round, and reports the per-round
-speed-up over the LSTM (median, range, rounds won).
+the GRU and the blockwise (on a GPU also cuDNN) attention layers in turns, one call each per
+round, and reports each layer's per-round speed-up over the first one, the LSTM (cuDNN's on a
+GPU), and each attention layer's over the GRU (median, range, rounds won).
 
-The crossover of an attention implementation with the LSTM is where, as T grows, attention's
-forward+backward tokens/s falls below the LSTM's; it is interpolated linearly in log T between
-the two measured lengths that bracket the sign change. "lstm_autodiff" is the same LSTM
-differentiated by JAX's own scan transpose (weight gradients accumulated inside the loop) instead
-of the cuDNN-style backward of `transformer.model.rnn.recurrence`; it shows how much of the
-comparison depends on the recurrent baseline's implementation.
+A crossover of an attention layer with a recurrent one is where, as T grows, attention's
+forward+backward tokens/s falls below the recurrent layer's; it is interpolated linearly in
+log T between the two measured lengths that bracket the sign change. Crossovers are reported
+against every recurrent layer measured (`crossovers`) and against the fastest one measured at
+each length (`crossovers_vs_strongest`). The acceptance checks ask whether each blockwise
+attention layer's forward+backward beats the LSTM layers (`acceptance_blockwise_beats_lstm`,
+the issue's check) and the GRU (`acceptance_blockwise_beats_gru`) at every measured length up
+to T = 2048; a check passes only if the measurements reach 2048. "lstm_autodiff" is the same
+LSTM differentiated by JAX's own scan transpose (weight gradients accumulated inside the loop)
+instead of the cuDNN-style backward of `transformer.model.rnn.recurrence`; it shows how much of
+the comparison depends on the recurrent baseline's implementation.
 
   python -m benchmarks.attention_vs_rnn [--preset quick|full]
+  python -m benchmarks.attention_vs_rnn --head_to_head   # only the paired run, its own JSON
+  python -m benchmarks.attention_vs_rnn --resummarize results/attention_vs_rnn_*.json
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,32 +95,34 @@ from transformer.model.rnn import GRU, LSTM, CudnnLSTM
 
 D_MODEL, NUM_HEADS = 512, 8
 BLOCK = TransformerConfig.attention_block_size  # the library default
+ATTENTION = ("xla", "blockwise", "blockwise_causal", "cudnn", "cudnn_causal")
 LSTMS = ("lstm", "lstm_autodiff", "lstm_cudnn")
+RECURRENT = ("lstm", "gru", "lstm_autodiff", "lstm_cudnn")
+CAUSAL = ("blockwise_causal", "cudnn_causal")
+ACCEPTANCE_LENGTH = 2048
 PRESETS = {
     # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
     # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
     # scan-autodiff LSTM stops there.
-    "quick": dict(sweeps={4: (16, 64, 256)}, long_lengths=(), autodiff_up_to=256,
-                  max_score_bytes=2 ** 28, block_sizes=(32, 128), block_sweep_length=256,
-                  head_to_head=dict(length=256, rounds=5)),
-    "full": dict(sweeps={1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
-                 long_lengths=(8192,), autodiff_up_to=2048, max_score_bytes=2 ** 31,
-                 block_sizes=(64, 128, 256, 512), block_sweep_length=2048,
-                 head_to_head=dict(length=2048, rounds=15)),
+    "quick": {"sweeps": {4: (16, 64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
+              "max_score_bytes": 2 ** 28, "block_sizes": (32, 128), "block_sweep_length": 256,
+              "head_to_head": {"length": 256, "rounds": 5}},
+    "full": {"sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
+             "long_lengths": (8192,), "autodiff_up_to": 2048, "max_score_bytes": 2 ** 31,
+             "block_sizes": (64, 128, 256, 512), "block_sweep_length": 2048,
+             "head_to_head": {"length": 2048, "rounds": 15}},
 }
 # min_total_s: the timed calls of one measurement add up to at least this (calls take ms here).
 PRESETS_GPU = {
-    "quick": dict(sweeps={4: (64, 256)}, long_lengths=(), autodiff_up_to=256, scan_up_to=256,
-                  max_score_bytes=2 ** 30, block_sizes=(128,), block_sweep_length=256,
-                  head_to_head=dict(length=256, rounds=5), min_total_s=0.2),
-    "full": dict(sweeps={1: (64, 1024, 4096), 16: (1024,)},
-                 long_lengths=(16384,), autodiff_up_to=1024, scan_up_to=4096,
-                 max_score_bytes=2 ** 33, block_sizes=(128,), block_sweep_length=4096,
-                 head_to_head=dict(length=2048, rounds=10), min_total_s=0.2),
+    "quick": {"sweeps": {4: (64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
+              "scan_up_to": 256, "max_score_bytes": 2 ** 30, "block_sizes": (128,),
+              "block_sweep_length": 256, "head_to_head": {"length": 256, "rounds": 5},
+              "min_total_s": 0.2},
+    "full": {"sweeps": {1: (64, 1024, 4096), 16: (1024,)},
+             "long_lengths": (16384,), "autodiff_up_to": 1024, "scan_up_to": 4096,
+             "max_score_bytes": 2 ** 33, "block_sizes": (128,), "block_sweep_length": 4096,
+             "head_to_head": {"length": 2048, "rounds": 10}, "min_total_s": 0.2},
 }
-
-
-CAUSAL = ("blockwise_causal", "cudnn_causal")
 
 
 def on_gpu() -> bool:
@@ -105,9 +137,20 @@ def rnn_layers() -> list[str]:
   return ["lstm", "gru", "lstm_autodiff"] + (["lstm_cudnn"] if on_gpu() else [])
 
 
-def baselines() -> list[str]:
-  """The recurrent layers every attention layer is compared with, the strongest last."""
-  return ["lstm_autodiff", "lstm"] + (["lstm_cudnn"] if on_gpu() else [])
+def head_to_head_layers() -> tuple[str, ...]:
+  """The paired round: the LSTM first (the acceptance check's baseline; on a GPU cuDNN's, then
+  the scan LSTM to show what cuDNN gains or loses over it), the GRU, every attention layer that
+  reaches long sequences."""
+  lstms = ("lstm_cudnn", "lstm") if on_gpu() else ("lstm",)
+  return (*lstms, "gru", *(n for n in attention_layers() if n != "xla"))
+
+
+def record_header() -> dict:
+  """What every attention_vs_rnn record states about its layers (also a record rebuilt from a
+  log by `attention_from_log`)."""
+  return {"d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
+          "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
+          "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL}}
 
 
 def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
@@ -136,10 +179,14 @@ def forward_flops(name: str, batch: int, length: int) -> float:
   return batch * (8 * length * d * d + score_flops)
 
 
-def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int:
-  if name in (*LSTMS, "gru"):
+def sequential_steps(name: str, length: int, block_size: int = BLOCK) -> int | None:
+  """Steps on the forward's dependency chain; None for cuDNN's attention, whose kernel picks its
+  own tile size (the library's K says nothing about it)."""
+  if name in RECURRENT:
     return length
-  if name.startswith(("blockwise", "cudnn")):
+  if name.startswith("cudnn"):
+    return None
+  if name.startswith("blockwise"):
     return math.ceil(length / min(block_size, length))
   return 1
 
@@ -166,7 +213,8 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   tokens, flops = batch * length, forward_flops(name, batch, length)
   steps = sequential_steps(name, length, block_size)
   record = {"layer": name, "batch": batch, "length": length,
-            "sequential_steps_forward": steps, "sequential_steps_forward_backward": 2 * steps}
+            "sequential_steps_forward": steps,
+            "sequential_steps_forward_backward": None if steps is None else 2 * steps}
   if name.startswith("blockwise"):
     record["block_size"] = block_size
   modes = [("forward", apply, (params, x_BTD), flops)] if with_forward else []
@@ -184,26 +232,36 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
   return record
 
 
+def _paired_call(name: str, length: int):
+  """The compiled forward+backward of one layer at B = 1, warmed up, as a no-argument call."""
+  graphdef, params, rest = nnx.split(build_layer(name), nnx.Param, ...)
+  options = {"is_causal": True} if name in CAUSAL else {}
+  apply = lambda p, x: nnx.merge(graphdef, p, rest)(x, **options)
+
+  def forward_backward(params, x_BTD, dy_BTD):
+    _, vjp = jax.vjp(apply, params, x_BTD)
+    return vjp(dy_BTD)
+
+  x_BTD = jax.random.normal(jax.random.key(1), (1, length, D_MODEL), jnp.float32)
+  dy_BTD = jax.random.normal(jax.random.key(2), (1, length, D_MODEL),
+                             output_dtype(apply, params, x_BTD))
+  compiled, _ = common.compile_jitted(forward_backward, params, x_BTD, dy_BTD)
+  jax.block_until_ready(compiled(params, x_BTD, dy_BTD))  # warm-up
+  return lambda: compiled(params, x_BTD, dy_BTD)
+
+
+def _ratios(seconds_over: list[float], seconds_ours: list[float]) -> dict:
+  ratios = [theirs / ours for theirs, ours in zip(seconds_over, seconds_ours)]
+  return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+          "rounds_won": sum(r > 1 for r in ratios)}
+
+
 def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
   """Paired timing at one length, B = 1: the layers' compiled forward+backward calls take turns,
   one call each per round, so a slow phase of a shared machine hits all of them alike. Reports
-  each attention layer's per-round speed-up over the first layer, the recurrent baseline
-  (median, min, max, rounds won)."""
-  calls = {}
-  for name in layers:
-    graphdef, params, rest = nnx.split(build_layer(name), nnx.Param, ...)
-    options = {"is_causal": True} if name in CAUSAL else {}
-
-    def forward_backward(params, x_BTD, dy_BTD, graphdef=graphdef, rest=rest, options=options):
-      _, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x, **options), params, x_BTD)
-      return vjp(dy_BTD)
-
-    x_BTD = jax.random.normal(jax.random.key(1), (1, length, D_MODEL), jnp.float32)
-    dtype = output_dtype(lambda p, x: nnx.merge(graphdef, p, rest)(x, **options), params, x_BTD)
-    args = (params, x_BTD, jax.random.normal(jax.random.key(2), (1, length, D_MODEL), dtype))
-    compiled, _ = common.compile_jitted(forward_backward, *args)
-    jax.block_until_ready(compiled(*args))  # warm-up
-    calls[name] = lambda compiled=compiled, args=args: compiled(*args)
+  every other layer's per-round speed-up over the first layer (`speedup_over_lstm`) and, where
+  the GRU takes part, each attention layer's over the GRU (median, min, max, rounds won)."""
+  calls = {name: _paired_call(name, length) for name in layers}
   seconds = {name: [] for name in layers}
   for _ in range(rounds):
     for name in layers:
@@ -212,79 +270,186 @@ def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
       seconds[name].append(time.perf_counter() - start)
   baseline = layers[0]
   report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds,
-            "baseline": baseline, "speedup_over_lstm": {}}
-  for name in layers[1:]:
-    ratios = [lstm / ours for lstm, ours in zip(seconds[baseline], seconds[name])]
-    report["speedup_over_lstm"][name] = {
-        "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-        "rounds_won": sum(r > 1 for r in ratios)}
-    print(f"head to head T={length}: {name} / {baseline} fwd+bwd speed-up median "
-          f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}), "
-          f"won {sum(r > 1 for r in ratios)} of {rounds} rounds", flush=True)
+            "baseline": baseline,
+            "speedup_over_lstm": {n: _ratios(seconds[baseline], seconds[n]) for n in layers[1:]}}
+  if "gru" in layers:
+    report["speedup_over_gru"] = {n: _ratios(seconds["gru"], seconds[n])
+                                  for n in layers if n in ATTENTION}
+  for field, reference in (("speedup_over_lstm", baseline), ("speedup_over_gru", "gru")):
+    for name, s in report.get(field, {}).items():
+      print(f"head to head T={length}: {name} / {reference} fwd+bwd speed-up median "
+            f"{s['median']:.2f}x (min {s['min']:.2f}, max {s['max']:.2f}), "
+            f"won {s['rounds_won']} of {rounds} rounds", flush=True)
   return report
 
 
-def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> list[dict]:
-  """Lengths where `layer`'s fwd+bwd tokens/s crosses `baseline`'s (log-linear interpolation)."""
-  rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
-                       if r["layer"] == name and r["batch"] == batch}
-  ours, theirs = rate(layer), rate(baseline)
+# ---------------------------------------------------------------------------------------------
+# Summary: derived from the measured rows only, so it can be recomputed for any record
+# ---------------------------------------------------------------------------------------------
+
+def rates(results: list[dict], layer: str, batch: int) -> dict[int, float]:
+  """Length -> forward+backward tokens/s of one layer at one batch size."""
+  return {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
+          if r["layer"] == layer and r["batch"] == batch}
+
+
+def measured(results: list[dict], names: tuple[str, ...]) -> list[str]:
+  """The layers of `names` that `results` holds, in the order of `names`."""
+  present = {r["layer"] for r in results}
+  return [n for n in names if n in present]
+
+
+def strongest_recurrent(results: list[dict], batch: int) -> dict[int, tuple[str, float]]:
+  """Length -> (name, tokens/s) of the fastest recurrent layer measured at that length."""
+  best = {}
+  for name in measured(results, RECURRENT):
+    for length, rate in rates(results, name, batch).items():
+      if length not in best or rate > best[length][1]:
+        best[length] = (name, rate)
+  return dict(sorted(best.items()))
+
+
+def crossing_points(ours: dict[int, float], theirs: dict[int, float]) -> list[tuple]:
+  """(length, t0, t1, direction) where log(ours / theirs) changes sign between two measured
+  lengths t0 < t1; the length is interpolated linearly in log T."""
   lengths = sorted(set(ours) & set(theirs))
   ratio = [math.log(ours[t] / theirs[t]) for t in lengths]
   found = []
   for (t0, r0), (t1, r1) in zip(zip(lengths, ratio), zip(lengths[1:], ratio[1:])):
     if (r0 > 0) != (r1 > 0):
       at = math.exp(math.log(t0) + (math.log(t1) - math.log(t0)) * r0 / (r0 - r1))
-      found.append({"layer": layer, "baseline": baseline, "batch": batch, "length": round(at),
-                    "between": [t0, t1],
-                    "direction": "falls below" if r0 > 0 else "rises above"})
+      found.append((round(at), t0, t1, "falls below" if r0 > 0 else "rises above"))
   return found
 
 
-def acceptance(results: list[dict], batch: int, baseline: str = "lstm", up_to: int = 2048,
-               layer: str = "blockwise") -> dict:
-  """Does `layer`'s fwd+bwd beat `baseline` at every measured T <= up_to?"""
-  rate = lambda name: {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
-                       if r["layer"] == name and r["batch"] == batch}
-  blockwise, theirs = rate(layer), rate(baseline)
-  lengths = sorted(t for t in set(blockwise) & set(theirs) if t <= up_to)
-  losing = [t for t in lengths if blockwise[t] <= theirs[t]]
+def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> list[dict]:
+  """Lengths where `layer`'s fwd+bwd tokens/s crosses `baseline`'s."""
+  return [{"layer": layer, "baseline": baseline, "batch": batch, "length": at,
+           "between": [t0, t1], "direction": direction}
+          for at, t0, t1, direction in crossing_points(rates(results, layer, batch),
+                                                       rates(results, baseline, batch))]
+
+
+def crossovers_vs_strongest(results: list[dict], layer: str, batch: int) -> list[dict]:
+  """Lengths where `layer` crosses the fastest recurrent layer measured at each length;
+  `strongest_at` names that layer at both bracketing lengths."""
+  best = strongest_recurrent(results, batch)
+  return [{"layer": layer, "baseline": "strongest recurrent", "batch": batch, "length": at,
+           "between": [t0, t1], "strongest_at": [best[t0][0], best[t1][0]],
+           "direction": direction}
+          for at, t0, t1, direction in crossing_points(
+              rates(results, layer, batch), {t: rate for t, (_, rate) in best.items()})]
+
+
+def acceptance(results: list[dict], batch: int, baseline: str = "lstm",
+               up_to: int = ACCEPTANCE_LENGTH, layer: str = "blockwise") -> dict:
+  """Does `layer`'s fwd+bwd beat `baseline` at every measured T <= up_to, with the measurements
+  reaching up_to? Where up_to itself was not measured, the first length beyond it must be won
+  too (a win on both sides of it); a sweep that stops short of up_to does not pass."""
+  ours, theirs = rates(results, layer, batch), rates(results, baseline, batch)
+  common_lengths = sorted(set(ours) & set(theirs))
+  beyond = [t for t in common_lengths if t >= up_to][:1]
+  lengths = [t for t in common_lengths if t < up_to] + beyond
+  losing = [t for t in lengths if ours[t] <= theirs[t]]
+  passed = bool(beyond) and not losing
+  if passed:
+    verdict = "passed" + ("" if beyond[0] == up_to else
+                          f" (T={up_to} not measured; won below it and at T={beyond[0]})")
+  elif not beyond:
+    verdict = (f"not measured up to T={up_to}: the common lengths end at "
+               f"T={max(common_lengths, default=None)}"
+               + (f"; lost at T={losing}" if losing else ""))
+  elif losing == beyond and beyond[0] > up_to:
+    verdict = f"undecided: T={up_to} not measured, won below it, lost at T={beyond[0]}"
+  else:
+    verdict = f"lost at T={losing}"
   return {"layer": layer, "batch": batch, "baseline": baseline, "up_to": up_to,
           "lengths_checked": lengths,
-          "lengths_lost": losing, "speedup": {t: blockwise[t] / theirs[t] for t in lengths},
-          "reaches_up_to": bool(lengths) and max(lengths) >= up_to,
-          "passed": bool(lengths) and not losing}
+          "lengths_lost": losing, "speedup": {t: ours[t] / theirs[t] for t in lengths},
+          "reaches_up_to": bool(beyond), "passed": passed, "verdict": verdict}
 
 
-def summary(results: list[dict], batches: list[int], layers: list[str] | None = None,
-            recurrent: list[str] | None = None) -> dict:
-  """Crossovers of each attention layer with each recurrent baseline and the acceptance checks,
-  from the measurements so far (layers and baselines: this backend's, unless given)."""
-  layers, recurrent = layers or attention_layers(), recurrent or baselines()
+def summary(results: list[dict]) -> dict:
+  """Every derived field of a record, from its measured rows: the fastest recurrent layer per
+  length, crossovers of each attention layer with each recurrent layer measured and with the
+  fastest one, and the acceptance checks against the LSTM layers and against the GRU."""
+  batches = sorted({r["batch"] for r in results})
+  attention, recurrent = measured(results, ATTENTION), measured(results, RECURRENT)
+  blockwise = [layer for layer in attention if layer != "xla"]
+  checks = lambda baselines: [acceptance(results, batch, baseline, layer=layer)
+                              for layer in blockwise for baseline in baselines
+                              for batch in batches]
   return {
-      "crossovers": [c for batch in batches for baseline in recurrent for layer in layers
+      "strongest_recurrent": [
+          {"batch": batch, "length": length, "layer": name, "tokens_per_s": rate}
+          for batch in batches for length, (name, rate) in strongest_recurrent(results,
+                                                                                batch).items()],
+      "crossovers": [c for batch in batches for baseline in recurrent for layer in attention
                      for c in crossovers(results, layer, baseline, batch)],
-      "acceptance_blockwise_beats_lstm": [
-          acceptance(results, batch, baseline, layer=layer)
-          for layer in layers if layer != "xla" for baseline in recurrent for batch in batches]}
+      "crossovers_vs_strongest": [c for batch in batches for layer in attention
+                                  for c in crossovers_vs_strongest(results, layer, batch)],
+      "acceptance_blockwise_beats_lstm": checks([b for b in recurrent if b in LSTMS]),
+      "acceptance_blockwise_beats_gru": checks([b for b in recurrent if b == "gru"])}
 
 
-def main(argv=None):
-  args = common.parse_args(__doc__.splitlines()[0], argv)
-  preset = {**(PRESETS_GPU if on_gpu() else PRESETS)[args.preset]}
+def resummarize(path: Path) -> Path:
+  """Recomputes the derived fields of an existing attention_vs_rnn JSON from its measured rows
+  (which stay as they are) and redraws its plot."""
+  record = json.loads(Path(path).read_text())
+  record.update(summary(record["results"]))
+  Path(path).write_text(json.dumps(record, indent=1) + "\n")
+  print(f"rewrote the summary of {path}")
+  from benchmarks import plot
+  plot.plot_attention_vs_rnn(path)
+  return Path(path)
+
+
+def print_summary(record: dict) -> None:
+  for line in record["crossovers_vs_strongest"]:
+    print(f"crossover: {line['layer']} {line['direction']} the strongest recurrent layer "
+          f"({'/'.join(dict.fromkeys(line['strongest_at']))}) at T~{line['length']} "
+          f"(B={line['batch']}, between {line['between']})")
+  for check in (*record["acceptance_blockwise_beats_lstm"],
+                *record["acceptance_blockwise_beats_gru"]):
+    print(f"{check['layer']} beats {check['baseline']} fwd+bwd at every T<={check['up_to']} "
+          f"(B={check['batch']}): {check['passed']} ({check['verdict']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--head_to_head", action="store_true",
+                    help="run only the paired head-to-head of the preset; writes "
+                         "attention_head_to_head_<device>.json")
+  mode.add_argument("--resummarize", nargs="+", type=Path, metavar="JSON",
+                    help="recompute crossovers and acceptance of existing results from their "
+                         "measured rows (no measurement) and redraw their plots")
+  args = common.parse_args(parser, argv)
+  for path in args.resummarize or ():
+    if not path.is_file():
+      parser.error(f"--resummarize: {path} does not exist; pass an attention_vs_rnn_*.json")
+    try:
+      benchmark = json.loads(path.read_text()).get("benchmark")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+      benchmark = None
+    if benchmark != "attention_vs_rnn":
+      parser.error(f"--resummarize: {path} is not an attention_vs_rnn result JSON")
+  return args
+
+
+def sweep(args, preset: dict) -> Path:
   min_total_s = preset.get("min_total_s", 1.0)
   scan_up_to = preset.get("scan_up_to", math.inf)  # the scan LSTM/GRU; cuDNN's LSTM always runs
   long_layers = ("blockwise", "blockwise_causal", "cudnn", "cudnn_causal", "lstm", "lstm_cudnn")
-  batches = list(preset["sweeps"])
-  record = {"d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK,
-            "causal_layers": CAUSAL,
-            "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
-            "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL}, "complete": False,
-            "results": []}
+  record = {**record_header(), "complete": False, "results": []}
 
   def save(done: str):
     # Written after every step, so a run stopped by a time limit keeps what it measured.
-    record.update(summary(record["results"], batches), done=done)
+    record.update(summary(record["results"]), done=done)
     return common.write_json("attention_vs_rnn", args.preset, record, args.out, quiet=True)
 
   for batch, lengths in preset["sweeps"].items():
@@ -304,10 +469,7 @@ def main(argv=None):
         record["results"].append(measure(name, batch, length, args.runs, with_forward=not long,
                                          min_total_s=min_total_s))
         save(f"sweep to {name}, B={batch}, T={length}")
-  # On a GPU the scan LSTM joins the round too, to show what cuDNN's LSTM gains over it.
-  record["head_to_head"] = head_to_head(**preset["head_to_head"], layers=(
-      baselines()[-1], *(["lstm"] if on_gpu() else []),
-      *(n for n in attention_layers() if n != "xla")))
+  record["head_to_head"] = head_to_head(**preset["head_to_head"], layers=head_to_head_layers())
   save("sweep and head-to-head")
   # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
   record["block_size_sweep"] = [
@@ -315,17 +477,26 @@ def main(argv=None):
               block_size=k, min_total_s=min_total_s)
       for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
   record["complete"] = True
-  for line in record["crossovers"]:
-    print(f"crossover: {line['layer']} {line['direction']} {line['baseline']} at "
-          f"T~{line['length']} (B={line['batch']}, between {line['between']})")
-  for check in record["acceptance_blockwise_beats_lstm"]:
-    print(f"{check['layer']} beats {check['baseline']} fwd+bwd at every measured T<=2048 "
-          f"(B={check['batch']}, up to T={max(check['lengths_checked'], default=0)}): "
-          f"{check['passed']}  lost at {check['lengths_lost']}")
-  path = save("everything")
+  print_summary(record)
+  return save("everything")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.resummarize:
+    for path in args.resummarize:
+      print_summary(json.loads(resummarize(path).read_text()))
+    return 0
+  preset = (PRESETS_GPU if on_gpu() else PRESETS)[args.preset]
+  if args.head_to_head:
+    result = head_to_head(**preset["head_to_head"], layers=head_to_head_layers())
+    common.write_json("attention_head_to_head", args.preset, result, args.out)
+    return 0
+  path = sweep(args, preset)
   print(f"wrote {path}")
   from benchmarks import plot
   plot.plot_attention_vs_rnn(path)
+  return 0
 
 
 if __name__ == "__main__":

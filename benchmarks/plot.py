@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import matplotlib.pyplot as plt  # after choosing the file-only backend
 
-from benchmarks.common import RESULTS_DIR  # noqa: E402
-from benchmarks.common import human as common_human  # noqa: E402
+from benchmarks.common import RESULTS_DIR
+from benchmarks.common import human as common_human
 
 STYLE = {"xla": ("tab:blue", "o"), "blockwise": ("tab:green", "s"), "cudnn": ("tab:purple", "D"),
          "blockwise_causal": ("tab:olive", "P"), "cudnn_causal": ("tab:pink", "d"),
@@ -35,20 +36,24 @@ def _title(record: dict, what: str) -> str:
 
 
 def plot_attention_vs_rnn(path: Path) -> Path:
-  """Log-log tokens/s vs T per batch size: fwd+bwd solid, forward dashed, crossovers marked."""
+  """Log-log tokens/s vs T per batch size: fwd+bwd solid, forward dotted, and a dashed vertical
+  line where an attention layer's fwd+bwd crosses the fastest recurrent layer measured there."""
   record = json.loads(Path(path).read_text())
   results = record["results"]
+  marks_all = record.get("crossovers_vs_strongest")
+  if marks_all is None:  # a record written before that field existed
+    from benchmarks import attention_vs_rnn
+    marks_all = attention_vs_rnn.summary(results)["crossovers_vs_strongest"]
   batches = sorted({r["batch"] for r in results})
   legend_in = 2.8  # inches kept free on the right for the legend
   fig, axes = plt.subplots(1, len(batches), figsize=(6.2 * len(batches) + legend_in, 5.2),
                            squeeze=False)
   for ax, batch in zip(axes[0], batches):
-    for layer in STYLE:
+    for layer, (color, marker) in STYLE.items():
       rows = sorted((r for r in results if r["layer"] == layer and r["batch"] == batch),
                     key=lambda r: r["length"])
       if not rows:
         continue
-      color, marker = STYLE[layer]
       lengths = [r["length"] for r in rows]
       ax.plot(lengths, [r["forward_backward"]["tokens_per_s"] for r in rows], color=color,
               marker=marker, label=f"{LABEL[layer]} fwd+bwd")
@@ -56,18 +61,17 @@ def plot_attention_vs_rnn(path: Path) -> Path:
       ax.plot([r["length"] for r in forward], [r["forward"]["tokens_per_s"] for r in forward],
               color=color, marker=marker, linestyle=":", alpha=0.45, markersize=3,
               label=f"{LABEL[layer]} fwd")
-    # Crossovers against the strongest recurrent baseline measured (cuDNN's LSTM on a GPU).
-    baseline = "lstm_cudnn" if any(r["layer"] == "lstm_cudnn" for r in results) else "lstm"
-    marks = [c for c in record["crossovers"]
-             if c["batch"] == batch and c["baseline"] == baseline]
+    # Crossovers against the fastest recurrent layer measured at each length (from the data).
+    marks = [c for c in marks_all if c["batch"] == batch]
     for index, cross in enumerate(sorted(marks, key=lambda c: c["length"])):
       color = STYLE[cross["layer"]][0]
+      strongest = " / ".join(LABEL[name] for name in dict.fromkeys(cross["strongest_at"]))
       ax.axvline(cross["length"], color=color, linestyle="--", linewidth=1)
       # Staggered heights keep neighbouring labels apart.
-      ax.annotate(f"{cross['layer']} = {LABEL[baseline]}\nat T~{cross['length']}",
+      ax.annotate(f"{cross['layer']} = {strongest}\nat T~{cross['length']}",
                   (cross["length"], 0.04 + 0.1 * index), xycoords=("data", "axes fraction"),
                   color=color, fontsize=8, xytext=(4, 0), textcoords="offset points",
-                  bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+                  bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
@@ -77,7 +81,8 @@ def plot_attention_vs_rnn(path: Path) -> Path:
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, fontsize=8, loc="center right")
   fig.suptitle(_title(record, f"One layer, D={record['d_model']}, {record['num_heads']} heads: "
-                              "throughput vs length (solid fwd+bwd, dotted fwd)"), fontsize=10)
+                              "throughput vs length\nsolid fwd+bwd, dotted fwd; "
+                              "dashed: crossover with the fastest recurrent layer"), fontsize=10)
   fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
   return _save(fig, path)
 
@@ -152,7 +157,8 @@ def plot_quality_vs_time(path: Path) -> Path:
   """Validation BLEU (left) and NLL (right) against training seconds, one line per model."""
   record = json.loads(Path(path).read_text())
   fig, (bleu_ax, nll_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-  lstm_colours = iter(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
+  # Runs appended with --append may outnumber the colours: they repeat.
+  lstm_colours = itertools.cycle(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
   for run in record["results"]:
     seconds = [p["train_s"] for p in run["curve"]]
     lstm = run["model"] != "transformer"
