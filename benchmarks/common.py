@@ -5,8 +5,8 @@ How every number is obtained:
   * warm-up: the compiled function runs `warmup` times untimed (first-touch allocations, caches);
   * sync: each timed call ends in `jax.block_until_ready` on its outputs, so the clock stops when
     the device is done, not when the asynchronous dispatch returns;
-  * statistics: median, min and max over >= 5 timed calls (more for calls of milliseconds, so
-    the timed calls add up to >= 1 s); rates use the median.
+  * statistics: median, min and max over >= 5 timed calls, and more until the timed calls add
+    up to >= 1 s (at most 200); rates use the median.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
-import math
 import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MIN_RUNS = 5
+MAX_RUNS = 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +96,34 @@ def device_slug() -> str:
   return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+def _git(*args: str) -> str | None:
+  """Output of a read-only git command in the repository, None outside a git checkout."""
+  try:
+    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=30, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return done.stdout
+
+
+@functools.cache
+def git_state() -> dict[str, Any]:
+  """The commit the measured code was checked out at, and whether it had local changes.
+
+  Read once per process: the code that ran is the code this process started with. Changes under
+  benchmarks/results/ do not make the tree dirty, since the benchmarks write there themselves.
+  `--no-optional-locks` keeps `git status` from taking the index lock (it would otherwise
+  refresh the index and could collide with a git command run at the same time).
+  """
+  commit = _git("rev-parse", "HEAD")
+  if commit is None:
+    return {"git_commit": None, "git_dirty": None}
+  status = _git("--no-optional-locks", "status", "--porcelain", "--", ".",
+                ":(exclude)benchmarks/results")
+  dirty = None if status is None else bool(status.strip())
+  return {"git_commit": commit.strip(), "git_dirty": dirty}
+
+
 def environment() -> dict[str, Any]:
   import flax
   import jaxlib
@@ -106,6 +137,7 @@ def environment() -> dict[str, Any]:
       "flax": flax.__version__, "optax": optax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "matmul_precision": str(jax.config.jax_default_matmul_precision),
+      **git_state(),
   }
 
 
@@ -154,11 +186,16 @@ class Timing:
     return dataclasses.asdict(self)
 
 
+def compile_timed(jitted, *args):
+  """(compiled executable, compile seconds) of an already jitted function for these arguments."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
 def compile_jitted(fn: Callable, *args, **jit_kwargs):
   """(compiled executable, compile seconds) of `jax.jit(fn, **jit_kwargs)` for these arguments."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  return compile_timed(jax.jit(fn, **jit_kwargs), *args)
 
 
 def _timed(call: Callable[[], Any]) -> float:
@@ -170,23 +207,22 @@ def _timed(call: Callable[[], Any]) -> float:
 def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1,
                compile_s: float | None = None, min_total_s: float = 1.0,
                long_call_s: float = 10.0) -> Timing:
-  """Times `call()` (which returns device arrays) `runs` times after `warmup` untimed calls.
+  """Times `call()` (which returns device arrays) after `warmup` untimed calls.
 
   Every call is synchronised with `jax.block_until_ready` before the clock stops. A stateful
   call (a train step feeding its new state to the next) keeps its state in a closure.
-  Short calls are repeated until the timed calls add up to `min_total_s` (at most 200 runs), so
-  millisecond medians are not a handful of noisy samples. A warm-up call longer than
-  `long_call_s` counts as the first timed run: one-time costs are then a negligible part of it,
-  and a second untimed 30-second call would only lengthen the suite.
+  At least `runs` calls are timed, and more until the timed calls add up to `min_total_s` (at
+  most MAX_RUNS), so millisecond medians are not a handful of noisy samples. The count follows
+  the timed calls themselves, not the warm-up, whose first-touch costs would make it too small.
+  A last warm-up call longer than `long_call_s` counts as the first timed run: one-time costs are
+  then a negligible part of it, and a second untimed 30-second call would only lengthen the suite.
   """
   times = []
   for index in range(warmup):
     first_s = _timed(call)
     if index == warmup - 1 and first_s > long_call_s:
       times.append(first_s)
-    elif index == warmup - 1:
-      runs = max(runs, min(200, math.ceil(min_total_s / max(first_s, 1e-6))))
-  while len(times) < runs:
+  while len(times) < runs or (sum(times) < min_total_s and len(times) < MAX_RUNS):
     times.append(_timed(call))
   return Timing(statistics.median(times), min(times), max(times), len(times), compile_s, times)
 
@@ -195,12 +231,30 @@ def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1,
                 min_total_s: float = 1.0, **jit_kwargs):
   """Compiles `fn` for `args` (timed apart), then times the compiled call on the same args.
 
-  Returns (Timing, compiled). Donated arguments cannot be reused; time those with `time_calls`.
+  Returns (Timing, compiled). Donated arguments cannot be reused; time a step that donates its
+  state with `time_stateful_step`.
   """
   compiled, compile_s = compile_jitted(fn, *args, **jit_kwargs)
   timing = time_calls(lambda: compiled(*args), runs=runs, warmup=warmup, compile_s=compile_s,
                       min_total_s=min_total_s)
   return timing, compiled
+
+
+def time_stateful_step(compiled, state, *args, runs: int = MIN_RUNS,
+                       compile_s: float | None = None) -> Timing:
+  """Times `compiled(state, *args) -> (state, metrics)`, each call fed the state of the last.
+
+  For train steps that donate their state (the old one is consumed, so it cannot be passed
+  twice). The first call also pays one-time costs (first-touch allocation of the donated
+  buffers): it is never one of the timed runs, however long it takes.
+  """
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], *args)
+    return metrics
+
+  return time_calls(call, runs=runs, compile_s=compile_s, long_call_s=float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +264,9 @@ def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1,
 def compiled_memory(compiled) -> dict[str, int] | None:
   """XLA's static estimate of the executable's memory: arguments + outputs + temporaries.
 
-  `peak_bytes` = argument + output + temp - alias (donated inputs reused as outputs). On CPU this
-  is the only figure; it is the buffer assignment's total, a close upper bound of the real peak.
+  `peak_bytes` = argument + output + temp - alias (donated inputs reused as outputs): the buffer
+  assignment's total, a close upper bound of the executable's real peak. It is a property of
+  the one program, reported the same way on every backend.
   """
   try:
     stats = compiled.memory_analysis()
@@ -237,8 +292,11 @@ def compiled_flops(compiled) -> float | None:
   return None if not analysis or "flops" not in analysis else float(analysis["flops"])
 
 
-def device_peak_bytes() -> int | None:
-  """The allocator's peak since the process started (GPU/TPU); None where not reported (CPU)."""
+def process_peak_bytes() -> int | None:
+  """The device allocator's peak since this process started (GPU/TPU); None where not reported
+  (CPU). It is the maximum over everything the process ran so far (the large matmul of
+  `matmul_peak` included) and is never reset, so it is not any one call's memory: per call, use
+  `compiled_memory`."""
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
 
@@ -307,6 +365,16 @@ def write_json(name: str, preset: str, payload: dict[str, Any], out: Path = RESU
   os.replace(partial, path)
   if not quiet:
     print(f"wrote {path}")
+  return path
+
+
+def write_and_plot(name: str, preset: str, payload: dict[str, Any],
+                   out: Path = RESULTS_DIR) -> Path:
+  """`write_json`, then redraws the result's PNG from that JSON (where plot.py has a plotter for
+  it), so the committed picture always shows the committed numbers."""
+  path = write_json(name, preset, payload, out)
+  from benchmarks import plot  # matplotlib is loaded only once the numbers are safe on disk
+  plot.plot_file(path)
   return path
 
 

@@ -9,7 +9,7 @@ real target tokens.
 
 The LSTM model (`transformer.model.rnn.LSTMSeq2Seq`: 2-layer bidirectional encoder, 2-layer
 decoder, Bahdanau attention, tied embeddings) takes the width D whose parameter count is closest
-to the Transformer's.
+to the Transformer's. `compiled_step_memory` is XLA's buffer assignment of each compiled step.
 
   python -m benchmarks.model_level [--preset quick|full]
 """
@@ -69,14 +69,14 @@ def main(argv=None):
            # Forward critical path: each encoder layer scans S, then the decoder scans T.
            "sequential_steps_forward": (1 if name == "transformer" else
                                         (rnn_config.num_encoder_layers + 1) * length),
-           "memory": memory, "timing": timing.as_dict()}
+           "compiled_step_memory": memory, "timing": timing.as_dict()}
     rows.append(row)
     print(f"  {name:15s} {row['parameters'] / 1e6:.2f}M params  step {timing.median_s * 1e3:.0f} ms"
           f"  {common.human(row['target_tokens_per_s'])}tok/s (target)  compile "
           f"{timing.compile_s:.1f}s", flush=True)
   speedup = rows[0]["target_tokens_per_s"] / rows[1]["target_tokens_per_s"]
   print(f"transformer / lstm train-step throughput: {speedup:.2f}x")
-  common.write_json("model_level", args.preset, {
+  common.write_and_plot("model_level", args.preset, {
       "batch_shape": "Multi30k-like: lengths uniform in [T/4, T], padded to T",
       "transformer_over_lstm": speedup, "results": rows}, args.out)
 

@@ -12,6 +12,11 @@ On a GPU the events are the kernels on the device's streams; each carries the HL
 runs (the `hlo_op` stat), so kernels are summed per instruction as on CPU. cuBLAS matmuls and
 cuDNN attention are custom calls in the HLO and count as "matmul" and "attention (cuDNN)".
 
+After one untimed warm-up step, `--runs` steps (at least 5) are each traced on their own; every
+figure reported (total, per kind, per op) is the median over those steps, so one step disturbed
+by the machine does not decide the breakdown. Medians per kind need not add up to the median
+total.
+
   python -m benchmarks.profile_train_step [--preset quick|full] [--config small] [--batch 32]
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -87,11 +93,29 @@ def trace_events(directory: Path) -> list[tuple[str, float]]:
   return events
 
 
+def profiled_step(compiled, state, batch):
+  """(new state, [(op name, seconds)]) of one step run under the profiler."""
+  with tempfile.TemporaryDirectory() as directory:
+    jax.profiler.start_trace(directory)
+    state, _ = jax.block_until_ready(compiled(state, batch))
+    jax.profiler.stop_trace()
+    return state, trace_events(Path(directory))
+
+
+def median_seconds(per_run: list[collections.Counter]) -> dict[str, float]:
+  """Each key's median seconds over the runs (0 in a run it is absent from), largest first."""
+  keys = set().union(*per_run)
+  medians = {key: statistics.median(run.get(key, 0.0) for run in per_run) for key in keys}
+  return dict(sorted(medians.items(), key=lambda item: -item[1]))
+
+
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--config", choices=tuple(CONFIGS), default=None)
   parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 32)")
   args = common.parse_args(parser, argv)
+  if args.batch is not None and args.batch < 1:
+    parser.error(f"--batch {args.batch}: give a positive number of sentence pairs, e.g. 32")
   name = args.config or ("tiny" if args.preset == "quick" else "small")
   config = CONFIGS[name](dtype=compute_dtype())
   batch_size, length = (4, 16) if args.preset == "quick" else (32, 64)
@@ -100,31 +124,34 @@ def main(argv=None):
   batch = random_batch(config.vocab_size, batch_size, length, length)
   compiled, _ = common.compile_jitted(steps.train_step, state, batch, donate_argnums=0)
   state, _ = jax.block_until_ready(compiled(state, batch))  # warm-up
-  with tempfile.TemporaryDirectory() as directory:
-    jax.profiler.start_trace(directory)
-    state, metrics = jax.block_until_ready(compiled(state, batch))
-    jax.profiler.stop_trace()
-    events = trace_events(Path(directory))
   kinds = op_kinds(compiled.as_text())
-  by_op, by_kind = collections.Counter(), collections.Counter()
-  for op, seconds in events:
-    by_op[op] += seconds
-    by_kind[kinds.get(op, "other")] += seconds
-  total = sum(by_kind.values())
-  print(f"{name} B={batch_size}: {total * 1e3:.1f} ms of XLA op time in one step "
-        "(summed over threads or streams)")
-  for kind, seconds in by_kind.most_common():
-    print(f"  {kind:20s} {seconds:7.3f} s  {seconds / total:6.1%}")
+  by_op_runs, by_kind_runs = [], []
+  for _ in range(args.runs):
+    state, events = profiled_step(compiled, state, batch)
+    by_op, by_kind = collections.Counter(), collections.Counter()
+    for op, seconds in events:
+      by_op[op] += seconds
+      by_kind[kinds.get(op, "other")] += seconds
+    by_op_runs.append(by_op)
+    by_kind_runs.append(by_kind)
+  totals = [sum(by_kind.values()) for by_kind in by_kind_runs]
+  total = statistics.median(totals)
+  by_kind = median_seconds(by_kind_runs)
+  print(f"{name} B={batch_size}: {total * 1e3:.1f} ms of XLA op time per step, median of "
+        f"{args.runs} traced steps (summed over threads or streams)")
+  for kind, seconds in by_kind.items():
+    print(f"  {kind:20s} {seconds * 1e3:8.1f} ms  {seconds / total:6.1%}")
   top = [{"op": op, "kind": kinds.get(op, "other"), "seconds": s}
-         for op, s in by_op.most_common(20)]
+         for op, s in list(median_seconds(by_op_runs).items())[:20]]
   for row in top[:10]:
     print(f"  {row['op'][:40]:40s} {row['kind']:20s} {row['seconds'] * 1e3:8.1f} ms")
   suffix = "" if args.batch is None else f"_b{batch_size}"
   common.write_json(f"profile_train_step_{name}{suffix}", args.preset, {
       "config": name, "batch": batch_size, "source_length": length, "target_length": length,
       "flops_per_step": train_flops(config, batch_size, length, length),
-      "op_seconds_total": total, "seconds_by_kind": dict(by_kind.most_common()),
-      "top_ops": top}, args.out)
+      "runs": args.runs, "statistic": "median over the traced steps",
+      "op_seconds_total": total, "op_seconds_total_per_run": totals,
+      "seconds_by_kind": by_kind, "top_ops": top}, args.out)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import sacrebleu
 from flax import nnx
 
 from benchmarks import common
-from benchmarks.train_mfu import count_params
+from benchmarks.train_mfu import build_step, count_params
 from configs import default as default_recipe
 from transformer.data.inputs import build_inputs
 from transformer.decode.greedy import greedy_decode
@@ -52,7 +52,6 @@ from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
 from transformer.train.config import model_config
 from transformer.train.models import create_model
 from transformer.train.optimizer import make_optimizer
-from transformer.train.step import TrainState, make_steps
 
 PRESETS = {
     # eval_sentences: validation sentences scored at each evaluation (None: all 1,014).
@@ -114,10 +113,8 @@ def validation_nll(eval_step, params, batches) -> float:
 def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformation, inputs,
                      preset: dict, optimizer: dict) -> dict:
   """Trains `model` for `preset["budget_s"]` seconds of training time, scoring it along the way."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(1))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  steps, state = build_step(model, tx, dropout_seed=1)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)  # to rebuild the model for scoring
   eval_step = jax.jit(steps.eval_step)
   validation = inputs.test_sets[0]
   compiled, compile_s = {}, 0.0
@@ -186,6 +183,10 @@ def main(argv=None):
   path = common.result_path("quality_vs_time", args.preset, args.out)
   if args.append and not path.exists():
     parser.error(f"--append: no {path} to add to; run without --append first")
+  if args.budget_s is not None and args.budget_s <= 0:
+    parser.error(f"--budget_s {args.budget_s:g}: give a positive number of training seconds")
+  if args.lstm_lr <= 0:
+    parser.error(f"--lstm_lr {args.lstm_lr:g}: give a positive learning rate, e.g. 3e-3")
   preset = dict(PRESETS[args.preset])
   if args.budget_s is not None:
     preset["budget_s"] = args.budget_s
@@ -219,14 +220,12 @@ def main(argv=None):
     runs = previous["results"] + runs
     earlier = {"earlier_runs": previous.get("earlier_runs", []) + [
         {k: previous[k] for k in ("environment", "contention")}]}
-  common.write_json("quality_vs_time", args.preset, {**earlier,
+  common.write_and_plot("quality_vs_time", args.preset, {**earlier,
       "recipe": "configs/default.py", "budget_s": preset["budget_s"],
       "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
       "max_extra_length": MAX_EXTRA_LENGTH,
       "transformer_config": config.model.to_dict(), "lstm_config": vars(rnn_config),
       "results": runs}, args.out)
-  from benchmarks import plot
-  plot.plot_file(path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Runs the whole benchmark suite, one script per process, then plots every result.
+"""Runs the whole benchmark suite, one script per process (each writes its JSON and PNG).
 
 Each script runs in a fresh process so one benchmark's buffers and compilation caches cannot
 slow the next. `quality_vs_time` runs with a reduced budget: its full comparison trains each
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common
 
 SCRIPTS = ("train_mfu", "attention_vs_rnn", "model_level", "decode_speed", "quality_vs_time")
 # script -> suite preset -> (the script's preset, extra flags), where they differ from the suite's.
@@ -51,11 +50,6 @@ def main(argv=None):
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     if code:
       failed.append(name)
-  from benchmarks import plot
-  for name in args.only:
-    path = common.result_path(name, script_preset(name, args.preset)[0])
-    if path.exists():
-      plot.plot_file(path)
   print(f"suite done in {time.perf_counter() - start:.0f} s"
         + (f"; failed: {', '.join(failed)}" if failed else ""))
   return 1 if failed else 0

@@ -10,13 +10,27 @@ real thing. Each layout: compile timed apart, warm-up, median of >= 5 synchronis
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-if "--devices" in sys.argv:
-  count = sys.argv[sys.argv.index("--devices") + 1]
-  sys.argv[sys.argv.index("--devices"):sys.argv.index("--devices") + 2] = []
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+
+def _device_count(argv: list[str]) -> int | None:
+  """--devices N, read before JAX is imported: the virtual CPU device count is an XLA flag that
+  must be set before the CPU backend starts."""
+  pre = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]), add_help=False)
+  pre.add_argument("--devices", type=int, nargs="?", const=0, default=None)
+  devices = pre.parse_known_args(argv)[0].devices
+  if devices is not None and devices < 1:
+    pre.error("--devices takes a positive number of virtual CPU devices, e.g. --devices 8")
+  return devices
+
+
+# Only as a script: imported, JAX may already run, and sys.argv is another program's.
+DEVICES = _device_count(sys.argv[1:]) if __name__ == "__main__" else None
+if DEVICES is not None:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={DEVICES}").strip()
 elif "JAX_PLATFORMS" not in os.environ and "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
@@ -57,23 +71,18 @@ def measure(config: TransformerConfig, axes: dict, strategy: str, devices: int, 
           for k in ("inputs", "targets")}
   with jax.set_mesh(mesh):
     batch = global_batch(host, mesh)
-    import time
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    memory = common.compiled_memory(compiled)
-    holder = {"state": state}
-
-    def call():
-      holder["state"], metrics = compiled(holder["state"], batch)
-      return metrics
-    timing = common.time_calls(call, runs=runs, compile_s=compile_s)
+    compiled, compile_s = common.compile_timed(step, state, batch)
+    timing = common.time_stateful_step(compiled, state, batch, runs=runs, compile_s=compile_s)
   return {"tokens_per_second": rows * length / timing.median_s, "timing": timing,
-          "memory_per_device": memory}
+          "compiled_step_memory_per_device": common.compiled_memory(compiled)}
 
 
 def main(argv=None) -> None:
-  args = common.parse_args(__doc__.splitlines()[0], argv)
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("--devices", type=int, default=None,
+                      help="virtual CPU devices (default 8); read from the command line before "
+                           "JAX starts")
+  args = common.parse_args(parser, argv)
   quick = args.preset == "quick"
   config = TransformerConfig.tiny(vocab_size=1024, d_model=128, num_heads=8, d_ff=512,
                                   num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1) \

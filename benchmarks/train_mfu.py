@@ -25,6 +25,11 @@ Adam state, cuDNN flash attention (attention="auto"), float32 logits and loss. B
 "small" row (B = 32 pairs of 64 tokens, for comparison across projects) the base model runs at
 larger batches; B = 384 pairs of 64 tokens is about the paper's 25k source + 25k target tokens.
 
+Memory, per row: `compiled_step_memory` is XLA's buffer assignment of that row's compiled step
+(arguments + outputs + temporaries - donated aliases; `peak_bytes` is their total), on every
+backend. `process_peak_bytes` (GPU/TPU only) is the allocator's peak since the process started:
+it is never reset, so it includes the matmul peak and every earlier row, not this row alone.
+
   python -m benchmarks.train_mfu [--preset quick|full]
 """
 
@@ -94,29 +99,23 @@ def adam() -> optax.GradientTransformation:
   return optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
 
 
-def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None):
+def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None, dropout_seed: int = 0):
   """(steps, initial TrainState): the same pure steps as the training loop, Adam, dropout on.
-  `rng_impl` picks the PRNG of the dropout masks (JAX's default threefry2x32 when None)."""
+  `rng_impl` picks the PRNG of the dropout masks (JAX's default threefry2x32 when None), and
+  `dropout_seed` the key they are drawn from."""
   tx = tx or adam()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(0, impl=rng_impl))
+                     dropout_key=jax.random.key(dropout_seed, impl=rng_impl))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return steps, state
 
 
 def time_train_step(steps, state, batch, runs: int):
-  """Compiles the donated train step (timed apart), then times steps that feed their state on."""
+  """(Timing, XLA's memory analysis, XLA's FLOP count) of the donated train step: compiled
+  (timed apart), then timed on steps that feed their state on."""
   compiled, compile_s = common.compile_jitted(steps.train_step, state, batch, donate_argnums=0)
-  holder = {"state": state}
-
-  def call():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    return metrics
-
-  # The first call of a step also pays one-time costs (first-touch allocation of the donated
-  # buffers): it is never one of the timed runs, however long it takes.
-  timing = common.time_calls(call, runs=runs, compile_s=compile_s, long_call_s=float("inf"))
+  timing = common.time_stateful_step(compiled, state, batch, runs=runs, compile_s=compile_s)
   return timing, common.compiled_memory(compiled), common.compiled_flops(compiled)
 
 
@@ -144,12 +143,21 @@ def breakdown(config: TransformerConfig, batch, runs: int, rng_impl: str | None 
 
 
 def parse_row(text: str, parser) -> tuple[str, int, int]:
+  """CONFIG:BATCH:LENGTH, checked before anything runs (a bad row would otherwise fail deep in
+  the model, after the matmul peak)."""
   name, _, sizes = text.partition(":")
   batch, _, length = sizes.partition(":")
   if name not in CONFIGS or not batch.isdigit() or not length.isdigit():
     parser.error(f"--rows {text!r}: write CONFIG:BATCH:LENGTH with CONFIG one of "
                  f"{', '.join(CONFIGS)}, e.g. base:384:64")
-  return name, int(batch), int(length)
+  batch, length = int(batch), int(length)
+  if batch < 1 or length < 1:
+    parser.error(f"--rows {text!r}: BATCH and LENGTH must be positive, e.g. {name}:32:64")
+  max_len = CONFIGS[name]().max_len
+  if length > max_len:
+    parser.error(f"--rows {text!r}: LENGTH {length} exceeds the {name} config's max_len "
+                 f"{max_len}; use a LENGTH of at most {max_len}")
+  return name, batch, length
 
 
 def main(argv=None):
@@ -193,8 +201,8 @@ def main(argv=None):
                  "tokens_per_s": batch_size * 2 * length / timing.median_s,
                  "target_tokens_per_s": batch_size * length / timing.median_s,
                  "model_flop_per_s": flops / timing.median_s,
-                 "xla_cost_analysis_flops": xla_flops, "memory": memory,
-                 "device_peak_bytes": common.device_peak_bytes(), "timing": timing.as_dict()})
+                 "xla_cost_analysis_flops": xla_flops, "compiled_step_memory": memory,
+                 "process_peak_bytes": common.process_peak_bytes(), "timing": timing.as_dict()})
     print(f"  {name:5s} B={batch_size:<4d} {rows[-1]['parameters'] / 1e6:.3g}M params  "
           f"step {timing.median_s * 1e3:.1f} ms  {common.human(rows[-1]['tokens_per_s'])}tok/s  "
           f"{common.human(rows[-1]['model_flop_per_s'])}FLOP/s  compile {timing.compile_s:.1f}s",
@@ -224,7 +232,7 @@ def main(argv=None):
     payload["breakdown"] = {"config": name, "batch": batch_size, "length": length, **breakdown(
         config, random_batch(config.vocab_size, batch_size, length, length), args.runs,
         args.rng_impl)}
-  common.write_json("train_mfu", args.preset, payload, args.out)
+  common.write_and_plot("train_mfu", args.preset, payload, args.out)
 
 
 if __name__ == "__main__":
