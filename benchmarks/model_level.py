@@ -11,12 +11,20 @@ The LSTM model (`transformer.model.rnn.LSTMSeq2Seq`: 2-layer bidirectional encod
 decoder, Bahdanau attention, tied embeddings) takes the width D whose parameter count is closest
 to the Transformer's. `compiled_step_memory` is XLA's buffer assignment of each compiled step.
 
-  python -m benchmarks.model_level [--preset quick|full]
+The LSTM model's encoder layers use the custom backward of `transformer.model.rnn.recurrence`
+(weight gradients as one matmul after the loop); its attention decoder's loop, where the context
+enters every step's gates, is differentiated by JAX's scan transpose, which accumulates weight
+gradients inside the loop. `--lstm_backward` measures what that costs at this benchmark's shape:
+one LSTM layer of the baseline's width, forward+backward, with each backward, timed in turns.
+
+  python -m benchmarks.model_level [--preset quick|full] [--lstm_backward]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +33,7 @@ from flax import nnx
 from benchmarks import common
 from benchmarks.train_mfu import build_step, count_params, time_train_step
 from transformer import EncoderDecoder, TransformerConfig
-from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
+from transformer.model.rnn import LSTM, LSTMSeq2Seq, RNNConfig
 
 PRESETS = {
     "quick": dict(transformer=TransformerConfig.tiny(vocab_size=512, dropout_rate=0.1),
@@ -45,13 +53,55 @@ def multi30k_like_batch(vocab_size: int, batch: int, length: int, seed: int = 0)
   return batch_out
 
 
+def lstm_backward_cost(d_model: int, batch: int, length: int, rounds: int) -> dict:
+  """One LSTM layer [batch, length, d_model], forward+backward, with the custom backward and
+  with the scan transpose: the two compiled calls take turns, one call each per round, so a slow
+  phase of a shared machine hits both alike. Reports each one's median and the per-round ratio."""
+  x_BTD = jax.random.normal(jax.random.key(0), (batch, length, d_model), jnp.float32)
+  calls, compile_s = {}, {}
+  for name, in_loop in (("custom_backward", False), ("scan_transpose", True)):
+    graphdef, params = nnx.split(LSTM(d_model, d_model, rngs=nnx.Rngs(0),
+                                      weight_grads_in_loop=in_loop))
+    loss = lambda p, x, graphdef=graphdef: jnp.sum(nnx.merge(graphdef, p)(x))
+    compiled, compile_s[name] = common.compile_jitted(jax.grad(loss, argnums=(0, 1)), params,
+                                                      x_BTD)
+    jax.block_until_ready(compiled(params, x_BTD))  # warm-up
+    calls[name] = lambda compiled=compiled, params=params: compiled(params, x_BTD)
+  seconds = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      seconds[name].append(time.perf_counter() - start)
+  ratios = [slow / fast for slow, fast in zip(seconds["scan_transpose"],
+                                              seconds["custom_backward"])]
+  return {"d_model": d_model, "batch": batch, "length": length, "rounds": rounds,
+          "median_s": {name: statistics.median(s) for name, s in seconds.items()},
+          "compile_s": compile_s, "seconds": seconds,
+          "scan_transpose_over_custom": {"median": statistics.median(ratios), "min": min(ratios),
+                                         "max": max(ratios)}}
+
+
 def main(argv=None):
-  args = common.parse_args(__doc__.splitlines()[0], argv)
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("--lstm_backward", action="store_true",
+                      help="only time one LSTM layer's two backward passes at this shape")
+  args = common.parse_args(parser, argv)
   preset = PRESETS[args.preset]
   config = preset["transformer"]
   transformer = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
   rnn_config = RNNConfig.with_num_parameters(count_params(transformer), config.vocab_size,
                                              dropout_rate=config.dropout_rate)
+  if args.lstm_backward:
+    report = lstm_backward_cost(rnn_config.d_model, preset["batch"], preset["length"],
+                                max(args.runs, 7))
+    median = report["median_s"]
+    print(f"LSTM layer D={rnn_config.d_model} B={preset['batch']} T={preset['length']} fwd+bwd: "
+          f"custom backward {median['custom_backward'] * 1e3:.0f} ms, scan transpose "
+          f"{median['scan_transpose'] * 1e3:.0f} ms, ratio "
+          f"{report['scan_transpose_over_custom']['median']:.2f}x")
+    common.write_json("model_level_lstm_backward", args.preset, report, args.out)
+    return 0
   lstm = LSTMSeq2Seq(rnn_config, rngs=nnx.Rngs(params=0, dropout=1))
   batch_size, length = preset["batch"], preset["length"]
   batch = multi30k_like_batch(config.vocab_size, batch_size, length)
