@@ -110,9 +110,11 @@ PRESETS = {
     "full": {"sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
              "long_lengths": (8192,), "autodiff_up_to": 2048, "max_score_bytes": 2 ** 31,
              "block_sizes": (64, 128, 256, 512), "block_sweep_length": 2048,
-             "head_to_head": {"length": 2048, "rounds": 15}},
+             "head_to_head": {"length": 2048, "rounds": 15}, "min_total_s": 0.25},
 }
-# min_total_s: the timed calls of one measurement add up to at least this (calls take ms here).
+# min_total_s: the timed calls of one measurement add up to at least this (default 1 s). The
+# full sweeps take 0.25 s (>= 5 calls, and >= 40 of the millisecond calls at short lengths): the
+# ~100 short measurements would otherwise add ~75 s, and the whole suite must stay under 15 min.
 PRESETS_GPU = {
     "quick": {"sweeps": {4: (64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
               "scan_up_to": 256, "max_score_bytes": 2 ** 30, "block_sizes": (128,),
