@@ -73,6 +73,7 @@ the comparison depends on the recurrent baseline's implementation.
 
   python -m benchmarks.attention_vs_rnn [--preset quick|full]
   python -m benchmarks.attention_vs_rnn --head_to_head   # only the paired run, its own JSON
+  python -m benchmarks.attention_vs_rnn --block_sweep    # only the key-block-size sweep
   python -m benchmarks.attention_vs_rnn --resummarize results/attention_vs_rnn_*.json
 """
 
@@ -107,7 +108,7 @@ PRESETS = {
     "quick": {"sweeps": {4: (16, 64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
               "max_score_bytes": 2 ** 28, "block_sizes": (32, 128), "block_sweep_length": 256,
               "head_to_head": {"length": 256, "rounds": 5}},
-    "full": {"sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (16, 64, 256, 512)},
+    "full": {"sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (64, 256, 512)},
              "long_lengths": (8192,), "autodiff_up_to": 2048, "max_score_bytes": 2 ** 31,
              "block_sizes": (64, 128, 256, 512), "block_sweep_length": 2048,
              "head_to_head": {"length": 2048, "rounds": 15}, "min_total_s": 0.25},
@@ -427,6 +428,9 @@ def parse_args(argv=None):
   mode.add_argument("--head_to_head", action="store_true",
                     help="run only the paired head-to-head of the preset; writes "
                          "attention_head_to_head_<device>.json")
+  mode.add_argument("--block_sweep", action="store_true",
+                    help="run only the block-size sweep of the blockwise layers at one length; "
+                         "writes attention_block_size_<device>.json")
   mode.add_argument("--resummarize", nargs="+", type=Path, metavar="JSON",
                     help="recompute crossovers and acceptance of existing results from their "
                          "measured rows (no measurement) and redraw their plots")
@@ -441,6 +445,14 @@ def parse_args(argv=None):
     if benchmark != "attention_vs_rnn":
       parser.error(f"--resummarize: {path} is not an attention_vs_rnn result JSON")
   return args
+
+
+def block_size_sweep(preset: dict, runs: int) -> list[dict]:
+  """The blockwise layers' fwd+bwd at one length for each key block size K: fewer, larger
+  blocks against more, smaller ones (B = 1). Not in the default run, to keep the suite short."""
+  return [measure(name, 1, preset["block_sweep_length"], runs, with_forward=False, block_size=k,
+                  min_total_s=preset.get("min_total_s", 1.0))
+          for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
 
 
 def sweep(args, preset: dict) -> Path:
@@ -472,12 +484,6 @@ def sweep(args, preset: dict) -> Path:
                                          min_total_s=min_total_s))
         save(f"sweep to {name}, B={batch}, T={length}")
   record["head_to_head"] = head_to_head(**preset["head_to_head"], layers=head_to_head_layers())
-  save("sweep and head-to-head")
-  # Block size of the blockwise scan at one length: fewer, larger blocks against more, smaller.
-  record["block_size_sweep"] = [
-      measure(name, 1, preset["block_sweep_length"], args.runs, with_forward=False,
-              block_size=k, min_total_s=min_total_s)
-      for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
   record["complete"] = True
   print_summary(record)
   return save("everything")
@@ -493,6 +499,11 @@ def main(argv=None):
   if args.head_to_head:
     result = head_to_head(**preset["head_to_head"], layers=head_to_head_layers())
     common.write_json("attention_head_to_head", args.preset, result, args.out)
+    return 0
+  if args.block_sweep:
+    common.write_json("attention_block_size", args.preset,
+                      {**record_header(), "results": block_size_sweep(preset, args.runs)},
+                      args.out)
     return 0
   path = sweep(args, preset)
   print(f"wrote {path}")

@@ -204,9 +204,13 @@ def _timed(call: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
+# A warm-up call longer than this counts as the first timed run (see `time_calls`).
+LONG_CALL_S = 10.0
+
+
 def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1,
                compile_s: float | None = None, min_total_s: float = 1.0,
-               long_call_s: float = 10.0) -> Timing:
+               long_call_s: float = LONG_CALL_S) -> Timing:
   """Times `call()` (which returns device arrays) after `warmup` untimed calls.
 
   Every call is synchronised with `jax.block_until_ready` before the clock stops. A stateful

@@ -19,9 +19,10 @@ of training the clock stops and the model is scored on the validation split: gre
 sacreBLEU against the reference text, and the validation NLL per token. At the end of the
 budget every model is also scored on test_2016.
 
-`run_all` runs it as a 15-s smoke check; the comparison itself is 2 x 8 minutes of training on 2 cores. `--lstm_lr` trains the LSTM at
-another peak learning rate; with `--models lstm_attention --append` that run joins the existing
-result file (and its plot) instead of replacing it, so a learning-rate check costs one run:
+`run_all` runs it as a 15-s smoke check; the comparison itself is 2 x 8 minutes of training on
+2 cores. `--lstm_lr` trains the LSTM at another peak learning rate; with `--models lstm_attention
+--append` that run joins the existing result file (and its plot) instead of replacing it, so a
+learning-rate check costs one run:
 
   python -m benchmarks.quality_vs_time [--preset quick|full] [--budget_s S]
   python -m benchmarks.quality_vs_time --models lstm_attention --lstm_lr 3e-3 --append

@@ -36,14 +36,17 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=("quick", "full"), default="full")
   parser.add_argument("--only", nargs="*", choices=SCRIPTS, default=SCRIPTS)
+  parser.add_argument("--out", default=None,
+                      help="folder for every script's results (default: benchmarks/results)")
   args = parser.parse_args(argv)
   start, failed = time.perf_counter(), []
   for name in args.only:
     preset, extra = script_preset(name, args.preset)
     print(f"== {name} (--preset {preset} {' '.join(extra)})".rstrip(), flush=True)
     t0 = time.perf_counter()
+    out = ("--out", args.out) if args.out else ()
     code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", "--preset", preset,
-                            *extra])
+                            *extra, *out])
     print(f"== {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     if code:
