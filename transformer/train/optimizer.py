@@ -49,8 +49,8 @@ def with_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientT
     with jax.numpy_dtype_promotion("standard"):
       return tx.init(params)
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, **extra_args):
     with jax.numpy_dtype_promotion("standard"):
-      return tx.update(updates, state, params)
+      return tx.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
