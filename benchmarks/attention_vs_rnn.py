@@ -83,7 +83,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -265,12 +264,7 @@ def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
   every other layer's per-round speed-up over the first layer (`speedup_over_lstm`) and, where
   the GRU takes part, each attention layer's over the GRU (median, min, max, rounds won)."""
   calls = {name: _paired_call(name, length) for name in layers}
-  seconds = {name: [] for name in layers}
-  for _ in range(rounds):
-    for name in layers:
-      start = time.perf_counter()
-      jax.block_until_ready(calls[name]())
-      seconds[name].append(time.perf_counter() - start)
+  seconds = common.time_in_turns(calls, rounds)
   baseline = layers[0]
   report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds,
             "baseline": baseline,

@@ -231,6 +231,16 @@ def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1
   return Timing(statistics.median(times), min(times), max(times), len(times), compile_s, times)
 
 
+def time_in_turns(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+  """Seconds of each call per round, the calls taking turns (one call each per round, in order),
+  so a slow phase of a shared machine hits all of them alike: paired comparisons."""
+  seconds = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      seconds[name].append(_timed(call))
+  return seconds
+
+
 def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1,
                 min_total_s: float = 1.0, **jit_kwargs):
   """Compiles `fn` for `args` (timed apart), then times the compiled call on the same args.

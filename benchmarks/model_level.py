@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -67,12 +66,7 @@ def lstm_backward_cost(d_model: int, batch: int, length: int, rounds: int) -> di
                                                       x_BTD)
     jax.block_until_ready(compiled(params, x_BTD))  # warm-up
     calls[name] = lambda compiled=compiled, params=params: compiled(params, x_BTD)
-  seconds = {name: [] for name in calls}
-  for _ in range(rounds):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(call())
-      seconds[name].append(time.perf_counter() - start)
+  seconds = common.time_in_turns(calls, rounds)
   ratios = [slow / fast for slow, fast in zip(seconds["scan_transpose"],
                                               seconds["custom_backward"])]
   return {"d_model": d_model, "batch": batch, "length": length, "rounds": rounds,
