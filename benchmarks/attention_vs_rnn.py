@@ -1,75 +1,10 @@
 """Layer level: one multi-head self-attention layer against one LSTM and one GRU layer of width D.
 
-Two attention layers: bidirectional ("xla", "blockwise"; every position sees every other, as in
-the encoder) and causal ("blockwise_causal": each position sees its past only, as in the decoder
-and in a language model, and as in the LSTM, which reads left to right). The causal layer runs
-the blockwise schedule that skips most of the tiles above the diagonal: for T = K 2^m it
-computes (T + K) / (2T) of the [T, T] scores (9/16 at T = 2048, K = 256; all of them for T <= K).
-
-On a GPU the suite adds cuDNN on both sides: "cudnn" and "cudnn_causal" (flash attention through
-`jax.nn.dot_product_attention`, bfloat16, the Transformer's GPU setting) and "lstm_cudnn" (cuDNN's
-fused LSTM through `jax.experimental.rnn`, float32 with TF32 matmuls, as PyTorch's default
-nn.LSTM on the GPU); GPU runs use their own sizes (`PRESETS_GPU`: larger batches and lengths,
-the LSTM's own scan only up to where it takes seconds). Which recurrent layer is the strongest
-is not assumed: the summary names the fastest one measured at each length
-(`strongest_recurrent`). In the committed runs it is mostly the GRU, on CPU and GPU; cuDNN's
-LSTM is the slowest recurrent layer on the GPU at B = 1 (each of its steps is too small a
-product to fill the device).
-
-For each layer, batch size B and sequence length T it measures forward and forward+backward
-throughput (tokens/s = B T / median seconds per call), XLA's memory estimate, compile time, and
-the number of steps on the sequential dependency chain (`sequential_steps_forward`):
-
-  attention "xla"        1            one [T, T] score matrix per head
-  attention "blockwise"  ceil(T / K)  key blocks of K = 256 (below)
-  "blockwise_causal"     ceil(T / K)  T padded to K 2^m (below)
-  "cudnn", "cudnn_causal"  not given  the flash kernel tiles with its own block size
-  LSTM, GRU              T            h_t needs h_{t-1}; the backward runs T more steps
-
-What `transformer.model.blockwise` runs: "blockwise" is one `lax.scan` over the key blocks with
-every query row at once ([T, K] score tiles, online softmax); the backward, a custom VJP, scans
-the key blocks again and recomputes each tile from the saved log-sum-exp. "blockwise_causal" cuts
-the lower triangle into T / K diagonal squares of one block (the "leaves", run under the causal
-mask) and, for L = K, 2K, ..., T/2, one level of rectangles in which the second half of every
-2L-long segment attends to its first half; the rectangles of a level are extra heads of one
-full-schedule call (L query rows, L / K key-block steps), and the levels run in order, each
-continuing the online softmax where the smaller pieces left it: 1 + 1 + 2 + ... + T / 2K = T / K
-dependent steps. On one CPU device both schedules visit the heads in groups whose float32 score
-tiles fit 1 MiB, one group after another in a `lax.map`; the groups do not depend on each other,
-but the loop runs them in turn: at T = 2048, K = 256, B = 1 the bidirectional forward executes
-8 groups x 8 steps = 64 iterations, the causal one 72.
-
-FLOPs per forward call (matmuls only, the convention of `train_mfu.py`; backward = 2 x forward):
-  attention  B (8 T D^2 + 4 T^2 D)   Q, K, V, output projections + Q K^T and P V (non-causal)
-  causal     B (8 T D^2 + 2 T^2 D)   the lower half of Q K^T and P V. Not counted: the leaves'
-                                     masked upper halves, T K / 2 score entries x 4 D (2 D for
-                                     Q K^T, 2 D for P V, over all heads) = 2 T K D more FLOPs
-                                     computed (the 9/16 above: 2 T^2 D + 2 T K D of 4 T^2 D)
-  LSTM       B T 16 D^2              [x_t ; h_{t-1}] (2D) x 4 gates (D each), multiply-add = 2
-  GRU        B T 12 D^2              the same with 3 gates
-
-Per token, attention costs 8 D^2 + 4 T D FLOPs and the LSTM 16 D^2: they are equal at T = 2 D
-(1024 for D = 512; T = D against the GRU; the causal layer's 8 D^2 + 2 T D at T = 4 D and 2 D),
-so past that length attention can only stay ahead if the recurrence runs at a much lower FLOP
-rate than attention's large matmuls.
-
-Single measurements on a shared VM drift by 10-20% within minutes, more than the margins near a
-crossover. At the acceptance length (T = 2048, B = 1) a head-to-head therefore times the LSTM,
-the GRU and the blockwise (on a GPU also cuDNN) attention layers in turns, one call each per
-round, and reports each layer's per-round speed-up over the first one, the LSTM (cuDNN's on a
-GPU), and each attention layer's over the GRU (median, range, rounds won).
-
-A crossover of an attention layer with a recurrent one is where, as T grows, attention's
-forward+backward tokens/s falls below the recurrent layer's; it is interpolated linearly in
-log T between the two measured lengths that bracket the sign change. Crossovers are reported
-against every recurrent layer measured (`crossovers`) and against the fastest one measured at
-each length (`crossovers_vs_strongest`). The acceptance checks ask whether each blockwise
-attention layer's forward+backward beats the LSTM layers (`acceptance_blockwise_beats_lstm`,
-the issue's check) and the GRU (`acceptance_blockwise_beats_gru`) at every measured length up
-to T = 2048; a check passes only if the measurements reach 2048. "lstm_autodiff" is the same
-LSTM differentiated by JAX's own scan transpose (weight gradients accumulated inside the loop)
-instead of the cuDNN-style backward of `transformer.model.rnn.recurrence`; it shows how much of
-the comparison depends on the recurrent baseline's implementation.
+Bidirectional ("xla", "blockwise"; on a GPU "cudnn") and causal ("blockwise_causal"; on a GPU
+"cudnn_causal") attention against the LSTM, the GRU (on a GPU also cuDNN's LSTM): forward and
+forward+backward tokens/s per batch size and length, memory, compile time, sequential steps,
+crossover lengths, and a paired head-to-head at T = 2048. What is counted and how each layer runs:
+benchmarks/README.md, "attention_vs_rnn: method".
 
   python -m benchmarks.attention_vs_rnn [--preset quick|full]
   python -m benchmarks.attention_vs_rnn --head_to_head   # only the paired run, its own JSON
@@ -91,7 +26,7 @@ from flax import nnx
 
 from benchmarks import common
 from transformer import MultiHeadAttention, TransformerConfig
-from transformer.model.rnn import GRU, LSTM, CudnnLSTM
+from transformer.baselines.rnn import GRU, LSTM, CudnnLSTM
 
 D_MODEL, NUM_HEADS = 512, 8
 BLOCK = TransformerConfig.attention_block_size  # the library default
@@ -148,8 +83,7 @@ def head_to_head_layers() -> tuple[str, ...]:
 
 
 def record_header() -> dict:
-  """What every attention_vs_rnn record states about its layers (also a record rebuilt from a
-  log by `attention_from_log`)."""
+  """What every attention_vs_rnn record states about its layers."""
   return {"d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
           "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
           "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL}}

@@ -7,11 +7,11 @@ tokenisation: B = 64 sentence pairs padded to S = T = 32, each row's length draw
 vocabulary 8000. Throughput counts the padded target positions (B T per step) and, apart, the
 real target tokens.
 
-The LSTM model (`transformer.model.rnn.LSTMSeq2Seq`: 2-layer bidirectional encoder, 2-layer
+The LSTM model (`transformer.baselines.rnn.LSTMSeq2Seq`: 2-layer bidirectional encoder, 2-layer
 decoder, Bahdanau attention, tied embeddings) takes the width D whose parameter count is closest
 to the Transformer's. `compiled_step_memory` is XLA's buffer assignment of each compiled step.
 
-The LSTM model's encoder layers use the custom backward of `transformer.model.rnn.recurrence`
+The LSTM model's encoder layers use the custom backward of `transformer.baselines.rnn.recurrence`
 (weight gradients as one matmul after the loop); its attention decoder's loop, where the context
 enters every step's gates, is differentiated by JAX's scan transpose, which accumulates weight
 gradients inside the loop. `--lstm_backward` measures what that costs at this benchmark's shape:
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import common
-from benchmarks.train_mfu import build_step, count_params, time_train_step
+from benchmarks.steps import build_step, count_params, time_train_step
 from transformer import EncoderDecoder, TransformerConfig
-from transformer.model.rnn import LSTM, LSTMSeq2Seq, RNNConfig
+from transformer.baselines.rnn import LSTM, LSTMSeq2Seq, RNNConfig
 
 PRESETS = {
     "quick": dict(transformer=TransformerConfig.tiny(vocab_size=512, dropout_rate=0.1),

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.profiler import ProfileData
 
 from benchmarks import common
-from benchmarks.train_mfu import CONFIGS, build_step, compute_dtype, random_batch, train_flops
+from benchmarks.steps import CONFIGS, build_step, compute_dtype, random_batch, train_flops
 from transformer import EncoderDecoder
 
 IGNORED = re.compile(r"^(ThreadpoolListener|ThunkExecutor|end: |\$|PjitFunction|Parse|Python)")

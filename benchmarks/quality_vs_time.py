@@ -7,7 +7,7 @@ own pure train step (`transformer.train.step`):
 
   transformer     the recipe's model (d_model 192, 3+3 layers, 4 heads, d_ff 768) and optimizer
                   (Adam 0.9/0.98/1e-9, the paper's warm-up + rsqrt schedule, lr_scale 0.4)
-  lstm_attention  `transformer.model.rnn.LSTMSeq2Seq` (2-layer bidirectional encoder, 2-layer
+  lstm_attention  `transformer.baselines.rnn.LSTMSeq2Seq` (2-layer bidirectional encoder, 2-layer
                   decoder, Bahdanau attention, tied embeddings) at the width whose parameter count
                   is closest to the Transformer's; Adam 1e-3 after a 200-step linear warm-up,
                   gradients clipped to norm 1 (the usual LSTM NMT recipe, e.g. fairseq's)
@@ -30,6 +30,7 @@ learning-rate check costs one run:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -45,13 +46,13 @@ import sacrebleu
 from flax import nnx
 
 from benchmarks import common
-from benchmarks.train_mfu import build_step, count_params
-from configs import default as default_recipe
+from benchmarks.steps import build_step, count_params
+from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
+from transformer.configs import default as default_recipe
 from transformer.data.inputs import build_inputs
 from transformer.decode.greedy import greedy_decode
-from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
-from transformer.train.config import model_config
-from transformer.train.models import create_model
+from transformer.model import create_model
+from transformer.train.config import Config
 from transformer.train.optimizer import make_optimizer
 
 PRESETS = {
@@ -191,12 +192,12 @@ def main(argv=None):
   preset = dict(PRESETS[args.preset])
   if args.budget_s is not None:
     preset["budget_s"] = args.budget_s
-  config = recipe(args.preset)
-  config.data.test_splits = ("validation", "test_2016")
+  recipe_config = recipe(args.preset)
+  recipe_config.data.test_splits = ("validation", "test_2016")
+  config = Config.of(recipe_config)
   with tempfile.TemporaryDirectory() as scratch:
-    inputs = build_inputs(config, args.workdir or scratch)
-    config.model.vocab_size = inputs.tokenizer.vocab_size  # as the training loop does
-    transformer = create_model("translation", model_config(config), config.seed)
+    inputs = build_inputs(config.data, args.workdir or scratch, seed=config.seed)
+    transformer = create_model("translation", config.model, config.seed)
     rnn_config = RNNConfig.with_num_parameters(count_params(transformer), config.model.vocab_size,
                                                dropout_rate=config.model.dropout_rate,
                                                max_len=config.model.max_len)
@@ -205,8 +206,9 @@ def main(argv=None):
           f"(d_model {rnn_config.d_model}) {count_params(lstm) / 1e6:.2f}M; "
           f"{preset['budget_s']:.0f} s of training each", flush=True)
     contestants = {
-        "transformer": (transformer, make_optimizer(config),
-                        {"name": "adam", "schedule": "rsqrt", **config.optimizer.to_dict()}),
+        "transformer": (transformer, make_optimizer(config.optimizer, d_model=config.model.d_model,
+                                                    num_train_steps=config.num_train_steps),
+                        dataclasses.asdict(config.optimizer)),
         "lstm_attention": (lstm, lstm_optimizer(args.lstm_lr),
                            {"name": "adam", "peak_learning_rate": args.lstm_lr,
                             "warmup_steps": LSTM_WARMUP, "clip_global_norm": LSTM_CLIP})}
@@ -222,10 +224,10 @@ def main(argv=None):
     earlier = {"earlier_runs": previous.get("earlier_runs", []) + [
         {k: previous[k] for k in ("environment", "contention")}]}
   common.write_and_plot("quality_vs_time", args.preset, {**earlier,
-      "recipe": "configs/default.py", "budget_s": preset["budget_s"],
+      "recipe": "transformer/configs/default.py", "budget_s": preset["budget_s"],
       "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
       "max_extra_length": MAX_EXTRA_LENGTH,
-      "transformer_config": config.model.to_dict(), "lstm_config": vars(rnn_config),
+      "transformer_config": dataclasses.asdict(config.model), "lstm_config": vars(rnn_config),
       "results": runs}, args.out)
 
 

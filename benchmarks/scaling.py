@@ -35,7 +35,6 @@ elif "JAX_PLATFORMS" not in os.environ and "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -43,9 +42,11 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from transformer import EncoderDecoder, TransformerConfig  # noqa: E402
+from transformer.parallel.config import ParallelConfig  # noqa: E402
 from transformer.parallel.mesh import global_batch, make_mesh  # noqa: E402
+from transformer.parallel.sharding import shard  # noqa: E402
 from transformer.parallel.strategies import compile_train_step  # noqa: E402
-from transformer.train.loop import sharded_state  # noqa: E402
+from transformer.train.loop import initial_state  # noqa: E402
 from transformer.train.step import make_steps  # noqa: E402
 
 LAYOUTS = [("1 device", dict(data=1), "jit", 1), ("data 8", dict(data=8), "jit", 8),
@@ -58,10 +59,10 @@ LAYOUTS = [("1 device", dict(data=1), "jit", 1), ("data 8", dict(data=8), "jit",
 def measure(config: TransformerConfig, axes: dict, strategy: str, devices: int, rows: int,
             length: int, runs: int) -> dict:
   full = {"data": 1, "fsdp": 1, "tensor": 1, **axes}
-  mesh = make_mesh(ml_collections.ConfigDict(full), jax.devices()[:devices])
+  mesh = make_mesh(ParallelConfig(**full), jax.devices()[:devices])
   model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
   tx = optax.adam(1e-4)
-  state, shardings = sharded_state(model, tx, mesh)
+  state, shardings = shard(initial_state(model, tx), mesh)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
                      dropout_key=jax.random.key(0))

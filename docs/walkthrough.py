@@ -18,8 +18,10 @@ import numpy as np
 
 from pathlib import Path
 
-from transformer.decode import visualize
-from transformer.decode.visualize import encoder_states, load_translator, pieces_of, source_ids
+from transformer.inspect import figures
+from transformer.inspect.attention import encoder_states, pieces_of, prepare_sentence, source_ids
+from transformer.inspect.contrast import contrast_word
+from transformer.visualize import load_translator
 from transformer.model.attention import attention_logits, attention_weights
 from transformer.model.masks import padding_mask
 from transformer.model.layers import sinusoidal_position_encoding
@@ -144,12 +146,12 @@ def write_images(translator, text: str, out_dir: Path) -> None:
   """The overview and last-layer maps of `text`, and the apple contrast, as palette PNGs."""
   from PIL import Image
   model, tokenizer = translator.model, translator.tokenizer
-  sentence = visualize.prepare_sentence(model, tokenizer, text,
+  sentence = prepare_sentence(model, tokenizer, text,
                                         max_source_tokens=translator.max_source_tokens)
-  paths = visualize.write_attention_figures(model, sentence, out_dir)
-  report = visualize.contrast_word(model, tokenizer,
+  paths = figures.write_attention_figures(model, sentence, out_dir)
+  report = contrast_word(model, tokenizer,
                                    max_source_tokens=translator.max_source_tokens)
-  paths += visualize.write_contrast(report, out_dir)
+  paths += figures.write_contrast(report, out_dir)
   last = model.config.num_encoder_layers
   keep = {"overview.png", f"encoder_self_layer{last}.png", f"cross_layer{last}.png",
           "contrast_attention.png", "contrast_similarity.png", "contrast.json"}

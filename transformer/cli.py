@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
+
+# The recipes shipped in transformer/configs/, found by path: this module imports none of them.
+RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
 # Errors that mean "the input, config or environment is wrong", as opposed to a bug worth a
 # traceback. OSError covers a missing, unreadable or unwritable path (--workdir /dev/null/x).
@@ -13,7 +17,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 def run_cli(main: Callable[[], object]) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130."""
-  from transformer.train.checkpoint import CheckpointError
+  from transformer.runs.checkpoint import CheckpointError
   try:
     main()
   except KeyboardInterrupt as stop:
@@ -34,3 +38,18 @@ def user_message(error: BaseException) -> str:
             "--workdir, an existing file otherwise)")
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
+
+
+def recipe_names() -> list[str]:
+  return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def recipe_path(name_or_path: str) -> str:
+  """The file of a recipe given by name ("default") or by path (an existing file, or any
+  `*.py`, left for the loader to report if it is missing)."""
+  if name_or_path.endswith(".py") or Path(name_or_path).is_file():
+    return name_or_path
+  if name_or_path in recipe_names():
+    return str(RECIPES_DIR / f"{name_or_path}.py")
+  raise ValueError(f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
+                   f"{', '.join(recipe_names())}, or a path to a recipe file")

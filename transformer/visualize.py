@@ -8,11 +8,76 @@ the head-averaged maps. `--contrast` adds contrast.json and two figures comparin
 (default WORKDIR/attention); their paths are printed.
 """
 
+from __future__ import annotations
+
+import argparse
 import logging
 import sys
+from pathlib import Path
 
 from transformer.cli import run_cli
-from transformer.decode.visualize import main
+from transformer.decode.config import check_search
+from transformer.decode.translator import Translator
+from transformer.inspect.attention import prepare_sentence
+from transformer.inspect.contrast import contrast_word
+from transformer.inspect.figures import write_attention_figures, write_contrast
+
+
+def load_translator(workdir: str | Path) -> Translator:
+  """The run's Translator, after checking there is a translation model to load."""
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir} is not a directory: --workdir must be a run directory "
+                            "written by training")
+  checkpoints = workdir / "checkpoints"
+  if not any(p.is_dir() and p.name.isdigit() for p in checkpoints.glob("*")):
+    raise FileNotFoundError(f"no checkpoint in {checkpoints}: train the run first")
+  # Absolute: Orbax reads no metadata from a relative checkpoint path (an OCDBT requirement).
+  translator = Translator(workdir.absolute())
+  if translator.task != "translation":
+    raise ValueError(f"{workdir} holds a {translator.task!r} model; attention figures are drawn "
+                     "for translation (encoder-decoder) runs")
+  return translator
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m transformer.visualize",
+                                   description="Attention heatmaps of a translation run.")
+  parser.add_argument("text", nargs="*", help="the sentence to visualise (its words may be "
+                      "given unquoted)")
+  parser.add_argument("--workdir", required=True, help="a run directory written by training")
+  parser.add_argument("--out", help="where figures go (default: WORKDIR/attention)")
+  parser.add_argument("--contrast", action="store_true",
+                      help="also compare 'apple' in a fruit and in a company context")
+  parser.add_argument("--beam_size", type=int, default=4, help="1 = greedy")
+  parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  text = " ".join(args.text).strip()
+  if not args.text and not args.contrast:
+    raise ValueError("no sentence given: pass one sentence (quoted), or --contrast")
+  if args.text and not text:
+    raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
+  check_search(args.beam_size, args.alpha, 0)
+  translator = load_translator(args.workdir)
+  out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
+  model, tokenizer = translator.model, translator.tokenizer
+  paths = []
+  if text:
+    sentence = prepare_sentence(model, tokenizer, text, beam_size=args.beam_size, alpha=args.alpha,
+                                max_source_tokens=translator.max_source_tokens)
+    print(f"source: {sentence.text}\ntranslation: {sentence.translation}")
+    paths += write_attention_figures(model, sentence, out_dir)
+  if args.contrast:
+    report = contrast_word(model, tokenizer, max_source_tokens=translator.max_source_tokens,
+                           beam_size=args.beam_size, alpha=args.alpha)
+    paths += write_contrast(report, out_dir)
+  for path in paths:
+    print(path)
+
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

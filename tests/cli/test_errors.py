@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import smoke
+from transformer.configs import smoke
 from transformer.cli import run_cli
 from transformer.train.loop import run
 
@@ -31,7 +31,8 @@ def cli_error(capsys, main) -> str:
     (dict(parallel=dict(fsdp=3)), "does not divide the 8 devices"),
     (dict(parallel=dict(tensor=8, data=1)), "num_heads=2 is not divisible by the tensor axis"),
     (dict(data=dict(dataset="no_such_dataset")), "not a tensorflow-datasets name"),
-    (dict(data=dict(max_length=128)), "exceeds model.max_len"),
+    (dict(data=dict(max_length=128, length_buckets=(128,))), "exceeds model.max_len"),
+    (dict(data=dict(length_buckets=(16,))), "length_buckets=(16,) end below data.max_length=32"),
     (dict(task="seq2seq"), "task='seq2seq' is unknown"),
     (dict(optimizer=dict(warmup_steps=0)), "optimizer.warmup_steps must be >= 1"),
     (dict(optimizer=dict(warmup_steps=-5)), "optimizer.warmup_steps must be >= 1"),
@@ -44,7 +45,7 @@ def cli_error(capsys, main) -> str:
     (dict(average_last_checkpoints=6), "average_last_checkpoints=6 must be in [0, "
                                        "keep_checkpoints=5]"),
     (dict(decode=dict(beam_size=0)), "decode.beam_size must be >= 1"),
-    (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be >= 0"),
+    (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be a finite number >= 0"),
     (dict(decode=dict(max_extra_length=-1)), "decode.max_extra_length must be >= 0"),
     (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
     (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
@@ -89,6 +90,7 @@ def test_misaligned_data_files(tmp_path, capsys):
 
 def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
   from transformer.data.inputs import build_inputs
+  from transformer.train.config import Config
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   english = ["a man rides a bike", "", "two dogs play in the snow", "word " * 60, "a cat sleeps"]
@@ -101,7 +103,7 @@ def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
   config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
                      test_splits=(), vocab_size=40, max_length=32)
   with caplog.at_level(logging.WARNING):
-    build_inputs(config, tmp_path / "run")
+    build_inputs(Config.of(config).data, tmp_path / "run")
   text = caplog.text
   assert "40 of 200 pairs have an empty side and were dropped" in text
   assert "40 dropped" in text                    # the over-long pair, in training
@@ -120,7 +122,7 @@ def test_vocabulary_too_large_for_the_text(tmp_path, capsys):
 
 
 def test_translate_errors(tmp_path, capsys):
-  from transformer.decode.translate import main
+  from transformer.translate import main
   line = cli_error(capsys, lambda: main(["--workdir", str(tmp_path), "A man."]))
   assert "config.json is missing" in line
 
@@ -135,7 +137,7 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys, caplog):
-  from transformer.decode.translate import main
+  from transformer.translate import main
   line = cli_error(capsys, lambda: main(["--workdir", str(trained_workdir), "  "]))
   assert "empty" in line
   with caplog.at_level(logging.WARNING):
@@ -155,7 +157,7 @@ def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys
 def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message):
   """The real entry point, in a subprocess: exit code 2 and one line, no traceback."""
   result = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+      [sys.executable, "train.py", "--config", "smoke", "--workdir", str(tmp_path),
        *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
@@ -165,7 +167,7 @@ def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message)
 def test_resuming_with_another_model_names_the_config(trained_workdir):
   """A checkpoint of another shape is not reported as corrupt, and Orbax leaves no traceback."""
   result = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+      [sys.executable, "train.py", "--config", "smoke", "--workdir",
        str(trained_workdir), "--config.model.d_ff=128"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2

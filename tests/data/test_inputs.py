@@ -9,7 +9,8 @@ import pytest
 from transformer.cli import run_cli
 from transformer.data.inputs import build_inputs, tokenizer_for
 from transformer.data.tokenizer import MASK_ID
-from transformer.train.config import get_config
+from transformer.data.config import DataConfig
+from transformer.train.config import Config, get_config
 
 ENGLISH = ["a man rides a bike", "two dogs play in the snow", "a cat sleeps on a red sofa",
            "children run across the green field", "an old woman reads a book"]
@@ -25,6 +26,11 @@ def write_corpus(directory: Path, repeat: int) -> None:
         f.write("\n".join(lines * repeat) + "\n")
 
 
+def inputs_of(config, workdir: Path, **kwargs):
+  typed = Config.of(config)
+  return build_inputs(typed.data, workdir, task=typed.task, seed=typed.seed, **kwargs)
+
+
 def mlm_config(corpus: Path):
   config = get_config()
   config.task = "mlm"
@@ -38,8 +44,8 @@ def test_mlm_batches_over_two_processes_are_the_single_process_batches(tmp_path)
   write_corpus(tmp_path / "corpus", repeat=8)
   config = mlm_config(tmp_path / "corpus")
   workdir = tmp_path / "run"  # One workdir: the tokenizer trained once is shared by all three.
-  single = build_inputs(config, workdir, batch_multiple=2)
-  shards = [build_inputs(config, workdir, batch_multiple=2, process_index=p, process_count=2)
+  single = inputs_of(config, workdir, batch_multiple=2)
+  shards = [inputs_of(config, workdir, batch_multiple=2, process_index=p, process_count=2)
             for p in range(2)]
   for _ in range(3):
     whole = next(single.train)
@@ -60,10 +66,8 @@ PAIRS = [("a man rides a bike", "ein Mann fährt Rad")] * 20
 MINIMUM = 16 + 1 + MASK_ID + 1
 
 
-def vocab_config(vocab_size: int):
-  config = get_config()
-  config.data.vocab_size = vocab_size
-  return config
+def vocab_config(vocab_size: int) -> DataConfig:
+  return DataConfig(vocab_size=vocab_size)
 
 
 def cli_error(capsys, main) -> str:

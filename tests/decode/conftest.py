@@ -4,11 +4,12 @@
 choices to make. After ~100 Adam steps it copies most sentences but is still unsure on some,
 which is where greedy and beam search can differ.
 
-`tokenizer` and `write_run`: a SentencePiece model trained on 300 Multi30k sentence pairs, and a
-run directory (config.json, spm.model, a checkpoint) saved the way train.py saves one.
+`tokenizer` and `write_run` (a trained SentencePiece model and a run directory) come from the
+conftest of tests/.
 """
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,7 @@ from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
 from transformer.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, Tokenizer,
                                         train_sentencepiece)
-from transformer.train.checkpoint import Checkpointer
-from transformer.train.config import get_config
+from transformer.runs.checkpoint import Checkpointer
 from transformer.train.optimizer import with_standard_promotion
 
 COPY_VOCAB = 16
@@ -73,32 +73,3 @@ def copy_model() -> EncoderDecoder:
 def copy_sources() -> jax.Array:
   """Eight held-out sources [8, 8] of lengths 2..8, padded with PAD."""
   return copy_batch(np.random.default_rng(1), 8)[0]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-  sentences = (read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:300]
-               + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:300])
-  path = tmp_path_factory.mktemp("spm") / MODEL_FILENAME
-  return Tokenizer(train_sentencepiece(sentences, path, vocab_size=250))
-
-
-@pytest.fixture(scope="session")
-def write_run():
-  """`write_run(workdir, model, tokenizer, task=..., data_max_length=...)` saves config.json,
-  spm.model and a checkpoint of `model` into workdir, as a training run leaves them."""
-  return _write_run
-
-
-def _write_run(workdir: Path, model: nnx.Module, tokenizer: Tokenizer, *, task: str,
-               data_max_length: int) -> Path:
-  config = get_config()
-  config.task = task
-  config.model.update(dataclasses.asdict(model.config))
-  config.data.max_length = data_max_length
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  shutil.copy(tokenizer.model_path, workdir / MODEL_FILENAME)
-  checkpointer = Checkpointer(workdir / "checkpoints", asynchronous=False)
-  checkpointer.save(1, {"params": nnx.state(model, nnx.Param)}, {})
-  checkpointer.close()
-  return workdir

@@ -8,7 +8,7 @@ from flax import nnx
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode, length_penalty
-from transformer.model.rnn import LSTMSeq2Seq, RNNConfig
+from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
 
 MAX_LENGTH = 10
 

@@ -62,12 +62,12 @@ def test_kv_cache_decoding_equals_full_forward(variant):
 
   memory = model.encode(src)
   model.init_cache(memory, src, max_length=12)
-  step = lambda ids: model.decode(ids, None, None, decode=True)
+  step = lambda ids: model.decode(ids, use_cache=True)
   np.testing.assert_allclose(incremental_logits(step, tgt, prefill=1), model(src, tgt),
                              atol=1e-5)
 
   lm.init_cache(batch_size=2, max_length=12)
-  step = lambda ids: lm(ids, decode=True)
+  step = lambda ids: lm(ids, use_cache=True)
   np.testing.assert_allclose(incremental_logits(step, tgt, prefill=3), lm(tgt), atol=1e-5)
 
 

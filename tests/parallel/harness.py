@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig
+from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import global_batch, make_mesh
 from transformer.parallel.strategies import compile_train_step
-from transformer.train.loop import sharded_state
+from transformer.parallel.sharding import shard
+from transformer.train.loop import initial_state
 from transformer.train.step import make_steps
 
 CONFIG = TransformerConfig.tiny(vocab_size=64, d_model=64, num_heads=8, d_ff=128,
@@ -24,7 +25,7 @@ ROWS, LENGTH = 16, 8
 
 
 def mesh_of(data=1, fsdp=1, tensor=1, devices=None):
-  return make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)), devices)
+  return make_mesh(ParallelConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
 
 
 def fixed_batch(step: int) -> dict[str, np.ndarray]:
@@ -48,7 +49,7 @@ def setup(mesh, strategy: str = "jit"):
   # float32 rounding differences of reductions split across devices (large relative to tiny
   # gradients such as the key bias's, zero in exact arithmetic) into differences of up to lr.
   tx = optax.sgd(0.5, momentum=0.9)
-  state, shardings = sharded_state(model, tx, mesh)
+  state, shardings = shard(initial_state(model, tx), mesh)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
                      dropout_key=jax.random.key(0))

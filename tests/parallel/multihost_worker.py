@@ -20,9 +20,9 @@ def main(port: str, process_id: str, checkpoint_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
   import harness
-  from transformer.parallel.mesh import logical_shardings
-  from transformer.train.checkpoint import Checkpointer
-  from transformer.train.loop import abstract_with_shardings
+  from transformer.parallel.sharding import logical_shardings
+  from transformer.runs.checkpoint import Checkpointer
+  from transformer.parallel.sharding import abstract_with_shardings
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   losses, state = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
   # Both processes write their shards of one checkpoint, then read it back onto another mesh.

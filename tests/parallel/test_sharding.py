@@ -17,11 +17,13 @@ from flax import nnx
 
 import harness
 from transformer import EncoderDecoder
-from transformer.parallel.mesh import check_divisible, global_batch, logical_shardings
+from transformer.parallel.mesh import check_divisible, global_batch
+from transformer.parallel.sharding import logical_shardings
 from transformer.parallel.strategies import compile_train_step
-from transformer.train.checkpoint import Checkpointer
-from transformer.train.loop import abstract_with_shardings, sharded_state
-from transformer.train.step import make_steps
+from transformer.runs.checkpoint import Checkpointer
+from transformer.parallel.sharding import abstract_with_shardings, shard
+from transformer.train.loop import initial_state
+from transformer.train.step import make_steps, micro_batches
 
 LAYOUTS = {
     "data": (dict(data=8), "jit"),
@@ -76,24 +78,28 @@ def one_update(mesh, strategy: str, batch, *, grad_accum_steps: int = 1, dropout
   model = EncoderDecoder(dataclasses.replace(harness.CONFIG, dropout_rate=dropout_rate),
                          rngs=nnx.Rngs(params=0, dropout=1))
   tx = optax.sgd(0.5, momentum=0.9)
-  state, shardings = sharded_state(model, tx, mesh)
+  state, shardings = shard(initial_state(model, tx), mesh)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
                      dropout_key=jax.random.key(0), grad_accum_steps=grad_accum_steps)
   step = compile_train_step(strategy, steps, shardings, mesh)
   with jax.set_mesh(mesh):
-    return step(state, global_batch(batch, mesh, stacked=grad_accum_steps > 1))
+    return step(state, global_batch(batch, mesh))
 
 
 @pytest.fixture(scope="module")
 def two_micro_batches():
-  """Two micro-batches with very different token counts, and their concatenation."""
+  """An update's batch whose two micro-batches (rows 0::2 and 1::2, see `micro_batches`) have
+  very different token counts, and one update on all its rows at once."""
   first, second = harness.fixed_batch(0), harness.fixed_batch(1)
   second["targets"][:, 3:] = 0
-  micro = {k: np.stack([first[k], second[k]]) for k in first}                  # [2, B, T]
-  whole = {k: np.concatenate([first[k], second[k]]) for k in first}            # [2B, T]
+  interleaved = {k: np.stack([first[k], second[k]], axis=1).reshape(-1, *first[k].shape[1:])
+                 for k in first}                                                # [2B, T]
+  split = micro_batches(interleaved, 2)
+  np.testing.assert_array_equal(split["targets"][0], first["targets"])
+  np.testing.assert_array_equal(split["targets"][1], second["targets"])
   assert np.sum(first["targets"] != 0) > 2 * np.sum(second["targets"] != 0)
-  return micro, one_update(harness.mesh_of(data=8), "jit", whole)
+  return interleaved, one_update(harness.mesh_of(data=8), "jit", interleaved)
 
 
 @pytest.mark.parametrize("axes,strategy", [(dict(data=2, fsdp=2, tensor=2), "jit"),
@@ -101,8 +107,8 @@ def two_micro_batches():
 def test_accumulated_micro_batches_make_one_update_on_their_concatenation(
     axes, strategy, two_micro_batches):
   """Gradients summed over the micro-batches, divided once by all their tokens."""
-  micro, (want_state, want_metrics) = two_micro_batches
-  state, metrics = one_update(harness.mesh_of(**axes), strategy, micro, grad_accum_steps=2)
+  batch, (want_state, want_metrics) = two_micro_batches
+  state, metrics = one_update(harness.mesh_of(**axes), strategy, batch, grad_accum_steps=2)
   assert int(state.step) == 1 and int(metrics["steps"]) == 1
   for key in ("loss_sum", "tokens"):
     np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5)

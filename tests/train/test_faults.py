@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
-from transformer.train.checkpoint import CheckpointError, Checkpointer, average_params
-from transformer.train.loop import Trainer, abstract_with_shardings, run
+from transformer.configs import smoke
+from transformer.runs.checkpoint import CheckpointError, Checkpointer, average_params
+from transformer.parallel.sharding import abstract_with_shardings
+from transformer.train.loop import Trainer, run
 from transformer.train.metrics import MetricWriter
-from transformer.train.models import latest_params
+from transformer.runs.loading import latest_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   steps = 16
   run(config_for(steps), tmp_path / "reference")
   workdir = tmp_path / "killed"
-  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+  command = [sys.executable, "train.py", "--config", "smoke", "--workdir",
              str(workdir), f"--config.num_train_steps={steps}",
              "--config.checkpoint_every_steps=4", "--config.decode.bleu_at_end=False"]
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -184,7 +185,7 @@ def test_non_finite_loss_can_skip_updates(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
-  command = [sys.executable, "train.py", "--config", "configs/smoke.py", "--workdir",
+  command = [sys.executable, "train.py", "--config", "smoke", "--workdir",
              str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=1000"]
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from configs import smoke
+from transformer.configs import smoke
 from transformer.train.loop import run
 
 
@@ -60,8 +60,9 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   import numpy as np
   from flax import nnx
 
-  from transformer.train.config import model_config
-  from transformer.train.models import create_model, latest_params, load_params_into
+  from transformer.model import create_model
+  from transformer.runs.loading import latest_params, load_params_into
+  from transformer.train.config import Config
 
   config = tiny_config(4)
   config.task = task
@@ -72,9 +73,7 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   losses = train_losses(tmp_path / "pretrain")
   assert results["step"] == 4 and losses[4] < losses[1]
 
-  with config.unlocked():
-    config.model.vocab_size = 500
-  fresh = create_model(task, model_config(config), seed=123)
+  fresh = create_model(task, Config.of(config).model, seed=123)
   load_params_into(fresh, tmp_path / "pretrain")
   saved = latest_params(tmp_path / "pretrain")
   flat = {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(
@@ -92,12 +91,13 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   the shape a batch without accumulation has, and the logged learning rate is that update's."""
   import optax
 
+  from transformer.train.config import Config
   from transformer.train.loop import Trainer
   from transformer.train.metrics import MetricWriter
 
   config = tiny_config(2)
   config.optimizer.grad_accum_steps = 2
-  trainer = Trainer(config, tmp_path)
+  trainer = Trainer(Config.of(config), tmp_path)
   writer = MetricWriter(tmp_path)
   try:
     trainer.train(writer)

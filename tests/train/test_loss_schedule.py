@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transformer.train.config import get_config
+from transformer.train.config import Config, get_config
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
 from transformer.train.optimizer import make_optimizer
 from transformer.train.schedule import rsqrt_schedule
@@ -91,10 +91,10 @@ def numpy_adam_updates(grads, learning_rates, b1, b2, eps):
 
 def test_optimizer_is_adam_with_papers_betas():
   """Several steps with changing gradients: the first step alone is -lr * sign(g) for any betas."""
-  config = get_config()
+  config = Config()
   opt = config.optimizer
   assert (opt.b1, opt.b2, opt.eps) == (0.9, 0.98, 1e-9)
-  tx = make_optimizer(config)
+  tx = make_optimizer(opt, d_model=config.model.d_model, num_train_steps=config.num_train_steps)
   grads = [np.array([1.0, -2.0, 0.5]), np.array([-3.0, 0.1, 2.0]), np.array([0.5, 4.0, -1.0]),
            np.array([2.0, -0.3, 0.05])]
   d_model, warmup = config.model.d_model, opt.warmup_steps
@@ -120,7 +120,7 @@ def test_unknown_config_key_is_rejected():
 
 
 def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
-  from transformer.train.checkpoint import Checkpointer, average_params
+  from transformer.runs.checkpoint import Checkpointer, average_params
   from transformer.train.step import TrainState
   checkpointer = Checkpointer(tmp_path, keep=5, asynchronous=False)
   for step in (1, 2, 3):

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from transformer.data.config import DataConfig
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
 from transformer.data.pipeline import (Batch, BatchIterator, Examples, default_length_buckets,
                                        encode_pairs, eval_batches, lm_train_batches,
@@ -67,15 +68,19 @@ class MaskedBatches(Iterator[Batch]):
 Resumable = BatchIterator | MaskedBatches
 
 
-def _tfds_dir(config, workdir: Path) -> Path:
-  return Path(config.data.tfds_data_dir) if config.data.tfds_data_dir else workdir / "tfds"
+def tfds_dir(data: DataConfig, workdir: Path) -> Path:
+  """Where tfds prepares datasets: data.tfds_data_dir, else $TFDS_DATA_DIR, else workdir/tfds."""
+  if data.tfds_data_dir:
+    return Path(data.tfds_data_dir)
+  if os.environ.get("TFDS_DATA_DIR"):
+    return Path(os.environ["TFDS_DATA_DIR"])
+  return workdir / "tfds"
 
 
-def read_split(config, workdir: Path, split: str) -> list[tuple[str, str]]:
-  data = config.data
+def read_split(data: DataConfig, workdir: Path, split: str) -> list[tuple[str, str]]:
   try:
     return load_pairs(data.dataset, split, data.source_lang, data.target_lang,
-                      _tfds_dir(config, workdir),
+                      tfds_dir(data, workdir),
                       source_dir=data.source_dir or DEFAULT_SOURCE_DIR)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f"data.dataset={data.dataset!r} is not a tensorflow-datasets name: use "
@@ -106,14 +111,14 @@ def report_unknown(ids: list[list[int]], split: str) -> int:
   return unknown
 
 
-def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
+def tokenizer_for(data: DataConfig, workdir: Path, train_pairs) -> Tokenizer:
   """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
-  vocab_size = config.data.vocab_size
+  vocab_size = data.vocab_size
   check_vocab_size(vocab_size)
-  sentences = [s for pair in train_pairs[: config.data.tokenizer_sentences // 2] for s in pair]
+  sentences = [s for pair in train_pairs[: max(data.tokenizer_sentences // 2, 1)] for s in pair]
   try:
     return load_or_train_tokenizer(workdir, sentences, vocab_size,
-                                   model_type=config.data.tokenizer_type)
+                                   model_type=data.tokenizer_type)
   except RuntimeError as error:
     # SentencePiece states the size the text allows only inside its message.
     if too_small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
@@ -126,13 +131,26 @@ def tokenizer_for(config, workdir: Path, train_pairs) -> Tokenizer:
     raise
 
 
-def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
+def build_inputs(data: DataConfig, workdir: str | os.PathLike, *, task: str = "translation",
+                 seed: int = 0, batch_tokens: int | None = None, batch_multiple: int = 1,
                  process_index: int = 0, process_count: int = 1) -> Inputs:
-  """Reads the dataset, trains or loads the tokenizer, and builds the run's batch streams."""
+  """Reads the dataset, trains or loads the tokenizer, and builds the run's batch streams.
+
+  Args:
+    data: the data block.
+    workdir: where the tokenizer (and, by default, the prepared dataset) is kept.
+    task: "translation", "lm" or "mlm": the format of the batches.
+    seed: the order of the training data (and the masked-LM corruption).
+    batch_tokens: tokens of one training batch; default data.tokens_per_batch. With gradient
+      accumulation a batch holds k micro-batches: k times that.
+    batch_multiple: rows of a training batch are a multiple of this (the data-parallel ways
+      times k).
+    process_index, process_count: this process's share of every batch's rows.
+  """
   workdir = Path(workdir)
-  data = config.data
-  train_pairs = drop_empty(read_split(config, workdir, data.train_split), data.train_split)
-  tokenizer = tokenizer_for(config, workdir, train_pairs)
+  batch_tokens = batch_tokens or data.tokens_per_batch
+  train_pairs = drop_empty(read_split(data, workdir, data.train_split), data.train_split)
+  tokenizer = tokenizer_for(data, workdir, train_pairs)
   buckets = tuple(data.length_buckets) or default_length_buckets(data.max_length)
   shard = dict(process_index=process_index, process_count=process_count)
 
@@ -151,35 +169,35 @@ def build_inputs(config, workdir: str | os.PathLike, *, batch_multiple: int = 1,
   def batches_of(examples):
     return eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
 
-  if config.task == "translation":
+  if task == "translation":
     train_examples = examples_of(train_pairs, data.truncate, data.train_split)
     train = translation_train_batches(
-        train_examples, tokens_per_batch=data.tokens_per_batch, seed=config.seed,
+        train_examples, tokens_per_batch=batch_tokens, seed=seed,
         length_buckets=buckets, batch_multiple=batch_multiple, **shard)
   else:
     # Language models read one side as running text, in windows of max_length tokens.
     side = tokenizer.encode([tgt for _, tgt in train_pairs])
-    rows = max(data.tokens_per_batch // data.max_length // batch_multiple, 1) * batch_multiple
-    train = lm_train_batches(side, seq_len=data.max_length, batch_size=rows, seed=config.seed,
-                             **shard)
-    if config.task == "mlm":
-      train = MaskedBatches(train, tokenizer.vocab_size, config.seed, data.mlm_select_rate,
-                            **shard)
+    rows = max(batch_tokens // data.max_length // batch_multiple, 1) * batch_multiple
+    train = lm_train_batches(side, seq_len=data.max_length, batch_size=rows, seed=seed, **shard)
+    if task == "mlm":
+      train = MaskedBatches(train, tokenizer.vocab_size, seed, data.mlm_select_rate, **shard)
 
-  eval_examples = examples_of(read_split(config, workdir, data.eval_split), True,
+  eval_examples = examples_of(read_split(data, workdir, data.eval_split), True,
                               data.eval_split)
   test_sets = []
-  if config.task == "translation":
+  if task == "translation":
     for split in data.test_splits:
-      pairs = read_split(config, workdir, split)
+      pairs = read_split(data, workdir, split)
       examples = examples_of(pairs, True, split)
       test_sets.append(TestSet(split, pairs, examples, batches_of(examples)))
-  return Inputs(tokenizer, train, _eval_batches_for_task(config, batches_of(eval_examples),
-                                                          tokenizer, **shard), test_sets)
+  eval_batches_ = _eval_batches_for_task(task, seed, data.mlm_select_rate,
+                                         batches_of(eval_examples), tokenizer, **shard)
+  return Inputs(tokenizer, train, eval_batches_, test_sets)
 
 
-def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer, *,
-                           process_index: int = 0, process_count: int = 1) -> list[Batch]:
+def _eval_batches_for_task(task: str, seed: int, mlm_select_rate: float, batches: list[Batch],
+                           tokenizer: Tokenizer, *, process_index: int = 0,
+                           process_count: int = 1) -> list[Batch]:
   """Validation batches in the task's format, with per-token weights.
 
   `batches` hold this process's rows; masked-LM corruption is drawn for the global batches.
@@ -187,14 +205,14 @@ def _eval_batches_for_task(config, batches: list[Batch], tokenizer: Tokenizer, *
   out = []
   for i, batch in enumerate(batches):
     weights_BT = (batch["targets"] != 0).astype(np.float32) * batch["weights"][:, None]
-    if config.task == "translation":
+    if task == "translation":
       out.append({"inputs": batch["inputs"], "targets": batch["targets"], "weights": weights_BT})
-    elif config.task == "lm":
+    elif task == "lm":
       out.append({"targets": batch["targets"], "weights": weights_BT})
     else:
       # A fixed corruption per validation batch (stream 2**31, apart from training epochs).
-      masked = mask_tokens(batch["targets"], np.random.default_rng([config.seed, 2**31, i]),
-                           tokenizer.vocab_size, select_rate=config.data.mlm_select_rate,
+      masked = mask_tokens(batch["targets"], np.random.default_rng([seed, 2**31, i]),
+                           tokenizer.vocab_size, select_rate=mlm_select_rate,
                            process_index=process_index, process_count=process_count)
       masked["weights"] = masked["weights"] * batch["weights"][:, None]
       out.append(masked)

@@ -1,7 +1,7 @@
 """Multi30k English-German as a local tensorflow-datasets builder, and a reader of sentence pairs.
 
-The raw corpus lives in the repository (`data/multi30k/`, see its README for origin, terms and
-citations), so preparing the dataset never touches the network. The builder writes ArrayRecord
+The raw corpus ships with the package (`transformer/data/corpora/multi30k/`, see its README for
+origin, terms and citations), so preparing the dataset never touches the network. The builder writes ArrayRecord
 files, which `as_data_source()` reads with random access and without TensorFlow.
 
 Every split keeps the order of the files (`disable_shuffling=True`): line i of a split is example i,
@@ -20,10 +20,10 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-# transformer/data/multi30k.py -> the repository root is two folders up from this package.
-DEFAULT_SOURCE_DIR = Path(__file__).resolve().parents[2] / "data" / "multi30k"
+# Shipped inside the package, so an installed copy finds it too.
+DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "corpora" / "multi30k"
 LANGUAGES = ("en", "de")
-# tfds split name -> file stem in data/multi30k/ (`<stem>.<lang>.gz`).
+# tfds split name -> file stem in the corpus folder (`<stem>.<lang>.gz`).
 SPLIT_FILES = {
     "train": "train",
     "validation": "val",

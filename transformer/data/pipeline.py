@@ -141,9 +141,9 @@ def assign_buckets(lengths: Int[np.ndarray, "n"], length_buckets: Sequence[int])
 
 def _chunk(rows: np.ndarray, size: int) -> list[np.ndarray]:
   """Splits rows into batches of `size`, the last one filled with padding rows."""
-  padded = np.full(-(-len(rows) // size) * size, _PADDING_ROW, dtype=np.int64)
-  padded[: len(rows)] = rows
-  return list(padded.reshape(-1, size))
+  filled = np.full(-(-len(rows) // size) * size, _PADDING_ROW, dtype=np.int64)
+  filled[: len(rows)] = rows
+  return list(filled.reshape(-1, size))
 
 
 def bucketed_epoch_plan(
@@ -165,15 +165,20 @@ def bucketed_epoch_plan(
   return [plan[i] for i in rng.permutation(len(plan))]
 
 
-def pad_rows(
-    sequences: Sequence[np.ndarray], rows: Int[np.ndarray, "B"], length: int
-) -> Int[np.ndarray, "B L"]:
-  """sequences[rows] right-padded with PAD_ID to `length`; row -1 is all padding."""
-  out = np.full((len(rows), length), PAD_ID, dtype=np.int32)
-  for r, row in enumerate(rows):
-    if row != _PADDING_ROW:
-      out[r, : len(sequences[row])] = sequences[row]
+def padded(sequences: Sequence[Sequence[int]], length: int | None = None) -> Int[np.ndarray, "B T"]:
+  """Sequences of ids as one [B, T] int32 array right-padded with PAD_ID; T = `length`, or the
+  longest sequence."""
+  length = max((len(s) for s in sequences), default=0) if length is None else length
+  out = np.full((len(sequences), length), PAD_ID, dtype=np.int32)
+  for r, sequence in enumerate(sequences):
+    out[r, : len(sequence)] = sequence
   return out
+
+
+def pad_rows(sequences: Sequence[np.ndarray], rows: Int[np.ndarray, "B"],
+             length: int) -> Int[np.ndarray, "B T"]:
+  """sequences[rows] right-padded with PAD_ID to `length`; row -1 is all padding."""
+  return padded([sequences[row] if row != _PADDING_ROW else () for row in rows], length)
 
 
 def process_rows(rows: Int[np.ndarray, "B"], process_index: int, process_count: int) -> np.ndarray:
@@ -297,15 +302,15 @@ def eval_batches(
   return batches
 
 
-def lm_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> Int[np.ndarray, "W T"]:
+def lm_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> Int[np.ndarray, "n T"]:
   """One side's sentences joined with EOS after each, cut into windows of T = seq_len.
 
   The last window is right-padded with PAD_ID so no text is lost.
   """
   stream = np.fromiter((i for ids in token_ids for i in (*ids, EOS_ID)), dtype=np.int32)
-  padded = np.full(-(-stream.size // seq_len) * seq_len, PAD_ID, dtype=np.int32)
-  padded[: stream.size] = stream
-  return padded.reshape(-1, seq_len)  # [W, T]
+  filled = np.full(-(-stream.size // seq_len) * seq_len, PAD_ID, dtype=np.int32)
+  filled[: stream.size] = stream
+  return filled.reshape(-1, seq_len)  # [n windows, T]
 
 
 def _shuffled_plan(num_rows: int, seq_len: int, batch_size: int, seed: int,

@@ -129,7 +129,7 @@ def _beam_search(model: EncoderDecoder, src_ids_BS, *, beam_size: int, alpha: fl
   def step(state: BeamState) -> BeamState:
     ids_R1 = lax.dynamic_slice_in_dim(state.alive_tokens_BWT, state.t, 1, axis=2)
     ids_R1 = ids_R1.reshape(batch * beams, 1)
-    decode = lambda m: m.decode(ids_R1, None, None, decode=True)
+    decode = lambda m: m.decode(ids_R1, use_cache=True)
     logits_R1V, cache = call_cached(graphdef, state.cache, rest, decode)
     log_probs_BWV = log_probs_without_pad(logits_R1V[:, 0], pad_id).reshape(batch, beams, -1)
     return _beam_step(state, log_probs_BWV, cache, alpha=alpha, eos_id=eos_id)

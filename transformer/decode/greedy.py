@@ -78,7 +78,7 @@ def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_length
 
   def next_token(tokens_BT, t, cache):
     ids_B1 = lax.dynamic_slice_in_dim(tokens_BT, t, 1, axis=1)
-    step = lambda m: m.decode(ids_B1, None, None, decode=True)
+    step = lambda m: m.decode(ids_B1, use_cache=True)
     logits_B1V, cache = call_cached(graphdef, cache, rest, step)
     return jnp.argmax(log_probs_without_pad(logits_B1V[:, 0], pad_id), axis=-1), cache
 

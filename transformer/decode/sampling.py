@@ -67,7 +67,7 @@ def _sample(model: DecoderOnly, prompt_ids_BT, rng, temperature, top_p, *, max_n
   # The last token is never fed back, so the cache needs one position less than the output.
   model.init_cache(batch, total - 1)
   graphdef, cache, rest = split_cache(model)
-  prefill = lambda m: m(prompt_ids_BT, decode=True)
+  prefill = lambda m: m(prompt_ids_BT, use_cache=True)
   logits_BTV, cache = call_cached(graphdef, cache, rest, prefill)
   first_B = choose(logits_BTV[:, -1], prompt_length - 1)
   # PAD where the loop writes nothing: it stops once every row has ended.
@@ -77,7 +77,7 @@ def _sample(model: DecoderOnly, prompt_ids_BT, rng, temperature, top_p, *, max_n
 
   def next_token(ids_BT, t, cache):
     ids_B1 = lax.dynamic_slice_in_dim(ids_BT, t, 1, axis=1)
-    logits_B1V, cache = call_cached(graphdef, cache, rest, lambda m: m(ids_B1, decode=True))
+    logits_B1V, cache = call_cached(graphdef, cache, rest, lambda m: m(ids_B1, use_cache=True))
     return choose(logits_B1V[:, 0], t), cache
 
   # Positions up to the prompt are not searched for EOS: only new tokens end a row.

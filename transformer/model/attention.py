@@ -127,14 +127,14 @@ class MultiHeadAttention(nnx.Module):
   The per-head projections are stored as one [D, N, H] tensor each (all heads in one einsum);
   the concatenation of heads followed by W^O is the [N, H, D] contraction in `out`.
 
-  Decoding: after `init_cache`, calls with `decode=True` take the new positions only. Self-
+  Decoding: after `init_cache`, calls with `use_cache=True` take the new positions only. Self-
   attention appends their keys and values to the cache; cross-attention reads the projected
   encoder output stored once by `init_cache(context=...)`.
 
   Inspection: with `sow_weights` set, each call also sows its weights [B, N, T, S] as
   `nnx.Intermediate` "attention_weights", so a caller can gather every layer's weights with
   `nnx.capture` without threading `return_weights` through the stacks (see
-  `transformer.decode.visualize`).
+  `transformer.inspect`).
   """
 
   # A plain (static) attribute: off, the fused attention path below runs unchanged.
@@ -183,15 +183,15 @@ class MultiHeadAttention(nnx.Module):
     self.cached_value = nnx.Cache(jnp.zeros(shape, self.config.compute_dtype))
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
 
-  def _keys_values(self, x_BTD, context_BSD, decode: bool, kv_positions_BS):
-    if decode and self.cross:
+  def _keys_values(self, x_BTD, context_BSD, use_cache: bool, kv_positions_BS):
+    if use_cache and self.cross:
       return self.cached_key[...], self.cached_value[...], None
     source_BSD = x_BTD if context_BSD is None else context_BSD
     k_BSNH = self._project(source_BSD, self.key, self.key_bias)
     v_BSNH = self._project(source_BSD, self.value, self.value_bias)
     if self.uses_rope:
       k_BSNH = rotary_embedding(k_BSNH, kv_positions_BS)
-    if not decode:
+    if not use_cache:
       return k_BSNH, v_BSNH, None
     # Self-attention decoding: write the new positions at cache_index, attend to all up to them.
     index = self.cache_index[...]
@@ -204,16 +204,16 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, x_BTD: Float[Array, "B T D"], context_BSD: Float[Array, "B S D"] | None = None,
                *, mask: Bool[Array, ...] | None = None, is_causal: bool = False,
-               q_positions_BT=None, kv_positions_BS=None, decode: bool = False,
+               q_positions_BT=None, kv_positions_BS=None, use_cache: bool = False,
                return_weights: bool = False):
     """Self-attention when `context` is None, else attention from x to context.
 
     Args:
       x_BTD: the queries' input [B, T, D].
       context_BSD: keys' and values' input [B, S, D] for cross-attention.
-      mask: bool broadcastable to [B, N, T, S] (in decode mode, to [B, N, T, max_length]).
+      mask: bool broadcastable to [B, N, T, S] (with the cache, to [B, N, T, max_length]).
       q_positions_BT, kv_positions_BS: absolute positions, used by RoPE only.
-      decode: use and update the KV cache (see `init_cache`).
+      use_cache: use and update the KV cache (see `init_cache`).
       return_weights: also return the attention weights [B, N, T, S] (xla path).
 
     Returns:
@@ -223,7 +223,7 @@ class MultiHeadAttention(nnx.Module):
     if self.uses_rope:
       q_BTNH = rotary_embedding(q_BTNH, q_positions_BT)
       kv_positions_BS = q_positions_BT if kv_positions_BS is None else kv_positions_BS
-    k_BSNH, v_BSNH, visible = self._keys_values(x_BTD, context_BSD, decode, kv_positions_BS)
+    k_BSNH, v_BSNH, visible = self._keys_values(x_BTD, context_BSD, use_cache, kv_positions_BS)
     if visible is not None:
       mask = visible if mask is None else (as_4d(mask) & visible)
       is_causal = False

@@ -10,10 +10,10 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.model.attention import MultiHeadAttention
-from transformer.model.masks import padding_mask
 from transformer.model.config import TransformerConfig
 from transformer.model.layers import (Embedding, FeedForward, LayerNorm, OutputProjection,
                                       PositionEncoding, param)
+from transformer.model.masks import padding_mask, segment_mask
 from transformer.parallel.axes import EMBED, VOCAB
 
 
@@ -64,20 +64,25 @@ class DecoderLayer(nnx.Module):
     self.feed_forward = FeedForward(config, rngs=rngs)
     self.feed_forward_block = Residual(config, rngs=rngs)
 
-  def __call__(self, x_BTD, memory_BSD, self_mask, memory_mask_B11S, positions_BT, decode):
+  def __call__(self, x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, use_cache):
     # Outside decoding the causal part of the mask is built blockwise by the attention itself.
-    attend_self = lambda y: self.self_attention(y, mask=self_mask, is_causal=not decode,
-                                                q_positions_BT=positions_BT, decode=decode)
+    attend_self = lambda y: self.self_attention(y, mask=self_mask, is_causal=not use_cache,
+                                                q_positions_BT=positions_BT, use_cache=use_cache)
     x_BTD = self.self_attention_block(x_BTD, attend_self)
     if self.cross_attention is not None:
-      attend_memory = lambda y: self.cross_attention(y, memory_BSD, mask=memory_mask_B11S,
-                                                     decode=decode)
+      attend_memory = lambda y: self.cross_attention(y, memory_BSD, mask=memory_mask,
+                                                     use_cache=use_cache)
       x_BTD = self.cross_attention_block(x_BTD, attend_memory)
     return self.feed_forward_block(x_BTD, self.feed_forward)
 
 
 class Encoder(nnx.Module):
-  """Embedding + positions + dropout, then L encoder layers: source ids [B, S] -> memory [B, S, D]."""
+  """Embedding + positions + dropout, then L encoder layers: source ids [B, S] -> memory [B, S, D].
+
+  Packed rows (several sentences in one row) pass `segments_BS` (1, 2, ... per sentence, 0 for
+  padding) and `positions_BS` (counting from 0 in each sentence): a token then attends only to
+  its own sentence.
+  """
 
   def __init__(self, config: TransformerConfig, embed: Embedding, *, rngs: nnx.Rngs):
     self.config, self.embed = config, embed
@@ -88,19 +93,31 @@ class Encoder(nnx.Module):
     # Pre-LN leaves the residual stream un-normalised: one last LayerNorm closes the stack.
     self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
-  def __call__(self, ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
-    positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
-    x_BSD = self.dropout(self.positions(self.embed(ids_BS), positions_BS))
-    mask_B11S = padding_mask(ids_BS, self.config.pad_id)
+  def residual_stream(self, ids_BS: Int[Array, "B S"], segments_BS: Int[Array, "B S"] | None = None,
+                      positions_BS: Int[Array, "B S"] | None = None) -> list[Float[Array, "B S D"]]:
+    """The stack's input (sqrt(D) * embedding + positions, after dropout) and the output of
+    each of its L layers, the last one after the final LayerNorm of a pre-LN stack."""
+    if positions_BS is None:
+      positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
+    mask = (padding_mask(ids_BS, self.config.pad_id) if segments_BS is None
+            else segment_mask(segments_BS, segments_BS))
+    states = [self.dropout(self.positions(self.embed(ids_BS), positions_BS))]
     for layer in self.layers:
-      x_BSD = layer(x_BSD, mask_B11S, positions_BS)
-    return x_BSD if self.final_norm is None else self.final_norm(x_BSD)
+      states.append(layer(states[-1], mask, positions_BS))
+    if self.final_norm is not None:
+      states[-1] = self.final_norm(states[-1])
+    return states
+
+  def __call__(self, ids_BS: Int[Array, "B S"], segments_BS: Int[Array, "B S"] | None = None,
+               positions_BS: Int[Array, "B S"] | None = None) -> Float[Array, "B S D"]:
+    return self.residual_stream(ids_BS, segments_BS, positions_BS)[-1]
 
 
 class Decoder(nnx.Module):
   """Embedding + positions + dropout, then L decoder layers: target ids [B, T] -> [B, T, D].
 
   With `cross=False` the layers have no encoder-decoder attention (the decoder-only family).
+  Packed rows pass segments and positions as `Encoder` does.
   """
 
   def __init__(self, config: TransformerConfig, embed: Embedding, *, cross: bool,
@@ -127,20 +144,30 @@ class Decoder(nnx.Module):
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
-  def __call__(self, ids_BT: Int[Array, "B T"], memory_BSD=None, memory_mask_B11S=None, *,
-               decode: bool = False) -> Float[Array, "B T D"]:
+  def __call__(self, ids_BT: Int[Array, "B T"], memory_BSD=None, memory_mask=None, *,
+               segments_BT: Int[Array, "B T"] | None = None,
+               positions_BT: Int[Array, "B T"] | None = None,
+               use_cache: bool = False) -> Float[Array, "B T D"]:
+    """`memory_mask`: which memory positions each query sees, [B, 1, 1, S] or [B, 1, T, S].
+    `use_cache` (after `init_cache`): `ids_BT` holds only the new positions."""
     offset = 0
-    if decode:
+    if use_cache:
       offset = self.cache_index[...]
       self.cache_index[...] = offset + ids_BT.shape[1]
       if self.memory_mask is not None:
-        memory_mask_B11S = self.memory_mask[...]
-    positions_BT = jnp.broadcast_to(offset + jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+        memory_mask = self.memory_mask[...]
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(offset + jnp.arange(ids_BT.shape[1]), ids_BT.shape)
     x_BTD = self.dropout(self.positions(self.embed(ids_BT), positions_BT))
-    # Padding keys are hidden from every query; in decode mode the cache tracks what is visible.
-    self_mask = None if decode else padding_mask(ids_BT, self.config.pad_id)
+    # Padding keys are hidden from every query; with the cache it tracks what is visible.
+    if use_cache:
+      self_mask = None
+    elif segments_BT is None:
+      self_mask = padding_mask(ids_BT, self.config.pad_id)
+    else:
+      self_mask = segment_mask(segments_BT, segments_BT)
     for layer in self.layers:
-      x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask_B11S, positions_BT, decode)
+      x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, use_cache)
     return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 
@@ -149,7 +176,8 @@ class EncoderDecoder(nnx.Module):
 
   `__call__(src, tgt)` takes the decoder's input (targets shifted right, starting with BOS) and
   returns logits [B, T, V] in `config.logits_dtype`; softmax(logits[:, t]) is the distribution of
-  token t + 1.
+  token t + 1. Packed rows also pass the segments and positions of both sides: target sentence i
+  of a row then reads only source sentence i of that row.
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -161,22 +189,34 @@ class EncoderDecoder(nnx.Module):
     self.decoder = Decoder(config, self.target_embed, cross=True, rngs=rngs)
     self.output = None if config.tie_output else OutputProjection(config, rngs=rngs)
 
-  def encode(self, src_ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
+  def encode(self, src_ids_BS: Int[Array, "B S"], src_segments_BS: Int[Array, "B S"] | None = None,
+             src_positions_BS: Int[Array, "B S"] | None = None) -> Float[Array, "B S D"]:
     """Source ids [B, S] -> memory [B, S, D]."""
-    return self.encoder(src_ids_BS)
+    return self.encoder(src_ids_BS, src_segments_BS, src_positions_BS)
 
   def logits(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     return self.target_embed.attend(x_BTD) if self.output is None else self.output(x_BTD)
 
-  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None,
-             src_ids_BS: Int[Array, "B S"] | None, *, decode: bool = False) -> Float[Array, "B T V"]:
+  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None = None,
+             src_ids_BS: Int[Array, "B S"] | None = None, *,
+             src_segments_BS: Int[Array, "B S"] | None = None,
+             tgt_segments_BT: Int[Array, "B T"] | None = None,
+             tgt_positions_BT: Int[Array, "B T"] | None = None,
+             use_cache: bool = False) -> Float[Array, "B T V"]:
     """Decoder input ids [B, T] + memory [B, S, D] -> logits [B, T, V].
 
-    With `decode=True` (after `init_cache`), `tgt_ids` holds only the new positions, and memory
-    and source come from the cache (pass None).
+    With `use_cache=True` (after `init_cache`), `tgt_ids` holds only the new positions, and
+    memory and source come from the cache (leave them None).
     """
-    memory_mask = None if src_ids_BS is None else padding_mask(src_ids_BS, self.config.pad_id)
-    return self.logits(self.decoder(tgt_ids_BT, memory_BSD, memory_mask, decode=decode))
+    if src_ids_BS is None:
+      memory_mask = None
+    elif tgt_segments_BT is None:
+      memory_mask = padding_mask(src_ids_BS, self.config.pad_id)
+    else:
+      memory_mask = segment_mask(tgt_segments_BT, src_segments_BS)
+    x_BTD = self.decoder(tgt_ids_BT, memory_BSD, memory_mask, segments_BT=tgt_segments_BT,
+                         positions_BT=tgt_positions_BT, use_cache=use_cache)
+    return self.logits(x_BTD)
 
   def init_cache(self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"],
                  max_length: int) -> None:
@@ -184,8 +224,14 @@ class EncoderDecoder(nnx.Module):
     self.decoder.init_cache(src_ids_BS.shape[0], max_length, memory_BSD,
                             padding_mask(src_ids_BS, self.config.pad_id))
 
-  def __call__(self, src_ids_BS: Int[Array, "B S"], tgt_ids_BT: Int[Array, "B T"]):
-    return self.decode(tgt_ids_BT, self.encode(src_ids_BS), src_ids_BS)
+  def __call__(self, src_ids_BS: Int[Array, "B S"], tgt_ids_BT: Int[Array, "B T"], *,
+               src_segments_BS: Int[Array, "B S"] | None = None,
+               tgt_segments_BT: Int[Array, "B T"] | None = None,
+               src_positions_BS: Int[Array, "B S"] | None = None,
+               tgt_positions_BT: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+    memory_BSD = self.encode(src_ids_BS, src_segments_BS, src_positions_BS)
+    return self.decode(tgt_ids_BT, memory_BSD, src_ids_BS, src_segments_BS=src_segments_BS,
+                       tgt_segments_BT=tgt_segments_BT, tgt_positions_BT=tgt_positions_BT)
 
 
 class DecoderOnly(nnx.Module):
@@ -200,8 +246,8 @@ class DecoderOnly(nnx.Module):
   def init_cache(self, batch_size: int, max_length: int) -> None:
     self.decoder.init_cache(batch_size, max_length)
 
-  def __call__(self, ids_BT: Int[Array, "B T"], *, decode: bool = False) -> Float[Array, "B T V"]:
-    x_BTD = self.decoder(ids_BT, decode=decode)
+  def __call__(self, ids_BT: Int[Array, "B T"], *, use_cache: bool = False) -> Float[Array, "B T V"]:
+    x_BTD = self.decoder(ids_BT, use_cache=use_cache)
     return self.embed.attend(x_BTD) if self.output is None else self.output(x_BTD)
 
 
@@ -252,3 +298,12 @@ class EncoderOnly(nnx.Module):
     logits_BC = pooled_BD @ self.classifier[...].astype(first_BD.dtype)
     return logits_BC.astype(jnp.float32) + self.classifier_bias[...].astype(jnp.float32)[None]
 
+
+
+FAMILIES = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
+
+
+def create_model(task: str, config: TransformerConfig, seed: int) -> nnx.Module:
+  """A freshly initialised model of the task's family (`FAMILIES`), its dropout RNG stream
+  seeded apart from its parameters."""
+  return FAMILIES[task](config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))

@@ -7,10 +7,12 @@ import os
 
 import jax
 
+from transformer.parallel.config import ParallelConfig
+
 log = logging.getLogger(__name__)
 
 
-def initialize(parallel) -> None:
+def initialize(parallel: ParallelConfig) -> None:
   """Joins the processes of a multi-host job, from the config or the usual environment.
 
   With `parallel.coordinator_address` set, the config names the coordinator, the process count
@@ -20,9 +22,6 @@ def initialize(parallel) -> None:
   if jax.distributed.is_initialized():
     return
   if parallel.coordinator_address:
-    if parallel.num_processes < 1 or parallel.process_id < 0:
-      raise ValueError("parallel.coordinator_address needs parallel.num_processes >= 1 and "
-                       "parallel.process_id >= 0")
     # Cross-process collectives on CPU devices (tests, CPU clusters); GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(parallel.coordinator_address, num_processes=parallel.num_processes,

@@ -7,30 +7,37 @@
   device computes gradients of its rows, `lax.psum` adds them (and the token counts) over the
   data axis, and every device applies the same update to its replica.
 
-Both take the batch as `steps.train_step` does: [B, ...], or k micro-batches [k, B, ...] with
-gradient accumulation, rows split over the devices on axis 1.
+Both take the step's functions as `transformer.train.step.make_steps` builds them (any object
+with the `StepFunctions` attributes) and batches [B, ...] with rows split over data x fsdp.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from transformer.parallel.axes import DATA, FSDP, TENSOR
-from transformer.parallel.mesh import batch_sharding, batch_spec, replicated
-from transformer.train.step import Steps
-
-STRATEGIES = ("jit", "shard_map")
+from transformer.parallel.mesh import batch_sharding, replicated
 
 
-def jit_train_step(steps: Steps, state_shardings, mesh: Mesh):
+class StepFunctions(Protocol):
+  """The pure pieces of a train step that a strategy composes."""
+
+  gradients: Callable   # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
+  apply: Callable       # (state, summed grads, metric sums) -> (state, metrics)
+  train_step: Callable  # (state, batch) -> (state, metrics): gradients, then apply
+
+
+def jit_train_step(steps: StepFunctions, state_shardings: Any, mesh: Mesh):
   """The pjit-style step: sharded state in, sharded state out, old state donated."""
-  rows = batch_sharding(mesh, stacked=steps.grad_accum_steps > 1)
-  return jax.jit(steps.train_step, in_shardings=(state_shardings, rows),
+  return jax.jit(steps.train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
-def shard_map_train_step(steps: Steps, mesh: Mesh):
+def shard_map_train_step(steps: StepFunctions, mesh: Mesh):
   """The pmap-style step: replicated state, rows split over `data`, gradients psum-ed."""
   if mesh.shape[FSDP] != 1 or mesh.shape[TENSOR] != 1:
     raise ValueError(f"parallel.strategy=shard_map is data parallelism only, but the mesh is "
@@ -45,17 +52,17 @@ def shard_map_train_step(steps: Steps, mesh: Mesh):
     grads, sums = jax.lax.psum((grads, sums), DATA)
     return steps.apply(state, grads, sums)
 
-  rows = batch_spec(stacked=steps.grad_accum_steps > 1)  # fsdp = 1: rows split over data
   # check_vma=False gives pmap's semantics: gradients of replicated parameters stay per-device
   # until the explicit psum (with it, JAX would insert that psum itself in the backward pass).
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), rows),
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), batch_sharding(mesh).spec),
                          out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 
 
-def compile_train_step(strategy: str, steps: Steps, state_shardings, mesh: Mesh):
+def compile_train_step(strategy: str, steps: StepFunctions, state_shardings: Any, mesh: Mesh):
+  """The train step of `strategy` ("jit" or "shard_map"), jitted for `mesh`."""
   if strategy == "jit":
     return jit_train_step(steps, state_shardings, mesh)
   if strategy == "shard_map":
     return shard_map_train_step(steps, mesh)
-  raise ValueError(f"parallel.strategy={strategy!r} is unknown: use one of {STRATEGIES}")
+  raise ValueError(f"parallel.strategy={strategy!r} is unknown: use jit or shard_map")

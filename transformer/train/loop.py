@@ -14,16 +14,18 @@ import numpy as np
 from flax import nnx
 
 from transformer.data.inputs import Inputs, build_inputs
+from transformer.decode.evaluate import score_test_sets, write_report
+from transformer.model.transformer import create_model
 from transformer.parallel import distributed
-from transformer.parallel.mesh import (batch_sharding, check_divisible, global_batch,
-                                       logical_shardings, make_mesh, put_global, replicated)
-from transformer.parallel.axes import DATA, FSDP
+from transformer.parallel.mesh import (batch_sharding, check_divisible, data_ways, global_batch,
+                                       make_mesh, replicated)
+from transformer.parallel.sharding import abstract_with_shardings, shard
 from transformer.parallel.strategies import compile_train_step
+from transformer.runs.checkpoint import Checkpointer, average_params
+from transformer.runs.loading import load_params_into
 from transformer.train import metrics as metrics_lib
-from transformer.train.checkpoint import Checkpointer, average_params
-from transformer.train.config import model_config, validate
+from transformer.train.config import Config
 from transformer.train.loss import summarize
-from transformer.train.models import create_model, load_params_into
 from transformer.train.optimizer import learning_rate, make_optimizer
 from transformer.train.step import TrainState, make_steps
 
@@ -46,73 +48,47 @@ class StopRequested:
       signal.signal(s, handler)
 
 
-def sharded_state(model, tx, mesh):
-  """The train state of `model`, placed on the mesh by its parameters' logical axis names."""
+def initial_state(model: nnx.Module, tx) -> TrainState:
+  """Step 0: the model's parameters and the optimizer's fresh state, on the host."""
   params = nnx.state(model, nnx.Param)
-  host_state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  shardings = logical_shardings(host_state, mesh)
-  return put_global(host_state, shardings), shardings
-
-
-def abstract_with_shardings(state_shardings, state):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, state_shardings)
-
-
-def update_stream_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config the training stream reads: one batch per update.
-
-  With optimizer.grad_accum_steps = k, that batch holds k x data.tokens_per_batch tokens from one
-  length bucket, in rows a multiple of k x the data-parallel ways (see `build_inputs`), and
-  `micro_batches` cuts it into k micro-batches with exactly the rows and length of a batch
-  without accumulation. One bucket per update keeps the stack one shape without padding it to
-  the largest of k buckets, and the stream's position still counts updates, so resuming is exact.
-  """
-  stream = config.copy_and_resolve_references()
-  stream.data.tokens_per_batch = config.data.tokens_per_batch * config.optimizer.grad_accum_steps
-  return stream
-
-
-def micro_batches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-  """[k * B, ...] -> [k, B, ...]: an update's rows as k micro-batches of consecutive rows."""
-  return {key: value.reshape(k, -1, *value.shape[1:]) for key, value in batch.items()}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 class Trainer:
   """Owns a run's mesh, state, compiled steps and checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-    validate(config)
+  def __init__(self, config: Config | ml_collections.ConfigDict, workdir: str | Path):
+    config = Config.of(config)
     self.config, self.workdir = config, Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.mesh = make_mesh(config.parallel)
     # Before any data work, so a mesh that cannot split the model or the evaluation batches
-    # fails in seconds. The tokenizer has exactly data.vocab_size pieces (checked again below).
-    check_divisible(self.mesh, num_heads=config.model.num_heads, d_ff=config.model.d_ff,
-                    d_model=config.model.d_model, vocab_size=config.data.vocab_size,
+    # fails in seconds. The tokenizer has exactly data.vocab_size pieces.
+    model = config.model
+    check_divisible(self.mesh, num_heads=model.num_heads, d_ff=model.d_ff,
+                    d_model=model.d_model, vocab_size=model.vocab_size,
                     batch_size=config.data.eval_batch_size)
-    data_ways = self.mesh.shape[DATA] * self.mesh.shape[FSDP]
-    self.grad_accum_steps = config.optimizer.grad_accum_steps
-    self.inputs: Inputs = build_inputs(update_stream_config(config), self.workdir,
-                                       batch_multiple=data_ways * self.grad_accum_steps,
+    k = config.optimizer.grad_accum_steps
+    # One training batch is one update: k micro-batches of data.tokens_per_batch each, whose
+    # rows the step splits (`transformer.train.step.micro_batches`).
+    self.inputs: Inputs = build_inputs(config.data, self.workdir, task=config.task,
+                                       seed=config.seed,
+                                       batch_tokens=config.data.tokens_per_batch * k,
+                                       batch_multiple=data_ways(self.mesh) * k,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
-    with config.unlocked():
-      config.model.vocab_size = self.inputs.tokenizer.vocab_size
-    self.model_config = model_config(config)
-    check_divisible(self.mesh, num_heads=self.model_config.num_heads,
-                    d_ff=self.model_config.d_ff, d_model=self.model_config.d_model,
-                    vocab_size=self.model_config.vocab_size)
-    self.model = create_model(config.task, self.model_config, config.seed)
+    self.model = create_model(config.task, model, config.seed)
     if config.init_from:
       load_params_into(self.model, config.init_from)
-    self.tx = make_optimizer(config)
-    self.state, self.state_shardings = sharded_state(self.model, self.tx, self.mesh)
+    self.schedule = learning_rate(config.optimizer, d_model=model.d_model,
+                                  num_train_steps=config.num_train_steps)
+    self.tx = make_optimizer(config.optimizer, d_model=model.d_model,
+                             num_train_steps=config.num_train_steps)
+    self.state, self.state_shardings = shard(initial_state(self.model, self.tx), self.mesh)
     self.graphdef, _, self.rest = nnx.split(self.model, nnx.Param, ...)
     steps = make_steps(self.graphdef, self.rest, self.tx, task=config.task,
                        label_smoothing=config.label_smoothing,
-                       dropout_key=jax.random.key(config.seed + 1),
-                       grad_accum_steps=self.grad_accum_steps)
+                       dropout_key=jax.random.key(config.seed + 1), grad_accum_steps=k)
     self.train_step = compile_train_step(config.parallel.strategy, steps, self.state_shardings,
                                          self.mesh)
     self.eval_step = jax.jit(steps.eval_step,
@@ -167,7 +143,7 @@ class Trainer:
       with jax.set_mesh(self.mesh):
         while step < config.num_train_steps and not stop.signal:
           batch = next(self.inputs.train)
-          self.state, step_metrics = self.train_step(self.state, self._train_batch(batch))
+          self.state, step_metrics = self.train_step(self.state, global_batch(batch, self.mesh))
           step += 1
           sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
           window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count())
@@ -190,13 +166,6 @@ class Trainer:
                   step)
       raise KeyboardInterrupt(stop.signal)
 
-  def _train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """A host batch of the training stream as the train step takes it, on the mesh."""
-    k = self.grad_accum_steps
-    if k == 1:
-      return global_batch(batch, self.mesh)
-    return global_batch(micro_batches(batch, k), self.mesh, stacked=True)
-
   def _log_train(self, writer, progress, window, sums, step) -> None:
     steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
     grad_norm = float(sums.pop("grad_norm")) / steps
@@ -206,7 +175,7 @@ class Trainer:
     writer.write(step, {"train/loss": summary["loss"], "train/nll": summary["nll"],
                         "train/accuracy": summary["accuracy"], "train/grad_norm": grad_norm,
                         "train/tokens_per_second": rate, "train/skipped_updates": nonfinite,
-                        "train/learning_rate": float(learning_rate(self.config)(step - 1))})
+                        "train/learning_rate": float(self.schedule(step - 1))})
     if nonfinite:
       message = (f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
                  f"{nonfinite} update(s) skipped, parameters kept at their last finite values")
@@ -225,13 +194,17 @@ class Trainer:
     return params
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains (or resumes) a run in `workdir`, then evaluates it; returns the final metrics."""
+def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains (or resumes) a run in `workdir`, then evaluates it; returns the final metrics.
+
+  `config` is a `Config` or a recipe's ConfigDict (`transformer.configs.default.get_config()`).
+  """
+  config = Config.of(config)
   distributed.initialize(config.parallel)
   trainer = Trainer(config, workdir)
   workdir = Path(workdir)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     trainer.train(writer)
@@ -239,9 +212,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     results = {"step": int(trainer.state.step)}
     results.update({f"eval/{k}": v for k, v in
                     trainer.evaluate(params, trainer.inputs.eval_batches).items()})
-    if config.task == "translation" and config.decode.bleu_at_end:
-      from transformer.decode.evaluate import bleu_report
-      results.update(bleu_report(trainer, params, workdir))
+    if config.task == "translation" and config.decode.bleu_at_end and trainer.inputs.test_sets:
+      model = nnx.merge(trainer.graphdef, params, trainer.rest)
+      model.eval()
+      report = score_test_sets(model, trainer.inputs.test_sets, trainer.inputs.tokenizer,
+                               config.decode, trainer.mesh, workdir / "translations")
+      write_report(report, workdir / "bleu.json")
+      results.update({f"bleu/{split}": r["bleu"] for split, r in report.items()})
     writer.write(results["step"], {k: v for k, v in results.items() if k != "step"})
     if jax.process_index() == 0:
       (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,38 +1,36 @@
-"""The Optax optimizer from the config: clipping, Adam(W) and the learning-rate schedule."""
+"""The Optax optimizer of a run: clipping, Adam(W) and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import jax
-import ml_collections
 import optax
 
 from transformer.train import schedule as schedules
+from transformer.train.config import OptimizerConfig
 
 
-def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-  opt = config.optimizer
+def learning_rate(opt: OptimizerConfig, *, d_model: int, num_train_steps: int) -> optax.Schedule:
+  """The schedule of `opt`, as a function of Adam's update count (from 0)."""
   if opt.schedule == "rsqrt":
-    return schedules.rsqrt_schedule(config.model.d_model, opt.warmup_steps, opt.lr_scale)
+    return schedules.rsqrt_schedule(d_model, opt.warmup_steps, opt.lr_scale)
   if opt.schedule == "cosine":
     return schedules.warmup_cosine_schedule(opt.peak_learning_rate, opt.warmup_steps,
-                                            config.num_train_steps)
-  if opt.schedule == "constant":
-    return optax.constant_schedule(opt.peak_learning_rate)
-  raise ValueError(f"optimizer.schedule={opt.schedule!r} is unknown: use rsqrt, cosine or constant")
+                                            num_train_steps)
+  return optax.constant_schedule(opt.peak_learning_rate)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(b1=0.9, b2=0.98, eps=1e-9) with the paper's schedule by default (Section 5.3)."""
-  opt = config.optimizer
-  lr = learning_rate(config)
+def make_optimizer(opt: OptimizerConfig, *, d_model: int,
+                   num_train_steps: int) -> optax.GradientTransformation:
+  """Adam(b1=0.9, b2=0.98, eps=1e-9) with the paper's schedule by default (Section 5.3).
+
+  Gradient accumulation is not here: the train step sums its micro-batches' gradients and
+  calls this optimizer once per update.
+  """
+  lr = learning_rate(opt, d_model=d_model, num_train_steps=num_train_steps)
   if opt.name == "adam":
     core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  elif opt.name == "adamw":
-    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
   else:
-    raise ValueError(f"optimizer.name={opt.name!r} is unknown: use adam or adamw")
-  # Gradient accumulation (optimizer.grad_accum_steps) is not here: the train step sums the
-  # micro-batches' gradients itself and calls this optimizer once per update.
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
   tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
       if opt.grad_clip_norm > 0 else core
   return with_standard_promotion(tx)

@@ -55,14 +55,28 @@ TASK_OUTPUTS: dict[str, Callable] = {
 class Steps(NamedTuple):
   """The pure functions of one model graph and task (see `make_steps`).
 
-  With `grad_accum_steps` = k > 1, training batches are k micro-batches stacked on a leading
-  axis, [k, B, ...] (rows on axis 1); evaluation batches are always [B, ...].
+  Every batch is [B, ...]. With `grad_accum_steps` = k > 1 a training batch holds the rows of k
+  micro-batches, and `gradients` splits it (`micro_batches`).
   """
   gradients: Callable      # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
   apply: Callable          # (state, summed grads, metric sums) -> (state, metrics)
   train_step: Callable     # (state, batch) -> (state, metrics)
   eval_step: Callable      # (params, batch) -> metric sums
   grad_accum_steps: int = 1
+
+
+def micro_batches(batch: Batch, k: int) -> Batch:
+  """[k B, ...] -> [k, B, ...]: micro-batch i takes rows i, i + k, i + 2k, ...
+
+  Strided, not consecutive, rows: a device holding a contiguous block of the batch's rows (as
+  the data-parallel shardings lay them out) then holds B / devices rows of every micro-batch, so
+  the split moves no data between devices.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not split into {k} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
 
 
 def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
@@ -88,18 +102,20 @@ def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransf
 
   micro_gradients = jax.grad(summed_loss, has_aux=True)
 
-  def accumulate(params, batches, key):
-    """Gradient and metric sums over micro-batches [k, B, ...]: a scan holds the activations of
-    one micro-batch at a time."""
+  def accumulate(params, batch, key):
+    """Gradient and metric sums over the k micro-batches of `batch`: a scan holds the
+    activations of one micro-batch at a time, and each draws its own dropout masks."""
+    stacked = micro_batches(batch, grad_accum_steps)
+
     def add(totals, indexed):
-      i, batch = indexed
-      grads_sums = micro_gradients(params, batch, jax.random.fold_in(key, i))
+      i, micro = indexed
+      grads_sums = micro_gradients(params, micro, jax.random.fold_in(key, i))
       return jax.tree.map(jnp.add, totals, grads_sums), None
 
-    first = jax.tree.map(lambda x: x[0], batches)
+    first = jax.tree.map(lambda x: x[0], stacked)
     shapes = jax.eval_shape(micro_gradients, params, first, key)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    totals, _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum_steps), batches))
+    totals, _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum_steps), stacked))
     return totals
 
   def gradients(params, batch, step, device=None):

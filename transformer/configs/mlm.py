@@ -4,7 +4,7 @@
 decoder-only recipe's (configs/lm.py), with a lower peak learning rate.
 """
 
-from configs import lm
+from transformer.configs import lm
 
 
 def get_config():

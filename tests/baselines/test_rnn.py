@@ -8,7 +8,7 @@ from flax import nnx
 
 from transformer.data.tokenizer import BOS_ID
 from transformer.decode.greedy import greedy_decode
-from transformer.model.rnn import GRU, LSTM, CudnnLSTM, LSTMSeq2Seq, RNNConfig
+from transformer.baselines.rnn import GRU, LSTM, CudnnLSTM, LSTMSeq2Seq, RNNConfig
 
 
 # Two decoder layers so the stacked layer's path is covered; one encoder layer keeps it fast.

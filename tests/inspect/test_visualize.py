@@ -19,7 +19,8 @@ from flax import nnx
 from transformer import EncoderDecoder, MultiHeadAttention, TransformerConfig
 from transformer.cli import run_cli
 from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID
-from transformer.decode import visualize
+from transformer import visualize
+from transformer.inspect import attention as inspect_attention
 from transformer.model.masks import padding_mask
 
 MAX_LEN = 24  # keeps a random model's (EOS-less) translations and their figures small
@@ -49,7 +50,7 @@ def _batch():
 
 def test_weights_have_every_layers_shape_and_rows_sum_to_one(model):
   src_BS, tgt_in_BT = _batch()
-  logits_BTV, maps = visualize.collect_attention(model, src_BS, tgt_in_BT)
+  logits_BTV, maps = inspect_attention.collect_attention(model, src_BS, tgt_in_BT)
   b, s = src_BS.shape
   t, n, layers = tgt_in_BT.shape[1], model.config.num_heads, model.config.num_encoder_layers
   expected = {"encoder_self": (b, n, s, s), "decoder_self": (b, n, t, t), "cross": (b, n, t, s)}
@@ -82,7 +83,7 @@ def numpy_attention_weights(q_BTNH, k_BSNH, keep_BS):
 def test_cross_attention_equals_softmax_of_the_layers_own_projections(model):
   """softmax(q k^T / sqrt(H)) from x W^Q + b and memory W^K + b, layer by layer, in NumPy."""
   src_BS, tgt_in_BT = map(jnp.asarray, _batch())
-  _, maps = visualize.collect_attention(model, src_BS, tgt_in_BT)
+  _, maps = inspect_attention.collect_attention(model, src_BS, tgt_in_BT)
   memory_BSD = model.encode(src_BS)
   decoder = model.decoder
   positions_BT = jnp.broadcast_to(jnp.arange(tgt_in_BT.shape[1]), tgt_in_BT.shape)
@@ -112,19 +113,19 @@ def test_without_the_hook_nothing_is_sown(model):
 
 def test_encoder_states_end_in_the_encoder_output(model):
   src_BS = jnp.asarray(_batch()[0])
-  states = visualize.encoder_states(model, src_BS)
+  states = inspect_attention.encoder_states(model, src_BS)
   assert len(states) == model.config.num_encoder_layers + 1
   np.testing.assert_allclose(states[-1], model.encode(src_BS), atol=1e-5)
 
 
 def test_words_gather_their_pieces():
   pieces = ["\u2581apple", "\u2581un", "ve", "il", "ed", "\u2581", "A", "\u2581orange", ".", "</s>"]
-  assert visualize.word_piece_indices(pieces, "unveiled") == [1, 2, 3, 4]
-  assert visualize.word_piece_indices(pieces, "a") == [6]  # the bare word mark is left out
-  assert visualize.word_piece_indices(pieces, "Orange") == [7]  # so is the full stop
-  assert [w for w, _ in visualize.word_groups(pieces)][-2:] == ["orange.", "</s>"]
+  assert inspect_attention.word_piece_indices(pieces, "unveiled") == [1, 2, 3, 4]
+  assert inspect_attention.word_piece_indices(pieces, "a") == [6]  # the bare word mark is left out
+  assert inspect_attention.word_piece_indices(pieces, "Orange") == [7]  # so is the full stop
+  assert [w for w, _ in inspect_attention.word_groups(pieces)][-2:] == ["orange.", "</s>"]
   with pytest.raises(ValueError, match="'phone' is not a word"):
-    visualize.word_piece_indices(pieces, "phone")
+    inspect_attention.word_piece_indices(pieces, "phone")
 
 
 def _png(path: Path) -> bool:
@@ -137,7 +138,7 @@ def test_cli_writes_every_figure_and_the_contrast(workdir, tmp_path, capsys):
                   "--contrast", "a dog runs on the grass"])
   printed = capsys.readouterr().out.splitlines()
   layers = range(1, 3)
-  names = ([f"{kind}_layer{l}.png" for kind in visualize.KINDS for l in layers]
+  names = ([f"{kind}_layer{l}.png" for kind in inspect_attention.KINDS for l in layers]
            + ["overview.png", "contrast.json", "contrast_attention.png",
               "contrast_similarity.png"])
   assert printed[0] == "source: a dog runs on the grass"
@@ -183,4 +184,4 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'absent'} is not a directory: --workdir must be a run directory "
-      "written by train.py"]
+      "written by training"]

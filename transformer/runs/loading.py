@@ -1,4 +1,4 @@
-"""Which model family a task trains, and warm-starting it from another run's parameters."""
+"""Reading a run's parameters: the newest checkpoint's, copied into a model by name and shape."""
 
 from __future__ import annotations
 
@@ -10,17 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from transformer.model import DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig
-from transformer.train.checkpoint import Checkpointer
+from transformer.runs.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
-
-FAMILIES = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
-
-
-def create_model(task: str, config: TransformerConfig, seed: int) -> nnx.Module:
-  """A freshly initialised model of the task's family (dropout RNG streams seeded apart)."""
-  return FAMILIES[task](config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
 def latest_params(workdir: str | Path) -> dict:

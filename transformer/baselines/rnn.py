@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-# Finite stand-in for -inf, as in attention.py: a fully masked row stays NaN-free.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+from transformer.model.masks import MASKED
+
 
 
 def _gate_params(rngs: nnx.Rngs, in_features: int, features: int, gates: int):
@@ -396,7 +396,7 @@ class AttentionDecoder(nnx.Module):
     query_BD = states[-1][0] @ self.query_kernel[...]
     scores_BS = jnp.einsum("BSD,D->BS", jnp.tanh(keys_BSD + query_BD[:, None]),
                            self.score_vector[...])
-    weights_BS = jax.nn.softmax(jnp.where(memory_mask_BS, scores_BS, _MASKED), axis=-1)
+    weights_BS = jax.nn.softmax(jnp.where(memory_mask_BS, scores_BS, MASKED), axis=-1)
     context_BD = jnp.einsum("BS,BSD->BD", weights_BS, memory_BSD)
     x_BGD = xw_BGD + jnp.einsum("BI,IGD->BGD", context_BD, self.context_kernel[...])
     new_states = []
@@ -481,16 +481,16 @@ class LSTMSeq2Seq(nnx.Module):
   def encode(self, src_ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.encoder(self.embed(src_ids_BS), src_ids_BS != self.config.pad_id)
 
-  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None,
-             src_ids_BS: Int[Array, "B S"] | None, *,
-             decode: bool = False) -> Float[Array, "B T V"]:
+  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None = None,
+             src_ids_BS: Int[Array, "B S"] | None = None, *,
+             use_cache: bool = False) -> Float[Array, "B T V"]:
     """Logits [B, T, V] of the decoder inputs (BOS, y_1, ...) given the encoder's output.
 
-    With `decode=True` (after `init_cache`), `tgt_ids` is the one new position [B, 1] and
-    memory and source come from the cache (pass None).
+    With `use_cache=True` (after `init_cache`), `tgt_ids` is the one new position [B, 1] and
+    memory and source come from the cache (leave them None).
     """
     y_BTD = self.embed(tgt_ids_BT)
-    if decode:
+    if use_cache:
       out_BTD = self.decoder.decode_step(y_BTD)
     else:
       out_BTD = self.decoder(y_BTD, memory_BSD, src_ids_BS != self.config.pad_id)

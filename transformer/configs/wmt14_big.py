@@ -1,6 +1,6 @@
 """The paper's big model on WMT 2014 English->German (Table 3, "big"; 28.4 BLEU in the paper)."""
 
-from configs import wmt14_base
+from transformer.configs import wmt14_base
 
 
 def get_config():

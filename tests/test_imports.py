@@ -1,0 +1,89 @@
+"""The package's parts import each other one way: no cycle, imports inside functions included.
+
+A part is a sub-package or top-level module of `transformer` (model, data, train, ...). The
+layers below are the intended direction, lowest first: a part may import only parts listed
+before it, which rules out every cycle.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "transformer"
+
+# Lowest first. Each part may import the parts before it (not all of them need to).
+LAYERS = [
+    "parallel",    # meshes, sharding rules, train-step strategies: nothing of the package
+    "model",       # the Transformer; logical axis names from parallel
+    "baselines",   # the LSTM/GRU models measured against it
+    "data",        # text -> tokenizer -> token cache -> batches
+    "runs",        # a run on disk: checkpoints, the exported model, loading for use
+    "decode",      # search over a loaded model, BLEU
+    "inspect",     # attention maps and figures
+    "cli",         # command-line conventions: one-line errors, recipe names
+    "train",       # the training loop, its config schema, the training command
+    "configs",     # recipes: values of train's schema
+    "translate", "evaluate", "visualize",  # the other commands
+]
+
+
+def imports_of_part() -> dict[str, set[str]]:
+  """{part: the other parts it imports anywhere in its files}."""
+  edges: dict[str, set[str]] = {}
+  for path in PACKAGE.rglob("*.py"):
+    part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    if part == "__init__":
+      continue
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      for name in names:
+        pieces = name.split(".")
+        if len(pieces) > 1 and pieces[0] == "transformer" and pieces[1] != part:
+          edges.setdefault(part, set()).add(pieces[1])
+  return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(edges.get(node, ())):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state and (cycle := visit(nxt)):
+        return cycle
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(edges):
+    if node not in state and (cycle := visit(node)):
+      return cycle
+  return None
+
+
+def test_the_cycle_finder_finds_a_lazy_import_cycle():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
+
+
+def test_no_cycle_between_parts():
+  edges = imports_of_part()
+  assert edges, "no imports found: is PACKAGE right?"
+  assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_every_part_is_layered_and_imports_only_lower_layers():
+  parts = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
+           if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.name != "__init__.py"}
+  assert parts - {"__main__"} <= set(LAYERS), f"parts missing from LAYERS: {parts - set(LAYERS)}"
+  rank = {part: i for i, part in enumerate(LAYERS)}
+  upward = sorted((part, other) for part, others in imports_of_part().items() for other in others
+                  if rank[other] > rank[part])
+  assert not upward, f"imports against the layering (part, imported): {upward}"

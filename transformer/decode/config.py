@@ -1,0 +1,40 @@
+"""How translations are searched for and reported: the `decode` block of the run's configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Beam search settings (Section 6.1: beam 4, length penalty 0.6) and the end-of-run report.
+
+  Attributes:
+    beam_size: W hypotheses per sentence; 1 is greedy decoding.
+    alpha: the length penalty's exponent, lp(Y) = ((5 + |Y|) / 6)^alpha.
+    max_extra_length: a translation has at most len(source) + this many tokens.
+    num_examples: translations printed after training, per test set.
+    bleu_at_end: score the test sets once training ends.
+  """
+
+  beam_size: int = 4
+  alpha: float = 0.6
+  max_extra_length: int = 50
+  num_examples: int = 5
+  bleu_at_end: bool = True
+
+  def __post_init__(self):
+    check_search(self.beam_size, self.alpha, self.max_extra_length, prefix="decode.")
+    if self.num_examples < 0:
+      raise ValueError(f"decode.num_examples must be >= 0, got {self.num_examples}")
+
+
+def check_search(beam_size: int, alpha: float, max_extra_length: int, prefix: str = "--") -> None:
+  """One-line errors for impossible search settings, named as the caller spells them."""
+  if beam_size < 1:
+    raise ValueError(f"{prefix}beam_size must be >= 1 (1 = greedy), got {beam_size}")
+  if not math.isfinite(alpha) or alpha < 0:
+    raise ValueError(f"{prefix}alpha (length penalty) must be a finite number >= 0, got {alpha}")
+  if max_extra_length < 0:
+    raise ValueError(f"{prefix}max_extra_length must be >= 0, got {max_extra_length}")

@@ -1,0 +1,42 @@
+"""How a run spreads over devices and hosts: the `parallel` block of the run's configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+STRATEGIES = ("jit", "shard_map")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """Mesh axis sizes, the train step's strategy, and the multi-host coordinator.
+
+  Attributes:
+    data, fsdp, tensor: sizes of the mesh axes; one of them may be -1 to take the devices left
+      over (see `transformer.parallel.axes` for what each axis splits).
+    strategy: "jit" (NamedSharding, the pjit model) or "shard_map" (pmap-style data parallelism).
+    coordinator_address, num_processes, process_id: a multi-host job's coordinator and this
+      process's place in it; "" lets JAX detect SLURM, Open MPI, Kubernetes or Cloud TPU.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  strategy: str = "jit"
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+
+  def __post_init__(self):
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError(f"parallel mesh {sizes} has more than one -1: let at most one axis fill "
+                       "in the rest")
+    if any(s == 0 or s < -1 for s in sizes.values()):
+      raise ValueError(f"parallel mesh {sizes}: sizes must be positive or -1")
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
+    if self.coordinator_address and (self.num_processes < 1 or self.process_id < 0
+                                     or self.process_id >= self.num_processes):
+      raise ValueError("parallel.coordinator_address needs parallel.num_processes >= 1 and "
+                       "0 <= parallel.process_id < num_processes")
