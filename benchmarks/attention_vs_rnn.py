@@ -36,29 +36,55 @@ RECURRENT = ("lstm", "gru", "lstm_autodiff", "lstm_cudnn")
 CAUSAL = ("blockwise_causal", "cudnn_causal")
 ACCEPTANCE_LENGTH = 2048
 PRESETS = {
-    # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
-    # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
-    # scan-autodiff LSTM stops there.
-    "quick": {"sweeps": {4: (16, 64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
-              "max_score_bytes": 2 ** 28, "block_sizes": (32, 128), "block_sweep_length": 256,
-              "head_to_head": {"length": 256, "rounds": 5}},
-    "full": {"sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (64, 256, 512)},
-             "long_lengths": (8192,), "autodiff_up_to": 2048, "max_score_bytes": 2 ** 31,
-             "block_sizes": (64, 128, 256, 512), "block_sweep_length": 2048,
-             "head_to_head": {"length": 2048, "rounds": 15}, "min_total_s": 0.25},
+  # sweeps: batch -> lengths (every layer); long_lengths: B = 1, blockwise and LSTM only,
+  # forward+backward only (an 8k-token call takes ~6 s here); autodiff_up_to: the slow
+  # scan-autodiff LSTM stops there.
+  "quick": {
+    "sweeps": {4: (16, 64, 256)},
+    "long_lengths": (),
+    "autodiff_up_to": 256,
+    "max_score_bytes": 2**28,
+    "block_sizes": (32, 128),
+    "block_sweep_length": 256,
+    "head_to_head": {"length": 256, "rounds": 5},
+  },
+  "full": {
+    "sweeps": {1: (16, 64, 256, 512, 1024, 2048, 4096), 8: (64, 256, 512)},
+    "long_lengths": (8192,),
+    "autodiff_up_to": 2048,
+    "max_score_bytes": 2**31,
+    "block_sizes": (64, 128, 256, 512),
+    "block_sweep_length": 2048,
+    "head_to_head": {"length": 2048, "rounds": 15},
+    "min_total_s": 0.25,
+  },
 }
 # min_total_s: the timed calls of one measurement add up to at least this (default 1 s). The
 # full sweeps take 0.25 s (>= 5 calls, and >= 40 of the millisecond calls at short lengths): the
 # ~100 short measurements would otherwise add ~75 s, and the whole suite must stay under 15 min.
 PRESETS_GPU = {
-    "quick": {"sweeps": {4: (64, 256)}, "long_lengths": (), "autodiff_up_to": 256,
-              "scan_up_to": 256, "max_score_bytes": 2 ** 30, "block_sizes": (128,),
-              "block_sweep_length": 256, "head_to_head": {"length": 256, "rounds": 5},
-              "min_total_s": 0.2},
-    "full": {"sweeps": {1: (64, 1024, 4096), 16: (1024,)},
-             "long_lengths": (16384,), "autodiff_up_to": 1024, "scan_up_to": 4096,
-             "max_score_bytes": 2 ** 33, "block_sizes": (128,), "block_sweep_length": 4096,
-             "head_to_head": {"length": 2048, "rounds": 10}, "min_total_s": 0.2},
+  "quick": {
+    "sweeps": {4: (64, 256)},
+    "long_lengths": (),
+    "autodiff_up_to": 256,
+    "scan_up_to": 256,
+    "max_score_bytes": 2**30,
+    "block_sizes": (128,),
+    "block_sweep_length": 256,
+    "head_to_head": {"length": 256, "rounds": 5},
+    "min_total_s": 0.2,
+  },
+  "full": {
+    "sweeps": {1: (64, 1024, 4096), 16: (1024,)},
+    "long_lengths": (16384,),
+    "autodiff_up_to": 1024,
+    "scan_up_to": 4096,
+    "max_score_bytes": 2**33,
+    "block_sizes": (128,),
+    "block_sweep_length": 4096,
+    "head_to_head": {"length": 2048, "rounds": 10},
+    "min_total_s": 0.2,
+  },
 }
 
 
@@ -84,9 +110,14 @@ def head_to_head_layers() -> tuple[str, ...]:
 
 def record_header() -> dict:
   """What every attention_vs_rnn record states about its layers."""
-  return {"d_model": D_MODEL, "num_heads": NUM_HEADS, "block_size": BLOCK, "causal_layers": CAUSAL,
-          "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
-          "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL}}
+  return {
+    "d_model": D_MODEL,
+    "num_heads": NUM_HEADS,
+    "block_size": BLOCK,
+    "causal_layers": CAUSAL,
+    "dtype": "float32 (cudnn attention layers: bfloat16; lstm_cudnn: float32 with TF32)",
+    "flop_parity_length": {"lstm": 2 * D_MODEL, "gru": D_MODEL},
+  }
 
 
 def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
@@ -99,9 +130,12 @@ def build_layer(name: str, block_size: int = BLOCK) -> nnx.Module:
     return GRU(D_MODEL, D_MODEL, rngs=rngs)
   # cuDNN's fused kernel needs 16-bit inputs; the other layers run in float32.
   dtype = "bfloat16" if name.startswith("cudnn") else "float32"
-  config = TransformerConfig.small(attention=name.removesuffix("_causal"),
-                                   attention_block_size=block_size,
-                                   dropout_rate=0.0, dtype=dtype)
+  config = TransformerConfig.small(
+    attention=name.removesuffix("_causal"),
+    attention_block_size=block_size,
+    dropout_rate=0.0,
+    dtype=dtype,
+  )
   return MultiHeadAttention(config, rngs=rngs)
 
 
@@ -132,8 +166,15 @@ def output_dtype(apply, params, x_BTD) -> jnp.dtype:
   return jax.eval_shape(apply, params, x_BTD).dtype
 
 
-def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = True,
-            block_size: int = BLOCK, min_total_s: float = 1.0) -> dict:
+def measure(
+  name: str,
+  batch: int,
+  length: int,
+  runs: int,
+  with_forward: bool = True,
+  block_size: int = BLOCK,
+  min_total_s: float = 1.0,
+) -> dict:
   """Forward and forward+backward (gradients of parameters and input) of one layer."""
   graphdef, params, rest = nnx.split(build_layer(name, block_size), nnx.Param, ...)
   options = {"is_causal": True} if name in CAUSAL else {}
@@ -144,27 +185,38 @@ def measure(name: str, batch: int, length: int, runs: int, with_forward: bool = 
     return vjp(dy_BTD)
 
   x_BTD = jax.random.normal(jax.random.key(1), (batch, length, D_MODEL), jnp.float32)
-  dy_BTD = jax.random.normal(jax.random.key(2), (batch, length, D_MODEL),
-                             output_dtype(apply, params, x_BTD))
+  dy_BTD = jax.random.normal(
+    jax.random.key(2), (batch, length, D_MODEL), output_dtype(apply, params, x_BTD)
+  )
   tokens, flops = batch * length, forward_flops(name, batch, length)
   steps = sequential_steps(name, length, block_size)
-  record = {"layer": name, "batch": batch, "length": length,
-            "sequential_steps_forward": steps,
-            "sequential_steps_forward_backward": None if steps is None else 2 * steps}
+  record = {
+    "layer": name,
+    "batch": batch,
+    "length": length,
+    "sequential_steps_forward": steps,
+    "sequential_steps_forward_backward": None if steps is None else 2 * steps,
+  }
   if name.startswith("blockwise"):
     record["block_size"] = block_size
   modes = [("forward", apply, (params, x_BTD), flops)] if with_forward else []
   modes.append(("forward_backward", forward_backward, (params, x_BTD, dy_BTD), 3 * flops))
   for mode, fn, args, mode_flops in modes:
     timing, compiled = common.time_jitted(fn, *args, runs=runs, min_total_s=min_total_s)
-    record[mode] = {"tokens_per_s": tokens / timing.median_s, "flops": mode_flops,
-                    "flop_per_s": mode_flops / timing.median_s,
-                    "memory": common.compiled_memory(compiled), "timing": timing.as_dict()}
-  forward = (f"fwd {common.human(record['forward']['tokens_per_s'])}tok/s  " if with_forward
-             else "")
-  print(f"  {name:13s} B={batch:<3d} T={length:<6d} {forward}fwd+bwd "
-        f"{common.human(record['forward_backward']['tokens_per_s'])}tok/s  "
-        f"compile {record['forward_backward']['timing']['compile_s']:.1f}s", flush=True)
+    record[mode] = {
+      "tokens_per_s": tokens / timing.median_s,
+      "flops": mode_flops,
+      "flop_per_s": mode_flops / timing.median_s,
+      "memory": common.compiled_memory(compiled),
+      "timing": timing.as_dict(),
+    }
+  forward = f"fwd {common.human(record['forward']['tokens_per_s'])}tok/s  " if with_forward else ""
+  print(
+    f"  {name:13s} B={batch:<3d} T={length:<6d} {forward}fwd+bwd "
+    f"{common.human(record['forward_backward']['tokens_per_s'])}tok/s  "
+    f"compile {record['forward_backward']['timing']['compile_s']:.1f}s",
+    flush=True,
+  )
   return record
 
 
@@ -179,8 +231,9 @@ def _paired_call(name: str, length: int):
     return vjp(dy_BTD)
 
   x_BTD = jax.random.normal(jax.random.key(1), (1, length, D_MODEL), jnp.float32)
-  dy_BTD = jax.random.normal(jax.random.key(2), (1, length, D_MODEL),
-                             output_dtype(apply, params, x_BTD))
+  dy_BTD = jax.random.normal(
+    jax.random.key(2), (1, length, D_MODEL), output_dtype(apply, params, x_BTD)
+  )
   compiled, _ = common.compile_jitted(forward_backward, params, x_BTD, dy_BTD)
   jax.block_until_ready(compiled(params, x_BTD, dy_BTD))  # warm-up
   return lambda: compiled(params, x_BTD, dy_BTD)
@@ -188,8 +241,12 @@ def _paired_call(name: str, length: int):
 
 def _ratios(seconds_over: list[float], seconds_ours: list[float]) -> dict:
   ratios = [theirs / ours for theirs, ours in zip(seconds_over, seconds_ours)]
-  return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-          "rounds_won": sum(r > 1 for r in ratios)}
+  return {
+    "median": statistics.median(ratios),
+    "min": min(ratios),
+    "max": max(ratios),
+    "rounds_won": sum(r > 1 for r in ratios),
+  }
 
 
 def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
@@ -200,17 +257,26 @@ def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
   calls = {name: _paired_call(name, length) for name in layers}
   seconds = common.time_in_turns(calls, rounds)
   baseline = layers[0]
-  report = {"length": length, "batch": 1, "rounds": rounds, "seconds": seconds,
-            "baseline": baseline,
-            "speedup_over_lstm": {n: _ratios(seconds[baseline], seconds[n]) for n in layers[1:]}}
+  report = {
+    "length": length,
+    "batch": 1,
+    "rounds": rounds,
+    "seconds": seconds,
+    "baseline": baseline,
+    "speedup_over_lstm": {n: _ratios(seconds[baseline], seconds[n]) for n in layers[1:]},
+  }
   if "gru" in layers:
-    report["speedup_over_gru"] = {n: _ratios(seconds["gru"], seconds[n])
-                                  for n in layers if n in ATTENTION}
+    report["speedup_over_gru"] = {
+      n: _ratios(seconds["gru"], seconds[n]) for n in layers if n in ATTENTION
+    }
   for field, reference in (("speedup_over_lstm", baseline), ("speedup_over_gru", "gru")):
     for name, s in report.get(field, {}).items():
-      print(f"head to head T={length}: {name} / {reference} fwd+bwd speed-up median "
-            f"{s['median']:.2f}x (min {s['min']:.2f}, max {s['max']:.2f}), "
-            f"won {s['rounds_won']} of {rounds} rounds", flush=True)
+      print(
+        f"head to head T={length}: {name} / {reference} fwd+bwd speed-up median "
+        f"{s['median']:.2f}x (min {s['min']:.2f}, max {s['max']:.2f}), "
+        f"won {s['rounds_won']} of {rounds} rounds",
+        flush=True,
+      )
   return report
 
 
@@ -218,10 +284,14 @@ def head_to_head(length: int, rounds: int, layers: tuple[str, ...]) -> dict:
 # Summary: derived from the measured rows only, so it can be recomputed for any record
 # ---------------------------------------------------------------------------------------------
 
+
 def rates(results: list[dict], layer: str, batch: int) -> dict[int, float]:
   """Length -> forward+backward tokens/s of one layer at one batch size."""
-  return {r["length"]: r["forward_backward"]["tokens_per_s"] for r in results
-          if r["layer"] == layer and r["batch"] == batch}
+  return {
+    r["length"]: r["forward_backward"]["tokens_per_s"]
+    for r in results
+    if r["layer"] == layer and r["batch"] == batch
+  }
 
 
 def measured(results: list[dict], names: tuple[str, ...]) -> list[str]:
@@ -255,25 +325,48 @@ def crossing_points(ours: dict[int, float], theirs: dict[int, float]) -> list[tu
 
 def crossovers(results: list[dict], layer: str, baseline: str, batch: int) -> list[dict]:
   """Lengths where `layer`'s fwd+bwd tokens/s crosses `baseline`'s."""
-  return [{"layer": layer, "baseline": baseline, "batch": batch, "length": at,
-           "between": [t0, t1], "direction": direction}
-          for at, t0, t1, direction in crossing_points(rates(results, layer, batch),
-                                                       rates(results, baseline, batch))]
+  return [
+    {
+      "layer": layer,
+      "baseline": baseline,
+      "batch": batch,
+      "length": at,
+      "between": [t0, t1],
+      "direction": direction,
+    }
+    for at, t0, t1, direction in crossing_points(
+      rates(results, layer, batch), rates(results, baseline, batch)
+    )
+  ]
 
 
 def crossovers_vs_strongest(results: list[dict], layer: str, batch: int) -> list[dict]:
   """Lengths where `layer` crosses the fastest recurrent layer measured at each length;
   `strongest_at` names that layer at both bracketing lengths."""
   best = strongest_recurrent(results, batch)
-  return [{"layer": layer, "baseline": "strongest recurrent", "batch": batch, "length": at,
-           "between": [t0, t1], "strongest_at": [best[t0][0], best[t1][0]],
-           "direction": direction}
-          for at, t0, t1, direction in crossing_points(
-              rates(results, layer, batch), {t: rate for t, (_, rate) in best.items()})]
+  return [
+    {
+      "layer": layer,
+      "baseline": "strongest recurrent",
+      "batch": batch,
+      "length": at,
+      "between": [t0, t1],
+      "strongest_at": [best[t0][0], best[t1][0]],
+      "direction": direction,
+    }
+    for at, t0, t1, direction in crossing_points(
+      rates(results, layer, batch), {t: rate for t, (_, rate) in best.items()}
+    )
+  ]
 
 
-def acceptance(results: list[dict], batch: int, baseline: str = "lstm",
-               up_to: int = ACCEPTANCE_LENGTH, layer: str = "blockwise") -> dict:
+def acceptance(
+  results: list[dict],
+  batch: int,
+  baseline: str = "lstm",
+  up_to: int = ACCEPTANCE_LENGTH,
+  layer: str = "blockwise",
+) -> dict:
   """Does `layer`'s fwd+bwd beat `baseline` at every measured T <= up_to, with the measurements
   reaching up_to? Where up_to itself was not measured, the first length beyond it must be won
   too (a win on both sides of it); a sweep that stops short of up_to does not pass."""
@@ -284,20 +377,30 @@ def acceptance(results: list[dict], batch: int, baseline: str = "lstm",
   losing = [t for t in lengths if ours[t] <= theirs[t]]
   passed = bool(beyond) and not losing
   if passed:
-    verdict = "passed" + ("" if beyond[0] == up_to else
-                          f" (T={up_to} not measured; won below it and at T={beyond[0]})")
+    verdict = "passed" + (
+      "" if beyond[0] == up_to else f" (T={up_to} not measured; won below it and at T={beyond[0]})"
+    )
   elif not beyond:
-    verdict = (f"not measured up to T={up_to}: the common lengths end at "
-               f"T={max(common_lengths, default=None)}"
-               + (f"; lost at T={losing}" if losing else ""))
+    verdict = (
+      f"not measured up to T={up_to}: the common lengths end at "
+      f"T={max(common_lengths, default=None)}" + (f"; lost at T={losing}" if losing else "")
+    )
   elif losing == beyond and beyond[0] > up_to:
     verdict = f"undecided: T={up_to} not measured, won below it, lost at T={beyond[0]}"
   else:
     verdict = f"lost at T={losing}"
-  return {"layer": layer, "batch": batch, "baseline": baseline, "up_to": up_to,
-          "lengths_checked": lengths,
-          "lengths_lost": losing, "speedup": {t: ours[t] / theirs[t] for t in lengths},
-          "reaches_up_to": bool(beyond), "passed": passed, "verdict": verdict}
+  return {
+    "layer": layer,
+    "batch": batch,
+    "baseline": baseline,
+    "up_to": up_to,
+    "lengths_checked": lengths,
+    "lengths_lost": losing,
+    "speedup": {t: ours[t] / theirs[t] for t in lengths},
+    "reaches_up_to": bool(beyond),
+    "passed": passed,
+    "verdict": verdict,
+  }
 
 
 def summary(results: list[dict]) -> dict:
@@ -307,20 +410,34 @@ def summary(results: list[dict]) -> dict:
   batches = sorted({r["batch"] for r in results})
   attention, recurrent = measured(results, ATTENTION), measured(results, RECURRENT)
   blockwise = [layer for layer in attention if layer != "xla"]
-  checks = lambda baselines: [acceptance(results, batch, baseline, layer=layer)
-                              for layer in blockwise for baseline in baselines
-                              for batch in batches]
+  checks = lambda baselines: [
+    acceptance(results, batch, baseline, layer=layer)
+    for layer in blockwise
+    for baseline in baselines
+    for batch in batches
+  ]
   return {
-      "strongest_recurrent": [
-          {"batch": batch, "length": length, "layer": name, "tokens_per_s": rate}
-          for batch in batches for length, (name, rate) in strongest_recurrent(results,
-                                                                                batch).items()],
-      "crossovers": [c for batch in batches for baseline in recurrent for layer in attention
-                     for c in crossovers(results, layer, baseline, batch)],
-      "crossovers_vs_strongest": [c for batch in batches for layer in attention
-                                  for c in crossovers_vs_strongest(results, layer, batch)],
-      "acceptance_blockwise_beats_lstm": checks([b for b in recurrent if b in LSTMS]),
-      "acceptance_blockwise_beats_gru": checks([b for b in recurrent if b == "gru"])}
+    "strongest_recurrent": [
+      {"batch": batch, "length": length, "layer": name, "tokens_per_s": rate}
+      for batch in batches
+      for length, (name, rate) in strongest_recurrent(results, batch).items()
+    ],
+    "crossovers": [
+      c
+      for batch in batches
+      for baseline in recurrent
+      for layer in attention
+      for c in crossovers(results, layer, baseline, batch)
+    ],
+    "crossovers_vs_strongest": [
+      c
+      for batch in batches
+      for layer in attention
+      for c in crossovers_vs_strongest(results, layer, batch)
+    ],
+    "acceptance_blockwise_beats_lstm": checks([b for b in recurrent if b in LSTMS]),
+    "acceptance_blockwise_beats_gru": checks([b for b in recurrent if b == "gru"]),
+  }
 
 
 def resummarize(path: Path) -> Path:
@@ -331,37 +448,56 @@ def resummarize(path: Path) -> Path:
   Path(path).write_text(json.dumps(record, indent=1) + "\n")
   print(f"rewrote the summary of {path}")
   from benchmarks import plot
+
   plot.plot_attention_vs_rnn(path)
   return Path(path)
 
 
 def print_summary(record: dict) -> None:
   for line in record["crossovers_vs_strongest"]:
-    print(f"crossover: {line['layer']} {line['direction']} the strongest recurrent layer "
-          f"({'/'.join(dict.fromkeys(line['strongest_at']))}) at T~{line['length']} "
-          f"(B={line['batch']}, between {line['between']})")
-  for check in (*record["acceptance_blockwise_beats_lstm"],
-                *record["acceptance_blockwise_beats_gru"]):
-    print(f"{check['layer']} beats {check['baseline']} fwd+bwd at every T<={check['up_to']} "
-          f"(B={check['batch']}): {check['passed']} ({check['verdict']})")
+    print(
+      f"crossover: {line['layer']} {line['direction']} the strongest recurrent layer "
+      f"({'/'.join(dict.fromkeys(line['strongest_at']))}) at T~{line['length']} "
+      f"(B={line['batch']}, between {line['between']})"
+    )
+  for check in (
+    *record["acceptance_blockwise_beats_lstm"],
+    *record["acceptance_blockwise_beats_gru"],
+  ):
+    print(
+      f"{check['layer']} beats {check['baseline']} fwd+bwd at every T<={check['up_to']} "
+      f"(B={check['batch']}): {check['passed']} ({check['verdict']})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
   mode = parser.add_mutually_exclusive_group()
-  mode.add_argument("--head_to_head", action="store_true",
-                    help="run only the paired head-to-head of the preset; writes "
-                         "attention_head_to_head_<device>.json")
-  mode.add_argument("--block_sweep", action="store_true",
-                    help="run only the block-size sweep of the blockwise layers at one length; "
-                         "writes attention_block_size_<device>.json")
-  mode.add_argument("--resummarize", nargs="+", type=Path, metavar="JSON",
-                    help="recompute crossovers and acceptance of existing results from their "
-                         "measured rows (no measurement) and redraw their plots")
+  mode.add_argument(
+    "--head_to_head",
+    action="store_true",
+    help="run only the paired head-to-head of the preset; writes "
+    "attention_head_to_head_<device>.json",
+  )
+  mode.add_argument(
+    "--block_sweep",
+    action="store_true",
+    help="run only the block-size sweep of the blockwise layers at one length; "
+    "writes attention_block_size_<device>.json",
+  )
+  mode.add_argument(
+    "--resummarize",
+    nargs="+",
+    type=Path,
+    metavar="JSON",
+    help="recompute crossovers and acceptance of existing results from their "
+    "measured rows (no measurement) and redraw their plots",
+  )
   args = common.parse_args(parser, argv)
   for path in args.resummarize or ():
     if not path.is_file():
@@ -378,9 +514,19 @@ def parse_args(argv=None):
 def block_size_sweep(preset: dict, runs: int) -> list[dict]:
   """The blockwise layers' fwd+bwd at one length for each key block size K: fewer, larger
   blocks against more, smaller ones (B = 1). Not in the default run, to keep the suite short."""
-  return [measure(name, 1, preset["block_sweep_length"], runs, with_forward=False, block_size=k,
-                  min_total_s=preset.get("min_total_s", 1.0))
-          for name in ("blockwise", "blockwise_causal") for k in preset["block_sizes"]]
+  return [
+    measure(
+      name,
+      1,
+      preset["block_sweep_length"],
+      runs,
+      with_forward=False,
+      block_size=k,
+      min_total_s=preset.get("min_total_s", 1.0),
+    )
+    for name in ("blockwise", "blockwise_causal")
+    for k in preset["block_sizes"]
+  ]
 
 
 def sweep(args, preset: dict) -> Path:
@@ -408,8 +554,9 @@ def sweep(args, preset: dict) -> Path:
         score_bytes = batch * NUM_HEADS * length * length * 4
         if name in ("xla", "cudnn", "cudnn_causal") and score_bytes > preset["max_score_bytes"]:
           continue  # the [B, N, T, T] score matrix alone would not fit our memory budget
-        record["results"].append(measure(name, batch, length, args.runs, with_forward=not long,
-                                         min_total_s=min_total_s))
+        record["results"].append(
+          measure(name, batch, length, args.runs, with_forward=not long, min_total_s=min_total_s)
+        )
         save(f"sweep to {name}, B={batch}, T={length}")
   record["head_to_head"] = head_to_head(**preset["head_to_head"], layers=head_to_head_layers())
   record["complete"] = True
@@ -429,13 +576,17 @@ def main(argv=None):
     common.write_json("attention_head_to_head", args.preset, result, args.out)
     return 0
   if args.block_sweep:
-    common.write_json("attention_block_size", args.preset,
-                      {**record_header(), "results": block_size_sweep(preset, args.runs)},
-                      args.out)
+    common.write_json(
+      "attention_block_size",
+      args.preset,
+      {**record_header(), "results": block_size_sweep(preset, args.runs)},
+      args.out,
+    )
     return 0
   path = sweep(args, preset)
   print(f"wrote {path}")
   from benchmarks import plot
+
   plot.plot_attention_vs_rnn(path)
   return 0
 

@@ -39,13 +39,19 @@ MAX_RUNS = 200
 # Command line and presets
 # ---------------------------------------------------------------------------------------------
 
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
   """The flags every script shares: --preset quick|full, --runs, --out."""
   parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--preset", choices=("quick", "full"), default="full",
-                      help="quick: a few small shapes to check the script runs; full: the sweep")
-  parser.add_argument("--runs", type=int, default=MIN_RUNS,
-                      help=f"timed calls per measurement (at least {MIN_RUNS})")
+  parser.add_argument(
+    "--preset",
+    choices=("quick", "full"),
+    default="full",
+    help="quick: a few small shapes to check the script runs; full: the sweep",
+  )
+  parser.add_argument(
+    "--runs", type=int, default=MIN_RUNS, help=f"timed calls per measurement (at least {MIN_RUNS})"
+  )
   parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON results")
   return parser
 
@@ -62,6 +68,7 @@ def parse_args(parser: argparse.ArgumentParser | str, argv=None) -> argparse.Nam
 # ---------------------------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
   try:
@@ -99,8 +106,9 @@ def device_slug() -> str:
 def _git(*args: str) -> str | None:
   """Output of a read-only git command in the repository, None outside a git checkout."""
   try:
-    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=30, check=True)
+    done = subprocess.run(
+      ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return done.stdout
@@ -118,8 +126,9 @@ def git_state() -> dict[str, Any]:
   commit = _git("rev-parse", "HEAD")
   if commit is None:
     return {"git_commit": None, "git_dirty": None}
-  status = _git("--no-optional-locks", "status", "--porcelain", "--", ".",
-                ":(exclude)benchmarks/results")
+  status = _git(
+    "--no-optional-locks", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"
+  )
   dirty = None if status is None else bool(status.strip())
   return {"git_commit": commit.strip(), "git_dirty": dirty}
 
@@ -128,16 +137,24 @@ def environment() -> dict[str, Any]:
   import flax
   import jaxlib
   import optax
+
   device = jax.devices()[0]
   return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": device_slug(), "device_kind": device_kind(), "platform": device.platform,
-      "device_count": jax.device_count(), "cpu_model": cpu_model(), "cpu_cores": cpu_cores(),
-      "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "optax": optax.__version__,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "matmul_precision": str(jax.config.jax_default_matmul_precision),
-      **git_state(),
+    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "device": device_slug(),
+    "device_kind": device_kind(),
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "cpu_model": cpu_model(),
+    "cpu_cores": cpu_cores(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    **git_state(),
   }
 
 
@@ -164,17 +181,24 @@ def contention() -> dict[str, float]:
   """
   wall, busy, own = (end - start for end, start in zip(_cpu_snapshot(), _START))
   foreign = max(busy - own, 0.0)
-  return {"wall_s": wall, "host_busy_cpu_s": busy, "own_cpu_s": own, "foreign_cpu_s": foreign,
-          "foreign_share": foreign / (wall * (os.cpu_count() or 1))}
+  return {
+    "wall_s": wall,
+    "host_busy_cpu_s": busy,
+    "own_cpu_s": own,
+    "foreign_cpu_s": foreign,
+    "foreign_share": foreign / (wall * (os.cpu_count() or 1)),
+  }
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Timing:
   """Seconds per call; `compile_s` is tracing + compilation, measured apart from the runs."""
+
   median_s: float
   min_s: float
   max_s: float
@@ -208,9 +232,15 @@ def _timed(call: Callable[[], Any]) -> float:
 LONG_CALL_S = 10.0
 
 
-def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1,
-               compile_s: float | None = None, min_total_s: float = 1.0,
-               long_call_s: float = LONG_CALL_S) -> Timing:
+def time_calls(
+  call: Callable[[], Any],
+  *,
+  runs: int = MIN_RUNS,
+  warmup: int = 1,
+  compile_s: float | None = None,
+  min_total_s: float = 1.0,
+  long_call_s: float = LONG_CALL_S,
+) -> Timing:
   """Times `call()` (which returns device arrays) after `warmup` untimed calls.
 
   Every call is synchronised with `jax.block_until_ready` before the clock stops. A stateful
@@ -241,21 +271,24 @@ def time_in_turns(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str,
   return seconds
 
 
-def time_jitted(fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1,
-                min_total_s: float = 1.0, **jit_kwargs):
+def time_jitted(
+  fn: Callable, *args, runs: int = MIN_RUNS, warmup: int = 1, min_total_s: float = 1.0, **jit_kwargs
+):
   """Compiles `fn` for `args` (timed apart), then times the compiled call on the same args.
 
   Returns (Timing, compiled). Donated arguments cannot be reused; time a step that donates its
   state with `time_stateful_step`.
   """
   compiled, compile_s = compile_jitted(fn, *args, **jit_kwargs)
-  timing = time_calls(lambda: compiled(*args), runs=runs, warmup=warmup, compile_s=compile_s,
-                      min_total_s=min_total_s)
+  timing = time_calls(
+    lambda: compiled(*args), runs=runs, warmup=warmup, compile_s=compile_s, min_total_s=min_total_s
+  )
   return timing, compiled
 
 
-def time_stateful_step(compiled, state, *args, runs: int = MIN_RUNS,
-                       compile_s: float | None = None) -> Timing:
+def time_stateful_step(
+  compiled, state, *args, runs: int = MIN_RUNS, compile_s: float | None = None
+) -> Timing:
   """Times `compiled(state, *args) -> (state, metrics)`, each call fed the state of the last.
 
   For train steps that donate their state (the old one is consumed, so it cannot be passed
@@ -275,6 +308,7 @@ def time_stateful_step(compiled, state, *args, runs: int = MIN_RUNS,
 # Memory
 # ---------------------------------------------------------------------------------------------
 
+
 def compiled_memory(compiled) -> dict[str, int] | None:
   """XLA's static estimate of the executable's memory: arguments + outputs + temporaries.
 
@@ -284,12 +318,14 @@ def compiled_memory(compiled) -> dict[str, int] | None:
   """
   try:
     stats = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 (backends without the analysis raise various errors)
+  except Exception:
     return None
   if stats is None:
     return None
-  sizes = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
-           for name in ("argument", "output", "temp", "alias", "generated_code")}
+  sizes = {
+    name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+    for name in ("argument", "output", "temp", "alias", "generated_code")
+  }
   sizes["peak_bytes"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
   return sizes
 
@@ -299,7 +335,7 @@ def compiled_flops(compiled) -> float | None:
   of the hand-counted model FLOPs; None where the backend does not report it."""
   try:
     analysis = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
+  except Exception:
     return None
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
@@ -319,6 +355,7 @@ def process_peak_bytes() -> int | None:
 # Peak FLOP/s and MFU
 # ---------------------------------------------------------------------------------------------
 
+
 def matmul_peak(dtype=jnp.float32, n: int | None = None, runs: int = MIN_RUNS) -> dict[str, Any]:
   """The device's achievable matmul rate: the median over `runs` of one [n, n] x [n, n] product.
 
@@ -330,10 +367,15 @@ def matmul_peak(dtype=jnp.float32, n: int | None = None, runs: int = MIN_RUNS) -
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   timing, _ = time_jitted(jnp.matmul, a, b, runs=runs)
-  flops = 2.0 * n ** 3
-  return {"dtype": jnp.dtype(dtype).name, "n": n, "flops": flops,
-          "flop_per_s": flops / timing.median_s, "best_flop_per_s": flops / timing.min_s,
-          "timing": timing.as_dict()}
+  flops = 2.0 * n**3
+  return {
+    "dtype": jnp.dtype(dtype).name,
+    "n": n,
+    "flops": flops,
+    "flop_per_s": flops / timing.median_s,
+    "best_flop_per_s": flops / timing.min_s,
+    "timing": timing.as_dict(),
+  }
 
 
 def matmul_peaks(quick: bool = False) -> dict[str, dict[str, Any]]:
@@ -356,6 +398,7 @@ def mfu(flops_per_call: float, seconds_per_call: float, peak_flop_per_s: float) 
 # Results
 # ---------------------------------------------------------------------------------------------
 
+
 def result_path(name: str, preset: str, out: Path = RESULTS_DIR) -> Path:
   """benchmarks/results/<name>_<device>.json; the quick preset writes <name>_<device>_quick.json
   so a smoke check never overwrites the committed full results."""
@@ -363,17 +406,25 @@ def result_path(name: str, preset: str, out: Path = RESULTS_DIR) -> Path:
   return Path(out) / f"{name}_{device_slug()}{suffix}.json"
 
 
-def write_json(name: str, preset: str, payload: dict[str, Any], out: Path = RESULTS_DIR,
-               quiet: bool = False) -> Path:
+def write_json(
+  name: str, preset: str, payload: dict[str, Any], out: Path = RESULTS_DIR, quiet: bool = False
+) -> Path:
   """Writes the result atomically (a temporary file renamed over the old one): a run stopped
   mid-write leaves the previous file whole. `quiet` skips the messages (for partial saves)."""
   path = result_path(name, preset, out)
   path.parent.mkdir(parents=True, exist_ok=True)
-  record = {"benchmark": name, "preset": preset, "environment": environment(),
-            "contention": contention(), **payload}
+  record = {
+    "benchmark": name,
+    "preset": preset,
+    "environment": environment(),
+    "contention": contention(),
+    **payload,
+  }
   if record["contention"]["foreign_share"] > 0.05 and not quiet:
-    print(f"WARNING: other processes used {record['contention']['foreign_share']:.0%} of the "
-          "CPU during this run; its timings are not trustworthy")
+    print(
+      f"WARNING: other processes used {record['contention']['foreign_share']:.0%} of the "
+      "CPU during this run; its timings are not trustworthy"
+    )
   partial = path.with_name(path.name + ".partial")
   partial.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
   os.replace(partial, path)
@@ -382,12 +433,14 @@ def write_json(name: str, preset: str, payload: dict[str, Any], out: Path = RESU
   return path
 
 
-def write_and_plot(name: str, preset: str, payload: dict[str, Any],
-                   out: Path = RESULTS_DIR) -> Path:
+def write_and_plot(
+  name: str, preset: str, payload: dict[str, Any], out: Path = RESULTS_DIR
+) -> Path:
   """`write_json`, then redraws the result's PNG from that JSON (where plot.py has a plotter for
   it), so the committed picture always shows the committed numbers."""
   path = write_json(name, preset, payload, out)
   from benchmarks import plot  # matplotlib is loaded only once the numbers are safe on disk
+
   plot.plot_file(path)
   return path
 

@@ -40,30 +40,32 @@ from transformer.decode import beam_search, greedy_decode
 NEVER = -1  # an end-of-sentence id no decoder emits: every call decodes max_length steps
 BEAMS = 4
 PRESETS = {
-    "quick": dict(config=TransformerConfig.tiny(), batches=(1, 4), source_length=8,
-                  max_length=8),
-    "full": dict(config=TransformerConfig.small(), batches=(1, 32), source_length=32,
-                 max_length=32),
+  "quick": dict(config=TransformerConfig.tiny(), batches=(1, 4), source_length=8, max_length=8),
+  "full": dict(config=TransformerConfig.small(), batches=(1, 32), source_length=32, max_length=32),
 }
 DESCRIPTIONS = {
-    "greedy_cache": "greedy, KV cache: one new position per step",
-    "greedy_full_window_recompute": (
-        "greedy, no cache: the decoder runs over the whole [B, max_length] window at every "
-        "step (static shapes under jit), max_length^2 positions per sentence, not the "
-        "max_length (max_length + 1) / 2 of a prefix-only recompute"),
-    "beam4_cache": "beam search, beam 4, KV cache",
+  "greedy_cache": "greedy, KV cache: one new position per step",
+  "greedy_full_window_recompute": (
+    "greedy, no cache: the decoder runs over the whole [B, max_length] window at every "
+    "step (static shapes under jit), max_length^2 positions per sentence, not the "
+    "max_length (max_length + 1) / 2 of a prefix-only recompute"
+  ),
+  "beam4_cache": "beam search, beam 4, KV cache",
 }
 
 
 def decoders(max_length: int) -> dict:
   """name -> (model, src_BS) -> tokens [B, max_length]; each becomes one jitted function."""
   return {
-      "greedy_cache": lambda model, src: greedy_decode(model, src, max_length=max_length,
-                                                       eos_id=NEVER),
-      "greedy_full_window_recompute": lambda model, src: greedy_decode(
-          model, src, max_length=max_length, use_cache=False, eos_id=NEVER),
-      "beam4_cache": lambda model, src: beam_search(model, src, max_length=max_length,
-                                                    beam_size=BEAMS, eos_id=NEVER)[0],
+    "greedy_cache": lambda model, src: greedy_decode(
+      model, src, max_length=max_length, eos_id=NEVER
+    ),
+    "greedy_full_window_recompute": lambda model, src: greedy_decode(
+      model, src, max_length=max_length, use_cache=False, eos_id=NEVER
+    ),
+    "beam4_cache": lambda model, src: beam_search(
+      model, src, max_length=max_length, beam_size=BEAMS, eos_id=NEVER
+    )[0],
   }
 
 
@@ -74,10 +76,12 @@ def positions_per_sentence(name: str, max_length: int) -> int:
   return max_length * (BEAMS if name.startswith("beam") else 1)
 
 
-def time_decoder(decode, graphdef, state, src_BS, max_length: int, pad_id: int,
-                 runs: int) -> common.Timing:
+def time_decoder(
+  decode, graphdef, state, src_BS, max_length: int, pad_id: int, runs: int
+) -> common.Timing:
   """Compiles decode(merged model, src_BS) as a pure function of (state, src_BS), checks that
   every row decodes max_length tokens, then times the compiled call."""
+
   def pure(state, src_BS):
     return decode(nnx.merge(graphdef, state), src_BS)
 
@@ -87,13 +91,18 @@ def time_decoder(decode, graphdef, state, src_BS, max_length: int, pad_id: int,
   first_s = time.perf_counter() - start
   if out.shape[-1] != max_length or bool(jnp.any(out == pad_id)):
     raise RuntimeError("a row stopped early: the fixed-length measurement is void")
-  timing = common.time_calls(lambda: compiled(state, src_BS), warmup=0, compile_s=compile_s,
-                             runs=runs - 1 if first_s > common.LONG_CALL_S else runs)
+  timing = common.time_calls(
+    lambda: compiled(state, src_BS),
+    warmup=0,
+    compile_s=compile_s,
+    runs=runs - 1 if first_s > common.LONG_CALL_S else runs,
+  )
   if first_s > common.LONG_CALL_S:
     # As in time_calls: a warm-up this long has no one-time cost worth excluding; count it.
     times = [first_s, *timing.times_s]
-    timing = common.Timing(statistics.median(times), min(times), max(times), len(times),
-                           compile_s, times)
+    timing = common.Timing(
+      statistics.median(times), min(times), max(times), len(times), compile_s, times
+    )
   return timing
 
 
@@ -104,29 +113,60 @@ def main(argv=None):
   graphdef, state = nnx.split(EncoderDecoder(config, rngs=nnx.Rngs(0)))  # once, off the clock
   rows = []
   for batch in preset["batches"]:
-    src_BS = jax.random.randint(jax.random.key(batch), (batch, preset["source_length"]), 4,
-                                config.vocab_size, jnp.int32)
+    src_BS = jax.random.randint(
+      jax.random.key(batch), (batch, preset["source_length"]), 4, config.vocab_size, jnp.int32
+    )
     for name, decode in decoders(max_length).items():
       timing = time_decoder(decode, graphdef, state, src_BS, max_length, config.pad_id, args.runs)
-      row = {"decoder": name, "batch": batch, "source_length": preset["source_length"],
-             "max_length": max_length,
-             "decoder_positions_per_sentence": positions_per_sentence(name, max_length),
-             "tokens_per_s": batch * max_length / timing.median_s,
-             "ms_per_step": timing.median_s / max_length * 1e3, "timing": timing.as_dict()}
+      row = {
+        "decoder": name,
+        "batch": batch,
+        "source_length": preset["source_length"],
+        "max_length": max_length,
+        "decoder_positions_per_sentence": positions_per_sentence(name, max_length),
+        "tokens_per_s": batch * max_length / timing.median_s,
+        "ms_per_step": timing.median_s / max_length * 1e3,
+        "timing": timing.as_dict(),
+      }
       rows.append(row)
-      print(f"  {name:28s} B={batch:<3d} {common.human(row['tokens_per_s'])}tok/s  "
-            f"{row['ms_per_step']:.1f} ms/step  compile {timing.compile_s:.1f}s", flush=True)
+      print(
+        f"  {name:28s} B={batch:<3d} {common.human(row['tokens_per_s'])}tok/s  "
+        f"{row['ms_per_step']:.1f} ms/step  compile {timing.compile_s:.1f}s",
+        flush=True,
+      )
   rate = {(r["decoder"], r["batch"]): r["tokens_per_s"] for r in rows}
-  speedups = {f"B={b}": rate["greedy_cache", b] / rate["greedy_full_window_recompute", b]
-              for b in preset["batches"]}
-  print("KV cache speed-up of greedy decoding over the full-window recompute:",
-        {k: f"{v:.1f}x" for k, v in speedups.items()})
-  common.write_and_plot("decode_speed", args.preset, {
-      "model": {k: getattr(config, k) for k in ("vocab_size", "d_model", "num_heads", "d_ff",
-                                                "num_encoder_layers", "num_decoder_layers")},
-      "weights": "random (seed 0)", "eos_id": NEVER, "decoders": DESCRIPTIONS,
+  speedups = {
+    f"B={b}": rate["greedy_cache", b] / rate["greedy_full_window_recompute", b]
+    for b in preset["batches"]
+  }
+  print(
+    "KV cache speed-up of greedy decoding over the full-window recompute:",
+    {k: f"{v:.1f}x" for k, v in speedups.items()},
+  )
+  common.write_and_plot(
+    "decode_speed",
+    args.preset,
+    {
+      "model": {
+        k: getattr(config, k)
+        for k in (
+          "vocab_size",
+          "d_model",
+          "num_heads",
+          "d_ff",
+          "num_encoder_layers",
+          "num_decoder_layers",
+        )
+      },
+      "weights": "random (seed 0)",
+      "eos_id": NEVER,
+      "decoders": DESCRIPTIONS,
       "timed": "jitted pure function of (model state, source ids), model split once untimed",
-      "cache_speedup_greedy": speedups, "results": rows}, args.out)
+      "cache_speedup_greedy": speedups,
+      "results": rows,
+    },
+    args.out,
+  )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ from transformer import EncoderDecoder, TransformerConfig
 from transformer.baselines.rnn import LSTM, LSTMSeq2Seq, RNNConfig
 
 PRESETS = {
-    "quick": dict(transformer=TransformerConfig.tiny(vocab_size=512, dropout_rate=0.1),
-                  batch=8, length=16),
-    "full": dict(transformer=TransformerConfig.small(vocab_size=8000), batch=64, length=32),
+  "quick": dict(
+    transformer=TransformerConfig.tiny(vocab_size=512, dropout_rate=0.1), batch=8, length=16
+  ),
+  "full": dict(transformer=TransformerConfig.small(vocab_size=8000), batch=64, length=32),
 }
 
 
@@ -59,41 +60,58 @@ def lstm_backward_cost(d_model: int, batch: int, length: int, rounds: int) -> di
   x_BTD = jax.random.normal(jax.random.key(0), (batch, length, d_model), jnp.float32)
   calls, compile_s = {}, {}
   for name, in_loop in (("custom_backward", False), ("scan_transpose", True)):
-    graphdef, params = nnx.split(LSTM(d_model, d_model, rngs=nnx.Rngs(0),
-                                      weight_grads_in_loop=in_loop))
+    graphdef, params = nnx.split(
+      LSTM(d_model, d_model, rngs=nnx.Rngs(0), weight_grads_in_loop=in_loop)
+    )
     loss = lambda p, x, graphdef=graphdef: jnp.sum(nnx.merge(graphdef, p)(x))
-    compiled, compile_s[name] = common.compile_jitted(jax.grad(loss, argnums=(0, 1)), params,
-                                                      x_BTD)
+    compiled, compile_s[name] = common.compile_jitted(jax.grad(loss, argnums=(0, 1)), params, x_BTD)
     jax.block_until_ready(compiled(params, x_BTD))  # warm-up
     calls[name] = lambda compiled=compiled, params=params: compiled(params, x_BTD)
   seconds = common.time_in_turns(calls, rounds)
-  ratios = [slow / fast for slow, fast in zip(seconds["scan_transpose"],
-                                              seconds["custom_backward"])]
-  return {"d_model": d_model, "batch": batch, "length": length, "rounds": rounds,
-          "median_s": {name: statistics.median(s) for name, s in seconds.items()},
-          "compile_s": compile_s, "seconds": seconds,
-          "scan_transpose_over_custom": {"median": statistics.median(ratios), "min": min(ratios),
-                                         "max": max(ratios)}}
+  ratios = [
+    slow / fast for slow, fast in zip(seconds["scan_transpose"], seconds["custom_backward"])
+  ]
+  return {
+    "d_model": d_model,
+    "batch": batch,
+    "length": length,
+    "rounds": rounds,
+    "median_s": {name: statistics.median(s) for name, s in seconds.items()},
+    "compile_s": compile_s,
+    "seconds": seconds,
+    "scan_transpose_over_custom": {
+      "median": statistics.median(ratios),
+      "min": min(ratios),
+      "max": max(ratios),
+    },
+  }
 
 
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
-  parser.add_argument("--lstm_backward", action="store_true",
-                      help="only time one LSTM layer's two backward passes at this shape")
+  parser.add_argument(
+    "--lstm_backward",
+    action="store_true",
+    help="only time one LSTM layer's two backward passes at this shape",
+  )
   args = common.parse_args(parser, argv)
   preset = PRESETS[args.preset]
   config = preset["transformer"]
   transformer = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
-  rnn_config = RNNConfig.with_num_parameters(count_params(transformer), config.vocab_size,
-                                             dropout_rate=config.dropout_rate)
+  rnn_config = RNNConfig.with_num_parameters(
+    count_params(transformer), config.vocab_size, dropout_rate=config.dropout_rate
+  )
   if args.lstm_backward:
-    report = lstm_backward_cost(rnn_config.d_model, preset["batch"], preset["length"],
-                                max(args.runs, 7))
+    report = lstm_backward_cost(
+      rnn_config.d_model, preset["batch"], preset["length"], max(args.runs, 7)
+    )
     median = report["median_s"]
-    print(f"LSTM layer D={rnn_config.d_model} B={preset['batch']} T={preset['length']} fwd+bwd: "
-          f"custom backward {median['custom_backward'] * 1e3:.0f} ms, scan transpose "
-          f"{median['scan_transpose'] * 1e3:.0f} ms, ratio "
-          f"{report['scan_transpose_over_custom']['median']:.2f}x")
+    print(
+      f"LSTM layer D={rnn_config.d_model} B={preset['batch']} T={preset['length']} fwd+bwd: "
+      f"custom backward {median['custom_backward'] * 1e3:.0f} ms, scan transpose "
+      f"{median['scan_transpose'] * 1e3:.0f} ms, ratio "
+      f"{report['scan_transpose_over_custom']['median']:.2f}x"
+    )
     common.write_json("model_level_lstm_backward", args.preset, report, args.out)
     return 0
   lstm = LSTMSeq2Seq(rnn_config, rngs=nnx.Rngs(params=0, dropout=1))
@@ -101,28 +119,48 @@ def main(argv=None):
   batch = multi30k_like_batch(config.vocab_size, batch_size, length)
   real_target_tokens = int(jnp.sum(batch["targets"] != 0))
   rows = []
-  for name, model, sizes in (("transformer", transformer, vars(config)),
-                             ("lstm_attention", lstm, vars(rnn_config))):
+  for name, model, sizes in (
+    ("transformer", transformer, vars(config)),
+    ("lstm_attention", lstm, vars(rnn_config)),
+  ):
     steps, state = build_step(model)
     timing, memory, _ = time_train_step(steps, state, batch, args.runs)
-    row = {"model": name, "config": dict(sizes), "parameters": count_params(model),
-           "batch": batch_size, "source_length": length, "target_length": length,
-           "real_target_tokens_per_batch": real_target_tokens,
-           "target_tokens_per_s": batch_size * length / timing.median_s,
-           "real_target_tokens_per_s": real_target_tokens / timing.median_s,
-           # Forward critical path: each encoder layer scans S, then the decoder scans T.
-           "sequential_steps_forward": (1 if name == "transformer" else
-                                        (rnn_config.num_encoder_layers + 1) * length),
-           "compiled_step_memory": memory, "timing": timing.as_dict()}
+    row = {
+      "model": name,
+      "config": dict(sizes),
+      "parameters": count_params(model),
+      "batch": batch_size,
+      "source_length": length,
+      "target_length": length,
+      "real_target_tokens_per_batch": real_target_tokens,
+      "target_tokens_per_s": batch_size * length / timing.median_s,
+      "real_target_tokens_per_s": real_target_tokens / timing.median_s,
+      # Forward critical path: each encoder layer scans S, then the decoder scans T.
+      "sequential_steps_forward": (
+        1 if name == "transformer" else (rnn_config.num_encoder_layers + 1) * length
+      ),
+      "compiled_step_memory": memory,
+      "timing": timing.as_dict(),
+    }
     rows.append(row)
-    print(f"  {name:15s} {row['parameters'] / 1e6:.2f}M params  step {timing.median_s * 1e3:.0f} ms"
-          f"  {common.human(row['target_tokens_per_s'])}tok/s (target)  compile "
-          f"{timing.compile_s:.1f}s", flush=True)
+    print(
+      f"  {name:15s} {row['parameters'] / 1e6:.2f}M params  step {timing.median_s * 1e3:.0f} ms"
+      f"  {common.human(row['target_tokens_per_s'])}tok/s (target)  compile "
+      f"{timing.compile_s:.1f}s",
+      flush=True,
+    )
   speedup = rows[0]["target_tokens_per_s"] / rows[1]["target_tokens_per_s"]
   print(f"transformer / lstm train-step throughput: {speedup:.2f}x")
-  common.write_and_plot("model_level", args.preset, {
+  common.write_and_plot(
+    "model_level",
+    args.preset,
+    {
       "batch_shape": "Multi30k-like: lengths uniform in [T/4, T], padded to T",
-      "transformer_over_lstm": speedup, "results": rows}, args.out)
+      "transformer_over_lstm": speedup,
+      "results": rows,
+    },
+    args.out,
+  )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """PNG plots from the benchmark JSONs: benchmarks/results/<name>_<device>.json -> same name .png.
 
-  python -m benchmarks.plot [files...]     (default: every JSON under benchmarks/results/)
+python -m benchmarks.plot [files...]     (default: every JSON under benchmarks/results/)
 """
 
 from __future__ import annotations
@@ -18,21 +18,37 @@ import matplotlib.pyplot as plt  # after choosing the file-only backend
 from benchmarks.common import RESULTS_DIR
 from benchmarks.common import human as common_human
 
-STYLE = {"xla": ("tab:blue", "o"), "blockwise": ("tab:green", "s"), "cudnn": ("tab:purple", "D"),
-         "blockwise_causal": ("tab:olive", "P"), "cudnn_causal": ("tab:pink", "d"),
-         "lstm": ("tab:red", "^"), "gru": ("tab:orange", "v"),
-         "lstm_autodiff": ("tab:brown", "x"), "lstm_cudnn": ("black", "*")}
-LABEL = {"xla": "attention (xla)", "blockwise": "attention (blockwise)",
-         "blockwise_causal": "causal attention (blockwise)",
-         "cudnn": "attention (cudnn)", "cudnn_causal": "causal attention (cudnn)",
-         "lstm": "LSTM", "gru": "GRU", "lstm_autodiff": "LSTM, scan autodiff",
-         "lstm_cudnn": "LSTM (cuDNN)"}
+STYLE = {
+  "xla": ("tab:blue", "o"),
+  "blockwise": ("tab:green", "s"),
+  "cudnn": ("tab:purple", "D"),
+  "blockwise_causal": ("tab:olive", "P"),
+  "cudnn_causal": ("tab:pink", "d"),
+  "lstm": ("tab:red", "^"),
+  "gru": ("tab:orange", "v"),
+  "lstm_autodiff": ("tab:brown", "x"),
+  "lstm_cudnn": ("black", "*"),
+}
+LABEL = {
+  "xla": "attention (xla)",
+  "blockwise": "attention (blockwise)",
+  "blockwise_causal": "causal attention (blockwise)",
+  "cudnn": "attention (cudnn)",
+  "cudnn_causal": "causal attention (cudnn)",
+  "lstm": "LSTM",
+  "gru": "GRU",
+  "lstm_autodiff": "LSTM, scan autodiff",
+  "lstm_cudnn": "LSTM (cuDNN)",
+}
 
 
 def _title(record: dict, what: str) -> str:
   env = record["environment"]
-  return f"{what}\n{env['device_kind']} ({env['cpu_cores']} cores), jax {env['jax']}" \
-      if env["platform"] == "cpu" else f"{what}\n{env['device_kind']}, jax {env['jax']}"
+  return (
+    f"{what}\n{env['device_kind']} ({env['cpu_cores']} cores), jax {env['jax']}"
+    if env["platform"] == "cpu"
+    else f"{what}\n{env['device_kind']}, jax {env['jax']}"
+  )
 
 
 def plot_attention_vs_rnn(path: Path) -> Path:
@@ -43,24 +59,40 @@ def plot_attention_vs_rnn(path: Path) -> Path:
   marks_all = record.get("crossovers_vs_strongest")
   if marks_all is None:  # a record written before that field existed
     from benchmarks import attention_vs_rnn
+
     marks_all = attention_vs_rnn.summary(results)["crossovers_vs_strongest"]
   batches = sorted({r["batch"] for r in results})
   legend_in = 2.8  # inches kept free on the right for the legend
-  fig, axes = plt.subplots(1, len(batches), figsize=(6.2 * len(batches) + legend_in, 5.2),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(batches), figsize=(6.2 * len(batches) + legend_in, 5.2), squeeze=False
+  )
   for ax, batch in zip(axes[0], batches):
     for layer, (color, marker) in STYLE.items():
-      rows = sorted((r for r in results if r["layer"] == layer and r["batch"] == batch),
-                    key=lambda r: r["length"])
+      rows = sorted(
+        (r for r in results if r["layer"] == layer and r["batch"] == batch),
+        key=lambda r: r["length"],
+      )
       if not rows:
         continue
       lengths = [r["length"] for r in rows]
-      ax.plot(lengths, [r["forward_backward"]["tokens_per_s"] for r in rows], color=color,
-              marker=marker, label=f"{LABEL[layer]} fwd+bwd")
+      ax.plot(
+        lengths,
+        [r["forward_backward"]["tokens_per_s"] for r in rows],
+        color=color,
+        marker=marker,
+        label=f"{LABEL[layer]} fwd+bwd",
+      )
       forward = [r for r in rows if "forward" in r]
-      ax.plot([r["length"] for r in forward], [r["forward"]["tokens_per_s"] for r in forward],
-              color=color, marker=marker, linestyle=":", alpha=0.45, markersize=3,
-              label=f"{LABEL[layer]} fwd")
+      ax.plot(
+        [r["length"] for r in forward],
+        [r["forward"]["tokens_per_s"] for r in forward],
+        color=color,
+        marker=marker,
+        linestyle=":",
+        alpha=0.45,
+        markersize=3,
+        label=f"{LABEL[layer]} fwd",
+      )
     # Crossovers against the fastest recurrent layer measured at each length (from the data).
     marks = [c for c in marks_all if c["batch"] == batch]
     for index, cross in enumerate(sorted(marks, key=lambda c: c["length"])):
@@ -68,10 +100,16 @@ def plot_attention_vs_rnn(path: Path) -> Path:
       strongest = " / ".join(LABEL[name] for name in dict.fromkeys(cross["strongest_at"]))
       ax.axvline(cross["length"], color=color, linestyle="--", linewidth=1)
       # Staggered heights keep neighbouring labels apart.
-      ax.annotate(f"{cross['layer']} = {strongest}\nat T~{cross['length']}",
-                  (cross["length"], 0.04 + 0.1 * index), xycoords=("data", "axes fraction"),
-                  color=color, fontsize=8, xytext=(4, 0), textcoords="offset points",
-                  bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+      ax.annotate(
+        f"{cross['layer']} = {strongest}\nat T~{cross['length']}",
+        (cross["length"], 0.04 + 0.1 * index),
+        xycoords=("data", "axes fraction"),
+        color=color,
+        fontsize=8,
+        xytext=(4, 0),
+        textcoords="offset points",
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+      )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
@@ -80,9 +118,15 @@ def plot_attention_vs_rnn(path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.25)
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, fontsize=8, loc="center right")
-  fig.suptitle(_title(record, f"One layer, D={record['d_model']}, {record['num_heads']} heads: "
-                              "throughput vs length\nsolid fwd+bwd, dotted fwd; "
-                              "dashed: crossover with the fastest recurrent layer"), fontsize=10)
+  fig.suptitle(
+    _title(
+      record,
+      f"One layer, D={record['d_model']}, {record['num_heads']} heads: "
+      "throughput vs length\nsolid fwd+bwd, dotted fwd; "
+      "dashed: crossover with the fastest recurrent layer",
+    ),
+    fontsize=10,
+  )
   fig.tight_layout(rect=(0, 0, 1 - legend_in / fig.get_figwidth(), 1))
   return _save(fig, path)
 
@@ -96,9 +140,13 @@ def plot_train_mfu(path: Path) -> Path:
   names = [f"{r['config']}, B={r['batch']}\n{r['parameters'] / 1e6:.3g}M params" for r in rows]
   bars = ax.bar(names, [100 * mfu(r) for r in rows], color="tab:blue")
   for bar, r in zip(bars, rows):
-    ax.annotate(f"{100 * mfu(r):.0f}%\n{common_human(r['tokens_per_s'])} tok/s",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                va="bottom", fontsize=8)
+    ax.annotate(
+      f"{100 * mfu(r):.0f}%\n{common_human(r['tokens_per_s'])} tok/s",
+      (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+      ha="center",
+      va="bottom",
+      fontsize=8,
+    )
   target = 60 if dtype == "float32" else 45
   ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"{target}% target")
   peak = record["matmul_peaks"][dtype]["flop_per_s"]
@@ -107,27 +155,38 @@ def plot_train_mfu(path: Path) -> Path:
   ax.legend(fontsize=8)
   b, t = rows[0]["batch"], rows[0]["target_length"]
   batches = "" if len({r["batch"] for r in rows}) > 1 else f"B={b}, "
-  ax.set_title(_title(record, f"Train step MFU, {batches}S=T={t}, Adam, dropout, {dtype}"),
-               fontsize=9)
+  ax.set_title(
+    _title(record, f"Train step MFU, {batches}S=T={t}, Adam, dropout, {dtype}"), fontsize=9
+  )
   fig.tight_layout()
   return _save(fig, path)
 
 
-def _grouped_bars(path: Path, rows: list[dict], group: str, series: str, value: str,
-                  ylabel: str, title: str, log: bool) -> Path:
+def _grouped_bars(
+  path: Path,
+  rows: list[dict],
+  group: str,
+  series: str,
+  value: str,
+  ylabel: str,
+  title: str,
+  log: bool,
+) -> Path:
   record = json.loads(Path(path).read_text())
   groups = sorted({r[group] for r in rows}, key=str)
   names = list(dict.fromkeys(r[series] for r in rows))
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   width = 0.8 / len(names)
   for i, name in enumerate(names):
-    values = [next((r[value] for r in rows if r[group] == g and r[series] == name), 0)
-              for g in groups]
+    values = [
+      next((r[value] for r in rows if r[group] == g and r[series] == name), 0) for g in groups
+    ]
     xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(groups))]
     bars = ax.bar(xs, values, width, label=name)
     for bar, v in zip(bars, values):
-      ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                  va="bottom", fontsize=7)
+      ax.annotate(
+        f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7
+      )
   ax.set_xticks(range(len(groups)), [f"{group} = {g}" for g in groups])
   if log:
     ax.set_yscale("log")
@@ -140,17 +199,31 @@ def _grouped_bars(path: Path, rows: list[dict], group: str, series: str, value: 
 
 def plot_decode_speed(path: Path) -> Path:
   record = json.loads(Path(path).read_text())
-  return _grouped_bars(path, record["results"], "batch", "decoder", "tokens_per_s",
-                       "generated tokens / s", f"Decoding, {record['results'][0]['max_length']} "
-                       "tokens per sentence, small config", log=True)
+  return _grouped_bars(
+    path,
+    record["results"],
+    "batch",
+    "decoder",
+    "tokens_per_s",
+    "generated tokens / s",
+    f"Decoding, {record['results'][0]['max_length']} tokens per sentence, small config",
+    log=True,
+  )
 
 
 def plot_model_level(path: Path) -> Path:
   record = json.loads(Path(path).read_text())
   rows = [{**r, "label": f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"} for r in record["results"]]
-  return _grouped_bars(path, rows, "batch", "label", "target_tokens_per_s",
-                       "target tokens / s (train step)",
-                       "Train step, Multi30k-shaped batches, equal parameter count", log=False)
+  return _grouped_bars(
+    path,
+    rows,
+    "batch",
+    "label",
+    "target_tokens_per_s",
+    "target tokens / s (train step)",
+    "Train step, Multi30k-shaped batches, equal parameter count",
+    log=False,
+  )
 
 
 def plot_quality_vs_time(path: Path) -> Path:
@@ -163,8 +236,10 @@ def plot_quality_vs_time(path: Path) -> Path:
     seconds = [p["train_s"] for p in run["curve"]]
     lstm = run["model"] != "transformer"
     lr = f", lr {run['optimizer']['peak_learning_rate']:g}" if lstm and "optimizer" in run else ""
-    label = (f"{run['model']}{lr} ({run['parameters'] / 1e6:.2f}M, "
-             f"{run['target_tokens_per_s']:,.0f} target tok/s)")
+    label = (
+      f"{run['model']}{lr} ({run['parameters'] / 1e6:.2f}M, "
+      f"{run['target_tokens_per_s']:,.0f} target tok/s)"
+    )
     colour = next(lstm_colours) if lstm else "tab:green"
     bleu_ax.plot(seconds, [p["bleu"] for p in run["curve"]], "o-", color=colour, label=label)
     nll_ax.plot(seconds, [p["validation_nll"] for p in run["curve"]], "o-", color=colour)
@@ -173,15 +248,24 @@ def plot_quality_vs_time(path: Path) -> Path:
   for ax in (bleu_ax, nll_ax):
     ax.grid(alpha=0.3)
   bleu_ax.legend(fontsize=8)
-  fig.suptitle(_title(record, f"Multi30k en-de, same wall-clock budget "
-                              f"({record['budget_s']:.0f} s of training each)"), fontsize=10)
+  fig.suptitle(
+    _title(
+      record,
+      f"Multi30k en-de, same wall-clock budget ({record['budget_s']:.0f} s of training each)",
+    ),
+    fontsize=10,
+  )
   fig.tight_layout()
   return _save(fig, path)
 
 
-PLOTTERS = {"attention_vs_rnn": plot_attention_vs_rnn, "train_mfu": plot_train_mfu,
-            "decode_speed": plot_decode_speed, "model_level": plot_model_level,
-            "quality_vs_time": plot_quality_vs_time}
+PLOTTERS = {
+  "attention_vs_rnn": plot_attention_vs_rnn,
+  "train_mfu": plot_train_mfu,
+  "decode_speed": plot_decode_speed,
+  "model_level": plot_model_level,
+  "quality_vs_time": plot_quality_vs_time,
+}
 
 
 def plot_file(path: Path) -> Path | None:

@@ -44,14 +44,19 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
   """Instruction name -> kind, from the optimised HLO of the whole program."""
   bodies = dict(re.findall(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M))
   kinds = {}
-  for name, opcode, rest in re.findall(r"%([\w.\-]+) = [^=]*? ([a-z\-]+)\((.*)$", hlo_text,
-                                       re.M):
+  for name, opcode, rest in re.findall(r"%([\w.\-]+) = [^=]*? ([a-z\-]+)\((.*)$", hlo_text, re.M):
     called = re.search(r"calls=%([\w.\-]+)", rest)
     body = bodies.get(called.group(1), "") if called else ""
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     target = target.group(1).lower() if target else ""
-    if opcode in ("dot", "convolution") or " dot(" in body or name.startswith("ynn") \
-        or "gemm" in target or "cublas" in target or "__triton_gemm" in rest:
+    if (
+      opcode in ("dot", "convolution")
+      or " dot(" in body
+      or name.startswith("ynn")
+      or "gemm" in target
+      or "cublas" in target
+      or "__triton_gemm" in rest
+    ):
       kinds[name] = "matmul"
     elif "cudnn" in target and ("fmha" in target or "attention" in target):
       kinds[name] = "attention (cuDNN)"
@@ -59,8 +64,18 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
       kinds[name] = "reduction fusion"
     elif opcode == "fusion":
       kinds[name] = "elementwise fusion"
-    elif opcode in ("copy", "transpose", "dynamic-update-slice", "dynamic-slice", "slice",
-                    "concatenate", "pad", "broadcast", "gather", "scatter"):
+    elif opcode in (
+      "copy",
+      "transpose",
+      "dynamic-update-slice",
+      "dynamic-slice",
+      "slice",
+      "concatenate",
+      "pad",
+      "broadcast",
+      "gather",
+      "scatter",
+    ):
       kinds[name] = "data movement"
     elif opcode in ("rng-bit-generator", "rng"):
       kinds[name] = "random bits"
@@ -88,8 +103,7 @@ def trace_events(directory: Path) -> list[tuple[str, float]]:
       if on_gpu and "Stream" in line.name:
         events += [(_hlo_op(e), e.duration_ns * 1e-9) for e in line.events]
       elif "XLAEigen" in line.name or "PjRtCpuClient" in line.name:
-        events += [(e.name, e.duration_ns * 1e-9) for e in line.events
-                   if not IGNORED.match(e.name)]
+        events += [(e.name, e.duration_ns * 1e-9) for e in line.events if not IGNORED.match(e.name)]
   return events
 
 
@@ -137,21 +151,37 @@ def main(argv=None):
   totals = [sum(by_kind.values()) for by_kind in by_kind_runs]
   total = statistics.median(totals)
   by_kind = median_seconds(by_kind_runs)
-  print(f"{name} B={batch_size}: {total * 1e3:.1f} ms of XLA op time per step, median of "
-        f"{args.runs} traced steps (summed over threads or streams)")
+  print(
+    f"{name} B={batch_size}: {total * 1e3:.1f} ms of XLA op time per step, median of "
+    f"{args.runs} traced steps (summed over threads or streams)"
+  )
   for kind, seconds in by_kind.items():
     print(f"  {kind:20s} {seconds * 1e3:8.1f} ms  {seconds / total:6.1%}")
-  top = [{"op": op, "kind": kinds.get(op, "other"), "seconds": s}
-         for op, s in list(median_seconds(by_op_runs).items())[:20]]
+  top = [
+    {"op": op, "kind": kinds.get(op, "other"), "seconds": s}
+    for op, s in list(median_seconds(by_op_runs).items())[:20]
+  ]
   for row in top[:10]:
     print(f"  {row['op'][:40]:40s} {row['kind']:20s} {row['seconds'] * 1e3:8.1f} ms")
   suffix = "" if args.batch is None else f"_b{batch_size}"
-  common.write_json(f"profile_train_step_{name}{suffix}", args.preset, {
-      "config": name, "batch": batch_size, "source_length": length, "target_length": length,
+  common.write_json(
+    f"profile_train_step_{name}{suffix}",
+    args.preset,
+    {
+      "config": name,
+      "batch": batch_size,
+      "source_length": length,
+      "target_length": length,
       "flops_per_step": train_flops(config, batch_size, length, length),
-      "runs": args.runs, "statistic": "median over the traced steps",
-      "op_seconds_total": total, "op_seconds_total_per_run": totals,
-      "seconds_by_kind": by_kind, "top_ops": top}, args.out)
+      "runs": args.runs,
+      "statistic": "median over the traced steps",
+      "op_seconds_total": total,
+      "op_seconds_total_per_run": totals,
+      "seconds_by_kind": by_kind,
+      "top_ops": top,
+    },
+    args.out,
+  )
 
 
 if __name__ == "__main__":

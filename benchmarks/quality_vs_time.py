@@ -56,9 +56,9 @@ from transformer.train.config import Config
 from transformer.train.optimizer import make_optimizer
 
 PRESETS = {
-    # eval_sentences: validation sentences scored at each evaluation (None: all 1,014).
-    "quick": dict(budget_s=30.0, eval_every_s=15.0, eval_sentences=128, test=False),
-    "full": dict(budget_s=480.0, eval_every_s=60.0, eval_sentences=None, test=True),
+  # eval_sentences: validation sentences scored at each evaluation (None: all 1,014).
+  "quick": dict(budget_s=30.0, eval_every_s=15.0, eval_sentences=128, test=False),
+  "full": dict(budget_s=480.0, eval_every_s=60.0, eval_sentences=None, test=True),
 }
 # Greedy decoding stops at source length + this; Multi30k German rarely runs longer.
 MAX_EXTRA_LENGTH = 10
@@ -102,8 +102,12 @@ def score(model, test_set, tokenizer, sentences: int | None) -> dict:
   start = time.perf_counter()
   hypotheses = translate(model, batches, tokenizer)
   bleu = sacrebleu.BLEU().corpus_score(hypotheses, [[tgt for _, tgt in pairs]])
-  return {"bleu": bleu.score, "sentences": len(pairs), "decode_s": time.perf_counter() - start,
-          "example": hypotheses[0]}
+  return {
+    "bleu": bleu.score,
+    "sentences": len(pairs),
+    "decode_s": time.perf_counter() - start,
+    "example": hypotheses[0],
+  }
 
 
 def validation_nll(eval_step, params, batches) -> float:
@@ -112,8 +116,14 @@ def validation_nll(eval_step, params, batches) -> float:
   return nll / max(sum(float(s["tokens"]) for s in sums), 1.0)
 
 
-def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformation, inputs,
-                     preset: dict, optimizer: dict) -> dict:
+def train_for_budget(
+  name: str,
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  inputs,
+  preset: dict,
+  optimizer: dict,
+) -> dict:
   """Trains `model` for `preset["budget_s"]` seconds of training time, scoring it along the way."""
   steps, state = build_step(model, tx, dropout_seed=1)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)  # to rebuild the model for scoring
@@ -126,13 +136,20 @@ def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformat
   def evaluate():
     scored = nnx.merge(graphdef, state.params, rest)
     scored.eval()
-    point = {"train_s": train_s, "step": int(state.step), "target_tokens": tokens,
-             "validation_nll": validation_nll(eval_step, state.params, inputs.eval_batches),
-             **score(scored, validation, inputs.tokenizer, preset["eval_sentences"])}
+    point = {
+      "train_s": train_s,
+      "step": int(state.step),
+      "target_tokens": tokens,
+      "validation_nll": validation_nll(eval_step, state.params, inputs.eval_batches),
+      **score(scored, validation, inputs.tokenizer, preset["eval_sentences"]),
+    }
     curve.append(point)
-    print(f"  {name:15s} {train_s:6.0f} s  step {point['step']:5d}  val NLL "
-          f"{point['validation_nll']:.3f}  BLEU {point['bleu']:5.2f}  "
-          f"(decode {point['decode_s']:.0f} s)", flush=True)
+    print(
+      f"  {name:15s} {train_s:6.0f} s  step {point['step']:5d}  val NLL "
+      f"{point['validation_nll']:.3f}  BLEU {point['bleu']:5.2f}  "
+      f"(decode {point['decode_s']:.0f} s)",
+      flush=True,
+    )
 
   while True:
     if train_s >= next_eval_s:
@@ -153,10 +170,17 @@ def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformat
     tokens += int(np.sum(batch["targets"] != 0))
     if not math.isfinite(float(metrics["loss_sum"])):
       raise FloatingPointError(f"{name}: non-finite loss at step {int(state.step)}")
-  record = {"model": name, "optimizer": optimizer, "parameters": count_params(model),
-            "steps": int(state.step),
-            "train_s": train_s, "compile_s": compile_s, "compiled_shapes": len(compiled),
-            "target_tokens_per_s": tokens / train_s, "curve": curve}
+  record = {
+    "model": name,
+    "optimizer": optimizer,
+    "parameters": count_params(model),
+    "steps": int(state.step),
+    "train_s": train_s,
+    "compile_s": compile_s,
+    "compiled_shapes": len(compiled),
+    "target_tokens_per_s": tokens / train_s,
+    "curve": curve,
+  }
   if preset["test"]:
     scored = nnx.merge(graphdef, state.params, rest)
     scored.eval()
@@ -167,17 +191,30 @@ def train_for_budget(name: str, model: nnx.Module, tx: optax.GradientTransformat
 
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
-  parser.add_argument("--budget_s", type=float, default=None,
-                      help="training seconds per model (default: the preset's)")
-  parser.add_argument("--models", default=",".join(MODELS),
-                      help=f"comma-separated, from {MODELS}")
-  parser.add_argument("--lstm_lr", type=float, default=LSTM_PEAK_LR,
-                      help="the LSTM's peak learning rate (Adam, after the warm-up)")
-  parser.add_argument("--append", action="store_true",
-                      help="add these runs to the existing result file of this preset")
-  parser.add_argument("--workdir", type=Path, default=None,
-                      help="where the tokenizer and the tfds data are prepared (default: a "
-                           "temporary folder)")
+  parser.add_argument(
+    "--budget_s",
+    type=float,
+    default=None,
+    help="training seconds per model (default: the preset's)",
+  )
+  parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
+  parser.add_argument(
+    "--lstm_lr",
+    type=float,
+    default=LSTM_PEAK_LR,
+    help="the LSTM's peak learning rate (Adam, after the warm-up)",
+  )
+  parser.add_argument(
+    "--append",
+    action="store_true",
+    help="add these runs to the existing result file of this preset",
+  )
+  parser.add_argument(
+    "--workdir",
+    type=Path,
+    default=None,
+    help="where the tokenizer and the tfds data are prepared (default: a temporary folder)",
+  )
   args = common.parse_args(parser, argv)
   models = args.models.split(",")
   if not set(models) <= set(MODELS):
@@ -198,20 +235,38 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as scratch:
     inputs = build_inputs(config.data, args.workdir or scratch, seed=config.seed)
     transformer = create_model("translation", config.model, config.seed)
-    rnn_config = RNNConfig.with_num_parameters(count_params(transformer), config.model.vocab_size,
-                                               dropout_rate=config.model.dropout_rate,
-                                               max_len=config.model.max_len)
+    rnn_config = RNNConfig.with_num_parameters(
+      count_params(transformer),
+      config.model.vocab_size,
+      dropout_rate=config.model.dropout_rate,
+      max_len=config.model.max_len,
+    )
     lstm = LSTMSeq2Seq(rnn_config, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-    print(f"transformer {count_params(transformer) / 1e6:.2f}M parameters, LSTM "
-          f"(d_model {rnn_config.d_model}) {count_params(lstm) / 1e6:.2f}M; "
-          f"{preset['budget_s']:.0f} s of training each", flush=True)
+    print(
+      f"transformer {count_params(transformer) / 1e6:.2f}M parameters, LSTM "
+      f"(d_model {rnn_config.d_model}) {count_params(lstm) / 1e6:.2f}M; "
+      f"{preset['budget_s']:.0f} s of training each",
+      flush=True,
+    )
     contestants = {
-        "transformer": (transformer, make_optimizer(config.optimizer, d_model=config.model.d_model,
-                                                    num_train_steps=config.num_train_steps),
-                        dataclasses.asdict(config.optimizer)),
-        "lstm_attention": (lstm, lstm_optimizer(args.lstm_lr),
-                           {"name": "adam", "peak_learning_rate": args.lstm_lr,
-                            "warmup_steps": LSTM_WARMUP, "clip_global_norm": LSTM_CLIP})}
+      "transformer": (
+        transformer,
+        make_optimizer(
+          config.optimizer, d_model=config.model.d_model, num_train_steps=config.num_train_steps
+        ),
+        dataclasses.asdict(config.optimizer),
+      ),
+      "lstm_attention": (
+        lstm,
+        lstm_optimizer(args.lstm_lr),
+        {
+          "name": "adam",
+          "peak_learning_rate": args.lstm_lr,
+          "warmup_steps": LSTM_WARMUP,
+          "clip_global_norm": LSTM_CLIP,
+        },
+      ),
+    }
     runs, first_batch = [], inputs.train.state()
     for name in models:
       inputs.train.restore(first_batch)  # every model sees the same batches in the same order
@@ -221,14 +276,26 @@ def main(argv=None):
   if args.append:
     previous = json.loads(path.read_text())
     runs = previous["results"] + runs
-    earlier = {"earlier_runs": previous.get("earlier_runs", []) + [
-        {k: previous[k] for k in ("environment", "contention")}]}
-  common.write_and_plot("quality_vs_time", args.preset, {**earlier,
-      "recipe": "transformer/configs/default.py", "budget_s": preset["budget_s"],
-      "eval_every_s": preset["eval_every_s"], "decoding": "greedy",
+    earlier = {
+      "earlier_runs": previous.get("earlier_runs", [])
+      + [{k: previous[k] for k in ("environment", "contention")}]
+    }
+  common.write_and_plot(
+    "quality_vs_time",
+    args.preset,
+    {
+      **earlier,
+      "recipe": "transformer/configs/default.py",
+      "budget_s": preset["budget_s"],
+      "eval_every_s": preset["eval_every_s"],
+      "decoding": "greedy",
       "max_extra_length": MAX_EXTRA_LENGTH,
-      "transformer_config": dataclasses.asdict(config.model), "lstm_config": vars(rnn_config),
-      "results": runs}, args.out)
+      "transformer_config": dataclasses.asdict(config.model),
+      "lstm_config": vars(rnn_config),
+      "results": runs,
+    },
+    args.out,
+  )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,11 @@ import subprocess
 import sys
 import time
 
-
 SCRIPTS = ("train_mfu", "attention_vs_rnn", "model_level", "decode_speed", "quality_vs_time")
 # script -> suite preset -> (the script's preset, extra flags), where they differ from the suite's.
 # The training budget is a multiple of the quick preset's 15-s evaluation interval, so the last
 # point of the curve falls at the end of the budget.
-OVERRIDES = {"quality_vs_time": {preset: ("quick", ("--budget_s", "15"))
-                                 for preset in ("quick", "full")}}
+OVERRIDES = {"quality_vs_time": dict.fromkeys(("quick", "full"), ("quick", ("--budget_s", "15")))}
 
 
 def script_preset(name: str, suite_preset: str) -> tuple[str, tuple[str, ...]]:
@@ -36,8 +34,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=("quick", "full"), default="full")
   parser.add_argument("--only", nargs="*", choices=SCRIPTS, default=SCRIPTS)
-  parser.add_argument("--out", default=None,
-                      help="folder for every script's results (default: benchmarks/results)")
+  parser.add_argument(
+    "--out", default=None, help="folder for every script's results (default: benchmarks/results)"
+  )
   args = parser.parse_args(argv)
   start, failed = time.perf_counter(), []
   for name in args.only:
@@ -45,14 +44,19 @@ def main(argv=None):
     print(f"== {name} (--preset {preset} {' '.join(extra)})".rstrip(), flush=True)
     t0 = time.perf_counter()
     out = ("--out", args.out) if args.out else ()
-    code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", "--preset", preset,
-                            *extra, *out])
-    print(f"== {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    code = subprocess.call(
+      [sys.executable, "-m", f"benchmarks.{name}", "--preset", preset, *extra, *out]
+    )
+    print(
+      f"== {name}: {'ok' if code == 0 else f'FAILED ({code})'} in {time.perf_counter() - t0:.0f} s",
+      flush=True,
+    )
     if code:
       failed.append(name)
-  print(f"suite done in {time.perf_counter() - start:.0f} s"
-        + (f"; failed: {', '.join(failed)}" if failed else ""))
+  print(
+    f"suite done in {time.perf_counter() - start:.0f} s"
+    + (f"; failed: {', '.join(failed)}" if failed else "")
+  )
   return 1 if failed else 0
 
 

@@ -29,66 +29,96 @@ def _device_count(argv: list[str]) -> int | None:
 # Only as a script: imported, JAX may already run, and sys.argv is another program's.
 DEVICES = _device_count(sys.argv[1:]) if __name__ == "__main__" else None
 if DEVICES is not None:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+  ).strip()
 elif "JAX_PLATFORMS" not in os.environ and "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
-from transformer import EncoderDecoder, TransformerConfig  # noqa: E402
-from transformer.parallel.config import ParallelConfig  # noqa: E402
-from transformer.parallel.mesh import global_batch, make_mesh  # noqa: E402
-from transformer.parallel.sharding import shard  # noqa: E402
-from transformer.parallel.strategies import compile_train_step  # noqa: E402
-from transformer.train.loop import initial_state  # noqa: E402
-from transformer.train.step import make_steps  # noqa: E402
+from benchmarks import common
+from transformer import EncoderDecoder, TransformerConfig
+from transformer.parallel.config import ParallelConfig
+from transformer.parallel.mesh import global_batch, make_mesh
+from transformer.parallel.sharding import shard
+from transformer.parallel.strategies import compile_train_step
+from transformer.train.loop import initial_state
+from transformer.train.step import make_steps
 
-LAYOUTS = [("1 device", dict(data=1), "jit", 1), ("data 8", dict(data=8), "jit", 8),
-           ("fsdp 8", dict(fsdp=8), "jit", 8), ("tensor 8", dict(tensor=8), "jit", 8),
-           ("data 2 x tensor 4", dict(data=2, tensor=4), "jit", 8),
-           ("data 2 x fsdp 2 x tensor 2", dict(data=2, fsdp=2, tensor=2), "jit", 8),
-           ("shard_map data 8", dict(data=8), "shard_map", 8)]
+LAYOUTS = [
+  ("1 device", dict(data=1), "jit", 1),
+  ("data 8", dict(data=8), "jit", 8),
+  ("fsdp 8", dict(fsdp=8), "jit", 8),
+  ("tensor 8", dict(tensor=8), "jit", 8),
+  ("data 2 x tensor 4", dict(data=2, tensor=4), "jit", 8),
+  ("data 2 x fsdp 2 x tensor 2", dict(data=2, fsdp=2, tensor=2), "jit", 8),
+  ("shard_map data 8", dict(data=8), "shard_map", 8),
+]
 
 
-def measure(config: TransformerConfig, axes: dict, strategy: str, devices: int, rows: int,
-            length: int, runs: int) -> dict:
+def measure(
+  config: TransformerConfig,
+  axes: dict,
+  strategy: str,
+  devices: int,
+  rows: int,
+  length: int,
+  runs: int,
+) -> dict:
   full = {"data": 1, "fsdp": 1, "tensor": 1, **axes}
   mesh = make_mesh(ParallelConfig(**full), jax.devices()[:devices])
   model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
   tx = optax.adam(1e-4)
   state, shardings = shard(initial_state(model, tx), mesh)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(0))
+  steps = make_steps(
+    graphdef, rest, tx, task="translation", label_smoothing=0.1, dropout_key=jax.random.key(0)
+  )
   step = compile_train_step(strategy, steps, shardings, mesh)
   rng = np.random.default_rng(0)
-  host = {k: rng.integers(4, config.vocab_size, (rows, length)).astype(np.int32)
-          for k in ("inputs", "targets")}
+  host = {
+    k: rng.integers(4, config.vocab_size, (rows, length)).astype(np.int32)
+    for k in ("inputs", "targets")
+  }
   with jax.set_mesh(mesh):
     batch = global_batch(host, mesh)
     compiled, compile_s = common.compile_timed(step, state, batch)
     timing = common.time_stateful_step(compiled, state, batch, runs=runs, compile_s=compile_s)
-  return {"tokens_per_second": rows * length / timing.median_s, "timing": timing,
-          "compiled_step_memory_per_device": common.compiled_memory(compiled)}
+  return {
+    "tokens_per_second": rows * length / timing.median_s,
+    "timing": timing,
+    "compiled_step_memory_per_device": common.compiled_memory(compiled),
+  }
 
 
 def main(argv=None) -> None:
   parser = common.argument_parser(__doc__.splitlines()[0])
-  parser.add_argument("--devices", type=int, default=None,
-                      help="virtual CPU devices (default 8); read from the command line before "
-                           "JAX starts")
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    help="virtual CPU devices (default 8); read from the command line before JAX starts",
+  )
   args = common.parse_args(parser, argv)
   quick = args.preset == "quick"
-  config = TransformerConfig.tiny(vocab_size=1024, d_model=128, num_heads=8, d_ff=512,
-                                  num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1) \
-      if quick else TransformerConfig.small(vocab_size=8192, num_encoder_layers=2,
-                                            num_decoder_layers=2)
+  config = (
+    TransformerConfig.tiny(
+      vocab_size=1024,
+      d_model=128,
+      num_heads=8,
+      d_ff=512,
+      num_encoder_layers=2,
+      num_decoder_layers=2,
+      dropout_rate=0.1,
+    )
+    if quick
+    else TransformerConfig.small(vocab_size=8192, num_encoder_layers=2, num_decoder_layers=2)
+  )
   rows, length = (16, 32) if quick else (32, 64)
   available = jax.device_count()
   results = []
@@ -96,16 +126,28 @@ def main(argv=None) -> None:
     if devices > available:
       continue
     result = measure(config, axes, strategy, devices, rows, length, args.runs)
-    results.append({"layout": name, "mesh": axes, "strategy": strategy, "devices": devices,
-                    **result})
-    print(f"{name:28s} {result['tokens_per_second']:10.0f} tok/s  "
-          f"compile {result['timing'].compile_s:5.1f} s")
-  common.write_json("scaling", args.preset, {
-      "config": config.__dict__, "batch": {"rows": rows, "source_length": length,
-                                           "target_length": length},
-      "note": ("virtual CPU devices share the host's cores: compares layout overheads, not "
-               "speed-ups") if jax.default_backend() == "cpu" else "",
-      "results": results}, args.out)
+    results.append(
+      {"layout": name, "mesh": axes, "strategy": strategy, "devices": devices, **result}
+    )
+    print(
+      f"{name:28s} {result['tokens_per_second']:10.0f} tok/s  "
+      f"compile {result['timing'].compile_s:5.1f} s"
+    )
+  common.write_json(
+    "scaling",
+    args.preset,
+    {
+      "config": config.__dict__,
+      "batch": {"rows": rows, "source_length": length, "target_length": length},
+      "note": (
+        "virtual CPU devices share the host's cores: compares layout overheads, not speed-ups"
+      )
+      if jax.default_backend() == "cpu"
+      else "",
+      "results": results,
+    },
+    args.out,
+  )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ from benchmarks import common
 from transformer import TransformerConfig
 from transformer.train.step import TrainState, make_steps
 
-FLOP_FORMULA = ("6 B [S (L_enc (4 D^2 + 2 D F) + L_dec 2 D^2) + T (L_dec (6 D^2 + 2 D F) + D V)]"
-                " + 12 B D [L_enc S^2 + L_dec (T^2 + T S)]; output projection counted, embedding "
-                "lookup, biases, norms, softmax, dropout, loss and optimizer not counted")
-CONFIGS = {"tiny": TransformerConfig.tiny, "small": TransformerConfig.small,
-           "base": TransformerConfig.base}
+FLOP_FORMULA = (
+  "6 B [S (L_enc (4 D^2 + 2 D F) + L_dec 2 D^2) + T (L_dec (6 D^2 + 2 D F) + D V)]"
+  " + 12 B D [L_enc S^2 + L_dec (T^2 + T S)]; output projection counted, embedding "
+  "lookup, biases, norms, softmax, dropout, loss and optimizer not counted"
+)
+CONFIGS = {
+  "tiny": TransformerConfig.tiny,
+  "small": TransformerConfig.small,
+  "base": TransformerConfig.base,
+}
 # Dense bfloat16 tensor-core rate of the SXM parts by NVIDIA's datasheet (no sparsity).
 DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
 
@@ -39,15 +44,17 @@ def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: in
   per_source = enc * (4 * d * d + 2 * d * f) + dec * 2 * d * d
   per_target = dec * (6 * d * d + 2 * d * f) + d * v
   dense = 6 * batch * (src_len * per_source + tgt_len * per_target)
-  scores = 12 * batch * d * (enc * src_len ** 2 + dec * (tgt_len ** 2 + tgt_len * src_len))
+  scores = 12 * batch * d * (enc * src_len**2 + dec * (tgt_len**2 + tgt_len * src_len))
   return float(dense + scores)
 
 
 def random_batch(vocab_size: int, batch: int, src_len: int, tgt_len: int, seed: int = 0):
   """Full-length rows of ids >= 4 (no PAD/BOS/EOS/UNK), so every position is a counted token."""
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"inputs": jax.random.randint(k1, (batch, src_len), 4, vocab_size, jnp.int32),
-          "targets": jax.random.randint(k2, (batch, tgt_len), 4, vocab_size, jnp.int32)}
+  return {
+    "inputs": jax.random.randint(k1, (batch, src_len), 4, vocab_size, jnp.int32),
+    "targets": jax.random.randint(k2, (batch, tgt_len), 4, vocab_size, jnp.int32),
+  }
 
 
 def adam() -> optax.GradientTransformation:
@@ -61,8 +68,14 @@ def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None, dropout_
   `dropout_seed` the key they are drawn from."""
   tx = tx or adam()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(dropout_seed, impl=rng_impl))
+  steps = make_steps(
+    graphdef,
+    rest,
+    tx,
+    task="translation",
+    label_smoothing=0.1,
+    dropout_key=jax.random.key(dropout_seed, impl=rng_impl),
+  )
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return steps, state
 
@@ -77,5 +90,3 @@ def time_train_step(steps, state, batch, runs: int):
 
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-

@@ -7,22 +7,23 @@ checkpoint).
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
+import dataclasses
+import json
+import shutil
+from pathlib import Path
 
-import jax  # noqa: E402  (must come after XLA_FLAGS)
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import pytest
+from flax import nnx
 
-from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines  # noqa: E402
-from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer, train_sentencepiece  # noqa: E402
-from transformer.runs.checkpoint import Checkpointer  # noqa: E402
+from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
+from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer, train_sentencepiece
+from transformer.runs.checkpoint import Checkpointer
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -41,8 +42,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
-  sentences = (read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:300]
-               + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:300])
+  sentences = (
+    read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:300]
+    + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:300]
+  )
   path = tmp_path_factory.mktemp("spm") / MODEL_FILENAME
   return Tokenizer(train_sentencepiece(sentences, path, vocab_size=250))
 
@@ -54,10 +57,14 @@ def write_run():
   return _write_run
 
 
-def _write_run(workdir: Path, model: nnx.Module, tokenizer: Tokenizer, *, task: str,
-               data_max_length: int) -> Path:
-  config = {"task": task, "model": dataclasses.asdict(model.config),
-            "data": {"max_length": data_max_length, "vocab_size": model.config.vocab_size}}
+def _write_run(
+  workdir: Path, model: nnx.Module, tokenizer: Tokenizer, *, task: str, data_max_length: int
+) -> Path:
+  config = {
+    "task": task,
+    "model": dataclasses.asdict(model.config),
+    "data": {"max_length": data_max_length, "vocab_size": model.config.vocab_size},
+  }
   (workdir / "config.json").write_text(json.dumps(config, indent=2))
   shutil.copy(tokenizer.model_path, workdir / MODEL_FILENAME)
   checkpointer = Checkpointer(workdir / "checkpoints", asynchronous=False)

@@ -12,17 +12,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "transformer"
 
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
-    "parallel",    # meshes, sharding rules, train-step strategies: nothing of the package
-    "model",       # the Transformer; logical axis names from parallel
-    "baselines",   # the LSTM/GRU models measured against it
-    "data",        # text -> tokenizer -> token cache -> batches
-    "runs",        # a run on disk: checkpoints, the exported model, loading for use
-    "decode",      # search over a loaded model, BLEU
-    "inspect",     # attention maps and figures
-    "cli",         # command-line conventions: one-line errors, recipe names
-    "train",       # the training loop, its config schema, the training command
-    "configs",     # recipes: values of train's schema
-    "translate", "evaluate", "visualize",  # the other commands
+  "parallel",  # meshes, sharding rules, train-step strategies: nothing of the package
+  "model",  # the Transformer; logical axis names from parallel
+  "baselines",  # the LSTM/GRU models measured against it
+  "data",  # text -> tokenizer -> token cache -> batches
+  "runs",  # a run on disk: checkpoints, the exported model, loading for use
+  "decode",  # search over a loaded model, BLEU
+  "inspect",  # attention maps and figures
+  "cli",  # command-line conventions: one-line errors, recipe names
+  "train",  # the training loop, its config schema, the training command
+  "configs",  # recipes: values of train's schema
+  "translate",
+  "evaluate",
+  "visualize",  # the other commands
 ]
 
 
@@ -55,7 +57,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(edges.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state and (cycle := visit(nxt)):
         return cycle
     state[node] = "done"
@@ -80,10 +82,17 @@ def test_no_cycle_between_parts():
 
 
 def test_every_part_is_layered_and_imports_only_lower_layers():
-  parts = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
-           if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.name != "__init__.py"}
+  parts = {
+    p.name.removesuffix(".py")
+    for p in PACKAGE.iterdir()
+    if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.name != "__init__.py"
+  }
   assert parts - {"__main__"} <= set(LAYERS), f"parts missing from LAYERS: {parts - set(LAYERS)}"
   rank = {part: i for i, part in enumerate(LAYERS)}
-  upward = sorted((part, other) for part, others in imports_of_part().items() for other in others
-                  if rank[other] > rank[part])
+  upward = sorted(
+    (part, other)
+    for part, others in imports_of_part().items()
+    for other in others
+    if rank[other] > rank[part]
+  )
   assert not upward, f"imports against the layering (part, imported): {upward}"

@@ -5,10 +5,23 @@ Dimension key, used in every shape comment, tensor suffix and einsum string:
   F d_ff, V vocabulary, L layers, K attention block, C classes, W beam width (R = B W rows).
 """
 
-from transformer.model import (DecoderOnly, EncoderDecoder, EncoderOnly, MultiHeadAttention,
-                               TransformerConfig, dot_product_attention,
-                               sinusoidal_position_encoding)
+from transformer.model import (
+  DecoderOnly,
+  EncoderDecoder,
+  EncoderOnly,
+  MultiHeadAttention,
+  TransformerConfig,
+  dot_product_attention,
+  sinusoidal_position_encoding,
+)
 
-__all__ = ["DecoderOnly", "EncoderDecoder", "EncoderOnly", "MultiHeadAttention",
-           "TransformerConfig", "dot_product_attention", "sinusoidal_position_encoding"]
+__all__ = [
+  "DecoderOnly",
+  "EncoderDecoder",
+  "EncoderOnly",
+  "MultiHeadAttention",
+  "TransformerConfig",
+  "dot_product_attention",
+  "sinusoidal_position_encoding",
+]
 __version__ = "0.1.0"

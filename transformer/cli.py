@@ -18,11 +18,15 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 def run_cli(main: Callable[[], object]) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130."""
   from transformer.runs.checkpoint import CheckpointError
+
   try:
     main()
   except KeyboardInterrupt as stop:
-    print(f"stopped by {stop or 'interrupt'}: the last checkpoint is saved; run the same "
-          "command to resume", file=sys.stderr)
+    print(
+      f"stopped by {stop or 'interrupt'}: the last checkpoint is saved; run the same "
+      "command to resume",
+      file=sys.stderr,
+    )
     return 130
   except (*USER_ERRORS, CheckpointError) as error:
     logging.getLogger(__name__).debug("user error", exc_info=True)
@@ -34,8 +38,10 @@ def run_cli(main: Callable[[], object]) -> int:
 def user_message(error: BaseException) -> str:
   """The first line of the error; an OS error on a path says which path and what to check."""
   if isinstance(error, OSError) and error.filename is not None and error.strerror:
-    return (f"{error.filename}: {error.strerror}: check the path (a writable directory for "
-            "--workdir, an existing file otherwise)")
+    return (
+      f"{error.filename}: {error.strerror}: check the path (a writable directory for "
+      "--workdir, an existing file otherwise)"
+    )
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
 
@@ -51,5 +57,7 @@ def recipe_path(name_or_path: str) -> str:
     return name_or_path
   if name_or_path in recipe_names():
     return str(RECIPES_DIR / f"{name_or_path}.py")
-  raise ValueError(f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
-                   f"{', '.join(recipe_names())}, or a path to a recipe file")
+  raise ValueError(
+    f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
+    f"{', '.join(recipe_names())}, or a path to a recipe file"
+  )

@@ -50,20 +50,32 @@ def main(argv=None) -> None:
     raise ValueError("no input text: pass sentences as arguments, --file, or on stdin")
   translator = Translator(args.workdir)
   if translator.task == "mlm":
-    raise ValueError(f"{args.workdir} holds a masked language model, which neither translates "
-                     "nor generates: use a translation or lm run")
+    raise ValueError(
+      f"{args.workdir} holds a masked language model, which neither translates "
+      "nor generates: use a translation or lm run"
+    )
   for start in range(0, len(texts), args.batch_size):
-    chunk = texts[start:start + args.batch_size]
+    chunk = texts[start : start + args.batch_size]
     if translator.task == "translation":
       outputs = translator.translate(chunk, beam_size=args.beam_size, alpha=args.alpha)
     else:
-      outputs = translator.continue_text(chunk, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, seed=args.seed + start)
+      outputs = translator.continue_text(
+        chunk,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed + start,
+      )
     for line in outputs:
       print(line, flush=True)
 
 
-if __name__ == "__main__":
+def main_cli() -> int:
+  """The `transformer-translate` command: errors as one line and exit 2, no traceback."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  sys.exit(run_cli(main))
+  return run_cli(main)
+
+
+if __name__ == "__main__":
+  sys.exit(main_cli())

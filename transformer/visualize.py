@@ -27,28 +27,36 @@ def load_translator(workdir: str | Path) -> Translator:
   """The run's Translator, after checking there is a translation model to load."""
   workdir = Path(workdir)
   if not workdir.is_dir():
-    raise FileNotFoundError(f"{workdir} is not a directory: --workdir must be a run directory "
-                            "written by training")
+    raise FileNotFoundError(
+      f"{workdir} is not a directory: --workdir must be a run directory written by training"
+    )
   checkpoints = workdir / "checkpoints"
   if not any(p.is_dir() and p.name.isdigit() for p in checkpoints.glob("*")):
     raise FileNotFoundError(f"no checkpoint in {checkpoints}: train the run first")
   # Absolute: Orbax reads no metadata from a relative checkpoint path (an OCDBT requirement).
   translator = Translator(workdir.absolute())
   if translator.task != "translation":
-    raise ValueError(f"{workdir} holds a {translator.task!r} model; attention figures are drawn "
-                     "for translation (encoder-decoder) runs")
+    raise ValueError(
+      f"{workdir} holds a {translator.task!r} model; attention figures are drawn "
+      "for translation (encoder-decoder) runs"
+    )
   return translator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m transformer.visualize",
-                                   description="Attention heatmaps of a translation run.")
-  parser.add_argument("text", nargs="*", help="the sentence to visualise (its words may be "
-                      "given unquoted)")
+  parser = argparse.ArgumentParser(
+    prog="python -m transformer.visualize", description="Attention heatmaps of a translation run."
+  )
+  parser.add_argument(
+    "text", nargs="*", help="the sentence to visualise (its words may be given unquoted)"
+  )
   parser.add_argument("--workdir", required=True, help="a run directory written by training")
   parser.add_argument("--out", help="where figures go (default: WORKDIR/attention)")
-  parser.add_argument("--contrast", action="store_true",
-                      help="also compare 'apple' in a fruit and in a company context")
+  parser.add_argument(
+    "--contrast",
+    action="store_true",
+    help="also compare 'apple' in a fruit and in a company context",
+  )
   parser.add_argument("--beam_size", type=int, default=4, help="1 = greedy")
   parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
   return parser.parse_args(argv)
@@ -64,21 +72,37 @@ def main(argv=None) -> None:
   check_search(args.beam_size, args.alpha, 0)
   translator = load_translator(args.workdir)
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
-  model, tokenizer = translator.model, translator.tokenizer
+  model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []
   if text:
-    sentence = prepare_sentence(model, tokenizer, text, beam_size=args.beam_size, alpha=args.alpha,
-                                max_source_tokens=translator.max_source_tokens)
+    sentence = prepare_sentence(
+      model,
+      tokenizer,
+      text,
+      beam_size=args.beam_size,
+      alpha=args.alpha,
+      max_source_tokens=translator.max_source_tokens,
+    )
     print(f"source: {sentence.text}\ntranslation: {sentence.translation}")
     paths += write_attention_figures(model, sentence, out_dir)
   if args.contrast:
-    report = contrast_word(model, tokenizer, max_source_tokens=translator.max_source_tokens,
-                           beam_size=args.beam_size, alpha=args.alpha)
+    report = contrast_word(
+      model,
+      tokenizer,
+      max_source_tokens=translator.max_source_tokens,
+      beam_size=args.beam_size,
+      alpha=args.alpha,
+    )
     paths += write_contrast(report, out_dir)
   for path in paths:
     print(path)
 
 
-if __name__ == "__main__":
+def main_cli() -> int:
+  """The `transformer-visualize` command: errors as one line and exit 2, no traceback."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  sys.exit(run_cli(main))
+  return run_cli(main)
+
+
+if __name__ == "__main__":
+  sys.exit(main_cli())

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer.baselines.rnn import GRU, LSTM, CudnnLSTM, LSTMSeq2Seq, RNNConfig
 from transformer.data.tokenizer import BOS_ID
 from transformer.decode.greedy import greedy_decode
-from transformer.baselines.rnn import GRU, LSTM, CudnnLSTM, LSTMSeq2Seq, RNNConfig
-
 
 # Two decoder layers so the stacked layer's path is covered; one encoder layer keeps it fast.
 # One shared size: the model's initialisers then compile once for all tests.
-SEQ2SEQ = RNNConfig(vocab_size=13, d_model=8, num_encoder_layers=1, num_decoder_layers=2,
-                    dropout_rate=0.0)
+SEQ2SEQ = RNNConfig(
+  vocab_size=13, d_model=8, num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0
+)
 
 
 def sigmoid(x):
@@ -27,9 +27,12 @@ def numpy_lstm(x_BTI, w_x_IGD, w_h_DGD, b_GD, reverse=False):
   d = w_h_DGD.shape[0]
   h, c = np.zeros((b, d)), np.zeros((b, d))
   out = np.zeros((b, t, d))
-  for step in (reversed(range(t)) if reverse else range(t)):
-    z = (np.einsum("bi,igd->bgd", x_BTI[:, step], w_x_IGD)
-         + np.einsum("bi,igd->bgd", h, w_h_DGD) + b_GD)
+  for step in reversed(range(t)) if reverse else range(t):
+    z = (
+      np.einsum("bi,igd->bgd", x_BTI[:, step], w_x_IGD)
+      + np.einsum("bi,igd->bgd", h, w_h_DGD)
+      + b_GD
+    )
     i, f, g, o = sigmoid(z[:, 0]), sigmoid(z[:, 1]), np.tanh(z[:, 2]), sigmoid(z[:, 3])
     c = f * c + i * g
     h = o * np.tanh(c)
@@ -52,8 +55,9 @@ def numpy_gru(x_BTI, w_x_IGD, w_h_DGD, b_GD, b_hn_D):
 
 
 def weights(layer):
-  return [np.asarray(p[...], np.float64) for p in
-          (layer.input_kernel, layer.recurrent_kernel, layer.bias)]
+  return [
+    np.asarray(p[...], np.float64) for p in (layer.input_kernel, layer.recurrent_kernel, layer.bias)
+  ]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -79,8 +83,9 @@ def test_gru_matches_numpy():
   layer = GRU(5, 4, rngs=nnx.Rngs(0))
   layer.recurrent_bias[...] = jnp.full((4,), 0.3)
   x_BTI = np.random.default_rng(1).normal(size=(2, 6, 5)).astype(np.float32)
-  expected = numpy_gru(x_BTI.astype(np.float64), *weights(layer),
-                       np.asarray(layer.recurrent_bias[...], np.float64))
+  expected = numpy_gru(
+    x_BTI.astype(np.float64), *weights(layer), np.asarray(layer.recurrent_bias[...], np.float64)
+  )
   np.testing.assert_allclose(layer(jnp.asarray(x_BTI)), expected, atol=1e-5)
 
 
@@ -135,8 +140,11 @@ def test_seq2seq_shapes_and_gradients_reach_every_parameter():
   src_BS = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]], jnp.int32)
   tgt_BT = jnp.array([[1, 3, 4, 5], [1, 6, 0, 0]], jnp.int32)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  assert jax.eval_shape(lambda p: nnx.merge(graphdef, p, rest)(src_BS, tgt_BT),
-                        params).shape == (2, 4, SEQ2SEQ.vocab_size)
+  assert jax.eval_shape(lambda p: nnx.merge(graphdef, p, rest)(src_BS, tgt_BT), params).shape == (
+    2,
+    4,
+    SEQ2SEQ.vocab_size,
+  )
 
   def loss(params):
     logits_BTV = nnx.merge(graphdef, params, rest)(src_BS, tgt_BT)
@@ -169,6 +177,7 @@ def test_padding_in_the_source_changes_nothing():
   np.testing.assert_allclose(apply(padded_BS), apply(src_BS), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_with_the_recurrent_state_equals_recomputing_and_a_python_loop():
   """The LSTM's cached decoding (state carried step to step) and the recompute path both give
   the tokens of a plain loop that reruns the whole model on the prefix and takes the argmax."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from transformer.configs import smoke
 from transformer.cli import run_cli
+from transformer.configs import smoke
 from transformer.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,9 @@ def cli_error(capsys, main) -> str:
   return lines[0]
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (dict(model=dict(d_model=30, num_heads=4)), "d_model=30 is not divisible by model.num_heads"),
     (dict(model=dict(d_ff=0)), "model.d_ff must be positive"),
     (dict(num_train_steps=0), "num_train_steps must be positive"),
@@ -42,17 +44,22 @@ def cli_error(capsys, main) -> str:
     (dict(optimizer=dict(b2=-0.5)), "optimizer.b2 must be in [0, 1)"),
     (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be positive"),
     (dict(optimizer=dict(schedule="linear")), "optimizer.schedule='linear' is unknown"),
-    (dict(average_last_checkpoints=6), "average_last_checkpoints=6 must be in [0, "
-                                       "keep_checkpoints=5]"),
+    (
+      dict(average_last_checkpoints=6),
+      "average_last_checkpoints=6 must be in [0, keep_checkpoints=5]",
+    ),
     (dict(decode=dict(beam_size=0)), "decode.beam_size must be >= 1"),
     (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be a finite number >= 0"),
     (dict(decode=dict(max_extra_length=-1)), "decode.max_extra_length must be >= 0"),
     (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
     (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
     (dict(data=dict(eval_batch_size=12)), "batch of 12 rows does not split over data x fsdp = 8"),
-    (dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
-     "d_model=36 is not divisible by the fsdp axis"),
-])
+    (
+      dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
+      "d_model=36 is not divisible by the fsdp axis",
+    ),
+  ],
+)
 def test_bad_config_values(change, message, tmp_path, capsys):
   """Each is refused before the tokenizer is trained (or, below, before the data is read)."""
   config = smoke.get_config()
@@ -82,8 +89,9 @@ def test_misaligned_data_files(tmp_path, capsys):
   corpus.mkdir()
   write_corpus(corpus, {"en": ["a man", "a dog", "a cat"], "de": ["ein Mann", "ein Hund"]})
   config = smoke.get_config()
-  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
-                     test_splits=("test_2016",))
+  config.data.update(
+    source_dir=str(corpus), train_split="train", eval_split="validation", test_splits=("test_2016",)
+  )
   line = cli_error(capsys, lambda: run(config, tmp_path / "run"))
   assert "line counts differ" in line and "3 lines" in line and "2 lines" in line
 
@@ -91,23 +99,35 @@ def test_misaligned_data_files(tmp_path, capsys):
 def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
   from transformer.data.inputs import build_inputs
   from transformer.train.config import Config
+
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   english = ["a man rides a bike", "", "two dogs play in the snow", "word " * 60, "a cat sleeps"]
-  german = ["ein Mann fährt Rad", "leer", "zwei Hunde spielen im Schnee", "Wort " * 60,
-            "eine Katze schläft"]
+  german = [
+    "ein Mann fährt Rad",
+    "leer",
+    "zwei Hunde spielen im Schnee",
+    "Wort " * 60,
+    "eine Katze schläft",
+  ]
   write_corpus(corpus, {"en": english * 40, "de": german * 40})
   with gzip.open(corpus / "val.en.gz", "wt", encoding="utf-8") as f:  # a symbol never trained on
     f.write("\n".join(["a ☃ sleeps"] * 200) + "\n")
   config = smoke.get_config()
-  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
-                     test_splits=(), vocab_size=40, max_length=32)
+  config.data.update(
+    source_dir=str(corpus),
+    train_split="train",
+    eval_split="validation",
+    test_splits=(),
+    vocab_size=40,
+    max_length=32,
+  )
   with caplog.at_level(logging.WARNING):
     build_inputs(Config.of(config).data, tmp_path / "run")
   text = caplog.text
   assert "40 of 200 pairs have an empty side and were dropped" in text
-  assert "40 dropped" in text                    # the over-long pair, in training
-  assert "truncated" in text                     # evaluation keeps and truncates it
+  assert "40 dropped" in text  # the over-long pair, in training
+  assert "truncated" in text  # evaluation keeps and truncates it
   assert "validation: 200 of" in text and "outside the vocabulary" in text  # the snowman
 
 
@@ -116,13 +136,19 @@ def test_vocabulary_too_large_for_the_text(tmp_path, capsys):
   corpus.mkdir()
   write_corpus(corpus, {"en": ["a man", "a dog"] * 10, "de": ["ein Mann", "ein Hund"] * 10})
   config = smoke.get_config()
-  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
-                     test_splits=(), vocab_size=500)
+  config.data.update(
+    source_dir=str(corpus),
+    train_split="train",
+    eval_split="validation",
+    test_splits=(),
+    vocab_size=500,
+  )
   assert "lower data.vocab_size" in cli_error(capsys, lambda: run(config, tmp_path / "run"))
 
 
 def test_translate_errors(tmp_path, capsys):
   from transformer.translate import main
+
   line = cli_error(capsys, lambda: main(["--workdir", str(tmp_path), "A man."]))
   assert "config.json is missing" in line
 
@@ -136,8 +162,10 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys, caplog):
   from transformer.translate import main
+
   line = cli_error(capsys, lambda: main(["--workdir", str(trained_workdir), "  "]))
   assert "empty" in line
   with caplog.at_level(logging.WARNING):
@@ -146,33 +174,57 @@ def test_translate_rejects_empty_text_and_cuts_long_text(trained_workdir, capsys
   assert len(capsys.readouterr().out.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     (["--config.model.d_model=30", "--config.model.num_heads=4"], "error: model.d_model=30"),
     (["--config.model.d_modl=30"], "unknown config key 'd_modl', did you mean 'd_model'?"),
-    (["--config", "configs/nothere.py"],
-     "error: cannot load --config: [Errno 2] No such file or directory: 'configs/nothere.py'"),
+    (
+      ["--config", "configs/nothere.py"],
+      "error: cannot load --config: [Errno 2] No such file or directory: 'configs/nothere.py'",
+    ),
     (["--workdir", "/dev/null/x"], "error: /dev/null/x: Not a directory: check the path"),
     (["--config.optimizer.warmup_steps=0"], "error: optimizer.warmup_steps must be >= 1"),
-])
+  ],
+)
 def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message):
   """The real entry point, in a subprocess: exit code 2 and one line, no traceback."""
   result = subprocess.run(
-      [sys.executable, "train.py", "--config", "smoke", "--workdir", str(tmp_path),
-       *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [sys.executable, "train.py", "--config", "smoke", "--workdir", str(tmp_path), *overrides],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert message in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_names_the_config(trained_workdir):
   """A checkpoint of another shape is not reported as corrupt, and Orbax leaves no traceback."""
   result = subprocess.run(
-      [sys.executable, "train.py", "--config", "smoke", "--workdir",
-       str(trained_workdir), "--config.model.d_ff=128"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "train.py",
+      "--config",
+      "smoke",
+      "--workdir",
+      str(trained_workdir),
+      "--config.model.d_ff=128",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
-  assert line.startswith(f"error: checkpoint at {trained_workdir}/checkpoints/6 was written with "
-                         "another model/optimizer config (")
+  assert line.startswith(
+    f"error: checkpoint at {trained_workdir}/checkpoints/6 was written with "
+    "another model/optimizer config ("
+  )
   assert "saved (64,), now (128,)" in line and "use a new workdir or the old config" in line

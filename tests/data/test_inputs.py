@@ -7,15 +7,25 @@ import numpy as np
 import pytest
 
 from transformer.cli import run_cli
+from transformer.data.config import DataConfig
 from transformer.data.inputs import build_inputs, tokenizer_for
 from transformer.data.tokenizer import MASK_ID
-from transformer.data.config import DataConfig
 from transformer.train.config import Config, get_config
 
-ENGLISH = ["a man rides a bike", "two dogs play in the snow", "a cat sleeps on a red sofa",
-           "children run across the green field", "an old woman reads a book"]
-GERMAN = ["ein Mann fährt Rad", "zwei Hunde spielen im Schnee", "eine Katze schläft auf einem Sofa",
-          "Kinder laufen über die grüne Wiese", "eine alte Frau liest ein Buch"]
+ENGLISH = [
+  "a man rides a bike",
+  "two dogs play in the snow",
+  "a cat sleeps on a red sofa",
+  "children run across the green field",
+  "an old woman reads a book",
+]
+GERMAN = [
+  "ein Mann fährt Rad",
+  "zwei Hunde spielen im Schnee",
+  "eine Katze schläft auf einem Sofa",
+  "Kinder laufen über die grüne Wiese",
+  "eine alte Frau liest ein Buch",
+]
 
 
 def write_corpus(directory: Path, repeat: int) -> None:
@@ -34,9 +44,17 @@ def inputs_of(config, workdir: Path, **kwargs):
 def mlm_config(corpus: Path):
   config = get_config()
   config.task = "mlm"
-  config.data.update(source_dir=str(corpus), train_split="train", eval_split="validation",
-                     test_splits=(), vocab_size=60, max_length=16, length_buckets=(16,),
-                     tokens_per_batch=16 * 8, eval_batch_size=8)
+  config.data.update(
+    source_dir=str(corpus),
+    train_split="train",
+    eval_split="validation",
+    test_splits=(),
+    vocab_size=60,
+    max_length=16,
+    length_buckets=(16,),
+    tokens_per_batch=16 * 8,
+    eval_batch_size=8,
+  )
   return config
 
 
@@ -45,8 +63,9 @@ def test_mlm_batches_over_two_processes_are_the_single_process_batches(tmp_path)
   config = mlm_config(tmp_path / "corpus")
   workdir = tmp_path / "run"  # One workdir: the tokenizer trained once is shared by all three.
   single = inputs_of(config, workdir, batch_multiple=2)
-  shards = [inputs_of(config, workdir, batch_multiple=2, process_index=p, process_count=2)
-            for p in range(2)]
+  shards = [
+    inputs_of(config, workdir, batch_multiple=2, process_index=p, process_count=2) for p in range(2)
+  ]
   for _ in range(3):
     whole = next(single.train)
     halves = [next(shard.train) for shard in shards]
@@ -57,7 +76,8 @@ def test_mlm_batches_over_two_processes_are_the_single_process_batches(tmp_path)
   for i, whole in enumerate(single.eval_batches):
     for key in ("inputs", "targets", "weights"):
       np.testing.assert_array_equal(
-          np.concatenate([shard.eval_batches[i][key] for shard in shards]), whole[key])
+        np.concatenate([shard.eval_batches[i][key] for shard in shards]), whole[key]
+      )
 
 
 # The two training sentences hold 16 distinct characters (a m n r i d e s b k M f ä h t R);

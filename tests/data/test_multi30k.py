@@ -10,8 +10,14 @@ import tensorflow_datasets as tfds
 
 from transformer.cli import run_cli
 from transformer.data import multi30k
-from transformer.data.multi30k import (DEFAULT_SOURCE_DIR, SPLIT_FILES, SPLIT_SIZES, Multi30k,
-                                       load_pairs, prepare_multi30k)
+from transformer.data.multi30k import (
+  DEFAULT_SOURCE_DIR,
+  SPLIT_FILES,
+  SPLIT_SIZES,
+  Multi30k,
+  load_pairs,
+  prepare_multi30k,
+)
 
 
 def gz_lines(path):
@@ -59,8 +65,11 @@ class FakeTranslate(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("0.1.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {"de": tfds.features.Text(), "en": tfds.features.Text()}), disable_shuffling=True)
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict({"de": tfds.features.Text(), "en": tfds.features.Text()}),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
@@ -87,10 +96,12 @@ def write_corpus(directory: Path, lines_per_file: dict[str, int]) -> None:
 
 def test_tiny_corpus(tmp_path):
   write_corpus(tmp_path / "src", {})
-  pairs = load_pairs("multi30k", "test_2017", "en", "de", tmp_path / "tfds",
-                     source_dir=tmp_path / "src")
-  assert pairs == [(f"en test_2017_flickr line {i}", f"de test_2017_flickr line {i}")
-                   for i in range(2)]
+  pairs = load_pairs(
+    "multi30k", "test_2017", "en", "de", tmp_path / "tfds", source_dir=tmp_path / "src"
+  )
+  assert pairs == [
+    (f"en test_2017_flickr line {i}", f"de test_2017_flickr line {i}") for i in range(2)
+  ]
 
 
 def test_missing_file(tmp_path):
@@ -123,8 +134,11 @@ def test_each_source_dir_gets_its_own_prepared_copy(tmp_path):
   write_lines(tmp_path / "a", ["a man", "a dog"])
   write_lines(tmp_path / "b", ["a cat", "two birds", "a fish"])
   tfds_dir = tmp_path / "tfds"
-  for name, lines in [("a", ["a man", "a dog"]), ("b", ["a cat", "two birds", "a fish"]),
-                      ("a", ["a man", "a dog"])]:
+  for name, lines in [
+    ("a", ["a man", "a dog"]),
+    ("b", ["a cat", "two birds", "a fish"]),
+    ("a", ["a man", "a dog"]),
+  ]:
     pairs = load_pairs("multi30k", "train", "en", "de", tfds_dir, source_dir=tmp_path / name)
     assert pairs == [(f"en: {line}", f"de: {line}") for line in lines]
   # Editing a file in place is a different corpus too.
@@ -137,8 +151,14 @@ def test_missing_source_dir(tmp_path):
   write_lines(tmp_path / "a", ["a man"])
   load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds", source_dir=tmp_path / "a")
   with pytest.raises(FileNotFoundError) as error:
-    load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds",
-               source_dir=tmp_path / "does" / "not" / "exist")
+    load_pairs(
+      "multi30k",
+      "train",
+      "en",
+      "de",
+      tmp_path / "tfds",
+      source_dir=tmp_path / "does" / "not" / "exist",
+    )
   message = str(error.value)
   assert message.startswith(f"data.source_dir {tmp_path / 'does' / 'not' / 'exist'} not found: ")
   assert "train.en.gz" in message and "\n" not in message
@@ -182,7 +202,13 @@ def test_invalid_utf8_names_path_and_line(tmp_path):
 def test_bad_file_is_one_cli_line(tmp_path, capsys):
   write_lines(tmp_path / "a", ["a man"])
   (tmp_path / "a" / "train.en.gz").write_bytes(gzip_bytes(b"a m\xe4n\n"))
-  assert run_cli(lambda: load_pairs("multi30k", "train", "en", "de", tmp_path / "tfds",
-                                    source_dir=tmp_path / "a")) == 2
+  assert (
+    run_cli(
+      lambda: load_pairs(
+        "multi30k", "train", "en", "de", tmp_path / "tfds", source_dir=tmp_path / "a"
+      )
+    )
+    == 2
+  )
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and "train.en.gz line 1 is not UTF-8" in lines[0], lines

@@ -5,9 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from transformer.data.pipeline import (default_length_buckets, eval_batches, lm_train_batches,
-                                       lm_windows, make_examples, mask_tokens,
-                                       translation_train_batches)
+from transformer.data.pipeline import (
+  default_length_buckets,
+  eval_batches,
+  lm_train_batches,
+  lm_windows,
+  make_examples,
+  mask_tokens,
+  translation_train_batches,
+)
 from transformer.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 MAX_LENGTH = 48
@@ -19,8 +25,9 @@ FIRST_ID = 5  # Ordinary ids start after PAD/UNK/BOS/EOS/MASK.
 def fake_ids(n, max_len, seed):
   """n sequences of 1..max_len ids; sequence i starts with FIRST_ID + i to identify it."""
   rng = np.random.default_rng(seed)
-  return [[FIRST_ID + i] + list(rng.integers(FIRST_ID, 100, rng.integers(0, max_len)))
-          for i in range(n)]
+  return [
+    [FIRST_ID + i] + list(rng.integers(FIRST_ID, 100, rng.integers(0, max_len))) for i in range(n)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def test_epoch_covers_every_example_once_within_budget(examples):
       src, tgt = examples.inputs[i], examples.targets[i]
       np.testing.assert_array_equal(row_in[: len(src)], src)
       np.testing.assert_array_equal(row_tgt[: len(tgt)], tgt)
-      assert not row_in[len(src):].any() and not row_tgt[len(tgt):].any()  # PAD is 0.
+      assert not row_in[len(src) :].any() and not row_tgt[len(tgt) :].any()  # PAD is 0.
       seen.append(i)
   assert sorted(seen) == list(range(len(examples)))
   assert iterator.state() == {"epoch": 1, "batch_index": 0}
@@ -154,8 +161,10 @@ def test_eval_batches_keep_order_and_mark_padding():
   last = batches[-1]
   assert not last["inputs"][-1].any() and not last["targets"][-1].any()
   assert [example_id(row) for row in last["inputs"][:7]] == list(range(16, 23))
-  halves = [eval_batches(examples, 8, length_buckets=(8, 16, 32), process_index=p,
-                         process_count=2) for p in (0, 1)]
+  halves = [
+    eval_batches(examples, 8, length_buckets=(8, 16, 32), process_index=p, process_count=2)
+    for p in (0, 1)
+  ]
   for whole, part0, part1 in zip(batches, *halves):
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([part0[key], part1[key]]), whole[key])
@@ -198,7 +207,15 @@ def test_mask_tokens_over_processes_is_the_single_process_batch():
   ids = np.random.default_rng(0).integers(FIRST_ID, 1000, size=(8, 32)).astype(np.int32)
   whole = mask_tokens(ids, np.random.default_rng(3), vocab_size=1000)
   # Each process holds its contiguous half of the rows and seeds its rng like every other.
-  halves = [mask_tokens(ids[4 * p: 4 * (p + 1)], np.random.default_rng(3), vocab_size=1000,
-                        process_index=p, process_count=2) for p in range(2)]
+  halves = [
+    mask_tokens(
+      ids[4 * p : 4 * (p + 1)],
+      np.random.default_rng(3),
+      vocab_size=1000,
+      process_index=p,
+      process_count=2,
+    )
+    for p in range(2)
+  ]
   for key in whole:
     np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])

@@ -4,17 +4,30 @@ import numpy as np
 import pytest
 
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
-from transformer.data.tokenizer import (BOS_ID, EOS_ID, MASK_ID, MODEL_FILENAME, PAD_ID, UNK_ID,
-                                        Tokenizer, load_or_train_tokenizer, pair_sentences,
-                                        train_sentencepiece)
+from transformer.data.tokenizer import (
+  BOS_ID,
+  EOS_ID,
+  MASK_ID,
+  MODEL_FILENAME,
+  PAD_ID,
+  UNK_ID,
+  Tokenizer,
+  load_or_train_tokenizer,
+  pair_sentences,
+  train_sentencepiece,
+)
 
 VOCAB_SIZE = 1000
 
 
 @pytest.fixture(scope="module")
 def sentences():
-  pairs = list(zip(read_lines(DEFAULT_SOURCE_DIR / "train.en.gz")[:2000],
-                   read_lines(DEFAULT_SOURCE_DIR / "train.de.gz")[:2000]))
+  pairs = list(
+    zip(
+      read_lines(DEFAULT_SOURCE_DIR / "train.en.gz")[:2000],
+      read_lines(DEFAULT_SOURCE_DIR / "train.de.gz")[:2000],
+    )
+  )
   return pair_sentences(pairs)
 
 
@@ -46,9 +59,11 @@ def test_special_ids(tokenizer):
 
 def test_round_trip(tokenizer):
   # Held-out validation sentences, both languages, with umlauts and punctuation.
-  texts = (read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:10]
-           + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:10]
-           + ["Zwei Männer überqueren die Straße, während ein Hund bellt."])
+  texts = (
+    read_lines(DEFAULT_SOURCE_DIR / "val.en.gz")[:10]
+    + read_lines(DEFAULT_SOURCE_DIR / "val.de.gz")[:10]
+    + ["Zwei Männer überqueren die Straße, während ein Hund bellt."]
+  )
   ids = tokenizer.encode(texts)
   assert all(ids_i and min(ids_i) > MASK_ID for ids_i in ids)  # No specials, no EOS added.
   assert tokenizer.decode(ids) == texts

@@ -8,11 +8,6 @@ which is where greedy and beam search can differ.
 conftest of tests/.
 """
 
-import dataclasses
-import json
-import shutil
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +16,11 @@ import pytest
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig
-from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
-from transformer.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, Tokenizer,
-                                        train_sentencepiece)
-from transformer.runs.checkpoint import Checkpointer
+from transformer.data.tokenizer import (
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+)
 from transformer.train.optimizer import with_standard_promotion
 
 COPY_VOCAB = 16
@@ -52,6 +48,7 @@ def train_copy_model(steps: int = 100, seed: int = 0) -> EncoderDecoder:
       losses_BT = optax.softmax_cross_entropy_with_integer_labels(model(src_BS, tgt_in_BT), tgt_BT)
       weights_BT = (tgt_BT != PAD_ID).astype(jnp.float32)
       return jnp.sum(losses_BT * weights_BT) / jnp.sum(weights_BT)
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss

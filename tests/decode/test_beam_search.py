@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig
+from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode, length_penalty
-from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
 
 MAX_LENGTH = 10
 
@@ -41,17 +41,19 @@ def full_forward_scores(model, src_BS, tokens_BWT, alpha, eos_id=EOS_ID):
 
 def test_length_penalty_is_gnmt():
   np.testing.assert_allclose(length_penalty(1, 0.6), 1.0)
-  np.testing.assert_allclose(length_penalty(7, 0.6), 2.0 ** 0.6, rtol=1e-6)
+  np.testing.assert_allclose(length_penalty(7, 0.6), 2.0**0.6, rtol=1e-6)
   np.testing.assert_allclose(length_penalty(30, 0.0), 1.0)
 
 
 def test_beam_of_one_without_penalty_is_greedy(copy_model, copy_sources):
   """With alpha > 0 a W = 1 search may keep going after greedy's EOS and finish better, so the
   equivalence holds for the plain log-probability ranking."""
-  tokens_BWT, _ = beam_search(copy_model, copy_sources, beam_size=1, alpha=0.0,
-                              max_length=MAX_LENGTH)
-  np.testing.assert_array_equal(tokens_BWT[:, 0],
-                                greedy_decode(copy_model, copy_sources, max_length=MAX_LENGTH))
+  tokens_BWT, _ = beam_search(
+    copy_model, copy_sources, beam_size=1, alpha=0.0, max_length=MAX_LENGTH
+  )
+  np.testing.assert_array_equal(
+    tokens_BWT[:, 0], greedy_decode(copy_model, copy_sources, max_length=MAX_LENGTH)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,9 @@ def beams(copy_model, copy_sources):
 def test_scores_equal_full_forward_log_prob_over_penalty(copy_model, copy_sources, beams):
   tokens_BWT, scores_BW = beams
   assert tokens_BWT.shape == (8, 4, MAX_LENGTH) and scores_BW.shape == (8, 4)
-  np.testing.assert_allclose(scores_BW, full_forward_scores(copy_model, copy_sources, tokens_BWT,
-                                                            0.6), atol=1e-4)
+  np.testing.assert_allclose(
+    scores_BW, full_forward_scores(copy_model, copy_sources, tokens_BWT, 0.6), atol=1e-4
+  )
 
 
 def test_hypotheses_are_distinct_sorted_and_eos_terminated(beams):
@@ -73,7 +76,7 @@ def test_hypotheses_are_distinct_sorted_and_eos_terminated(beams):
     assert len({tuple(row) for row in hypotheses_WT}) == len(hypotheses_WT)
     for row in hypotheses_WT:
       end = np.argmax(row == EOS_ID)
-      assert row[end] == EOS_ID and np.all(row[:end] != PAD_ID) and np.all(row[end + 1:] == PAD_ID)
+      assert row[end] == EOS_ID and np.all(row[:end] != PAD_ID) and np.all(row[end + 1 :] == PAD_ID)
 
 
 def test_beam_of_four_scores_at_least_greedy(copy_model, copy_sources, beams):
@@ -90,8 +93,9 @@ def test_hypotheses_cut_off_at_max_length_are_ranked_with_the_finished(eos_id):
   side (these EOS ids make some finish); all of them come back best first by their score."""
   model = EncoderDecoder(TransformerConfig.tiny(tie_output=False), rngs=nnx.Rngs(0))
   src_BS = jnp.asarray(np.random.default_rng(0).integers(4, 64, (4, 6)), jnp.int32)
-  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=4, alpha=0.6, max_length=3,
-                                      eos_id=eos_id)
+  tokens_BWT, scores_BW = beam_search(
+    model, src_BS, beam_size=4, alpha=0.6, max_length=3, eos_id=eos_id
+  )
   expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6, eos_id=eos_id)
   np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)
   finished_BW = np.any(np.asarray(tokens_BWT) == eos_id, axis=2)
@@ -105,13 +109,13 @@ def test_lstm_beam_scores_equal_full_forward_log_prob_over_penalty(batch, beam_s
   """The LSTM's recurrent state is its decoding cache: beam search must reorder it by beam.
   With 2 decoder layers, batch 1 x beam 2 gives as many rows as layers, where a state stored
   layers-first would be reordered along the wrong axis without any shape error."""
-  config = RNNConfig(vocab_size=13, d_model=8, num_encoder_layers=1, num_decoder_layers=2,
-                     dropout_rate=0.0)
+  config = RNNConfig(
+    vocab_size=13, d_model=8, num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0
+  )
   model = LSTMSeq2Seq(config, rngs=nnx.Rngs(0))
   model.eval()
   src_BS = jnp.array([[5, 6, 7, 8], [9, 10, 4, PAD_ID]], jnp.int32)[:batch]
-  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=beam_size, alpha=0.6,
-                                      max_length=6)
+  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=beam_size, alpha=0.6, max_length=6)
   assert tokens_BWT.shape == (batch, beam_size, 6)
   expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6)
   np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)

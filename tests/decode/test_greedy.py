@@ -48,7 +48,8 @@ def test_cache_equals_recompute_on_rope_pre_norm_untied_model():
   cached = greedy_decode(model, src_BS, max_length=9, eos_id=-1)
   assert len(np.unique(cached)) > 3, cached
   np.testing.assert_array_equal(
-      cached, greedy_decode(model, src_BS, max_length=9, use_cache=False, eos_id=-1))
+    cached, greedy_decode(model, src_BS, max_length=9, use_cache=False, eos_id=-1)
+  )
 
 
 def test_output_is_eos_terminated_then_padded(copy_model, copy_sources):
@@ -56,11 +57,13 @@ def test_output_is_eos_terminated_then_padded(copy_model, copy_sources):
   for row in tokens_BT:
     ends = np.flatnonzero(row == EOS_ID)
     assert len(ends) == 1, row
-    assert np.all(row[:ends[0]] != PAD_ID) and np.all(row[ends[0] + 1:] == PAD_ID), row
+    assert np.all(row[: ends[0]] != PAD_ID) and np.all(row[ends[0] + 1 :] == PAD_ID), row
   # Lightly trained, the model copies some sources exactly and most in part.
   lengths_B = np.sum(np.asarray(copy_sources) != PAD_ID, axis=1)
-  copied = [np.array_equal(row[:n + 1], np.append(src[:n], EOS_ID)) for row, src, n in
-            zip(tokens_BT, np.asarray(copy_sources), lengths_B)]
+  copied = [
+    np.array_equal(row[: n + 1], np.append(src[:n], EOS_ID))
+    for row, src, n in zip(tokens_BT, np.asarray(copy_sources), lengths_B)
+  ]
   assert any(copied), tokens_BT
   assert np.mean(tokens_BT[:, 0] == np.asarray(copy_sources)[:, 0]) > 0.5, tokens_BT
 

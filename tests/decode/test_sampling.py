@@ -44,18 +44,25 @@ def loop_greedy(model, prompt_BT, new_tokens, pad_id=PAD_ID):
   return ids_BT
 
 
-@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)],
-                         ids=["temperature_0", "top_k_1", "tiny_top_p"])
+@pytest.mark.parametrize(
+  "options",
+  [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)],
+  ids=["temperature_0", "top_k_1", "tiny_top_p"],
+)
 def test_greedy_limits_of_sampling(lm, prompts, greedy_ids, options):
   assert len(np.unique(greedy_ids[:, 4:])) > 2, greedy_ids
-  ids = sample(lm, prompts, max_new_tokens=NEW_TOKENS, rng=jax.random.key(1), eos_id=None,
-               **options)
+  ids = sample(
+    lm, prompts, max_new_tokens=NEW_TOKENS, rng=jax.random.key(1), eos_id=None, **options
+  )
   np.testing.assert_array_equal(ids, greedy_ids)
 
 
 def test_sampling_is_reproducible_per_key(lm, prompts):
-  draw = lambda seed: np.asarray(sample(lm, prompts, max_new_tokens=NEW_TOKENS, eos_id=None,
-                                        rng=jax.random.key(seed), temperature=1.0))
+  draw = lambda seed: np.asarray(
+    sample(
+      lm, prompts, max_new_tokens=NEW_TOKENS, eos_id=None, rng=jax.random.key(seed), temperature=1.0
+    )
+  )
   first = draw(0)
   np.testing.assert_array_equal(first[:, :4], prompts)
   np.testing.assert_array_equal(first, draw(0))
@@ -67,11 +74,14 @@ def test_rows_end_at_eos(lm, prompts, greedy_ids):
   """Whichever token the model's greedy path emits second serves as EOS: the row stops there."""
   ids = greedy_ids
   eos = int(ids[0, 5])
-  ended = np.asarray(sample(lm, prompts, max_new_tokens=NEW_TOKENS, rng=jax.random.key(0),
-                            temperature=0.0, eos_id=eos))
+  ended = np.asarray(
+    sample(
+      lm, prompts, max_new_tokens=NEW_TOKENS, rng=jax.random.key(0), temperature=0.0, eos_id=eos
+    )
+  )
   first_eos = np.argmax(ids[0, 4:] == eos) + 4
-  np.testing.assert_array_equal(ended[0, :first_eos + 1], ids[0, :first_eos + 1])
-  assert np.all(ended[0, first_eos + 1:] == PAD_ID)
+  np.testing.assert_array_equal(ended[0, : first_eos + 1], ids[0, : first_eos + 1])
+  assert np.all(ended[0, first_eos + 1 :] == PAD_ID)
 
 
 def test_filters_keep_the_expected_tokens():
@@ -87,9 +97,18 @@ def test_filters_keep_the_expected_tokens():
 def test_token_frequencies_follow_filtered_softmax(temperature, top_k, top_p):
   logits_V = np.array([0.0, 1.0, 2.0, 0.5, -1.0, 1.5], np.float32)  # index 0 is PAD
   draws = 4000
-  choose = jax.jit(jax.vmap(lambda key: choose_token(
-      jnp.asarray(logits_V)[None], key, pad_id=PAD_ID, temperature=temperature, top_k=top_k,
-      top_p=top_p)[0]))
+  choose = jax.jit(
+    jax.vmap(
+      lambda key: choose_token(
+        jnp.asarray(logits_V)[None],
+        key,
+        pad_id=PAD_ID,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+      )[0]
+    )
+  )
   tokens = np.asarray(choose(jax.random.split(jax.random.key(0), draws)))
   # NumPy reference: PAD removed, softmax at the temperature, top-k or the nucleus renormalised.
   probs_V = np.exp(logits_V / temperature)
@@ -118,7 +137,15 @@ def test_positions_after_an_early_eos_hold_the_configs_pad_id():
   eos = int(expected[0, 5])  # the second new token: the row ends with NEW_TOKENS - 2 left
   first_eos = np.argmax(expected[0, 4:] == eos) + 4
   assert first_eos < expected.shape[1] - 1
-  ended = np.asarray(sample(model, jnp.asarray(prompt_1T), max_new_tokens=NEW_TOKENS,
-                            rng=jax.random.key(0), temperature=0.0, eos_id=eos))
-  np.testing.assert_array_equal(ended[0, :first_eos + 1], expected[0, :first_eos + 1])
-  np.testing.assert_array_equal(ended[0, first_eos + 1:], pad_id)
+  ended = np.asarray(
+    sample(
+      model,
+      jnp.asarray(prompt_1T),
+      max_new_tokens=NEW_TOKENS,
+      rng=jax.random.key(0),
+      temperature=0.0,
+      eos_id=eos,
+    )
+  )
+  np.testing.assert_array_equal(ended[0, : first_eos + 1], expected[0, : first_eos + 1])
+  np.testing.assert_array_equal(ended[0, first_eos + 1 :], pad_id)

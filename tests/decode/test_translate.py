@@ -23,8 +23,13 @@ LONG_TEXT = " ".join(["a man with a red hat"] * 6)
 def translator(tmp_path_factory, tokenizer, write_run):
   config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=MAX_LEN)
   model = EncoderDecoder(config, rngs=nnx.Rngs(0))
-  workdir = write_run(tmp_path_factory.mktemp("translation"), model, tokenizer,
-                      task="translation", data_max_length=MAX_LEN)
+  workdir = write_run(
+    tmp_path_factory.mktemp("translation"),
+    model,
+    tokenizer,
+    task="translation",
+    data_max_length=MAX_LEN,
+  )
   return Translator(workdir)
 
 
@@ -34,8 +39,7 @@ def test_longest_source_fills_max_len_and_translates_to_finite_scores(translator
   # Cut to MAX_LEN - 1 pieces + EOS; padded to MAX_LEN, not to the next multiple of 8 (24).
   assert src_BS.shape == (2, MAX_LEN)
   assert src_BS[0, -1] == EOS_ID and np.all(src_BS[0] != PAD_ID)
-  _, scores_BW = beam_search(translator.model, jnp.asarray(src_BS), max_length=MAX_LEN,
-                             beam_size=2)
+  _, scores_BW = beam_search(translator.model, jnp.asarray(src_BS), max_length=MAX_LEN, beam_size=2)
   assert np.all(np.isfinite(np.asarray(scores_BW))), scores_BW
   assert len(translator.translate([LONG_TEXT], beam_size=2)) == 1
 
@@ -43,30 +47,44 @@ def test_longest_source_fills_max_len_and_translates_to_finite_scores(translator
 def test_visualised_sentence_near_max_len_is_padded_within_it(translator):
   """A sentence of 17..21 pieces would round up to 24 source positions."""
   words = LONG_TEXT.split()
-  text = next(" ".join(words[:n]) for n in range(len(words), 0, -1)
-              if len(translator.tokenizer.encode([" ".join(words[:n])])[0]) + 1 <= MAX_LEN)
+  text = next(
+    " ".join(words[:n])
+    for n in range(len(words), 0, -1)
+    if len(translator.tokenizer.encode([" ".join(words[:n])])[0]) + 1 <= MAX_LEN
+  )
   assert len(translator.tokenizer.encode([text])[0]) + 1 > 16
-  sentence = visualize.prepare_sentence(translator.model, translator.tokenizer, text,
-                                        max_source_tokens=MAX_LEN, beam_size=1)
+  sentence = visualize.prepare_sentence(
+    translator.model, translator.tokenizer, text, max_source_tokens=MAX_LEN, beam_size=1
+  )
   # Padding changes nothing, so the translation is greedy decoding of the unpadded source.
-  tokens = list(np.asarray(greedy_decode(translator.model, jnp.asarray([sentence.src_ids]),
-                                         max_length=MAX_LEN))[0])
-  tokens = tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
-  assert sentence.tgt_in_ids[1:] == tokens[:MAX_LEN - 1]
-  logits_BTV, _ = visualize.collect_attention(translator.model, np.array([sentence.src_ids]),
-                                              np.array([sentence.tgt_in_ids]))
+  tokens = list(
+    np.asarray(
+      greedy_decode(translator.model, jnp.asarray([sentence.src_ids]), max_length=MAX_LEN)
+    )[0]
+  )
+  tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
+  assert sentence.tgt_in_ids[1:] == tokens[: MAX_LEN - 1]
+  logits_BTV, _ = visualize.collect_attention(
+    translator.model, np.array([sentence.src_ids]), np.array([sentence.tgt_in_ids])
+  )
   assert np.all(np.isfinite(logits_BTV))
 
 
-def test_prompt_of_max_len_tokens_still_gets_one_new_token(tmp_path, tokenizer, write_run,
-                                                           monkeypatch):
+def test_prompt_of_max_len_tokens_still_gets_one_new_token(
+  tmp_path, tokenizer, write_run, monkeypatch
+):
   """sample feeds T + new - 1 positions (the last token is never fed back), so a prompt of
   max_len tokens (BOS included) has room for exactly one more; one token longer is an error."""
   text = "a man with a red hat"
   prompt_length = len(tokenizer.encode([text])[0]) + 1  # with BOS
   config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=prompt_length)
-  workdir = write_run(tmp_path, DecoderOnly(config, rngs=nnx.Rngs(0)), tokenizer, task="lm",
-                      data_max_length=prompt_length)
+  workdir = write_run(
+    tmp_path,
+    DecoderOnly(config, rngs=nnx.Rngs(0)),
+    tokenizer,
+    task="lm",
+    data_max_length=prompt_length,
+  )
   lm = Translator(workdir)
   budgets, real_sample = [], translate_module.sample
 
@@ -84,6 +102,8 @@ def test_prompt_of_max_len_tokens_still_gets_one_new_token(tmp_path, tokenizer, 
   assert budgets == [1, prompt_length + 1 - shorter_length]
   longer_length = len(tokenizer.encode([text + " dog"])[0]) + 1
   assert longer_length > prompt_length
-  with pytest.raises(ValueError, match=f"has {longer_length} tokens, the model's limit is "
-                                       f"{prompt_length}: shorten it"):
+  with pytest.raises(
+    ValueError,
+    match=f"has {longer_length} tokens, the model's limit is {prompt_length}: shorten it",
+  ):
     lm.continue_text([text + " dog"], **options)

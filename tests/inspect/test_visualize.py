@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformer import EncoderDecoder, MultiHeadAttention, TransformerConfig
+from transformer import EncoderDecoder, MultiHeadAttention, TransformerConfig, visualize
 from transformer.cli import run_cli
 from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID
-from transformer import visualize
 from transformer.inspect import attention as inspect_attention
 from transformer.model.masks import padding_mask
 
@@ -36,14 +35,16 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizer, model, write_run):
-  return write_run(tmp_path_factory.mktemp("run"), model, tokenizer, task="translation",
-                   data_max_length=MAX_LEN)
+  return write_run(
+    tmp_path_factory.mktemp("run"), model, tokenizer, task="translation", data_max_length=MAX_LEN
+  )
 
 
 def _batch():
   """Two sources and decoder inputs of different lengths, PAD-padded: [2, 7] and [2, 5]."""
-  src_BS = np.array([[10, 11, 12, 13, 14, 15, EOS_ID],
-                     [20, 21, 22, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+  src_BS = np.array(
+    [[10, 11, 12, 13, 14, 15, EOS_ID], [20, 21, 22, EOS_ID, PAD_ID, PAD_ID, PAD_ID]]
+  )
   tgt_in_BT = np.array([[BOS_ID, 30, 31, 32, 33], [BOS_ID, 40, 41, PAD_ID, PAD_ID]])
   return src_BS.astype(np.int32), tgt_in_BT.astype(np.int32)
 
@@ -58,18 +59,23 @@ def test_weights_have_every_layers_shape_and_rows_sum_to_one(model):
     assert [w.shape for w in maps.of(kind)] == [shape] * layers, kind
   src_keys_B11S = (src_BS != PAD_ID)[:, None, None, :]
   tgt_keys_B11T = (tgt_in_BT != PAD_ID)[:, None, None, :]
-  allowed = {"encoder_self": src_keys_B11S, "cross": src_keys_B11S,
-             "decoder_self": tgt_keys_B11T & np.tril(np.ones((t, t), bool))[None, None]}
+  allowed = {
+    "encoder_self": src_keys_B11S,
+    "cross": src_keys_B11S,
+    "decoder_self": tgt_keys_B11T & np.tril(np.ones((t, t), bool))[None, None],
+  }
   for kind, visible in allowed.items():
     for weights_BNQK in maps.of(kind):
       # Every query sees at least one key (its own position or the first source piece).
       np.testing.assert_allclose(weights_BNQK.sum(-1), 1.0, atol=1e-5)
       assert np.all(weights_BNQK[~np.broadcast_to(visible, weights_BNQK.shape)] == 0.0), kind
   # Sowing changes nothing the model computes, and the hook is off again afterwards.
-  np.testing.assert_allclose(logits_BTV, model(jnp.asarray(src_BS), jnp.asarray(tgt_in_BT)),
-                             atol=1e-4, rtol=1e-4)
-  assert not any(m.sow_weights for _, m in nnx.iter_modules(model)
-                 if isinstance(m, MultiHeadAttention))
+  np.testing.assert_allclose(
+    logits_BTV, model(jnp.asarray(src_BS), jnp.asarray(tgt_in_BT)), atol=1e-4, rtol=1e-4
+  )
+  assert not any(
+    m.sow_weights for _, m in nnx.iter_modules(model) if isinstance(m, MultiHeadAttention)
+  )
 
 
 def numpy_attention_weights(q_BTNH, k_BSNH, keep_BS):
@@ -94,12 +100,17 @@ def test_cross_attention_equals_softmax_of_the_layers_own_projections(model):
     attention = layer.cross_attention
     # The cross-attention's queries come from the output of the layer's masked self-attention.
     h_BTD = layer.self_attention_block(
-        x_BTD, lambda y: layer.self_attention(y, mask=self_mask, is_causal=True))
+      x_BTD, lambda y, layer=layer: layer.self_attention(y, mask=self_mask, is_causal=True)
+    )
     as64 = lambda x: np.asarray(x, np.float64)
-    q_BTNH = (np.einsum("btd,dnh->btnh", as64(h_BTD), as64(attention.query[...]))
-              + as64(attention.query_bias[...])[None, None])
-    k_BSNH = (np.einsum("bsd,dnh->bsnh", as64(memory_BSD), as64(attention.key[...]))
-              + as64(attention.key_bias[...])[None, None])
+    q_BTNH = (
+      np.einsum("btd,dnh->btnh", as64(h_BTD), as64(attention.query[...]))
+      + as64(attention.query_bias[...])[None, None]
+    )
+    k_BSNH = (
+      np.einsum("bsd,dnh->bsnh", as64(memory_BSD), as64(attention.key[...]))
+      + as64(attention.key_bias[...])[None, None]
+    )
     expected_BNTS = numpy_attention_weights(q_BTNH, k_BSNH, np.asarray(src_BS) != PAD_ID)
     np.testing.assert_allclose(weights_BNTS, expected_BNTS, atol=1e-5)
     x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, False)
@@ -132,15 +143,29 @@ def _png(path: Path) -> bool:
   return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_writes_every_figure_and_the_contrast(workdir, tmp_path, capsys):
   out = tmp_path / "figures"
-  visualize.main(["--workdir", str(workdir), "--out", str(out), "--beam_size", "1",
-                  "--contrast", "a dog runs on the grass"])
+  visualize.main(
+    [
+      "--workdir",
+      str(workdir),
+      "--out",
+      str(out),
+      "--beam_size",
+      "1",
+      "--contrast",
+      "a dog runs on the grass",
+    ]
+  )
   printed = capsys.readouterr().out.splitlines()
   layers = range(1, 3)
-  names = ([f"{kind}_layer{l}.png" for kind in inspect_attention.KINDS for l in layers]
-           + ["overview.png", "contrast.json", "contrast_attention.png",
-              "contrast_similarity.png"])
+  names = [f"{kind}_layer{l}.png" for kind in inspect_attention.KINDS for l in layers] + [
+    "overview.png",
+    "contrast.json",
+    "contrast_attention.png",
+    "contrast_similarity.png",
+  ]
   assert printed[0] == "source: a dog runs on the grass"
   assert printed[2:] == [str(out / name) for name in names]
   assert all(_png(out / name) for name in names if name.endswith(".png"))
@@ -154,12 +179,15 @@ def test_cli_writes_every_figure_and_the_contrast(workdir, tmp_path, capsys):
       assert sum(attention["mean"]) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("case, message", [
+@pytest.mark.parametrize(
+  "case, message",
+  [
     ("empty", "the sentence is empty"),
     ("too_long", "pieces and the model takes at most 23"),
     ("no_checkpoint", "no checkpoint in"),
     ("no_tokenizer", "spm.model is missing"),
-])
+  ],
+)
 def test_cli_errors_are_one_line_and_exit_2(case, message, workdir, tmp_path, capsys):
   text = "a dog runs on the grass"
   if case in ("empty", "too_long"):
@@ -168,20 +196,30 @@ def test_cli_errors_are_one_line_and_exit_2(case, message, workdir, tmp_path, ca
   else:
     run_dir = tmp_path / "run"
     shutil.copytree(workdir, run_dir)
-    shutil.rmtree(run_dir / "checkpoints") if case == "no_checkpoint" \
-        else (run_dir / MODEL_FILENAME).unlink()
+    shutil.rmtree(run_dir / "checkpoints") if case == "no_checkpoint" else (
+      run_dir / MODEL_FILENAME
+    ).unlink()
   code = run_cli(lambda: visualize.main(["--workdir", str(run_dir), "--out", str(tmp_path), text]))
   errors = capsys.readouterr().err.strip().splitlines()
   assert code == 2
   assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
 
 
+@pytest.mark.slow
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-m", "transformer.visualize", "--workdir",
-                           str(tmp_path / "absent"), "a dog"], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).parents[2], timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "transformer.visualize", "--workdir", str(tmp_path / "absent"), "a dog"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=Path(__file__).parents[2],
+    timeout=120,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
+    (
       f"error: {tmp_path / 'absent'} is not a directory: --workdir must be a run directory "
-      "written by training"]
+      "written by training"
+    )
+  ]

@@ -9,8 +9,13 @@ import pytest
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig, sinusoidal_position_encoding
-from transformer.model.layers import (Embedding, LayerNorm, PositionEncoding, rotary_embedding,
-                                      tied_logits)
+from transformer.model.layers import (
+  Embedding,
+  LayerNorm,
+  PositionEncoding,
+  rotary_embedding,
+  tied_logits,
+)
 
 
 @pytest.mark.parametrize("pos", [0, 1, 7, 50, 255])
@@ -53,8 +58,7 @@ def test_embedding_is_scaled_by_sqrt_d_model_and_tied():
   embed = Embedding(config, rngs=nnx.Rngs(0))
   ids = jnp.array([[3, 5, 0]])
   table = np.asarray(embed.table[...])
-  np.testing.assert_allclose(embed(ids)[0], table[[3, 5, 0]] * math.sqrt(config.d_model),
-                             rtol=1e-6)
+  np.testing.assert_allclose(embed(ids)[0], table[[3, 5, 0]] * math.sqrt(config.d_model), rtol=1e-6)
   x = np.random.default_rng(0).normal(size=(1, 2, config.d_model)).astype(np.float32)
   np.testing.assert_allclose(embed.attend(jnp.asarray(x)), x @ table.T, rtol=1e-5, atol=1e-5)
 
@@ -63,21 +67,26 @@ def test_rope_rotates_so_scores_depend_on_offset_only():
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
-  score = lambda pq, pk: float(jnp.sum(rotary_embedding(q, jnp.array([[pq]]))
-                                       * rotary_embedding(k, jnp.array([[pk]]))))
+  score = lambda pq, pk: float(
+    jnp.sum(rotary_embedding(q, jnp.array([[pq]])) * rotary_embedding(k, jnp.array([[pk]])))
+  )
   assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
   assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
-  np.testing.assert_allclose(jnp.linalg.norm(rotary_embedding(q, jnp.array([[5]]))),
-                             jnp.linalg.norm(q), rtol=1e-6)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(rotary_embedding(q, jnp.array([[5]]))), jnp.linalg.norm(q), rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (dict(d_model=30, num_heads=4), "not divisible by model.num_heads"),
     (dict(d_model=0), "must be positive"),
     (dict(position="alibi"), "unknown: use one of"),
     (dict(attention="flash"), "unknown: use one of"),
     (dict(dropout_rate=1.0), r"must be in \[0, 1\)"),
-])
+  ],
+)
 def test_config_rejects_bad_values(change, message):
   with pytest.raises(ValueError, match=message):
     TransformerConfig.tiny(**change)
@@ -108,8 +117,9 @@ def test_bfloat16_logits_round_the_float32_logits_and_keep_their_gradients():
   rng = np.random.default_rng(1)
   x_BTD = jnp.asarray(rng.normal(size=(2, 3, 32)), jnp.float32)
   targets_BT = jnp.asarray(rng.integers(0, 64, size=(2, 3)))
-  loss = lambda embed: token_metrics(embed.attend(x_BTD), targets_BT, jnp.ones((2, 3)),
-                                     0.1)["loss_sum"]
+  loss = lambda embed: token_metrics(embed.attend(x_BTD), targets_BT, jnp.ones((2, 3)), 0.1)[
+    "loss_sum"
+  ]
   logits, grads = {}, {}
   for dtype in ("float32", "bfloat16"):
     embed = Embedding(TransformerConfig.tiny(logits_dtype=dtype), rngs=nnx.Rngs(0))
@@ -130,8 +140,9 @@ def test_layer_norm_matches_float64_formula_even_far_from_zero_mean():
   norm.bias[...] = jnp.asarray(rng.normal(size=config.d_model), jnp.float32)
   x_BTD = (1e4 + rng.normal(size=(2, 3, config.d_model))).astype(np.float32)
   x64 = x_BTD.astype(np.float64)
-  normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True)
-                                                         + config.layer_norm_epsilon)
+  normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(
+    x64.var(-1, keepdims=True) + config.layer_norm_epsilon
+  )
   expected_BTD = normed * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
   np.testing.assert_allclose(norm(jnp.asarray(x_BTD)), expected_BTD, rtol=0, atol=1e-2)
 

@@ -8,8 +8,11 @@ from flax import nnx
 
 from transformer import DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig
 
-VARIANTS = [dict(), dict(position="rope", norm="pre", activation="gelu"),
-            dict(position="learned", share_embeddings=False, tie_output=False)]
+VARIANTS = [
+  dict(),
+  dict(position="rope", norm="pre", activation="gelu"),
+  dict(position="learned", share_embeddings=False, tie_output=False),
+]
 
 
 def random_ids(seed, shape, vocab=64, low=4):
@@ -28,12 +31,15 @@ def test_decoder_is_causal(variant):
   lm = DecoderOnly(config, rngs=nnx.Rngs(1))
   src, tgt = random_ids(0, (2, 7)), random_ids(1, (2, 9))
   t = 4
-  changed = tgt.at[:, t + 1:].set(random_ids(2, (2, 9 - t - 1)))
-  np.testing.assert_allclose(model(src, tgt)[:, :t + 1], model(src, changed)[:, :t + 1], atol=1e-5)
-  np.testing.assert_allclose(lm(tgt)[:, :t + 1], lm(changed)[:, :t + 1], atol=1e-5)
-  assert not np.allclose(lm(tgt)[:, t + 1:], lm(changed)[:, t + 1:], atol=1e-3)
+  changed = tgt.at[:, t + 1 :].set(random_ids(2, (2, 9 - t - 1)))
+  np.testing.assert_allclose(
+    model(src, tgt)[:, : t + 1], model(src, changed)[:, : t + 1], atol=1e-5
+  )
+  np.testing.assert_allclose(lm(tgt)[:, : t + 1], lm(changed)[:, : t + 1], atol=1e-5)
+  assert not np.allclose(lm(tgt)[:, t + 1 :], lm(changed)[:, t + 1 :], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS[:2])
 def test_padding_changes_no_real_position(variant):
   """A sentence padded to any length gives the outputs it gives alone, at its real positions."""
@@ -49,7 +55,7 @@ def test_padding_changes_no_real_position(variant):
 def incremental_logits(step, ids, prefill):
   """Feeds `prefill` tokens at once, then one at a time, collecting every position's logits."""
   logits = [step(ids[:, :prefill])]
-  logits += [step(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])]
+  logits += [step(ids[:, t : t + 1]) for t in range(prefill, ids.shape[1])]
   return jnp.concatenate(logits, axis=1)
 
 
@@ -63,8 +69,7 @@ def test_kv_cache_decoding_equals_full_forward(variant):
   memory = model.encode(src)
   model.init_cache(memory, src, max_length=12)
   step = lambda ids: model.decode(ids, use_cache=True)
-  np.testing.assert_allclose(incremental_logits(step, tgt, prefill=1), model(src, tgt),
-                             atol=1e-5)
+  np.testing.assert_allclose(incremental_logits(step, tgt, prefill=1), model(src, tgt), atol=1e-5)
 
   lm.init_cache(batch_size=2, max_length=12)
   step = lambda ids: lm(ids, use_cache=True)
@@ -84,15 +89,18 @@ def _assert_every_gradient_nonzero(grads):
     assert float(jnp.abs(g).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradients_reach_every_parameter(variant):
   config = TransformerConfig.tiny(**variant)
   src, tgt = random_ids(7, (2, 6)), random_ids(8, (2, 5))
   models_and_losses = [
-      (EncoderDecoder(config, rngs=nnx.Rngs(0)), lambda m: jnp.mean(m(src, tgt) ** 2)),
-      (DecoderOnly(config, rngs=nnx.Rngs(0)), lambda m: jnp.mean(m(tgt) ** 2)),
-      (EncoderOnly(config, rngs=nnx.Rngs(0)),
-       lambda m: jnp.mean(m.mlm_logits(src) ** 2) + jnp.mean(m.classify(src) ** 2)),
+    (EncoderDecoder(config, rngs=nnx.Rngs(0)), lambda m: jnp.mean(m(src, tgt) ** 2)),
+    (DecoderOnly(config, rngs=nnx.Rngs(0)), lambda m: jnp.mean(m(tgt) ** 2)),
+    (
+      EncoderOnly(config, rngs=nnx.Rngs(0)),
+      lambda m: jnp.mean(m.mlm_logits(src) ** 2) + jnp.mean(m.classify(src) ** 2),
+    ),
   ]
   for model, loss in models_and_losses:
     _assert_every_gradient_nonzero(nnx.grad(loss)(model))
@@ -126,6 +134,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   np.testing.assert_allclose(logits, reference(src, tgt), atol=0.1)
 
 
+@pytest.mark.slow
 def test_bfloat16_param_dtype_reaches_every_parameter_of_every_family():
   """param_dtype="bfloat16" stores every weight in bfloat16, the BERT heads included; the
   classifier still returns float32 logits."""
@@ -133,8 +142,10 @@ def test_bfloat16_param_dtype_reaches_every_parameter_of_every_family():
   src = random_ids(13, (2, 6))
   for family in (EncoderDecoder, DecoderOnly, EncoderOnly):
     model = family(config, rngs=nnx.Rngs(0))
-    dtypes = {jax.tree_util.keystr(path): x.dtype for path, x in
-              jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+    dtypes = {
+      jax.tree_util.keystr(path): x.dtype
+      for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
     assert set(dtypes.values()) == {jnp.dtype("bfloat16")}, (family.__name__, dtypes)
   logits_BC = model.classify(src)
   assert logits_BC.dtype == jnp.float32 and np.all(np.isfinite(logits_BC))

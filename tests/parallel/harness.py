@@ -14,13 +14,20 @@ from flax import nnx
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import global_batch, make_mesh
-from transformer.parallel.strategies import compile_train_step
 from transformer.parallel.sharding import shard
+from transformer.parallel.strategies import compile_train_step
 from transformer.train.loop import initial_state
 from transformer.train.step import make_steps
 
-CONFIG = TransformerConfig.tiny(vocab_size=64, d_model=64, num_heads=8, d_ff=128,
-                                num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0)
+CONFIG = TransformerConfig.tiny(
+  vocab_size=64,
+  d_model=64,
+  num_heads=8,
+  d_ff=128,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+  dropout_rate=0.0,
+)
 ROWS, LENGTH = 16, 8
 
 
@@ -31,8 +38,10 @@ def mesh_of(data=1, fsdp=1, tensor=1, devices=None):
 def fixed_batch(step: int) -> dict[str, np.ndarray]:
   """Global batch number `step`: random ids with some right padding."""
   rng = np.random.default_rng(step)
-  batch = {k: rng.integers(4, CONFIG.vocab_size, size=(ROWS, LENGTH)).astype(np.int32)
-           for k in ("inputs", "targets")}
+  batch = {
+    k: rng.integers(4, CONFIG.vocab_size, size=(ROWS, LENGTH)).astype(np.int32)
+    for k in ("inputs", "targets")
+  }
   batch["inputs"][::3, 5:] = 0
   batch["targets"][::4, 6:] = 0
   return batch
@@ -40,7 +49,7 @@ def fixed_batch(step: int) -> dict[str, np.ndarray]:
 
 def local_rows(batch, process_index: int, process_count: int):
   rows = ROWS // process_count
-  return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+  return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
 
 
 def setup(mesh, strategy: str = "jit"):
@@ -51,8 +60,9 @@ def setup(mesh, strategy: str = "jit"):
   tx = optax.sgd(0.5, momentum=0.9)
   state, shardings = shard(initial_state(model, tx), mesh)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  steps = make_steps(graphdef, rest, tx, task="translation", label_smoothing=0.1,
-                     dropout_key=jax.random.key(0))
+  steps = make_steps(
+    graphdef, rest, tx, task="translation", label_smoothing=0.1, dropout_key=jax.random.key(0)
+  )
   return state, shardings, compile_train_step(strategy, steps, shardings, mesh)
 
 

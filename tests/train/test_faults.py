@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from transformer.configs import smoke
-from transformer.runs.checkpoint import CheckpointError, Checkpointer, average_params
 from transformer.parallel.sharding import abstract_with_shardings
+from transformer.runs.checkpoint import Checkpointer, CheckpointError, average_params
+from transformer.runs.loading import latest_params
 from transformer.train.loop import Trainer, run
 from transformer.train.metrics import MetricWriter
-from transformer.runs.loading import latest_params
+
+pytestmark = pytest.mark.slow  # each runs training end to end, some in subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,15 +47,25 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   steps = 16
   run(config_for(steps), tmp_path / "reference")
   workdir = tmp_path / "killed"
-  command = [sys.executable, "train.py", "--config", "smoke", "--workdir",
-             str(workdir), f"--config.num_train_steps={steps}",
-             "--config.checkpoint_every_steps=4", "--config.decode.bleu_at_end=False"]
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  command = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "smoke",
+    "--workdir",
+    str(workdir),
+    f"--config.num_train_steps={steps}",
+    "--config.checkpoint_every_steps=4",
+    "--config.decode.bleu_at_end=False",
+  ]
+  process = subprocess.Popen(
+    command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   checkpoints = workdir / "checkpoints"
   deadline = time.time() + 240
-  while time.time() < deadline and not (checkpoints.is_dir()
-                                        and any(p.name == "8" for p in checkpoints.iterdir())):
+  while time.time() < deadline and not (
+    checkpoints.is_dir() and any(p.name == "8" for p in checkpoints.iterdir())
+  ):
     time.sleep(0.2)
   os.kill(process.pid, signal.SIGKILL)
   process.wait()
@@ -88,7 +100,7 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   run(config_for(8), tmp_path)
   assert saved_steps(tmp_path) == [4, 8]
   trainer = Trainer(config_for(8), tmp_path)
-  params_8 = numpy_params(trainer.state)   # the intact step 8, the reference
+  params_8 = numpy_params(trainer.state)  # the intact step 8, the reference
   trainer.checkpointer.close()
   corrupt(tmp_path / "checkpoints" / "8")
 
@@ -97,9 +109,9 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   trainer = Trainer(config, tmp_path)
   assert trainer.resumed_from == 4
   assert "checkpoint step 8" in caplog.text and "unreadable" in caplog.text
-  assert trainer.checkpointer.steps() == [4]   # the unreadable step is gone, the readable kept
+  assert trainer.checkpointer.steps() == [4]  # the unreadable step is gone, the readable kept
   trainer.checkpointer.close()
-  assert run(config, tmp_path)["step"] == 12   # averages steps 4, 8 and 12
+  assert run(config, tmp_path)["step"] == 12  # averages steps 4, 8 and 12
   assert saved_steps(tmp_path) == [4, 8, 12]
 
   trainer = Trainer(config, tmp_path)
@@ -112,15 +124,19 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   corrupt(tmp_path / "checkpoints" / "4")
   averaged, steps = average_params(trainer.checkpointer, abstract, 3)
   assert steps == [8, 12] and "averaging leaves out checkpoint step 4" in caplog.text
-  for got, a, b in zip(jax.tree.leaves(averaged), numpy_params(states[8]),
-                       numpy_params(states[12])):
+  for got, a, b in zip(
+    jax.tree.leaves(averaged), numpy_params(states[8]), numpy_params(states[12])
+  ):
     np.testing.assert_allclose(np.asarray(got), (a + b) / 2, rtol=1e-6, atol=1e-7)
 
   # A config of another shape is named as such, not as corruption, and nothing is deleted.
   other = config_for(12)
   other.model.d_ff = 128
-  with pytest.raises(CheckpointError, match=r"checkpoint at .*/12 was written with another "
-                     r"model/optimizer config \(.*feed_forward.* saved \(64,\), now \(128,\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"checkpoint at .*/12 was written with another "
+    r"model/optimizer config \(.*feed_forward.* saved \(64,\), now \(128,\)",
+  ):
     Trainer(other, tmp_path)
   assert saved_steps(tmp_path) == [4, 8, 12]
   trainer.checkpointer.close()
@@ -162,7 +178,7 @@ def test_init_from_skips_an_unfinished_save(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_finite_state(tmp_path):
   config = config_for(8)
-  config.optimizer.lr_scale = 1e12   # parameters blow up after the first update
+  config.optimizer.lr_scale = 1e12  # parameters blow up after the first update
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient within steps"):
     run(config, tmp_path)
   checkpointer = Checkpointer(tmp_path / "checkpoints")
@@ -185,14 +201,24 @@ def test_non_finite_loss_can_skip_updates(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
-  command = [sys.executable, "train.py", "--config", "smoke", "--workdir",
-             str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=1000"]
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+  command = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "smoke",
+    "--workdir",
+    str(tmp_path),
+    "--config.num_train_steps=100000",
+    "--config.checkpoint_every_steps=1000",
+  ]
+  process = subprocess.Popen(
+    command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
-  while time.time() < deadline and not (metrics.exists()
-                                        and len(metrics.read_text().splitlines()) >= 5):
+  while time.time() < deadline and not (
+    metrics.exists() and len(metrics.read_text().splitlines()) >= 5
+  ):
     time.sleep(0.2)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)

@@ -7,6 +7,8 @@ import pytest
 from transformer.configs import smoke
 from transformer.train.loop import run
 
+pytestmark = pytest.mark.slow  # each runs training end to end
+
 
 def tiny_config(steps: int):
   config = smoke.get_config()
@@ -30,8 +32,10 @@ def test_run_trains_checkpoints_and_evaluates(uninterrupted):
   workdir, results = uninterrupted
   assert results["step"] == 6
   assert (workdir / "spm.model").exists() and (workdir / "results.json").exists()
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
-      == [3, 6]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+    3,
+    6,
+  ]
   losses = train_losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   assert losses[6] < losses[1]
@@ -66,8 +70,9 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
 
   config = tiny_config(4)
   config.task = task
-  config.model.update(num_encoder_layers=1 if task == "mlm" else 0,
-                      num_decoder_layers=1 if task == "lm" else 0)
+  config.model.update(
+    num_encoder_layers=1 if task == "mlm" else 0, num_decoder_layers=1 if task == "lm" else 0
+  )
   config.label_smoothing = 0.0
   results = run(config, tmp_path / "pretrain")
   losses = train_losses(tmp_path / "pretrain")
@@ -76,10 +81,14 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   fresh = create_model(task, Config.of(config).model, seed=123)
   load_params_into(fresh, tmp_path / "pretrain")
   saved = latest_params(tmp_path / "pretrain")
-  flat = {tuple(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(
-      nnx.state(fresh, nnx.Param))}
-  saved_flat = {tuple(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat = {
+    tuple(str(k) for k in path): leaf
+    for path, leaf in nnx.to_flat_state(nnx.state(fresh, nnx.Param))
+  }
+  saved_flat = {
+    tuple(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
   saved_flat = {k[:-1]: v for k, v in saved_flat.items()}  # drop each Variable's "value" key
   assert set(flat) == set(saved_flat)
   for key, variable in flat.items():
@@ -110,7 +119,7 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   # Section 5.3 with d_model=32, warmup_steps=10, at update s = 1, 2 (still warming up).
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   rates = {m["step"]: m["train/learning_rate"] for m in lines if "train/learning_rate" in m}
-  assert rates == pytest.approx({s: 32 ** -0.5 * s * 10 ** -1.5 for s in (1, 2)}, rel=1e-6)
+  assert rates == pytest.approx({s: 32**-0.5 * s * 10**-1.5 for s in (1, 2)}, rel=1e-6)
   # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
   assert trainer.inputs.train.state() == {"epoch": 0, "batch_index": 2}
   assert next(trainer.inputs.train)["targets"].shape == (32, 32)

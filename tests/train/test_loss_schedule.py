@@ -14,8 +14,11 @@ from transformer.train.schedule import rsqrt_schedule
 
 def numpy_smoothed_ce(logits, targets, eps):
   vocab = logits.shape[-1]
-  log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  log_p = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   q = np.full(logits.shape, eps / vocab)
   np.put_along_axis(q, targets[..., None], 1 - eps + eps / vocab, axis=-1)
   return -(q * log_p).sum(-1)
@@ -28,7 +31,6 @@ def test_label_smoothed_cross_entropy_matches_numpy(eps):
   targets = rng.integers(0, 11, size=(3, 5))
   got = label_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), eps)
   np.testing.assert_allclose(got, numpy_smoothed_ce(logits, targets, eps), rtol=1e-5, atol=1e-5)
-
 
 
 def test_loss_gradients_equal_autodiff_of_the_log_softmax_formula():
@@ -71,7 +73,7 @@ def test_rsqrt_schedule_is_the_papers_formula():
   d_model, warmup = 512, 4000
   schedule = rsqrt_schedule(d_model, warmup)
   for step in (1, 100, 3999, 4000, 4001, 10_000, 100_000):
-    want = d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    want = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
     assert float(schedule(step - 1)) == pytest.approx(want, rel=1e-5)
   peak = max(float(schedule(s)) for s in range(0, 8000, 7))
   assert peak == pytest.approx((d_model * warmup) ** -0.5, rel=1e-3)
@@ -84,7 +86,7 @@ def numpy_adam_updates(grads, learning_rates, b1, b2, eps):
   for t, (g, lr) in enumerate(zip(grads, learning_rates), start=1):
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
     updates.append(-lr * m_hat / (np.sqrt(v_hat) + eps))
   return updates
 
@@ -95,10 +97,14 @@ def test_optimizer_is_adam_with_papers_betas():
   opt = config.optimizer
   assert (opt.b1, opt.b2, opt.eps) == (0.9, 0.98, 1e-9)
   tx = make_optimizer(opt, d_model=config.model.d_model, num_train_steps=config.num_train_steps)
-  grads = [np.array([1.0, -2.0, 0.5]), np.array([-3.0, 0.1, 2.0]), np.array([0.5, 4.0, -1.0]),
-           np.array([2.0, -0.3, 0.05])]
+  grads = [
+    np.array([1.0, -2.0, 0.5]),
+    np.array([-3.0, 0.1, 2.0]),
+    np.array([0.5, 4.0, -1.0]),
+    np.array([2.0, -0.3, 0.05]),
+  ]
   d_model, warmup = config.model.d_model, opt.warmup_steps
-  lrs = [d_model ** -0.5 * min(t ** -0.5, t * warmup ** -1.5) for t in range(1, len(grads) + 1)]
+  lrs = [d_model**-0.5 * min(t**-0.5, t * warmup**-1.5) for t in range(1, len(grads) + 1)]
   params = {"w": jnp.ones((3,))}
   state = tx.init(params)
   got = []
@@ -122,6 +128,7 @@ def test_unknown_config_key_is_rejected():
 def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
   from transformer.runs.checkpoint import Checkpointer, average_params
   from transformer.train.step import TrainState
+
   checkpointer = Checkpointer(tmp_path, keep=5, asynchronous=False)
   for step in (1, 2, 3):
     state = TrainState(jnp.asarray(step), {"w": jnp.full((4,), float(step))}, ())

@@ -56,13 +56,17 @@ class DataConfig:
         raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
     check_vocab_size(self.vocab_size)
     if self.tokenizer_type not in TOKENIZER_TYPES:
-      raise ValueError(f"data.tokenizer_type={self.tokenizer_type!r} is unknown: use one of "
-                       f"{TOKENIZER_TYPES}")
+      raise ValueError(
+        f"data.tokenizer_type={self.tokenizer_type!r} is unknown: use one of {TOKENIZER_TYPES}"
+      )
     if any(b <= 1 for b in self.length_buckets):
-      raise ValueError(f"data.length_buckets={self.length_buckets} must be lengths > 1, e.g. "
-                       "(16, 32, 64)")
+      raise ValueError(
+        f"data.length_buckets={self.length_buckets} must be lengths > 1, e.g. (16, 32, 64)"
+      )
     if self.length_buckets and max(self.length_buckets) < self.max_length:
-      raise ValueError(f"data.length_buckets={self.length_buckets} end below data.max_length="
-                       f"{self.max_length}: end them at {self.max_length}")
+      raise ValueError(
+        f"data.length_buckets={self.length_buckets} end below data.max_length="
+        f"{self.max_length}: end them at {self.max_length}"
+      )
     if not 0.0 < self.mlm_select_rate < 1.0:
       raise ValueError(f"data.mlm_select_rate must be in (0, 1), got {self.mlm_select_rate}")

@@ -1,8 +1,9 @@
 """Multi30k English-German as a local tensorflow-datasets builder, and a reader of sentence pairs.
 
 The raw corpus ships with the package (`transformer/data/corpora/multi30k/`, see its README for
-origin, terms and citations), so preparing the dataset never touches the network. The builder writes ArrayRecord
-files, which `as_data_source()` reads with random access and without TensorFlow.
+origin, terms and citations), so preparing the dataset never touches the network. The builder
+writes ArrayRecord files, which `as_data_source()` reads with random access and without
+TensorFlow.
 
 Every split keeps the order of the files (`disable_shuffling=True`): line i of a split is example i,
 so translations of the test sets stay aligned with their references.
@@ -16,7 +17,7 @@ import os
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 
@@ -25,10 +26,10 @@ DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "corpora" / "multi30k"
 LANGUAGES = ("en", "de")
 # tfds split name -> file stem in the corpus folder (`<stem>.<lang>.gz`).
 SPLIT_FILES = {
-    "train": "train",
-    "validation": "val",
-    "test_2016": "test_2016_flickr",
-    "test_2017": "test_2017_flickr",
+  "train": "train",
+  "validation": "val",
+  "test_2016": "test_2016_flickr",
+  "test_2017": "test_2017_flickr",
 }
 SPLIT_SIZES = {"train": 29000, "validation": 1014, "test_2016": 1000, "test_2017": 1000}
 
@@ -57,8 +58,8 @@ def require_file(path: Path) -> None:
   """Raises a one-line FileNotFoundError that names the missing file and the fix."""
   if not path.is_file():
     raise FileNotFoundError(
-        f"Multi30k file {path} is missing: copy the corpus into {path.parent} "
-        f"or pass source_dir= pointing at a directory with the *.en.gz/*.de.gz files."
+      f"Multi30k file {path} is missing: copy the corpus into {path.parent} "
+      f"or pass source_dir= pointing at a directory with the *.en.gz/*.de.gz files."
     )
 
 
@@ -74,9 +75,10 @@ def read_lines(path: Path) -> list[str]:
   except UnicodeDecodeError as error:
     line = data.count(b"\n", 0, error.start) + 1
     column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-    raise ValueError(f"{path} line {line} is not UTF-8 (byte {data[error.start]:#04x} at byte "
-                     f"{column} of the line): convert the file to UTF-8 and gzip it again"
-                     ) from None
+    raise ValueError(
+      f"{path} line {line} is not UTF-8 (byte {data[error.start]:#04x} at byte "
+      f"{column} of the line): convert the file to UTF-8 and gzip it again"
+    ) from None
   # Not splitlines(): it also splits on \x1c, \u2028 etc., which may occur inside a sentence.
   return text.removesuffix("\n").split("\n") if text else []
 
@@ -90,8 +92,10 @@ def _gunzip(path: Path) -> bytes:
       for line in f:
         lines.append(line)  # noqa: PERF402 (list(f) would lose the lines read before an error)
   except (OSError, EOFError, zlib.error) as error:
-    raise ValueError(f"{path} cannot be read at line {len(lines) + 1} ({error}): the file is cut "
-                     "short or damaged; copy it again or re-create it with gzip") from None
+    raise ValueError(
+      f"{path} cannot be read at line {len(lines) + 1} ({error}): the file is cut "
+      "short or damaged; copy it again or re-create it with gzip"
+    ) from None
   return b"".join(lines)
 
 
@@ -114,11 +118,13 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
 
   Args (besides tfds's `data_dir`, `file_format`, ...):
     source_dir: directory holding the eight `<split>.<lang>.gz` files; defaults to the
-      repository's `data/multi30k`.
+      package's `transformer/data/corpora/multi30k`.
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Raw text of data/task1/raw of multi30k/dataset."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "Raw text of data/task1/raw of multi30k/dataset."
+  }
 
   def __init__(self, *, source_dir: str | os.PathLike | None = None, **kwargs: Any):
     self._source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
@@ -128,15 +134,13 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
     # Not dataset_info_from_configs(): that reads README/CITATIONS files from a
     # folder-per-dataset layout, which this single-module builder does not have.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Multi30k English-German image descriptions (raw, untokenized text).",
-        features=tfds.features.FeaturesDict(
-            {lang: tfds.features.Text() for lang in LANGUAGES}
-        ),
-        supervised_keys=("en", "de"),
-        homepage="https://github.com/multi30k/dataset",
-        citation=_CITATION,
-        disable_shuffling=True,
+      builder=self,
+      description="Multi30k English-German image descriptions (raw, untokenized text).",
+      features=tfds.features.FeaturesDict({lang: tfds.features.Text() for lang in LANGUAGES}),
+      supervised_keys=("en", "de"),
+      homepage="https://github.com/multi30k/dataset",
+      citation=_CITATION,
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
@@ -158,9 +162,10 @@ def source_fingerprint(source_dir: Path) -> str:
   """
   if not source_dir.is_dir():
     raise FileNotFoundError(
-        f"data.source_dir {source_dir} not found: the directory is missing; set it to a "
-        f"directory holding the Multi30k files ({SPLIT_FILES['train']}.en.gz, "
-        f"{SPLIT_FILES['train']}.de.gz, {SPLIT_FILES['validation']}.en.gz, ...)")
+      f"data.source_dir {source_dir} not found: the directory is missing; set it to a "
+      f"directory holding the Multi30k files ({SPLIT_FILES['train']}.en.gz, "
+      f"{SPLIT_FILES['train']}.de.gz, {SPLIT_FILES['validation']}.en.gz, ...)"
+    )
   digest = hashlib.sha256()
   for stem in SPLIT_FILES.values():
     for lang in LANGUAGES:
@@ -173,7 +178,7 @@ def source_fingerprint(source_dir: Path) -> str:
 
 
 def prepare_multi30k(
-    tfds_data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
+  tfds_data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
 ) -> Multi30k:
   """The Multi30k builder with its ArrayRecord files written (once) under `tfds_data_dir`.
 
@@ -182,8 +187,9 @@ def prepare_multi30k(
   """
   source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
   data_dir = Path(tfds_data_dir) / "multi30k_sources" / source_fingerprint(source_dir)
-  builder = Multi30k(data_dir=os.fspath(data_dir), source_dir=source_dir,
-                     file_format="array_record")
+  builder = Multi30k(
+    data_dir=os.fspath(data_dir), source_dir=source_dir, file_format="array_record"
+  )
   if not builder.is_prepared():
     tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's own log
     builder.download_and_prepare(file_format="array_record")
@@ -195,14 +201,14 @@ def _decode(value: bytes | str) -> str:
 
 
 def load_pairs(
-    dataset_name: str,
-    split: str,
-    source_lang: str,
-    target_lang: str,
-    tfds_data_dir: str | os.PathLike,
-    *,
-    source_dir: str | os.PathLike | None = None,
-    builder_kwargs: Mapping[str, Any] | None = None,
+  dataset_name: str,
+  split: str,
+  source_lang: str,
+  target_lang: str,
+  tfds_data_dir: str | os.PathLike,
+  *,
+  source_dir: str | os.PathLike | None = None,
+  builder_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
   """(source, target) sentence pairs of one split, in dataset order.
 
@@ -224,8 +230,9 @@ def load_pairs(
     # tfds.data_source only defaults to ArrayRecord when given no data_dir and no
     # builder_kwargs; otherwise it would prepare TFRecord files, unreadable without TF.
     builder_kwargs = {"file_format": "array_record", **(builder_kwargs or {})}
-    source = tfds.data_source(dataset_name, split=split, data_dir=os.fspath(tfds_data_dir),
-                              builder_kwargs=builder_kwargs)
+    source = tfds.data_source(
+      dataset_name, split=split, data_dir=os.fspath(tfds_data_dir), builder_kwargs=builder_kwargs
+    )
   examples = _read_all(source)
   return [(_decode(ex[source_lang]), _decode(ex[target_lang])) for ex in examples]
 

@@ -29,7 +29,7 @@ from transformer.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenize
 
 Batch = dict[str, np.ndarray]
 # One planned batch: its padded length and the global row indices (-1 = a padding row).
-PlannedBatch = tuple[int, Int[np.ndarray, "B"]]
+PlannedBatch = tuple[int, Int[np.ndarray, " B"]]
 
 _PADDING_ROW = -1
 
@@ -51,10 +51,11 @@ class Examples:
   def __len__(self) -> int:
     return len(self.inputs)
 
-  def lengths(self) -> Int[np.ndarray, "n"]:
+  def lengths(self) -> Int[np.ndarray, " n"]:
     """max(S_i, T_i) per example: source and target share a bucket's padded length."""
-    return np.array([max(len(s), len(t)) for s, t in zip(self.inputs, self.targets)],
-                    dtype=np.int32)
+    return np.array(
+      [max(len(s), len(t)) for s, t in zip(self.inputs, self.targets)], dtype=np.int32
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,19 +68,18 @@ class LengthStats:
 
 
 def encode_pairs(
-    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
+  tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
 ) -> tuple[list[list[int]], list[list[int]]]:
   """(source ids, target ids) of (source, target) text pairs, without EOS."""
-  return (tokenizer.encode([src for src, _ in pairs]),
-          tokenizer.encode([tgt for _, tgt in pairs]))
+  return (tokenizer.encode([src for src, _ in pairs]), tokenizer.encode([tgt for _, tgt in pairs]))
 
 
 def make_examples(
-    source_ids: Sequence[Sequence[int]],
-    target_ids: Sequence[Sequence[int]],
-    max_length: int,
-    *,
-    truncate: bool = False,
+  source_ids: Sequence[Sequence[int]],
+  target_ids: Sequence[Sequence[int]],
+  max_length: int,
+  *,
+  truncate: bool = False,
 ) -> tuple[Examples, LengthStats]:
   """Appends EOS to both sides and drops (or truncates) pairs longer than `max_length`.
 
@@ -100,8 +100,13 @@ def make_examples(
     targets.append(_with_eos(tgt, max_length))
     index.append(i)
   stats = LengthStats(kept=len(index), dropped=dropped, truncated=truncated)
-  logging.info("Examples longer than %d tokens: %d dropped, %d truncated, %d kept.",
-               max_length, stats.dropped, stats.truncated, stats.kept)
+  logging.info(
+    "Examples longer than %d tokens: %d dropped, %d truncated, %d kept.",
+    max_length,
+    stats.dropped,
+    stats.truncated,
+    stats.kept,
+  )
   return Examples(inputs, targets, np.array(index, dtype=np.int32)), stats
 
 
@@ -119,23 +124,29 @@ def default_length_buckets(max_length: int) -> tuple[int, ...]:
 
 
 def bucket_batch_sizes(
-    length_buckets: Sequence[int], tokens_per_batch: int, batch_multiple: int
+  length_buckets: Sequence[int], tokens_per_batch: int, batch_multiple: int
 ) -> tuple[int, ...]:
   """Rows per batch for each bucket: the largest multiple of `batch_multiple` with
   rows * boundary <= tokens_per_batch (the budget counts padded tokens of one side)."""
   sizes = tuple(tokens_per_batch // b // batch_multiple * batch_multiple for b in length_buckets)
   if min(sizes) == 0:
-    raise ValueError(f"tokens_per_batch={tokens_per_batch} cannot fit {batch_multiple} rows of "
-                     f"length {max(length_buckets)}; raise it or lower max_length.")
+    raise ValueError(
+      f"tokens_per_batch={tokens_per_batch} cannot fit {batch_multiple} rows of "
+      f"length {max(length_buckets)}; raise it or lower max_length."
+    )
   return sizes
 
 
-def assign_buckets(lengths: Int[np.ndarray, "n"], length_buckets: Sequence[int]) -> np.ndarray:
+def assign_buckets(
+  lengths: Int[np.ndarray, " n"], length_buckets: Sequence[int] | np.ndarray
+) -> np.ndarray:
   """[n] index of the smallest boundary >= each length."""
   buckets = np.searchsorted(np.asarray(length_buckets), lengths, side="left")
   if lengths.size and buckets.max() == len(length_buckets):
-    raise ValueError(f"An example has {lengths.max()} tokens, more than the largest "
-                     f"bucket {max(length_buckets)}; filter with make_examples first.")
+    raise ValueError(
+      f"An example has {lengths.max()} tokens, more than the largest "
+      f"bucket {max(length_buckets)}; filter with make_examples first."
+    )
   return buckets
 
 
@@ -147,11 +158,11 @@ def _chunk(rows: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def bucketed_epoch_plan(
-    buckets: Int[np.ndarray, "n"],
-    length_buckets: Sequence[int],
-    batch_sizes: Sequence[int],
-    seed: int,
-    epoch: int,
+  buckets: Int[np.ndarray, " n"],
+  length_buckets: Sequence[int],
+  batch_sizes: Sequence[int],
+  seed: int,
+  epoch: int,
 ) -> list[PlannedBatch]:
   """The batches of one epoch: examples shuffled within buckets, then batches shuffled.
 
@@ -165,7 +176,9 @@ def bucketed_epoch_plan(
   return [plan[i] for i in rng.permutation(len(plan))]
 
 
-def padded(sequences: Sequence[Sequence[int]], length: int | None = None) -> Int[np.ndarray, "B T"]:
+def padded(
+  sequences: Sequence[Sequence[int] | np.ndarray], length: int | None = None
+) -> Int[np.ndarray, "B T"]:
   """Sequences of ids as one [B, T] int32 array right-padded with PAD_ID; T = `length`, or the
   longest sequence."""
   length = max((len(s) for s in sequences), default=0) if length is None else length
@@ -175,19 +188,22 @@ def padded(sequences: Sequence[Sequence[int]], length: int | None = None) -> Int
   return out
 
 
-def pad_rows(sequences: Sequence[np.ndarray], rows: Int[np.ndarray, "B"],
-             length: int) -> Int[np.ndarray, "B T"]:
+def pad_rows(
+  sequences: Sequence[np.ndarray] | np.ndarray, rows: Int[np.ndarray, " B"], length: int
+) -> Int[np.ndarray, "B T"]:
   """sequences[rows] right-padded with PAD_ID to `length`; row -1 is all padding."""
   return padded([sequences[row] if row != _PADDING_ROW else () for row in rows], length)
 
 
-def process_rows(rows: Int[np.ndarray, "B"], process_index: int, process_count: int) -> np.ndarray:
+def process_rows(rows: Int[np.ndarray, " B"], process_index: int, process_count: int) -> np.ndarray:
   """This process's contiguous slice [B / process_count] of a global batch's rows."""
   if len(rows) % process_count:
-    raise ValueError(f"Global batch of {len(rows)} rows does not split over "
-                     f"{process_count} processes; make batch_multiple a multiple of it.")
+    raise ValueError(
+      f"Global batch of {len(rows)} rows does not split over "
+      f"{process_count} processes; make batch_multiple a multiple of it."
+    )
   per_process = len(rows) // process_count
-  return rows[process_index * per_process: (process_index + 1) * per_process]
+  return rows[process_index * per_process : (process_index + 1) * per_process]
 
 
 class BatchIterator(Iterator[Batch]):
@@ -199,9 +215,14 @@ class BatchIterator(Iterator[Batch]):
     process_index, process_count: which slice of each global batch this process gets.
   """
 
-  def __init__(self, plan: Callable[[int], list[PlannedBatch]],
-               build: Callable[[int, np.ndarray], Batch], *,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    plan: Callable[[int], list[PlannedBatch]],
+    build: Callable[[int, np.ndarray], Batch],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
     self._plan, self._build = plan, build
@@ -241,19 +262,21 @@ class BatchIterator(Iterator[Batch]):
 
 
 def _build_translation(examples: Examples, length: int, rows: np.ndarray) -> Batch:
-  return {"inputs": pad_rows(examples.inputs, rows, length),
-          "targets": pad_rows(examples.targets, rows, length)}
+  return {
+    "inputs": pad_rows(examples.inputs, rows, length),
+    "targets": pad_rows(examples.targets, rows, length),
+  }
 
 
 def translation_train_batches(
-    examples: Examples,
-    *,
-    tokens_per_batch: int,
-    seed: int,
-    length_buckets: Sequence[int] | None = None,
-    batch_multiple: int = 1,
-    process_index: int = 0,
-    process_count: int = 1,
+  examples: Examples,
+  *,
+  tokens_per_batch: int,
+  seed: int,
+  length_buckets: Sequence[int] | None = None,
+  batch_multiple: int = 1,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> BatchIterator:
   """Shuffled, length-bucketed training batches {"inputs": [B, S], "targets": [B, T]}.
 
@@ -265,19 +288,28 @@ def translation_train_batches(
     length_buckets = default_length_buckets(int(examples.lengths().max(initial=8)))
   length_buckets = tuple(sorted(length_buckets))
   sizes = bucket_batch_sizes(length_buckets, tokens_per_batch, batch_multiple)
-  plan = functools.partial(bucketed_epoch_plan, assign_buckets(examples.lengths(), length_buckets),
-                           length_buckets, sizes, seed)
-  return BatchIterator(plan, functools.partial(_build_translation, examples),
-                       process_index=process_index, process_count=process_count)
+  plan = functools.partial(
+    bucketed_epoch_plan,
+    assign_buckets(examples.lengths(), length_buckets),
+    length_buckets,
+    sizes,
+    seed,
+  )
+  return BatchIterator(
+    plan,
+    functools.partial(_build_translation, examples),
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def eval_batches(
-    examples: Examples,
-    batch_size: int,
-    *,
-    length_buckets: Sequence[int] | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+  examples: Examples,
+  batch_size: int,
+  *,
+  length_buckets: Sequence[int] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> list[Batch]:
   """Evaluation batches in example order, each padded to a bucket boundary.
 
@@ -288,12 +320,12 @@ def eval_batches(
   """
   if length_buckets is None:
     length_buckets = default_length_buckets(int(examples.lengths().max(initial=8)))
-  length_buckets = np.asarray(sorted(length_buckets))
+  boundaries = np.asarray(sorted(length_buckets))
   lengths = examples.lengths()
   batches = []
   for rows in _chunk(np.arange(len(examples)), batch_size):
     real = rows[rows != _PADDING_ROW]
-    length = int(length_buckets[assign_buckets(lengths[real], length_buckets).max()])
+    length = int(boundaries[assign_buckets(lengths[real], boundaries).max()])
     local = process_rows(rows, process_index, process_count)
     batch = _build_translation(examples, length, local)
     batch["weights"] = (local != _PADDING_ROW).astype(np.float32)
@@ -313,8 +345,9 @@ def lm_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> Int[np.ndarr
   return filled.reshape(-1, seq_len)  # [n windows, T]
 
 
-def _shuffled_plan(num_rows: int, seq_len: int, batch_size: int, seed: int,
-                   epoch: int) -> list[PlannedBatch]:
+def _shuffled_plan(
+  num_rows: int, seq_len: int, batch_size: int, seed: int, epoch: int
+) -> list[PlannedBatch]:
   rows = np.random.default_rng([seed, epoch]).permutation(num_rows)
   return [(seq_len, batch_rows) for batch_rows in _chunk(rows, batch_size)]
 
@@ -324,13 +357,13 @@ def _build_lm(windows: np.ndarray, length: int, rows: np.ndarray) -> Batch:
 
 
 def lm_train_batches(
-    token_ids: Sequence[Sequence[int]],
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  token_ids: Sequence[Sequence[int]],
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> BatchIterator:
   """Shuffled decoder-only LM batches {"targets": [B, T]} of `lm_windows`, resumable.
 
@@ -338,20 +371,24 @@ def lm_train_batches(
   """
   windows = lm_windows(token_ids, seq_len)
   plan = functools.partial(_shuffled_plan, len(windows), seq_len, batch_size, seed)
-  return BatchIterator(plan, functools.partial(_build_lm, windows),
-                       process_index=process_index, process_count=process_count)
+  return BatchIterator(
+    plan,
+    functools.partial(_build_lm, windows),
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def mask_tokens(
-    ids_BT: Int[np.ndarray, "B T"],
-    rng: np.random.Generator,
-    vocab_size: int,
-    *,
-    select_rate: float = 0.15,
-    mask_rate: float = 0.8,
-    random_rate: float = 0.1,
-    process_index: int = 0,
-    process_count: int = 1,
+  ids_BT: Int[np.ndarray, "B T"],
+  rng: np.random.Generator,
+  vocab_size: int,
+  *,
+  select_rate: float = 0.15,
+  mask_rate: float = 0.8,
+  random_rate: float = 0.1,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> dict[str, np.ndarray]:
   """BERT's masked-LM corruption of a batch.
 
@@ -378,7 +415,11 @@ def mask_tokens(
   # Ordinary pieces start after the reserved ids; replacing with a special id would leak them.
   random_ids = rng.integers(MASK_ID + 1, vocab_size, size=global_shape, dtype=np.int32)[local]
   inputs = np.where(selected & (action < mask_rate), MASK_ID, ids_BT)
-  inputs = np.where(selected & (action >= mask_rate) & (action < mask_rate + random_rate),
-                    random_ids, inputs)
-  return {"inputs": inputs.astype(np.int32), "targets": ids_BT,
-          "weights": selected.astype(np.float32)}
+  inputs = np.where(
+    selected & (action >= mask_rate) & (action < mask_rate + random_rate), random_ids, inputs
+  )
+  return {
+    "inputs": inputs.astype(np.int32),
+    "targets": ids_BT,
+    "weights": selected.astype(np.float32),
+  }

@@ -30,19 +30,21 @@ def check_vocab_size(vocab_size: int) -> None:
   """A clear error for a vocabulary with no room beyond the special pieces (SentencePiece's own
   error for it names no size)."""
   if vocab_size <= MASK_ID + 1:
-    raise ValueError(f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
-                     f"{MASK_ID + 1} special pieces plus one per distinct character of the "
-                     "training text: raise data.vocab_size")
+    raise ValueError(
+      f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
+      f"{MASK_ID + 1} special pieces plus one per distinct character of the "
+      "training text: raise data.vocab_size"
+    )
 
 
 def train_sentencepiece(
-    sentences: Iterable[str],
-    model_path: str | os.PathLike,
-    vocab_size: int,
-    *,
-    model_type: str = "unigram",
-    character_coverage: float = 1.0,
-    num_threads: int = 1,
+  sentences: Iterable[str],
+  model_path: str | os.PathLike,
+  vocab_size: int,
+  *,
+  model_type: str = "unigram",
+  character_coverage: float = 1.0,
+  num_threads: int = 1,
 ) -> Path:
   """Trains a SentencePiece model on `sentences` and writes it atomically to `model_path`.
 
@@ -63,17 +65,20 @@ def train_sentencepiece(
   model_path = Path(model_path)
   model_proto = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences),
-      model_writer=model_proto,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=character_coverage,
-      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      user_defined_symbols=[MASK_PIECE],
-      input_sentence_size=0,  # 0 = use every sentence; no random sample.
-      shuffle_input_sentence=False,
-      num_threads=num_threads,
-      minloglevel=2,
+    sentence_iterator=iter(sentences),
+    model_writer=model_proto,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=character_coverage,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    user_defined_symbols=[MASK_PIECE],
+    input_sentence_size=0,  # 0 = use every sentence; no random sample.
+    shuffle_input_sentence=False,
+    num_threads=num_threads,
+    minloglevel=2,
   )
   _write_atomically(model_path, model_proto.getvalue())
   return model_path
@@ -100,8 +105,13 @@ class Tokenizer:
   def __init__(self, model_path: str | os.PathLike):
     self.model_path = Path(model_path)
     self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
-    expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>",
-                MASK_ID: MASK_PIECE}
+    expected = {
+      PAD_ID: "<pad>",
+      UNK_ID: "<unk>",
+      BOS_ID: "<s>",
+      EOS_ID: "</s>",
+      MASK_ID: MASK_PIECE,
+    }
     found = {i: self._sp.id_to_piece(i) for i in expected}
     if found != expected:
       raise ValueError(f"{self.model_path} has special pieces {found}, expected {expected}.")
@@ -128,11 +138,11 @@ def _strip_specials(row: Sequence[int] | np.ndarray) -> list[int]:
 
 
 def load_or_train_tokenizer(
-    model_dir: str | os.PathLike,
-    sentences: Iterable[str],
-    vocab_size: int,
-    *,
-    model_type: str = "unigram",
+  model_dir: str | os.PathLike,
+  sentences: Iterable[str],
+  vocab_size: int,
+  *,
+  model_type: str = "unigram",
 ) -> Tokenizer:
   """The tokenizer in `model_dir/spm.model`, training it on `sentences` first if absent.
 
@@ -144,8 +154,10 @@ def load_or_train_tokenizer(
     train_sentencepiece(sentences, model_path, vocab_size, model_type=model_type)
   tokenizer = Tokenizer(model_path)
   if tokenizer.vocab_size != vocab_size:
-    raise ValueError(f"{model_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: "
-                     "use another workdir or the stored model's size.")
+    raise ValueError(
+      f"{model_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: "
+      "use another workdir or the stored model's size."
+    )
   return tokenizer
 
 

@@ -14,6 +14,18 @@ from transformer.decode.cache import call_cached, gather_beams, jit_with_model, 
 from transformer.decode.greedy import greedy_decode
 from transformer.decode.sampling import choose_token, keep_top_k, keep_top_p, sample
 
-__all__ = ["beam_search", "call_cached", "choose_token", "gather_beams", "greedy_decode",
-           "jit_with_model", "keep_top_k", "keep_top_p", "length_penalty", "padded_length",
-           "sample", "split_cache", "translate_ids"]
+__all__ = [
+  "beam_search",
+  "call_cached",
+  "choose_token",
+  "gather_beams",
+  "greedy_decode",
+  "jit_with_model",
+  "keep_top_k",
+  "keep_top_p",
+  "length_penalty",
+  "padded_length",
+  "sample",
+  "split_cache",
+  "translate_ids",
+]

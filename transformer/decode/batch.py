@@ -14,8 +14,9 @@ def padded_length(length: int, max_len: int) -> int:
   return min(-(-length // 8) * 8, max(length, max_len))
 
 
-def translate_ids(model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float,
-                  max_extra_length: int) -> Int[Array, "B T"]:
+def translate_ids(
+  model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float, max_extra_length: int
+) -> Int[Array, "B T"]:
   """Best translation ids [B, T] of a padded source batch (beam search, or greedy for beam 1).
 
   T = min(S + max_extra_length, model.config.max_len).
@@ -23,6 +24,7 @@ def translate_ids(model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha
   max_length = min(src_ids_BS.shape[1] + max_extra_length, model.config.max_len)
   if beam_size == 1:
     return greedy_decode(model, src_ids_BS, max_length=max_length)
-  tokens_BWT, _ = beam_search(model, src_ids_BS, max_length=max_length, beam_size=beam_size,
-                              alpha=alpha)
+  tokens_BWT, _ = beam_search(
+    model, src_ids_BS, max_length=max_length, beam_size=beam_size, alpha=alpha
+  )
   return tokens_BWT[:, 0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
@@ -37,13 +38,14 @@ def length_penalty(length: int | Array, alpha: float) -> Float[Array, ""]:
 
 class BeamState(NamedTuple):
   """The while-loop carry. t: position fed next; T here is max_length + 1 (BOS included)."""
+
   t: Int[Array, ""]
   alive_tokens_BWT: Int[Array, "B W T"]
-  alive_log_probs_BW: Float[Array, "B W"]     # sorted, best first
+  alive_log_probs_BW: Float[Array, "B W"]  # sorted, best first
   finished_tokens_BWT: Int[Array, "B W T"]
-  finished_scores_BW: Float[Array, "B W"]     # log p / lp(length), sorted, best first
-  finished_BW: Bool[Array, "B W"]             # False: an empty slot (score NEG_INF)
-  cache: object                               # step cache, R = B * W rows
+  finished_scores_BW: Float[Array, "B W"]  # log p / lp(length), sorted, best first
+  finished_BW: Bool[Array, "B W"]  # False: an empty slot (score NEG_INF)
+  cache: nnx.State  # step cache, R = B * W rows
 
 
 def _take_beams(x_BW_, beam_BJ: Int[Array, "B J"]):
@@ -70,8 +72,9 @@ def _search_can_stop(state: BeamState, max_length: int, alpha: float) -> Bool[Ar
   return jnp.all(settled_B)
 
 
-def _beam_step(state: BeamState, log_probs_BWV: Float[Array, "B W V"], cache, *, alpha: float,
-               eos_id: int) -> BeamState:
+def _beam_step(
+  state: BeamState, log_probs_BWV: Float[Array, "B W V"], cache, *, alpha: float, eos_id: int
+) -> BeamState:
   """Extends the alive beams by one token given each beam's next-token log-probabilities."""
   batch, beams, vocab = log_probs_BWV.shape
   t = state.t
@@ -89,16 +92,28 @@ def _beam_step(state: BeamState, log_probs_BWV: Float[Array, "B W V"], cache, *,
   # Alive: the best W continuations that do not end in EOS.
   alive_key_B2W = jnp.where(eos_B2W, NEG_INF, log_probs_B2W)
   alive_tokens, alive_log_probs, alive_parent_BW = _top_beams(
-      alive_key_B2W, beams, tokens_B2WT, alive_key_B2W, parent_B2W)
+    alive_key_B2W, beams, tokens_B2WT, alive_key_B2W, parent_B2W
+  )
 
   # Finished: the best W of the old finished set and the continuations that just ended.
   scores_B2W = jnp.where(ended_B2W, log_probs_B2W / length_penalty(t + 1, alpha), NEG_INF)
   scores_B3W = jnp.concatenate([state.finished_scores_BW, scores_B2W], axis=1)
   finished_tokens, finished_scores, finished = _top_beams(
-      scores_B3W, beams, jnp.concatenate([state.finished_tokens_BWT, tokens_B2WT], axis=1),
-      scores_B3W, jnp.concatenate([state.finished_BW, ended_B2W], axis=1))
-  return BeamState(t + 1, alive_tokens, alive_log_probs, finished_tokens, finished_scores,
-                   finished, gather_beams(cache, alive_parent_BW))
+    scores_B3W,
+    beams,
+    jnp.concatenate([state.finished_tokens_BWT, tokens_B2WT], axis=1),
+    scores_B3W,
+    jnp.concatenate([state.finished_BW, ended_B2W], axis=1),
+  )
+  return BeamState(
+    t + 1,
+    alive_tokens,
+    alive_log_probs,
+    finished_tokens,
+    finished_scores,
+    finished,
+    gather_beams(cache, alive_parent_BW),
+  )
 
 
 def _final_beams(state: BeamState, max_length: int, alpha: float):
@@ -118,8 +133,16 @@ def _final_beams(state: BeamState, max_length: int, alpha: float):
 
 
 @jit_with_model(static_argnames=("beam_size", "alpha", "max_length", "bos_id", "eos_id"))
-def _beam_search(model: EncoderDecoder, src_ids_BS, *, beam_size: int, alpha: float,
-                 max_length: int, bos_id: int, eos_id: int):
+def _beam_search(
+  model: EncoderDecoder,
+  src_ids_BS,
+  *,
+  beam_size: int,
+  alpha: float,
+  max_length: int,
+  bos_id: int,
+  eos_id: int,
+):
   batch, beams, pad_id = src_ids_BS.shape[0], beam_size, model.config.pad_id
   # Encode once; beam w of sentence b is row b * W + w.
   memory_RSD = jnp.repeat(model.encode(src_ids_BS), beams, axis=0)
@@ -141,15 +164,29 @@ def _beam_search(model: EncoderDecoder, src_ids_BS, *, beam_size: int, alpha: fl
   tokens_BWT = tokens_BWT.reshape(batch, beams, max_length + 1)
   # Only beam 0 starts alive, so the first step does not pick W copies of one continuation.
   alive_log_probs_BW = jnp.tile(jnp.array([[0.0] + [NEG_INF] * (beams - 1)]), (batch, 1))
-  state = BeamState(jnp.asarray(0, jnp.int32), tokens_BWT, alive_log_probs_BW, tokens_BWT,
-                    jnp.full((batch, beams), NEG_INF), jnp.zeros((batch, beams), jnp.bool_), cache)
+  state = BeamState(
+    jnp.asarray(0, jnp.int32),
+    tokens_BWT,
+    alive_log_probs_BW,
+    tokens_BWT,
+    jnp.full((batch, beams), NEG_INF),
+    jnp.zeros((batch, beams), jnp.bool_),
+    cache,
+  )
   tokens_BWT, scores_BW = _final_beams(lax.while_loop(unfinished, step, state), max_length, alpha)
   return tokens_BWT[:, :, 1:], scores_BW
 
 
-def beam_search(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"], *, max_length: int,
-                beam_size: int = 4, alpha: float = 0.6, bos_id: int = BOS_ID,
-                eos_id: int = EOS_ID) -> tuple[Int[Array, "B W T"], Float[Array, "B W"]]:
+def beam_search(
+  model: EncoderDecoder,
+  src_ids_BS: Int[Array, "B S"],
+  *,
+  max_length: int,
+  beam_size: int = 4,
+  alpha: float = 0.6,
+  bos_id: int = BOS_ID,
+  eos_id: int = EOS_ID,
+) -> tuple[Int[Array, "B W T"], Float[Array, "B W"]]:
   """The W best translations of each source sentence, best first.
 
   Args:
@@ -167,10 +204,18 @@ def beam_search(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"], *, max_len
     the best score; finished and unfinished hypotheses are ranked together by this score.
   """
   if not 1 <= max_length <= model.config.max_len:
-    raise ValueError(f"max_length={max_length} must be in [1, model.max_len="
-                     f"{model.config.max_len}]")
+    raise ValueError(
+      f"max_length={max_length} must be in [1, model.max_len={model.config.max_len}]"
+    )
   # 2W candidates per step must come from real tokens of beam 0 on the first step (PAD excluded).
   if beam_size < 1 or 2 * beam_size >= model.config.vocab_size:
     raise ValueError(f"beam_size={beam_size} must be >= 1 and below vocab_size / 2")
-  return _beam_search(model, src_ids_BS, beam_size=beam_size, alpha=float(alpha),
-                      max_length=max_length, bos_id=bos_id, eos_id=eos_id)
+  return _beam_search(
+    model,
+    src_ids_BS,
+    beam_size=beam_size,
+    alpha=float(alpha),
+    max_length=max_length,
+    bos_id=bos_id,
+    eos_id=eos_id,
+  )

@@ -29,11 +29,13 @@ STEP_CACHE = nnx.All(nnx.Cache, nnx.Not(_READ_ONLY_CACHE))
 
 def split_cache(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, step cache, rest) of a model whose caches `init_cache` has allocated."""
-  return nnx.split(model, STEP_CACHE, ...)
+  graphdef, cache, *rest = nnx.split(model, STEP_CACHE, ...)  # one State per filter
+  return graphdef, cache, rest[0]
 
 
-def call_cached(graphdef: nnx.GraphDef, cache: nnx.State, rest: nnx.State,
-                fn: Callable[[nnx.Module], Any]) -> tuple[Any, nnx.State]:
+def call_cached(
+  graphdef: nnx.GraphDef, cache: nnx.State, rest: nnx.State, fn: Callable[[nnx.Module], Any]
+) -> tuple[Any, nnx.State]:
   """Runs `fn(model)` on the merged model; returns its output and the advanced step cache.
 
   Pure: the caller's `cache` is not modified, so it can be a `while_loop` carry.
@@ -57,8 +59,10 @@ def gather_beams(cache: nnx.State, parent_BW: Int[Array, "B W"]) -> nnx.State:
     if x_R_.ndim == 0:
       return x_R_
     if x_R_.shape[0] != batch * beams:  # a cache stored with another axis first
-      raise ValueError(f"a decoding cache entry of shape {x_R_.shape} does not have the "
-                       f"{batch} x {beams} beam rows first")
+      raise ValueError(
+        f"a decoding cache entry of shape {x_R_.shape} does not have the "
+        f"{batch} x {beams} beam rows first"
+      )
     x_BW_ = x_R_.reshape(batch, beams, *x_R_.shape[1:])
     index_BW_ = parent_BW.reshape(batch, beams, *(1,) * (x_R_.ndim - 1))
     return jnp.take_along_axis(x_BW_, index_BW_, axis=1).reshape(x_R_.shape)
@@ -90,5 +94,5 @@ def jit_with_model(fn: Callable | None = None, *, static_argnames: Sequence[str]
     graphdef, state = nnx.split(model)
     return pure(graphdef, state, *args, **kwargs)
 
-  wrapper.pure = pure
+  wrapper.pure = pure  # type: ignore[attr-defined]
   return wrapper

@@ -22,19 +22,29 @@ from transformer.parallel.mesh import global_batch
 log = logging.getLogger(__name__)
 
 
-def translate_batches(model, batches: Iterable[dict[str, np.ndarray]], tokenizer: Tokenizer,
-                      decode: DecodeConfig, mesh: Mesh) -> list[str]:
+def translate_batches(
+  model,
+  batches: Iterable[dict[str, np.ndarray]],
+  tokenizer: Tokenizer,
+  decode: DecodeConfig,
+  mesh: Mesh,
+) -> list[str]:
   """Detokenized translations of every real row of `batches` (each process holding its rows of
   every batch), in the original order."""
   by_index: dict[int, str] = {}
   for batch in batches:
     with jax.set_mesh(mesh):
       src = global_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
-      tokens = translate_ids(model, src, beam_size=decode.beam_size, alpha=decode.alpha,
-                             max_extra_length=decode.max_extra_length)
-    tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+      tokens = translate_ids(
+        model,
+        src,
+        beam_size=decode.beam_size,
+        alpha=decode.alpha,
+        max_extra_length=decode.max_extra_length,
+      )
+    all_tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
     index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
-    for row, text in zip(index, tokenizer.decode(tokens), strict=True):
+    for row, text in zip(index, tokenizer.decode(all_tokens), strict=True):
       if row >= 0:
         by_index[int(row)] = text
   return [by_index[i] for i in sorted(by_index)]
@@ -47,24 +57,39 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
   score = metric.corpus_score(list(hypotheses), [list(references)])
   lowercased = sacrebleu.BLEU(lowercase=True).corpus_score(list(hypotheses), [list(references)])
   chrf = sacrebleu.CHRF()
-  return {"bleu": score.score, "signature": str(metric.get_signature()), "detail": str(score),
-          "bleu_lowercased": lowercased.score, "chrf": chrf.corpus_score(
-              list(hypotheses), [list(references)]).score,
-          "chrf_signature": str(chrf.get_signature())}
+  return {
+    "bleu": score.score,
+    "signature": str(metric.get_signature()),
+    "detail": str(score),
+    "bleu_lowercased": lowercased.score,
+    "chrf": chrf.corpus_score(list(hypotheses), [list(references)]).score,
+    "chrf_signature": str(chrf.get_signature()),
+  }
 
 
-def score_test_sets(model, test_sets: Sequence[TestSet], tokenizer: Tokenizer,
-                    decode: DecodeConfig, mesh: Mesh, out_dir: Path | None = None) -> dict:
+def score_test_sets(
+  model,
+  test_sets: Sequence[TestSet],
+  tokenizer: Tokenizer,
+  decode: DecodeConfig,
+  mesh: Mesh,
+  out_dir: Path | None = None,
+) -> dict:
   """Translates and scores every test set; {split: report}. With `out_dir`, process 0 writes
   each split's hypotheses to `out_dir/<split>.txt` (one line per source line)."""
   report = {}
   for test in test_sets:
     hypotheses = translate_batches(model, test.batches, tokenizer, decode, mesh)
     scores = bleu(hypotheses, [tgt for _, tgt in test.pairs])
-    report[test.name] = {**scores, "beam_size": decode.beam_size, "alpha": decode.alpha,
-                         "examples": [{"source": src, "reference": ref, "translation": hyp}
-                                      for (src, ref), hyp in
-                                      zip(test.pairs[:decode.num_examples], hypotheses)]}
+    report[test.name] = {
+      **scores,
+      "beam_size": decode.beam_size,
+      "alpha": decode.alpha,
+      "examples": [
+        {"source": src, "reference": ref, "translation": hyp}
+        for (src, ref), hyp in zip(test.pairs[: decode.num_examples], hypotheses)
+      ],
+    }
     log.info("%s: %s", test.name, scores["detail"])
     if out_dir is not None and jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from transformer.model.transformer import EncoderDecoder
 NEG_INF = -1.0e7
 
 # next_token(tokens_BT, t, carry) -> (token_B, carry): the token at position t + 1.
-NextToken = Callable[[Int[Array, "B T"], Int[Array, ""], object], tuple[Int[Array, "B"], object]]
+NextToken = Callable[[Int[Array, "B T"], Int[Array, ""], object], tuple[Int[Array, " B"], object]]
 
 
 def log_probs_without_pad(logits_XV: Float[Array, "... V"], pad_id: int) -> Float[Array, "... V"]:
@@ -36,9 +36,16 @@ def log_probs_without_pad(logits_XV: Float[Array, "... V"], pad_id: int) -> Floa
   return log_probs_XV.at[..., pad_id].set(NEG_INF)
 
 
-def token_loop(next_token: NextToken, tokens_BT: Int[Array, "B T"], start: int, carry, *,
-               pad_id: int, eos_id: int | None,
-               done_B: Bool[Array, "B"] | None = None) -> Int[Array, "B T"]:
+def token_loop(
+  next_token: NextToken,
+  tokens_BT: Int[Array, "B T"],
+  start: int,
+  carry,
+  *,
+  pad_id: int,
+  eos_id: int | None,
+  done_B: Bool[Array, " B"] | None = None,
+) -> Int[Array, "B T"]:
   """Fills tokens_BT[:, start + 1:] one position per step; rows that emitted EOS get PAD.
 
   `done_B` marks rows already finished. Stops after the last position or once every row has
@@ -102,8 +109,9 @@ def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_l
 
 
 @jit_with_model(static_argnames=("max_length", "use_cache", "bos_id", "eos_id"))
-def _greedy_decode(model: EncoderDecoder, src_ids_BS, *, max_length: int, use_cache: bool,
-                   bos_id: int, eos_id: int):
+def _greedy_decode(
+  model: EncoderDecoder, src_ids_BS, *, max_length: int, use_cache: bool, bos_id: int, eos_id: int
+):
   memory_BSD = model.encode(src_ids_BS)
   make_next_token = _cached_next_token if use_cache else _recomputing_next_token
   next_token, carry = make_next_token(model, memory_BSD, src_ids_BS, max_length)
@@ -113,9 +121,15 @@ def _greedy_decode(model: EncoderDecoder, src_ids_BS, *, max_length: int, use_ca
   return tokens_BT[:, 1:]
 
 
-def greedy_decode(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"], *, max_length: int,
-                  use_cache: bool = True, bos_id: int = BOS_ID,
-                  eos_id: int = EOS_ID) -> Int[Array, "B T"]:
+def greedy_decode(
+  model: EncoderDecoder,
+  src_ids_BS: Int[Array, "B S"],
+  *,
+  max_length: int,
+  use_cache: bool = True,
+  bos_id: int = BOS_ID,
+  eos_id: int = EOS_ID,
+) -> Int[Array, "B T"]:
   """Greedy translation of a batch of (PAD-padded) sources.
 
   Args:
@@ -131,7 +145,9 @@ def greedy_decode(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"], *, max_l
     positions without EOS if it did not finish.
   """
   if not 1 <= max_length <= model.config.max_len:
-    raise ValueError(f"max_length={max_length} must be in [1, model.max_len="
-                     f"{model.config.max_len}]")
-  return _greedy_decode(model, src_ids_BS, max_length=max_length, use_cache=use_cache,
-                        bos_id=bos_id, eos_id=eos_id)
+    raise ValueError(
+      f"max_length={max_length} must be in [1, model.max_len={model.config.max_len}]"
+    )
+  return _greedy_decode(
+    model, src_ids_BS, max_length=max_length, use_cache=use_cache, bos_id=bos_id, eos_id=eos_id
+  )

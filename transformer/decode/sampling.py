@@ -31,14 +31,21 @@ def keep_top_p(logits_BV: Float[Array, "B V"], p: float | Array) -> Float[Array,
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   # A token is kept while the mass of the tokens ranked above it is still below p.
   mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  smallest_kept_B1 = jnp.min(jnp.where(mass_above_BV < p, sorted_BV, jnp.inf), axis=-1,
-                             keepdims=True)
+  smallest_kept_B1 = jnp.min(
+    jnp.where(mass_above_BV < p, sorted_BV, jnp.inf), axis=-1, keepdims=True
+  )
   return jnp.where(logits_BV >= smallest_kept_B1, logits_BV, NEG_INF)
 
 
-def choose_token(logits_BV: Float[Array, "B V"], key: Array, *, pad_id: int,
-                 temperature: float | Array, top_k: int | None,
-                 top_p: float | Array | None) -> Int[Array, "B"]:
+def choose_token(
+  logits_BV: Float[Array, "B V"],
+  key: Array,
+  *,
+  pad_id: int,
+  temperature: float | Array,
+  top_k: int | None,
+  top_p: float | Array | None,
+) -> Int[Array, " B"]:
   """One token per row from softmax(logits / temperature) restricted to top-k, then top-p.
 
   temperature == 0 takes the argmax (greedy). PAD is never chosen.
@@ -56,13 +63,27 @@ def choose_token(logits_BV: Float[Array, "B V"], key: Array, *, pad_id: int,
 
 
 @jit_with_model(static_argnames=("max_new_tokens", "top_k", "eos_id"))
-def _sample(model: DecoderOnly, prompt_ids_BT, rng, temperature, top_p, *, max_new_tokens: int,
-            top_k: int | None, eos_id: int | None):
+def _sample(
+  model: DecoderOnly,
+  prompt_ids_BT,
+  rng,
+  temperature,
+  top_p,
+  *,
+  max_new_tokens: int,
+  top_k: int | None,
+  eos_id: int | None,
+):
   batch, prompt_length = prompt_ids_BT.shape
   total = prompt_length + max_new_tokens
   choose = lambda logits_BV, t: choose_token(
-      logits_BV, jax.random.fold_in(rng, t), pad_id=model.config.pad_id,
-      temperature=temperature, top_k=top_k, top_p=top_p)
+    logits_BV,
+    jax.random.fold_in(rng, t),
+    pad_id=model.config.pad_id,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
 
   # The last token is never fed back, so the cache needs one position less than the output.
   model.init_cache(batch, total - 1)
@@ -82,13 +103,28 @@ def _sample(model: DecoderOnly, prompt_ids_BT, rng, temperature, top_p, *, max_n
 
   # Positions up to the prompt are not searched for EOS: only new tokens end a row.
   done_B = jnp.zeros((batch,), jnp.bool_) if eos_id is None else first_B == eos_id
-  return token_loop(next_token, ids_BT, prompt_length, cache, pad_id=model.config.pad_id,
-                    eos_id=eos_id, done_B=done_B)
+  return token_loop(
+    next_token,
+    ids_BT,
+    prompt_length,
+    cache,
+    pad_id=model.config.pad_id,
+    eos_id=eos_id,
+    done_B=done_B,
+  )
 
 
-def sample(model: DecoderOnly, prompt_ids_BT: Int[Array, "B T"], *, max_new_tokens: int,
-           rng: Array, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, eos_id: int | None = EOS_ID) -> Int[Array, "B T"]:
+def sample(
+  model: DecoderOnly,
+  prompt_ids_BT: Int[Array, "B T"],
+  *,
+  max_new_tokens: int,
+  rng: Array,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  eos_id: int | None = EOS_ID,
+) -> Int[Array, "B total"]:
   """Continues each prompt by up to `max_new_tokens` sampled tokens.
 
   Args:
@@ -102,7 +138,7 @@ def sample(model: DecoderOnly, prompt_ids_BT: Int[Array, "B T"], *, max_new_toke
     eos_id: a row ends at this token and is padded after it; None never stops early.
 
   Returns:
-    ids [B, T + max_new_tokens]: the prompt, then the new tokens (PAD after EOS).
+    ids [B, total = T + max_new_tokens]: the prompt, then the new tokens (PAD after EOS).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -112,5 +148,13 @@ def sample(model: DecoderOnly, prompt_ids_BT: Int[Array, "B T"], *, max_new_toke
     raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.config.vocab_size}]")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
-  return _sample(model, prompt_ids_BT, rng, temperature, top_p, max_new_tokens=max_new_tokens,
-                 top_k=top_k, eos_id=eos_id)
+  return _sample(
+    model,
+    prompt_ids_BT,
+    rng,
+    temperature,
+    top_p,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    eos_id=eos_id,
+  )

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -27,13 +27,17 @@ from transformer.model.attention import MultiHeadAttention
 from transformer.model.transformer import EncoderDecoder
 
 KINDS = ("encoder_self", "decoder_self", "cross")
-KIND_TITLES = {"encoder_self": "encoder self-attention",
-               "decoder_self": "decoder masked self-attention",
-               "cross": "encoder-decoder attention"}
+KIND_TITLES = {
+  "encoder_self": "encoder self-attention",
+  "decoder_self": "decoder masked self-attention",
+  "cross": "encoder-decoder attention",
+}
 # What a map's rows and columns are; a decoder row t holds the input piece t and predicts t + 1.
-AXES_NOTES = {"encoder_self": "rows: source queries, columns: source keys",
-              "decoder_self": "rows: decoder input (row t predicts piece t+1), columns: keys",
-              "cross": "rows: decoder input (row t predicts piece t+1), columns: source"}
+AXES_NOTES = {
+  "encoder_self": "rows: source queries, columns: source keys",
+  "decoder_self": "rows: decoder input (row t predicts piece t+1), columns: keys",
+  "cross": "rows: decoder input (row t predicts piece t+1), columns: source",
+}
 WORD_START = "\u2581"  # SentencePiece's mark of a piece that begins a word
 SPECIAL_PIECES = ("<s>", "</s>", "<pad>")
 
@@ -44,7 +48,7 @@ class AttentionMaps:
 
   encoder_self: list[np.ndarray]  # L x [B, N, S, S]
   decoder_self: list[np.ndarray]  # L x [B, N, T, T]
-  cross: list[np.ndarray]         # L x [B, N, T, S]
+  cross: list[np.ndarray]  # L x [B, N, T, S]
 
   def of(self, kind: str) -> list[np.ndarray]:
     return getattr(self, kind)
@@ -62,8 +66,9 @@ def _forward_sowing(model, src_ids_BS, tgt_in_BT):
   return nnx.capture(model, nnx.Intermediate)(src_ids_BS, tgt_in_BT)
 
 
-def collect_attention(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"],
-                      tgt_in_BT: Int[Array, "B T"]) -> tuple[np.ndarray, AttentionMaps]:
+def collect_attention(
+  model: EncoderDecoder, src_ids_BS: Int[ArrayLike, "B S"], tgt_in_BT: Int[ArrayLike, "B T"]
+) -> tuple[np.ndarray, AttentionMaps]:
   """One teacher-forced pass of an encoder-decoder, returning (logits [B, T, V], all weights).
 
   Args:
@@ -73,26 +78,34 @@ def collect_attention(model: EncoderDecoder, src_ids_BS: Int[Array, "B S"],
   """
   set_sow_attention_weights(model, True)
   try:
-    logits_BTV, sown = _forward_sowing(model, jnp.asarray(src_ids_BS, jnp.int32),
-                                       jnp.asarray(tgt_in_BT, jnp.int32))
+    logits_BTV, sown = _forward_sowing(
+      model, jnp.asarray(src_ids_BS, jnp.int32), jnp.asarray(tgt_in_BT, jnp.int32)
+    )
   finally:
     set_sow_attention_weights(model, False)
   by_kind: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in KINDS}
   for path, variable in nnx.to_flat_state(sown):
     # e.g. ("decoder", "layers", 0, "cross_attention", "attention_weights")
     stack, _, layer, module, _ = path
-    kind = ("encoder_self" if stack == "encoder"
-            else "cross" if module == "cross_attention" else "decoder_self")
+    kind = (
+      "encoder_self"
+      if stack == "encoder"
+      else "cross"
+      if module == "cross_attention"
+      else "decoder_self"
+    )
     (weights_BNTS,) = variable.get_value()  # each module runs once in a teacher-forced pass
-    by_kind[kind][int(layer)] = np.asarray(weights_BNTS)
-  maps = AttentionMaps(**{kind: [layers[i] for i in sorted(layers)]
-                          for kind, layers in by_kind.items()})
+    by_kind[kind][int(str(layer))] = np.asarray(weights_BNTS)
+  maps = AttentionMaps(
+    **{kind: [layers[i] for i in sorted(layers)] for kind, layers in by_kind.items()}
+  )
   return np.asarray(logits_BTV), maps
 
 
 @nnx.jit
-def encoder_states(model: EncoderDecoder,
-                   src_ids_BS: Int[Array, "B S"]) -> list[Float[Array, "B S D"]]:
+def encoder_states(
+  model: EncoderDecoder, src_ids_BS: Int[Array, "B S"]
+) -> list[Float[Array, "B S D"]]:
   """The encoder's residual stream (`Encoder.residual_stream`): its input, sqrt(D) * embedding +
   positions, and the output of each of its L layers; call it in eval mode (no dropout)."""
   return model.encoder.residual_stream(src_ids_BS)
@@ -102,13 +115,14 @@ def encoder_states(model: EncoderDecoder,
 # Sentences: ids, pieces, words
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Sentence:
   """A source sentence and its translation as the model sees them."""
 
   text: str
   translation: str
-  src_ids: list[int]     # pieces + EOS: the encoder's input, the keys of cross-attention
+  src_ids: list[int]  # pieces + EOS: the encoder's input, the keys of cross-attention
   tgt_in_ids: list[int]  # BOS + translation pieces: the decoder's input, its queries
   src_pieces: list[str]
   tgt_pieces: list[str]
@@ -126,26 +140,44 @@ def source_ids(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[int]:
     raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
   ids = tokenizer.encode([text])[0] + [EOS_ID]
   if len(ids) > max_tokens:
-    raise ValueError(f"the sentence has {len(ids) - 1} pieces and the model takes at most "
-                     f"{max_tokens - 1}: shorten it")
+    raise ValueError(
+      f"the sentence has {len(ids) - 1} pieces and the model takes at most "
+      f"{max_tokens - 1}: shorten it"
+    )
   return ids
 
 
-def prepare_sentence(model: EncoderDecoder, tokenizer: Tokenizer, text: str, *,
-                     max_source_tokens: int, beam_size: int = 4, alpha: float = 0.6) -> Sentence:
+def prepare_sentence(
+  model: EncoderDecoder,
+  tokenizer: Tokenizer,
+  text: str,
+  *,
+  max_source_tokens: int,
+  beam_size: int = 4,
+  alpha: float = 0.6,
+) -> Sentence:
   """Translates `text` (beam search; greedy for beam_size 1) and keeps the ids and pieces."""
   max_len = model.config.max_len
   src_ids = source_ids(tokenizer, text, min(max_source_tokens, max_len))
   # Padded as `Translator.encode` pads: fewer shapes to compile, never past max_len.
   src_1S = jnp.asarray(padded([src_ids], padded_length(len(src_ids), max_len)))
-  tokens = [int(i) for i in np.asarray(translate_ids(model, src_1S, beam_size=beam_size,
-                                                     alpha=alpha, max_extra_length=50))[0]]
-  tokens = tokens[:tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
+  tokens = [
+    int(i)
+    for i in np.asarray(
+      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_length=50)
+    )[0]
+  ]
+  tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
   # BOS + pieces must fit the positional encodings (an unfinished beam can fill them all).
-  tgt_in_ids = [BOS_ID] + [i for i in tokens if i != PAD_ID][:max_len - 1]
-  return Sentence(text=text, translation=tokenizer.decode([tgt_in_ids])[0], src_ids=src_ids,
-                  tgt_in_ids=tgt_in_ids, src_pieces=pieces_of(tokenizer, src_ids),
-                  tgt_pieces=pieces_of(tokenizer, tgt_in_ids))
+  tgt_in_ids = [BOS_ID] + [i for i in tokens if i != PAD_ID][: max_len - 1]
+  return Sentence(
+    text=text,
+    translation=tokenizer.decode([tgt_in_ids])[0],
+    src_ids=src_ids,
+    tgt_in_ids=tgt_in_ids,
+    src_pieces=pieces_of(tokenizer, src_ids),
+    tgt_pieces=pieces_of(tokenizer, tgt_in_ids),
+  )
 
 
 def word_groups(pieces: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -156,8 +188,12 @@ def word_groups(pieces: Sequence[str]) -> list[tuple[str, list[int]]]:
   """
   groups: list[tuple[str, list[int]]] = []
   for i, piece in enumerate(pieces):
-    if piece in SPECIAL_PIECES or piece.startswith(WORD_START) or not groups \
-        or groups[-1][0] in SPECIAL_PIECES:
+    if (
+      piece in SPECIAL_PIECES
+      or piece.startswith(WORD_START)
+      or not groups
+      or groups[-1][0] in SPECIAL_PIECES
+    ):
       groups.append((piece.lstrip(WORD_START), [i]))
     else:
       groups[-1] = (groups[-1][0] + piece, groups[-1][1] + [i])
@@ -170,8 +206,9 @@ def word_piece_indices(pieces: Sequence[str], word: str) -> list[int]:
   Pieces without a letter or digit ("." after "orange") are not part of the word's vector.
   """
   for _, indices in word_groups(pieces):
-    letters = [i for i in indices if pieces[i] not in SPECIAL_PIECES
-               and any(c.isalnum() for c in pieces[i])]
+    letters = [
+      i for i in indices if pieces[i] not in SPECIAL_PIECES and any(c.isalnum() for c in pieces[i])
+    ]
     if "".join(pieces[i] for i in letters).lstrip(WORD_START).lower() == word.lower():
       return letters
   raise ValueError(f"{word!r} is not a word of the sentence (its pieces: {' '.join(pieces)})")

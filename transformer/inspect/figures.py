@@ -12,15 +12,29 @@ import numpy as np
 # The object-oriented API renders with Agg whatever backend pyplot would pick: no display needed.
 from matplotlib.figure import Figure
 
-from transformer.inspect.attention import (AXES_NOTES, KIND_TITLES, KINDS, AttentionMaps, Sentence,
-                                           collect_attention)
+from transformer.inspect.attention import (
+  AXES_NOTES,
+  KIND_TITLES,
+  KINDS,
+  AttentionMaps,
+  Sentence,
+  collect_attention,
+)
 from transformer.model.transformer import EncoderDecoder
 
 CELL_INCHES = 0.3  # one token's row or column: room for an 8-point label
 
 
-def _heatmap(ax, weights_QK: np.ndarray, query_labels: Sequence[str],
-             key_labels: Sequence[str], title: str, *, vmax: float = 1.0, fontsize: int = 8):
+def _heatmap(
+  ax,
+  weights_QK: np.ndarray,
+  query_labels: Sequence[str],
+  key_labels: Sequence[str],
+  title: str,
+  *,
+  vmax: float = 1.0,
+  fontsize: int = 8,
+):
   image = ax.imshow(weights_QK, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
   ax.set_xticks(range(len(key_labels)), labels=key_labels, rotation=90, fontsize=fontsize)
   ax.set_yticks(range(len(query_labels)), labels=query_labels, fontsize=fontsize)
@@ -40,14 +54,22 @@ def _save(fig: Figure, path: Path) -> Path:
   return path
 
 
-def plot_heads(weights_NQK: np.ndarray, query_labels: Sequence[str], key_labels: Sequence[str],
-               title: str, path: Path, note: str = "rows: queries, columns: keys") -> Path:
+def plot_heads(
+  weights_NQK: np.ndarray,
+  query_labels: Sequence[str],
+  key_labels: Sequence[str],
+  title: str,
+  path: Path,
+  note: str = "rows: queries, columns: keys",
+) -> Path:
   """One layer's maps, a grid of heads (at most 4 a row) on one colour scale 0..1."""
   num_heads, q_len, k_len = weights_NQK.shape
   cols = min(num_heads, 4)
   rows = math.ceil(num_heads / cols)
-  fig = Figure(figsize=(cols * (k_len * CELL_INCHES + 1.2) + 1.0,
-                        rows * (q_len * CELL_INCHES + 1.6) + 0.6), layout="constrained")
+  fig = Figure(
+    figsize=(cols * (k_len * CELL_INCHES + 1.2) + 1.0, rows * (q_len * CELL_INCHES + 1.6) + 0.6),
+    layout="constrained",
+  )
   axes = fig.subplots(rows, cols, squeeze=False)
   for head, ax in enumerate(axes.flat):
     if head >= num_heads:
@@ -69,26 +91,43 @@ def plot_overview(maps: AttentionMaps, sentence: Sentence, path: Path, b: int = 
   for row, kind in enumerate(KINDS):
     query_labels, key_labels = _axis_labels(kind, sentence)
     for layer, weights_BNQK in enumerate(maps.of(kind)):
-      mean_QK = weights_BNQK[b, :, :len(query_labels), :len(key_labels)].mean(axis=0)
-      image = _heatmap(axes[row, layer], mean_QK, query_labels, key_labels,
-                       f"{KIND_TITLES[kind]}, layer {layer + 1}", fontsize=7)
+      mean_QK = weights_BNQK[b, :, : len(query_labels), : len(key_labels)].mean(axis=0)
+      image = _heatmap(
+        axes[row, layer],
+        mean_QK,
+        query_labels,
+        key_labels,
+        f"{KIND_TITLES[kind]}, layer {layer + 1}",
+        fontsize=7,
+      )
   fig.colorbar(image, ax=axes, shrink=0.5, label="attention weight, mean over heads")
-  fig.suptitle(f"{sentence.text!r} -> {sentence.translation!r}\n"
-               "decoder rows: input pieces (row t predicts piece t+1)", fontsize=11)
+  fig.suptitle(
+    f"{sentence.text!r} -> {sentence.translation!r}\n"
+    "decoder rows: input pieces (row t predicts piece t+1)",
+    fontsize=11,
+  )
   return _save(fig, path)
 
 
 def write_attention_figures(model: EncoderDecoder, sentence: Sentence, out_dir: Path) -> list[Path]:
   """Collects the sentence's weights and writes `<kind>_layer<l>.png` and `overview.png`."""
-  _, maps = collect_attention(model, np.array([sentence.src_ids], np.int32),
-                              np.array([sentence.tgt_in_ids], np.int32))
+  _, maps = collect_attention(
+    model, np.array([sentence.src_ids], np.int32), np.array([sentence.tgt_in_ids], np.int32)
+  )
   paths = []
   for kind in KINDS:
     query_labels, key_labels = _axis_labels(kind, sentence)
     for layer, weights_BNQK in enumerate(maps.of(kind)):
-      paths.append(plot_heads(weights_BNQK[0], query_labels, key_labels,
-                              f"{KIND_TITLES[kind]}, layer {layer + 1}",
-                              out_dir / f"{kind}_layer{layer + 1}.png", AXES_NOTES[kind]))
+      paths.append(
+        plot_heads(
+          weights_BNQK[0],
+          query_labels,
+          key_labels,
+          f"{KIND_TITLES[kind]}, layer {layer + 1}",
+          out_dir / f"{kind}_layer{layer + 1}.png",
+          AXES_NOTES[kind],
+        )
+      )
   paths.append(plot_overview(maps, sentence, out_dir / "overview.png"))
   return paths
 
@@ -99,16 +138,26 @@ def plot_contrast_attention(report: dict, path: Path) -> Path:
   num_layers = len(contexts[0]["attention"])
   longest = max(len(c["pieces"]) for c in contexts)
   num_heads = len(contexts[0]["attention"][0]["per_head"])
-  fig = Figure(figsize=(len(contexts) * (longest * CELL_INCHES + 1.4) + 1.0,
-                        num_layers * ((num_heads + 1) * CELL_INCHES + 1.5) + 0.8),
-               layout="constrained")
+  fig = Figure(
+    figsize=(
+      len(contexts) * (longest * CELL_INCHES + 1.4) + 1.0,
+      num_layers * ((num_heads + 1) * CELL_INCHES + 1.5) + 0.8,
+    ),
+    layout="constrained",
+  )
   axes = fig.subplots(num_layers, len(contexts), squeeze=False)
   for col, context in enumerate(contexts):
     for layer, attention in enumerate(context["attention"]):
       rows_HS = np.array(attention["per_head"] + [attention["mean"]])
       labels = [f"head {h + 1}" for h in range(num_heads)] + ["mean"]
-      image = _heatmap(axes[layer, col], rows_HS, labels, context["pieces"],
-                       f"layer {layer + 1}: {context['text']!r}", fontsize=8)
+      image = _heatmap(
+        axes[layer, col],
+        rows_HS,
+        labels,
+        context["pieces"],
+        f"layer {layer + 1}: {context['text']!r}",
+        fontsize=8,
+      )
   fig.colorbar(image, ax=axes, shrink=0.5, label=f"attention weight of {report['word']!r}")
   fig.suptitle(f"where {report['word']!r} attends in the encoder", fontsize=12)
   return _save(fig, path)
@@ -135,5 +184,8 @@ def write_contrast(report: dict, out_dir: Path) -> list[Path]:
   out_dir.mkdir(parents=True, exist_ok=True)
   json_path = out_dir / "contrast.json"
   json_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-  return [json_path, plot_contrast_attention(report, out_dir / "contrast_attention.png"),
-          plot_contrast_similarity(report, out_dir / "contrast_similarity.png")]
+  return [
+    json_path,
+    plot_contrast_attention(report, out_dir / "contrast_attention.png"),
+    plot_contrast_similarity(report, out_dir / "contrast_similarity.png"),
+  ]

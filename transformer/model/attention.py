@@ -10,6 +10,7 @@ output and zero weights in every implementation, never NaN.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,9 @@ from transformer.model.masks import MASKED, as_4d, causal_mask
 from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, HEADS, KV, LENGTH, constrain
 
 
-def attention_logits(q_BTNH: Float[Array, "B T N H"],
-                     k_BSNH: Float[Array, "B S N H"]) -> Float[Array, "B N T S"]:
+def attention_logits(
+  q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"]
+) -> Float[Array, "B N T S"]:
   """The scaled dot products Q K^T / sqrt(d_k), in float32.
 
   The scale keeps the logits' variance at 1 for unit-variance q and k; without it large d_k
@@ -34,9 +36,13 @@ def attention_logits(q_BTNH: Float[Array, "B T N H"],
   return jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
 
 
-def attention_weights(q_BTNH: Float[Array, "B T N H"], k_BSNH: Float[Array, "B S N H"], *,
-                      mask: Bool[Array, ...] | None = None,
-                      is_causal: bool = False) -> Float[Array, "B N T S"]:
+def attention_weights(
+  q_BTNH: Float[Array, "B T N H"],
+  k_BSNH: Float[Array, "B S N H"],
+  *,
+  mask: Bool[Array, ...] | None = None,
+  is_causal: bool = False,
+) -> Float[Array, "B N T S"]:
   """softmax(Q K^T / sqrt(d_k)) in float32, masked entries exactly zero."""
   logits_BNTS = attention_logits(q_BTNH, k_BSNH)
   mask = _combine(as_4d(mask), is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
@@ -65,38 +71,55 @@ def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cu
     # cuDNN takes the mask as an additive bias with full query and key lengths ([b, n, T, S];
     # b and n may stay 1); a key-padding mask [B, 1, 1, S] is spread over the queries.
     mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_BTNH.shape[1], mask.shape[3]))
-  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
-                                          implementation=implementation)
+  out_BTNH = jax.nn.dot_product_attention(
+    q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal, implementation=implementation
+  )
   mask = _combine(mask, is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
   if mask is None:
     return out_BTNH
   # jax.nn averages all values on a fully masked row; we define that row's output as zero.
   any_key_BNT = jnp.broadcast_to(
-      jnp.any(mask, axis=-1), (q_BTNH.shape[0], q_BTNH.shape[2], q_BTNH.shape[1]))
+    jnp.any(mask, axis=-1), (q_BTNH.shape[0], q_BTNH.shape[2], q_BTNH.shape[1])
+  )
   return out_BTNH * jnp.transpose(any_key_BNT, (0, 2, 1))[..., None].astype(out_BTNH.dtype)
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int, kv_len: int,
-                           q_len: int) -> str:
+def resolve_implementation(
+  implementation: str, dtype, head_dim: int, kv_len: int, q_len: int
+) -> str:
   """The implementation that "auto" stands for on this backend and these shapes."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is unknown: "
-                     f"use one of {ATTENTION_IMPLEMENTATIONS}")
+    raise ValueError(
+      f"attention implementation {implementation!r} is unknown: "
+      f"use one of {ATTENTION_IMPLEMENTATIONS}"
+    )
   if implementation != "auto":
     return implementation
   # cuDNN's fused kernel needs 16-bit inputs and H a multiple of 8 up to 128; with a mask (passed
   # as a bias) its backward pass also needs even lengths, so odd buckets take the XLA path.
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-      and head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0:
+  if (
+    jax.default_backend() == "gpu"
+    and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+    and q_len % 2 == 0
+    and kv_len % 2 == 0
+  ):
     return "cudnn"
   # Past ~1k x 1k the [T, S] score matrix costs more memory traffic than the blockwise loop.
   return "blockwise" if q_len * kv_len > 1024 * 1024 else "xla"
 
 
-def dot_product_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S N H"],
-                          v: Float[Array, "B S N H"], *, mask: Bool[Array, ...] | None = None,
-                          is_causal: bool = False, implementation: str = "xla",
-                          block_size: int = 256) -> Float[Array, "B T N H"]:
+def dot_product_attention(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S N H"],
+  v: Float[Array, "B S N H"],
+  *,
+  mask: Bool[Array, ...] | None = None,
+  is_causal: bool = False,
+  implementation: str = "xla",
+  block_size: int = 256,
+) -> Float[Array, "B T N H"]:
   """softmax(Q K^T / sqrt(d_k)) V for every head at once.
 
   Args:
@@ -111,8 +134,9 @@ def dot_product_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S N H"]
   Returns:
     [B, T, N, H], in q's dtype; rows with no visible key are zero.
   """
-  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], k.shape[1],
-                                          q.shape[1])
+  implementation = resolve_implementation(
+    implementation, q.dtype, q.shape[-1], k.shape[1], q.shape[1]
+  )
   mask = as_4d(mask)
   if implementation == "xla":
     return _xla_attention(q, k, v, mask, is_causal)
@@ -144,10 +168,12 @@ class MultiHeadAttention(nnx.Module):
     self.config, self.cross = config, cross
     d, n, h, w = config.d_model, config.num_heads, config.head_dim, config.weight_dtype
     # Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
-    init_in = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0,
-                                                out_axis=(1, 2))
-    init_out = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
-                                                 out_axis=2)
+    init_in = nnx.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2)
+    )
+    init_out = nnx.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2
+    )
     self.query = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
     self.key = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
     self.value = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
@@ -159,9 +185,9 @@ class MultiHeadAttention(nnx.Module):
     self.out_bias = param(rngs, zeros, (d,), (EMBED,), w)
     self.weights_dropout = nnx.Dropout(config.attention_dropout_rate, rngs=rngs)
     # Filled by init_cache; declared as data so the cache is part of the module's state.
-    self.cached_key = nnx.data(None)
-    self.cached_value = nnx.data(None)
-    self.cache_index = nnx.data(None)
+    self.cached_key: Any = nnx.data(None)
+    self.cached_value: Any = nnx.data(None)
+    self.cache_index: Any = nnx.data(None)
     # Rotary positions belong to self-attention: source and target positions are not comparable.
     self.uses_rope = config.position == "rope" and not cross
 
@@ -170,8 +196,9 @@ class MultiHeadAttention(nnx.Module):
     y_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD.astype(dtype), kernel[...].astype(dtype))
     return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
-  def init_cache(self, batch_size: int, max_length: int,
-                 context_BSD: Float[Array, "B S D"] | None = None) -> None:
+  def init_cache(
+    self, batch_size: int, max_length: int, context_BSD: Float[Array, "B S D"] | None = None
+  ) -> None:
     """Allocates the KV cache: empty [B, max_length, N, H] for self-attention, or the projected
     `context` (the encoder output) for cross-attention."""
     if self.cross:
@@ -202,10 +229,18 @@ class MultiHeadAttention(nnx.Module):
     visible = causal_mask(x_BTD.shape[1], self.cached_key.shape[1], q_offset=index)
     return self.cached_key[...], self.cached_value[...], visible
 
-  def __call__(self, x_BTD: Float[Array, "B T D"], context_BSD: Float[Array, "B S D"] | None = None,
-               *, mask: Bool[Array, ...] | None = None, is_causal: bool = False,
-               q_positions_BT=None, kv_positions_BS=None, use_cache: bool = False,
-               return_weights: bool = False):
+  def __call__(
+    self,
+    x_BTD: Float[Array, "B T D"],
+    context_BSD: Float[Array, "B S D"] | None = None,
+    *,
+    mask: Bool[Array, ...] | None = None,
+    is_causal: bool = False,
+    q_positions_BT=None,
+    kv_positions_BS=None,
+    use_cache: bool = False,
+    return_weights: bool = False,
+  ):
     """Self-attention when `context` is None, else attention from x to context.
 
     Args:
@@ -228,8 +263,11 @@ class MultiHeadAttention(nnx.Module):
       mask = visible if mask is None else (as_4d(mask) & visible)
       is_causal = False
     weights_BNTS = None
-    use_weights = return_weights or self.sow_weights or (
-        self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic)
+    use_weights = (
+      return_weights
+      or self.sow_weights
+      or (self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic)
+    )
     if use_weights:
       weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
       if self.sow_weights:
@@ -237,9 +275,15 @@ class MultiHeadAttention(nnx.Module):
       dropped_BNTS = self.weights_dropout(weights_BNTS)
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
     else:
-      out_BTNH = dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
-                                       implementation=self.config.attention,
-                                       block_size=self.config.attention_block_size)
+      out_BTNH = dot_product_attention(
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        mask=mask,
+        is_causal=is_causal,
+        implementation=self.config.attention,
+        block_size=self.config.attention_block_size,
+      )
     dtype = self.config.compute_dtype
     y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH.astype(dtype), self.out[...].astype(dtype))
     y_BTD = y_BTD + self.out_bias[...].astype(dtype)[None, None]

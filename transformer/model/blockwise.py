@@ -1,8 +1,8 @@
 """Blockwise exact attention with O(T x K) memory for forward and backward.
 
 The keys are visited in blocks of K with an online softmax (Milakov & Gimelshein 2018;
-FlashAttention, Dao et al. 2022), so no [T, S] matrix ever exists. The backward pass recomputes each block's probabilities from
-the saved log-sum-exp instead of storing them.
+FlashAttention, Dao et al. 2022), so no [T, S] matrix ever exists. The backward pass recomputes
+each block's probabilities from the saved log-sum-exp instead of storing them.
 
 Two schedules share the per-block math below:
   full    one scan over key blocks, every query at once ([T, K] blocks): the fewest, largest
@@ -39,7 +39,7 @@ def _key_blocks(x_BNS_, block, axis: int = 2):
   """Splits the key axis into blocks and puts the block index first, for a scan over it:
   [B, N, S, H] -> [S/K, B, N, K, H], or with axis=3 [B, N, H, S] -> [S/K, B, N, H, K]."""
   shape = x_BNS_.shape
-  blocked = x_BNS_.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
+  blocked = x_BNS_.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1 :])
   return jnp.moveaxis(blocked, axis, 0)
 
 
@@ -75,8 +75,12 @@ def _block_inputs(key_blocks, v_BNSH, mask, block):
   """(block index, `key_blocks` as split by `_key_blocks`, value blocks, mask blocks): what a
   scan over key blocks reads."""
   num_blocks = v_BNSH.shape[2] // block
-  return (jnp.arange(num_blocks), key_blocks, _key_blocks(v_BNSH, block),
-          None if mask is None else _mask_blocks(mask, block, num_blocks))
+  return (
+    jnp.arange(num_blocks),
+    key_blocks,
+    _key_blocks(v_BNSH, block),
+    None if mask is None else _mask_blocks(mask, block, num_blocks),
+  )
 
 
 def _online_softmax(carry, s_BNTK, v_BNKH, mask_j):
@@ -89,16 +93,23 @@ def _online_softmax(carry, s_BNTK, v_BNKH, mask_j):
   if mask_j is not None:
     p_BNTK = jnp.where(mask_j, p_BNTK, 0.0)
   correction_BNT = jnp.exp(max_BNT - new_max_BNT)
-  pv_BNTH = jnp.einsum("BNTK,BNKH->BNTH", p_BNTK.astype(v_BNKH.dtype), v_BNKH,
-                       preferred_element_type=jnp.float32)
-  return (out_BNTH * correction_BNT[..., None] + pv_BNTH, new_max_BNT,
-          sum_BNT * correction_BNT + p_BNTK.sum(-1))
+  pv_BNTH = jnp.einsum(
+    "BNTK,BNKH->BNTH", p_BNTK.astype(v_BNKH.dtype), v_BNKH, preferred_element_type=jnp.float32
+  )
+  return (
+    out_BNTH * correction_BNT[..., None] + pv_BNTH,
+    new_max_BNT,
+    sum_BNT * correction_BNT + p_BNTK.sum(-1),
+  )
 
 
 def _empty_softmax(q_BNTH):
   b, n, t, h = q_BNTH.shape
-  return (jnp.zeros((b, n, t, h), jnp.float32), jnp.full((b, n, t), MASKED, jnp.float32),
-          jnp.zeros((b, n, t), jnp.float32))
+  return (
+    jnp.zeros((b, n, t, h), jnp.float32),
+    jnp.full((b, n, t), MASKED, jnp.float32),
+    jnp.zeros((b, n, t), jnp.float32),
+  )
 
 
 def _finish_softmax(carry):
@@ -108,16 +119,21 @@ def _finish_softmax(carry):
   return out_BNTH / safe_sum_BNT[..., None], max_BNT + jnp.log(safe_sum_BNT)
 
 
-def _tile_gradients(q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_BNKH, d_out_BNTH, d_out_BNHT, lse_BNT,
-                    delta_BNT, mask_BNKT):
+def _tile_gradients(
+  q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_BNKH, d_out_BNTH, d_out_BNHT, lse_BNT, delta_BNT, mask_BNKT
+):
   """FlashAttention-2's backward for one tile, on the transposed tile [K, T] so that all five
   products take row-major operands: (dQ^T, dK, dV) contributions, scale folded in q."""
   s_BNKT = jnp.einsum("BNKH,BNHT->BNKT", k_BNKH, q_BNHT, preferred_element_type=jnp.float32)
   p_BNKT = jnp.exp(s_BNKT - lse_BNT[:, :, None])
   if mask_BNKT is not None:
     p_BNKT = jnp.where(mask_BNKT, p_BNKT, 0.0)
-  d_v_BNKH = jnp.einsum("BNKT,BNTH->BNKH", p_BNKT.astype(d_out_BNTH.dtype), d_out_BNTH,
-                        preferred_element_type=jnp.float32)
+  d_v_BNKH = jnp.einsum(
+    "BNKT,BNTH->BNKH",
+    p_BNKT.astype(d_out_BNTH.dtype),
+    d_out_BNTH,
+    preferred_element_type=jnp.float32,
+  )
   d_p_BNKT = jnp.einsum("BNKH,BNHT->BNKT", v_BNKH, d_out_BNHT, preferred_element_type=jnp.float32)
   d_s_BNKT = (p_BNKT * (d_p_BNKT - delta_BNT[:, :, None])).astype(q_BNTH.dtype)
   d_q_BNHT = jnp.einsum("BNHK,BNKT->BNHT", k_BNHK, d_s_BNKT, preferred_element_type=jnp.float32)
@@ -161,8 +177,9 @@ def _by_head_groups(fn, arrays, mask, group):
   split = lambda x: x.reshape((b * n // group, 1, group) + x.shape[2:])
   shared = mask is None or mask.shape[:2] == (1, 1)
   masks = None if shared else split(jnp.broadcast_to(mask, (b, n) + mask.shape[2:]))
-  out = jax.lax.map(lambda x: fn(x[0], mask if shared else x[1]),
-                    (tuple(split(x) for x in arrays), masks))
+  out = jax.lax.map(
+    lambda x: fn(x[0], mask if shared else x[1]), (tuple(split(x) for x in arrays), masks)
+  )
   return jax.tree.map(lambda x: x.reshape((b, n) + x.shape[3:]), out)
 
 
@@ -185,12 +202,12 @@ def _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block, carry=None):
     return carry
 
   carry = _empty_softmax(q_BNTH) if carry is None else carry
-  return _by_head_groups(heads_forward, (q_BNTH, k_BNSH, v_BNSH, *carry), mask,
-                         head_group(b * n, t, block))
+  return _by_head_groups(
+    heads_forward, (q_BNTH, k_BNSH, v_BNSH, *carry), mask, head_group(b * n, t, block)
+  )
 
 
-def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal,
-                   block):
+def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal, block):
   b, n, t, _ = q_BNTH.shape
 
   def heads_backward(arrays, mask):
@@ -201,18 +218,23 @@ def _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask,
       j, (k_BNKH, k_BNHK), v_j, mask_j = x
       mask_j = _block_mask(mask_j, is_causal, j, t, block)
       mask_BNKT = None if mask_j is None else jnp.swapaxes(mask_j, 2, 3)
-      d_q, d_k, d_v = _tile_gradients(q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_j, d_out_BNTH,
-                                      d_out_BNHT, lse_BNT, delta_BNT, mask_BNKT)
+      d_q, d_k, d_v = _tile_gradients(
+        q_BNTH, q_BNHT, k_BNKH, k_BNHK, v_j, d_out_BNTH, d_out_BNHT, lse_BNT, delta_BNT, mask_BNKT
+      )
       return d_q_BNHT + d_q, (d_k, d_v)
 
     key_blocks = (_key_blocks(k_BNSH, block), _key_blocks(_transposed(k_BNSH), block, axis=3))
     d_q_BNHT, (d_k_blocks, d_v_blocks) = jax.lax.scan(
-        step, jnp.zeros(q_BNHT.shape, jnp.float32),
-        _block_inputs(key_blocks, v_BNSH, mask, block))
+      step, jnp.zeros(q_BNHT.shape, jnp.float32), _block_inputs(key_blocks, v_BNSH, mask, block)
+    )
     return _transposed(d_q_BNHT), _unblock(d_k_blocks), _unblock(d_v_blocks)
 
-  return _by_head_groups(heads_backward, (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT),
-                         mask, head_group(b * n, t, block))
+  return _by_head_groups(
+    heads_backward,
+    (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT),
+    mask,
+    head_group(b * n, t, block),
+  )
 
 
 # Leaves span up to this many key blocks. Larger leaves mean fewer levels of smaller batched
@@ -228,7 +250,7 @@ def causal_leaf(length: int, block: int) -> tuple[int, int]:
   blocks when longer than one. `blockwise_attention` pads T to leaf * 2**levels.
   """
   levels = max(0, math.ceil(math.log2(length / (LEAF_BLOCKS * block))))
-  leaf = -(-length // 2 ** levels)
+  leaf = -(-length // 2**levels)
   if leaf > block:
     leaf = -(-leaf // block) * block
   return leaf, levels
@@ -268,7 +290,7 @@ def _causal_pieces(q_BNTH, mask, block):
   b, n, t, _ = q_BNTH.shape
   leaf, levels = causal_leaf(t, block)
   key_mask_BNT = None if mask is None else jnp.broadcast_to(mask[:, :, 0], (b, n, t))
-  return leaf, [leaf * 2 ** level for level in range(levels)], key_mask_BNT
+  return leaf, [leaf * 2**level for level in range(levels)], key_mask_BNT
 
 
 def _piece_mask(key_mask_BNT, size, leaf: bool):
@@ -283,14 +305,22 @@ def _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block):
   """Leaves along the diagonal, then one rectangle call per level; each level continues the
   online softmax of the queries it serves from where the smaller pieces left it."""
   leaf, sizes, key_mask_BNT = _causal_pieces(q_BNTH, mask, block)
-  carry = _full_forward(*(_segments(x, leaf) for x in (q_BNTH, k_BNSH, v_BNSH)),
-                        _piece_mask(key_mask_BNT, leaf, True), True, block)
+  q_leaves, k_leaves, v_leaves = (_segments(x, leaf) for x in (q_BNTH, k_BNSH, v_BNSH))
+  carry = _full_forward(
+    q_leaves, k_leaves, v_leaves, _piece_mask(key_mask_BNT, leaf, True), True, block
+  )
   carry = tuple(x.reshape(q_BNTH.shape[:3] + x.shape[3:]) for x in carry)
   for size in sizes:
     seen = tuple(_half(x, size, True) for x in carry)
-    seen = _full_forward(_half(q_BNTH, size, True), _half(k_BNSH, size, False),
-                         _half(v_BNSH, size, False), _piece_mask(key_mask_BNT, size, False),
-                         False, block, carry=seen)
+    seen = _full_forward(
+      _half(q_BNTH, size, True),
+      _half(k_BNSH, size, False),
+      _half(v_BNSH, size, False),
+      _piece_mask(key_mask_BNT, size, False),
+      False,
+      block,
+      carry=seen,
+    )
     carry = tuple(_update_half(x, h, size, True, add=False) for x, h in zip(carry, seen))
   return _finish_softmax(carry)
 
@@ -299,15 +329,24 @@ def _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mas
   """Each piece's FlashAttention backward with the global log-sum-exp; the gradients add."""
   leaf, sizes, key_mask_BNT = _causal_pieces(q_BNTH, mask, block)
   inputs = (q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT)
-  grads = _full_backward(*(_segments(x, leaf) for x in inputs),
-                         _piece_mask(key_mask_BNT, leaf, True), True, block)
+  q, k, v, d_out, lse, delta = (_segments(x, leaf) for x in inputs)
+  grads = _full_backward(
+    q, k, v, d_out, lse, delta, _piece_mask(key_mask_BNT, leaf, True), True, block
+  )
   d_q_BNTH, d_k_BNSH, d_v_BNSH = (g.reshape(q_BNTH.shape) for g in grads)
   for size in sizes:
-    q, d_out, lse, delta = (_half(x, size, True) for x in (q_BNTH, d_out_BNTH, lse_BNT,
-                                                           delta_BNT))
-    d_q, d_k, d_v = _full_backward(q, _half(k_BNSH, size, False), _half(v_BNSH, size, False),
-                                   d_out, lse, delta, _piece_mask(key_mask_BNT, size, False),
-                                   False, block)
+    q, d_out, lse, delta = (_half(x, size, True) for x in (q_BNTH, d_out_BNTH, lse_BNT, delta_BNT))
+    d_q, d_k, d_v = _full_backward(
+      q,
+      _half(k_BNSH, size, False),
+      _half(v_BNSH, size, False),
+      d_out,
+      lse,
+      delta,
+      _piece_mask(key_mask_BNT, size, False),
+      False,
+      block,
+    )
     d_q_BNTH = _update_half(d_q_BNTH, d_q, size, True, add=True)
     d_k_BNSH = _update_half(d_k_BNSH, d_k, size, False, add=True)
     d_v_BNSH = _update_half(d_v_BNSH, d_v, size, False, add=True)
@@ -327,8 +366,9 @@ def _blockwise_forward(q, k, v, mask, is_causal, block):
   if _skips_upper_half(is_causal, q, k, mask):
     out_BNTH, lse_BNT = _causal_forward(q_BNTH, k_BNSH, v_BNSH, mask, block)
   else:
-    out_BNTH, lse_BNT = _finish_softmax(_full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal,
-                                                      block))
+    out_BNTH, lse_BNT = _finish_softmax(
+      _full_forward(q_BNTH, k_BNSH, v_BNSH, mask, is_causal, block)
+    )
   return _heads_major(out_BNTH).astype(q.dtype), lse_BNT
 
 
@@ -352,11 +392,16 @@ def _blockwise_core_bwd(is_causal, block, residuals, d_out_BTNH):
   if _skips_upper_half(is_causal, q, k, mask):
     grads = _causal_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, block)
   else:
-    grads = _full_backward(q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask,
-                           is_causal, block)
+    grads = _full_backward(
+      q_BNTH, k_BNSH, v_BNSH, d_out_BNTH, lse_BNT, delta_BNT, mask, is_causal, block
+    )
   d_q_BNTH, d_k_BNSH, d_v_BNSH = grads
-  return (_heads_major(d_q_BNTH * scale).astype(q.dtype), _heads_major(d_k_BNSH).astype(k.dtype),
-          _heads_major(d_v_BNSH).astype(v.dtype), None)
+  return (
+    _heads_major(d_q_BNTH * scale).astype(q.dtype),
+    _heads_major(d_k_BNSH).astype(k.dtype),
+    _heads_major(d_v_BNSH).astype(v.dtype),
+    None,
+  )
 
 
 _blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
@@ -373,7 +418,7 @@ def blockwise_attention(q_BTNH, k_BSNH, v_BSNH, mask=None, is_causal=False, bloc
   square = _skips_upper_half(is_causal, q_BTNH, k_BSNH, mask)
   if square:
     leaf, levels = causal_leaf(s, block_size)
-    block, padded = min(block_size, leaf), leaf * 2 ** levels
+    block, padded = min(block_size, leaf), leaf * 2**levels
   else:
     block = min(block_size, s)
     padded = -(-s // block) * block

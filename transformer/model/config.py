@@ -78,13 +78,20 @@ class TransformerConfig:
         raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
     if self.d_model % self.num_heads:
       raise ValueError(
-          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}: "
-          "choose d_model as a multiple of num_heads")
+        f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}: "
+        "choose d_model as a multiple of num_heads"
+      )
     if self.position == "rope" and self.head_dim % 2:
       raise ValueError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
-    for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
-                          ("attention", ATTENTION_IMPLEMENTATIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES), ("logits_dtype", DTYPES)):
+    for name, allowed in (
+      ("position", POSITIONS),
+      ("norm", NORMS),
+      ("activation", ACTIVATIONS),
+      ("attention", ATTENTION_IMPLEMENTATIONS),
+      ("dtype", DTYPES),
+      ("param_dtype", DTYPES),
+      ("logits_dtype", DTYPES),
+    ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
     for name in ("dropout_rate", "attention_dropout_rate"):
@@ -92,9 +99,10 @@ class TransformerConfig:
         raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.attention_dropout_rate > 0 and self.attention in ("cudnn", "blockwise"):
       raise ValueError(
-          f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "
-          f"weights, which model.attention={self.attention!r} never forms: set it to 0, or use "
-          "attention 'xla' or 'auto'")
+        f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "
+        f"weights, which model.attention={self.attention!r} never forms: set it to 0, or use "
+        "attention 'xla' or 'auto'"
+      )
 
   @property
   def head_dim(self) -> int:
@@ -115,27 +123,56 @@ class TransformerConfig:
   @classmethod
   def tiny(cls, **overrides) -> TransformerConfig:
     """A ~45k-parameter model for tests and the copy task."""
-    values = dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2,
-                  num_decoder_layers=2, max_len=64, dropout_rate=0.0)
+    values = dict(
+      vocab_size=64,
+      d_model=32,
+      num_heads=4,
+      d_ff=64,
+      num_encoder_layers=2,
+      num_decoder_layers=2,
+      max_len=64,
+      dropout_rate=0.0,
+    )
     return cls(**{**values, **overrides})
 
   @classmethod
   def small(cls, **overrides) -> TransformerConfig:
     """The benchmark's fixed 'small' model: V 8192, D 512, 8 heads, F 2048, 6+6 layers."""
-    values = dict(vocab_size=8192, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
-                  num_decoder_layers=6, dropout_rate=0.1)
+    values = dict(
+      vocab_size=8192,
+      d_model=512,
+      num_heads=8,
+      d_ff=2048,
+      num_encoder_layers=6,
+      num_decoder_layers=6,
+      dropout_rate=0.1,
+    )
     return cls(**{**values, **overrides})
 
   @classmethod
   def base(cls, vocab_size: int = 37_000, **overrides) -> TransformerConfig:
     """The paper's base model (Table 3): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1."""
-    values = dict(vocab_size=vocab_size, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
-                  num_decoder_layers=6, dropout_rate=0.1)
+    values = dict(
+      vocab_size=vocab_size,
+      d_model=512,
+      num_heads=8,
+      d_ff=2048,
+      num_encoder_layers=6,
+      num_decoder_layers=6,
+      dropout_rate=0.1,
+    )
     return cls(**{**values, **overrides})
 
   @classmethod
   def big(cls, vocab_size: int = 37_000, **overrides) -> TransformerConfig:
     """The paper's big model (Table 3): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3."""
-    values = dict(vocab_size=vocab_size, d_model=1024, num_heads=16, d_ff=4096,
-                  num_encoder_layers=6, num_decoder_layers=6, dropout_rate=0.3)
+    values = dict(
+      vocab_size=vocab_size,
+      d_model=1024,
+      num_heads=16,
+      d_ff=4096,
+      num_encoder_layers=6,
+      num_decoder_layers=6,
+      dropout_rate=0.3,
+    )
     return cls(**{**values, **overrides})

@@ -15,8 +15,9 @@ from transformer.model.config import TransformerConfig
 from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
 
 
-def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...],
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype=jnp.float32
+) -> nnx.Param:
   """A parameter carrying its logical axis names, mapped to mesh axes later by `parallel.rules`."""
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
@@ -41,8 +42,9 @@ def sinusoidal_position_encoding(length: int, d_model: int) -> Float[Array, "T D
   return jnp.asarray(_sinusoid_table(length, d_model))
 
 
-def rotary_embedding(x_BTNH: Float[Array, "B T N H"],
-                     positions_BT: Int[Array, "B T"]) -> Float[Array, "B T N H"]:
+def rotary_embedding(
+  x_BTNH: Float[Array, "B T N H"], positions_BT: Int[Array, "B T"]
+) -> Float[Array, "B T N H"]:
   """RoPE (Su et al., 2021): rotates each pair (x_i, x_{i+H/2}) by angle pos / 10000^(2i/H).
 
   Relative offsets then appear in q.k as a rotation by (pos_q - pos_k), so no table is added.
@@ -64,9 +66,10 @@ class Embedding(nnx.Module):
     self.config = config
     # Variance 1/D so that the sqrt(D)-scaled embedding has unit variance, and the tied
     # output layer starts with logits of unit scale.
-    init = nnx.initializers.normal(stddev=config.d_model ** -0.5)
-    self.table = param(rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED),
-                       config.weight_dtype)
+    init = nnx.initializers.normal(stddev=config.d_model**-0.5)
+    self.table = param(
+      rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED), config.weight_dtype
+    )
 
   def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     table_VD = self.table[...].astype(self.config.compute_dtype)
@@ -81,8 +84,9 @@ class Embedding(nnx.Module):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def tied_logits(x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"],
-                dtype: str = "float32") -> Float[Array, "B T V"]:
+def tied_logits(
+  x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"], dtype: str = "float32"
+) -> Float[Array, "B T V"]:
   """x E^T (accumulated in float32, returned in `dtype`), with a backward pass that reads
   d logits [B T, V] in its own layout.
 
@@ -90,8 +94,9 @@ def tied_logits(x_BTD: Float[Array, "B T D"], table_VD: Float[Array, "V D"],
   the [B T, V] logit gradient (the largest array of the step) before the matmul. Computing
   d E^T = x^T d logits instead transposes only x [B T, D] and the [D, V] result.
   """
-  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD,
-                    preferred_element_type=jnp.float32).astype(dtype)
+  return jnp.einsum("BTD,VD->BTV", x_BTD, table_VD, preferred_element_type=jnp.float32).astype(
+    dtype
+  )
 
 
 def _tied_logits_fwd(x_BTD, table_VD, dtype):
@@ -102,8 +107,7 @@ def _tied_logits_bwd(dtype, residuals, d_logits_BTV):
   x_BTD, table_VD = residuals
   d_logits_BTV = d_logits_BTV.astype(x_BTD.dtype)
   d_x_BTD = jnp.einsum("BTV,VD->BTD", d_logits_BTV, table_VD)
-  d_table_DV = jnp.einsum("BTD,BTV->DV", x_BTD, d_logits_BTV,
-                          preferred_element_type=jnp.float32)
+  d_table_DV = jnp.einsum("BTD,BTV->DV", x_BTD, d_logits_BTV, preferred_element_type=jnp.float32)
   return d_x_BTD, d_table_DV.T.astype(table_VD.dtype)
 
 
@@ -115,8 +119,13 @@ class OutputProjection(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.kernel = param(rngs, nnx.initializers.lecun_normal(), (config.d_model, config.vocab_size),
-                        (EMBED, VOCAB), config.weight_dtype)
+    self.kernel = param(
+      rngs,
+      nnx.initializers.lecun_normal(),
+      (config.d_model, config.vocab_size),
+      (EMBED, VOCAB),
+      config.weight_dtype,
+    )
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     kernel_DV = self.kernel[...].astype(self.config.compute_dtype)
@@ -130,8 +139,13 @@ class PositionEncoding(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.kind, self.max_len, self.d_model = config.position, config.max_len, config.d_model
     if config.position == "learned":
-      self.table = param(rngs, nnx.initializers.normal(stddev=0.02),
-                         (config.max_len, config.d_model), (LENGTH, EMBED), config.weight_dtype)
+      self.table = param(
+        rngs,
+        nnx.initializers.normal(stddev=0.02),
+        (config.max_len, config.d_model),
+        (LENGTH, EMBED),
+        config.weight_dtype,
+      )
 
   def __call__(self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
     if self.kind == "rope":
@@ -140,8 +154,10 @@ class PositionEncoding(nnx.Module):
     # every position; the length is static, so the check costs nothing at run time. (In decode
     # mode the offset is traced, but `init_cache` already bounds the cache by max_len.)
     if positions_BT.shape[-1] > self.max_len:
-      raise ValueError(f"sequence of {positions_BT.shape[-1]} positions exceeds model.max_len="
-                       f"{self.max_len}: raise max_len or shorten the input")
+      raise ValueError(
+        f"sequence of {positions_BT.shape[-1]} positions exceeds model.max_len="
+        f"{self.max_len}: raise max_len or shorten the input"
+      )
     if self.kind == "learned":
       table_LD = self.table[...]
     else:  # a constant folded into the compiled program, not a parameter to train or save
@@ -172,8 +188,12 @@ class FeedForward(nnx.Module):
     return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
-def layer_norm_BTD(x_BTD: Float[Array, "B T D"], scale_D: Float[Array, "D"],
-                   bias_D: Float[Array, "D"], epsilon: float) -> Float[Array, "B T D"]:
+def layer_norm_BTD(
+  x_BTD: Float[Array, "B T D"],
+  scale_D: Float[Array, " D"],
+  bias_D: Float[Array, " D"],
+  epsilon: float,
+) -> Float[Array, "B T D"]:
   """(x - mean) / sqrt(var + eps) * scale + bias over D (Ba et al., 2016), in x's dtype.
 
   Mean and variance are taken in float32 whatever x's dtype (bfloat16 sums of 512 squares lose

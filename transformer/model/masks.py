@@ -30,8 +30,6 @@ def padding_mask(ids_BS: jax.Array, pad_id: int) -> Bool[Array, "B 1 1 S"]:
   return (ids_BS != pad_id)[:, None, None, :]
 
 
-
-
 def segment_mask(q_segments_BT: jax.Array, kv_segments_BS: jax.Array) -> Bool[Array, "B 1 T S"]:
   """True where query and key belong to the same packed sentence (segment ids 1, 2, ...); keys of
   segment 0, the padding, are hidden from every query."""

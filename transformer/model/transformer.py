@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,14 @@ from jaxtyping import Array, Float, Int
 
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.config import TransformerConfig
-from transformer.model.layers import (Embedding, FeedForward, LayerNorm, OutputProjection,
-                                      PositionEncoding, param)
+from transformer.model.layers import (
+  Embedding,
+  FeedForward,
+  LayerNorm,
+  OutputProjection,
+  PositionEncoding,
+  param,
+)
 from transformer.model.masks import padding_mask, segment_mask
 from transformer.parallel.axes import EMBED, VOCAB
 
@@ -57,7 +64,9 @@ class DecoderLayer(nnx.Module):
     self.self_attention = MultiHeadAttention(config, rngs=rngs)
     self.self_attention_block = Residual(config, rngs=rngs)
     if cross:
-      self.cross_attention = MultiHeadAttention(config, cross=True, rngs=rngs)
+      self.cross_attention: MultiHeadAttention | None = MultiHeadAttention(
+        config, cross=True, rngs=rngs
+      )
       self.cross_attention_block = Residual(config, rngs=rngs)
     else:
       self.cross_attention = None
@@ -66,12 +75,14 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, use_cache):
     # Outside decoding the causal part of the mask is built blockwise by the attention itself.
-    attend_self = lambda y: self.self_attention(y, mask=self_mask, is_causal=not use_cache,
-                                                q_positions_BT=positions_BT, use_cache=use_cache)
+    attend_self = lambda y: self.self_attention(
+      y, mask=self_mask, is_causal=not use_cache, q_positions_BT=positions_BT, use_cache=use_cache
+    )
     x_BTD = self.self_attention_block(x_BTD, attend_self)
     if self.cross_attention is not None:
-      attend_memory = lambda y: self.cross_attention(y, memory_BSD, mask=memory_mask,
-                                                     use_cache=use_cache)
+      attend_memory = lambda y: self.cross_attention(
+        y, memory_BSD, mask=memory_mask, use_cache=use_cache
+      )
       x_BTD = self.cross_attention_block(x_BTD, attend_memory)
     return self.feed_forward_block(x_BTD, self.feed_forward)
 
@@ -88,19 +99,27 @@ class Encoder(nnx.Module):
     self.config, self.embed = config, embed
     self.positions = PositionEncoding(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-    self.layers = nnx.List([EncoderLayer(config, rngs=rngs)
-                            for _ in range(config.num_encoder_layers)])
+    self.layers = nnx.List(
+      [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
+    )
     # Pre-LN leaves the residual stream un-normalised: one last LayerNorm closes the stack.
     self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
 
-  def residual_stream(self, ids_BS: Int[Array, "B S"], segments_BS: Int[Array, "B S"] | None = None,
-                      positions_BS: Int[Array, "B S"] | None = None) -> list[Float[Array, "B S D"]]:
+  def residual_stream(
+    self,
+    ids_BS: Int[Array, "B S"],
+    segments_BS: Int[Array, "B S"] | None = None,
+    positions_BS: Int[Array, "B S"] | None = None,
+  ) -> list[Float[Array, "B S D"]]:
     """The stack's input (sqrt(D) * embedding + positions, after dropout) and the output of
     each of its L layers, the last one after the final LayerNorm of a pre-LN stack."""
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
-    mask = (padding_mask(ids_BS, self.config.pad_id) if segments_BS is None
-            else segment_mask(segments_BS, segments_BS))
+    mask = (
+      padding_mask(ids_BS, self.config.pad_id)
+      if segments_BS is None
+      else segment_mask(segments_BS, segments_BS)
+    )
     states = [self.dropout(self.positions(self.embed(ids_BS), positions_BS))]
     for layer in self.layers:
       states.append(layer(states[-1], mask, positions_BS))
@@ -108,8 +127,12 @@ class Encoder(nnx.Module):
       states[-1] = self.final_norm(states[-1])
     return states
 
-  def __call__(self, ids_BS: Int[Array, "B S"], segments_BS: Int[Array, "B S"] | None = None,
-               positions_BS: Int[Array, "B S"] | None = None) -> Float[Array, "B S D"]:
+  def __call__(
+    self,
+    ids_BS: Int[Array, "B S"],
+    segments_BS: Int[Array, "B S"] | None = None,
+    positions_BS: Int[Array, "B S"] | None = None,
+  ) -> Float[Array, "B S D"]:
     return self.residual_stream(ids_BS, segments_BS, positions_BS)[-1]
 
 
@@ -120,23 +143,26 @@ class Decoder(nnx.Module):
   Packed rows pass segments and positions as `Encoder` does.
   """
 
-  def __init__(self, config: TransformerConfig, embed: Embedding, *, cross: bool,
-               rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, embed: Embedding, *, cross: bool, rngs: nnx.Rngs):
     self.config, self.embed = config, embed
     self.positions = PositionEncoding(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, cross=cross, rngs=rngs)
-                            for _ in range(config.num_decoder_layers)])
+    self.layers = nnx.List(
+      [DecoderLayer(config, cross=cross, rngs=rngs) for _ in range(config.num_decoder_layers)]
+    )
     self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
-    self.cache_index = nnx.data(None)
-    self.memory_mask = nnx.data(None)
+    self.cache_index: Any = nnx.data(None)
+    self.memory_mask: Any = nnx.data(None)
 
-  def init_cache(self, batch_size: int, max_length: int, memory_BSD=None,
-                 memory_mask_B11S=None) -> None:
+  def init_cache(
+    self, batch_size: int, max_length: int, memory_BSD=None, memory_mask_B11S=None
+  ) -> None:
     """Prepares incremental decoding of up to `max_length` positions."""
     if max_length > self.config.max_len:
-      raise ValueError(f"cannot decode {max_length} positions: model.max_len is "
-                       f"{self.config.max_len}; raise it or decode fewer tokens")
+      raise ValueError(
+        f"cannot decode {max_length} positions: model.max_len is "
+        f"{self.config.max_len}; raise it or decode fewer tokens"
+      )
     for layer in self.layers:
       layer.self_attention.init_cache(batch_size, max_length)
       if layer.cross_attention is not None:
@@ -144,10 +170,16 @@ class Decoder(nnx.Module):
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
-  def __call__(self, ids_BT: Int[Array, "B T"], memory_BSD=None, memory_mask=None, *,
-               segments_BT: Int[Array, "B T"] | None = None,
-               positions_BT: Int[Array, "B T"] | None = None,
-               use_cache: bool = False) -> Float[Array, "B T D"]:
+  def __call__(
+    self,
+    ids_BT: Int[Array, "B T"],
+    memory_BSD=None,
+    memory_mask=None,
+    *,
+    segments_BT: Int[Array, "B T"] | None = None,
+    positions_BT: Int[Array, "B T"] | None = None,
+    use_cache: bool = False,
+  ) -> Float[Array, "B T D"]:
     """`memory_mask`: which memory positions each query sees, [B, 1, 1, S] or [B, 1, T, S].
     `use_cache` (after `init_cache`): `ids_BT` holds only the new positions."""
     offset = 0
@@ -183,26 +215,36 @@ class EncoderDecoder(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.source_embed = Embedding(config, rngs=rngs)
-    self.target_embed = (self.source_embed if config.share_embeddings
-                         else Embedding(config, rngs=rngs))
+    self.target_embed = (
+      self.source_embed if config.share_embeddings else Embedding(config, rngs=rngs)
+    )
     self.encoder = Encoder(config, self.source_embed, rngs=rngs)
     self.decoder = Decoder(config, self.target_embed, cross=True, rngs=rngs)
     self.output = None if config.tie_output else OutputProjection(config, rngs=rngs)
 
-  def encode(self, src_ids_BS: Int[Array, "B S"], src_segments_BS: Int[Array, "B S"] | None = None,
-             src_positions_BS: Int[Array, "B S"] | None = None) -> Float[Array, "B S D"]:
+  def encode(
+    self,
+    src_ids_BS: Int[Array, "B S"],
+    src_segments_BS: Int[Array, "B S"] | None = None,
+    src_positions_BS: Int[Array, "B S"] | None = None,
+  ) -> Float[Array, "B S D"]:
     """Source ids [B, S] -> memory [B, S, D]."""
     return self.encoder(src_ids_BS, src_segments_BS, src_positions_BS)
 
   def logits(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     return self.target_embed.attend(x_BTD) if self.output is None else self.output(x_BTD)
 
-  def decode(self, tgt_ids_BT: Int[Array, "B T"], memory_BSD: Float[Array, "B S D"] | None = None,
-             src_ids_BS: Int[Array, "B S"] | None = None, *,
-             src_segments_BS: Int[Array, "B S"] | None = None,
-             tgt_segments_BT: Int[Array, "B T"] | None = None,
-             tgt_positions_BT: Int[Array, "B T"] | None = None,
-             use_cache: bool = False) -> Float[Array, "B T V"]:
+  def decode(
+    self,
+    tgt_ids_BT: Int[Array, "B T"],
+    memory_BSD: Float[Array, "B S D"] | None = None,
+    src_ids_BS: Int[Array, "B S"] | None = None,
+    *,
+    src_segments_BS: Int[Array, "B S"] | None = None,
+    tgt_segments_BT: Int[Array, "B T"] | None = None,
+    tgt_positions_BT: Int[Array, "B T"] | None = None,
+    use_cache: bool = False,
+  ) -> Float[Array, "B T V"]:
     """Decoder input ids [B, T] + memory [B, S, D] -> logits [B, T, V].
 
     With `use_cache=True` (after `init_cache`), `tgt_ids` holds only the new positions, and
@@ -210,28 +252,47 @@ class EncoderDecoder(nnx.Module):
     """
     if src_ids_BS is None:
       memory_mask = None
-    elif tgt_segments_BT is None:
+    elif tgt_segments_BT is None or src_segments_BS is None:
       memory_mask = padding_mask(src_ids_BS, self.config.pad_id)
     else:
       memory_mask = segment_mask(tgt_segments_BT, src_segments_BS)
-    x_BTD = self.decoder(tgt_ids_BT, memory_BSD, memory_mask, segments_BT=tgt_segments_BT,
-                         positions_BT=tgt_positions_BT, use_cache=use_cache)
+    x_BTD = self.decoder(
+      tgt_ids_BT,
+      memory_BSD,
+      memory_mask,
+      segments_BT=tgt_segments_BT,
+      positions_BT=tgt_positions_BT,
+      use_cache=use_cache,
+    )
     return self.logits(x_BTD)
 
-  def init_cache(self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"],
-                 max_length: int) -> None:
+  def init_cache(
+    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], max_length: int
+  ) -> None:
     """Caches the projected memory and allocates self-attention caches for `max_length` steps."""
-    self.decoder.init_cache(src_ids_BS.shape[0], max_length, memory_BSD,
-                            padding_mask(src_ids_BS, self.config.pad_id))
+    self.decoder.init_cache(
+      src_ids_BS.shape[0], max_length, memory_BSD, padding_mask(src_ids_BS, self.config.pad_id)
+    )
 
-  def __call__(self, src_ids_BS: Int[Array, "B S"], tgt_ids_BT: Int[Array, "B T"], *,
-               src_segments_BS: Int[Array, "B S"] | None = None,
-               tgt_segments_BT: Int[Array, "B T"] | None = None,
-               src_positions_BS: Int[Array, "B S"] | None = None,
-               tgt_positions_BT: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+  def __call__(
+    self,
+    src_ids_BS: Int[Array, "B S"],
+    tgt_ids_BT: Int[Array, "B T"],
+    *,
+    src_segments_BS: Int[Array, "B S"] | None = None,
+    tgt_segments_BT: Int[Array, "B T"] | None = None,
+    src_positions_BS: Int[Array, "B S"] | None = None,
+    tgt_positions_BT: Int[Array, "B T"] | None = None,
+  ) -> Float[Array, "B T V"]:
     memory_BSD = self.encode(src_ids_BS, src_segments_BS, src_positions_BS)
-    return self.decode(tgt_ids_BT, memory_BSD, src_ids_BS, src_segments_BS=src_segments_BS,
-                       tgt_segments_BT=tgt_segments_BT, tgt_positions_BT=tgt_positions_BT)
+    return self.decode(
+      tgt_ids_BT,
+      memory_BSD,
+      src_ids_BS,
+      src_segments_BS=src_segments_BS,
+      tgt_segments_BT=tgt_segments_BT,
+      tgt_positions_BT=tgt_positions_BT,
+    )
 
 
 class DecoderOnly(nnx.Module):
@@ -246,7 +307,9 @@ class DecoderOnly(nnx.Module):
   def init_cache(self, batch_size: int, max_length: int) -> None:
     self.decoder.init_cache(batch_size, max_length)
 
-  def __call__(self, ids_BT: Int[Array, "B T"], *, use_cache: bool = False) -> Float[Array, "B T V"]:
+  def __call__(
+    self, ids_BT: Int[Array, "B T"], *, use_cache: bool = False
+  ) -> Float[Array, "B T V"]:
     x_BTD = self.decoder(ids_BT, use_cache=use_cache)
     return self.embed.attend(x_BTD) if self.output is None else self.output(x_BTD)
 
@@ -257,11 +320,13 @@ class MaskedLMHead(nnx.Module):
   def __init__(self, config: TransformerConfig, embed: Embedding, *, rngs: nnx.Rngs):
     self.config, self.embed = config, embed
     d = config.d_model
-    self.dense = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None),
-                       config.weight_dtype)
+    self.dense = param(
+      rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), config.weight_dtype
+    )
     self.norm = LayerNorm(config, rngs=rngs)
-    self.bias = param(rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,),
-                      config.weight_dtype)
+    self.bias = param(
+      rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,), config.weight_dtype
+    )
 
   def __call__(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
     h_BSD = jnp.einsum("BSD,DE->BSE", x_BSD, self.dense[...].astype(x_BSD.dtype))
@@ -280,8 +345,9 @@ class EncoderOnly(nnx.Module):
     d = config.d_model
     w = config.weight_dtype
     self.pooler = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), w)
-    self.classifier = param(rngs, nnx.initializers.xavier_uniform(), (d, config.num_classes),
-                            (EMBED, None), w)
+    self.classifier = param(
+      rngs, nnx.initializers.xavier_uniform(), (d, config.num_classes), (EMBED, None), w
+    )
     self.classifier_bias = param(rngs, nnx.initializers.zeros, (config.num_classes,), (None,), w)
 
   def __call__(self, ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
@@ -297,7 +363,6 @@ class EncoderOnly(nnx.Module):
     pooled_BD = jnp.tanh(first_BD @ self.pooler[...].astype(first_BD.dtype))
     logits_BC = pooled_BD @ self.classifier[...].astype(first_BD.dtype)
     return logits_BC.astype(jnp.float32) + self.classifier_bias[...].astype(jnp.float32)[None]
-
 
 
 FAMILIES = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}

@@ -18,7 +18,7 @@ BATCH = "batch"
 LENGTH = "length"
 EMBED = "embed"
 HEADS = "heads"
-KV = "kv"          # the per-head width H
+KV = "kv"  # the per-head width H
 MLP = "mlp"
 VOCAB = "vocab"
 ACT_EMBED = "activation_embed"
@@ -31,14 +31,14 @@ MESH_AXES = (DATA, FSDP, TENSOR)
 # dimension (ZeRO-3 style) and over tensor on heads / mlp / vocab (Megatron-style column and row
 # splits, so each attention or FFN block needs one all-reduce).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    (BATCH, (DATA, FSDP)),
-    (LENGTH, None),
-    (EMBED, FSDP),
-    (HEADS, TENSOR),
-    (KV, None),
-    (MLP, TENSOR),
-    (VOCAB, TENSOR),
-    (ACT_EMBED, None),   # after each block's all-reduce the residual stream is whole per row
+  (BATCH, (DATA, FSDP)),
+  (LENGTH, None),
+  (EMBED, FSDP),
+  (HEADS, TENSOR),
+  (KV, None),
+  (MLP, TENSOR),
+  (VOCAB, TENSOR),
+  (ACT_EMBED, None),  # after each block's all-reduce the residual stream is whole per row
 )
 
 
@@ -60,8 +60,9 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return x
   spec = logical_to_spec(names, spmd.get_logical_axis_rules() or RULES)
   # A dimension its mesh axes do not divide (a decoding batch of beams, one sentence) stays whole.
-  spec = PartitionSpec(*(axes if size % _ways(mesh, axes) == 0 else None
-                         for size, axes in zip(x.shape, spec)))
+  spec = PartitionSpec(
+    *(axes if size % _ways(mesh, axes) == 0 else None for size, axes in zip(x.shape, spec))
+  )
   return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -30,13 +30,17 @@ class ParallelConfig:
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
     if list(sizes.values()).count(-1) > 1:
-      raise ValueError(f"parallel mesh {sizes} has more than one -1: let at most one axis fill "
-                       "in the rest")
+      raise ValueError(
+        f"parallel mesh {sizes} has more than one -1: let at most one axis fill in the rest"
+      )
     if any(s == 0 or s < -1 for s in sizes.values()):
       raise ValueError(f"parallel mesh {sizes}: sizes must be positive or -1")
     if self.strategy not in STRATEGIES:
       raise ValueError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
-    if self.coordinator_address and (self.num_processes < 1 or self.process_id < 0
-                                     or self.process_id >= self.num_processes):
-      raise ValueError("parallel.coordinator_address needs parallel.num_processes >= 1 and "
-                       "0 <= parallel.process_id < num_processes")
+    if self.coordinator_address and (
+      self.num_processes < 1 or self.process_id < 0 or self.process_id >= self.num_processes
+    ):
+      raise ValueError(
+        "parallel.coordinator_address needs parallel.num_processes >= 1 and "
+        "0 <= parallel.process_id < num_processes"
+      )

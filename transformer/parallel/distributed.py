@@ -24,12 +24,23 @@ def initialize(parallel: ParallelConfig) -> None:
   if parallel.coordinator_address:
     # Cross-process collectives on CPU devices (tests, CPU clusters); GPUs and TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(parallel.coordinator_address, num_processes=parallel.num_processes,
-                               process_id=parallel.process_id)
-  elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") \
-      or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize(
+      parallel.coordinator_address,
+      num_processes=parallel.num_processes,
+      process_id=parallel.process_id,
+    )
+  elif (
+    os.environ.get("JAX_COORDINATOR_ADDRESS")
+    or os.environ.get("SLURM_JOB_ID")
+    or os.environ.get("TPU_WORKER_HOSTNAMES")
+  ):
     jax.distributed.initialize()
   else:
     return
-  log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+  log.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

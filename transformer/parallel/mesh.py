@@ -18,37 +18,56 @@ def mesh_shape(parallel: ParallelConfig, num_devices: int) -> tuple[int, int, in
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"parallel mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
-                       f"{num_devices} devices: make the fixed axes' product divide {num_devices}")
+      raise ValueError(
+        f"parallel mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
+        f"{num_devices} devices: make the fixed axes' product divide {num_devices}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"parallel mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices "
-                     f"but {num_devices} are present: set one axis to -1 or match the count")
-  return tuple(sizes)
+    raise ValueError(
+      f"parallel mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices "
+      f"but {num_devices} are present: set one axis to -1 or match the count"
+    )
+  data, fsdp, tensor = sizes
+  return data, fsdp, tensor
 
 
 def make_mesh(parallel: ParallelConfig, devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh over all devices (of every process)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(parallel, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh(
+    shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
-def check_divisible(mesh: Mesh, *, num_heads: int, d_ff: int, d_model: int, vocab_size: int,
-                    batch_size: int | None = None) -> None:
+def check_divisible(
+  mesh: Mesh,
+  *,
+  num_heads: int,
+  d_ff: int,
+  d_model: int,
+  vocab_size: int,
+  batch_size: int | None = None,
+) -> None:
   """Clear errors when a model or batch dimension cannot be split over its mesh axis."""
   tensor, fsdp = mesh.shape[TENSOR], mesh.shape[FSDP]
-  for name, size, axis, ways in (("model.num_heads", num_heads, "tensor", tensor),
-                                 ("model.d_ff", d_ff, "tensor", tensor),
-                                 ("model.d_model", d_model, "fsdp", fsdp),
-                                 ("data.vocab_size", vocab_size, "tensor", tensor)):
+  for name, size, axis, ways in (
+    ("model.num_heads", num_heads, "tensor", tensor),
+    ("model.d_ff", d_ff, "tensor", tensor),
+    ("model.d_model", d_model, "fsdp", fsdp),
+    ("data.vocab_size", vocab_size, "tensor", tensor),
+  ):
     if size % ways:
-      raise ValueError(f"{name}={size} is not divisible by the {axis} axis ({ways} devices): "
-                       f"choose parallel.{axis} dividing {size}")
+      raise ValueError(
+        f"{name}={size} is not divisible by the {axis} axis ({ways} devices): "
+        f"choose parallel.{axis} dividing {size}"
+      )
   if batch_size is not None and batch_size % data_ways(mesh):
-    raise ValueError(f"batch of {batch_size} rows does not split over data x fsdp = "
-                     f"{mesh.shape[DATA] * fsdp} devices: use a multiple of it")
+    raise ValueError(
+      f"batch of {batch_size} rows does not split over data x fsdp = "
+      f"{mesh.shape[DATA] * fsdp} devices: use a multiple of it"
+    )
 
 
 def data_ways(mesh: Mesh) -> int:
@@ -68,5 +87,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's rows into one global array sharded over data x fsdp."""
   sharding = batch_sharding(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, value)
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, value)
+    for key, value in local_batch.items()
+  }

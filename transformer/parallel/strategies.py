@@ -26,36 +26,54 @@ from transformer.parallel.mesh import batch_sharding, replicated
 class StepFunctions(Protocol):
   """The pure pieces of a train step that a strategy composes."""
 
-  gradients: Callable   # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
-  apply: Callable       # (state, summed grads, metric sums) -> (state, metrics)
-  train_step: Callable  # (state, batch) -> (state, metrics): gradients, then apply
+  @property
+  def gradients(self) -> Callable:
+    """(params, batch, step, device=None) -> (summed-loss gradients, metric sums)."""
+
+  @property
+  def apply(self) -> Callable:
+    """(state, summed gradients, metric sums) -> (state, metrics)."""
+
+  @property
+  def train_step(self) -> Callable:
+    """(state, batch) -> (state, metrics): gradients, then apply."""
 
 
 def jit_train_step(steps: StepFunctions, state_shardings: Any, mesh: Mesh):
   """The pjit-style step: sharded state in, sharded state out, old state donated."""
-  return jax.jit(steps.train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+    steps.train_step,
+    in_shardings=(state_shardings, batch_sharding(mesh)),
+    out_shardings=(state_shardings, replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def shard_map_train_step(steps: StepFunctions, mesh: Mesh):
   """The pmap-style step: replicated state, rows split over `data`, gradients psum-ed."""
   if mesh.shape[FSDP] != 1 or mesh.shape[TENSOR] != 1:
-    raise ValueError(f"parallel.strategy=shard_map is data parallelism only, but the mesh is "
-                     f"{dict(mesh.shape)}: set parallel.fsdp=1 and parallel.tensor=1, or use "
-                     "parallel.strategy=jit")
+    raise ValueError(
+      f"parallel.strategy=shard_map is data parallelism only, but the mesh is "
+      f"{dict(mesh.shape)}: set parallel.fsdp=1 and parallel.tensor=1, or use "
+      "parallel.strategy=jit"
+    )
 
   def per_device(state, batch):
     # Each device draws its own dropout masks: the same key everywhere would repeat them.
-    grads, sums = steps.gradients(state.params, batch, state.step,
-                                  device=jax.lax.axis_index(DATA))
+    grads, sums = steps.gradients(state.params, batch, state.step, device=jax.lax.axis_index(DATA))
     # Summed gradients and token counts from every device, then one exact division in apply.
     grads, sums = jax.lax.psum((grads, sums), DATA)
     return steps.apply(state, grads, sums)
 
   # check_vma=False gives pmap's semantics: gradients of replicated parameters stay per-device
   # until the explicit psum (with it, JAX would insert that psum itself in the backward pass).
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), batch_sharding(mesh).spec),
-                         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+  mapped = jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(PartitionSpec(), batch_sharding(mesh).spec),
+    out_specs=(PartitionSpec(), PartitionSpec()),
+    check_vma=False,
+  )
   return jax.jit(mapped, donate_argnums=0)
 
 

@@ -80,7 +80,8 @@ def read_spec(workdir: Path) -> RunSpec:
   """The spec of the run in `workdir`, from its config.json."""
   path = Path(workdir) / CONFIG_FILENAME
   values = read_json(path)
-  data = values.get("data") if isinstance(values.get("data"), dict) else {}
+  data = values.get("data")
+  data = data if isinstance(data, dict) else {}
   model = values.get("model")
   if isinstance(model, dict) and "vocab_size" not in model and "vocab_size" in data:
     model = {**model, "vocab_size": data["vocab_size"]}

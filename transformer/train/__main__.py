@@ -17,10 +17,14 @@ from ml_collections import config_flags
 
 from transformer.cli import recipe_path, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe name (e.g. default) or file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, the tokenizer, "
-                               "metrics and translations are written.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Recipe name (e.g. default) or file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  "runs/default",
+  "Where checkpoints, the tokenizer, metrics and translations are written.",
+)
 
 
 def _resolve_recipe(argv: list[str]) -> list[str]:
@@ -49,16 +53,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
   except OSError as error:
     cause = str(error).strip().splitlines()[-1].strip()  # "[Errno 2] No such file ...: 'x.py'"
-    print(f"error: cannot load --config: {cause}: pass a recipe such as default or a recipe "
-          "file", file=sys.stderr)
+    print(
+      f"error: cannot load --config: {cause}: pass a recipe such as default or a recipe file",
+      file=sys.stderr,
+    )
     sys.exit(2)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     message = " ".join(str(error).replace("\\n", " ").split())
     unknown = re.search(r"(\w+)\\?'\s*Did you mean \"(\w+)\"", message)
     if unknown:  # ml_collections' locked config: an escaped KeyError inside an AttributeError
       message = f"unknown config key {unknown[1]!r}, did you mean {unknown[2]!r}?"
-    print(f"error: bad flag or config override: {message} "
-          "(see transformer/train/config.py for the keys)", file=sys.stderr)
+    print(
+      f"error: bad flag or config override: {message} "
+      "(see transformer/train/config.py for the keys)",
+      file=sys.stderr,
+    )
     sys.exit(2)
 
 
@@ -70,6 +79,7 @@ def _train(argv):
   logging.getLogger("transformer").setLevel(logging.INFO)
   from transformer.train.config import Config
   from transformer.train.loop import run
+
   return run_cli(lambda: run(Config.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value))
 
 

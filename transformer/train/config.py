@@ -66,25 +66,26 @@ class OptimizerConfig:
     if self.name not in OPTIMIZERS:
       raise ValueError(f"optimizer.name={self.name!r} is unknown: use one of {OPTIMIZERS}")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"optimizer.schedule={self.schedule!r} is unknown: use one of "
-                       f"{SCHEDULES}")
+      raise ValueError(f"optimizer.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}")
     if self.warmup_steps < 1:
-      raise ValueError(f"optimizer.warmup_steps must be >= 1 (the schedules divide by it), got "
-                       f"{self.warmup_steps}")
+      raise ValueError(
+        f"optimizer.warmup_steps must be >= 1 (the schedules divide by it), got {self.warmup_steps}"
+      )
     for key in ("b1", "b2"):
       if not 0.0 <= getattr(self, key) < 1.0:
-        raise ValueError(f"optimizer.{key} must be in [0, 1) (Adam's decay rate), got "
-                         f"{getattr(self, key)}")
+        raise ValueError(
+          f"optimizer.{key} must be in [0, 1) (Adam's decay rate), got {getattr(self, key)}"
+        )
     if not self.eps > 0:
-      raise ValueError(f"optimizer.eps must be positive (it keeps Adam's division finite), got "
-                       f"{self.eps}")
+      raise ValueError(
+        f"optimizer.eps must be positive (it keeps Adam's division finite), got {self.eps}"
+      )
     for key in ("lr_scale", "peak_learning_rate"):
       if not getattr(self, key) > 0:
         raise ValueError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
     for key in ("weight_decay", "grad_clip_norm"):
       if not getattr(self, key) >= 0:
-        raise ValueError(f"optimizer.{key} must be >= 0 (0 turns it off), got "
-                         f"{getattr(self, key)}")
+        raise ValueError(f"optimizer.{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
     if self.grad_accum_steps < 1:
       raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
@@ -108,9 +109,11 @@ class Config:
 
   task: str = "translation"
   seed: int = 0
-  model: TransformerConfig = TransformerConfig(vocab_size=8000)
-  data: DataConfig = DataConfig()
-  optimizer: OptimizerConfig = OptimizerConfig()
+  model: TransformerConfig = dataclasses.field(
+    default_factory=lambda: TransformerConfig(vocab_size=DataConfig.vocab_size)
+  )
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   label_smoothing: float = 0.1
   num_train_steps: int = 100_000
   log_every_steps: int = 100
@@ -120,33 +123,44 @@ class Config:
   average_last_checkpoints: int = 0
   init_from: str = ""
   nan_policy: str = "stop"
-  decode: DecodeConfig = DecodeConfig()
-  parallel: ParallelConfig = ParallelConfig()
+  decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
   def __post_init__(self):
     if self.task not in TASKS:
       raise ValueError(f"task={self.task!r} is unknown: use one of {TASKS}")
     if self.seed < 0:
       raise ValueError(f"seed must be >= 0, got {self.seed}")
-    for key in ("num_train_steps", "log_every_steps", "eval_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints"):
+    for key in (
+      "num_train_steps",
+      "log_every_steps",
+      "eval_every_steps",
+      "checkpoint_every_steps",
+      "keep_checkpoints",
+    ):
       if getattr(self, key) <= 0:
         raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
     if self.model.vocab_size != self.data.vocab_size:
-      raise ValueError(f"model.vocab_size={self.model.vocab_size} differs from data.vocab_size="
-                       f"{self.data.vocab_size}: the model's vocabulary is the tokenizer's; "
-                       "set data.vocab_size only")
+      raise ValueError(
+        f"model.vocab_size={self.model.vocab_size} differs from data.vocab_size="
+        f"{self.data.vocab_size}: the model's vocabulary is the tokenizer's; "
+        "set data.vocab_size only"
+      )
     if self.data.max_length > self.model.max_len:
-      raise ValueError(f"data.max_length={self.data.max_length} exceeds model.max_len="
-                       f"{self.model.max_len}: raise model.max_len or lower data.max_length")
+      raise ValueError(
+        f"data.max_length={self.data.max_length} exceeds model.max_len="
+        f"{self.model.max_len}: raise model.max_len or lower data.max_length"
+      )
     if self.nan_policy not in NAN_POLICIES:
       raise ValueError(f"nan_policy={self.nan_policy!r} is unknown: use one of {NAN_POLICIES}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.average_last_checkpoints <= self.keep_checkpoints:
-      raise ValueError(f"average_last_checkpoints={self.average_last_checkpoints} must be in "
-                       f"[0, keep_checkpoints={self.keep_checkpoints}]: only kept checkpoints "
-                       "can be averaged; raise keep_checkpoints or lower it")
+      raise ValueError(
+        f"average_last_checkpoints={self.average_last_checkpoints} must be in "
+        f"[0, keep_checkpoints={self.keep_checkpoints}]: only kept checkpoints "
+        "can be averaged; raise keep_checkpoints or lower it"
+      )
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> Config:
@@ -157,8 +171,7 @@ class Config:
     """
     values = dict(values)
     data = dict(values.get("data", {}))
-    model = {"vocab_size": data.get("vocab_size", DataConfig.vocab_size),
-             **values.get("model", {})}
+    model = {"vocab_size": data.get("vocab_size", DataConfig.vocab_size), **values.get("model", {})}
     return _build(cls, {**values, "model": model}, prefix="")
 
   @classmethod
@@ -189,13 +202,16 @@ def _build(cls, values: Mapping[str, Any], prefix: str):
   """`cls(**values)`, recursing into dataclass fields, with tuples from lists and unknown keys
   named; each block's own checks run as it is built."""
   if not isinstance(values, Mapping):
-    raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to "
-                     f"values, got {type(values).__name__}")
+    raise ValueError(
+      f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to "
+      f"values, got {type(values).__name__}"
+    )
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ValueError(f"unknown config key {prefix}{unknown[0]}: see the schema in "
-                     "transformer/train/config.py")
+    raise ValueError(
+      f"unknown config key {prefix}{unknown[0]}: see the schema in transformer/train/config.py"
+    )
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for name, value in values.items():
@@ -222,7 +238,8 @@ def _coerce(value, hint, key: str):
     return value
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  if hint in (int, float, str, bool) and (not isinstance(value, hint)
-                                          or (hint is int and isinstance(value, bool))):
+  if hint in (int, float, str, bool) and (
+    not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+  ):
     raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
   return value

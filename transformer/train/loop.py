@@ -17,8 +17,14 @@ from transformer.data.inputs import Inputs, build_inputs
 from transformer.decode.evaluate import score_test_sets, write_report
 from transformer.model.transformer import create_model
 from transformer.parallel import distributed
-from transformer.parallel.mesh import (batch_sharding, check_divisible, data_ways, global_batch,
-                                       make_mesh, replicated)
+from transformer.parallel.mesh import (
+  batch_sharding,
+  check_divisible,
+  data_ways,
+  global_batch,
+  make_mesh,
+  replicated,
+)
 from transformer.parallel.sharding import abstract_with_shardings, shard
 from transformer.parallel.strategies import compile_train_step
 from transformer.runs.checkpoint import Checkpointer, average_params
@@ -65,35 +71,57 @@ class Trainer:
     # Before any data work, so a mesh that cannot split the model or the evaluation batches
     # fails in seconds. The tokenizer has exactly data.vocab_size pieces.
     model = config.model
-    check_divisible(self.mesh, num_heads=model.num_heads, d_ff=model.d_ff,
-                    d_model=model.d_model, vocab_size=model.vocab_size,
-                    batch_size=config.data.eval_batch_size)
+    check_divisible(
+      self.mesh,
+      num_heads=model.num_heads,
+      d_ff=model.d_ff,
+      d_model=model.d_model,
+      vocab_size=model.vocab_size,
+      batch_size=config.data.eval_batch_size,
+    )
     k = config.optimizer.grad_accum_steps
     # One training batch is one update: k micro-batches of data.tokens_per_batch each, whose
     # rows the step splits (`transformer.train.step.micro_batches`).
-    self.inputs: Inputs = build_inputs(config.data, self.workdir, task=config.task,
-                                       seed=config.seed,
-                                       batch_tokens=config.data.tokens_per_batch * k,
-                                       batch_multiple=data_ways(self.mesh) * k,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+    self.inputs: Inputs = build_inputs(
+      config.data,
+      self.workdir,
+      task=config.task,
+      seed=config.seed,
+      batch_tokens=config.data.tokens_per_batch * k,
+      batch_multiple=data_ways(self.mesh) * k,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     self.model = create_model(config.task, model, config.seed)
     if config.init_from:
       load_params_into(self.model, config.init_from)
-    self.schedule = learning_rate(config.optimizer, d_model=model.d_model,
-                                  num_train_steps=config.num_train_steps)
-    self.tx = make_optimizer(config.optimizer, d_model=model.d_model,
-                             num_train_steps=config.num_train_steps)
+    self.schedule = learning_rate(
+      config.optimizer, d_model=model.d_model, num_train_steps=config.num_train_steps
+    )
+    self.tx = make_optimizer(
+      config.optimizer, d_model=model.d_model, num_train_steps=config.num_train_steps
+    )
     self.state, self.state_shardings = shard(initial_state(self.model, self.tx), self.mesh)
-    self.graphdef, _, self.rest = nnx.split(self.model, nnx.Param, ...)
-    steps = make_steps(self.graphdef, self.rest, self.tx, task=config.task,
-                       label_smoothing=config.label_smoothing,
-                       dropout_key=jax.random.key(config.seed + 1), grad_accum_steps=k)
-    self.train_step = compile_train_step(config.parallel.strategy, steps, self.state_shardings,
-                                         self.mesh)
-    self.eval_step = jax.jit(steps.eval_step,
-                             in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
-                             out_shardings=replicated(self.mesh))
+    graphdef, _, *rest = nnx.split(self.model, nnx.Param, ...)  # one State per filter
+    self.graphdef: nnx.GraphDef = graphdef
+    self.rest: nnx.State = rest[0]  # dropout RNG streams: everything but the parameters
+    steps = make_steps(
+      self.graphdef,
+      self.rest,
+      self.tx,
+      task=config.task,
+      label_smoothing=config.label_smoothing,
+      dropout_key=jax.random.key(config.seed + 1),
+      grad_accum_steps=k,
+    )
+    self.train_step = compile_train_step(
+      config.parallel.strategy, steps, self.state_shardings, self.mesh
+    )
+    self.eval_step = jax.jit(
+      steps.eval_step,
+      in_shardings=(self.state_shardings.params, batch_sharding(self.mesh)),
+      out_shardings=replicated(self.mesh),
+    )
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
     try:
       self.resumed_from = self._restore()
@@ -162,8 +190,9 @@ class Trainer:
       self.save(force=True)
       self.checkpointer.wait()
     if stop.signal:
-      log.warning("%s received at step %d: checkpoint saved; run again to resume", stop.signal,
-                  step)
+      log.warning(
+        "%s received at step %d: checkpoint saved; run again to resume", stop.signal, step
+      )
       raise KeyboardInterrupt(stop.signal)
 
   def _log_train(self, writer, progress, window, sums, step) -> None:
@@ -172,13 +201,23 @@ class Trainer:
     summary = summarize(sums)
     rate = window.tokens_per_second()
     progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{rate:,.0f}")
-    writer.write(step, {"train/loss": summary["loss"], "train/nll": summary["nll"],
-                        "train/accuracy": summary["accuracy"], "train/grad_norm": grad_norm,
-                        "train/tokens_per_second": rate, "train/skipped_updates": nonfinite,
-                        "train/learning_rate": float(self.schedule(step - 1))})
+    writer.write(
+      step,
+      {
+        "train/loss": summary["loss"],
+        "train/nll": summary["nll"],
+        "train/accuracy": summary["accuracy"],
+        "train/grad_norm": grad_norm,
+        "train/tokens_per_second": rate,
+        "train/skipped_updates": nonfinite,
+        "train/learning_rate": float(self.schedule(step - 1)),
+      },
+    )
     if nonfinite:
-      message = (f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
-                 f"{nonfinite} update(s) skipped, parameters kept at their last finite values")
+      message = (
+        f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
+        f"{nonfinite} update(s) skipped, parameters kept at their last finite values"
+      )
       if self.config.nan_policy == "stop":
         raise FloatingPointError(message + "; lower the learning rate or set nan_policy=skip")
       log.warning(message)
@@ -209,17 +248,24 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   try:
     trainer.train(writer)
     params = trainer.averaged_params()
-    results = {"step": int(trainer.state.step)}
-    results.update({f"eval/{k}": v for k, v in
-                    trainer.evaluate(params, trainer.inputs.eval_batches).items()})
+    results: dict[str, float] = {"step": int(trainer.state.step)}
+    results.update(
+      {f"eval/{k}": v for k, v in trainer.evaluate(params, trainer.inputs.eval_batches).items()}
+    )
     if config.task == "translation" and config.decode.bleu_at_end and trainer.inputs.test_sets:
       model = nnx.merge(trainer.graphdef, params, trainer.rest)
       model.eval()
-      report = score_test_sets(model, trainer.inputs.test_sets, trainer.inputs.tokenizer,
-                               config.decode, trainer.mesh, workdir / "translations")
+      report = score_test_sets(
+        model,
+        trainer.inputs.test_sets,
+        trainer.inputs.tokenizer,
+        config.decode,
+        trainer.mesh,
+        workdir / "translations",
+      )
       write_report(report, workdir / "bleu.json")
       results.update({f"bleu/{split}": r["bleu"] for split, r in report.items()})
-    writer.write(results["step"], {k: v for k, v in results.items() if k != "step"})
+    writer.write(int(results["step"]), {k: v for k, v in results.items() if k != "step"})
     if jax.process_index() == 0:
       (workdir / "results.json").write_text(json.dumps(results, indent=2))
       print_summary(results, workdir)
@@ -231,13 +277,17 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
 
 def print_summary(results: dict, workdir: Path) -> None:
   """The run's headline numbers and a few translations, on stdout."""
-  print(f"\nstep {results['step']}: validation loss {results['eval/loss']:.3f}, "
-        f"perplexity {results['eval/perplexity']:.2f}, accuracy {results['eval/accuracy']:.3f}")
+  print(
+    f"\nstep {results['step']}: validation loss {results['eval/loss']:.3f}, "
+    f"perplexity {results['eval/perplexity']:.2f}, accuracy {results['eval/accuracy']:.3f}"
+  )
   bleu_file = workdir / "bleu.json"
   if not bleu_file.exists():
     return
   for split, report in json.loads(bleu_file.read_text()).items():
     print(f"{split}: {report['detail']}")
     for example in report["examples"]:
-      print(f"  source:      {example['source']}\n  reference:   {example['reference']}\n"
-            f"  translation: {example['translation']}")
+      print(
+        f"  source:      {example['source']}\n  reference:   {example['reference']}\n"
+        f"  translation: {example['translation']}"
+      )

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def label_smoothed_cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-                                 smoothing: float) -> Float[Array, "B T"]:
+def label_smoothed_cross_entropy(
+  logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"], smoothing: float
+) -> Float[Array, "B T"]:
   """-sum_v q_v log p_v with q = (1 - eps) one_hot(target) + eps / V, per position.
 
   Smoothing "hurts perplexity, as the model learns to be more unsure, but improves accuracy and
@@ -61,27 +62,41 @@ def _losses_bwd(smoothing, residuals, cotangents):
   vocab = logits_BTV.shape[-1]
   probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
   is_target_BTV = jnp.arange(vocab)[None, None] == targets_BT[..., None]
-  d_BTV = ((d_loss_BT + d_nll_BT)[..., None] * probs_BTV
-           - jnp.where(is_target_BTV, (d_loss_BT * (1.0 - smoothing) + d_nll_BT)[..., None], 0.0)
-           - (d_loss_BT * smoothing / vocab)[..., None])
+  d_BTV = (
+    (d_loss_BT + d_nll_BT)[..., None] * probs_BTV
+    - jnp.where(is_target_BTV, (d_loss_BT * (1.0 - smoothing) + d_nll_BT)[..., None], 0.0)
+    - (d_loss_BT * smoothing / vocab)[..., None]
+  )
   return d_BTV.astype(logits_BTV.dtype), None
 
 
 _losses.defvjp(_losses_fwd, _losses_bwd)
 
 
-def token_metrics(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
-                  weights_BT: Float[Array, "B T"], smoothing: float) -> dict[str, jax.Array]:
+def token_metrics(
+  logits_BTV: Float[Array, "B T V"],
+  targets_BT: Int[Array, "B T"],
+  weights_BT: Float[Array, "B T"],
+  smoothing: float,
+) -> dict[str, jax.Array]:
   """Sums over the real (weighted) tokens; divide by `tokens` to average across batches."""
   loss_BT, nll_BT, correct_BT = _losses(logits_BTV, targets_BT, smoothing)
-  return {"loss_sum": jnp.sum(loss_BT * weights_BT), "nll_sum": jnp.sum(nll_BT * weights_BT),
-          "correct_sum": jnp.sum(correct_BT * weights_BT), "tokens": jnp.sum(weights_BT)}
+  return {
+    "loss_sum": jnp.sum(loss_BT * weights_BT),
+    "nll_sum": jnp.sum(nll_BT * weights_BT),
+    "correct_sum": jnp.sum(correct_BT * weights_BT),
+    "tokens": jnp.sum(weights_BT),
+  }
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
   """Turns summed metrics into per-token loss, NLL, perplexity and accuracy."""
   tokens = max(float(sums["tokens"]), 1.0)
   nll = float(sums["nll_sum"]) / tokens
-  return {"loss": float(sums["loss_sum"]) / tokens, "nll": nll,
-          "perplexity": float(jnp.exp(jnp.minimum(nll, 50.0))),
-          "accuracy": float(sums["correct_sum"]) / tokens, "tokens": float(sums["tokens"])}
+  return {
+    "loss": float(sums["loss_sum"]) / tokens,
+    "nll": nll,
+    "perplexity": float(jnp.exp(jnp.minimum(nll, 50.0))),
+    "accuracy": float(sums["correct_sum"]) / tokens,
+    "tokens": float(sums["tokens"]),
+  }

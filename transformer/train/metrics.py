@@ -17,8 +17,10 @@ class MetricWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter
+
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    # Open for the run's life and flushed after every line; closed by `close`.
+    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:

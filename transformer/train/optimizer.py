@@ -14,13 +14,15 @@ def learning_rate(opt: OptimizerConfig, *, d_model: int, num_train_steps: int) -
   if opt.schedule == "rsqrt":
     return schedules.rsqrt_schedule(d_model, opt.warmup_steps, opt.lr_scale)
   if opt.schedule == "cosine":
-    return schedules.warmup_cosine_schedule(opt.peak_learning_rate, opt.warmup_steps,
-                                            num_train_steps)
+    return schedules.warmup_cosine_schedule(
+      opt.peak_learning_rate, opt.warmup_steps, num_train_steps
+    )
   return optax.constant_schedule(opt.peak_learning_rate)
 
 
-def make_optimizer(opt: OptimizerConfig, *, d_model: int,
-                   num_train_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  opt: OptimizerConfig, *, d_model: int, num_train_steps: int
+) -> optax.GradientTransformation:
   """Adam(b1=0.9, b2=0.98, eps=1e-9) with the paper's schedule by default (Section 5.3).
 
   Gradient accumulation is not here: the train step sums its micro-batches' gradients and
@@ -31,8 +33,11 @@ def make_optimizer(opt: OptimizerConfig, *, d_model: int,
     core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
   else:
     core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core) \
-      if opt.grad_clip_norm > 0 else core
+  tx = (
+    optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
+    if opt.grad_clip_norm > 0
+    else core
+  )
   return with_standard_promotion(tx)
 
 
@@ -43,6 +48,7 @@ def with_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientT
   `jax_numpy_dtype_promotion="strict"` rejects; programs (and this project's tests) that turn
   strict promotion on would otherwise fail inside the optimizer rather than in their own code.
   """
+
   def init(params):
     with jax.numpy_dtype_promotion("standard"):
       return tx.init(params)

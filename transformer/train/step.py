@@ -7,7 +7,8 @@ it once with explicit shardings and donate the old state.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ Batch = dict[str, jax.Array]
 
 class TrainState(NamedTuple):
   """Everything that changes during training and is checkpointed."""
-  step: jax.Array            # int32 scalar: updates applied so far
-  params: nnx.State          # the model's nnx.Param variables
+
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: nnx.State  # the model's nnx.Param variables
   opt_state: optax.OptState
 
 
@@ -49,7 +51,10 @@ def _masked_language_model(model, batch: Batch):
 
 
 TASK_OUTPUTS: dict[str, Callable] = {
-    "translation": _translation, "lm": _language_model, "mlm": _masked_language_model}
+  "translation": _translation,
+  "lm": _language_model,
+  "mlm": _masked_language_model,
+}
 
 
 class Steps(NamedTuple):
@@ -58,10 +63,11 @@ class Steps(NamedTuple):
   Every batch is [B, ...]. With `grad_accum_steps` = k > 1 a training batch holds the rows of k
   micro-batches, and `gradients` splits it (`micro_batches`).
   """
-  gradients: Callable      # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
-  apply: Callable          # (state, summed grads, metric sums) -> (state, metrics)
-  train_step: Callable     # (state, batch) -> (state, metrics)
-  eval_step: Callable      # (params, batch) -> metric sums
+
+  gradients: Callable  # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
+  apply: Callable  # (state, summed grads, metric sums) -> (state, metrics)
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  eval_step: Callable  # (params, batch) -> metric sums
   grad_accum_steps: int = 1
 
 
@@ -72,16 +78,25 @@ def micro_batches(batch: Batch, k: int) -> Batch:
   the data-parallel shardings lay them out) then holds B / devices rows of every micro-batch, so
   the split moves no data between devices.
   """
+
   def split(x):
     if x.shape[0] % k:
       raise ValueError(f"a batch of {x.shape[0]} rows does not split into {k} micro-batches")
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
-               task: str, label_smoothing: float, dropout_key: jax.Array,
-               grad_accum_steps: int = 1) -> Steps:
+def make_steps(
+  graphdef: nnx.GraphDef,
+  rest: nnx.State,
+  tx: optax.GradientTransformation,
+  *,
+  task: str,
+  label_smoothing: float,
+  dropout_key: jax.Array,
+  grad_accum_steps: int = 1,
+) -> Steps:
   """Builds the pure training and evaluation functions for one model graph and task.
 
   `rest` is the model's non-parameter state (dropout RNG streams), reseeded at every step from
@@ -140,10 +155,17 @@ def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransf
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state))
-    metrics = {**sums, "grad_norm": grad_norm, "steps": jnp.ones((), jnp.int32),
-               "nonfinite": (~finite).astype(jnp.int32)}
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+    )
+    metrics = {
+      **sums,
+      "grad_norm": grad_norm,
+      "steps": jnp.ones((), jnp.int32),
+      "nonfinite": (~finite).astype(jnp.int32),
+    }
     return new_state, metrics
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -152,6 +174,7 @@ def make_steps(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransf
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params, rest)
     model.eval()
-    return token_metrics(*outputs(model, batch), label_smoothing)
+    logits_BTV, targets_BT, weights_BT = outputs(model, batch)
+    return token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
 
   return Steps(gradients, apply, train_step, eval_step, grad_accum_steps)
