@@ -16,7 +16,7 @@ EXERCISE = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     from jaxtyping import install_import_hook
     with install_import_hook("transformer", "beartype.beartype"):
-      from transformer.data import pipeline
+      from transformer.data import batching, pipeline, stream, token_cache
       from transformer.decode import beam_search, greedy_decode, sample
       from transformer.model import (DecoderOnly, EncoderDecoder, EncoderOnly, TransformerConfig,
                                      dot_product_attention, sinusoidal_position_encoding)
@@ -26,6 +26,7 @@ EXERCISE = textwrap.dedent("""
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from pathlib import Path
     from flax import nnx
 
     config = TransformerConfig.tiny(vocab_size=32)
@@ -58,9 +59,20 @@ EXERCISE = textwrap.dedent("""
 
     examples, _ = pipeline.make_examples([[5, 6], [7, 8, 9]], [[4, 5, 6], [7]], 8)
     pipeline.eval_batches(examples, 2)
-    next(pipeline.translation_train_batches(examples, tokens_per_batch=16, seed=0,
-                                            length_buckets=(8,)))
     pipeline.padded([[1, 2], [3]])
+    lengths = np.array([[2, 3], [3, 1], [1, 1]], np.int32)
+    for packing in (False, True):
+      layout = batching.Layout.of(max_length=8, packing=packing, tokens_per_batch=16, multiple=1)
+      plan = batching.plan_chunk(np.arange(3), lengths, layout, np.random.default_rng(0))
+      cache = token_cache.TokenCache(Path("."), lengths, {})
+      cache.read = lambda ids: [(np.arange(5, 5 + lengths[i, 0]), np.arange(5, 5 + lengths[i, 1]))
+                                for i in ids]
+      batch = stream.assemble_translation(cache, plan[0][1], plan[0][0], packing)
+    model(jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+          src_segments_BS=jnp.asarray(batch["inputs_segments"]),
+          tgt_segments_BT=jnp.asarray(batch["targets_segments"]),
+          src_positions_BS=jnp.asarray(batch["inputs_positions"]),
+          tgt_positions_BT=jnp.asarray(batch["targets_positions"]))
     print("ok")
 """)
 

@@ -8,8 +8,8 @@ import pytest
 
 from transformer.cli import run_cli
 from transformer.data.config import DataConfig
-from transformer.data.inputs import build_inputs, tokenizer_for
-from transformer.data.tokenizer import MASK_ID
+from transformer.data.inputs import build_inputs, train_tokenizer
+from transformer.data.tokenizer import MASK_ID, MODEL_FILENAME, Tokenizer
 from transformer.train.config import Config, get_config
 
 ENGLISH = [
@@ -90,6 +90,15 @@ def vocab_config(vocab_size: int) -> DataConfig:
   return DataConfig(vocab_size=vocab_size)
 
 
+def sentences(pairs):
+  return [s for pair in pairs for s in pair]
+
+
+def load_tokenizer(data: DataConfig, directory: Path):
+  train_tokenizer(data, directory, sentences(PAIRS))
+  return Tokenizer(directory / MODEL_FILENAME)
+
+
 def cli_error(capsys, main) -> str:
   assert run_cli(main) == 2
   lines = capsys.readouterr().err.strip().splitlines()
@@ -98,15 +107,19 @@ def cli_error(capsys, main) -> str:
 
 
 def test_vocab_size_below_the_characters_names_the_minimum(tmp_path, capsys):
-  line = cli_error(capsys, lambda: tokenizer_for(vocab_config(MINIMUM - 2), tmp_path, PAIRS))
+  line = cli_error(
+    capsys, lambda: train_tokenizer(vocab_config(MINIMUM - 2), tmp_path, sentences(PAIRS))
+  )
   assert f"data.vocab_size={MINIMUM - 2}" in line and f"at least {MINIMUM})" in line
   assert "raise data.vocab_size" in line
   # The minimum it names is one that trains.
-  assert tokenizer_for(vocab_config(MINIMUM), tmp_path, PAIRS).vocab_size == MINIMUM
+  assert load_tokenizer(vocab_config(MINIMUM), tmp_path).vocab_size == MINIMUM
 
 
 @pytest.mark.parametrize("vocab_size", [0, MASK_ID])
 def test_vocab_size_below_the_special_pieces(vocab_size, tmp_path, capsys):
-  line = cli_error(capsys, lambda: tokenizer_for(vocab_config(vocab_size), tmp_path, PAIRS))
+  line = cli_error(
+    capsys, lambda: train_tokenizer(vocab_config(vocab_size), tmp_path, sentences(PAIRS))
+  )
   assert f"data.vocab_size={vocab_size}" in line and f"the {MASK_ID + 1} special pieces" in line
   assert "raise data.vocab_size" in line

@@ -121,5 +121,5 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   rates = {m["step"]: m["train/learning_rate"] for m in lines if "train/learning_rate" in m}
   assert rates == pytest.approx({s: 32**-0.5 * s * 10**-1.5 for s in (1, 2)}, rel=1e-6)
   # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
-  assert trainer.inputs.train.state() == {"epoch": 0, "batch_index": 2}
+  assert trainer.inputs.train.state() == {"epoch": 0, "chunk": 0, "batch": 2}
   assert next(trainer.inputs.train)["targets"].shape == (32, 32)

@@ -17,7 +17,10 @@ class DataConfig:
     dataset: "multi30k" (shipped with the package) or any tfds name, e.g.
       "wmt14_translate/de-en".
     source_dir: Multi30k text files; "" = the copy shipped in transformer/data/corpora.
-    tfds_data_dir: where tfds prepares datasets; "" = $TFDS_DATA_DIR, else <workdir>/tfds.
+    tfds_data_dir: where tfds prepares datasets; "" = $TFDS_DATA_DIR, else <cache_dir>/tfds.
+    cache_dir: where the token caches, tokenizers and tfds data are kept for every run that reads
+      the same text; "" = $TRANSFORMER_CACHE_DIR, else <workdir>/cache with several processes
+      (it must be visible to every host), else ~/.cache/transformer.
     source_lang, target_lang: the feature names of the two sides.
     train_split, eval_split, test_splits: tfds split names (slices allowed: "train[:2000]").
     vocab_size: V of the joint SentencePiece model (also the model's vocabulary).
@@ -28,6 +31,8 @@ class DataConfig:
     tokens_per_batch: target tokens (padding included) of one batch over all processes; with
       gradient accumulation each of the k micro-batches of an update holds this many.
     length_buckets: padded lengths of the training batches; () = `default_length_buckets`.
+    packing: several pairs per row of max_length tokens, each attending only to itself, instead
+      of one pair per row in length buckets: almost no padding, one batch shape.
     eval_batch_size: sentences per evaluation and translation batch, over all processes.
     mlm_select_rate: the masked-LM task's share of selected tokens (BERT: 0.15).
   """
@@ -35,6 +40,7 @@ class DataConfig:
   dataset: str = "multi30k"
   source_dir: str = ""
   tfds_data_dir: str = ""
+  cache_dir: str = ""
   source_lang: str = "en"
   target_lang: str = "de"
   train_split: str = "train"
@@ -47,6 +53,7 @@ class DataConfig:
   truncate: bool = False
   tokens_per_batch: int = 4096
   length_buckets: tuple[int, ...] = ()
+  packing: bool = False
   eval_batch_size: int = 64
   mlm_select_rate: float = 0.15
 

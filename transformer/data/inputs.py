@@ -1,32 +1,46 @@
-"""Everything a run reads, built from the config: tokenizer, training stream, evaluation sets."""
+"""Everything a run reads: the tokenizer, the training stream, the evaluation and test sets.
+
+Two phases. `prepare` makes what a run reads exist on disk and is the only one that reads text:
+the tokenizer (trained once per corpus and kept in the workdir and the cache) and a token cache
+per split (`transformer.data.token_cache`). One process runs it; it does nothing when all is
+there. `build_inputs` then opens those files, in every process: a second start tokenizes
+nothing and holds only the pairs' lengths in memory.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from transformer.data import batching
 from transformer.data.config import DataConfig
-from transformer.data.multi30k import DEFAULT_SOURCE_DIR, load_pairs
+from transformer.data.corpus import Corpus, Pair, default_cache_dir
 from transformer.data.pipeline import (
   Batch,
-  BatchIterator,
   Examples,
-  default_length_buckets,
-  encode_pairs,
   eval_batches,
-  lm_train_batches,
+  lm_windows,
   make_examples,
   mask_tokens,
-  translation_train_batches,
 )
-from transformer.data.tokenizer import UNK_ID, Tokenizer, check_vocab_size, load_or_train_tokenizer
+from transformer.data.stream import TrainStream, language_model_stream, translation_stream
+from transformer.data.token_cache import TokenCache, build_cache, cache_key, open_cache
+from transformer.data.tokenizer import (
+  MODEL_FILENAME,
+  Tokenizer,
+  check_vocab_size,
+  load_or_train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,143 +50,149 @@ class TestSet:
   """One evaluation split: its text pairs (references in file order) and its batches."""
 
   name: str
-  pairs: list[tuple[str, str]]
+  pairs: list[Pair]
   examples: Examples
   batches: list[Batch]
 
 
 @dataclasses.dataclass
 class Inputs:
-  tokenizer: Tokenizer
-  train: Resumable
-  eval_batches: list[Batch]
-  test_sets: list[TestSet]
+  """A run's tokenizer, training stream, validation batches and test sets.
 
-
-class MaskedBatches(Iterator[Batch]):
-  """BERT corruption over an LM stream, seeded by the stream position so resuming is exact.
-
-  The corruption is drawn for the global batch and sliced like the stream's rows, so with
-  several processes their batches together are the single-process batch.
+  `train_pairs` counts the pairs of the training split and those the stream reads.
   """
 
-  def __init__(
-    self,
-    stream: BatchIterator,
-    vocab_size: int,
-    seed: int,
-    select_rate: float,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-  ):
-    self.stream, self.vocab_size, self.seed, self.select_rate = (
-      stream,
-      vocab_size,
-      seed,
-      select_rate,
-    )
-    self.shard = {"process_index": process_index, "process_count": process_count}
-
-  def __next__(self) -> Batch:
-    position = self.stream.state()
-    rng = np.random.default_rng([self.seed, position["epoch"], position["batch_index"]])
-    return mask_tokens(
-      next(self.stream)["targets"], rng, self.vocab_size, select_rate=self.select_rate, **self.shard
-    )
-
-  def state(self) -> dict:
-    return self.stream.state()
-
-  def restore(self, state: dict) -> None:
-    self.stream.restore(state)
+  tokenizer: Tokenizer
+  train: TrainStream
+  eval_batches: list[Batch]
+  test_sets: list[TestSet]
+  train_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-Resumable = BatchIterator | MaskedBatches
+def splits_of(data: DataConfig, task: str) -> list[str]:
+  """The splits a run reads: training, validation and, for translation, the test sets."""
+  tests = list(data.test_splits) if task == "translation" else []
+  return list(dict.fromkeys([data.train_split, data.eval_split, *tests]))
 
 
-def tfds_dir(data: DataConfig, workdir: Path) -> Path:
-  """Where tfds prepares datasets: data.tfds_data_dir, else $TFDS_DATA_DIR, else workdir/tfds."""
-  if data.tfds_data_dir:
-    return Path(data.tfds_data_dir)
-  if os.environ.get("TFDS_DATA_DIR"):
-    return Path(os.environ["TFDS_DATA_DIR"])
-  return workdir / "tfds"
+# ------------------------------------------------------------------------------------------------
+# Preparing (one process)
+# ------------------------------------------------------------------------------------------------
 
 
-def read_split(data: DataConfig, workdir: Path, split: str) -> list[tuple[str, str]]:
+def prepare(data: DataConfig, workdir: Path, *, cache_dir: Path, task: str) -> None:
+  """The run's tokenizer in `workdir` and a token cache for each split it reads, built if absent.
+
+  Text is read in chunks and only when something is missing, so memory stays flat in the size
+  of the corpus and a second start reads no text at all.
+  """
+  corpus = Corpus.of(data, cache_dir)
+  tokenizer_path = ensure_tokenizer(data, corpus, workdir, cache_dir)
+  tokenizer = Tokenizer(tokenizer_path)
+  for split in splits_of(data, task):
+    directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
+    if open_cache(directory) is None:
+      log.info("%s: encoding the text into %s", split, directory)
+      build_cache(
+        directory,
+        corpus.chunks(split),
+        tokenizer.encode,
+        vocab_size=tokenizer.vocab_size,
+        built_from={
+          "dataset": data.dataset,
+          "split": split,
+          "text": corpus.fingerprint(split),
+          "tokenizer": _sha256(tokenizer_path),
+        },
+        keep_text=split != data.train_split,
+      )
+
+
+def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir: Path) -> Path:
+  """workdir/spm.model: the run's own, else a copy of the one trained earlier on the same text
+  with the same settings, else one trained now (and kept in the cache for the next run)."""
+  check_vocab_size(data.vocab_size)
+  path = workdir / MODEL_FILENAME
+  if path.exists():
+    return path
+  settings = {
+    "text": corpus.fingerprint(data.train_split),
+    "vocab_size": data.vocab_size,
+    "type": data.tokenizer_type,
+    "sentences": data.tokenizer_sentences,
+  }
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+  cached = cache_dir / "tokenizers" / key
+  if not (cached / MODEL_FILENAME).exists():
+    sentences = _tokenizer_sentences(corpus, data.train_split, data.tokenizer_sentences // 2)
+    train_tokenizer(data, cached, sentences)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / f".{MODEL_FILENAME}.{os.getpid()}.tmp"
+  shutil.copyfile(cached / MODEL_FILENAME, tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def _tokenizer_sentences(corpus: Corpus, split: str, num_pairs: int) -> Iterator[str]:
+  """Both sides of the first `num_pairs` training pairs with text on both sides, interleaved."""
+  taken = 0
+  for chunk in corpus.chunks(split):
+    for src, tgt in chunk:
+      if taken == num_pairs:
+        return
+      if src.strip() and tgt.strip():
+        taken += 1
+        yield src
+        yield tgt
+
+
+def train_tokenizer(data: DataConfig, directory: Path, sentences: Iterable[str]) -> None:
+  """directory/spm.model trained on `sentences` with the data block's vocabulary, or a one-line
+  error naming the vocabulary size the text allows."""
+  check_vocab_size(data.vocab_size)
   try:
-    return load_pairs(
-      data.dataset,
-      split,
-      data.source_lang,
-      data.target_lang,
-      tfds_dir(data, workdir),
-      source_dir=data.source_dir or DEFAULT_SOURCE_DIR,
-    )
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-      f"data.dataset={data.dataset!r} is not a tensorflow-datasets name: use "
-      "multi30k or a tfds dataset such as wmt14_translate/de-en"
-    ) from None
-  except KeyError as error:
-    raise ValueError(
-      f"{data.dataset} has no language {error} in split {split!r}: set "
-      "data.source_lang and data.target_lang to its feature names"
-    ) from None
+    load_or_train_tokenizer(directory, sentences, data.vocab_size, model_type=data.tokenizer_type)
+  except RuntimeError as error:
+    # SentencePiece states the size the text allows only inside its message.
+    if too_small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
+      raise ValueError(
+        f"data.vocab_size={data.vocab_size} is fewer pieces than the training "
+        "text's characters and the special pieces need (at least "
+        f"{too_small[1]}): raise data.vocab_size"
+      ) from None
+    if too_large := re.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
+      raise ValueError(
+        f"data.vocab_size={data.vocab_size} is more pieces than the training text "
+        f"supports (at most {too_large[1]}): lower data.vocab_size"
+      ) from None
+    raise
 
 
-def drop_empty(pairs: list[tuple[str, str]], split: str) -> list[tuple[str, str]]:
-  """Training pairs with text on both sides; how many were dropped is reported."""
-  kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
-  if len(kept) < len(pairs):
-    log.warning(
-      "%s: %d of %d pairs have an empty side and were dropped",
-      split,
-      len(pairs) - len(kept),
-      len(pairs),
-    )
-  if not kept:
-    raise ValueError(f"{split} has no pair with text on both sides: check the data files")
-  return kept
+def _sha256(path: Path) -> str:
+  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def report_unknown(ids: list[list[int]], split: str) -> int:
-  """Counts pieces outside the vocabulary (mapped to <unk>) and reports them."""
-  unknown = sum(row.count(UNK_ID) for row in ids)
-  total = max(sum(len(row) for row in ids), 1)
+# ------------------------------------------------------------------------------------------------
+# Opening (every process)
+# ------------------------------------------------------------------------------------------------
+
+
+def open_split(data: DataConfig, workdir: Path, cache_dir: Path, split: str) -> TokenCache:
+  corpus = Corpus.of(data, cache_dir)
+  directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), workdir / MODEL_FILENAME)
+  cache = open_cache(directory)
+  if cache is None:
+    raise FileNotFoundError(f"{split}: no token cache in {directory}: prepare the data first")
+  unknown = cache.meta["unknown_pieces"]
   if unknown:
     log.warning(
       "%s: %d of %d pieces (%.3f%%) are outside the vocabulary and map to <unk>",
       split,
       unknown,
-      total,
-      100 * unknown / total,
+      cache.meta["pieces"],
+      100 * unknown / max(cache.meta["pieces"], 1),
     )
-  return unknown
-
-
-def tokenizer_for(data: DataConfig, workdir: Path, train_pairs) -> Tokenizer:
-  """The run's joint SentencePiece model, trained on the training text once and kept in workdir."""
-  vocab_size = data.vocab_size
-  check_vocab_size(vocab_size)
-  sentences = [s for pair in train_pairs[: max(data.tokenizer_sentences // 2, 1)] for s in pair]
-  try:
-    return load_or_train_tokenizer(workdir, sentences, vocab_size, model_type=data.tokenizer_type)
-  except RuntimeError as error:
-    # SentencePiece states the size the text allows only inside its message.
-    if too_small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
-      raise ValueError(
-        f"data.vocab_size={vocab_size} is fewer pieces than the training text's "
-        f"characters and the special pieces need (at least {too_small[1]}): "
-        "raise data.vocab_size"
-      ) from None
-    if too_large := re.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
-      raise ValueError(
-        f"data.vocab_size={vocab_size} is more pieces than the training text "
-        f"supports (at most {too_large[1]}): lower data.vocab_size"
-      ) from None
-    raise
+  return cache
 
 
 def build_inputs(
@@ -185,81 +205,126 @@ def build_inputs(
   batch_multiple: int = 1,
   process_index: int = 0,
   process_count: int = 1,
+  cache_dir: Path | None = None,
+  packing: bool | None = None,
+  prefetch: int = 2,
+  prepare_data: bool = True,
 ) -> Inputs:
-  """Reads the dataset, trains or loads the tokenizer, and builds the run's batch streams.
+  """The run's inputs, prepared first unless `prepare_data` is False (another process did it).
 
   Args:
     data: the data block.
-    workdir: where the tokenizer (and, by default, the prepared dataset) is kept.
+    workdir: where the tokenizer is kept.
     task: "translation", "lm" or "mlm": the format of the batches.
     seed: the order of the training data (and the masked-LM corruption).
     batch_tokens: tokens of one training batch; default data.tokens_per_batch. With gradient
       accumulation a batch holds k micro-batches: k times that.
-    batch_multiple: rows of a training batch are a multiple of this (the data-parallel ways
-      times k).
+    batch_multiple: rows of a training batch are a multiple of this (data-parallel ways x k).
     process_index, process_count: this process's share of every batch's rows.
+    cache_dir: where token caches (and tfds data) are shared; default `default_cache_dir`.
+    packing: several pairs per row; default data.packing.
+    prefetch: batches assembled ahead in a background thread (0: none).
   """
   workdir = Path(workdir)
-  batch_tokens = batch_tokens or data.tokens_per_batch
-  train_pairs = drop_empty(read_split(data, workdir, data.train_split), data.train_split)
-  tokenizer = tokenizer_for(data, workdir, train_pairs)
-  buckets = tuple(data.length_buckets) or default_length_buckets(data.max_length)
+  if cache_dir is None:
+    cache_dir = (
+      Path(data.cache_dir) if data.cache_dir else default_cache_dir(workdir, process_count)
+    )
+  if prepare_data:
+    prepare(data, workdir, cache_dir=cache_dir, task=task)
+  tokenizer = Tokenizer(workdir / MODEL_FILENAME)
+  if tokenizer.vocab_size != data.vocab_size:
+    raise ValueError(
+      f"{tokenizer.model_path} has vocab_size {tokenizer.vocab_size}, not "
+      f"data.vocab_size={data.vocab_size}: use another workdir or the stored "
+      "model's size"
+    )
   shard = dict(process_index=process_index, process_count=process_count)
-
-  def examples_of(pairs, truncate, split):
-    source_ids, target_ids = encode_pairs(tokenizer, pairs)
-    report_unknown(source_ids + target_ids, split)
-    examples, stats = make_examples(source_ids, target_ids, data.max_length, truncate=truncate)
-    if stats.dropped or stats.truncated:
-      log.warning(
-        "%s: pairs over data.max_length=%d tokens: %d dropped, %d truncated, %d kept",
-        split,
-        data.max_length,
-        stats.dropped,
-        stats.truncated,
-        stats.kept,
-      )
-    if not stats.kept:
-      raise ValueError(
-        f"{split}: every pair is longer than data.max_length={data.max_length}: raise it"
-      )
-    return examples
-
-  def batches_of(examples):
-    return eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
-
+  batch_tokens = batch_tokens or data.tokens_per_batch
+  train = open_split(data, workdir, cache_dir, data.train_split)
+  # Language models read running text: long sentences are cut into windows, not dropped.
+  truncate = data.truncate or task != "translation"
+  usable, counts = batching.usable_pairs(train.lengths, data.max_length, truncate)
+  _report_usable(data.train_split, data.max_length, truncate, counts)
   if task == "translation":
-    train_examples = examples_of(train_pairs, data.truncate, data.train_split)
-    train: Resumable = translation_train_batches(
-      train_examples,
+    layout = batching.Layout.of(
+      max_length=data.max_length,
       tokens_per_batch=batch_tokens,
-      seed=seed,
-      length_buckets=buckets,
-      batch_multiple=batch_multiple,
-      **shard,
+      multiple=batch_multiple,
+      buckets=data.length_buckets,
+      packing=data.packing if packing is None else packing,
     )
+    stream = translation_stream(train, usable, layout, seed=seed, prefetch=prefetch, **shard)
   else:
-    # Language models read one side as running text, in windows of max_length tokens.
-    side = tokenizer.encode([tgt for _, tgt in train_pairs])
-    rows = max(batch_tokens // data.max_length // batch_multiple, 1) * batch_multiple
-    windows = lm_train_batches(side, seq_len=data.max_length, batch_size=rows, seed=seed, **shard)
-    train = (
-      MaskedBatches(windows, tokenizer.vocab_size, seed, data.mlm_select_rate, **shard)
-      if task == "mlm"
-      else windows
+    # Language models read the target side as running text, in windows of max_length tokens.
+    targets = [
+      target
+      for start in range(0, len(usable), batching.CHUNK)
+      for _, target in train.read(usable[start : start + batching.CHUNK])
+    ]
+    windows = lm_windows(targets, data.max_length)
+    rows = batching.rows_per_batch(data.max_length, batch_tokens, batch_multiple)
+    mlm = (tokenizer.vocab_size, data.mlm_select_rate) if task == "mlm" else None
+    stream = language_model_stream(windows, rows, seed=seed, mlm=mlm, prefetch=prefetch, **shard)
+
+  validation = _evaluation_set(data, workdir, cache_dir, data.eval_split, shard)
+  test_sets = [
+    _evaluation_set(data, workdir, cache_dir, split, shard)
+    for split in (data.test_splits if task == "translation" else ())
+  ]
+  eval_batches_ = _eval_batches_for_task(
+    task, seed, data.mlm_select_rate, validation.batches, tokenizer, **shard
+  )
+  return Inputs(tokenizer, stream, eval_batches_, test_sets, train_pairs=counts)
+
+
+def _report_usable(split: str, max_length: int, truncate: bool, counts: dict[str, int]) -> None:
+  if counts["empty"]:
+    log.warning(
+      "%s: %d of %d pairs have an empty side and were dropped",
+      split,
+      counts["empty"],
+      counts["pairs"],
+    )
+  if counts["too_long"]:
+    action = "truncated" if truncate else "dropped"
+    log.warning(
+      "%s: pairs over data.max_length=%d tokens: %d %s, %d kept",
+      split,
+      max_length,
+      counts["too_long"],
+      action,
+      counts["kept"],
+    )
+  if not counts["kept"]:
+    raise ValueError(
+      f"{split} has no pair with text on both sides within data.max_length="
+      f"{max_length}: check the data files, or raise data.max_length"
     )
 
-  eval_examples = examples_of(read_split(data, workdir, data.eval_split), True, data.eval_split)
-  test_sets = []
-  if task == "translation":
-    for split in data.test_splits:
-      pairs = read_split(data, workdir, split)
-      examples = examples_of(pairs, True, split)
-      test_sets.append(TestSet(split, pairs, examples, batches_of(examples)))
-  eval_batches_ = _eval_batches_for_task(
-    task, seed, data.mlm_select_rate, batches_of(eval_examples), tokenizer, **shard
+
+def _evaluation_set(
+  data: DataConfig, workdir: Path, cache_dir: Path, split: str, shard: dict[str, int]
+) -> TestSet:
+  """A split's pairs in order, cut to data.max_length (every line needs a translation)."""
+  cache = open_split(data, workdir, cache_dir, split)
+  ids = cache.read(range(len(cache)))
+  examples, stats = make_examples(
+    [s for s, _ in ids], [t for _, t in ids], data.max_length, truncate=True
   )
-  return Inputs(tokenizer, train, eval_batches_, test_sets)
+  if stats.truncated:
+    log.warning(
+      "%s: pairs over data.max_length=%d tokens: %d truncated, %d kept",
+      split,
+      data.max_length,
+      stats.truncated,
+      stats.kept,
+    )
+  if not len(examples):
+    raise ValueError(f"{split} is empty: check the data files")
+  buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_length)
+  batches = eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
+  return TestSet(split, cache.text(), examples, batches)
 
 
 def _eval_batches_for_task(
@@ -276,7 +341,7 @@ def _eval_batches_for_task(
 
   `batches` hold this process's rows; masked-LM corruption is drawn for the global batches.
   """
-  out = []
+  out: list[dict[str, Any]] = []
   for i, batch in enumerate(batches):
     weights_BT = (batch["targets"] != 0).astype(np.float32) * batch["weights"][:, None]
     if task == "translation":

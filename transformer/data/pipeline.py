@@ -1,35 +1,27 @@
-"""Token ids -> padded numpy batches for training and evaluation.
+"""Evaluation batches, and the pieces they share with training: EOS, padding, masked-LM corruption.
 
-Training batches for translation are bucketed by length under a token budget; each epoch's
-batches are a pure function of (seed, epoch), so a run resumed from `state()` sees exactly the
-batches an uninterrupted run would. Every process builds the same global batch and keeps its own
-slice of rows, so the union over processes is the single-process batch.
-
-Batches are dicts of numpy int32 arrays padded with PAD_ID (0):
-  translation:  {"inputs": [B, S], "targets": [B, T]}
-  evaluation:   the same plus {"weights": [B] float32 (0 for padding rows), "index": [B] int32}
-  language model: {"targets": [B, T]}
-  masked LM:    {"inputs": [B, T], "targets": [B, T], "weights": [B, T] float32}
-Targets are not shifted: the model builds its decoder input (BOS + targets[:-1]) itself.
-Rows made only of padding (weight 0, index -1) fill the last batch of a bucket or of an
-evaluation set, so every batch of a bucket has the same shape and each shape compiles once.
+Evaluation batches keep the split's order and are padded to a length bucket; rows made only of
+padding (weight 0, index -1) fill the last batch, and every process keeps its own slice of each
+batch's rows, so the union over processes is the single-process batch. They are dicts of int32
+numpy arrays padded with PAD_ID (0): {"inputs": [B, S], "targets": [B, T], "weights": [B]
+float32, "index": [B]}. Targets are not shifted: the model builds its decoder input itself.
+Training batches are planned in `transformer.data.batching` and streamed by
+`transformer.data.stream`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Int
 
+from transformer.data.batching import default_length_buckets
 from transformer.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
 
 Batch = dict[str, np.ndarray]
-# One planned batch: its padded length and the global row indices (-1 = a padding row).
-PlannedBatch = tuple[int, Int[np.ndarray, " B"]]
 
 _PADDING_ROW = -1
 
@@ -75,8 +67,8 @@ def encode_pairs(
 
 
 def make_examples(
-  source_ids: Sequence[Sequence[int]],
-  target_ids: Sequence[Sequence[int]],
+  source_ids: Sequence[Sequence[int] | np.ndarray],
+  target_ids: Sequence[Sequence[int] | np.ndarray],
   max_length: int,
   *,
   truncate: bool = False,
@@ -100,7 +92,7 @@ def make_examples(
     targets.append(_with_eos(tgt, max_length))
     index.append(i)
   stats = LengthStats(kept=len(index), dropped=dropped, truncated=truncated)
-  logging.info(
+  logging.getLogger(__name__).debug(
     "Examples longer than %d tokens: %d dropped, %d truncated, %d kept.",
     max_length,
     stats.dropped,
@@ -110,31 +102,27 @@ def make_examples(
   return Examples(inputs, targets, np.array(index, dtype=np.int32)), stats
 
 
-def _with_eos(ids: Sequence[int], max_length: int) -> np.ndarray:
-  return np.array(list(ids[: max_length - 1]) + [EOS_ID], dtype=np.int32)
+def _build_translation(examples: Examples, length: int, rows: np.ndarray) -> Batch:
+  return {
+    "inputs": pad_rows(examples.inputs, rows, length),
+    "targets": pad_rows(examples.targets, rows, length),
+  }
 
 
-def default_length_buckets(max_length: int) -> tuple[int, ...]:
-  """Bucket boundaries 8, 16, 24, 32, 48, 64, 96, 128, ... below `max_length`, then it.
-
-  Steps of 8 then of about 1.5x keep padding under ~33% with few shapes to compile.
-  """
-  candidates = [8] + [b for k in range(4, 20) for b in (2**k, 3 * 2 ** (k - 1))]
-  return tuple(b for b in candidates if b < max_length) + (max_length,)
-
-
-def bucket_batch_sizes(
-  length_buckets: Sequence[int], tokens_per_batch: int, batch_multiple: int
-) -> tuple[int, ...]:
-  """Rows per batch for each bucket: the largest multiple of `batch_multiple` with
-  rows * boundary <= tokens_per_batch (the budget counts padded tokens of one side)."""
-  sizes = tuple(tokens_per_batch // b // batch_multiple * batch_multiple for b in length_buckets)
-  if min(sizes) == 0:
+def process_rows(rows: Int[np.ndarray, " B"], process_index: int, process_count: int) -> np.ndarray:
+  """This process's contiguous slice [B / process_count] of a global batch's rows."""
+  if len(rows) % process_count:
     raise ValueError(
-      f"tokens_per_batch={tokens_per_batch} cannot fit {batch_multiple} rows of "
-      f"length {max(length_buckets)}; raise it or lower max_length."
+      f"a batch of {len(rows)} rows does not split over {process_count} processes: make the "
+      "evaluation batch size a multiple of it"
     )
-  return sizes
+  per_process = len(rows) // process_count
+  return rows[process_index * per_process : (process_index + 1) * per_process]
+
+
+def _with_eos(ids: Sequence[int] | np.ndarray, max_length: int) -> np.ndarray:
+  kept = np.asarray(ids[: max_length - 1], np.int32)
+  return np.concatenate([kept, np.array([EOS_ID], np.int32)])
 
 
 def assign_buckets(
@@ -157,25 +145,6 @@ def _chunk(rows: np.ndarray, size: int) -> list[np.ndarray]:
   return list(filled.reshape(-1, size))
 
 
-def bucketed_epoch_plan(
-  buckets: Int[np.ndarray, " n"],
-  length_buckets: Sequence[int],
-  batch_sizes: Sequence[int],
-  seed: int,
-  epoch: int,
-) -> list[PlannedBatch]:
-  """The batches of one epoch: examples shuffled within buckets, then batches shuffled.
-
-  A pure function of its arguments: the rng is seeded by (seed, epoch) alone.
-  """
-  rng = np.random.default_rng([seed, epoch])
-  plan = []
-  for b, (length, size) in enumerate(zip(length_buckets, batch_sizes)):
-    members = rng.permutation(np.flatnonzero(buckets == b))
-    plan += [(length, rows) for rows in _chunk(members, size)]
-  return [plan[i] for i in rng.permutation(len(plan))]
-
-
 def padded(
   sequences: Sequence[Sequence[int] | np.ndarray], length: int | None = None
 ) -> Int[np.ndarray, "B T"]:
@@ -193,114 +162,6 @@ def pad_rows(
 ) -> Int[np.ndarray, "B T"]:
   """sequences[rows] right-padded with PAD_ID to `length`; row -1 is all padding."""
   return padded([sequences[row] if row != _PADDING_ROW else () for row in rows], length)
-
-
-def process_rows(rows: Int[np.ndarray, " B"], process_index: int, process_count: int) -> np.ndarray:
-  """This process's contiguous slice [B / process_count] of a global batch's rows."""
-  if len(rows) % process_count:
-    raise ValueError(
-      f"Global batch of {len(rows)} rows does not split over "
-      f"{process_count} processes; make batch_multiple a multiple of it."
-    )
-  per_process = len(rows) // process_count
-  return rows[process_index * per_process : (process_index + 1) * per_process]
-
-
-class BatchIterator(Iterator[Batch]):
-  """Infinite iterator over epochs of planned batches, resumable from `state()`.
-
-  Args:
-    plan: epoch -> that epoch's global batches; must be a pure function of the epoch.
-    build: (padded length, this process's rows) -> batch dict.
-    process_index, process_count: which slice of each global batch this process gets.
-  """
-
-  def __init__(
-    self,
-    plan: Callable[[int], list[PlannedBatch]],
-    build: Callable[[int, np.ndarray], Batch],
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-  ):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
-    self._plan, self._build = plan, build
-    self._process_index, self._process_count = process_index, process_count
-    self._epoch, self._batch_index = 0, 0
-    self._cached: tuple[int, list[PlannedBatch]] | None = None
-
-  def _epoch_plan(self, epoch: int) -> list[PlannedBatch]:
-    if self._cached is None or self._cached[0] != epoch:
-      self._cached = (epoch, self._plan(epoch))
-    return self._cached[1]
-
-  @property
-  def batches_per_epoch(self) -> int:
-    return len(self._epoch_plan(self._epoch))
-
-  def __next__(self) -> Batch:
-    plan = self._epoch_plan(self._epoch)
-    if not plan:
-      raise ValueError("No examples to batch.")
-    length, rows = plan[self._batch_index]
-    self._batch_index += 1
-    if self._batch_index == len(plan):  # Keep state() canonical: never "end of epoch e".
-      self._epoch, self._batch_index = self._epoch + 1, 0
-    return self._build(length, process_rows(rows, self._process_index, self._process_count))
-
-  def state(self) -> dict[str, int]:
-    """JSON-serializable position: the epoch and index of the next batch."""
-    return {"epoch": self._epoch, "batch_index": self._batch_index}
-
-  def restore(self, state: dict[str, int]) -> None:
-    """Continues from a `state()`: the next batch is the one that followed it."""
-    epoch, batch_index = int(state["epoch"]), int(state["batch_index"])
-    if not 0 <= batch_index < max(len(self._epoch_plan(epoch)), 1):
-      raise ValueError(f"batch_index {batch_index} out of range for epoch {epoch}.")
-    self._epoch, self._batch_index = epoch, batch_index
-
-
-def _build_translation(examples: Examples, length: int, rows: np.ndarray) -> Batch:
-  return {
-    "inputs": pad_rows(examples.inputs, rows, length),
-    "targets": pad_rows(examples.targets, rows, length),
-  }
-
-
-def translation_train_batches(
-  examples: Examples,
-  *,
-  tokens_per_batch: int,
-  seed: int,
-  length_buckets: Sequence[int] | None = None,
-  batch_multiple: int = 1,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> BatchIterator:
-  """Shuffled, length-bucketed training batches {"inputs": [B, S], "targets": [B, T]}.
-
-  Each example appears once per epoch. S = T = the bucket boundary, B * S <= tokens_per_batch
-  and B is a multiple of `batch_multiple` (the data-parallel device count), so the number of
-  shapes is at most len(length_buckets). Per process, B is divided by `process_count`.
-  """
-  if length_buckets is None:
-    length_buckets = default_length_buckets(int(examples.lengths().max(initial=8)))
-  length_buckets = tuple(sorted(length_buckets))
-  sizes = bucket_batch_sizes(length_buckets, tokens_per_batch, batch_multiple)
-  plan = functools.partial(
-    bucketed_epoch_plan,
-    assign_buckets(examples.lengths(), length_buckets),
-    length_buckets,
-    sizes,
-    seed,
-  )
-  return BatchIterator(
-    plan,
-    functools.partial(_build_translation, examples),
-    process_index=process_index,
-    process_count=process_count,
-  )
 
 
 def eval_batches(
@@ -334,7 +195,9 @@ def eval_batches(
   return batches
 
 
-def lm_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> Int[np.ndarray, "n T"]:
+def lm_windows(
+  token_ids: Sequence[Sequence[int] | np.ndarray], seq_len: int
+) -> Int[np.ndarray, "n T"]:
   """One side's sentences joined with EOS after each, cut into windows of T = seq_len.
 
   The last window is right-padded with PAD_ID so no text is lost.
@@ -343,40 +206,6 @@ def lm_windows(token_ids: Sequence[Sequence[int]], seq_len: int) -> Int[np.ndarr
   filled = np.full(-(-stream.size // seq_len) * seq_len, PAD_ID, dtype=np.int32)
   filled[: stream.size] = stream
   return filled.reshape(-1, seq_len)  # [n windows, T]
-
-
-def _shuffled_plan(
-  num_rows: int, seq_len: int, batch_size: int, seed: int, epoch: int
-) -> list[PlannedBatch]:
-  rows = np.random.default_rng([seed, epoch]).permutation(num_rows)
-  return [(seq_len, batch_rows) for batch_rows in _chunk(rows, batch_size)]
-
-
-def _build_lm(windows: np.ndarray, length: int, rows: np.ndarray) -> Batch:
-  return {"targets": pad_rows(windows, rows, length)}
-
-
-def lm_train_batches(
-  token_ids: Sequence[Sequence[int]],
-  *,
-  seq_len: int,
-  batch_size: int,
-  seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> BatchIterator:
-  """Shuffled decoder-only LM batches {"targets": [B, T]} of `lm_windows`, resumable.
-
-  `batch_size` is global; each process gets batch_size / process_count rows.
-  """
-  windows = lm_windows(token_ids, seq_len)
-  plan = functools.partial(_shuffled_plan, len(windows), seq_len, batch_size, seed)
-  return BatchIterator(
-    plan,
-    functools.partial(_build_lm, windows),
-    process_index=process_index,
-    process_count=process_count,
-  )
 
 
 def mask_tokens(

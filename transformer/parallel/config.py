@@ -17,6 +17,8 @@ class ParallelConfig:
     strategy: "jit" (NamedSharding, the pjit model) or "shard_map" (pmap-style data parallelism).
     coordinator_address, num_processes, process_id: a multi-host job's coordinator and this
       process's place in it; "" lets JAX detect SLURM, Open MPI, Kubernetes or Cloud TPU.
+    barrier_timeout_s: how long the other processes wait for process 0 to prepare the data and
+      the tokenizer before they stop with an error.
   """
 
   data: int = -1
@@ -26,6 +28,7 @@ class ParallelConfig:
   coordinator_address: str = ""
   num_processes: int = 0
   process_id: int = -1
+  barrier_timeout_s: float = 7200.0
 
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -35,6 +38,8 @@ class ParallelConfig:
       )
     if any(s == 0 or s < -1 for s in sizes.values()):
       raise ValueError(f"parallel mesh {sizes}: sizes must be positive or -1")
+    if not self.barrier_timeout_s > 0:
+      raise ValueError(f"parallel.barrier_timeout_s must be positive, got {self.barrier_timeout_s}")
     if self.strategy not in STRATEGIES:
       raise ValueError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
     if self.coordinator_address and (

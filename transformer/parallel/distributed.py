@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
 import jax
 
@@ -44,3 +46,57 @@ def initialize(parallel: ParallelConfig) -> None:
     jax.local_device_count(),
     jax.device_count(),
   )
+
+
+def _client():
+  """JAX's coordination-service client (its key-value store and barriers)."""
+  from jax._src import distributed
+
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("jax.distributed is not initialized")
+  return client
+
+
+def on_first_process(fn: Callable[[], object], name: str, *, timeout_s: float) -> None:
+  """Runs `fn` on process 0 while the other processes wait for it, up to `timeout_s`.
+
+  What `fn` writes (a tokenizer, prepared data) is then complete for every process, and no two
+  processes write it at once. If `fn` fails on process 0 the others stop at once with its
+  one-line message, instead of waiting; if process 0 dies silently they stop at the timeout.
+  With one process `fn` simply runs.
+  """
+  if jax.process_count() == 1:
+    fn()
+    return
+  client = _client()
+  key = f"transformer/{name}"
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except BaseException as error:
+      text = " ".join(str(error).split()) or type(error).__name__
+      client.key_value_set(f"{key}/failed", text)
+      raise
+    client.key_value_set(f"{key}/done", "ok")
+    return
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if _has_key(client, f"{key}/done"):
+      return
+    if _has_key(client, f"{key}/failed"):
+      failure = client.blocking_key_value_get(f"{key}/failed", 1000)
+      raise ValueError(f"process 0 failed while {name.replace('-', ' ')}: {failure}")
+    time.sleep(0.2)
+  raise TimeoutError(
+    f"process 0 did not finish {name.replace('-', ' ')} within {timeout_s:.0f} s: "
+    "see its log, or raise parallel.barrier_timeout_s"
+  )
+
+
+def _has_key(client, key: str) -> bool:
+  try:
+    client.key_value_try_get(key)
+  except Exception:
+    return False
+  return True

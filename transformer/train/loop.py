@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from transformer.data.inputs import Inputs, build_inputs
+from transformer.data.corpus import default_cache_dir
+from transformer.data.inputs import Inputs, build_inputs, prepare
 from transformer.decode.evaluate import score_test_sets, write_report
 from transformer.model.transformer import create_model
 from transformer.parallel import distributed
@@ -82,6 +83,17 @@ class Trainer:
     k = config.optimizer.grad_accum_steps
     # One training batch is one update: k micro-batches of data.tokens_per_batch each, whose
     # rows the step splits (`transformer.train.step.micro_batches`).
+    # Process 0 prepares the tokenizer and the token caches; the others then only read them.
+    cache_dir = (
+      Path(config.data.cache_dir)
+      if config.data.cache_dir
+      else default_cache_dir(self.workdir, jax.process_count())
+    )
+    distributed.on_first_process(
+      lambda: prepare(config.data, self.workdir, cache_dir=cache_dir, task=config.task),
+      "preparing-the-data",
+      timeout_s=config.parallel.barrier_timeout_s,
+    )
     self.inputs: Inputs = build_inputs(
       config.data,
       self.workdir,
@@ -91,6 +103,8 @@ class Trainer:
       batch_multiple=data_ways(self.mesh) * k,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      cache_dir=cache_dir,
+      prepare_data=False,
     )
     self.model = create_model(config.task, model, config.seed)
     if config.init_from:
@@ -127,8 +141,13 @@ class Trainer:
       self.resumed_from = self._restore()
     except BaseException:
       # An unclosed manager's background threads fail noisily at interpreter exit.
-      self.checkpointer.close()
+      self.close()
       raise
+
+  def close(self) -> None:
+    """Waits for the last checkpoint, then stops the checkpointer's and the stream's threads."""
+    self.checkpointer.close()
+    self.inputs.train.close()
 
   def _restore(self) -> int | None:
     if not self.checkpointer.steps():
@@ -272,7 +291,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
     return results
   finally:
     writer.close()
-    trainer.checkpointer.close()
+    trainer.close()
 
 
 def print_summary(results: dict, workdir: Path) -> None:

@@ -29,14 +29,32 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
-def shift_right(ids_BT: jax.Array, bos_id: int = BOS_ID) -> jax.Array:
-  """Teacher forcing: the decoder reads BOS, y_1, ..., y_{T-1} and predicts y_1, ..., y_T."""
-  return jnp.concatenate([jnp.full_like(ids_BT[:, :1], bos_id), ids_BT[:, :-1]], axis=1)
+def shift_right(
+  ids_BT: jax.Array, positions_BT: jax.Array | None = None, bos_id: int = BOS_ID
+) -> jax.Array:
+  """Teacher forcing: the decoder reads BOS, y_1, ..., y_{T-1} and predicts y_1, ..., y_T.
+
+  In packed rows (`positions_BT` counts from 0 in each pair) every pair starts with its own BOS
+  instead of the last token of the pair before it.
+  """
+  shifted_BT = jnp.concatenate([jnp.full_like(ids_BT[:, :1], bos_id), ids_BT[:, :-1]], axis=1)
+  if positions_BT is None:
+    return shifted_BT
+  return jnp.where(positions_BT == 0, bos_id, shifted_BT)
 
 
 def _translation(model, batch: Batch):
   targets_BT = batch["targets"]
-  logits_BTV = model(batch["inputs"], shift_right(targets_BT))
+  # Packed rows carry segments and positions of both sides; they are absent otherwise.
+  decoder_in_BT = shift_right(targets_BT, batch.get("targets_positions"))
+  logits_BTV = model(
+    batch["inputs"],
+    decoder_in_BT,
+    src_segments_BS=batch.get("inputs_segments"),
+    tgt_segments_BT=batch.get("targets_segments"),
+    src_positions_BS=batch.get("inputs_positions"),
+    tgt_positions_BT=batch.get("targets_positions"),
+  )
   return logits_BTV, targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
 
 

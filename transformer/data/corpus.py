@@ -1,0 +1,123 @@
+"""Where a run's text comes from: a split of Multi30k or of any tfds dataset, read in chunks.
+
+Reading in chunks keeps memory flat: a WMT-sized split of millions of pairs is tokenized chunk by
+chunk into the token cache (`transformer.data.token_cache`), never held whole in Python lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from transformer.data.config import DataConfig
+from transformer.data.multi30k import DEFAULT_SOURCE_DIR, prepare_multi30k, source_fingerprint
+
+Pair = tuple[str, str]
+
+
+def default_cache_dir(workdir: Path, process_count: int = 1) -> Path:
+  """Where prepared data is shared between runs: $TRANSFORMER_CACHE_DIR, else <workdir>/cache
+  when several processes run (the workdir is the one folder every host is known to see), else
+  ~/.cache/transformer."""
+  if os.environ.get("TRANSFORMER_CACHE_DIR"):
+    return Path(os.environ["TRANSFORMER_CACHE_DIR"])
+  if process_count > 1:
+    return workdir / "cache"
+  return Path.home() / ".cache" / "transformer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The splits of one dataset, as the data block names them, prepared under `tfds_dir`."""
+
+  dataset: str
+  source_lang: str
+  target_lang: str
+  tfds_dir: Path
+  source_dir: Path | None  # Multi30k's text files; None for tfds datasets
+
+  @classmethod
+  def of(cls, data: DataConfig, cache_dir: Path) -> Corpus:
+    """The corpus of `data`; tfds prepares under data.tfds_data_dir, else $TFDS_DATA_DIR, else
+    `cache_dir`/tfds (shared by every run that reads the same dataset)."""
+    if data.tfds_data_dir:
+      tfds_dir = Path(data.tfds_data_dir)
+    elif os.environ.get("TFDS_DATA_DIR"):
+      tfds_dir = Path(os.environ["TFDS_DATA_DIR"])
+    else:
+      tfds_dir = cache_dir / "tfds"
+    source_dir = None
+    if data.dataset == "multi30k":
+      source_dir = Path(data.source_dir) if data.source_dir else DEFAULT_SOURCE_DIR
+    return cls(data.dataset, data.source_lang, data.target_lang, tfds_dir, source_dir)
+
+  def fingerprint(self, split: str) -> str:
+    """A short hash naming this split's text: Multi30k's file contents, or a tfds dataset's
+    name (with its version) and split. Two runs with equal fingerprints read the same pairs."""
+    identity: dict[str, Any] = {
+      "dataset": self.dataset,
+      "split": split,
+      "languages": [self.source_lang, self.target_lang],
+    }
+    if self.source_dir is not None:
+      identity["files"] = source_fingerprint(self.source_dir)
+    else:
+      identity["tfds_dir"] = str(self.tfds_dir.absolute())
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+  def source(self, split: str) -> Sequence[Mapping[str, Any]]:
+    """The split's examples with random access (tfds prepares them on first use)."""
+    try:
+      if self.source_dir is not None:
+        return prepare_multi30k(self.tfds_dir, self.source_dir).as_data_source(split=split)
+      # tfds.data_source defaults to ArrayRecord only without data_dir and builder_kwargs;
+      # otherwise it would prepare TFRecord files, unreadable without TensorFlow.
+      return tfds.data_source(
+        self.dataset,
+        split=split,
+        data_dir=os.fspath(self.tfds_dir),
+        builder_kwargs={"file_format": "array_record"},
+      )
+    except tfds.core.registered.DatasetNotFoundError:
+      raise ValueError(
+        f"data.dataset={self.dataset!r} is not a tensorflow-datasets name: use "
+        "multi30k or a tfds dataset such as wmt14_translate/de-en"
+      ) from None
+
+  def chunks(self, split: str, size: int = 65_536) -> Iterator[list[Pair]]:
+    """The split's (source, target) pairs in dataset order, `size` at a time."""
+    source = self.source(split)
+    for start in range(0, len(source), size):
+      records = _read(source, range(start, min(start + size, len(source))))
+      yield [self._pair(record, split) for record in records]
+
+  def pairs(self, split: str) -> list[Pair]:
+    """Every pair of a (small) split, in dataset order."""
+    return [pair for chunk in self.chunks(split) for pair in chunk]
+
+  def _pair(self, record: Mapping[str, Any], split: str) -> Pair:
+    try:
+      return _text(record[self.source_lang]), _text(record[self.target_lang])
+    except KeyError as error:
+      raise ValueError(
+        f"{self.dataset} has no language {error} in split {split!r}: set "
+        "data.source_lang and data.target_lang to its feature names"
+      ) from None
+
+
+def _read(source, keys: range) -> Sequence[Mapping[str, Any]]:
+  # One batched read instead of len(keys) single-record reads.
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(keys))
+  return [source[i] for i in keys]
+
+
+def _text(value: bytes | str) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value

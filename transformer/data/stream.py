@@ -1,0 +1,237 @@
+"""The training stream: Grain datasets from planned batches to padded or packed numpy batches.
+
+  PlannedBatches    an `IterDataset` of global batch plans (`transformer.data.batching`), epoch
+                    after epoch; its iterator's state is the position (epoch, chunk, batch)
+  .map(assemble)    this process's rows, read from the token cache (`TokenCache.read`) or the
+                    LM windows, padded or packed into arrays
+  prefetch          `ThreadPrefetchIterDataset`: batches are assembled in a background thread
+                    while the step runs; its state is that of the last batch handed out
+
+`TrainStream` wraps the iterator with `state()` / `restore()` for the checkpoint: a resumed run
+reads exactly the batches an uninterrupted one would, and every process's rows of a batch
+together are the batch one process would read.
+
+Batches are dicts of int32 numpy arrays padded with PAD_ID (0); targets are not shifted (the
+model builds its decoder input itself):
+  translation:  {"inputs": [B, S], "targets": [B, T]}, and when packed also
+                "inputs_segments", "targets_segments" (1, 2, ... per pair in the row, 0 for
+                padding) and "inputs_positions", "targets_positions" (from 0 in each pair)
+  language model: {"targets": [B, T]}
+  masked LM:    {"inputs": [B, T], "targets": [B, T], "weights": [B, T] float32}
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+from transformer.data import batching
+from transformer.data.batching import Layout, PlannedBatch, Row
+from transformer.data.pipeline import mask_tokens
+from transformer.data.token_cache import TokenCache
+from transformer.data.tokenizer import EOS_ID, PAD_ID
+
+Batch = dict[str, np.ndarray]
+Position = tuple[int, int, int]  # (epoch, chunk, batch)
+# planner(epoch, chunk) -> that chunk's global batches
+Planner = Callable[[int, int], list[PlannedBatch]]
+
+
+class _PlanIterator(grain.DatasetIterator):
+  """(position, global batch plan), epoch after epoch; resumable from `get_state()`."""
+
+  def __init__(self, planner: Planner, chunks_per_epoch: int):
+    super().__init__()
+    self._planner, self._chunks = planner, chunks_per_epoch
+    self._epoch = self._chunk = self._batch = 0
+    self._cached: tuple[int, int, list[PlannedBatch]] | None = None
+
+  def _plan(self) -> list[PlannedBatch]:
+    if self._cached is None or self._cached[:2] != (self._epoch, self._chunk):
+      self._cached = (self._epoch, self._chunk, self._planner(self._epoch, self._chunk))
+    return self._cached[2]
+
+  def __next__(self) -> tuple[Position, PlannedBatch]:
+    empty_chunks = 0
+    while self._batch >= len(self._plan()):
+      empty_chunks += 1
+      if empty_chunks > self._chunks:
+        raise ValueError("the training data holds no batch: check the data and data.max_length")
+      self._batch, self._chunk = 0, self._chunk + 1
+      if self._chunk == self._chunks:
+        self._epoch, self._chunk = self._epoch + 1, 0
+    position = (self._epoch, self._chunk, self._batch)
+    self._batch += 1
+    return position, self._plan()[position[2]]
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self._epoch, "chunk": self._chunk, "batch": self._batch}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._epoch, self._chunk, self._batch = (int(state[k]) for k in ("epoch", "chunk", "batch"))
+    if not (self._epoch >= 0 and 0 <= self._chunk < self._chunks and self._batch >= 0):
+      raise ValueError(
+        f"data position {state} is outside this stream ({self._chunks} chunks an "
+        "epoch): the checkpoint was written with other data"
+      )
+
+
+class PlannedBatches(grain.IterDataset):
+  """The global batch plans of every epoch, as a Grain dataset."""
+
+  def __init__(self, planner: Planner, chunks_per_epoch: int):
+    super().__init__()
+    self._planner, self._chunks = planner, chunks_per_epoch
+
+  def __iter__(self) -> _PlanIterator:
+    return _PlanIterator(self._planner, self._chunks)
+
+
+def _fill(out: np.ndarray, row: int, start: int, ids: np.ndarray, length: int) -> int:
+  """Writes `ids` then EOS at out[row, start:], cut to leave room for EOS within `length`
+  (only a truncated pair is cut); returns the next free column."""
+  n = min(len(ids), length - 1 - start)
+  out[row, start : start + n] = ids[:n]
+  out[row, start + n] = EOS_ID
+  return start + n + 1
+
+
+def assemble_translation(cache: TokenCache, rows: list[Row], length: int, packed: bool) -> Batch:
+  """The arrays of `rows` of pairs; with `packed` also each token's pair (segment) and position
+  within its pair, so attention, positions and loss stay within a pair."""
+  pairs = iter(cache.read([i for row in rows for i in row]))
+  inputs = np.full((len(rows), length), PAD_ID, np.int32)
+  targets = np.full((len(rows), length), PAD_ID, np.int32)
+  if not packed:
+    for r, row in enumerate(rows):
+      if row:
+        source, target = next(pairs)
+        _fill(inputs, r, 0, source, length)
+        _fill(targets, r, 0, target, length)
+    return {"inputs": inputs, "targets": targets}
+  segments = {k: np.zeros((len(rows), length), np.int32) for k in ("inputs", "targets")}
+  positions = {k: np.zeros((len(rows), length), np.int32) for k in ("inputs", "targets")}
+  for r, row in enumerate(rows):
+    ends = {"inputs": 0, "targets": 0}
+    for segment, (source, target) in enumerate((next(pairs) for _ in row), start=1):
+      for key, ids, out in (("inputs", source, inputs), ("targets", target, targets)):
+        start = ends[key]
+        ends[key] = _fill(out, r, start, ids, length)
+        segments[key][r, start : ends[key]] = segment
+        positions[key][r, start : ends[key]] = np.arange(ends[key] - start)
+  return {
+    "inputs": inputs,
+    "targets": targets,
+    "inputs_segments": segments["inputs"],
+    "targets_segments": segments["targets"],
+    "inputs_positions": positions["inputs"],
+    "targets_positions": positions["targets"],
+  }
+
+
+class TrainStream:
+  """Infinite training batches of this process, prefetched, resumable from `state()`."""
+
+  def __init__(self, dataset: grain.IterDataset, prefetch: int = 2):
+    if prefetch:
+      dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
+    self._iterator: Any = iter(dataset)
+    # Stopped before the interpreter tears down the modules its thread and finalizer use.
+    atexit.register(self.close)
+
+  def __iter__(self) -> TrainStream:
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def close(self) -> None:
+    """Stops the prefetch thread; the stream cannot be read after."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None:
+      iterator.close()
+      atexit.unregister(self.close)
+
+  def state(self) -> dict[str, int]:
+    """JSON-serializable position of the next batch."""
+    return copy.deepcopy(self._iterator.get_state())
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues from a `state()`: the next batch is the one that followed it. A position of the
+    earlier format {"epoch", "batch_index"} continues at that epoch's batch."""
+    if "batch_index" in state:
+      state = {"epoch": state["epoch"], "chunk": 0, "batch": state["batch_index"]}
+    self._iterator.set_state(state)
+
+
+def translation_stream(
+  cache: TokenCache,
+  usable: np.ndarray,
+  layout: Layout,
+  *,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch: int = 2,
+) -> TrainStream:
+  """Shuffled translation batches of `usable` pairs of `cache`, bucketed or packed."""
+
+  def planner(epoch: int, chunk: int) -> list[PlannedBatch]:
+    return batching.chunk_plan(usable, cache.lengths, layout, seed, epoch, chunk)
+
+  def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
+    _, (length, rows) = item
+    mine = batching.process_rows(rows, process_index, process_count)
+    return assemble_translation(cache, mine, length, layout.packing)
+
+  plans = PlannedBatches(planner, batching.num_chunks(len(usable)))
+  return TrainStream(plans.map(assemble), prefetch)
+
+
+def language_model_stream(
+  windows: np.ndarray,
+  rows: int,
+  *,
+  seed: int,
+  mlm: tuple | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch: int = 2,
+) -> TrainStream:
+  """Shuffled batches of `rows` LM windows [n, T]; with `mlm` = (vocab_size, select_rate), BERT's
+  corruption drawn for the global batch from (seed, position), so resuming is exact."""
+  everything = np.arange(len(windows))
+
+  def planner(epoch: int, chunk: int) -> list[PlannedBatch]:
+    order = everything[batching.epoch_order(len(windows), seed, epoch)]
+    ids = order[chunk * batching.CHUNK : (chunk + 1) * batching.CHUNK]
+    batches = [[(int(i),) for i in ids[s : s + rows]] for s in range(0, len(ids), rows)]
+    return [(windows.shape[1], b + [()] * (rows - len(b))) for b in batches]
+
+  def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
+    position, (length, global_rows) = item
+    mine = batching.process_rows(global_rows, process_index, process_count)
+    targets = np.full((len(mine), length), PAD_ID, np.int32)
+    for r, row in enumerate(mine):
+      if row:
+        targets[r] = windows[row[0]]
+    if mlm is None:
+      return {"targets": targets}
+    vocab_size, select_rate = mlm
+    rng = np.random.default_rng([seed, *position])
+    return mask_tokens(
+      targets,
+      rng,
+      vocab_size,
+      select_rate=select_rate,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  plans = PlannedBatches(planner, batching.num_chunks(len(windows)))
+  return TrainStream(plans.map(assemble), prefetch)
