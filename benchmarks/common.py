@@ -159,7 +159,7 @@ def environment() -> dict[str, Any]:
 
 
 def _cpu_snapshot() -> tuple[float, float, float]:
-  """(wall s, busy CPU s of the whole host, CPU s of this process) now."""
+  """(wall s, busy CPU s of the whole host, CPU s of this process and its finished children)."""
   busy = float("nan")
   try:
     fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
@@ -167,7 +167,7 @@ def _cpu_snapshot() -> tuple[float, float, float]:
   except (OSError, ValueError, IndexError):
     pass
   own = os.times()
-  return time.perf_counter(), busy, own.user + own.system
+  return time.perf_counter(), busy, own.user + own.system + own.children_user + own.children_system
 
 
 _START = _cpu_snapshot()

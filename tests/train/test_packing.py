@@ -4,7 +4,6 @@ Packing puts several pairs in one row, with segment ids and per-pair positions; 
 attention, positions, teacher forcing and the loss must keep the pairs apart exactly.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +36,8 @@ class InMemoryCache(TokenCache):
       directory=None, lengths=np.array([[len(s), len(t)] for s, t in PAIRS]), meta={}
     )
 
-  def read(self, indices):
-    return [tuple(np.asarray(side, np.int32) for side in PAIRS[i]) for i in indices]
+  def read_flat(self, indices):
+    return np.array([i for k in indices for side in PAIRS[k] for i in side], np.int32)
 
 
 def per_pair_losses(params, graphdef, rest, batch, pair_of_token):

@@ -92,46 +92,70 @@ class PlannedBatches(grain.IterDataset):
     return _PlanIterator(self._planner, self._chunks)
 
 
-def _fill(out: np.ndarray, row: int, start: int, ids: np.ndarray, length: int) -> int:
-  """Writes `ids` then EOS at out[row, start:], cut to leave room for EOS within `length`
-  (only a truncated pair is cut); returns the next free column."""
-  n = min(len(ids), length - 1 - start)
-  out[row, start : start + n] = ids[:n]
-  out[row, start + n] = EOS_ID
-  return start + n + 1
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+  return np.cumsum(x) - x
+
+
+def _lay_out(
+  ids: np.ndarray,
+  starts: np.ndarray,
+  sizes: np.ndarray,
+  rows_of: np.ndarray,
+  packed: bool,
+  length: int,
+):
+  """Where pieces of `ids` (piece k: ids[starts[k]:starts[k] + sizes[k]]) and an EOS after each
+  go in a [rows, length] array: (flat indices, values, each token's position within its piece,
+  each token's piece). Pieces of a row follow one another when `packed`; else each starts at
+  column 0 of its row. A piece longer than fits (a truncated pair) is cut to leave room for EOS.
+  """
+  kept = np.minimum(sizes, length - 1)
+  with_eos = kept + 1
+  piece_of = np.repeat(np.arange(len(sizes)), with_eos)
+  within = np.arange(int(with_eos.sum())) - _exclusive_cumsum(with_eos)[piece_of]
+  eos = within == kept[piece_of]
+  values = np.where(eos, EOS_ID, ids[np.minimum(starts[piece_of] + within, len(ids) - 1)])
+  column = within
+  if packed:  # after the pieces before it in its row
+    before_in_row = (
+      _exclusive_cumsum(with_eos)
+      - _exclusive_cumsum(np.bincount(rows_of, with_eos).astype(np.int64))[rows_of]
+    )
+    column = within + before_in_row[piece_of]
+  return rows_of[piece_of] * length + column, values, within, piece_of
 
 
 def assemble_translation(cache: TokenCache, rows: list[Row], length: int, packed: bool) -> Batch:
-  """The arrays of `rows` of pairs; with `packed` also each token's pair (segment) and position
-  within its pair, so attention, positions and loss stay within a pair."""
-  pairs = iter(cache.read([i for row in rows for i in row]))
-  inputs = np.full((len(rows), length), PAD_ID, np.int32)
-  targets = np.full((len(rows), length), PAD_ID, np.int32)
-  if not packed:
-    for r, row in enumerate(rows):
-      if row:
-        source, target = next(pairs)
-        _fill(inputs, r, 0, source, length)
-        _fill(targets, r, 0, target, length)
-    return {"inputs": inputs, "targets": targets}
-  segments = {k: np.zeros((len(rows), length), np.int32) for k in ("inputs", "targets")}
-  positions = {k: np.zeros((len(rows), length), np.int32) for k in ("inputs", "targets")}
-  for r, row in enumerate(rows):
-    ends = {"inputs": 0, "targets": 0}
-    for segment, (source, target) in enumerate((next(pairs) for _ in row), start=1):
-      for key, ids, out in (("inputs", source, inputs), ("targets", target, targets)):
-        start = ends[key]
-        ends[key] = _fill(out, r, start, ids, length)
-        segments[key][r, start : ends[key]] = segment
-        positions[key][r, start : ends[key]] = np.arange(ends[key] - start)
-  return {
-    "inputs": inputs,
-    "targets": targets,
-    "inputs_segments": segments["inputs"],
-    "targets_segments": segments["targets"],
-    "inputs_positions": positions["inputs"],
-    "targets_positions": positions["targets"],
-  }
+  """The arrays of `rows` of pairs; with `packed` also each token's pair (segment, from 1) and
+  position within its pair, so attention, positions and loss stay within a pair.
+
+  Vectorized over the batch: the rows' records are read as one array, and every token's place
+  is computed from the pairs' lengths, with no Python loop over pairs.
+  """
+  shape = (len(rows), length)
+  batch = {key: np.full(shape, PAD_ID, np.int32) for key in ("inputs", "targets")}
+  if packed:
+    for key in ("inputs_segments", "targets_segments", "inputs_positions", "targets_positions"):
+      batch[key] = np.zeros(shape, np.int32)
+  pairs = np.array([i for row in rows for i in row], np.int64)
+  if not pairs.size:
+    return batch
+  ids = cache.read_flat(pairs)
+  lengths = cache.lengths[pairs].astype(np.int64)
+  record_start = _exclusive_cumsum(lengths.sum(axis=1))
+  per_row = np.array([len(row) for row in rows], np.int64)
+  rows_of = np.repeat(np.arange(len(rows)), per_row)
+  segment_of = np.arange(len(pairs)) - _exclusive_cumsum(per_row)[rows_of] + 1
+  for side, key in ((0, "inputs"), (1, "targets")):
+    starts = record_start + (lengths[:, 0] if side else 0)
+    flat, values, within, piece_of = _lay_out(
+      ids, starts, lengths[:, side], rows_of, packed, length
+    )
+    batch[key].ravel()[flat] = values
+    if packed:
+      batch[f"{key}_segments"].ravel()[flat] = segment_of[piece_of]
+      batch[f"{key}_positions"].ravel()[flat] = within
+  return batch
 
 
 class TrainStream:
@@ -216,10 +240,9 @@ def language_model_stream(
   def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
     position, (length, global_rows) = item
     mine = batching.process_rows(global_rows, process_index, process_count)
-    targets = np.full((len(mine), length), PAD_ID, np.int32)
-    for r, row in enumerate(mine):
-      if row:
-        targets[r] = windows[row[0]]
+    which = np.array([row[0] if row else -1 for row in mine], np.int64)
+    targets = np.where((which >= 0)[:, None], windows[np.maximum(which, 0)], PAD_ID)
+    targets = targets.astype(np.int32)
     if mlm is None:
       return {"targets": targets}
     vocab_size, select_rate = mlm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 
 import jax
@@ -185,15 +186,22 @@ class Trainer:
     stop = StopRequested()
     progress = metrics_lib.progress_bar(step, config.num_train_steps)
     window = metrics_lib.ThroughputWindow()
-    sums = None
+    sums, first_batch = None, True
     try:
       with jax.set_mesh(self.mesh):
         while step < config.num_train_steps and not stop.signal:
+          asked = time.perf_counter()
           batch = next(self.inputs.train)
+          waited = time.perf_counter() - asked
+          if first_batch:
+            log.info(
+              "first training batch %.1f s after the process started", metrics_lib.process_age_s()
+            )
+            first_batch = False
           self.state, step_metrics = self.train_step(self.state, global_batch(batch, self.mesh))
           step += 1
           sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-          window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count())
+          window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count(), waited)
           progress.update(1)
           if step % config.log_every_steps == 0 or step == config.num_train_steps:
             self._log_train(writer, progress, window, jax.device_get(sums), step)
@@ -218,7 +226,7 @@ class Trainer:
     steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
     grad_norm = float(sums.pop("grad_norm")) / steps
     summary = summarize(sums)
-    rate = window.tokens_per_second()
+    rate, waiting = window.report()
     progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{rate:,.0f}")
     writer.write(
       step,
@@ -228,6 +236,7 @@ class Trainer:
         "train/accuracy": summary["accuracy"],
         "train/grad_norm": grad_norm,
         "train/tokens_per_second": rate,
+        "train/data_wait_fraction": waiting,
         "train/skipped_updates": nonfinite,
         "train/learning_rate": float(self.schedule(step - 1)),
       },

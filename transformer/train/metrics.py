@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,20 +37,38 @@ class MetricWriter:
       self.jsonl.close()
 
 
+def process_age_s() -> float:
+  """Seconds since this process started (Linux: from /proc), for start-up times that include
+  the interpreter and the imports; elsewhere, since this module was imported."""
+  try:
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
 class ThroughputWindow:
-  """Target tokens per second since the last report."""
+  """Target tokens per second since the last report, and the share of that time the loop spent
+  waiting for the input stream."""
 
   def __init__(self):
-    self.start, self.tokens = time.perf_counter(), 0
+    self.start, self.tokens, self.waited = time.perf_counter(), 0, 0.0
 
-  def add(self, tokens: int) -> None:
+  def add(self, tokens: int, waited_s: float = 0.0) -> None:
     self.tokens += tokens
+    self.waited += waited_s
 
-  def tokens_per_second(self) -> float:
+  def report(self) -> tuple[float, float]:
+    """(tokens per second, share of the time waiting for data) since the last report."""
     now = time.perf_counter()
-    rate = self.tokens / max(now - self.start, 1e-9)
-    self.start, self.tokens = now, 0
-    return rate
+    elapsed = max(now - self.start, 1e-9)
+    rate, waiting = self.tokens / elapsed, self.waited / elapsed
+    self.start, self.tokens, self.waited = now, 0, 0.0
+    return rate, waiting
 
 
 def progress_bar(start: int, total: int) -> tqdm.tqdm:
