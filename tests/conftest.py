@@ -26,7 +26,10 @@ from flax import nnx
 
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
 from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer, train_sentencepiece
+from transformer.runs.artifact import export_model
 from transformer.runs.checkpoint import Checkpointer
+from transformer.runs.params import model_params
+from transformer.runs.spec import RunSpec
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -56,7 +59,8 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="session")
 def write_run():
   """`write_run(workdir, model, tokenizer, task=..., data_max_length=...)` saves config.json,
-  spm.model and a checkpoint of `model` into workdir, as a training run leaves them."""
+  spm.model, a checkpoint (step 1) and the exported model into workdir, as training leaves
+  them."""
   return _write_run
 
 
@@ -73,4 +77,6 @@ def _write_run(
   checkpointer = Checkpointer(workdir / "checkpoints", asynchronous=False)
   checkpointer.save(1, {"params": nnx.state(model, nnx.Param)}, {})
   checkpointer.close()
+  spec = RunSpec(task, model.config, data_max_length)
+  export_model(workdir, spec, model_params(model), tokenizer.model_path, {"step": 1})
   return workdir

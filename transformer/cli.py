@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 # The recipes shipped in transformer/configs/, found by path: this module imports none of them.
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
@@ -15,18 +17,22 @@ RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 
+class Stopped(KeyboardInterrupt):
+  """A signal stopped the command after it saved what it had to (the message says what)."""
+
+
 def run_cli(main: Callable[[], object]) -> int:
-  """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130."""
+  """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130
+  with one line saying what was kept."""
   from transformer.runs.checkpoint import CheckpointError
 
   try:
     main()
-  except KeyboardInterrupt as stop:
-    print(
-      f"stopped by {stop or 'interrupt'}: the last checkpoint is saved; run the same "
-      "command to resume",
-      file=sys.stderr,
-    )
+  except Stopped as stop:
+    print(f"stopped: {stop}", file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print("stopped by an interrupt", file=sys.stderr)
     return 130
   except (*USER_ERRORS, CheckpointError) as error:
     logging.getLogger(__name__).debug("user error", exc_info=True)
@@ -61,3 +67,23 @@ def recipe_path(name_or_path: str) -> str:
     f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
     f"{', '.join(recipe_names())}, or a path to a recipe file"
   )
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+  return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with a bad argument reported as one line (`error: ...`, exit 2) like every other
+  user error, instead of a usage block."""
+
+  def error(self, message: str) -> NoReturn:
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(2)

@@ -1,43 +1,119 @@
-"""`python -m transformer.translate --workdir DIR "A man is riding a bike."`
+"""`python -m transformer.translate --workdir DIR "A man is riding a bike."` (also
+`transformer-translate`)
 
-Sentences come from the arguments, `--file`, or stdin (one per line), and are translated in
-batches with beam search (beam 4, alpha 0.6). For a decoder-only run the text is continued by
-sampling (`--temperature`, `--top_k`, `--top_p`).
+Sentences come from the arguments, `--file`, or stdin, one per line, and each translation is
+printed as soon as its batch is done: lines already waiting are translated together (up to
+`--batch_size`), a line typed at a terminal at once. A blank line gives a blank line. The run's
+exported model is used (WORKDIR/model); `--step N` takes checkpoint N, `--average K` the mean of
+the newest K checkpoints. Beam search (beam 4, alpha 0.6) by default; for a decoder-only run
+the text is continued by sampling (`--temperature`, `--top_k`, `--top_p`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import sys
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
-from transformer.cli import run_cli
+from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.decode.config import check_search
 from transformer.decode.translator import Translator
 
+_END = object()
 
-def read_texts(args) -> list[str]:
+
+def decoded_lines(stream: IO[bytes], name: str) -> Iterator[str]:
+  """The lines of a byte stream as text, without their line ends; a line that is not UTF-8 is a
+  one-line error naming it."""
+  for number, raw in enumerate(stream, start=1):
+    try:
+      yield raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+      raise ValueError(f"{name} line {number} is not UTF-8: convert the input to UTF-8") from None
+
+
+def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+  """Lines in batches of up to `size`: a batch takes the lines already read and does not wait
+  for more, so piped files are translated in full batches and typed lines one by one."""
+  waiting: queue.Queue = queue.Queue(maxsize=4 * size)
+  failure: list[BaseException] = []
+
+  def read():
+    try:
+      for line in lines:
+        waiting.put(line)
+    except BaseException as error:
+      failure.append(error)
+    waiting.put(_END)
+
+  threading.Thread(target=read, daemon=True).start()
+  while True:
+    item = waiting.get()
+    if item is _END:
+      break
+    batch = [item]
+    while len(batch) < size:
+      try:
+        item = waiting.get_nowait()
+      except queue.Empty:
+        break
+      if item is _END:
+        waiting.put(_END)
+        break
+      batch.append(item)
+    yield batch
+  if failure:
+    raise failure[0]
+
+
+def input_lines(args) -> Iterator[str]:
   if args.text:
-    return list(args.text)
+    yield from args.text
+    return
   if args.file:
     path = Path(args.file)
-    if not path.exists():
+    if not path.is_file():
       raise FileNotFoundError(f"{path} does not exist: give an existing text file to --file")
-    return path.read_text(encoding="utf-8").splitlines()
-  return [line.rstrip("\n") for line in sys.stdin]
+    with open(path, "rb") as f:
+      yield from decoded_lines(f, str(path))
+    return
+  if sys.stdin is None or sys.stdin.closed:
+    raise ValueError("no input: stdin is closed; pass sentences as arguments or --file")
+  yield from decoded_lines(sys.stdin.buffer, "stdin")
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m transformer.translate", description=__doc__)
+  parser = ArgumentParser(
+    prog="python -m transformer.translate",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("text", nargs="*", help="sentences; none: read --file or stdin, one a line")
   parser.add_argument("--workdir", required=True, help="a run directory written by training")
+  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
+  parser.add_argument(
+    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
+  )
   parser.add_argument("--file", help="a text file with one sentence per line")
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--beam_size", type=int, default=4, help="1 = greedy")
+  parser.add_argument("--batch_size", type=positive_int, default=64)
+  parser.add_argument("--beam_size", type=positive_int, default=4, help="1 = greedy")
   parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
-  parser.add_argument("--max_new_tokens", type=int, default=40, help="language models only")
+  parser.add_argument(
+    "--max_extra_length",
+    type=int,
+    default=50,
+    help="a translation has at most len(source) + this many pieces",
+  )
+  parser.add_argument(
+    "--max_new_tokens", type=positive_int, default=40, help="language models only"
+  )
   parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=None)
+  parser.add_argument("--top_k", type=positive_int, default=None)
   parser.add_argument("--top_p", type=float, default=None)
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
@@ -45,30 +121,37 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  texts = read_texts(args)
-  if not texts:
-    raise ValueError("no input text: pass sentences as arguments, --file, or on stdin")
-  translator = Translator(args.workdir)
+  check_search(args.beam_size, args.alpha, args.max_extra_length)
+  translator = Translator(args.workdir, step=args.step, average=args.average)
   if translator.task == "mlm":
     raise ValueError(
       f"{args.workdir} holds a masked language model, which neither translates "
       "nor generates: use a translation or lm run"
     )
-  for start in range(0, len(texts), args.batch_size):
-    chunk = texts[start : start + args.batch_size]
+  printed = 0
+  for batch in batches(input_lines(args), args.batch_size):
     if translator.task == "translation":
-      outputs = translator.translate(chunk, beam_size=args.beam_size, alpha=args.alpha)
+      outputs = translator.translate(
+        batch,
+        beam_size=args.beam_size,
+        alpha=args.alpha,
+        max_extra_length=args.max_extra_length,
+        first_line=printed + 1,
+      )
     else:
       outputs = translator.continue_text(
-        chunk,
+        batch,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        seed=args.seed + start,
+        seed=args.seed + printed,
       )
     for line in outputs:
       print(line, flush=True)
+    printed += len(batch)
+  if not printed:
+    raise ValueError("no input text: pass sentences as arguments, --file, or on stdin")
 
 
 def main_cli() -> int:

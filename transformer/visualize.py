@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transformer.cli import run_cli
+from transformer.cli import ArgumentParser, positive_int, run_cli
 from transformer.decode.config import check_search
 from transformer.decode.translator import Translator
 from transformer.inspect.attention import prepare_sentence
@@ -23,18 +23,12 @@ from transformer.inspect.contrast import contrast_word
 from transformer.inspect.figures import write_attention_figures, write_contrast
 
 
-def load_translator(workdir: str | Path) -> Translator:
-  """The run's Translator, after checking there is a translation model to load."""
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise FileNotFoundError(
-      f"{workdir} is not a directory: --workdir must be a run directory written by training"
-    )
-  checkpoints = workdir / "checkpoints"
-  if not any(p.is_dir() and p.name.isdigit() for p in checkpoints.glob("*")):
-    raise FileNotFoundError(f"no checkpoint in {checkpoints}: train the run first")
+def load_translator(
+  workdir: str | Path, *, step: int | None = None, average: int | None = None
+) -> Translator:
+  """The run's Translator (its exported model, or `step`, or `average`), if it translates."""
   # Absolute: Orbax reads no metadata from a relative checkpoint path (an OCDBT requirement).
-  translator = Translator(workdir.absolute())
+  translator = Translator(Path(workdir).absolute(), step=step, average=average)
   if translator.task != "translation":
     raise ValueError(
       f"{workdir} holds a {translator.task!r} model; attention figures are drawn "
@@ -44,7 +38,7 @@ def load_translator(workdir: str | Path) -> Translator:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
     prog="python -m transformer.visualize", description="Attention heatmaps of a translation run."
   )
   parser.add_argument(
@@ -57,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="also compare 'apple' in a fruit and in a company context",
   )
-  parser.add_argument("--beam_size", type=int, default=4, help="1 = greedy")
+  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
+  parser.add_argument(
+    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
+  )
+  parser.add_argument("--beam_size", type=positive_int, default=4, help="1 = greedy")
   parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
   return parser.parse_args(argv)
 
@@ -70,7 +68,7 @@ def main(argv=None) -> None:
   if args.text and not text:
     raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
   check_search(args.beam_size, args.alpha, 0)
-  translator = load_translator(args.workdir)
+  translator = load_translator(args.workdir, step=args.step, average=args.average)
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []

@@ -149,3 +149,11 @@ def test_positions_after_an_early_eos_hold_the_configs_pad_id():
   )
   np.testing.assert_array_equal(ended[0, : first_eos + 1], expected[0, : first_eos + 1])
   np.testing.assert_array_equal(ended[0, first_eos + 1 :], pad_id)
+
+
+def test_top_p_of_one_keeps_every_token():
+  """p = 1 is no filtering: float32 cumulative sums reach 1.0 before the last token, which
+  once dropped the tail of most rows of a 4,000-word vocabulary."""
+  logits_BV = jnp.asarray(np.random.default_rng(0).normal(size=(400, 4000)) * 3, jnp.float32)
+  kept_BV = keep_top_p(logits_BV, 1.0)
+  np.testing.assert_array_equal(np.asarray(kept_BV), np.asarray(logits_BV))

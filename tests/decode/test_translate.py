@@ -104,6 +104,7 @@ def test_prompt_of_max_len_tokens_still_gets_one_new_token(
   assert longer_length > prompt_length
   with pytest.raises(
     ValueError,
-    match=f"has {longer_length} tokens, the model's limit is {prompt_length}: shorten it",
+    match=rf"has {longer_length} tokens \(BOS included\) and the model reads at most "
+    rf"{prompt_length}: shorten it",
   ):
     lm.continue_text([text + " dog"], **options)

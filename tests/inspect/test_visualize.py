@@ -184,6 +184,7 @@ def test_cli_writes_every_figure_and_the_contrast(workdir, tmp_path, capsys):
   [
     ("empty", "the sentence is empty"),
     ("too_long", "pieces and the model takes at most 23"),
+    ("no_model", "no exported model in"),
     ("no_checkpoint", "no checkpoint in"),
     ("no_tokenizer", "spm.model is missing"),
   ],
@@ -196,10 +197,15 @@ def test_cli_errors_are_one_line_and_exit_2(case, message, workdir, tmp_path, ca
   else:
     run_dir = tmp_path / "run"
     shutil.copytree(workdir, run_dir)
-    shutil.rmtree(run_dir / "checkpoints") if case == "no_checkpoint" else (
-      run_dir / MODEL_FILENAME
-    ).unlink()
-  code = run_cli(lambda: visualize.main(["--workdir", str(run_dir), "--out", str(tmp_path), text]))
+  args = ["--workdir", str(run_dir), "--out", str(tmp_path), text]
+  if case == "no_model":
+    shutil.rmtree(run_dir / "model")
+  elif case == "no_checkpoint":
+    shutil.rmtree(run_dir / "checkpoints")
+    args += ["--step", "1"]
+  elif case == "no_tokenizer":
+    (run_dir / "model" / MODEL_FILENAME).unlink()
+  code = run_cli(lambda: visualize.main(args))
   errors = capsys.readouterr().err.strip().splitlines()
   assert code == 2
   assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors

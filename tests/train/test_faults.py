@@ -16,7 +16,7 @@ import pytest
 from transformer.configs import smoke
 from transformer.parallel.sharding import abstract_with_shardings
 from transformer.runs.checkpoint import Checkpointer, CheckpointError, average_params
-from transformer.runs.loading import latest_params
+from transformer.runs.loading import warm_start_params
 from transformer.train.loop import Trainer, run
 from transformer.train.metrics import MetricWriter
 
@@ -101,16 +101,16 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   assert saved_steps(tmp_path) == [4, 8]
   trainer = Trainer(config_for(8), tmp_path)
   params_8 = numpy_params(trainer.state)  # the intact step 8, the reference
-  trainer.checkpointer.close()
+  trainer.close()
   corrupt(tmp_path / "checkpoints" / "8")
 
   config = config_for(12)
   config.average_last_checkpoints = 3
   trainer = Trainer(config, tmp_path)
   assert trainer.resumed_from == 4
-  assert "checkpoint step 8" in caplog.text and "unreadable" in caplog.text
-  assert trainer.checkpointer.steps() == [4]  # the unreadable step is gone, the readable kept
-  trainer.checkpointer.close()
+  assert "checkpoint step 8" in caplog.text and "damaged" in caplog.text
+  assert trainer.checkpointer.steps() == [4]  # the damaged step is gone, the readable kept
+  trainer.close()
   assert run(config, tmp_path)["step"] == 12  # averages steps 4, 8 and 12
   assert saved_steps(tmp_path) == [4, 8, 12]
 
@@ -129,6 +129,8 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   ):
     np.testing.assert_allclose(np.asarray(got), (a + b) / 2, rtol=1e-6, atol=1e-7)
 
+  trainer.close()
+
   # A config of another shape is named as such, not as corruption, and nothing is deleted.
   other = config_for(12)
   other.model.d_ff = 128
@@ -139,7 +141,6 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   ):
     Trainer(other, tmp_path)
   assert saved_steps(tmp_path) == [4, 8, 12]
-  trainer.checkpointer.close()
 
 
 def test_crash_in_the_first_step_leaves_no_checkpoint(tmp_path):
@@ -152,13 +153,13 @@ def test_crash_in_the_first_step_leaves_no_checkpoint(tmp_path):
   trainer.train_step = out_of_memory
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
     trainer.train(MetricWriter(tmp_path, enabled=False))
-  trainer.checkpointer.close()
+  trainer.close()
   assert saved_steps(tmp_path) == []
   fixed = config_for(4)
   fixed.model.d_ff = 128
   trainer = Trainer(fixed, tmp_path)
   assert trainer.resumed_from is None
-  trainer.checkpointer.close()
+  trainer.close()
 
 
 def test_init_from_skips_an_unfinished_save(tmp_path):
@@ -171,8 +172,9 @@ def test_init_from_skips_an_unfinished_save(tmp_path):
   checkpointer.close()
   unfinished = source / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000"
   (unfinished / "state").mkdir(parents=True)
-  params = latest_params(source)
-  np.testing.assert_array_equal(np.asarray(params["w"]), weights)
+  params, _, where = warm_start_params(source)
+  np.testing.assert_array_equal(params["w"], weights)
+  assert where == f"checkpoint 4 of {source}"
   assert unfinished.is_dir()
 
 
@@ -186,7 +188,7 @@ def test_non_finite_loss_stops_and_keeps_finite_state(tmp_path):
   trainer = Trainer(trainer_config, tmp_path)  # restores the saved state; must be finite
   for leaf in jax.tree.leaves(trainer.state.params):
     assert np.isfinite(np.asarray(leaf)).all()
-  trainer.checkpointer.close()
+  trainer.close()
   checkpointer.close()
 
 
@@ -198,6 +200,13 @@ def test_non_finite_loss_can_skip_updates(tmp_path):
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert sum(r.get("train/skipped_updates", 0) for r in records) >= 1
   assert results["step"] == 4
+  # The rate logged is the one Adam applied: its own count did not advance on skipped steps.
+  applied = 0
+  for record in (r for r in records if "train/learning_rate" in r):
+    applied += 1 - record["train/skipped_updates"]
+    update = max(applied, 1)  # a skipped first step: the rate of Adam's first update
+    want = 1e12 * 32**-0.5 * min(update**-0.5, update * 10**-1.5)
+    assert record["train/learning_rate"] == pytest.approx(want, rel=1e-6), record["step"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
@@ -223,6 +232,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-2000:]
-  assert "stopped by SIGTERM" in stderr
+  assert "stopped: SIGTERM at step" in stderr and "is saved, run the same command" in stderr
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert saved and 5 <= max(saved) < 1000

@@ -59,14 +59,14 @@ def test_resumed_run_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("task", ["lm", "mlm"])
 def test_language_model_families_train_and_transfer(task, tmp_path):
-  """Decoder-only and encoder-only runs train; their parameters then initialise a new model."""
-  import jax
+  """Decoder-only and encoder-only runs train and export their model, which then initialises
+  (init_from) a new run: its parameters start as the exported ones."""
   import numpy as np
-  from flax import nnx
 
-  from transformer.model import create_model
-  from transformer.runs.loading import latest_params, load_params_into
+  from transformer.runs.artifact import read_model
+  from transformer.runs.params import model_params
   from transformer.train.config import Config
+  from transformer.train.loop import Trainer
 
   config = tiny_config(4)
   config.task = task
@@ -78,21 +78,21 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   losses = train_losses(tmp_path / "pretrain")
   assert results["step"] == 4 and losses[4] < losses[1]
 
-  fresh = create_model(task, Config.of(config).model, seed=123)
-  load_params_into(fresh, tmp_path / "pretrain")
-  saved = latest_params(tmp_path / "pretrain")
-  flat = {
-    tuple(str(k) for k in path): leaf
-    for path, leaf in nnx.to_flat_state(nnx.state(fresh, nnx.Param))
-  }
-  saved_flat = {
-    tuple(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
-  }
-  saved_flat = {k[:-1]: v for k, v in saved_flat.items()}  # drop each Variable's "value" key
-  assert set(flat) == set(saved_flat)
-  for key, variable in flat.items():
-    np.testing.assert_array_equal(variable[...], saved_flat[key], err_msg=str(key))
+  spec, exported, _, meta = read_model(tmp_path / "pretrain")
+  assert spec.task == task and meta["step"] == 4
+  # The same tokenizer, as init_from requires: copied from the pretraining run.
+  (tmp_path / "finetune").mkdir()
+  (tmp_path / "finetune" / "spm.model").write_bytes(
+    (tmp_path / "pretrain" / "spm.model").read_bytes()
+  )
+  config.init_from = str(tmp_path / "pretrain")
+  config.seed = 123
+  trainer = Trainer(Config.of(config), tmp_path / "finetune")
+  started = model_params(trainer.model)
+  trainer.close()
+  assert started.keys() == exported.keys()
+  for name, value in exported.items():
+    np.testing.assert_array_equal(started[name], value, err_msg=name)
 
 
 def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
@@ -110,9 +110,12 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   writer = MetricWriter(tmp_path)
   try:
     trainer.train(writer)
+    # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
+    assert trainer.inputs.train.state() == {"epoch": 0, "chunk": 0, "batch": 2}
+    assert next(trainer.inputs.train)["targets"].shape == (32, 32)
   finally:
     writer.close()
-    trainer.checkpointer.close()
+    trainer.close()
   assert int(trainer.state.step) == 2
   counts = optax.tree_utils.tree_get_all_with_path(trainer.state.opt_state, "count")
   assert counts and all(int(count) == 2 for _, count in counts)
@@ -120,6 +123,3 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   rates = {m["step"]: m["train/learning_rate"] for m in lines if "train/learning_rate" in m}
   assert rates == pytest.approx({s: 32**-0.5 * s * 10**-1.5 for s in (1, 2)}, rel=1e-6)
-  # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
-  assert trainer.inputs.train.state() == {"epoch": 0, "chunk": 0, "batch": 2}
-  assert next(trainer.inputs.train)["targets"].shape == (32, 32)

@@ -88,24 +88,32 @@ def prepare(data: DataConfig, workdir: Path, *, cache_dir: Path, task: str) -> N
   """
   corpus = Corpus.of(data, cache_dir)
   tokenizer_path = ensure_tokenizer(data, corpus, workdir, cache_dir)
-  tokenizer = Tokenizer(tokenizer_path)
   for split in splits_of(data, task):
-    directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
-    if open_cache(directory) is None:
-      log.info("%s: encoding the text into %s", split, directory)
-      build_cache(
-        directory,
-        corpus.chunks(split),
-        tokenizer.encode,
-        vocab_size=tokenizer.vocab_size,
-        built_from={
-          "dataset": data.dataset,
-          "split": split,
-          "text": corpus.fingerprint(split),
-          "tokenizer": _sha256(tokenizer_path),
-        },
-        keep_text=split != data.train_split,
-      )
+    ensure_split(corpus, split, tokenizer_path, cache_dir, keep_text=split != data.train_split)
+
+
+def ensure_split(
+  corpus: Corpus, split: str, tokenizer_path: Path, cache_dir: Path, *, keep_text: bool
+) -> Path:
+  """The token cache of `split` encoded by `tokenizer_path`, built if absent; its directory."""
+  directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
+  if open_cache(directory) is None:
+    log.info("%s: encoding the text into %s", split, directory)
+    tokenizer = Tokenizer(tokenizer_path)
+    build_cache(
+      directory,
+      corpus.chunks(split),
+      tokenizer.encode,
+      vocab_size=tokenizer.vocab_size,
+      built_from={
+        "dataset": corpus.dataset,
+        "split": split,
+        "text": corpus.fingerprint(split),
+        "tokenizer": _sha256(tokenizer_path),
+      },
+      keep_text=keep_text,
+    )
+  return directory
 
 
 def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir: Path) -> Path:
@@ -303,11 +311,74 @@ def _report_usable(split: str, max_length: int, truncate: bool, counts: dict[str
     )
 
 
+def evaluation_set(
+  data: DataConfig,
+  workdir: Path,
+  split: str,
+  *,
+  cache_dir: Path | None = None,
+  batch_size: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TestSet:
+  """One split as training evaluates it (its token cache built first if missing): batches of
+  data.eval_batch_size sentences (or `batch_size`) in the split's order."""
+  workdir = Path(workdir)
+  cache_dir = cache_dir or (
+    Path(data.cache_dir) if data.cache_dir else default_cache_dir(workdir, process_count)
+  )
+  ensure_split(
+    Corpus.of(data, cache_dir), split, workdir / MODEL_FILENAME, cache_dir, keep_text=True
+  )
+  shard = dict(process_index=process_index, process_count=process_count)
+  return _evaluation_set(data, workdir, cache_dir, split, shard, batch_size)
+
+
+def file_evaluation_set(
+  name: str,
+  pairs: list[Pair],
+  tokenizer: Tokenizer,
+  data: DataConfig,
+  *,
+  batch_size: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TestSet:
+  """An evaluation set of (source, reference) text pairs from files, batched like a split."""
+  ids = tokenizer.encode([s for s, _ in pairs]), tokenizer.encode([t for _, t in pairs])
+  examples, _ = make_examples(ids[0], ids[1], data.max_length, truncate=True)
+  return TestSet(
+    name,
+    pairs,
+    examples,
+    _batches(
+      data, examples, batch_size, dict(process_index=process_index, process_count=process_count)
+    ),
+  )
+
+
+def _batches(
+  data: DataConfig, examples: Examples, batch_size: int | None, shard: dict[str, int]
+) -> list[Batch]:
+  buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_length)
+  return eval_batches(examples, batch_size or data.eval_batch_size, length_buckets=buckets, **shard)
+
+
 def _evaluation_set(
-  data: DataConfig, workdir: Path, cache_dir: Path, split: str, shard: dict[str, int]
+  data: DataConfig,
+  workdir: Path,
+  cache_dir: Path,
+  split: str,
+  shard: dict[str, int],
+  batch_size: int | None = None,
 ) -> TestSet:
   """A split's pairs in order, cut to data.max_length (every line needs a translation)."""
   cache = open_split(data, workdir, cache_dir, split)
+  if not len(cache) or not (cache.lengths.min(axis=1) > 0).any():
+    raise ValueError(
+      f"{split} has no pair with text on both sides: an evaluation set of empty "
+      "lines scores nothing; check the data files"
+    )
   ids = cache.read(range(len(cache)))
   examples, stats = make_examples(
     [s for s, _ in ids], [t for _, t in ids], data.max_length, truncate=True
@@ -322,9 +393,7 @@ def _evaluation_set(
     )
   if not len(examples):
     raise ValueError(f"{split} is empty: check the data files")
-  buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_length)
-  batches = eval_batches(examples, data.eval_batch_size, length_buckets=buckets, **shard)
-  return TestSet(split, cache.text(), examples, batches)
+  return TestSet(split, cache.text(), examples, _batches(data, examples, batch_size, shard))
 
 
 def _eval_batches_for_task(

@@ -15,7 +15,7 @@ import gzip
 import hashlib
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,54 +63,59 @@ def require_file(path: Path) -> None:
     )
 
 
-def read_lines(path: Path) -> list[str]:
-  """Lines of a gzip-compressed UTF-8 text file, without their `\\n`.
+def iter_lines(path: Path) -> Iterator[str]:
+  """The lines of a gzip-compressed UTF-8 text file, one at a time, without their `\\n`.
 
   A damaged, cut-short or non-UTF-8 file raises a one-line ValueError naming the file and line.
+  Lines split on `\\n` only: `str.splitlines` would also split on \\x1c, \\u2028 and other
+  characters that may occur inside a sentence.
   """
   require_file(path)
-  data = _gunzip(path)
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as error:
-    line = data.count(b"\n", 0, error.start) + 1
-    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-    raise ValueError(
-      f"{path} line {line} is not UTF-8 (byte {data[error.start]:#04x} at byte "
-      f"{column} of the line): convert the file to UTF-8 and gzip it again"
-    ) from None
-  # Not splitlines(): it also splits on \x1c, \u2028 etc., which may occur inside a sentence.
-  return text.removesuffix("\n").split("\n") if text else []
-
-
-def _gunzip(path: Path) -> bytes:
-  """The decompressed bytes of `path`, or a ValueError naming the first line it cannot read."""
-  lines = []
+  number = 0
   try:
     with gzip.open(path, "rb") as f:
-      # Line by line: gzip yields everything before a damaged spot, so the count is exact.
-      for line in f:
-        lines.append(line)  # noqa: PERF402 (list(f) would lose the lines read before an error)
+      for number, raw in enumerate(f, start=1):
+        try:
+          yield raw.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as error:
+          column = error.start + 1
+          raise ValueError(
+            f"{path} line {number} is not UTF-8 (byte {raw[error.start]:#04x} at byte {column} "
+            "of the line): convert the file to UTF-8 and gzip it again"
+          ) from None
   except (OSError, EOFError, zlib.error) as error:
     raise ValueError(
-      f"{path} cannot be read at line {len(lines) + 1} ({error}): the file is cut "
-      "short or damaged; copy it again or re-create it with gzip"
+      f"{path} cannot be read at line {number + 1} ({error}): the file is cut short or damaged; "
+      "copy it again or re-create it with gzip"
     ) from None
-  return b"".join(lines)
 
 
-def read_parallel(source_dir: Path, stem: str) -> dict[str, list[str]]:
-  """{lang: lines} for `<stem>.<lang>.gz`, checking that both sides have as many lines."""
+def read_lines(path: Path) -> list[str]:
+  """Every line of a (small) gzip-compressed UTF-8 text file; see `iter_lines`."""
+  return list(iter_lines(path))
+
+
+def split_paths(source_dir: Path, stem: str) -> dict[str, Path]:
+  """{lang: <stem>.<lang>.gz}, checking that both sides exist and have as many lines (read
+  through once, in constant memory)."""
   paths = {lang: Path(source_dir) / f"{stem}.{lang}.gz" for lang in LANGUAGES}
   # Check all files exist before reading any, so the error names the first missing one.
   for path in paths.values():
     require_file(path)
-  lines = {lang: read_lines(path) for lang, path in paths.items()}
-  counts = {lang: len(side) for lang, side in lines.items()}
+  counts = {lang: sum(1 for _ in iter_lines(path)) for lang, path in paths.items()}
   if len(set(counts.values())) != 1:
     detail = ", ".join(f"{paths[lang]} has {counts[lang]} lines" for lang in LANGUAGES)
     raise ValueError(f"Multi30k line counts differ: {detail}; the sides must be aligned.")
-  return lines
+  if not counts["en"]:
+    raise ValueError(
+      f"{paths['en']} and {paths['de']} hold no lines: give the {stem} split its sentence pairs"
+    )
+  return paths
+
+
+def read_parallel(source_dir: Path, stem: str) -> dict[str, list[str]]:
+  """{lang: lines} of a (small) split, checked as `split_paths` does."""
+  return {lang: read_lines(path) for lang, path in split_paths(source_dir, stem).items()}
 
 
 class Multi30k(tfds.core.GeneratorBasedBuilder):
@@ -145,13 +150,14 @@ class Multi30k(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     del dl_manager  # Nothing to download: the corpus ships with the repository.
-    # Read and check every split before writing any, so a bad corpus fails fast.
-    lines = {split: read_parallel(self._source_dir, stem) for split, stem in SPLIT_FILES.items()}
-    return {split: self._generate_examples(side) for split, side in lines.items()}
+    # Check every split before writing any, so a bad corpus fails fast; then stream the pairs:
+    # a WMT-sized split is never held in memory.
+    paths = {split: split_paths(self._source_dir, stem) for split, stem in SPLIT_FILES.items()}
+    return {split: self._generate_examples(side) for split, side in paths.items()}
 
-  def _generate_examples(self, lines: Mapping[str, list[str]]):
-    for i, pair in enumerate(zip(*(lines[lang] for lang in LANGUAGES))):
-      yield i, dict(zip(LANGUAGES, pair))
+  def _generate_examples(self, paths: Mapping[str, Path]):
+    for i, pair in enumerate(zip(*(iter_lines(paths[lang]) for lang in LANGUAGES), strict=True)):
+      yield i, dict(zip(LANGUAGES, pair, strict=True))
 
 
 def source_fingerprint(source_dir: Path) -> str:

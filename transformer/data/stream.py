@@ -238,7 +238,7 @@ def language_model_stream(
     return [(windows.shape[1], b + [()] * (rows - len(b))) for b in batches]
 
   def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
-    position, (length, global_rows) = item
+    position, (_, global_rows) = item
     mine = batching.process_rows(global_rows, process_index, process_count)
     which = np.array([row[0] if row else -1 for row in mine], np.int64)
     targets = np.where((which >= 0)[:, None], windows[np.maximum(which, 0)], PAD_ID)

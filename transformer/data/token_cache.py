@@ -5,11 +5,11 @@ A cache is a directory named by a hash of (the split's text, the tokenizer file,
 
   lengths.npy              [n, 2] int32: source and target pieces of each pair, EOS not included
   ids-00000.array_record   one record per pair: its source ids then its target ids (uint16 when
-  ids-00001.array_record   the vocabulary fits, else uint32), written uncompressed in groups of
-  ...                      one record, for fast random access
+                           the vocabulary fits, else uint32), written uncompressed in groups of
+                           one record, for fast random access
   meta.json                pair count, dtype, pieces outside the vocabulary, what it was built from
 
-It is built in chunks (memory bounded by one chunk, whatever the split's size) into a temporary
+It is built chunk by chunk (memory bounded by one chunk, whatever the split's size) into a temporary
 directory that is renamed into place when complete, so a reader sees a whole cache or none, and
 a build cut short leaves nothing behind but its temporary directory (removed by the next build).
 Pairs stay in dataset order; empty or over-long pairs are left in and filtered by their lengths
@@ -175,15 +175,15 @@ def build_cache(
   dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
   lengths, shards, pieces, unknown = [], [], 0, 0
   try:
-    for index, chunk in enumerate(chunks):
-      name = f"ids-{index:05d}.array_record"
+    # One file for the whole split, written chunk by chunk: a batch of pairs drawn from all over
+    # the split is then one read (with a file per chunk it was one per file, 69 at WMT size).
+    shards.append("ids-00000.array_record")
+    writer = ArrayRecordWriter(str(tmp / shards[0]), WRITER_OPTIONS)
+    for chunk in chunks:
       sources = encode([src for src, _ in chunk])
       targets = encode([tgt for _, tgt in chunk])
-      writer = ArrayRecordWriter(str(tmp / name), WRITER_OPTIONS)
       for src, tgt in zip(sources, targets, strict=True):
         writer.write(np.asarray(src + tgt, dtype).tobytes())
-      writer.close()
-      shards.append(name)
       if keep_text:
         with open(tmp / TEXT_FILENAME, "a", encoding="utf-8") as f:
           f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in chunk)
@@ -195,6 +195,7 @@ def build_cache(
       unknown += sum(ids.count(UNK_ID) for ids in sources) + sum(
         ids.count(UNK_ID) for ids in targets
       )
+    writer.close()
     all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), np.int32)
     np.save(tmp / LENGTHS_FILENAME, all_lengths)
     meta = {

@@ -104,7 +104,16 @@ class Tokenizer:
 
   def __init__(self, model_path: str | os.PathLike):
     self.model_path = Path(model_path)
-    self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
+    if not self.model_path.is_file():
+      raise FileNotFoundError(f"{self.model_path} is missing: the run has no tokenizer")
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
+    except (RuntimeError, OSError) as error:
+      detail = " ".join(str(error).split())[:120]
+      raise ValueError(
+        f"{self.model_path} is not a SentencePiece model ({detail}): restore it "
+        "from the run, or delete it to train a new one"
+      ) from None
     expected = {
       PAD_ID: "<pad>",
       UNK_ID: "<unk>",

@@ -26,7 +26,8 @@ def keep_top_k(logits_BV: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
 
 def keep_top_p(logits_BV: Float[Array, "B V"], p: float | Array) -> Float[Array, "B V"]:
   """Nucleus filtering (Holtzman et al., 2019): keep the most likely tokens whose total
-  probability first reaches p (always at least the most likely one); the rest get NEG_INF."""
+  probability first reaches p (always at least the most likely one); the rest get NEG_INF.
+  p >= 1 keeps every token: float32 cumulative sums can reach 1 before the last one."""
   sorted_BV = lax.top_k(logits_BV, logits_BV.shape[-1])[0]
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   # A token is kept while the mass of the tokens ranked above it is still below p.
@@ -34,7 +35,8 @@ def keep_top_p(logits_BV: Float[Array, "B V"], p: float | Array) -> Float[Array,
   smallest_kept_B1 = jnp.min(
     jnp.where(mass_above_BV < p, sorted_BV, jnp.inf), axis=-1, keepdims=True
   )
-  return jnp.where(logits_BV >= smallest_kept_B1, logits_BV, NEG_INF)
+  filtered_BV = jnp.where(logits_BV >= smallest_kept_B1, logits_BV, NEG_INF)
+  return jnp.where(jnp.asarray(p) >= 1.0, logits_BV, filtered_BV)
 
 
 def choose_token(

@@ -1,4 +1,10 @@
-"""A trained run ready to use: translating (or, for a language model, continuing) text."""
+"""A trained run ready to use: translating (or, for a language model, continuing) text.
+
+from transformer import Translator
+translator = Translator("runs/default")             # its exported model (WORKDIR/model)
+translator.translate(["A dog runs on the beach."])  # beam 4, length penalty 0.6
+Translator("runs/default", step=600)                 # or a checkpoint, or average=5
+"""
 
 from __future__ import annotations
 
@@ -9,32 +15,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.data.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, Tokenizer
+from transformer.data.pipeline import padded
+from transformer.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
 from transformer.decode.batch import padded_length, translate_ids
+from transformer.decode.config import check_search
 from transformer.decode.sampling import sample
-from transformer.model.transformer import DecoderOnly, EncoderDecoder, create_model
-from transformer.runs.loading import load_params_into
-from transformer.runs.spec import read_spec
+from transformer.model.transformer import DecoderOnly, EncoderDecoder
+from transformer.runs.loading import load_run
 
 log = logging.getLogger(__name__)
 
 
 class Translator:
-  """A run's tokenizer and latest parameters, ready to decode batches of sentences."""
+  """A run's model and tokenizer, loaded for use (see `transformer.runs.loading.load_run`).
 
-  def __init__(self, workdir: str | Path):
-    workdir = Path(workdir)
-    self.spec = read_spec(workdir)
-    tokenizer_file = workdir / MODEL_FILENAME
-    if not tokenizer_file.exists():
-      raise FileNotFoundError(
-        f"{tokenizer_file} is missing: --workdir must be a directory that "
-        "training has written (no tokenizer found)"
-      )
-    self.tokenizer = Tokenizer(tokenizer_file)
-    self.model = create_model(self.spec.task, self.spec.model, seed=0)
-    load_params_into(self.model, workdir)
-    self.model.eval()
+  Args:
+    workdir: a run directory written by training.
+    step: use checkpoint `step` instead of the exported model.
+    average: use the mean of the newest `average` checkpoints instead.
+  """
+
+  def __init__(self, workdir: str | Path, *, step: int | None = None, average: int | None = None):
+    loaded = load_run(workdir, step=step, average=average)
+    self.spec, self.tokenizer, self.model = loaded.spec, loaded.tokenizer, loaded.model
+    self.source = loaded.source
 
   @property
   def task(self) -> str:
@@ -59,62 +63,90 @@ class Translator:
     """The longest source, EOS included: the training length, within the model's positions."""
     return self.spec.max_source_tokens
 
-  def encode(self, texts: list[str]) -> np.ndarray:
-    """Source ids [B, S] (EOS-terminated, PAD-padded); over-long texts are cut with a warning."""
-    for i, text in enumerate(texts):
-      if not text.strip():
-        raise ValueError(f"input line {i + 1} is empty: give one non-empty sentence per line")
+  def encode(self, texts: list[str], line_numbers: list[int] | None = None) -> np.ndarray:
+    """Source ids [B, S] of the texts, each + EOS, PAD-padded to a multiple of 8 within the
+    model's positions; a text over `max_source_tokens` is cut with a warning, and pieces
+    outside the vocabulary (emoji, scripts unseen in training: they become <unk>) are noted.
+    `line_numbers` name the texts in those warnings (default 1, 2, ...)."""
     rows = []
-    for i, ids in enumerate(self.tokenizer.encode(texts)):
+    numbers = line_numbers or list(range(1, len(texts) + 1))
+    for number, ids in zip(numbers, self.tokenizer.encode(texts), strict=True):
+      unknown = ids.count(UNK_ID)
+      if unknown:
+        log.warning(
+          "input line %d: %d of its %d pieces are outside the vocabulary (<unk>); "
+          "the translation will miss them",
+          number,
+          unknown,
+          len(ids),
+        )
       if len(ids) + 1 > self.max_source_tokens:
         log.warning(
           "input line %d has %d tokens; only the first %d are translated",
-          i + 1,
+          number,
           len(ids),
           self.max_source_tokens - 1,
         )
         ids = ids[: self.max_source_tokens - 1]
-      rows.append(list(ids) + [EOS_ID])
-    length = padded_length(max(len(r) for r in rows), self.spec.model.max_len)
-    return np.array([r + [PAD_ID] * (length - len(r)) for r in rows], np.int32)
+      rows.append([*ids, EOS_ID])
+    return padded(rows, padded_length(max(len(r) for r in rows), self.spec.model.max_len))
 
   def translate(
-    self, texts: list[str], *, beam_size: int = 4, alpha: float = 0.6, max_extra_length: int = 50
+    self,
+    texts: list[str],
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_extra_length: int = 50,
+    first_line: int = 1,
   ) -> list[str]:
-    src_ids_BS = jnp.asarray(self.encode(texts))
+    """One translation per text; a blank text gets a blank translation. `first_line` numbers
+    the texts in warnings (the line of a file they came from)."""
+    check_search(beam_size, alpha, max_extra_length)
+    model = self.encoder_decoder
+    real = [i for i, text in enumerate(texts) if text.strip()]
+    out = [""] * len(texts)
+    if not real:
+      return out
+    src_ids_BS = self.encode([texts[i] for i in real], [first_line + i for i in real])
     tokens_BT = translate_ids(
-      self.encoder_decoder,
-      src_ids_BS,
+      model,
+      jnp.asarray(src_ids_BS),
       beam_size=beam_size,
       alpha=alpha,
       max_extra_length=max_extra_length,
     )
-    return self.tokenizer.decode(np.asarray(tokens_BT))
+    for i, text in zip(real, self.tokenizer.decode(np.asarray(tokens_BT)), strict=True):
+      out[i] = text
+    return out
 
   def continue_text(
     self,
     texts: list[str],
     *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int,
+    max_new_tokens: int = 40,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
   ) -> list[str]:
-    """Samples continuations of prompts from a decoder-only model (one prompt at a time when
-    their token counts differ, since a batch of prompts must share one length)."""
+    """Samples a continuation of each prompt from a decoder-only model (one prompt at a time:
+    a batch of prompts would have to share one length)."""
+    if max_new_tokens < 1:
+      raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    model = self.decoder_only
     outputs = []
     for i, text in enumerate(texts):
-      ids = [BOS_ID] + self.tokenizer.encode([text])[0]
+      ids = [BOS_ID, *self.tokenizer.encode([text])[0]]
       # The last new token is never fed back: T + new - 1 positions must fit in max_len.
       budget = min(max_new_tokens, self.spec.model.max_len + 1 - len(ids))
       if budget <= 0:
         raise ValueError(
-          f"prompt {i + 1} has {len(ids)} tokens, the model's limit is "
-          f"{self.spec.model.max_len}: shorten it"
+          f"prompt {i + 1} has {len(ids)} tokens (BOS included) and the model "
+          f"reads at most {self.spec.model.max_len}: shorten it"
         )
       out = sample(
-        self.decoder_only,
+        model,
         jnp.asarray([ids], jnp.int32),
         max_new_tokens=budget,
         rng=jax.random.key(seed + i),

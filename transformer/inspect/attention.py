@@ -216,3 +216,28 @@ def word_piece_indices(pieces: Sequence[str], word: str) -> list[int]:
 
 def cosine(a_D: np.ndarray, b_D: np.ndarray) -> float:
   return float(a_D @ b_D / (np.linalg.norm(a_D) * np.linalg.norm(b_D)))
+
+
+def attention_maps(
+  translator, text: str, *, beam_size: int = 4, alpha: float = 0.6
+) -> tuple[Sentence, AttentionMaps]:
+  """A translation run's attention for one sentence: it is translated (beam search), then the
+  model is run once on (source, BOS + translation) and every layer's weights are kept.
+
+  `translator` is a `transformer.Translator` of a translation run. Returns the sentence (ids,
+  pieces, translation) and the maps: `maps.cross[l][0]` is layer l+1's encoder-decoder attention
+  [N, T, S] (rows: the translation's pieces, columns: the source's).
+  """
+  model = translator.encoder_decoder
+  sentence = prepare_sentence(
+    model,
+    translator.tokenizer,
+    text,
+    max_source_tokens=translator.max_source_tokens,
+    beam_size=beam_size,
+    alpha=alpha,
+  )
+  _, maps = collect_attention(
+    model, np.array([sentence.src_ids], np.int32), np.array([sentence.tgt_in_ids], np.int32)
+  )
+  return sentence, maps

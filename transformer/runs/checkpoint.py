@@ -1,10 +1,16 @@
-"""Orbax checkpoints: asynchronous, atomic, kept K at a time, restored onto any mesh.
+"""Orbax checkpoints: asynchronous, atomic, verified, kept K at a time, restored onto any mesh.
 
-A checkpoint holds the train state and the data iterator's position, so a resumed run continues
-with exactly the batches an uninterrupted one would see. Orbax writes each step into a temporary
-directory and renames it when complete, so a crash mid-save never damages an earlier step. A step
-that is unreadable all the same (a disk error, a truncated copy) is skipped for the previous one,
-and deleted so that training can write that step again.
+A checkpoint holds the train state, the data iterator's position and a checksum of every array,
+so a resumed run continues with exactly the batches an uninterrupted one would see, from exactly
+the values that were saved. Orbax writes each step into a temporary directory and renames it
+when complete, so a crash mid-save never damages an earlier step. A step that is unreadable all
+the same, or whose arrays no longer match their checksums (a disk error, a truncated or changed
+file), is named in one warning and skipped for the previous one; training then deletes it and
+writes that step again.
+
+The checksums are two sums of each array's bits as 32-bit words, one of them weighted by position
+(mod 2^32, so they do not depend on how the array is sharded or summed): any single changed word
+changes both, any reordering the weighted one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -25,7 +32,8 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Saves and restores {"state": train state, "data": iterator position} under `directory`."""
+  """Saves and restores {"state": train state, "data": iterator position, "checksums": of the
+  state's arrays} under `directory`."""
 
   def __init__(self, directory: str | Path, *, keep: int = 3, asynchronous: bool = True,
                read_only: bool = False):
@@ -39,7 +47,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+                       "data": ocp.JsonCheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     """Completed steps; Orbax's temporary directories of unfinished saves are not listed."""
@@ -47,26 +56,22 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state or {}))
+                              data=ocp.args.JsonSave(data_state or {}),
+                              checksums=ocp.args.JsonSave(checksums(state)))
     self.manager.save(step, args=args, force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-    """Restores `step`, or the newest readable checkpoint, onto `abstract_state`'s shardings.
+    """Restores `step`, or the newest good checkpoint, onto `abstract_state`'s shardings.
 
-    A truncated or corrupted step is reported and skipped for the previous good one; once one
-    restores, the unreadable newer steps are deleted, so that training writes them afresh
-    instead of skipping steps that "exist". A checkpoint of another model or optimizer is not
-    corruption: it stops the restore and nothing is deleted.
+    A damaged step is named in a warning and skipped for the previous good one; once one
+    restores, the damaged newer steps are deleted, so that training writes them afresh instead
+    of skipping steps that "exist". A checkpoint of another model or optimizer is not damage:
+    it stops the restore and nothing is deleted.
 
     Returns:
       (state, data_state, step).
     """
-    candidates = [step] if step is not None else list(reversed(self.steps()))
-    if not candidates:
-      raise CheckpointError(f"no checkpoint in {self.directory}: train first, or point "
-                            "--workdir at a run that saved one")
-    unreadable = []
-    for candidate in candidates:
+    def target(candidate: int) -> Any:
       # Compared before restoring: a restore that fails part-way leaves Orbax's pending reads
       # to fail noisily later, and a foreign checkpoint is no reason to try an older one.
       mismatch = self._structure_mismatch(candidate, abstract_state)
@@ -74,26 +79,74 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint at {self.directory / str(candidate)} was written with another "
             f"model/optimizer config ({mismatch}): use a new workdir or the old config")
+      return abstract_state
+
+    restored, data_state, good, damaged = self._first_good(step, target)
+    self._delete(damaged)
+    return restored, data_state, good
+
+  def restore_saved(self, step: int | None = None) -> tuple[Any, int]:
+    """(state, step) of `step`, or of the newest good checkpoint, as it was saved (structure
+    from its metadata), on this host's first device: for reading a run, not for resuming it.
+    Damaged steps are named in a warning and skipped, never deleted."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(candidate: int) -> Any:
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        _check_finite(restored["state"], candidate)
-      except (ValueError, OSError, KeyError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s)", candidate,
-                    self.directory, type(error).__name__, first_line)
-        unreadable.append(candidate)
+        tree = self.manager.item_metadata(candidate)["state"]
+      except Exception:  # noqa: BLE001  unreadable metadata: a damaged step
+        return None
+      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+
+    restored, _, good, _ = self._first_good(step, target)
+    return restored, good
+
+  def _first_good(self, step: int | None, target) -> tuple[Any, dict, int, list[int]]:
+    """The first of `step` (or every step, newest first) that restores and verifies; the
+    damaged ones tried before it."""
+    candidates = [step] if step is not None else list(reversed(self.steps()))
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory}: train first, or point "
+                            "--workdir at a run that saved one")
+    damaged = []
+    for candidate in candidates:
+      try:
+        abstract = target(candidate)
+        if abstract is None:
+          raise ValueError("its metadata cannot be read")
+        state, data_state = self._restore_verified(candidate, abstract)
+      except CheckpointError:
+        raise
+      except Exception as error:  # noqa: BLE001  Orbax raises bare Exceptions for bad files
+        log.warning("checkpoint step %d in %s is damaged (%s); %s", candidate, self.directory,
+                    _first_line(error), "trying the one before it" if step is None else
+                    "it cannot be used")
+        damaged.append(candidate)
         continue
-      self._delete(unreadable)
-      return restored["state"], dict(restored["data"] or {}), candidate
+      return state, data_state, candidate, damaged
     if step is not None:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable")
-    raise CheckpointError(f"every checkpoint in {self.directory} is unreadable "
-                          f"(steps {candidates}): delete the directory to start afresh")
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: pick "
+                            "another step, or train again")
+    raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
+                          f"{candidates}): delete the directory to start afresh")
+
+  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    has_checksums = (self.directory / str(step) / "checksums").exists()
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+    if has_checksums:
+      items["checksums"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored["state"]
+    if has_checksums:
+      _verify(state, restored["checksums"] or {})
+    else:  # written before checksums were: only values that cannot be right are caught
+      _check_finite(state)
+    return state, dict(restored["data"] or {})
 
   def _structure_mismatch(self, step: int, abstract_state: Any) -> str | None:
     """How the saved arrays' names and shapes differ from `abstract_state`'s; None when they
-    agree or the metadata itself is unreadable (then the step is corrupt, not foreign)."""
+    agree or the metadata itself is unreadable (then the step is damaged, not foreign)."""
     try:
       saved = _shapes(self.manager.item_metadata(step)["state"])
     except Exception:  # noqa: BLE001  any failure to read metadata means a damaged step
@@ -103,8 +156,8 @@ class Checkpointer:
   def _delete(self, steps: list[int]) -> None:
     for step in steps:
       self.manager.delete(step)
-      log.warning("deleted unreadable checkpoint step %d in %s; training writes it again",
-                  step, self.directory)
+      log.warning("deleted damaged checkpoint step %d in %s; training writes it again", step,
+                  self.directory)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -114,24 +167,78 @@ class Checkpointer:
     self.manager.close()
 
 
-def _check_finite(state: Any, step: int) -> None:
-  """A checkpoint with NaN or Inf counts as corrupted. Computed on the global arrays (one jit),
-  so it also works when each process holds only its own shards."""
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _name(path) -> str:
+  def part(key):
+    for attribute in ("key", "idx", "name"):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return "/".join(part(k) for k in path)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """An array's bits as uint32 words (16- and 8-bit elements widened, 64-bit ones split)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size < 4:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2] for 64-bit elements
+
+
+@jax.jit
+def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
+  out = []
+  for x in leaves:
+    words = _words(x).ravel()
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                          jnp.sum(words * weights, dtype=jnp.uint32)]))
+  return out
+
+
+def checksums(state: Any) -> dict[str, list[int]]:
+  """{array name: [sum of its words, sum weighted by position]} mod 2^32, computed on the
+  global arrays (one jit), so every process of a multi-host run gets the same numbers."""
+  named = [(_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+           if hasattr(leaf, "dtype")]
+  if not named:
+    return {}
+  values = jax.device_get(_sums([jnp.asarray(leaf) for _, leaf in named]))
+  return {name: [int(v) for v in np.asarray(value)] for (name, _), value in zip(named, values,
+                                                                               strict=True)}
+
+
+def _verify(state: Any, saved: dict[str, list[int]]) -> None:
+  now = checksums(state)
+  if now.keys() != saved.keys():
+    raise ValueError("its checksums name other arrays than it holds")
+  changed = sorted(name for name in now if now[name] != list(saved[name]))
+  if changed:
+    raise ValueError(f"{len(changed)} arrays differ from their checksums, e.g. {changed[0]}")
+
+
+def _check_finite(state: Any) -> None:
+  """A checkpoint with NaN or Inf is damaged. Computed on the global arrays (one jit), so it
+  also works when each process holds only its own shards."""
   floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
   if floats and not bool(jax.jit(lambda xs: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in xs])))(floats)):
-    raise ValueError(f"non-finite values in checkpoint step {step}")
+    raise ValueError("it holds non-finite values")
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{"params/decoder/embed/table/value": shape} for a state, its abstract twin or its Orbax
   metadata, whose paths differ only in key types (attribute, dict key, index)."""
-  def name(key):
-    for attribute in ("key", "idx", "name"):
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
-  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+  return {_name(path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -155,7 +262,7 @@ def _describe_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> s
 def average_params(checkpointer: Checkpointer, abstract_state: Any, last: int):
   """The mean of the parameters of the last `last` checkpoints (the paper averages 5 or 20).
 
-  An unreadable one is left out with a warning: the average of the others still stands.
+  A damaged one is left out with a warning: the average of the others still stands.
   """
   total, averaged = None, []
   for step in checkpointer.steps()[-last:]:

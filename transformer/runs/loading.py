@@ -1,76 +1,137 @@
-"""Reading a run's parameters: the newest checkpoint's, copied into a model by name and shape."""
+"""Loading a trained run for use: its exported model by default, or a checkpoint, or an average.
+
+Every path ends in the same strict check (`load_strict`): the parameters must be exactly the
+model's, so a model is never used with some of its parameters left random.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from transformer.runs.checkpoint import Checkpointer
+from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer
+from transformer.model.transformer import create_model
+from transformer.runs.artifact import MODEL_DIRNAME, read_model
+from transformer.runs.checkpoint import CheckpointError, Checkpointer
+from transformer.runs.params import FlatParams, load_strict, state_params
+from transformer.runs.spec import RunSpec, read_spec
 
 log = logging.getLogger(__name__)
 
 
-def latest_params(workdir: str | Path) -> dict:
-  """The newest checkpoint's parameters of another run, as a nested dict of NumPy arrays."""
+@dataclasses.dataclass
+class LoadedRun:
+  """A run's model ready for use, its tokenizer, and where its parameters came from."""
+
+  spec: RunSpec
+  tokenizer: Tokenizer
+  model: nnx.Module
+  source: str  # "model" (the export), "checkpoint 900", "average of checkpoints [...]"
+
+
+def checkpoints_of(workdir: Path) -> Checkpointer:
   directory = Path(workdir).absolute() / "checkpoints"
-  steps = []
-  if directory.is_dir():
-    # Orbax's own listing: it leaves out the temporary directories of unfinished saves
-    # ("8.orbax-checkpoint-tmp-<time>"), which a glob for digits would take for steps.
-    listing = Checkpointer(directory, read_only=True)
-    steps = listing.steps()
-    listing.close()
-  if not steps:
-    raise FileNotFoundError(f"init_from: no checkpoint in {directory}: train that run first")
-  path = directory / str(steps[-1]) / "state"
-  checkpointer = ocp.StandardCheckpointer()
-  # Restore onto this host's first device, whatever mesh the other run was saved from.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint in {directory}: train the run first")
+  # Read-only: another process may be training in it (its unfinished saves are left alone).
+  return Checkpointer(directory, read_only=True)
+
+
+def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParams, int]:
+  """The parameters of checkpoint `step` (default: the newest readable one), as saved."""
+  checkpointer = checkpoints_of(workdir)
   try:
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata.tree)
-    return checkpointer.restore(path, target)["params"]
+    steps = checkpointer.steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train the run first")
+    if step is not None and step not in steps:
+      raise ValueError(f"--step {step}: {checkpointer.directory} has checkpoints "
+                       f"{', '.join(map(str, steps))}; pick one of them")
+    state, step = checkpointer.restore_saved(step)
+    return state_params(state["params"]), step
   finally:
     checkpointer.close()
 
 
-def load_params_into(model: nnx.Module, workdir: str | Path) -> None:
-  """Copies every parameter whose path and shape match from `workdir`'s latest checkpoint.
-
-  A pre-trained decoder-only or encoder-only model can so start a fine-tuning run; parameters
-  the source lacks (e.g. a new classification head) keep their fresh initialisation.
-  """
-  source = dict(_flatten(latest_params(workdir)))
-  params = nnx.state(model, nnx.Param)
-  copied, fresh = 0, []
-  for path, variable in nnx.to_flat_state(params):
-    key = tuple(str(p) for p in path)
-    value = source.get(key)
-    if value is not None and value.shape == variable.shape:
-      variable.set_value(value.astype(variable.dtype))
-      copied += 1
-    else:
-      fresh.append("/".join(key))
-  nnx.update(model, params)
-  log.info("init_from %s: %d parameters copied, %d initialised fresh%s", workdir, copied,
-           len(fresh), f" ({', '.join(fresh[:5])}...)" if fresh else "")
-  if copied == 0:
-    raise ValueError(f"init_from {workdir}: no parameter matches this model's names and shapes; "
-                     "check that both runs use the same model sizes")
+def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, list[int]]:
+  """The mean of the parameters of the newest `last` checkpoints (Section 6.1)."""
+  checkpointer = checkpoints_of(workdir)
+  try:
+    steps = checkpointer.steps()
+    if last < 1 or last > len(steps):
+      raise ValueError(f"--average {last}: {checkpointer.directory} holds {len(steps)} "
+                       f"checkpoints ({', '.join(map(str, steps)) or 'none'}); average 1 to "
+                       f"{len(steps)} of them")
+    total: FlatParams = {}
+    for step in steps[-last:]:
+      state, _ = checkpointer.restore_saved(step)
+      for name, value in state_params(state["params"]).items():
+        total[name] = total.get(name, 0) + np.asarray(value, np.float64)
+    return {k: (v / last).astype(np.float32) for k, v in total.items()}, steps[-last:]
+  finally:
+    checkpointer.close()
 
 
-def _flatten(tree, prefix=()):
-  """(path of str keys, array) pairs of a restored nested dict; a Variable's "value" level
-  is dropped so paths match `nnx.to_flat_state`."""
-  if isinstance(tree, dict):
-    for key, child in tree.items():
-      leaf_value = key == "value" and not isinstance(child, dict)
-      yield from _flatten(child, prefix if leaf_value else prefix + (str(key),))
+def load_run(workdir: str | Path, *, step: int | None = None,
+             average: int | None = None) -> LoadedRun:
+  """The run's model: WORKDIR/model (the export), or checkpoint `step`, or the average of the
+  newest `average` checkpoints; in eval mode."""
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty: give the run directory that training wrote")
+  workdir = Path(workdir).absolute()
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir} is not a directory: --workdir must be a run directory "
+                            "written by training")
+  if step is not None and average is not None:
+    raise ValueError("--step and --average each pick the parameters: give one of them")
+  if step is None and average is None:
+    spec, params, tokenizer_path, _ = read_model(workdir)
+    source = str(workdir / MODEL_DIRNAME)
   else:
-    yield prefix, np.asarray(tree)
+    spec, tokenizer_path = read_spec(workdir), workdir / MODEL_FILENAME
+    if average is not None:
+      params, steps = averaged_checkpoint_params(workdir, average)
+      source = f"the average of checkpoints {steps} of {workdir}"
+    else:
+      params, saved = checkpoint_params(workdir, step)
+      source = f"checkpoint {saved} of {workdir}"
+  if not tokenizer_path.is_file():
+    raise FileNotFoundError(f"{tokenizer_path} is missing: the run has no tokenizer")
+  tokenizer = Tokenizer(tokenizer_path)
+  if tokenizer.vocab_size != spec.model.vocab_size:
+    raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model was "
+                     f"trained with {spec.model.vocab_size}: the tokenizer is not this run's")
+  model = create_model(spec.task, spec.model, seed=0)
+  load_strict(model, params, source)
+  model.eval()
+  return LoadedRun(spec, tokenizer, model, source)
 
+
+def warm_start_params(workdir: str | Path) -> tuple[FlatParams, Path, str]:
+  """(parameters, tokenizer file, where from) that `init_from` starts a run from: the run's
+  exported model, or its newest checkpoint when it has none (a run stopped before its end)."""
+  workdir = Path(workdir)
+  if (workdir / MODEL_DIRNAME).is_dir():
+    _, params, tokenizer_path, _ = read_model(workdir)
+    return params, tokenizer_path, str(workdir / MODEL_DIRNAME)
+  try:
+    params, step = checkpoint_params(workdir)
+  except (FileNotFoundError, CheckpointError) as error:
+    raise FileNotFoundError(f"init_from: {error}") from None
+  return params, workdir / MODEL_FILENAME, f"checkpoint {step} of {workdir}"
+
+
+def host_params(params) -> FlatParams:
+  """Global (possibly sharded, multi-process) parameter arrays as full host arrays, by name."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  flat = state_params(params) if not isinstance(params, nnx.State) else {
+    "/".join(str(k) for k in path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
+    for path, leaf in nnx.to_flat_state(params)}
+  return {name: np.asarray(multihost_utils.process_allgather(value, tiled=True))
+          if isinstance(value, jax.Array) else np.asarray(value) for name, value in flat.items()}

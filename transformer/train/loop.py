@@ -12,13 +12,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
+from transformer.cli import Stopped
 from transformer.data.corpus import default_cache_dir
 from transformer.data.inputs import Inputs, build_inputs, prepare
-from transformer.decode.evaluate import score_test_sets, write_report
+from transformer.decode.scoring import score_test_sets, write_report
 from transformer.model.transformer import create_model
 from transformer.parallel import distributed
+from transformer.parallel.axes import FSDP, TENSOR
 from transformer.parallel.mesh import (
   batch_sharding,
   check_divisible,
@@ -29,10 +32,15 @@ from transformer.parallel.mesh import (
 )
 from transformer.parallel.sharding import abstract_with_shardings, shard
 from transformer.parallel.strategies import compile_train_step
+from transformer.runs.artifact import export_model
 from transformer.runs.checkpoint import Checkpointer, average_params
-from transformer.runs.loading import load_params_into
+from transformer.runs.loading import host_params, warm_start_params
+from transformer.runs.lock import WorkdirLock
+from transformer.runs.params import load_matching
+from transformer.runs.spec import RunSpec
 from transformer.train import metrics as metrics_lib
 from transformer.train.config import Config
+from transformer.train.flops import available_memory_bytes, parameter_count
 from transformer.train.loss import summarize
 from transformer.train.optimizer import learning_rate, make_optimizer
 from transformer.train.step import TrainState, make_steps
@@ -56,6 +64,25 @@ class StopRequested:
       signal.signal(s, handler)
 
 
+def check_memory(config: Config, mesh) -> None:
+  """Refuses, before anything is allocated, a model whose parameters, gradients and Adam state
+  alone exceed the memory of the devices they are spread over (activations come on top)."""
+  count = parameter_count(config.task, config.model)
+  bytes_per_parameter = jnp.dtype(config.model.param_dtype).itemsize * 2 + 8  # + Adam's m, v
+  shards = mesh.shape[FSDP] * mesh.shape[TENSOR]
+  per_device = count * bytes_per_parameter / shards
+  available = available_memory_bytes()
+  if jax.local_devices()[0].platform == "cpu":  # the virtual CPU devices share the host's memory
+    per_device *= jax.local_device_count()
+  if available is not None and per_device > available:
+    raise ValueError(
+      f"the model has {count / 1e6:,.0f}M parameters, whose weights, gradients and Adam state "
+      f"need {per_device / 1e9:,.1f} GB on each device, more than the {available / 1e9:,.1f} GB "
+      "available: shrink it (model.d_model, model.d_ff, the layers, data.vocab_size) or shard it "
+      "over more devices (parallel.fsdp)"
+    )
+
+
 def initial_state(model: nnx.Module, tx) -> TrainState:
   """Step 0: the model's parameters and the optimizer's fresh state, on the host."""
   params = nnx.state(model, nnx.Param)
@@ -68,7 +95,22 @@ class Trainer:
   def __init__(self, config: Config | ml_collections.ConfigDict, workdir: str | Path):
     config = Config.of(config)
     self.config, self.workdir = config, Path(workdir)
+    if not str(workdir).strip():
+      raise ValueError("--workdir is empty: name the run's directory, e.g. --workdir runs/exp1")
+    self._closers: list = []  # what close() stops or releases, newest first
+    try:
+      self._build(config)
+    except BaseException:
+      # Threads of a half-built trainer (checkpointing, prefetching) would fail noisily at exit.
+      self.close()
+      raise
+
+  def _build(self, config: Config) -> None:
     self.workdir.mkdir(parents=True, exist_ok=True)
+    # One writer per workdir; process 0 holds the lock for the whole job.
+    distributed.on_first_process(
+      self._take_lock, "taking-the-workdir-lock", timeout_s=config.parallel.barrier_timeout_s
+    )
     self.mesh = make_mesh(config.parallel)
     # Before any data work, so a mesh that cannot split the model or the evaluation batches
     # fails in seconds. The tokenizer has exactly data.vocab_size pieces.
@@ -81,6 +123,7 @@ class Trainer:
       vocab_size=model.vocab_size,
       batch_size=config.data.eval_batch_size,
     )
+    check_memory(config, self.mesh)
     k = config.optimizer.grad_accum_steps
     # One training batch is one update: k micro-batches of data.tokens_per_batch each, whose
     # rows the step splits (`transformer.train.step.micro_batches`).
@@ -107,9 +150,10 @@ class Trainer:
       cache_dir=cache_dir,
       prepare_data=False,
     )
+    self._closers.append(self.inputs.train.close)
     self.model = create_model(config.task, model, config.seed)
     if config.init_from:
-      load_params_into(self.model, config.init_from)
+      self._warm_start(config.init_from)
     self.schedule = learning_rate(
       config.optimizer, d_model=model.d_model, num_train_steps=config.num_train_steps
     )
@@ -138,17 +182,43 @@ class Trainer:
       out_shardings=replicated(self.mesh),
     )
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
-    try:
-      self.resumed_from = self._restore()
-    except BaseException:
-      # An unclosed manager's background threads fail noisily at interpreter exit.
-      self.close()
-      raise
+    self._closers.append(self.checkpointer.close)
+    self.resumed_from = self._restore()
+
+  def _take_lock(self) -> None:
+    lock = WorkdirLock(self.workdir, "training")
+    self._closers.append(lock.release)
 
   def close(self) -> None:
-    """Waits for the last checkpoint, then stops the checkpointer's and the stream's threads."""
-    self.checkpointer.close()
-    self.inputs.train.close()
+    """Waits for the last checkpoint, stops the checkpointer's and the stream's threads, and
+    releases the workdir."""
+    while self._closers:
+      self._closers.pop()()
+
+  def _warm_start(self, run: str) -> None:
+    """Starts from another run's parameters (its exported model, else its newest checkpoint):
+    every parameter whose name and shape match; a new head keeps its fresh initialisation."""
+    params, tokenizer_path, source = warm_start_params(run)
+    if Path(tokenizer_path).read_bytes() != self.inputs.tokenizer.model_path.read_bytes():
+      raise ValueError(
+        f"init_from {run}: its tokenizer ({tokenizer_path}) is not this run's "
+        f"({self.inputs.tokenizer.model_path}), so its embeddings would mean "
+        "other pieces: train this run with that run's tokenizer (copy its "
+        "spm.model into the workdir first) or start afresh"
+      )
+    copied, fresh = load_matching(self.model, params)
+    if not copied:
+      raise ValueError(
+        f"init_from {run}: no parameter matches this model's names and shapes; "
+        "check that both runs use the same model sizes"
+      )
+    log.info(
+      "init_from %s: %d parameters copied, %d initialised fresh%s",
+      source,
+      copied,
+      len(fresh),
+      f" ({', '.join(fresh[:5])}...)" if fresh else "",
+    )
 
   def _restore(self) -> int | None:
     if not self.checkpointer.steps():
@@ -217,10 +287,15 @@ class Trainer:
       self.save(force=True)
       self.checkpointer.wait()
     if stop.signal:
-      log.warning(
-        "%s received at step %d: checkpoint saved; run again to resume", stop.signal, step
+      saved = self.checkpointer.steps()
+      raise Stopped(
+        f"{stop.signal} at step {step}; "
+        + (
+          f"checkpoint {saved[-1]} is saved, run the same command to resume"
+          if saved
+          else "nothing was trained yet, so nothing was saved"
+        )
       )
-      raise KeyboardInterrupt(stop.signal)
 
   def _log_train(self, writer, progress, window, sums, step) -> None:
     steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
@@ -238,7 +313,7 @@ class Trainer:
         "train/tokens_per_second": rate,
         "train/data_wait_fraction": waiting,
         "train/skipped_updates": nonfinite,
-        "train/learning_rate": float(self.schedule(step - 1)),
+        "train/learning_rate": self.learning_rate(),
       },
     )
     if nonfinite:
@@ -250,15 +325,35 @@ class Trainer:
         raise FloatingPointError(message + "; lower the learning rate or set nan_policy=skip")
       log.warning(message)
 
-  def averaged_params(self):
-    """Parameters averaged over the last checkpoints (Section 6.1), or the current ones."""
+  def learning_rate(self) -> float:
+    """The rate of the last update Adam applied: the schedule at Adam's own count, which
+    skipped updates (nan_policy=skip) did not advance, not at the step count."""
+    counts = optax.tree_utils.tree_get_all_with_path(self.state.opt_state, "count")
+    applied = int(jax.device_get(counts[0][1])) if counts else int(self.state.step)
+    return float(self.schedule(max(applied, 1) - 1))
+
+  def final_params(self) -> tuple[nnx.State, list[int]]:
+    """(parameters, the checkpoints they average): the mean of the last checkpoints'
+    (Section 6.1) with average_last_checkpoints > 1, else the current ones ([])."""
     k = self.config.average_last_checkpoints
     if k <= 1 or len(self.checkpointer.steps()) < 2:
-      return self.state.params
+      return self.state.params, []
     abstract = abstract_with_shardings(self.state_shardings, self.state)
     params, steps = average_params(self.checkpointer, abstract, k)
     log.info("averaged the parameters of checkpoints %s", steps)
-    return params
+    return params, steps
+
+  def export(self, params: nnx.State, averaged_steps: list[int]) -> Path | None:
+    """Writes `params` as the run's model (WORKDIR/model, see `transformer.runs.artifact`);
+    every process takes part in gathering them, process 0 writes."""
+    flat = host_params(params)
+    if jax.process_index() != 0:
+      return None
+    spec = RunSpec(self.config.task, self.config.model, self.config.data.max_length)
+    info = {"step": int(self.state.step), "averaged_steps": averaged_steps}
+    path = export_model(self.workdir, spec, flat, self.inputs.tokenizer.model_path, info)
+    log.info("model written to %s", path)
+    return path
 
 
 def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -275,7 +370,8 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     trainer.train(writer)
-    params = trainer.averaged_params()
+    params, averaged_steps = trainer.final_params()
+    trainer.export(params, averaged_steps)  # the model scored below is the model one uses
     results: dict[str, float] = {"step": int(trainer.state.step)}
     results.update(
       {f"eval/{k}": v for k, v in trainer.evaluate(params, trainer.inputs.eval_batches).items()}

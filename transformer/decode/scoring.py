@@ -1,4 +1,5 @@
-"""Translating evaluation sets and scoring them with detokenized sacreBLEU."""
+"""Translating evaluation sets and scoring them: sacreBLEU (cased, detokenized, with its
+signature), the lowercased BLEU the Multi30k literature quotes, and chrF."""
 
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def score_test_sets(
   mesh: Mesh,
   out_dir: Path | None = None,
 ) -> dict:
-  """Translates and scores every test set; {split: report}. With `out_dir`, process 0 writes
-  each split's hypotheses to `out_dir/<split>.txt` (one line per source line)."""
+  """Translates and scores every test set; {split: report, with its "hypotheses"}. With
+  `out_dir`, process 0 also writes each split's hypotheses to `out_dir/<split>.txt`, one line per
+  source line."""
   report = {}
   for test in test_sets:
     hypotheses = translate_batches(model, test.batches, tokenizer, decode, mesh)
@@ -85,6 +87,8 @@ def score_test_sets(
       **scores,
       "beam_size": decode.beam_size,
       "alpha": decode.alpha,
+      "max_extra_length": decode.max_extra_length,
+      "hypotheses": hypotheses,
       "examples": [
         {"source": src, "reference": ref, "translation": hyp}
         for (src, ref), hyp in zip(test.pairs[: decode.num_examples], hypotheses)
@@ -98,5 +102,7 @@ def score_test_sets(
 
 
 def write_report(report: dict, path: Path) -> None:
+  """The scores as JSON (the hypotheses have files of their own)."""
   if jax.process_index() == 0:
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    scores = {name: {k: v for k, v in r.items() if k != "hypotheses"} for name, r in report.items()}
+    path.write_text(json.dumps(scores, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -1,0 +1,170 @@
+"""`python -m transformer.evaluate --workdir DIR [--split test_2016 ...] [--src F --ref F]` (also
+`transformer-evaluate`): scores a trained run again, nothing retrained.
+
+The run's exported model by default (the one its training scored), or `--step N`, or the mean of
+the newest `--average K` checkpoints; beam size, length penalty and length limit as the run was
+configured unless given. Each set is translated in batches (each batch shape compiled once) and
+scored with sacreBLEU (cased, detokenized, with its signature), the lowercased BLEU beside it, and
+chrF. Hypotheses go to WORKDIR/evaluations/<set>.<settings>.txt, one line per source line, with
+the scores in a .json beside them. `--export` writes the evaluated parameters as the run's model
+(WORKDIR/model), e.g. an average chosen after training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+
+from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.data.corpus import Pair
+from transformer.data.inputs import evaluation_set, file_evaluation_set
+from transformer.decode.config import DecodeConfig
+from transformer.decode.scoring import score_test_sets
+from transformer.parallel.config import ParallelConfig
+from transformer.parallel.mesh import make_mesh
+from transformer.runs.artifact import export_model
+from transformer.runs.loading import load_run
+from transformer.runs.params import model_params
+from transformer.runs.spec import CONFIG_FILENAME, read_json
+from transformer.train.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def read_pairs(src: str, ref: str) -> list[Pair]:
+  """Aligned (source, reference) lines of two UTF-8 text files."""
+  sides = []
+  for path in (Path(src), Path(ref)):
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} does not exist: give an existing text file")
+    try:
+      sides.append(path.read_text(encoding="utf-8").splitlines())
+    except UnicodeDecodeError as error:
+      raise ValueError(
+        f"{path} is not UTF-8 ({error.reason} at byte {error.start}): convert it to UTF-8"
+      ) from None
+  if len(sides[0]) != len(sides[1]):
+    raise ValueError(
+      f"{src} has {len(sides[0])} lines but {ref} has {len(sides[1])}: the "
+      "sources and references must be aligned line by line"
+    )
+  return list(zip(*sides, strict=True))
+
+
+def parse_args(argv=None):
+  parser = ArgumentParser(prog="python -m transformer.evaluate", description=__doc__)
+  parser.add_argument("--workdir", required=True, help="a run directory written by training")
+  parser.add_argument(
+    "--split", nargs="*", help="splits of the run's dataset (default: its test splits)"
+  )
+  parser.add_argument("--src", help="a file of source sentences, one per line")
+  parser.add_argument("--ref", help="the reference translations of --src, line by line")
+  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
+  parser.add_argument(
+    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
+  )
+  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
+  parser.add_argument("--alpha", type=float, help="length penalty (default: the run's)")
+  parser.add_argument("--max_extra_length", type=int, help="(default: the run's)")
+  parser.add_argument(
+    "--batch_size",
+    type=positive_int,
+    help="sentences per batch (default: the run's data.eval_batch_size)",
+  )
+  parser.add_argument("--out", help="where hypotheses and scores go (default: WORKDIR/evaluations)")
+  parser.add_argument(
+    "--export", action="store_true", help="also write the evaluated parameters as WORKDIR/model"
+  )
+  args = parser.parse_args(argv)
+  if (args.src is None) != (args.ref is None):
+    parser.error("--src and --ref go together: the sources and their references")
+  if args.src and args.split:
+    parser.error("give --split or --src/--ref, not both")
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  workdir = Path(args.workdir).absolute()
+  loaded = load_run(workdir, step=args.step, average=args.average)
+  if loaded.spec.task != "translation":
+    raise ValueError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
+  config = Config.from_dict(read_json(workdir / CONFIG_FILENAME))
+  changes = {
+    k: getattr(args, k)
+    for k in ("beam_size", "alpha", "max_extra_length")
+    if getattr(args, k) is not None
+  }
+  decode = dataclasses.replace(config.decode, **changes)  # checks the values
+  mesh = make_mesh(ParallelConfig(data=-1))
+  batch_size = args.batch_size or config.data.eval_batch_size
+  if batch_size % mesh.devices.size:
+    raise ValueError(
+      f"--batch_size {batch_size} does not split over the {mesh.devices.size} "
+      "devices: use a multiple of it"
+    )
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if args.src:
+    sets = [
+      file_evaluation_set(
+        Path(args.src).name,
+        read_pairs(args.src, args.ref),
+        loaded.tokenizer,
+        config.data,
+        batch_size=batch_size,
+        **shard,
+      )
+    ]
+  else:
+    sets = [
+      evaluation_set(config.data, workdir, split, batch_size=batch_size, **shard)
+      for split in (args.split or config.data.test_splits)
+    ]
+  out = Path(args.out) if args.out else workdir / "evaluations"
+  tag = _settings_tag(args, decode)
+  report = score_test_sets(loaded.model, sets, loaded.tokenizer, decode, mesh, out_dir=None)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, scores in report.items():
+      hypotheses = scores.pop("hypotheses")
+      (out / f"{name}.{tag}.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+      scores.update(model=loaded.source, batch_size=batch_size)
+      (out / f"{name}.{tag}.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False))
+      print(
+        f"{name}: {scores['detail']}  (lowercased {scores['bleu_lowercased']:.2f}, chrF "
+        f"{scores['chrf']:.2f}; {scores['signature']})"
+      )
+      print(f"  hypotheses: {out / f'{name}.{tag}.txt'}")
+  if args.export:
+    info = {
+      "step": args.step,
+      "averaged_steps": [],
+      "exported_by": "transformer.evaluate",
+      "source": loaded.source,
+    }
+    path = export_model(
+      workdir, loaded.spec, model_params(loaded.model), loaded.tokenizer.model_path, info
+    )
+    print(f"model written to {path}")
+  return report
+
+
+def _settings_tag(args, decode: DecodeConfig) -> str:
+  """A file-name tag of what was evaluated: model, beam, alpha."""
+  model = f"step{args.step}" if args.step else f"avg{args.average}" if args.average else "model"
+  return f"{model}.beam{decode.beam_size}.alpha{decode.alpha:g}"
+
+
+def main_cli() -> int:
+  """The `transformer-evaluate` command: errors as one line and exit 2, no traceback."""
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  return run_cli(main)
+
+
+if __name__ == "__main__":
+  sys.exit(main_cli())
