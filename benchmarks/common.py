@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer.cli import ArgumentParser
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MIN_RUNS = 5
@@ -42,7 +44,7 @@ MAX_RUNS = 200
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
   """The flags every script shares: --preset quick|full, --runs, --out."""
-  parser = argparse.ArgumentParser(description=description)
+  parser = ArgumentParser(description=description)
   parser.add_argument(
     "--preset",
     choices=("quick", "full"),
@@ -57,11 +59,23 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser | str, argv=None) -> argparse.Namespace:
+  """The arguments, checked before anything is measured: --runs, and an --out folder that can be
+  written (a results file that cannot be written after a long run would lose the run)."""
   if isinstance(parser, str):
     parser = argument_parser(parser)
   args = parser.parse_args(argv)
   if args.runs < MIN_RUNS:
     parser.error(f"--runs must be at least {MIN_RUNS} (medians of fewer calls are noise)")
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    parser.error(f"--out {out} is a file: give a folder for the results")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    parser.error(f"--out {out} cannot be written ({error.strerror}): give a writable folder")
   return args
 
 

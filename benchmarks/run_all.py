@@ -13,10 +13,11 @@ suite must finish within 15 minutes on a 2-core CPU; the README gives the latest
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
+
+from transformer.cli import ArgumentParser
 
 SCRIPTS = ("train_mfu", "attention_vs_rnn", "model_level", "decode_speed", "quality_vs_time")
 # script -> suite preset -> (the script's preset, extra flags), where they differ from the suite's.
@@ -31,7 +32,7 @@ def script_preset(name: str, suite_preset: str) -> tuple[str, tuple[str, ...]]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=("quick", "full"), default="full")
   parser.add_argument("--only", nargs="*", choices=SCRIPTS, default=SCRIPTS)
   parser.add_argument(

@@ -179,7 +179,7 @@ def test_translate_passes_blank_text_through_and_cuts_long_text(trained_workdir,
   "overrides,message",
   [
     (["--config.model.d_model=30", "--config.model.num_heads=4"], "error: model.d_model=30"),
-    (["--config.model.d_modl=30"], "unknown config key 'd_modl', did you mean 'd_model'?"),
+    (["--config.model.d_modl=30"], "unknown config key model.d_modl, did you mean model.d_model?"),
     (
       ["--config", "configs/nothere.py"],
       "error: cannot load --config: [Errno 2] No such file or directory: 'configs/nothere.py'",

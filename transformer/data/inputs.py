@@ -59,7 +59,8 @@ class TestSet:
 class Inputs:
   """A run's tokenizer, training stream, validation batches and test sets.
 
-  `train_pairs` counts the pairs of the training split and those the stream reads.
+  `train_pairs` counts the pairs of the training split and those the stream reads;
+  `eval_pairs` is the size of the validation split.
   """
 
   tokenizer: Tokenizer
@@ -67,6 +68,7 @@ class Inputs:
   eval_batches: list[Batch]
   test_sets: list[TestSet]
   train_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
+  eval_pairs: int = 0
 
 
 def splits_of(data: DataConfig, task: str) -> list[str]:
@@ -283,7 +285,14 @@ def build_inputs(
   eval_batches_ = _eval_batches_for_task(
     task, seed, data.mlm_select_rate, validation.batches, tokenizer, **shard
   )
-  return Inputs(tokenizer, stream, eval_batches_, test_sets, train_pairs=counts)
+  return Inputs(
+    tokenizer,
+    stream,
+    eval_batches_,
+    test_sets,
+    train_pairs=counts,
+    eval_pairs=len(validation.pairs),
+  )
 
 
 def _report_usable(split: str, max_length: int, truncate: bool, counts: dict[str, int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -71,32 +72,47 @@ def on_first_process(fn: Callable[[], object], name: str, *, timeout_s: float) -
     return
   client = _client()
   key = f"transformer/{name}"
+  what = name.replace("-", " ")
   if jax.process_index() == 0:
     try:
       fn()
     except BaseException as error:
       text = " ".join(str(error).split()) or type(error).__name__
       client.key_value_set(f"{key}/failed", text)
+      _meet(client, f"{key}/failure-seen")  # let the others read it before this process exits
       raise
     client.key_value_set(f"{key}/done", "ok")
     return
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    if _has_key(client, f"{key}/done"):
+    if _lookup(client, f"{key}/done") is not None:
       return
-    if _has_key(client, f"{key}/failed"):
-      failure = client.blocking_key_value_get(f"{key}/failed", 1000)
-      raise ValueError(f"process 0 failed while {name.replace('-', ' ')}: {failure}")
+    failure = _lookup(client, f"{key}/failed")
+    if failure is not None:
+      _meet(client, f"{key}/failure-seen")
+      raise ValueError(f"process 0 failed while {what}: {failure}")
     time.sleep(0.2)
   raise TimeoutError(
-    f"process 0 did not finish {name.replace('-', ' ')} within {timeout_s:.0f} s: "
-    "see its log, or raise parallel.barrier_timeout_s"
+    f"process 0 did not finish {what} within {timeout_s:.0f} s: see its log, "
+    "or raise parallel.barrier_timeout_s"
   )
 
 
-def _has_key(client, key: str) -> bool:
+def _lookup(client, key: str) -> str | None:
+  """The key's value, None while it is not set; a lost coordinator is an error."""
   try:
-    client.key_value_try_get(key)
-  except Exception:
-    return False
-  return True
+    return client.key_value_try_get(key)
+  except Exception as error:
+    if "NOT_FOUND" in str(error) or "not found" in str(error).lower():
+      return None
+    raise ConnectionError(
+      f"lost the job's coordinator (process 0) while waiting for it: "
+      f"{' '.join(str(error).split())[:200]}"
+    ) from None
+
+
+def _meet(client, barrier: str) -> None:
+  """Waits (a little) for every process at `barrier`; a process already gone is no reason to
+  wait longer."""
+  with contextlib.suppress(Exception):  # the client raises one type for every status
+    client.wait_at_barrier(barrier, 30_000)

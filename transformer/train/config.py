@@ -105,6 +105,8 @@ class Config:
       (Section 6.1); that average is the model that is scored and exported.
     init_from: a run directory whose parameters initialise this run.
     nan_policy: "stop" or "skip" the update on a non-finite loss or gradient.
+    profile_steps: (first, last): a `jax.profiler` trace of these steps (1-based, inclusive)
+      goes to WORKDIR/profile, for TensorBoard's profile plugin or Perfetto; () for none.
   """
 
   task: str = "translation"
@@ -123,6 +125,7 @@ class Config:
   average_last_checkpoints: int = 0
   init_from: str = ""
   nan_policy: str = "stop"
+  profile_steps: tuple[int, ...] = ()
   decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
@@ -150,6 +153,13 @@ class Config:
       raise ValueError(
         f"data.max_length={self.data.max_length} exceeds model.max_len="
         f"{self.model.max_len}: raise model.max_len or lower data.max_length"
+      )
+    if self.profile_steps and (
+      len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+    ):
+      raise ValueError(
+        f"profile_steps={self.profile_steps} must be two steps first,last with "
+        "1 <= first <= last, e.g. --config.profile_steps=10,12"
       )
     if self.nan_policy not in NAN_POLICIES:
       raise ValueError(f"nan_policy={self.nan_policy!r} is unknown: use one of {NAN_POLICIES}")
@@ -230,10 +240,16 @@ def _coerce(value, hint, key: str):
   if origin is typing.Literal:
     hint = type(typing.get_args(hint)[0])
   elif origin is tuple:
-    if not isinstance(value, list | tuple):
-      raise ValueError(f"{key} must be a tuple such as (16, 32), got {value!r}")
     element = typing.get_args(hint)[0]
-    return tuple(_coerce(v, element, key) for v in value)
+    example = "(16, 32)" if element is int else "('test_2016', 'test_2017')"
+    if not isinstance(value, list | tuple):
+      raise ValueError(f"{key} must be a tuple such as {example}, got {value!r}")
+    try:
+      return tuple(_coerce(v, element, key) for v in value)
+    except ValueError:
+      raise ValueError(
+        f"{key} must be a tuple of {element.__name__} such as {example}, got {value!r}"
+      ) from None
   elif origin in (typing.Union, types.UnionType):
     return value
   if hint is float and isinstance(value, int) and not isinstance(value, bool):

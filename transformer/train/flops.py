@@ -55,6 +55,24 @@ def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: in
   return float(dense + scores)
 
 
+def step_flops(task: str, config: TransformerConfig, batch: dict) -> float:
+  """Model FLOPs of one train step on `batch` (its arrays' shapes: rows x length), by the
+  formula of the module docstring for each family: the decoder-only model has no encoder and
+  no cross-attention, the encoder-only one no decoder (its masked-LM head: D^2 + D V a token)."""
+  d, f, v = config.d_model, config.d_ff, config.vocab_size
+  if task == "translation":
+    (rows, s_len), t_len = batch["inputs"].shape, batch["targets"].shape[1]
+    return train_flops(config, rows, s_len, t_len)
+  rows, length = batch["targets"].shape
+  if task == "lm":
+    layers = config.num_decoder_layers
+    per_token = layers * (4 * d * d + 2 * d * f) + d * v
+  else:
+    layers = config.num_encoder_layers
+    per_token = layers * (4 * d * d + 2 * d * f) + d * d + d * v
+  return float(6 * rows * length * per_token + 12 * rows * d * layers * length**2)
+
+
 def parameter_count(task: str, config: TransformerConfig) -> int:
   """How many parameters the task's model has, found without allocating them."""
   abstract = nnx.eval_shape(lambda: create_model(task, config, seed=0))

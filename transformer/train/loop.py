@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -39,34 +38,21 @@ from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import load_matching
 from transformer.runs.spec import RunSpec
 from transformer.train import metrics as metrics_lib
+from transformer.train import report
 from transformer.train.config import Config
-from transformer.train.flops import available_memory_bytes, parameter_count
+from transformer.train.flops import available_memory_bytes, parameter_count, step_flops
 from transformer.train.loss import summarize
 from transformer.train.optimizer import learning_rate, make_optimizer
+from transformer.train.preemption import StopRequest
 from transformer.train.step import TrainState, make_steps
 
 log = logging.getLogger(__name__)
 
 
-class StopRequested:
-  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint and exit cleanly."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-
-  def restore(self):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-
-def check_memory(config: Config, mesh) -> None:
+def check_memory(config: Config, mesh) -> int:
   """Refuses, before anything is allocated, a model whose parameters, gradients and Adam state
-  alone exceed the memory of the devices they are spread over (activations come on top)."""
+  alone exceed the memory of the devices they are spread over (activations come on top);
+  returns the parameter count."""
   count = parameter_count(config.task, config.model)
   bytes_per_parameter = jnp.dtype(config.model.param_dtype).itemsize * 2 + 8  # + Adam's m, v
   shards = mesh.shape[FSDP] * mesh.shape[TENSOR]
@@ -81,6 +67,7 @@ def check_memory(config: Config, mesh) -> None:
       "available: shrink it (model.d_model, model.d_ff, the layers, data.vocab_size) or shard it "
       "over more devices (parallel.fsdp)"
     )
+  return count
 
 
 def initial_state(model: nnx.Module, tx) -> TrainState:
@@ -123,7 +110,7 @@ class Trainer:
       vocab_size=model.vocab_size,
       batch_size=config.data.eval_batch_size,
     )
-    check_memory(config, self.mesh)
+    self.parameters = check_memory(config, self.mesh)
     k = config.optimizer.grad_accum_steps
     # One training batch is one update: k micro-batches of data.tokens_per_batch each, whose
     # rows the step splits (`transformer.train.step.micro_batches`).
@@ -184,6 +171,10 @@ class Trainer:
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.keep_checkpoints)
     self._closers.append(self.checkpointer.close)
     self.resumed_from = self._restore()
+    # Process 0 reports for the run, MFU included.
+    self.peak = (
+      report.peak_flop_per_s(config.model.dtype) if jax.process_index() == 0 else (None, "")
+    )
 
   def _take_lock(self) -> None:
     lock = WorkdirLock(self.workdir, "training")
@@ -249,29 +240,45 @@ class Trainer:
   def train(self, writer: metrics_lib.MetricWriter) -> None:
     """Runs updates until num_train_steps; the step counter lives on the host to avoid syncs.
 
-    A step is one optimizer update, on grad_accum_steps micro-batches.
+    A step is one optimizer update, on grad_accum_steps micro-batches. A signal stops the loop
+    after the same step on every process (`StopRequest`); that step is saved, then `Stopped`
+    is raised.
     """
     config = self.config
     step = int(self.state.step)
-    stop = StopRequested()
-    progress = metrics_lib.progress_bar(step, config.num_train_steps)
-    window = metrics_lib.ThroughputWindow()
-    sums, first_batch = None, True
+    stop = StopRequest()
+    progress = metrics_lib.Progress(step, config.num_train_steps, enabled=jax.process_index() == 0)
+    window = report.StepWindow()
+    profiler = report.Profiler(self.workdir, config.profile_steps)
+    sums, first = None, True
     try:
       with jax.set_mesh(self.mesh):
-        while step < config.num_train_steps and not stop.signal:
+        while step < config.num_train_steps and not stop.stop_now(step):
+          profiler.before(step + 1)
           asked = time.perf_counter()
           batch = next(self.inputs.train)
           waited = time.perf_counter() - asked
-          if first_batch:
-            log.info(
-              "first training batch %.1f s after the process started", metrics_lib.process_age_s()
-            )
-            first_batch = False
           self.state, step_metrics = self.train_step(self.state, global_batch(batch, self.mesh))
           step += 1
+          if first:  # compilation is not a step: the first window starts after it
+            jax.block_until_ready(self.state)
+            age = metrics_lib.process_age_s()
+            log.info(
+              "first training batch %.1f s after the process started; first step "
+              "(compiling included) done at %.1f s",
+              age - (time.perf_counter() - asked - waited),
+              age,
+            )
+            window.reset()
+            first = False
+          else:
+            window.add(
+              int(np.sum(batch["targets"] != 0)) * jax.process_count(),
+              step_flops(config.task, config.model, batch) * jax.process_count(),
+              waited,
+            )
+          profiler.after(step, self.state)
           sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-          window.add(int(np.sum(batch["targets"] != 0)) * jax.process_count(), waited)
           progress.update(1)
           if step % config.log_every_steps == 0 or step == config.num_train_steps:
             self._log_train(writer, progress, window, jax.device_get(sums), step)
@@ -282,14 +289,17 @@ class Trainer:
           if step % config.checkpoint_every_steps == 0:
             self.save()
     finally:
+      profiler.stop()
       progress.close()
-      stop.restore()
-      self.save(force=True)
-      self.checkpointer.wait()
-    if stop.signal:
+      try:
+        self.save(force=True)
+        self.checkpointer.wait()
+      finally:  # a second signal while saving only repeats the request: the save completes
+        stop.restore()
+    if stop.reason:
       saved = self.checkpointer.steps()
       raise Stopped(
-        f"{stop.signal} at step {step}; "
+        f"{stop.reason} at step {step}; "
         + (
           f"checkpoint {saved[-1]} is saved, run the same command to resume"
           if saved
@@ -301,21 +311,28 @@ class Trainer:
     steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
     grad_norm = float(sums.pop("grad_norm")) / steps
     summary = summarize(sums)
-    rate, waiting = window.report()
-    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{rate:,.0f}")
-    writer.write(
-      step,
-      {
-        "train/loss": summary["loss"],
-        "train/nll": summary["nll"],
-        "train/accuracy": summary["accuracy"],
-        "train/grad_norm": grad_norm,
-        "train/tokens_per_second": rate,
-        "train/data_wait_fraction": waiting,
-        "train/skipped_updates": nonfinite,
-        "train/learning_rate": self.learning_rate(),
-      },
-    )
+    rates = window.report(self.peak[0])
+    memory = report.device_memory()
+    learning_rate = self.learning_rate()
+    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{rates['tokens_per_second']:,.0f}")
+    scalars = {
+      "train/loss": summary["loss"],
+      "train/nll": summary["nll"],
+      "train/accuracy": summary["accuracy"],
+      "train/grad_norm": grad_norm,
+      "train/skipped_updates": nonfinite,
+      "train/learning_rate": learning_rate,
+      **{f"train/{name}": value for name, value in rates.items()},
+    }
+    if "in_use" in memory:
+      scalars["train/device_memory_bytes"] = memory["in_use"]
+    writer.write(step, scalars)
+    if jax.process_index() == 0:
+      log.info(
+        report.step_line(
+          step, self.config.num_train_steps, summary["loss"], learning_rate, rates, memory
+        )
+      )
     if nonfinite:
       message = (
         f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
@@ -324,6 +341,32 @@ class Trainer:
       if self.config.nan_policy == "stop":
         raise FloatingPointError(message + "; lower the learning rate or set nan_policy=skip")
       log.warning(message)
+
+  def startup_lines(self) -> list[str]:
+    inputs, config = self.inputs, self.config
+    k = config.optimizer.grad_accum_steps
+    data = config.data
+    if config.task != "translation":
+      layout = f"windows of {data.max_length} tokens"
+    elif data.packing:
+      layout = f"pairs packed into rows of {data.max_length} tokens"
+    else:
+      layout = f"length buckets {data.length_buckets or 'up to ' + str(data.max_length)}"
+    sets = [(data.eval_split, inputs.eval_pairs)]
+    sets += [(test.name, len(test.pairs)) for test in inputs.test_sets]
+    return report.startup_lines(
+      task=config.task,
+      model=config.model,
+      parameters=self.parameters,
+      mesh=self.mesh,
+      strategy=config.parallel.strategy,
+      data_counts=inputs.train_pairs,
+      test_sets=sets,
+      tokens_per_update=data.tokens_per_batch * k,
+      layout=layout + (f", {k} micro-batches an update" if k > 1 else ""),
+      resumed_from=self.resumed_from,
+      peak=self.peak,
+    )
 
   def learning_rate(self) -> float:
     """The rate of the last update Adam applied: the schedule at Adam's own count, which
@@ -363,10 +406,15 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   """
   config = Config.of(config)
   distributed.initialize(config.parallel)
+  if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
+    logging.getLogger("transformer").setLevel(logging.WARNING)
   trainer = Trainer(config, workdir)
   workdir = Path(workdir)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    report.append_environment(workdir, report.environment_record(trainer.mesh))
+    for line in trainer.startup_lines():
+      log.info(line)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     trainer.train(writer)
@@ -379,7 +427,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
     if config.task == "translation" and config.decode.bleu_at_end and trainer.inputs.test_sets:
       model = nnx.merge(trainer.graphdef, params, trainer.rest)
       model.eval()
-      report = score_test_sets(
+      scores = score_test_sets(
         model,
         trainer.inputs.test_sets,
         trainer.inputs.tokenizer,
@@ -387,8 +435,8 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
         trainer.mesh,
         workdir / "translations",
       )
-      write_report(report, workdir / "bleu.json")
-      results.update({f"bleu/{split}": r["bleu"] for split, r in report.items()})
+      write_report(scores, workdir / "bleu.json")
+      results.update({f"bleu/{split}": r["bleu"] for split, r in scores.items()})
     writer.write(int(results["step"]), {k: v for k, v in results.items() if k != "step"})
     if jax.process_index() == 0:
       (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -408,9 +456,9 @@ def print_summary(results: dict, workdir: Path) -> None:
   bleu_file = workdir / "bleu.json"
   if not bleu_file.exists():
     return
-  for split, report in json.loads(bleu_file.read_text()).items():
-    print(f"{split}: {report['detail']}")
-    for example in report["examples"]:
+  for split, scores in json.loads(bleu_file.read_text()).items():
+    print(f"{split}: {scores['detail']}")
+    for example in scores["examples"]:
       print(
         f"  source:      {example['source']}\n  reference:   {example['reference']}\n"
         f"  translation: {example['translation']}"

@@ -1,9 +1,11 @@
-"""Where training metrics go: TensorBoard event files, a JSONL log, and the progress bar."""
+"""Where training metrics go: TensorBoard event files, a JSONL log, and a progress bar on a
+terminal."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -51,26 +53,25 @@ def process_age_s() -> float:
 _IMPORTED = time.perf_counter()
 
 
-class ThroughputWindow:
-  """Target tokens per second since the last report, and the share of that time the loop spent
-  waiting for the input stream."""
+class Progress:
+  """A tqdm bar (steps, ETA, loss and tokens/s) when stderr is a terminal; nothing otherwise, so
+  a log redirected to a file holds only the plain lines, with no carriage returns."""
 
-  def __init__(self):
-    self.start, self.tokens, self.waited = time.perf_counter(), 0, 0.0
+  def __init__(self, start: int, total: int, *, enabled: bool = True):
+    self.bar = None
+    if enabled and sys.stderr is not None and sys.stderr.isatty():
+      self.bar = tqdm.tqdm(
+        initial=start, total=total, unit="step", dynamic_ncols=True, mininterval=1.0
+      )
 
-  def add(self, tokens: int, waited_s: float = 0.0) -> None:
-    self.tokens += tokens
-    self.waited += waited_s
+  def update(self, steps: int) -> None:
+    if self.bar is not None:
+      self.bar.update(steps)
 
-  def report(self) -> tuple[float, float]:
-    """(tokens per second, share of the time waiting for data) since the last report."""
-    now = time.perf_counter()
-    elapsed = max(now - self.start, 1e-9)
-    rate, waiting = self.tokens / elapsed, self.waited / elapsed
-    self.start, self.tokens, self.waited = now, 0, 0.0
-    return rate, waiting
+  def set_postfix(self, **values: str) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(**values)
 
-
-def progress_bar(start: int, total: int) -> tqdm.tqdm:
-  """Steps done, ETA, and the postfix the loop sets (loss, tokens/s)."""
-  return tqdm.tqdm(initial=start, total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
