@@ -58,13 +58,13 @@ def decoders(max_length: int) -> dict:
   """name -> (model, src_BS) -> tokens [B, max_length]; each becomes one jitted function."""
   return {
     "greedy_cache": lambda model, src: greedy_decode(
-      model, src, max_length=max_length, eos_id=NEVER
+      model, src, max_new_tokens=max_length, eos_id=NEVER
     ),
     "greedy_full_window_recompute": lambda model, src: greedy_decode(
-      model, src, max_length=max_length, use_cache=False, eos_id=NEVER
+      model, src, max_new_tokens=max_length, use_cache=False, eos_id=NEVER
     ),
     "beam4_cache": lambda model, src: beam_search(
-      model, src, max_length=max_length, beam_size=BEAMS, eos_id=NEVER
+      model, src, max_new_tokens=max_length, beam_size=BEAMS, eos_id=NEVER
     )[0],
   }
 

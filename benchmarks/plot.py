@@ -259,6 +259,27 @@ def plot_quality_vs_time(path: Path) -> Path:
   return _save(fig, path)
 
 
+def plot_time_to_bleu(path: Path) -> Path:
+  """Greedy validation BLEU (left) and validation loss (right) against wall-clock minutes since
+  each run's process started, one line per run; the legend gives its final test BLEU."""
+  record = json.loads(Path(path).read_text())
+  fig, (bleu_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for label, run in record["runs"].items():
+    minutes = [p["elapsed_s"] / 60 for p in run["points"]]
+    tests = ", ".join(f"{k} {v:.1f}" for k, v in run["test_bleu"].items())
+    name = f"{label} (test BLEU, beam: {tests})" if tests else label
+    bleu_ax.plot(minutes, [p["validation_bleu_greedy"] for p in run["points"]], "o-", label=name)
+    loss_ax.plot(minutes, [p["validation_loss"] for p in run["points"]], "o-")
+  bleu_ax.set(xlabel="minutes since the run started", ylabel="validation BLEU (greedy, sacreBLEU)")
+  loss_ax.set(xlabel="minutes since the run started", ylabel="validation loss (label-smoothed)")
+  for ax in (bleu_ax, loss_ax):
+    ax.grid(alpha=0.3)
+  bleu_ax.legend(fontsize=8)
+  fig.suptitle(_title(record, f"BLEU against time: {record['name']}"), fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 PLOTTERS = {
   "attention_vs_rnn": plot_attention_vs_rnn,
   "train_mfu": plot_train_mfu,
@@ -269,8 +290,10 @@ PLOTTERS = {
 
 
 def plot_file(path: Path) -> Path | None:
-  benchmark = json.loads(Path(path).read_text()).get("benchmark")
+  benchmark = json.loads(Path(path).read_text()).get("benchmark", "")
   plotter = PLOTTERS.get(benchmark)
+  if benchmark.startswith("time_to_bleu_"):  # one file per named comparison
+    plotter = plot_time_to_bleu
   return plotter(path) if plotter else None
 
 

@@ -85,7 +85,7 @@ def translate(model, batches, tokenizer) -> list[str]:
   for batch in batches:
     src_BS = jnp.asarray(batch["inputs"])
     max_length = min(src_BS.shape[1] + MAX_EXTRA_LENGTH, model.config.max_len)
-    tokens_BT = greedy_decode(model, src_BS, max_length=max_length)
+    tokens_BT = greedy_decode(model, src_BS, max_new_tokens=max_length)
     for row, text in zip(batch["index"], tokenizer.decode(np.asarray(tokens_BT))):
       if row >= 0:
         by_index[int(row)] = text
@@ -289,7 +289,7 @@ def main(argv=None):
       "budget_s": preset["budget_s"],
       "eval_every_s": preset["eval_every_s"],
       "decoding": "greedy",
-      "max_extra_length": MAX_EXTRA_LENGTH,
+      "max_extra_tokens": MAX_EXTRA_LENGTH,
       "transformer_config": dataclasses.asdict(config.model),
       "lstm_config": vars(rnn_config),
       "results": runs,

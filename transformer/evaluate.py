@@ -70,7 +70,7 @@ def parse_args(argv=None):
   )
   parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
   parser.add_argument("--alpha", type=float, help="length penalty (default: the run's)")
-  parser.add_argument("--max_extra_length", type=int, help="(default: the run's)")
+  parser.add_argument("--max_extra_tokens", type=int, help="(default: the run's)")
   parser.add_argument(
     "--batch_size",
     type=positive_int,
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
   config = Config.from_dict(read_json(workdir / CONFIG_FILENAME))
   changes = {
     k: getattr(args, k)
-    for k in ("beam_size", "alpha", "max_extra_length")
+    for k in ("beam_size", "alpha", "max_extra_tokens")
     if getattr(args, k) is not None
   }
   decode = dataclasses.replace(config.decode, **changes)  # checks the values

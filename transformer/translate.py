@@ -104,7 +104,7 @@ def parse_args(argv=None):
   parser.add_argument("--beam_size", type=positive_int, default=4, help="1 = greedy")
   parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
   parser.add_argument(
-    "--max_extra_length",
+    "--max_extra_tokens",
     type=int,
     default=50,
     help="a translation has at most len(source) + this many pieces",
@@ -121,7 +121,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  check_search(args.beam_size, args.alpha, args.max_extra_length)
+  check_search(args.beam_size, args.alpha, args.max_extra_tokens)
   translator = Translator(args.workdir, step=args.step, average=args.average)
   if translator.task == "mlm":
     raise ValueError(
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         batch,
         beam_size=args.beam_size,
         alpha=args.alpha,
-        max_extra_length=args.max_extra_length,
+        max_extra_tokens=args.max_extra_tokens,
         first_line=printed + 1,
       )
     else:

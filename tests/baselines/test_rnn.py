@@ -191,5 +191,5 @@ def test_greedy_decoding_with_the_recurrent_state_equals_recomputing_and_a_pytho
     prefix_BT = np.concatenate([prefix_BT, logits_BTV.argmax(-1)[:, None]], axis=1)
   expected_BT = prefix_BT[:, 1:]
   for use_cache in (True, False):
-    got_BT = greedy_decode(model, src_BS, max_length=6, use_cache=use_cache, eos_id=-1)
+    got_BT = greedy_decode(model, src_BS, max_new_tokens=6, use_cache=use_cache, eos_id=-1)
     np.testing.assert_array_equal(np.asarray(got_BT), expected_BT, err_msg=f"{use_cache=}")

@@ -87,7 +87,7 @@ def test_translate_prints_the_hypotheses_training_wrote(trained):
     str(workdir),
     "--beam_size",
     "2",
-    "--max_extra_length",
+    "--max_extra_tokens",
     "8",
     stdin="\n".join(lines) + "\n",
   )

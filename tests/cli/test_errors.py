@@ -33,8 +33,8 @@ def cli_error(capsys, main) -> str:
     (dict(parallel=dict(fsdp=3)), "does not divide the 8 devices"),
     (dict(parallel=dict(tensor=8, data=1)), "num_heads=2 is not divisible by the tensor axis"),
     (dict(data=dict(dataset="no_such_dataset")), "not a tensorflow-datasets name"),
-    (dict(data=dict(max_length=128, length_buckets=(128,))), "exceeds model.max_len"),
-    (dict(data=dict(length_buckets=(16,))), "length_buckets=(16,) end below data.max_length=32"),
+    (dict(data=dict(max_len=128, length_buckets=(128,))), "exceeds model.max_len"),
+    (dict(data=dict(length_buckets=(16,))), "length_buckets=(16,) end below data.max_len=32"),
     (dict(task="seq2seq"), "task='seq2seq' is unknown"),
     (dict(optimizer=dict(warmup_steps=0)), "optimizer.warmup_steps must be >= 1"),
     (dict(optimizer=dict(warmup_steps=-5)), "optimizer.warmup_steps must be >= 1"),
@@ -50,7 +50,7 @@ def cli_error(capsys, main) -> str:
     ),
     (dict(decode=dict(beam_size=0)), "decode.beam_size must be >= 1"),
     (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be a finite number >= 0"),
-    (dict(decode=dict(max_extra_length=-1)), "decode.max_extra_length must be >= 0"),
+    (dict(decode=dict(max_extra_tokens=-1)), "decode.max_extra_tokens must be >= 0"),
     (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
     (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
     (dict(data=dict(eval_batch_size=12)), "batch of 12 rows does not split over data x fsdp = 8"),
@@ -120,7 +120,7 @@ def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
     eval_split="validation",
     test_splits=(),
     vocab_size=40,
-    max_length=32,
+    max_len=32,
   )
   with caplog.at_level(logging.WARNING):
     build_inputs(Config.of(config).data, tmp_path / "run")

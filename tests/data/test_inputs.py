@@ -50,7 +50,7 @@ def mlm_config(corpus: Path):
     eval_split="validation",
     test_splits=(),
     vocab_size=60,
-    max_length=16,
+    max_len=16,
     length_buckets=(16,),
     tokens_per_batch=16 * 8,
     eval_batch_size=8,

@@ -61,7 +61,7 @@ def usable(cache):
 
 def stream(cache, packing=False, seed=0, multiple=4, prefetch=2, **shard) -> TrainStream:
   layout = Layout.of(
-    max_length=MAX_LENGTH,
+    max_len=MAX_LENGTH,
     packing=packing,
     tokens_per_batch=TOKENS,
     multiple=multiple,
@@ -79,7 +79,7 @@ def take(iterator, n):
 def epoch_batches(cache, packing=False) -> int:
   """Batches of one epoch, from the plan itself (one chunk here)."""
   layout = Layout.of(
-    max_length=MAX_LENGTH, packing=packing, tokens_per_batch=TOKENS, multiple=4, buckets=BUCKETS
+    max_len=MAX_LENGTH, packing=packing, tokens_per_batch=TOKENS, multiple=4, buckets=BUCKETS
   )
   return len(batching.chunk_plan(usable(cache)[0], cache[0].lengths, layout, 0, 0, 0))
 
@@ -197,7 +197,7 @@ def test_process_slices_make_up_the_global_batch(cache, packing):
 
 def test_budget_error_names_the_fix(cache):
   with pytest.raises(ValueError, match=r"tokens_per_batch=100 cannot fit 4 rows of length 48"):
-    Layout.of(max_length=MAX_LENGTH, packing=True, tokens_per_batch=100, multiple=4)
+    Layout.of(max_len=MAX_LENGTH, packing=True, tokens_per_batch=100, multiple=4)
 
 
 def test_default_length_buckets():

@@ -49,16 +49,16 @@ def test_beam_of_one_without_penalty_is_greedy(copy_model, copy_sources):
   """With alpha > 0 a W = 1 search may keep going after greedy's EOS and finish better, so the
   equivalence holds for the plain log-probability ranking."""
   tokens_BWT, _ = beam_search(
-    copy_model, copy_sources, beam_size=1, alpha=0.0, max_length=MAX_LENGTH
+    copy_model, copy_sources, beam_size=1, alpha=0.0, max_new_tokens=MAX_LENGTH
   )
   np.testing.assert_array_equal(
-    tokens_BWT[:, 0], greedy_decode(copy_model, copy_sources, max_length=MAX_LENGTH)
+    tokens_BWT[:, 0], greedy_decode(copy_model, copy_sources, max_new_tokens=MAX_LENGTH)
   )
 
 
 @pytest.fixture(scope="module")
 def beams(copy_model, copy_sources):
-  return beam_search(copy_model, copy_sources, beam_size=4, alpha=0.6, max_length=MAX_LENGTH)
+  return beam_search(copy_model, copy_sources, beam_size=4, alpha=0.6, max_new_tokens=MAX_LENGTH)
 
 
 def test_scores_equal_full_forward_log_prob_over_penalty(copy_model, copy_sources, beams):
@@ -80,7 +80,7 @@ def test_hypotheses_are_distinct_sorted_and_eos_terminated(beams):
 
 
 def test_beam_of_four_scores_at_least_greedy(copy_model, copy_sources, beams):
-  greedy_BT = greedy_decode(copy_model, copy_sources, max_length=MAX_LENGTH)
+  greedy_BT = greedy_decode(copy_model, copy_sources, max_new_tokens=MAX_LENGTH)
   greedy_B = full_forward_scores(copy_model, copy_sources, greedy_BT[:, None], 0.6)[:, 0]
   assert np.all(np.asarray(beams[1][:, 0]) >= greedy_B - 1e-5), (beams[1][:, 0], greedy_B)
   # The lightly trained model leaves room to improve: beam search does, on some sentences.
@@ -94,7 +94,7 @@ def test_hypotheses_cut_off_at_max_length_are_ranked_with_the_finished(eos_id):
   model = EncoderDecoder(TransformerConfig.tiny(tie_output=False), rngs=nnx.Rngs(0))
   src_BS = jnp.asarray(np.random.default_rng(0).integers(4, 64, (4, 6)), jnp.int32)
   tokens_BWT, scores_BW = beam_search(
-    model, src_BS, beam_size=4, alpha=0.6, max_length=3, eos_id=eos_id
+    model, src_BS, beam_size=4, alpha=0.6, max_new_tokens=3, eos_id=eos_id
   )
   expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6, eos_id=eos_id)
   np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)
@@ -115,7 +115,9 @@ def test_lstm_beam_scores_equal_full_forward_log_prob_over_penalty(batch, beam_s
   model = LSTMSeq2Seq(config, rngs=nnx.Rngs(0))
   model.eval()
   src_BS = jnp.array([[5, 6, 7, 8], [9, 10, 4, PAD_ID]], jnp.int32)[:batch]
-  tokens_BWT, scores_BW = beam_search(model, src_BS, beam_size=beam_size, alpha=0.6, max_length=6)
+  tokens_BWT, scores_BW = beam_search(
+    model, src_BS, beam_size=beam_size, alpha=0.6, max_new_tokens=6
+  )
   assert tokens_BWT.shape == (batch, beam_size, 6)
   expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6)
   np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)

@@ -33,8 +33,8 @@ def loop_greedy(model, src_BS, max_length):
 
 
 def test_cached_greedy_equals_recomputed_and_python_loop(copy_model, copy_sources):
-  cached = greedy_decode(copy_model, copy_sources, max_length=10)
-  recomputed = greedy_decode(copy_model, copy_sources, max_length=10, use_cache=False)
+  cached = greedy_decode(copy_model, copy_sources, max_new_tokens=10)
+  recomputed = greedy_decode(copy_model, copy_sources, max_new_tokens=10, use_cache=False)
   np.testing.assert_array_equal(cached, recomputed)
   np.testing.assert_array_equal(cached, loop_greedy(copy_model, copy_sources, 10))
 
@@ -45,15 +45,15 @@ def test_cache_equals_recompute_on_rope_pre_norm_untied_model():
   model = EncoderDecoder(config, rngs=nnx.Rngs(3))
   src_BS = jnp.asarray(np.random.default_rng(2).integers(4, 64, (3, 6)), jnp.int32)
   src_BS = src_BS.at[0, 3:].set(PAD_ID)
-  cached = greedy_decode(model, src_BS, max_length=9, eos_id=-1)
+  cached = greedy_decode(model, src_BS, max_new_tokens=9, eos_id=-1)
   assert len(np.unique(cached)) > 3, cached
   np.testing.assert_array_equal(
-    cached, greedy_decode(model, src_BS, max_length=9, use_cache=False, eos_id=-1)
+    cached, greedy_decode(model, src_BS, max_new_tokens=9, use_cache=False, eos_id=-1)
   )
 
 
 def test_output_is_eos_terminated_then_padded(copy_model, copy_sources):
-  tokens_BT = np.asarray(greedy_decode(copy_model, copy_sources, max_length=10))
+  tokens_BT = np.asarray(greedy_decode(copy_model, copy_sources, max_new_tokens=10))
   for row in tokens_BT:
     ends = np.flatnonzero(row == EOS_ID)
     assert len(ends) == 1, row
@@ -74,11 +74,11 @@ def test_jitted_greedy_traces_once_per_shape(copy_model):
   rng = np.random.default_rng(5)
   for _ in range(3):
     src_BS = jnp.asarray(rng.integers(5, 16, (5, 3)), jnp.int32)
-    greedy_decode(copy_model, src_BS, max_length=4)
+    greedy_decode(copy_model, src_BS, max_new_tokens=4)
   # Another model of the same architecture reuses the compilation too.
   other = EncoderDecoder(copy_model.config, rngs=nnx.Rngs(7))
   other.eval()
-  greedy_decode(other, src_BS, max_length=4)
+  greedy_decode(other, src_BS, max_new_tokens=4)
   assert _greedy_decode.pure._cache_size() == sizes_before + 1
   # The caller's model is left as it was: no cache was attached to it.
   assert not nnx.state(copy_model, nnx.Cache)

@@ -39,7 +39,9 @@ def test_longest_source_fills_max_len_and_translates_to_finite_scores(translator
   # Cut to MAX_LEN - 1 pieces + EOS; padded to MAX_LEN, not to the next multiple of 8 (24).
   assert src_BS.shape == (2, MAX_LEN)
   assert src_BS[0, -1] == EOS_ID and np.all(src_BS[0] != PAD_ID)
-  _, scores_BW = beam_search(translator.model, jnp.asarray(src_BS), max_length=MAX_LEN, beam_size=2)
+  _, scores_BW = beam_search(
+    translator.model, jnp.asarray(src_BS), max_new_tokens=MAX_LEN, beam_size=2
+  )
   assert np.all(np.isfinite(np.asarray(scores_BW))), scores_BW
   assert len(translator.translate([LONG_TEXT], beam_size=2)) == 1
 
@@ -59,7 +61,7 @@ def test_visualised_sentence_near_max_len_is_padded_within_it(translator):
   # Padding changes nothing, so the translation is greedy decoding of the unpadded source.
   tokens = list(
     np.asarray(
-      greedy_decode(translator.model, jnp.asarray([sentence.src_ids]), max_length=MAX_LEN)
+      greedy_decode(translator.model, jnp.asarray([sentence.src_ids]), max_new_tokens=MAX_LEN)
     )[0]
   )
   tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens

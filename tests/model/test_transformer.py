@@ -67,11 +67,11 @@ def test_kv_cache_decoding_equals_full_forward(variant):
   src, tgt = random_ids(5, (2, 7)).at[1, 5:].set(0), random_ids(6, (2, 8))
 
   memory = model.encode(src)
-  model.init_cache(memory, src, max_length=12)
+  model.init_cache(memory, src, cache_length=12)
   step = lambda ids: model.decode(ids, use_cache=True)
   np.testing.assert_allclose(incremental_logits(step, tgt, prefill=1), model(src, tgt), atol=1e-5)
 
-  lm.init_cache(batch_size=2, max_length=12)
+  lm.init_cache(batch_size=2, cache_length=12)
   step = lambda ids: lm(ids, use_cache=True)
   np.testing.assert_allclose(incremental_logits(step, tgt, prefill=3), lm(tgt), atol=1e-5)
 

@@ -53,5 +53,5 @@ def test_smoke_recipe_is_still_compatible_with_it():
   """The fixture was trained with the smoke recipe's data settings."""
   recipe = Config.of(smoke.get_config())
   config = old_config(2)
-  assert (recipe.data.train_split, recipe.data.max_length) == (config.data.train_split,
-                                                               config.data.max_length)
+  assert (recipe.data.train_split, recipe.data.max_len) == (config.data.train_split,
+                                                               config.data.max_len)

@@ -587,11 +587,11 @@ class LSTMSeq2Seq(nnx.Module):
     return jnp.einsum("BTD,VD->BTV", self.dropout(out_BTD), self.embedding[...])
 
   def init_cache(
-    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], max_length: int
+    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], cache_length: int
   ) -> None:
-    """Prepares step-by-step decoding (`max_length` is only checked: the state has no length)."""
-    if max_length > self.config.max_len:
-      raise ValueError(f"cannot decode {max_length} positions: max_len is {self.config.max_len}")
+    """Prepares step-by-step decoding (`cache_length` is only checked: the state has no length)."""
+    if cache_length > self.config.max_len:
+      raise ValueError(f"cannot decode {cache_length} positions: max_len is {self.config.max_len}")
     self.decoder.init_cache(memory_BSD, src_ids_BS != self.config.pad_id)
 
   def __call__(

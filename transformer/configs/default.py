@@ -20,7 +20,7 @@ def get_config():
   )
   config.data.update(
     vocab_size=6000,
-    max_length=64,
+    max_len=64,
     tokens_per_batch=2048,
     length_buckets=(16, 24, 32, 64),
     eval_batch_size=128,

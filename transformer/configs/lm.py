@@ -20,7 +20,7 @@ def get_config():
     norm="pre",
     activation="gelu",
   )
-  config.data.update(vocab_size=8000, max_length=64, tokens_per_batch=4096, eval_batch_size=64)
+  config.data.update(vocab_size=8000, max_len=64, tokens_per_batch=4096, eval_batch_size=64)
   config.optimizer.update(
     name="adamw",
     schedule="cosine",

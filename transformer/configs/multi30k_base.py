@@ -21,7 +21,7 @@ def get_config():
     dtype="bfloat16",
     attention="auto",
   )
-  config.data.update(vocab_size=10_000, max_length=128, tokens_per_batch=8192, eval_batch_size=256)
+  config.data.update(vocab_size=10_000, max_len=128, tokens_per_batch=8192, eval_batch_size=256)
   config.optimizer.update(warmup_steps=2000, lr_scale=1.0)
   config.num_train_steps = 20_000
   config.log_every_steps = 200

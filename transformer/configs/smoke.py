@@ -19,7 +19,7 @@ def get_config():
     eval_split="validation[:64]",
     test_splits=("test_2016[:24]",),
     vocab_size=500,
-    max_length=32,
+    max_len=32,
     length_buckets=(32,),
     tokens_per_batch=512,
     eval_batch_size=32,
@@ -32,5 +32,5 @@ def get_config():
     checkpoint_every_steps=3,
     keep_checkpoints=5,
   )
-  config.decode.update(beam_size=2, max_extra_length=8, num_examples=2)
+  config.decode.update(beam_size=2, max_extra_tokens=8, num_examples=2)
   return config

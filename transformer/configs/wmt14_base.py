@@ -31,7 +31,7 @@ def get_config():
     vocab_size=37_000,
     tokenizer_type="bpe",
     tokenizer_sentences=4_000_000,
-    max_length=256,
+    max_len=256,
     tokens_per_batch=25_000,
     eval_batch_size=256,
   )
@@ -43,5 +43,5 @@ def get_config():
   config.checkpoint_every_steps = 1500
   config.keep_checkpoints = 5
   config.average_last_checkpoints = 5  # "averaging the last 5 checkpoints" (Section 6.1)
-  config.decode.update(beam_size=4, alpha=0.6, max_extra_length=50)
+  config.decode.update(beam_size=4, alpha=0.6, max_extra_tokens=50)
   return config

@@ -26,13 +26,13 @@ Row = tuple[int, ...]  # indices of the pairs in one row; () is a padding row
 PlannedBatch = tuple[int, list[Row]]  # (padded length, rows)
 
 
-def default_length_buckets(max_length: int) -> tuple[int, ...]:
-  """Bucket boundaries 8, 16, 24, 32, 48, 64, 96, 128, ... below `max_length`, then it.
+def default_length_buckets(max_len: int) -> tuple[int, ...]:
+  """Bucket boundaries 8, 16, 24, 32, 48, 64, 96, 128, ... below `max_len`, then it.
 
   Steps of 8 then of about 1.5x keep padding under ~33% with few shapes to compile.
   """
   candidates = [8] + [b for k in range(4, 20) for b in (2**k, 3 * 2 ** (k - 1))]
-  return tuple(b for b in candidates if b < max_length) + (max_length,)
+  return tuple(b for b in candidates if b < max_len) + (max_len,)
 
 
 def rows_per_batch(length: int, tokens_per_batch: int, multiple: int) -> int:
@@ -43,7 +43,7 @@ def rows_per_batch(length: int, tokens_per_batch: int, multiple: int) -> int:
     raise ValueError(
       f"data.tokens_per_batch={tokens_per_batch} cannot fit {multiple} rows of "
       f"length {length}: raise it to at least {multiple * length}, or lower "
-      "data.max_length"
+      "data.max_len"
     )
   return rows
 
@@ -53,13 +53,13 @@ class Layout:
   """The shapes of training batches.
 
   Attributes:
-    max_length: the longest sequence (EOS included); with packing, every row's length.
+    max_len: the longest sequence (EOS included); with packing, every row's length.
     packing: several pairs per row (with segment ids), or one pair per row in length buckets.
-    buckets: padded lengths, one batch shape each (packing: just max_length).
+    buckets: padded lengths, one batch shape each (packing: just max_len).
     rows: rows per batch of each bucket.
   """
 
-  max_length: int
+  max_len: int
   packing: bool
   buckets: tuple[int, ...]
   rows: tuple[int, ...]
@@ -68,17 +68,15 @@ class Layout:
   def of(
     cls,
     *,
-    max_length: int,
+    max_len: int,
     packing: bool,
     tokens_per_batch: int,
     multiple: int,
     buckets: Sequence[int] = (),
   ) -> Layout:
-    buckets = (
-      (max_length,) if packing else tuple(sorted(buckets or default_length_buckets(max_length)))
-    )
+    buckets = (max_len,) if packing else tuple(sorted(buckets or default_length_buckets(max_len)))
     return cls(
-      max_length,
+      max_len,
       packing,
       buckets,
       tuple(rows_per_batch(b, tokens_per_batch, multiple) for b in buckets),
@@ -86,15 +84,15 @@ class Layout:
 
 
 def usable_pairs(
-  lengths_n2: Int[np.ndarray, "n 2"], max_length: int, truncate: bool
+  lengths_n2: Int[np.ndarray, "n 2"], max_len: int, truncate: bool
 ) -> tuple[np.ndarray, dict[str, int]]:
   """Indices of the pairs training reads, and counts of those it leaves out.
 
-  A pair is left out when a side is empty, or when a side with its EOS exceeds `max_length`
+  A pair is left out when a side is empty, or when a side with its EOS exceeds `max_len`
   (unless `truncate`, which cuts it instead).
   """
   empty = (lengths_n2 == 0).any(axis=1)
-  too_long = lengths_n2.max(axis=1) + 1 > max_length
+  too_long = lengths_n2.max(axis=1) + 1 > max_len
   keep = ~empty & (truncate | ~too_long)
   counts = {
     "pairs": len(lengths_n2),
@@ -128,7 +126,7 @@ def bucket(
 ) -> list[PlannedBatch]:
   """One pair per row; each pair in the smallest bucket that holds its longer side and EOS.
   A bucket's last batch is filled with padding rows; the batches are then shuffled."""
-  need = np.minimum(lengths_n2[ids].max(axis=1) + 1, layout.max_length)
+  need = np.minimum(lengths_n2[ids].max(axis=1) + 1, layout.max_len)
   which = np.searchsorted(np.asarray(layout.buckets), need, side="left")
   plan: list[PlannedBatch] = []
   for b, (length, rows) in enumerate(zip(layout.buckets, layout.rows, strict=True)):
@@ -142,7 +140,7 @@ def bucket(
 def pack(
   ids: np.ndarray, lengths_n2: np.ndarray, layout: Layout, rng: np.random.Generator
 ) -> list[PlannedBatch]:
-  """Pairs packed best-fit-decreasing into rows of `max_length` source and target tokens.
+  """Pairs packed best-fit-decreasing into rows of `max_len` source and target tokens.
 
   The chunk's pairs are taken longest first (by their longer side, EOS counted) and each goes
   into the open row with the least target room that still holds both its sides (rows are kept
@@ -151,7 +149,7 @@ def pack(
   arrival order: 5-7%). The rows are then shuffled, so a batch mixes long and short pairs, and
   grouped into batches; the last is filled with padding rows.
   """
-  length, rows_per = layout.max_length, layout.rows[0]
+  length, rows_per = layout.max_len, layout.rows[0]
   need_n2 = np.minimum(lengths_n2[ids] + 1, length)
   longest_first = np.argsort(-need_n2.max(axis=1), kind="stable")
   rows: list[list] = []  # [source used, target used, [pair ids]]

@@ -26,12 +26,12 @@ class DataConfig:
     vocab_size: V of the joint SentencePiece model (also the model's vocabulary).
     tokenizer_type: "unigram" or "bpe".
     tokenizer_sentences: how many sentences (both sides counted) train the tokenizer.
-    max_length: tokens per sequence, EOS included; longer training pairs are dropped (or cut,
+    max_len: tokens per sequence, EOS included; longer training pairs are dropped (or cut,
       with `truncate`), longer evaluation pairs are cut.
     tokens_per_batch: target tokens (padding included) of one batch over all processes; with
       gradient accumulation each of the k micro-batches of an update holds this many.
     length_buckets: padded lengths of the training batches; () = `default_length_buckets`.
-    packing: several pairs per row of max_length tokens, each attending only to itself, instead
+    packing: several pairs per row of max_len tokens, each attending only to itself, instead
       of one pair per row in length buckets: almost no padding, one batch shape.
     eval_batch_size: sentences per evaluation and translation batch, over all processes.
     mlm_select_rate: the masked-LM task's share of selected tokens (BERT: 0.15).
@@ -49,7 +49,7 @@ class DataConfig:
   vocab_size: int = 8000
   tokenizer_type: str = "unigram"
   tokenizer_sentences: int = 1_000_000
-  max_length: int = 64
+  max_len: int = 64
   truncate: bool = False
   tokens_per_batch: int = 4096
   length_buckets: tuple[int, ...] = ()
@@ -58,7 +58,7 @@ class DataConfig:
   mlm_select_rate: float = 0.15
 
   def __post_init__(self):
-    for name in ("max_length", "tokens_per_batch", "eval_batch_size", "tokenizer_sentences"):
+    for name in ("max_len", "tokens_per_batch", "eval_batch_size", "tokenizer_sentences"):
       if getattr(self, name) <= 0:
         raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
     check_vocab_size(self.vocab_size)
@@ -70,10 +70,10 @@ class DataConfig:
       raise ValueError(
         f"data.length_buckets={self.length_buckets} must be lengths > 1, e.g. (16, 32, 64)"
       )
-    if self.length_buckets and max(self.length_buckets) < self.max_length:
+    if self.length_buckets and max(self.length_buckets) < self.max_len:
       raise ValueError(
-        f"data.length_buckets={self.length_buckets} end below data.max_length="
-        f"{self.max_length}: end them at {self.max_length}"
+        f"data.length_buckets={self.length_buckets} end below data.max_len="
+        f"{self.max_len}: end them at {self.max_len}"
       )
     if not 0.0 < self.mlm_select_rate < 1.0:
       raise ValueError(f"data.mlm_select_rate must be in (0, 1), got {self.mlm_select_rate}")

@@ -60,7 +60,7 @@ class Inputs:
   """A run's tokenizer, training stream, validation batches and test sets.
 
   `train_pairs` counts the pairs of the training split and those the stream reads;
-  `eval_pairs` is the size of the validation split.
+  `validation` is the validation split as a test set (for its BLEU).
   """
 
   tokenizer: Tokenizer
@@ -68,7 +68,7 @@ class Inputs:
   eval_batches: list[Batch]
   test_sets: list[TestSet]
   train_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
-  eval_pairs: int = 0
+  validation: TestSet | None = None
 
 
 def splits_of(data: DataConfig, task: str) -> list[str]:
@@ -254,11 +254,11 @@ def build_inputs(
   train = open_split(data, workdir, cache_dir, data.train_split)
   # Language models read running text: long sentences are cut into windows, not dropped.
   truncate = data.truncate or task != "translation"
-  usable, counts = batching.usable_pairs(train.lengths, data.max_length, truncate)
-  _report_usable(data.train_split, data.max_length, truncate, counts)
+  usable, counts = batching.usable_pairs(train.lengths, data.max_len, truncate)
+  _report_usable(data.train_split, data.max_len, truncate, counts)
   if task == "translation":
     layout = batching.Layout.of(
-      max_length=data.max_length,
+      max_len=data.max_len,
       tokens_per_batch=batch_tokens,
       multiple=batch_multiple,
       buckets=data.length_buckets,
@@ -266,14 +266,14 @@ def build_inputs(
     )
     stream = translation_stream(train, usable, layout, seed=seed, prefetch=prefetch, **shard)
   else:
-    # Language models read the target side as running text, in windows of max_length tokens.
+    # Language models read the target side as running text, in windows of max_len tokens.
     targets = [
       target
       for start in range(0, len(usable), batching.CHUNK)
       for _, target in train.read(usable[start : start + batching.CHUNK])
     ]
-    windows = lm_windows(targets, data.max_length)
-    rows = batching.rows_per_batch(data.max_length, batch_tokens, batch_multiple)
+    windows = lm_windows(targets, data.max_len)
+    rows = batching.rows_per_batch(data.max_len, batch_tokens, batch_multiple)
     mlm = (tokenizer.vocab_size, data.mlm_select_rate) if task == "mlm" else None
     stream = language_model_stream(windows, rows, seed=seed, mlm=mlm, prefetch=prefetch, **shard)
 
@@ -291,11 +291,11 @@ def build_inputs(
     eval_batches_,
     test_sets,
     train_pairs=counts,
-    eval_pairs=len(validation.pairs),
+    validation=validation,
   )
 
 
-def _report_usable(split: str, max_length: int, truncate: bool, counts: dict[str, int]) -> None:
+def _report_usable(split: str, max_len: int, truncate: bool, counts: dict[str, int]) -> None:
   if counts["empty"]:
     log.warning(
       "%s: %d of %d pairs have an empty side and were dropped",
@@ -306,17 +306,17 @@ def _report_usable(split: str, max_length: int, truncate: bool, counts: dict[str
   if counts["too_long"]:
     action = "truncated" if truncate else "dropped"
     log.warning(
-      "%s: pairs over data.max_length=%d tokens: %d %s, %d kept",
+      "%s: pairs over data.max_len=%d tokens: %d %s, %d kept",
       split,
-      max_length,
+      max_len,
       counts["too_long"],
       action,
       counts["kept"],
     )
   if not counts["kept"]:
     raise ValueError(
-      f"{split} has no pair with text on both sides within data.max_length="
-      f"{max_length}: check the data files, or raise data.max_length"
+      f"{split} has no pair with text on both sides within data.max_len="
+      f"{max_len}: check the data files, or raise data.max_len"
     )
 
 
@@ -355,7 +355,7 @@ def file_evaluation_set(
 ) -> TestSet:
   """An evaluation set of (source, reference) text pairs from files, batched like a split."""
   ids = tokenizer.encode([s for s, _ in pairs]), tokenizer.encode([t for _, t in pairs])
-  examples, _ = make_examples(ids[0], ids[1], data.max_length, truncate=True)
+  examples, _ = make_examples(ids[0], ids[1], data.max_len, truncate=True)
   return TestSet(
     name,
     pairs,
@@ -369,7 +369,7 @@ def file_evaluation_set(
 def _batches(
   data: DataConfig, examples: Examples, batch_size: int | None, shard: dict[str, int]
 ) -> list[Batch]:
-  buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_length)
+  buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_len)
   return eval_batches(examples, batch_size or data.eval_batch_size, length_buckets=buckets, **shard)
 
 
@@ -381,7 +381,7 @@ def _evaluation_set(
   shard: dict[str, int],
   batch_size: int | None = None,
 ) -> TestSet:
-  """A split's pairs in order, cut to data.max_length (every line needs a translation)."""
+  """A split's pairs in order, cut to data.max_len (every line needs a translation)."""
   cache = open_split(data, workdir, cache_dir, split)
   if not len(cache) or not (cache.lengths.min(axis=1) > 0).any():
     raise ValueError(
@@ -390,13 +390,13 @@ def _evaluation_set(
     )
   ids = cache.read(range(len(cache)))
   examples, stats = make_examples(
-    [s for s, _ in ids], [t for _, t in ids], data.max_length, truncate=True
+    [s for s, _ in ids], [t for _, t in ids], data.max_len, truncate=True
   )
   if stats.truncated:
     log.warning(
-      "%s: pairs over data.max_length=%d tokens: %d truncated, %d kept",
+      "%s: pairs over data.max_len=%d tokens: %d truncated, %d kept",
       split,
-      data.max_length,
+      data.max_len,
       stats.truncated,
       stats.kept,
     )

@@ -69,11 +69,11 @@ def encode_pairs(
 def make_examples(
   source_ids: Sequence[Sequence[int] | np.ndarray],
   target_ids: Sequence[Sequence[int] | np.ndarray],
-  max_length: int,
+  max_len: int,
   *,
   truncate: bool = False,
 ) -> tuple[Examples, LengthStats]:
-  """Appends EOS to both sides and drops (or truncates) pairs longer than `max_length`.
+  """Appends EOS to both sides and drops (or truncates) pairs longer than `max_len`.
 
   Truncation keeps EOS as the last token, so every sequence still ends the way the decoder is
   taught to stop. Use `truncate=True` for evaluation sets, whose every line needs a translation.
@@ -83,18 +83,18 @@ def make_examples(
   inputs, targets, index = [], [], []
   dropped = truncated = 0
   for i, (src, tgt) in enumerate(zip(source_ids, target_ids)):
-    too_long = max(len(src), len(tgt)) + 1 > max_length
+    too_long = max(len(src), len(tgt)) + 1 > max_len
     if too_long and not truncate:
       dropped += 1
       continue
     truncated += too_long
-    inputs.append(_with_eos(src, max_length))
-    targets.append(_with_eos(tgt, max_length))
+    inputs.append(_with_eos(src, max_len))
+    targets.append(_with_eos(tgt, max_len))
     index.append(i)
   stats = LengthStats(kept=len(index), dropped=dropped, truncated=truncated)
   logging.getLogger(__name__).debug(
     "Examples longer than %d tokens: %d dropped, %d truncated, %d kept.",
-    max_length,
+    max_len,
     stats.dropped,
     stats.truncated,
     stats.kept,
@@ -120,8 +120,8 @@ def process_rows(rows: Int[np.ndarray, " B"], process_index: int, process_count:
   return rows[process_index * per_process : (process_index + 1) * per_process]
 
 
-def _with_eos(ids: Sequence[int] | np.ndarray, max_length: int) -> np.ndarray:
-  kept = np.asarray(ids[: max_length - 1], np.int32)
+def _with_eos(ids: Sequence[int] | np.ndarray, max_len: int) -> np.ndarray:
+  kept = np.asarray(ids[: max_len - 1], np.int32)
   return np.concatenate([kept, np.array([EOS_ID], np.int32)])
 
 

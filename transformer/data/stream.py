@@ -61,7 +61,7 @@ class _PlanIterator(grain.DatasetIterator):
     while self._batch >= len(self._plan()):
       empty_chunks += 1
       if empty_chunks > self._chunks:
-        raise ValueError("the training data holds no batch: check the data and data.max_length")
+        raise ValueError("the training data holds no batch: check the data and data.max_len")
       self._batch, self._chunk = 0, self._chunk + 1
       if self._chunk == self._chunks:
         self._epoch, self._chunk = self._epoch + 1, 0

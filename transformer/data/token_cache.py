@@ -36,8 +36,11 @@ from transformer.data.tokenizer import UNK_ID
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-WRITER_OPTIONS = "group_size:1,uncompressed"
+# Version 2: records in groups of 64. ArrayRecordReader.read(indices) costs time in proportion to
+# the file's chunk count on every call (53 ms for 4M single-record chunks, 0.8 ms in groups of
+# 64..128, measured on 2 CPU cores), and a group of uncompressed records is cheap to read whole.
+FORMAT_VERSION = 2
+WRITER_OPTIONS = "group_size:64,uncompressed"
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 META_FILENAME = "meta.json"
 LENGTHS_FILENAME = "lengths.npy"

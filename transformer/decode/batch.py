@@ -15,16 +15,16 @@ def padded_length(length: int, max_len: int) -> int:
 
 
 def translate_ids(
-  model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float, max_extra_length: int
+  model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float, max_extra_tokens: int
 ) -> Int[Array, "B T"]:
   """Best translation ids [B, T] of a padded source batch (beam search, or greedy for beam 1).
 
-  T = min(S + max_extra_length, model.config.max_len).
+  T = min(S + max_extra_tokens, model.config.max_len).
   """
-  max_length = min(src_ids_BS.shape[1] + max_extra_length, model.config.max_len)
+  max_new_tokens = min(src_ids_BS.shape[1] + max_extra_tokens, model.config.max_len)
   if beam_size == 1:
-    return greedy_decode(model, src_ids_BS, max_length=max_length)
+    return greedy_decode(model, src_ids_BS, max_new_tokens=max_new_tokens)
   tokens_BWT, _ = beam_search(
-    model, src_ids_BS, max_length=max_length, beam_size=beam_size, alpha=alpha
+    model, src_ids_BS, max_new_tokens=max_new_tokens, beam_size=beam_size, alpha=alpha
   )
   return tokens_BWT[:, 0]

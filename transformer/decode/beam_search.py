@@ -8,7 +8,7 @@ so there are always W), and those of the top W that end in EOS are merged into t
 (Flax's example also finishes EOS continuations ranked W+1..2W; leaving them out makes a search
 with W = 1 and alpha = 0 exactly greedy.) The search stops early once no alive hypothesis can
 still beat the worst finished one. It returns the W best of both sets by the same score, best
-first: an alive hypothesis cut off at max_length may outrank a finished one, and is kept then
+first: an alive hypothesis cut off at max_new_tokens may outrank a finished one, and is kept then
 (Flax and tensor2tensor instead return alive ones only where nothing finished).
 
 The model sees R = B * W rows: the memory and source are encoded once and repeated per beam
@@ -37,7 +37,7 @@ def length_penalty(length: int | Array, alpha: float) -> Float[Array, ""]:
 
 
 class BeamState(NamedTuple):
-  """The while-loop carry. t: position fed next; T here is max_length + 1 (BOS included)."""
+  """The while-loop carry. t: position fed next; T here is max_new_tokens + 1 (BOS included)."""
 
   t: Int[Array, ""]
   alive_tokens_BWT: Int[Array, "B W T"]
@@ -60,13 +60,13 @@ def _top_beams(key_BJ: Float[Array, "B J"], k: int, *arrays):
   return [_take_beams(x, index_Bk) for x in arrays]
 
 
-def _search_can_stop(state: BeamState, max_length: int, alpha: float) -> Bool[Array, ""]:
+def _search_can_stop(state: BeamState, max_new_tokens: int, alpha: float) -> Bool[Array, ""]:
   """True when, for every sentence, W hypotheses have finished and none alive can beat them.
 
   An alive hypothesis only loses log-probability as it grows, and its penalty is at most
-  lp(max_length), so log p / lp(max_length) bounds the score it could still finish with.
+  lp(max_new_tokens), so log p / lp(max_new_tokens) bounds the score it could still finish with.
   """
-  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(max_length, alpha)
+  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(max_new_tokens, alpha)
   worst_finished_B = jnp.min(state.finished_scores_BW, axis=1)
   settled_B = jnp.all(state.finished_BW, axis=1) & (worst_finished_B > best_possible_B)
   return jnp.all(settled_B)
@@ -116,37 +116,37 @@ def _beam_step(
   )
 
 
-def _final_beams(state: BeamState, max_length: int, alpha: float):
+def _final_beams(state: BeamState, max_new_tokens: int, alpha: float):
   """The W best of the finished and the alive hypotheses, by score, best first.
 
-  Alive hypotheses compete only when the loop ran to max_length, so they all have max_length
+  Alive hypotheses compete only when the loop ran to max_new_tokens, so they all have max_new_tokens
   tokens and are scored with that length's penalty. When the search stopped early, every alive
   one is bounded by the worst finished score (`_search_can_stop`), so the finished set wins.
   Empty finished slots score NEG_INF and lose to any alive hypothesis; on a tie, finished first.
   """
   beams = state.finished_BW.shape[1]
-  alive_scores_BW = state.alive_log_probs_BW / length_penalty(max_length, alpha)
+  alive_scores_BW = state.alive_log_probs_BW / length_penalty(max_new_tokens, alpha)
   scores_B2W = jnp.concatenate([state.finished_scores_BW, alive_scores_BW], axis=1)
   tokens_B2WT = jnp.concatenate([state.finished_tokens_BWT, state.alive_tokens_BWT], axis=1)
   tokens_BWT, scores_BW = _top_beams(scores_B2W, beams, tokens_B2WT, scores_B2W)
   return tokens_BWT, scores_BW
 
 
-@jit_with_model(static_argnames=("beam_size", "alpha", "max_length", "bos_id", "eos_id"))
+@jit_with_model(static_argnames=("beam_size", "alpha", "max_new_tokens", "bos_id", "eos_id"))
 def _beam_search(
   model: EncoderDecoder,
   src_ids_BS,
   *,
   beam_size: int,
   alpha: float,
-  max_length: int,
+  max_new_tokens: int,
   bos_id: int,
   eos_id: int,
 ):
   batch, beams, pad_id = src_ids_BS.shape[0], beam_size, model.config.pad_id
   # Encode once; beam w of sentence b is row b * W + w.
   memory_RSD = jnp.repeat(model.encode(src_ids_BS), beams, axis=0)
-  model.init_cache(memory_RSD, jnp.repeat(src_ids_BS, beams, axis=0), max_length)
+  model.init_cache(memory_RSD, jnp.repeat(src_ids_BS, beams, axis=0), max_new_tokens)
   graphdef, cache, rest = split_cache(model)
 
   def step(state: BeamState) -> BeamState:
@@ -158,10 +158,10 @@ def _beam_search(
     return _beam_step(state, log_probs_BWV, cache, alpha=alpha, eos_id=eos_id)
 
   def unfinished(state: BeamState):
-    return (state.t < max_length) & ~_search_can_stop(state, max_length, alpha)
+    return (state.t < max_new_tokens) & ~_search_can_stop(state, max_new_tokens, alpha)
 
-  tokens_BWT = start_tokens(batch * beams, max_length + 1, bos_id, pad_id)
-  tokens_BWT = tokens_BWT.reshape(batch, beams, max_length + 1)
+  tokens_BWT = start_tokens(batch * beams, max_new_tokens + 1, bos_id, pad_id)
+  tokens_BWT = tokens_BWT.reshape(batch, beams, max_new_tokens + 1)
   # Only beam 0 starts alive, so the first step does not pick W copies of one continuation.
   alive_log_probs_BW = jnp.tile(jnp.array([[0.0] + [NEG_INF] * (beams - 1)]), (batch, 1))
   state = BeamState(
@@ -173,7 +173,9 @@ def _beam_search(
     jnp.zeros((batch, beams), jnp.bool_),
     cache,
   )
-  tokens_BWT, scores_BW = _final_beams(lax.while_loop(unfinished, step, state), max_length, alpha)
+  tokens_BWT, scores_BW = _final_beams(
+    lax.while_loop(unfinished, step, state), max_new_tokens, alpha
+  )
   return tokens_BWT[:, :, 1:], scores_BW
 
 
@@ -181,7 +183,7 @@ def beam_search(
   model: EncoderDecoder,
   src_ids_BS: Int[Array, "B S"],
   *,
-  max_length: int,
+  max_new_tokens: int,
   beam_size: int = 4,
   alpha: float = 0.6,
   bos_id: int = BOS_ID,
@@ -192,20 +194,20 @@ def beam_search(
   Args:
     model: the encoder-decoder; it is not modified (decoding runs on a copy, in eval mode).
     src_ids_BS: source ids [B, S], padded with `config.pad_id`.
-    max_length: T, the most tokens per hypothesis (at most `config.max_len`).
+    max_new_tokens: T, the most tokens per hypothesis (at most `config.max_len`).
     beam_size: W (4 in the paper).
     alpha: length penalty exponent (0.6 in the paper; 0 ranks by plain log-probability).
     bos_id, eos_id: the decoder's start token and the end-of-sentence token.
 
   Returns:
-    tokens [B, W, max_length] after BOS (EOS-terminated, then PAD; a hypothesis without EOS
-    fills max_length), and scores [B, W] = log p(tokens | source) / lp(length), where length
-    counts the tokens up to and including EOS (max_length for unfinished ones). Slot 0 holds
+    tokens [B, W, max_new_tokens] after BOS (EOS-terminated, then PAD; a hypothesis without EOS
+    fills max_new_tokens), and scores [B, W] = log p(tokens | source) / lp(length), where length
+    counts the tokens up to and including EOS (max_new_tokens for unfinished ones). Slot 0 holds
     the best score; finished and unfinished hypotheses are ranked together by this score.
   """
-  if not 1 <= max_length <= model.config.max_len:
+  if not 1 <= max_new_tokens <= model.config.max_len:
     raise ValueError(
-      f"max_length={max_length} must be in [1, model.max_len={model.config.max_len}]"
+      f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={model.config.max_len}]"
     )
   # 2W candidates per step must come from real tokens of beam 0 on the first step (PAD excluded).
   if beam_size < 1 or 2 * beam_size >= model.config.vocab_size:
@@ -215,7 +217,7 @@ def beam_search(
     src_ids_BS,
     beam_size=beam_size,
     alpha=float(alpha),
-    max_length=max_length,
+    max_new_tokens=max_new_tokens,
     bos_id=bos_id,
     eos_id=eos_id,
   )

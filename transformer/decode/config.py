@@ -13,28 +13,31 @@ class DecodeConfig:
   Attributes:
     beam_size: W hypotheses per sentence; 1 is greedy decoding.
     alpha: the length penalty's exponent, lp(Y) = ((5 + |Y|) / 6)^alpha.
-    max_extra_length: a translation has at most len(source) + this many tokens.
+    max_extra_tokens: a translation has at most len(source) + this many tokens.
     num_examples: translations printed after training, per test set.
     bleu_at_end: score the test sets once training ends.
+    validation_bleu: at every evaluation also translate the validation split greedily and
+      record its BLEU (eval/bleu_greedy), so a run's BLEU against time can be drawn.
   """
 
   beam_size: int = 4
   alpha: float = 0.6
-  max_extra_length: int = 50
+  max_extra_tokens: int = 50
   num_examples: int = 5
   bleu_at_end: bool = True
+  validation_bleu: bool = True
 
   def __post_init__(self):
-    check_search(self.beam_size, self.alpha, self.max_extra_length, prefix="decode.")
+    check_search(self.beam_size, self.alpha, self.max_extra_tokens, prefix="decode.")
     if self.num_examples < 0:
       raise ValueError(f"decode.num_examples must be >= 0, got {self.num_examples}")
 
 
-def check_search(beam_size: int, alpha: float, max_extra_length: int, prefix: str = "--") -> None:
+def check_search(beam_size: int, alpha: float, max_extra_tokens: int, prefix: str = "--") -> None:
   """One-line errors for impossible search settings, named as the caller spells them."""
   if beam_size < 1:
     raise ValueError(f"{prefix}beam_size must be >= 1 (1 = greedy), got {beam_size}")
   if not math.isfinite(alpha) or alpha < 0:
     raise ValueError(f"{prefix}alpha (length penalty) must be a finite number >= 0, got {alpha}")
-  if max_extra_length < 0:
-    raise ValueError(f"{prefix}max_extra_length must be >= 0, got {max_extra_length}")
+  if max_extra_tokens < 0:
+    raise ValueError(f"{prefix}max_extra_tokens must be >= 0, got {max_extra_tokens}")

@@ -1,7 +1,7 @@
 """Greedy decoding of the encoder-decoder, with the KV cache or by recomputing the prefix.
 
 Each step appends argmax_y p(y | source, y_<t). Both modes run one `jax.lax.while_loop` over a
-fixed [B, max_length + 1] token buffer (BOS first), so one compilation serves every batch of one
+fixed [B, max_new_tokens + 1] token buffer (BOS first), so one compilation serves every batch of one
 shape, and the loop stops as soon as every row has emitted EOS.
 """
 
@@ -77,9 +77,9 @@ def start_tokens(batch_size: int, length: int, bos_id: int, pad_id: int) -> Int[
   return jnp.full((batch_size, length), pad_id, jnp.int32).at[:, 0].set(bos_id)
 
 
-def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_length: int):
+def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_new_tokens: int):
   """Feeds position t only; keys/values of positions < t come from the cache."""
-  model.init_cache(memory_BSD, src_ids_BS, max_length)
+  model.init_cache(memory_BSD, src_ids_BS, max_new_tokens)
   graphdef, cache, rest = split_cache(model)
   pad_id = model.config.pad_id
 
@@ -92,8 +92,8 @@ def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_length
   return next_token, cache
 
 
-def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_length: int):
-  """Runs the decoder over the whole [B, max_length] window every step (the no-cache baseline).
+def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_new_tokens: int):
+  """Runs the decoder over the whole [B, max_new_tokens] window every step (the no-cache baseline).
 
   Fixed shapes keep it one compilation; causal masking makes positions after t irrelevant to the
   logits at t, so this equals decoding the prefix alone, at the cost of a full window per step.
@@ -101,22 +101,28 @@ def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_l
   pad_id = model.config.pad_id
 
   def next_token(tokens_BT, t, carry):
-    logits_BTV = model.decode(tokens_BT[:, :max_length], memory_BSD, src_ids_BS)
+    logits_BTV = model.decode(tokens_BT[:, :max_new_tokens], memory_BSD, src_ids_BS)
     logits_BV = lax.dynamic_index_in_dim(logits_BTV, t, axis=1, keepdims=False)
     return jnp.argmax(log_probs_without_pad(logits_BV, pad_id), axis=-1), carry
 
   return next_token, ()
 
 
-@jit_with_model(static_argnames=("max_length", "use_cache", "bos_id", "eos_id"))
+@jit_with_model(static_argnames=("max_new_tokens", "use_cache", "bos_id", "eos_id"))
 def _greedy_decode(
-  model: EncoderDecoder, src_ids_BS, *, max_length: int, use_cache: bool, bos_id: int, eos_id: int
+  model: EncoderDecoder,
+  src_ids_BS,
+  *,
+  max_new_tokens: int,
+  use_cache: bool,
+  bos_id: int,
+  eos_id: int,
 ):
   memory_BSD = model.encode(src_ids_BS)
   make_next_token = _cached_next_token if use_cache else _recomputing_next_token
-  next_token, carry = make_next_token(model, memory_BSD, src_ids_BS, max_length)
+  next_token, carry = make_next_token(model, memory_BSD, src_ids_BS, max_new_tokens)
   pad_id = model.config.pad_id
-  tokens_BT = start_tokens(src_ids_BS.shape[0], max_length + 1, bos_id, pad_id)
+  tokens_BT = start_tokens(src_ids_BS.shape[0], max_new_tokens + 1, bos_id, pad_id)
   tokens_BT = token_loop(next_token, tokens_BT, 0, carry, pad_id=pad_id, eos_id=eos_id)
   return tokens_BT[:, 1:]
 
@@ -125,7 +131,7 @@ def greedy_decode(
   model: EncoderDecoder,
   src_ids_BS: Int[Array, "B S"],
   *,
-  max_length: int,
+  max_new_tokens: int,
   use_cache: bool = True,
   bos_id: int = BOS_ID,
   eos_id: int = EOS_ID,
@@ -135,19 +141,24 @@ def greedy_decode(
   Args:
     model: the encoder-decoder; it is not modified (decoding runs on a copy, in eval mode).
     src_ids_BS: source ids [B, S], padded with `config.pad_id`.
-    max_length: T, the most tokens generated per row (at most `config.max_len`).
+    max_new_tokens: T, the most tokens generated per row (at most `config.max_len`).
     use_cache: True: feed one position per step with the KV cache; False: recompute the
       decoder over the whole window every step (the baseline the cache is measured against).
     bos_id, eos_id: the decoder's start token and the end-of-sentence token.
 
   Returns:
-    tokens [B, max_length] after BOS: each row ends with EOS then PAD, or fills all max_length
-    positions without EOS if it did not finish.
+    tokens [B, max_new_tokens] after BOS: each row ends with EOS then PAD, or fills all
+    max_new_tokens positions without EOS if it did not finish.
   """
-  if not 1 <= max_length <= model.config.max_len:
+  if not 1 <= max_new_tokens <= model.config.max_len:
     raise ValueError(
-      f"max_length={max_length} must be in [1, model.max_len={model.config.max_len}]"
+      f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={model.config.max_len}]"
     )
   return _greedy_decode(
-    model, src_ids_BS, max_length=max_length, use_cache=use_cache, bos_id=bos_id, eos_id=eos_id
+    model,
+    src_ids_BS,
+    max_new_tokens=max_new_tokens,
+    use_cache=use_cache,
+    bos_id=bos_id,
+    eos_id=eos_id,
   )

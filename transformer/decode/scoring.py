@@ -41,7 +41,7 @@ def translate_batches(
         src,
         beam_size=decode.beam_size,
         alpha=decode.alpha,
-        max_extra_length=decode.max_extra_length,
+        max_extra_tokens=decode.max_extra_tokens,
       )
     all_tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
     index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
@@ -87,7 +87,7 @@ def score_test_sets(
       **scores,
       "beam_size": decode.beam_size,
       "alpha": decode.alpha,
-      "max_extra_length": decode.max_extra_length,
+      "max_extra_tokens": decode.max_extra_tokens,
       "hypotheses": hypotheses,
       "examples": [
         {"source": src, "reference": ref, "translation": hyp}

@@ -97,12 +97,12 @@ class Translator:
     *,
     beam_size: int = 4,
     alpha: float = 0.6,
-    max_extra_length: int = 50,
+    max_extra_tokens: int = 50,
     first_line: int = 1,
   ) -> list[str]:
     """One translation per text; a blank text gets a blank translation. `first_line` numbers
     the texts in warnings (the line of a file they came from)."""
-    check_search(beam_size, alpha, max_extra_length)
+    check_search(beam_size, alpha, max_extra_tokens)
     model = self.encoder_decoder
     real = [i for i, text in enumerate(texts) if text.strip()]
     out = [""] * len(texts)
@@ -114,7 +114,7 @@ class Translator:
       jnp.asarray(src_ids_BS),
       beam_size=beam_size,
       alpha=alpha,
-      max_extra_length=max_extra_length,
+      max_extra_tokens=max_extra_tokens,
     )
     for i, text in zip(real, self.tokenizer.decode(np.asarray(tokens_BT)), strict=True):
       out[i] = text

@@ -164,7 +164,7 @@ def prepare_sentence(
   tokens = [
     int(i)
     for i in np.asarray(
-      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_length=50)
+      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_tokens=50)
     )[0]
   ]
   tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens

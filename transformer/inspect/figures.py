@@ -27,7 +27,7 @@ CELL_INCHES = 0.3  # one token's row or column: room for an 8-point label
 
 def _heatmap(
   ax,
-  weights_QK: np.ndarray,
+  weights_TS: np.ndarray,
   query_labels: Sequence[str],
   key_labels: Sequence[str],
   title: str,
@@ -35,7 +35,7 @@ def _heatmap(
   vmax: float = 1.0,
   fontsize: int = 8,
 ):
-  image = ax.imshow(weights_QK, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+  image = ax.imshow(weights_TS, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
   ax.set_xticks(range(len(key_labels)), labels=key_labels, rotation=90, fontsize=fontsize)
   ax.set_yticks(range(len(query_labels)), labels=query_labels, fontsize=fontsize)
   ax.set_title(title, fontsize=fontsize + 2)
@@ -55,7 +55,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_heads(
-  weights_NQK: np.ndarray,
+  weights_NTS: np.ndarray,
   query_labels: Sequence[str],
   key_labels: Sequence[str],
   title: str,
@@ -63,7 +63,7 @@ def plot_heads(
   note: str = "rows: queries, columns: keys",
 ) -> Path:
   """One layer's maps, a grid of heads (at most 4 a row) on one colour scale 0..1."""
-  num_heads, q_len, k_len = weights_NQK.shape
+  num_heads, q_len, k_len = weights_NTS.shape
   cols = min(num_heads, 4)
   rows = math.ceil(num_heads / cols)
   fig = Figure(
@@ -75,7 +75,7 @@ def plot_heads(
     if head >= num_heads:
       ax.set_axis_off()
       continue
-    image = _heatmap(ax, weights_NQK[head], query_labels, key_labels, f"head {head + 1}")
+    image = _heatmap(ax, weights_NTS[head], query_labels, key_labels, f"head {head + 1}")
   fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
   fig.suptitle(f"{title}   ({note})", fontsize=12)
   return _save(fig, path)
@@ -90,11 +90,11 @@ def plot_overview(maps: AttentionMaps, sentence: Sentence, path: Path, b: int = 
   axes = fig.subplots(len(KINDS), num_layers, squeeze=False)
   for row, kind in enumerate(KINDS):
     query_labels, key_labels = _axis_labels(kind, sentence)
-    for layer, weights_BNQK in enumerate(maps.of(kind)):
-      mean_QK = weights_BNQK[b, :, : len(query_labels), : len(key_labels)].mean(axis=0)
+    for layer, weights_BNTS in enumerate(maps.of(kind)):
+      mean_TS = weights_BNTS[b, :, : len(query_labels), : len(key_labels)].mean(axis=0)
       image = _heatmap(
         axes[row, layer],
-        mean_QK,
+        mean_TS,
         query_labels,
         key_labels,
         f"{KIND_TITLES[kind]}, layer {layer + 1}",
@@ -117,10 +117,10 @@ def write_attention_figures(model: EncoderDecoder, sentence: Sentence, out_dir: 
   paths = []
   for kind in KINDS:
     query_labels, key_labels = _axis_labels(kind, sentence)
-    for layer, weights_BNQK in enumerate(maps.of(kind)):
+    for layer, weights_BNTS in enumerate(maps.of(kind)):
       paths.append(
         plot_heads(
-          weights_BNQK[0],
+          weights_BNTS[0],
           query_labels,
           key_labels,
           f"{KIND_TITLES[kind]}, layer {layer + 1}",
@@ -148,11 +148,11 @@ def plot_contrast_attention(report: dict, path: Path) -> Path:
   axes = fig.subplots(num_layers, len(contexts), squeeze=False)
   for col, context in enumerate(contexts):
     for layer, attention in enumerate(context["attention"]):
-      rows_HS = np.array(attention["per_head"] + [attention["mean"]])
+      rows_NS = np.array(attention["per_head"] + [attention["mean"]])
       labels = [f"head {h + 1}" for h in range(num_heads)] + ["mean"]
       image = _heatmap(
         axes[layer, col],
-        rows_HS,
+        rows_NS,
         labels,
         context["pieces"],
         f"layer {layer + 1}: {context['text']!r}",

@@ -166,7 +166,7 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, cross: bool = False, rngs: nnx.Rngs):
     self.config, self.cross = config, cross
-    d, n, h, w = config.d_model, config.num_heads, config.head_dim, config.weight_dtype
+    d, n, h, w = config.d_model, config.num_heads, config.head_dim, jnp.dtype(config.param_dtype)
     # Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
     init_in = nnx.initializers.variance_scaling(
       1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2)
@@ -192,22 +192,22 @@ class MultiHeadAttention(nnx.Module):
     self.uses_rope = config.position == "rope" and not cross
 
   def _project(self, x_BTD, kernel: nnx.Param, bias: nnx.Param) -> Float[Array, "B T N H"]:
-    dtype = self.config.compute_dtype
+    dtype = jnp.dtype(self.config.dtype)
     y_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD.astype(dtype), kernel[...].astype(dtype))
     return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
   def init_cache(
-    self, batch_size: int, max_length: int, context_BSD: Float[Array, "B S D"] | None = None
+    self, batch_size: int, cache_length: int, context_BSD: Float[Array, "B S D"] | None = None
   ) -> None:
-    """Allocates the KV cache: empty [B, max_length, N, H] for self-attention, or the projected
+    """Allocates the KV cache: empty [B, cache_length, N, H] for self-attention, or the projected
     `context` (the encoder output) for cross-attention."""
     if self.cross:
       self.cached_key = nnx.Cache(self._project(context_BSD, self.key, self.key_bias))
       self.cached_value = nnx.Cache(self._project(context_BSD, self.value, self.value_bias))
       return
-    shape = (batch_size, max_length, self.config.num_heads, self.config.head_dim)
-    self.cached_key = nnx.Cache(jnp.zeros(shape, self.config.compute_dtype))
-    self.cached_value = nnx.Cache(jnp.zeros(shape, self.config.compute_dtype))
+    shape = (batch_size, cache_length, self.config.num_heads, self.config.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
 
   def _keys_values(self, x_BTD, context_BSD, use_cache: bool, kv_positions_BS):
@@ -246,7 +246,7 @@ class MultiHeadAttention(nnx.Module):
     Args:
       x_BTD: the queries' input [B, T, D].
       context_BSD: keys' and values' input [B, S, D] for cross-attention.
-      mask: bool broadcastable to [B, N, T, S] (with the cache, to [B, N, T, max_length]).
+      mask: bool broadcastable to [B, N, T, S] (with the cache, to [B, N, T, cache_length]).
       q_positions_BT, kv_positions_BS: absolute positions, used by RoPE only.
       use_cache: use and update the KV cache (see `init_cache`).
       return_weights: also return the attention weights [B, N, T, S] (xla path).
@@ -284,7 +284,7 @@ class MultiHeadAttention(nnx.Module):
         implementation=self.config.attention,
         block_size=self.config.attention_block_size,
       )
-    dtype = self.config.compute_dtype
+    dtype = jnp.dtype(self.config.dtype)
     y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH.astype(dtype), self.out[...].astype(dtype))
     y_BTD = y_BTD + self.out_bias[...].astype(dtype)[None, None]
     y_BTD = constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))

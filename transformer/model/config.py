@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax.numpy as jnp
-
 POSITIONS = ("sinusoidal", "learned", "rope")
 NORMS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu")
@@ -108,14 +106,6 @@ class TransformerConfig:
   def head_dim(self) -> int:
     """H: the paper's d_k = d_v = d_model / h."""
     return self.d_model // self.num_heads
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
 
   def replace(self, **changes) -> TransformerConfig:
     return dataclasses.replace(self, **changes)

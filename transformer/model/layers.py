@@ -68,17 +68,17 @@ class Embedding(nnx.Module):
     # output layer starts with logits of unit scale.
     init = nnx.initializers.normal(stddev=config.d_model**-0.5)
     self.table = param(
-      rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED), config.weight_dtype
+      rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED), jnp.dtype(config.param_dtype)
     )
 
   def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-    table_VD = self.table[...].astype(self.config.compute_dtype)
+    table_VD = self.table[...].astype(jnp.dtype(self.config.dtype))
     x_BTD = jnp.take(table_VD, ids_BT, axis=0) * math.sqrt(self.config.d_model)
     return constrain(x_BTD, (BATCH, LENGTH, ACT_EMBED))
 
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """Pre-softmax linear layer sharing the embedding matrix; logits in `config.logits_dtype`."""
-    table_VD = self.table[...].astype(self.config.compute_dtype)
+    table_VD = self.table[...].astype(jnp.dtype(self.config.dtype))
     logits_BTV = tied_logits(x_BTD, table_VD, self.config.logits_dtype)
     return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
 
@@ -124,11 +124,11 @@ class OutputProjection(nnx.Module):
       nnx.initializers.lecun_normal(),
       (config.d_model, config.vocab_size),
       (EMBED, VOCAB),
-      config.weight_dtype,
+      jnp.dtype(config.param_dtype),
     )
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    kernel_DV = self.kernel[...].astype(self.config.compute_dtype)
+    kernel_DV = self.kernel[...].astype(jnp.dtype(self.config.dtype))
     logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
     return constrain(logits_BTV.astype(self.config.logits_dtype), (BATCH, LENGTH, VOCAB))
 
@@ -144,7 +144,7 @@ class PositionEncoding(nnx.Module):
         nnx.initializers.normal(stddev=0.02),
         (config.max_len, config.d_model),
         (LENGTH, EMBED),
-        config.weight_dtype,
+        jnp.dtype(config.param_dtype),
       )
 
   def __call__(self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
@@ -170,7 +170,7 @@ class FeedForward(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
-    d, f, w = config.d_model, config.d_ff, config.weight_dtype
+    d, f, w = config.d_model, config.d_ff, jnp.dtype(config.param_dtype)
     init = nnx.initializers.xavier_uniform()
     self.wi = param(rngs, init, (d, f), (EMBED, MLP), w)
     self.bi = param(rngs, nnx.initializers.zeros, (f,), (MLP,), w)
@@ -179,7 +179,7 @@ class FeedForward(nnx.Module):
     self.activation = jax.nn.relu if config.activation == "relu" else jax.nn.gelu
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    dtype = self.config.compute_dtype
+    dtype = jnp.dtype(self.config.dtype)
     h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.wi[...].astype(dtype))
     h_BTF = h_BTF + self.bi[...].astype(dtype)[None, None]
     h_BTF = constrain(self.activation(h_BTF), (BATCH, LENGTH, MLP))
@@ -214,8 +214,8 @@ class LayerNorm(nnx.Module):
   """LayerNorm over D with a learned scale (ones) and bias (zeros), stored in param_dtype."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    self.epsilon, self.dtype = config.layer_norm_epsilon, config.compute_dtype
-    d, w = config.d_model, config.weight_dtype
+    self.epsilon, self.dtype = config.layer_norm_epsilon, jnp.dtype(config.dtype)
+    d, w = config.d_model, jnp.dtype(config.param_dtype)
     self.scale = param(rngs, nnx.initializers.ones, (d,), (EMBED,), w)
     self.bias = param(rngs, nnx.initializers.zeros, (d,), (EMBED,), w)
 

@@ -155,18 +155,18 @@ class Decoder(nnx.Module):
     self.memory_mask: Any = nnx.data(None)
 
   def init_cache(
-    self, batch_size: int, max_length: int, memory_BSD=None, memory_mask_B11S=None
+    self, batch_size: int, cache_length: int, memory_BSD=None, memory_mask_B11S=None
   ) -> None:
-    """Prepares incremental decoding of up to `max_length` positions."""
-    if max_length > self.config.max_len:
+    """Prepares incremental decoding of up to `cache_length` positions."""
+    if cache_length > self.config.max_len:
       raise ValueError(
-        f"cannot decode {max_length} positions: model.max_len is "
+        f"cannot decode {cache_length} positions: model.max_len is "
         f"{self.config.max_len}; raise it or decode fewer tokens"
       )
     for layer in self.layers:
-      layer.self_attention.init_cache(batch_size, max_length)
+      layer.self_attention.init_cache(batch_size, cache_length)
       if layer.cross_attention is not None:
-        layer.cross_attention.init_cache(batch_size, max_length, memory_BSD)
+        layer.cross_attention.init_cache(batch_size, cache_length, memory_BSD)
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
@@ -267,11 +267,11 @@ class EncoderDecoder(nnx.Module):
     return self.logits(x_BTD)
 
   def init_cache(
-    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], max_length: int
+    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], cache_length: int
   ) -> None:
-    """Caches the projected memory and allocates self-attention caches for `max_length` steps."""
+    """Caches the projected memory and allocates self-attention caches for `cache_length` steps."""
     self.decoder.init_cache(
-      src_ids_BS.shape[0], max_length, memory_BSD, padding_mask(src_ids_BS, self.config.pad_id)
+      src_ids_BS.shape[0], cache_length, memory_BSD, padding_mask(src_ids_BS, self.config.pad_id)
     )
 
   def __call__(
@@ -304,8 +304,8 @@ class DecoderOnly(nnx.Module):
     self.decoder = Decoder(config, self.embed, cross=False, rngs=rngs)
     self.output = None if config.tie_output else OutputProjection(config, rngs=rngs)
 
-  def init_cache(self, batch_size: int, max_length: int) -> None:
-    self.decoder.init_cache(batch_size, max_length)
+  def init_cache(self, batch_size: int, cache_length: int) -> None:
+    self.decoder.init_cache(batch_size, cache_length)
 
   def __call__(
     self, ids_BT: Int[Array, "B T"], *, use_cache: bool = False
@@ -321,11 +321,11 @@ class MaskedLMHead(nnx.Module):
     self.config, self.embed = config, embed
     d = config.d_model
     self.dense = param(
-      rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), config.weight_dtype
+      rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), jnp.dtype(config.param_dtype)
     )
     self.norm = LayerNorm(config, rngs=rngs)
     self.bias = param(
-      rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,), config.weight_dtype
+      rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,), jnp.dtype(config.param_dtype)
     )
 
   def __call__(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
@@ -343,7 +343,7 @@ class EncoderOnly(nnx.Module):
     self.encoder = Encoder(config, self.embed, rngs=rngs)
     self.mlm_head = MaskedLMHead(config, self.embed, rngs=rngs)
     d = config.d_model
-    w = config.weight_dtype
+    w = jnp.dtype(config.param_dtype)
     self.pooler = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), w)
     self.classifier = param(
       rngs, nnx.initializers.xavier_uniform(), (d, config.num_classes), (EMBED, None), w

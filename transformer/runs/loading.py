@@ -59,7 +59,8 @@ def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParam
 
 
 def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, list[int]]:
-  """The mean of the parameters of the newest `last` checkpoints (Section 6.1)."""
+  """The mean of the parameters of the newest `last` checkpoints (Section 6.1); a damaged one is
+  left out with a warning, as training's own average does."""
   checkpointer = checkpoints_of(workdir)
   try:
     steps = checkpointer.steps()
@@ -68,11 +69,20 @@ def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, li
                        f"checkpoints ({', '.join(map(str, steps)) or 'none'}); average 1 to "
                        f"{len(steps)} of them")
     total: FlatParams = {}
+    averaged = []
     for step in steps[-last:]:
-      state, _ = checkpointer.restore_saved(step)
+      try:
+        state, _ = checkpointer.restore_saved(step)
+      except CheckpointError as error:
+        log.warning("averaging leaves out checkpoint step %d: %s", step, error)
+        continue
       for name, value in state_params(state["params"]).items():
         total[name] = total.get(name, 0) + np.asarray(value, np.float64)
-    return {k: (v / last).astype(np.float32) for k, v in total.items()}, steps[-last:]
+      averaged.append(step)
+    if not averaged:
+      raise CheckpointError(f"none of the newest {last} checkpoints in {checkpointer.directory} "
+                            "is readable: use the exported model (no --average), or train again")
+    return {k: (v / len(averaged)).astype(np.float32) for k, v in total.items()}, averaged
   finally:
     checkpointer.close()
 

@@ -20,27 +20,27 @@ CONFIG_FILENAME = "config.json"
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """A run's task ("translation", "lm" or "mlm"), its model's configuration, and the longest
-  sequence it was trained on (data.max_length, EOS included)."""
+  sequence it was trained on (its data.max_len, EOS included)."""
 
   task: str
   model: TransformerConfig
-  max_length: int
+  data_max_len: int
 
   @property
   def max_source_tokens(self) -> int:
     """The longest source a translation may read, EOS included."""
-    return min(self.max_length, self.model.max_len)
+    return min(self.data_max_len, self.model.max_len)
 
   def to_dict(self) -> dict[str, Any]:
     return {"task": self.task, "model": dataclasses.asdict(self.model),
-            "max_length": self.max_length}
+            "data_max_len": self.data_max_len}
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], source: Path) -> RunSpec:
     """The spec of a config.json's or model.json's values; a value that cannot describe a model
     is named with the file it came from."""
     try:
-      task, model, max_length = values["task"], values["model"], values["max_length"]
+      task, model, max_len = values["task"], values["model"], values["data_max_len"]
       if task not in FAMILIES:
         raise ValueError(f"task={task!r} is unknown")
       if not isinstance(model, dict):
@@ -50,13 +50,13 @@ class RunSpec:
       if unknown:
         raise ValueError(f"model.{unknown[0]} is not a model setting")
       config = TransformerConfig(**model)
-      if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length={max_length!r} is not a length")
+      if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"data_max_len={max_len!r} is not a length")
     except (KeyError, TypeError, ValueError) as error:
       what = f"no {error}" if isinstance(error, KeyError) else str(error)
       raise ValueError(f"{source} does not describe a model ({what}): restore the file from "
                        "the run, or train again") from None
-    return cls(task=task, model=config, max_length=max_length)
+    return cls(task=task, model=config, data_max_len=max_len)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -85,5 +85,7 @@ def read_spec(workdir: Path) -> RunSpec:
   model = values.get("model")
   if isinstance(model, dict) and "vocab_size" not in model and "vocab_size" in data:
     model = {**model, "vocab_size": data["vocab_size"]}
-  flat = {"task": values.get("task"), "model": model, "max_length": data.get("max_length")}
+  # data.max_len was data.max_length in runs of version 0.1.
+  flat = {"task": values.get("task"), "model": model,
+          "data_max_len": data.get("max_len", data.get("max_length"))}
   return RunSpec.from_dict({k: v for k, v in flat.items() if v is not None}, path)

@@ -89,7 +89,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
     config = _CONFIG.value
-    config.get("task")  # config_flags defers a file's load error to the first access
+    getattr(config, "task", None)  # config_flags defers a file's load error to the first access
   except OSError as error:
     cause = str(error).strip().splitlines()[-1].strip()  # "[Errno 2] No such file ...: 'x.py'"
     _fail(f"cannot load --config: {cause}: pass a recipe such as default or a recipe file")
@@ -134,16 +134,25 @@ def _train(argv):
   ours.addHandler(handler)
   ours.propagate = False
   ours.setLevel(logging.INFO)
-  from transformer.train.config import Config
-  from transformer.train.loop import run
 
-  return run_cli(lambda: run(Config.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value))
+  def train():
+    # Imported here so that Ctrl-C during JAX's import is also one line.
+    from transformer.train.config import Config
+    from transformer.train.loop import run
+
+    run(Config.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
+
+  return run_cli(train)
 
 
 def main(argv: list[str] | None = None) -> int:
   """The `transformer-train` command."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  return app.run(_train, argv=argv or sys.argv, flags_parser=parse_flags)
+  try:
+    return app.run(_train, argv=argv or sys.argv, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # while the flags and the recipe load: nothing was started
+    print("stopped by an interrupt", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -149,10 +149,10 @@ class Config:
         f"{self.data.vocab_size}: the model's vocabulary is the tokenizer's; "
         "set data.vocab_size only"
       )
-    if self.data.max_length > self.model.max_len:
+    if self.data.max_len > self.model.max_len:
       raise ValueError(
-        f"data.max_length={self.data.max_length} exceeds model.max_len="
-        f"{self.model.max_len}: raise model.max_len or lower data.max_length"
+        f"data.max_len={self.data.max_len} exceeds model.max_len="
+        f"{self.model.max_len}: raise model.max_len or lower data.max_len"
       )
     if self.profile_steps and (
       len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
@@ -179,7 +179,7 @@ class Config:
     Keys the schema lacks are refused by name; `model.vocab_size`, if present (config.json
     has it), must equal `data.vocab_size`.
     """
-    values = dict(values)
+    values = _renamed(values)
     data = dict(values.get("data", {}))
     model = {"vocab_size": data.get("vocab_size", DataConfig.vocab_size), **values.get("model", {})}
     return _build(cls, {**values, "model": model}, prefix="")
@@ -196,6 +196,21 @@ class Config:
   def to_dict(self) -> dict[str, Any]:
     """Plain nested values (tuples as lists), as written to config.json."""
     return dataclasses.asdict(self)
+
+
+# Keys renamed since version 0.1, whose config.json files still load: (block, old, new).
+RENAMED = (("data", "max_length", "max_len"), ("decode", "max_extra_length", "max_extra_tokens"))
+
+
+def _renamed(values: Mapping[str, Any]) -> dict[str, Any]:
+  values = dict(values)
+  for block, old, new in RENAMED:
+    if isinstance(values.get(block), Mapping) and old in values[block]:
+      moved = dict(values[block])
+      moved.setdefault(new, moved.pop(old))
+      moved.pop(old, None)
+      values[block] = moved
+  return values
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -229,6 +230,25 @@ class Trainer:
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return summarize(jax.device_get(totals))
 
+  def evaluation(self, params) -> dict[str, float]:
+    """Validation loss, perplexity and accuracy, the validation split's greedy BLEU (translation,
+    decode.validation_bleu), and how long the run has taken so far: one point of its curves."""
+    scalars = {f"eval/{k}": v for k, v in self.evaluate(params, self.inputs.eval_batches).items()}
+    if (
+      self.config.task == "translation"
+      and self.config.decode.validation_bleu
+      and self.inputs.validation is not None
+    ):
+      model = nnx.merge(self.graphdef, params, self.rest)
+      model.eval()
+      greedy = dataclasses.replace(self.config.decode, beam_size=1, num_examples=0)
+      report_ = score_test_sets(
+        model, [self.inputs.validation], self.inputs.tokenizer, greedy, self.mesh
+      )
+      scalars["eval/bleu_greedy"] = report_[self.inputs.validation.name]["bleu"]
+    scalars["time/elapsed_s"] = metrics_lib.process_age_s()
+    return scalars
+
   def save(self, force: bool = False) -> None:
     step = int(self.state.step)
     # Step 0 is the seed's initialisation: saving it (e.g. after a crash in the first step)
@@ -284,8 +304,9 @@ class Trainer:
             self._log_train(writer, progress, window, jax.device_get(sums), step)
             sums = None
           if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-            eval_metrics = self.evaluate(self.state.params, self.inputs.eval_batches)
-            writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            evaluating = time.perf_counter()
+            writer.write(step, self.evaluation(self.state.params))
+            window.exclude(time.perf_counter() - evaluating)
           if step % config.checkpoint_every_steps == 0:
             self.save()
     finally:
@@ -347,12 +368,12 @@ class Trainer:
     k = config.optimizer.grad_accum_steps
     data = config.data
     if config.task != "translation":
-      layout = f"windows of {data.max_length} tokens"
+      layout = f"windows of {data.max_len} tokens"
     elif data.packing:
-      layout = f"pairs packed into rows of {data.max_length} tokens"
+      layout = f"pairs packed into rows of {data.max_len} tokens"
     else:
-      layout = f"length buckets {data.length_buckets or 'up to ' + str(data.max_length)}"
-    sets = [(data.eval_split, inputs.eval_pairs)]
+      layout = f"length buckets {data.length_buckets or 'up to ' + str(data.max_len)}"
+    sets = [(data.eval_split, len(inputs.validation.pairs))] if inputs.validation else []
     sets += [(test.name, len(test.pairs)) for test in inputs.test_sets]
     return report.startup_lines(
       task=config.task,
@@ -392,7 +413,7 @@ class Trainer:
     flat = host_params(params)
     if jax.process_index() != 0:
       return None
-    spec = RunSpec(self.config.task, self.config.model, self.config.data.max_length)
+    spec = RunSpec(self.config.task, self.config.model, self.config.data.max_len)
     info = {"step": int(self.state.step), "averaged_steps": averaged_steps}
     path = export_model(self.workdir, spec, flat, self.inputs.tokenizer.model_path, info)
     log.info("model written to %s", path)
@@ -421,9 +442,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
     params, averaged_steps = trainer.final_params()
     trainer.export(params, averaged_steps)  # the model scored below is the model one uses
     results: dict[str, float] = {"step": int(trainer.state.step)}
-    results.update(
-      {f"eval/{k}": v for k, v in trainer.evaluate(params, trainer.inputs.eval_batches).items()}
-    )
+    results.update(trainer.evaluation(params))
     if config.task == "translation" and config.decode.bleu_at_end and trainer.inputs.test_sets:
       model = nnx.merge(trainer.graphdef, params, trainer.rest)
       model.eval()

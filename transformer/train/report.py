@@ -58,6 +58,10 @@ class StepWindow:
       0.0,
     )
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the window's time: they were not steps."""
+    self.start += seconds
+
   def add(self, tokens: int, flops: float, waited_s: float) -> None:
     self.steps += 1
     self.tokens += tokens

@@ -1,0 +1,76 @@
+"""BLEU against wall-clock time of finished training runs, from their own logs.
+
+Every evaluation of a translation run records the validation split's greedy BLEU and the seconds
+since the process started (`eval/bleu_greedy`, `time/elapsed_s` in metrics.jsonl); the final
+line adds the test sets' beam-search BLEU (results.json). This script collects those points of
+one or more runs into one JSON and plot:
+
+  python -m benchmarks.time_to_bleu --name multi30k_cpu RUN_DIR [LABEL=RUN_DIR ...]
+
+A resumed run's curve continues from its own earlier points; a run started again from scratch in
+the same folder would mix two runs (use a fresh folder per run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import common
+
+
+def run_curve(workdir: Path) -> dict:
+  """The run's points (step, seconds, greedy validation BLEU, validation loss) and its final
+  test scores."""
+  metrics = workdir / "metrics.jsonl"
+  if not metrics.is_file():
+    raise FileNotFoundError(f"{metrics} is missing: give the folder of a training run")
+  points = []
+  for line in metrics.read_text().splitlines():
+    record = json.loads(line)
+    if "eval/bleu_greedy" in record:
+      points.append(
+        {
+          "step": record["step"],
+          "elapsed_s": record.get("time/elapsed_s"),
+          "validation_bleu_greedy": record["eval/bleu_greedy"],
+          "validation_loss": record.get("eval/loss"),
+        }
+      )
+  if not points:
+    raise ValueError(f"{metrics} has no validation BLEU: train with decode.validation_bleu=True")
+  results_path = workdir / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+  config = json.loads((workdir / "config.json").read_text())
+  return {
+    "workdir": str(workdir),
+    "points": points,
+    "test_bleu": {k.removeprefix("bleu/"): v for k, v in results.items() if k.startswith("bleu/")},
+    "model": config.get("model"),
+    "optimizer": config.get("optimizer"),
+    "data": {
+      k: config.get("data", {}).get(k)
+      for k in ("tokens_per_batch", "packing", "vocab_size", "max_len")
+    },
+    "num_train_steps": config.get("num_train_steps"),
+    "decode": config.get("decode"),
+  }
+
+
+def main(argv=None):
+  parser = common.argument_parser(__doc__.splitlines()[0])
+  parser.add_argument("runs", nargs="+", help="run folders, optionally LABEL=FOLDER")
+  parser.add_argument("--name", required=True, help="what the curves show, in the file name")
+  args = common.parse_args(parser, argv)
+  curves = {}
+  for item in args.runs:
+    label, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+    curves[label] = run_curve(Path(folder))
+  payload = {"name": args.name, "runs": curves}
+  common.write_and_plot(f"time_to_bleu_{args.name}", args.preset, payload, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,460 @@
+"""Damaged runs and hostile inputs: each gives one line naming the problem and the fix, exit 2,
+no traceback, and nothing lost; a damaged checkpoint is never used.
+
+Grouped by kind: configuration values, data files, command arguments and input, damaged
+checkpoints and exports, concurrent runs. `SM` stands for a smoke training run.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transformer import translate as translate_command
+from transformer import visualize as visualize_command
+from transformer.cli import run_cli
+from transformer.configs import smoke
+from transformer.data.multi30k import DEFAULT_SOURCE_DIR
+from transformer.train.loop import run
+
+pytestmark = pytest.mark.slow  # training runs shared by the module, commands in subprocesses
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_line_error(capsys, main) -> str:
+  """Runs `main` as the commands do: exit 2 and a single `error:` line on stderr (argparse's
+  own errors exit from inside `main`)."""
+  try:
+    code = run_cli(main)
+  except SystemExit as exit:
+    code = exit.code
+  assert code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+def command(
+  *args, stdin=subprocess.DEVNULL, input_bytes: bytes | None = None, env_extra: dict | None = None
+):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    stdin=None if input_bytes is not None else stdin,
+    input=input_bytes,
+    timeout=600,
+  )
+
+
+def smoke_config(steps: int = 6, **changes):
+  config = smoke.get_config()
+  config.update(num_train_steps=steps, checkpoint_every_steps=3, keep_checkpoints=5)
+  config.decode.bleu_at_end = False
+  for key, value in changes.items():
+    block, _, name = key.rpartition(".")
+    (config[block] if block else config)[name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("trained")
+  run(smoke_config(), workdir)
+  return workdir
+
+
+@pytest.fixture
+def copy_of(trained, tmp_path):
+  destination = tmp_path / "run"
+  shutil.copytree(trained, destination)
+  return destination
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration values: refused before any work, naming the key
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"data.mlm_select_rate": 0.0}, "data.mlm_select_rate must be in (0, 1)"),
+    ({"data.mlm_select_rate": 2.0}, "data.mlm_select_rate must be in (0, 1)"),
+    ({"data.tokenizer_sentences": -5}, "data.tokenizer_sentences must be positive"),
+    ({"data.tokenizer_sentences": 0}, "data.tokenizer_sentences must be positive"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"data.length_buckets": (8,)}, "data.length_buckets=(8,) end below data.max_len=32"),
+    ({"profile_steps": (5, 2)}, "profile_steps=(5, 2) must be two steps first,last"),
+    ({"parallel.barrier_timeout_s": 0.0}, "parallel.barrier_timeout_s must be positive"),
+  ],
+)
+def test_config_values(change, message, tmp_path, capsys):
+  assert message in one_line_error(capsys, lambda: run(smoke_config(**change), tmp_path))
+
+
+def test_an_impossible_model_size_is_refused_before_allocation(tmp_path, capsys):
+  began = time.time()
+  line = one_line_error(
+    capsys,
+    lambda: run(smoke_config(**{"model.d_model": 100_000_000, "model.num_heads": 1}), tmp_path),
+  )
+  assert "parameters" in line and "GB" in line and "shrink it" in line
+  assert time.time() - began < 60
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.model.foo.bar=1"], "unknown config key model.foo.bar"),
+    (["--config", "/nonexistent/recipe.py"], "cannot load --config"),
+    (["--workdir", ""], "--workdir is empty"),
+    (["--config.data.length_buckets=abc"], "data.length_buckets must be a tuple of int"),
+  ],
+)
+def test_train_command_arguments(args, message):
+  result = command("train.py", "--config", "smoke", "--workdir", "unused", *args)
+  lines = result.stderr.decode().strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines[-5:]
+
+
+def test_a_recipe_with_a_syntax_error_or_no_config(tmp_path):
+  (tmp_path / "broken.py").write_text("def get_config(:\n  pass\n")
+  (tmp_path / "fortytwo.py").write_text("def get_config():\n  return 42\n")
+  for name, message in (
+    ("broken.py", "line 1: invalid syntax"),
+    ("fortytwo.py", "returned a int, not the ConfigDict"),
+  ):
+    result = command("train.py", "--config", str(tmp_path / name), "--workdir", str(tmp_path))
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Data files
+# ------------------------------------------------------------------------------------------------
+
+
+def corpus(tmp_path: Path, **replaced: list[str]) -> Path:
+  """A copy of the shipped corpus with some files' lines replaced ({"train_en": [...]})."""
+  folder = tmp_path / "corpus"
+  shutil.copytree(DEFAULT_SOURCE_DIR, folder)
+  for key, lines in replaced.items():
+    stem, lang = key.rsplit("_", 1)
+    with gzip.open(folder / f"{stem}.{lang}.gz", "wt", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in lines))
+  return folder
+
+
+def test_an_empty_training_file(tmp_path, capsys):
+  folder = corpus(tmp_path, train_en=[], train_de=[])
+  line = one_line_error(
+    capsys, lambda: run(smoke_config(**{"data.source_dir": str(folder)}), tmp_path / "run")
+  )
+  assert "train.en.gz" in line and "hold no lines" in line
+
+
+def test_a_validation_file_of_empty_lines(tmp_path, capsys):
+  folder = corpus(tmp_path, val_en=[""] * 10, val_de=[""] * 10)
+  line = one_line_error(
+    capsys,
+    lambda: run(
+      smoke_config(**{"data.source_dir": str(folder), "data.eval_split": "validation"}),
+      tmp_path / "run",
+    ),
+  )
+  assert "validation has no pair with text on both sides" in line
+
+
+def test_a_garbage_tokenizer_in_the_workdir(tmp_path, capsys):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "spm.model").write_bytes(b"not a model at all")
+  line = one_line_error(capsys, lambda: run(smoke_config(), tmp_path / "run"))
+  assert "spm.model is not a SentencePiece model" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Command arguments and input
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--batch_size", "-1"], "--batch_size: -1 must be at least 1"),
+    (["--batch_size", "0"], "--batch_size: 0 must be at least 1"),
+    (["--alpha", "nan"], "alpha (length penalty) must be a finite number"),
+    (["--beam_size", "0"], "--beam_size: 0 must be at least 1"),
+    (["--max_new_tokens", "-5"], "--max_new_tokens: -5 must be at least 1"),
+  ],
+)
+def test_translate_arguments(args, message, trained, capsys):
+  line = one_line_error(
+    capsys, lambda: translate_command.main(["--workdir", str(trained), *args, "A dog runs."])
+  )
+  assert message in line
+
+
+def test_visualize_alpha_nan(trained, tmp_path, capsys):
+  line = one_line_error(
+    capsys,
+    lambda: visualize_command.main(
+      ["--workdir", str(trained), "--out", str(tmp_path), "--alpha", "nan", "a dog"]
+    ),
+  )
+  assert "alpha (length penalty) must be a finite number" in line
+
+
+def test_translate_input_streams(trained, tmp_path):
+  latin = tmp_path / "latin1.txt"
+  latin.write_bytes("Ein Mädchen läuft.\n".encode("latin-1"))
+  cases = [
+    (["--file", str(latin)], None, f"{latin} line 1 is not UTF-8"),
+    ([], b"A dog runs.\n\xff\xfe broken\n", "stdin line 2 is not UTF-8"),
+  ]
+  for extra, stdin, message in cases:
+    result = command(
+      "-m",
+      "transformer.translate",
+      "--workdir",
+      str(trained),
+      *extra,
+      input_bytes=stdin if stdin is not None else b"",
+    )
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+  closed = subprocess.run(
+    f"{sys.executable} -m transformer.translate --workdir {trained} <&-",
+    shell=True,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert closed.returncode == 2 and "stdin is closed" in closed.stderr, closed.stderr
+
+
+def test_unknown_pieces_are_noted(trained, caplog, capsys):
+  with caplog.at_level("WARNING"):
+    translate_command.main(["--workdir", str(trained), "Ein 🐶 läuft über 東京 مرحبا."])
+  assert "outside the vocabulary (<unk>)" in caplog.text
+  assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    ("empty", "does not describe a model (no 'task')"),
+    ("truncated", "config.json is not valid JSON"),
+    ("d_model", "does not fit the model: parameter"),
+    ("num_decoder_layers", "does not fit the model: parameter"),
+  ],
+)
+def test_a_hand_edited_config_json_with_a_checkpoint(damage, message, copy_of, capsys):
+  path = copy_of / "config.json"
+  text = path.read_text()
+  if damage == "empty":
+    path.write_text("{}")
+  elif damage == "truncated":
+    path.write_text(text[: len(text) // 2])
+  else:
+    values = json.loads(text)
+    values["model"][damage] = {"d_model": 64, "num_decoder_layers": 2}[damage]
+    if damage == "d_model":
+      values["model"]["num_heads"] = 2
+    path.write_text(json.dumps(values))
+  line = one_line_error(
+    capsys, lambda: translate_command.main(["--workdir", str(copy_of), "--step", "6", "A dog."])
+  )
+  assert message in line
+
+
+def test_a_garbage_tokenizer_in_the_export(copy_of, capsys):
+  (copy_of / "model" / "spm.model").write_bytes(b"garbage")
+  line = one_line_error(
+    capsys, lambda: translate_command.main(["--workdir", str(copy_of), "A dog."])
+  )
+  assert "spm.model does not match the checksum" in line
+
+
+def test_an_empty_workdir_argument(capsys):
+  line = one_line_error(capsys, lambda: translate_command.main(["--workdir", "", "A dog."]))
+  assert "--workdir is empty" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+SENTENCE = "A little girl climbs into a wooden playhouse."
+
+
+def data_files(step_dir: Path) -> list[Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def flip(path: Path, offset: int = 0, count: int = 16) -> None:
+  data = bytearray(path.read_bytes())
+  start = offset % max(len(data) - count, 1)
+  for i in range(start, min(start + count, len(data))):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "random", "delete", "metadata"])
+def test_translate_never_uses_a_damaged_step(damage, copy_of, capsys, caplog):
+  step_dir = copy_of / "checkpoints" / "6"
+  files = data_files(step_dir)
+  assert files
+  for path in files:
+    if damage == "flip":
+      flip(path, offset=len(path.read_bytes()) // 2)
+    elif damage == "truncate":
+      path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    elif damage == "random":
+      path.write_bytes(os.urandom(len(path.read_bytes())))
+    elif damage == "delete":
+      path.unlink()
+  if damage == "metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  line = one_line_error(
+    capsys, lambda: translate_command.main(["--workdir", str(copy_of), "--step", "6", "A dog."])
+  )
+  assert "checkpoint step 6" in line and "is damaged" in line
+  # An average leaves the damaged step out, with a warning; the export does not depend on it.
+  expected = {}
+  for args in (["--step", "3"], ["--average", "2"], []):
+    with caplog.at_level("WARNING"):
+      argv = ["--workdir", str(copy_of), *args, SENTENCE]
+      code = run_cli(lambda argv=argv: translate_command.main(argv))
+    assert code == 0
+    expected[tuple(args)] = capsys.readouterr().out
+  assert "averaging leaves out checkpoint step 6" in caplog.text
+  assert expected[("--average", "2")] == expected[("--step", "3")]
+
+
+def test_training_skips_a_flipped_checkpoint_and_continues_exactly(tmp_path, caplog):
+  """A few flipped bytes in the newest checkpoint: training resumes from the one before it,
+  names the damaged step, and its losses then equal an uninterrupted run's."""
+  reference = tmp_path / "reference"
+  run(smoke_config(9), reference)
+  damaged = tmp_path / "damaged"
+  run(smoke_config(6), damaged)
+  for path in data_files(damaged / "checkpoints" / "6"):
+    flip(path, offset=len(path.read_bytes()) // 2)
+  with caplog.at_level("INFO"):
+    run(smoke_config(9), damaged)
+  assert "checkpoint step 6" in caplog.text and "is damaged" in caplog.text
+  assert "resumed from step 3" in caplog.text
+  losses = {}
+  for workdir in (reference, damaged):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses[workdir.name] = {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+  for step in range(4, 10):
+    assert losses["damaged"][step] == pytest.approx(losses["reference"][step], rel=1e-6), step
+
+
+def test_every_checkpoint_damaged_is_one_line(copy_of, capsys):
+  for step in (3, 6):
+    for path in data_files(copy_of / "checkpoints" / str(step)):
+      path.write_bytes(b"")
+  line = one_line_error(capsys, lambda: run(smoke_config(9), copy_of))
+  assert "every checkpoint in" in line and "is damaged" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Concurrent runs, warm starts, signals
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_at_once(tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  first = subprocess.Popen(
+    [
+      sys.executable,
+      "train.py",
+      "--config",
+      "smoke",
+      "--workdir",
+      str(workdir),
+      "--config.num_train_steps=400",
+      "--config.decode.bleu_at_end=False",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and not (workdir / ".lock").exists():
+      time.sleep(0.2)
+    time.sleep(1.0)
+    began = time.time()
+    second = command("train.py", "--config", "smoke", "--workdir", str(workdir))
+    lines = second.stderr.decode().strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, lines
+    assert f"is in use by process {first.pid}" in lines[0]
+    assert time.time() - began < 30
+    assert first.poll() is None  # the first run goes on
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+  assert first.returncode == 130
+
+
+def test_init_from_a_run_with_another_tokenizer_is_refused(trained, tmp_path, capsys):
+  other = tmp_path / "other"
+  line = one_line_error(
+    capsys,
+    lambda: run(smoke_config(2, **{"data.vocab_size": 400, "init_from": str(trained)}), other),
+  )
+  assert "its tokenizer" in line and "is not this run's" in line
+
+
+def test_an_interrupt_while_preparing_loses_nothing(tmp_path):
+  """Ctrl-C while the tokenizer and token cache are being built: one line, exit 130, and the
+  next start finds no half-written file (it trains as if nothing had happened)."""
+  workdir = tmp_path / "run"
+  cache = {"TRANSFORMER_CACHE_DIR": str(tmp_path / "cache")}
+  process = subprocess.Popen(
+    [sys.executable, "train.py", "--config", "smoke", "--workdir", str(workdir)],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **cache},
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 120
+  while time.time() < deadline and not (workdir / ".lock").exists():
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=120)
+  lines = err.strip().splitlines()
+  assert process.returncode == 130 and lines[-1].startswith("stopped"), err[-2000:]
+  assert "Traceback" not in err
+  again = command(
+    "train.py",
+    "--config",
+    "smoke",
+    "--workdir",
+    str(workdir),
+    "--config.num_train_steps=2",
+    "--config.decode.bleu_at_end=False",
+    env_extra=cache,
+  )
+  assert again.returncode == 0, again.stderr.decode()[-2000:]
