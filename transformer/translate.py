@@ -5,8 +5,9 @@ Sentences come from the arguments, `--file`, or stdin, one per line, and each tr
 printed as soon as its batch is done: lines already waiting are translated together (up to
 `--batch_size`), a line typed at a terminal at once. A blank line gives a blank line. The run's
 exported model is used (WORKDIR/model); `--step N` takes checkpoint N, `--average K` the mean of
-the newest K checkpoints. Beam search (beam 4, alpha 0.6) by default; for a decoder-only run
-the text is continued by sampling (`--temperature`, `--top_k`, `--top_p`).
+the newest K checkpoints. Beam search with the run's own beam size and length penalty by
+default; for a decoder-only run the text is continued by sampling (`--temperature`, `--top_k`,
+`--top_p`).
 """
 
 from __future__ import annotations
@@ -101,13 +102,12 @@ def parse_args(argv=None):
   )
   parser.add_argument("--file", help="a text file with one sentence per line")
   parser.add_argument("--batch_size", type=positive_int, default=64)
-  parser.add_argument("--beam_size", type=positive_int, default=4, help="1 = greedy")
-  parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
+  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
+  parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
   parser.add_argument(
     "--max_extra_tokens",
     type=int,
-    default=50,
-    help="a translation has at most len(source) + this many pieces",
+    help="a translation has at most len(source) + this many pieces (default: the run's)",
   )
   parser.add_argument(
     "--max_new_tokens", type=positive_int, default=40, help="language models only"
@@ -121,8 +121,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  check_search(args.beam_size, args.alpha, args.max_extra_tokens)
   translator = Translator(args.workdir, step=args.step, average=args.average)
+  search = translator.search
+  args.beam_size = search.beam_size if args.beam_size is None else args.beam_size
+  args.alpha = search.alpha if args.alpha is None else args.alpha
+  if args.max_extra_tokens is None:
+    args.max_extra_tokens = search.max_extra_tokens
+  check_search(args.beam_size, args.alpha, args.max_extra_tokens)
   if translator.task == "mlm":
     raise ValueError(
       f"{args.workdir} holds a masked language model, which neither translates "

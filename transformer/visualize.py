@@ -1,11 +1,11 @@
 """`python -m transformer.visualize --workdir DIR "apple unveiled the new phone" [--contrast]`
 
-Translates the sentence (beam 4; `--beam_size 1` is greedy), runs the model once on (source,
-BOS + translation) and writes PNG heatmaps of encoder self-attention, decoder masked
-self-attention and encoder-decoder attention for every layer and head, plus `overview.png` with
-the head-averaged maps. `--contrast` adds contrast.json and two figures comparing "apple" in
-"please buy an apple and an orange" and "apple unveiled the new phone". Figures go to --out
-(default WORKDIR/attention); their paths are printed.
+Translates the sentence (beam search as the run was scored; `--beam_size 1` is greedy), runs the
+model once on (source, BOS + translation) and writes PNG heatmaps of encoder self-attention, decoder
+masked self-attention and encoder-decoder attention for every layer and head, plus `overview.png`
+with the head-averaged maps. `--contrast` adds contrast.json and two figures comparing "apple" in
+"please buy an apple and an orange" and "apple unveiled the new phone". Figures go to --out (default
+WORKDIR/attention); their paths are printed.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     "--average", type=positive_int, help="use the mean of the newest K checkpoints"
   )
-  parser.add_argument("--beam_size", type=positive_int, default=4, help="1 = greedy")
-  parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent")
+  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
+  parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
   return parser.parse_args(argv)
 
 
@@ -67,8 +67,11 @@ def main(argv=None) -> None:
     raise ValueError("no sentence given: pass one sentence (quoted), or --contrast")
   if args.text and not text:
     raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
-  check_search(args.beam_size, args.alpha, 0)
+  if args.beam_size is not None or args.alpha is not None:
+    check_search(args.beam_size or 1, 0.0 if args.alpha is None else args.alpha, 0)
   translator = load_translator(args.workdir, step=args.step, average=args.average)
+  args.beam_size = args.beam_size or translator.search.beam_size
+  args.alpha = translator.search.alpha if args.alpha is None else args.alpha
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []

@@ -5,8 +5,10 @@ A cache is a directory named by a hash of (the split's text, the tokenizer file,
 
   lengths.npy              [n, 2] int32: source and target pieces of each pair, EOS not included
   ids-00000.array_record   one record per pair: its source ids then its target ids (uint16 when
-                           the vocabulary fits, else uint32), written uncompressed in groups of
-                           one record, for fast random access
+                           the vocabulary fits, else uint32), uncompressed, 64 records a group:
+                           a read of a batch's records costs a few groups' decoding, and the
+                           reader's index of groups stays small (one record a group made each
+                           read of a 4.5M-pair file cost ~60 ms of index lookups)
   meta.json                pair count, dtype, pieces outside the vocabulary, what it was built from
 
 It is built chunk by chunk (memory bounded by one chunk, whatever the split's size) into a temporary

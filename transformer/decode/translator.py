@@ -2,7 +2,7 @@
 
 from transformer import Translator
 translator = Translator("runs/default")             # its exported model (WORKDIR/model)
-translator.translate(["A dog runs on the beach."])  # beam 4, length penalty 0.6
+translator.translate(["A dog runs on the beach."])  # the run's beam size and length penalty
 Translator("runs/default", step=600)                 # or a checkpoint, or average=5
 """
 
@@ -18,10 +18,11 @@ import numpy as np
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
 from transformer.decode.batch import padded_length, translate_ids
-from transformer.decode.config import check_search
+from transformer.decode.config import DecodeConfig, check_search
 from transformer.decode.sampling import sample
 from transformer.model.transformer import DecoderOnly, EncoderDecoder
 from transformer.runs.loading import load_run
+from transformer.runs.spec import CONFIG_FILENAME, read_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Translator:
     loaded = load_run(workdir, step=step, average=average)
     self.spec, self.tokenizer, self.model = loaded.spec, loaded.tokenizer, loaded.model
     self.source = loaded.source
+    self.search = run_search(Path(workdir))
 
   @property
   def task(self) -> str:
@@ -95,13 +97,18 @@ class Translator:
     self,
     texts: list[str],
     *,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    max_extra_tokens: int = 50,
+    beam_size: int | None = None,
+    alpha: float | None = None,
+    max_extra_tokens: int | None = None,
     first_line: int = 1,
   ) -> list[str]:
-    """One translation per text; a blank text gets a blank translation. `first_line` numbers
-    the texts in warnings (the line of a file they came from)."""
+    """One translation per text; a blank text gets a blank translation. The search settings
+    default to the run's own (`self.search`, its decode block); `first_line` numbers the texts
+    in warnings (the line of a file they came from)."""
+    beam_size = self.search.beam_size if beam_size is None else beam_size
+    alpha = self.search.alpha if alpha is None else alpha
+    if max_extra_tokens is None:
+      max_extra_tokens = self.search.max_extra_tokens
     check_search(beam_size, alpha, max_extra_tokens)
     model = self.encoder_decoder
     real = [i for i, text in enumerate(texts) if text.strip()]
@@ -156,3 +163,22 @@ class Translator:
       )
       outputs.append(self.tokenizer.decode(np.asarray(out)[:, len(ids) :])[0])
     return outputs
+
+
+def run_search(workdir: Path) -> DecodeConfig:
+  """The beam size, length penalty and length limit a run was scored with (its config.json's
+  decode block; older runs name the limit max_extra_length), or the defaults where it has none."""
+  path = workdir / CONFIG_FILENAME
+  values = read_json(path).get("decode") if path.is_file() else None
+  if not isinstance(values, dict):
+    return DecodeConfig()
+  if "max_extra_length" in values:
+    values = {**values, "max_extra_tokens": values["max_extra_length"]}
+  keys = ("beam_size", "alpha", "max_extra_tokens")
+  try:
+    return DecodeConfig(**{k: values[k] for k in keys if k in values})
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+      f"{path}: decode block unusable ({error}): restore the file from the run, "
+      "or pass --beam_size and --alpha"
+    ) from None

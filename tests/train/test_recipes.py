@@ -1,0 +1,61 @@
+"""The shipped recipes: each is a valid configuration, and the GPU recipe's machinery (packing,
+an average of its last 10 checkpoints, beam 5) runs end to end on a slice of Multi30k."""
+
+import importlib.util
+import json
+
+import pytest
+
+from transformer.cli import recipe_names, recipe_path
+from transformer.train.config import Config
+from transformer.train.loop import run
+
+
+def recipe(name: str):
+  spec = importlib.util.spec_from_file_location(f"recipe_{name}", recipe_path(name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_is_a_valid_config(name):
+  config = Config.of(recipe(name))
+  assert config.model.vocab_size == config.data.vocab_size
+  assert config.num_train_steps > 0
+
+
+def test_the_gpu_recipe_is_the_literatures_small_transformer():
+  """Wu et al. (2021): 4+4 layers, d_model 128, 4 heads, d_ff 256, dropout 0.3, peak learning
+  rate 5e-3, the last 10 checkpoints averaged, beam 5."""
+  config = Config.of(recipe("multi30k_gpu"))
+  model = config.model
+  assert (model.num_encoder_layers, model.num_decoder_layers) == (4, 4)
+  assert (model.d_model, model.num_heads, model.d_ff, model.dropout_rate) == (128, 4, 256, 0.3)
+  opt = config.optimizer
+  peak = opt.lr_scale * model.d_model**-0.5 * opt.warmup_steps**-0.5
+  assert peak == pytest.approx(5e-3, rel=0.01)
+  assert config.average_last_checkpoints == 10 and config.decode.beam_size == 5
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_trains_averages_and_translates_on_a_slice(tmp_path):
+  config = recipe("multi30k_gpu")
+  config.model.update(dtype="float32", num_encoder_layers=1, num_decoder_layers=1)
+  config.data.update(
+    train_split="train[:600]",
+    eval_split="validation[:32]",
+    test_splits=("test_2016[:16]",),
+    vocab_size=400,
+    tokens_per_batch=512,
+  )
+  config.model.vocab_size = 400
+  config.optimizer.warmup_steps = 5
+  config.update(num_train_steps=10, checkpoint_every_steps=1, eval_every_steps=5)
+  results = run(config, tmp_path)
+  assert results["step"] == 10
+  model = json.loads((tmp_path / "model" / "model.json").read_text())
+  assert model["averaged_steps"] == list(range(1, 11))
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines if "eval/bleu_greedy" in r] == [5, 10]
+  assert len((tmp_path / "translations" / "test_2016[:16].txt").read_text().splitlines()) == 16
