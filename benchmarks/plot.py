@@ -274,13 +274,50 @@ def plot_time_to_bleu(path: Path) -> Path:
   loss_ax.set(xlabel="minutes since the run started", ylabel="validation loss (label-smoothed)")
   for ax in (bleu_ax, loss_ax):
     ax.grid(alpha=0.3)
-  bleu_ax.legend(fontsize=8)
+  bleu_ax.legend(fontsize=7, loc="upper left")
   fig.suptitle(_title(record, f"BLEU against time: {record['name']}"), fontsize=10)
   fig.tight_layout()
   return _save(fig, path)
 
 
+def plot_input_pipeline(path: Path) -> Path:
+  """Against corpus size: seconds to the first training batch and peak RSS of a first and a
+  second start (left, middle), and the stream's real target tokens/s per batching (right)."""
+  record = json.loads(Path(path).read_text())
+  rows = record["results"]
+  pairs = [row["pairs"] for row in rows]
+  fig, (time_ax, rss_ax, read_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
+  for key, label in (("first_start", "first start"), ("second_start", "second start")):
+    time_ax.plot(pairs, [row[key]["first_batch_s"] for row in rows], "o-", label=label)
+    rss_ax.plot(pairs, [row[key]["peak_rss_bytes"] / 2**30 for row in rows], "o-", label=label)
+  rss_ax.plot(
+    pairs,
+    [row["pipeline_start"]["peak_rss_bytes"] / 2**30 for row in rows],
+    "o-",
+    label="the stream alone",
+  )
+  for i, read in enumerate(rows[0]["reads"]):
+    name = "packing" if read["packing"] else "length buckets"
+    read_ax.plot(
+      pairs,
+      [row["reads"][i]["real_target_tokens_per_s"] / 1e6 for row in rows],
+      "o-",
+      label=f"{name}, {read['tokens_per_batch']:,} tokens a batch",
+    )
+  time_ax.set(ylabel="seconds to the first training batch")
+  rss_ax.set(ylabel="peak RSS of the process (GiB)", ylim=(0, None))
+  read_ax.set(ylabel="real target tokens/s (millions), one process", ylim=(0, None))
+  for ax in (time_ax, rss_ax, read_ax):
+    ax.set(xscale="log", xlabel="training pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(_title(record, "input pipeline against corpus size"), fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 PLOTTERS = {
+  "input_pipeline": plot_input_pipeline,
   "attention_vs_rnn": plot_attention_vs_rnn,
   "train_mfu": plot_train_mfu,
   "decode_speed": plot_decode_speed,

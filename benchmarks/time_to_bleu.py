@@ -60,11 +60,11 @@ def run_curve(workdir: Path) -> dict:
 
 def main(argv=None):
   parser = common.argument_parser(__doc__.splitlines()[0])
-  parser.add_argument("runs", nargs="+", help="run folders, optionally LABEL=FOLDER")
+  parser.add_argument("workdirs", nargs="+", help="run folders, optionally LABEL=FOLDER")
   parser.add_argument("--name", required=True, help="what the curves show, in the file name")
   args = common.parse_args(parser, argv)
   curves = {}
-  for item in args.runs:
+  for item in args.workdirs:
     label, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
     curves[label] = run_curve(Path(folder))
   payload = {"name": args.name, "runs": curves}

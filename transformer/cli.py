@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +36,50 @@ def run_cli(main: Callable[[], object]) -> int:
   except KeyboardInterrupt:
     print("stopped by an interrupt", file=sys.stderr)
     return 130
-  except (*USER_ERRORS, CheckpointError) as error:
+  except Exception as error:
+    if storage_full(error):
+      print(f"error: {storage_message(error)}", file=sys.stderr, flush=True)
+      # Background writers (Orbax's save threads, tfds's) would each print their own traceback
+      # of the same failed write while the interpreter shuts down.
+      sys.stdout.flush()
+      os._exit(2)
+    if not isinstance(error, (*USER_ERRORS, CheckpointError)):
+      raise
     logging.getLogger(__name__).debug("user error", exc_info=True)
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   return 0
+
+
+# A full disk, a quota or a file-size limit, as the OS says it (OSError) or as a library that
+# wraps the OS error in its own exception spells it (tensorstore, ArrayRecord, tfds).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is a write refused for lack of space."""
+  seen = set()
+  link: BaseException | None = error
+  while link is not None and id(link) not in seen:
+    seen.add(id(link))
+    if isinstance(link, OSError) and link.errno in STORAGE_ERRNOS:
+      return True
+    if any(os.strerror(code) in str(link) for code in STORAGE_ERRNOS):
+      return True
+    link = link.__cause__ or link.__context__
+  return False
+
+
+def storage_message(error: BaseException) -> str:
+  reason = next(
+    (os.strerror(code) for code in STORAGE_ERRNOS if os.strerror(code) in str(error)),
+    "no space left",
+  )
+  return (
+    f"a write failed ({reason}): free space where the run writes (--workdir and the cache, "
+    "$TRANSFORMER_CACHE_DIR or ~/.cache/transformer) and run the same command again; "
+    "complete checkpoints are kept"
+  )
 
 
 def user_message(error: BaseException) -> str:

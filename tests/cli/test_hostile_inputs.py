@@ -458,3 +458,46 @@ def test_an_interrupt_while_preparing_loses_nothing(tmp_path):
     env_extra=cache,
   )
   assert again.returncode == 0, again.stderr.decode()[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk: simulated by a file-size limit (RLIMIT_FSIZE), which fails writes past it with
+# EFBIG the way a full disk fails them with ENOSPC (Python ignores the SIGXFSZ it would raise)
+# ------------------------------------------------------------------------------------------------
+
+
+def limited_train(workdir: Path, cache: Path, limit: int | None, *args: str):
+  import resource
+
+  def limit_writes():
+    if limit is not None:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  return subprocess.run(
+    [sys.executable, "train.py", "--config", "smoke", "--workdir", str(workdir), *args],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMER_CACHE_DIR": str(cache)},
+    capture_output=True,
+    text=True,
+    preexec_fn=limit_writes,
+    timeout=600,
+  )
+
+
+def test_a_full_disk_while_preparing_the_data_is_one_line(tmp_path):
+  failed = limited_train(tmp_path / "run", tmp_path / "cache", 20_000)
+  last = failed.stderr.strip().splitlines()[-1]
+  assert failed.returncode == 2 and last.startswith("error: a write failed (File too large)")
+  assert "Traceback" not in failed.stderr and "free space" in last
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
+  workdir, cache = tmp_path / "run", tmp_path / "cache"
+  first = limited_train(workdir, cache, None, "--config.num_train_steps=3")
+  assert first.returncode == 0, first.stderr[-2000:]
+  # Steps 4-6 train; the save of step 6 writes files larger than the limit.
+  failed = limited_train(workdir, cache, 100_000)
+  assert failed.returncode == 2, failed.stderr[-2000:]
+  assert failed.stderr.strip().splitlines()[-1].startswith("error: a write failed")
+  resumed = limited_train(workdir, cache, None, "--config.num_train_steps=7")
+  assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]

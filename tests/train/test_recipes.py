@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks.time_to_bleu import run_curve
 from transformer.cli import recipe_names, recipe_path
 from transformer.train.config import Config
 from transformer.train.loop import run
@@ -49,7 +50,6 @@ def test_the_gpu_recipe_trains_averages_and_translates_on_a_slice(tmp_path):
     vocab_size=400,
     tokens_per_batch=512,
   )
-  config.model.vocab_size = 400
   config.optimizer.warmup_steps = 5
   config.update(num_train_steps=10, checkpoint_every_steps=1, eval_every_steps=5)
   results = run(config, tmp_path)
@@ -58,4 +58,8 @@ def test_the_gpu_recipe_trains_averages_and_translates_on_a_slice(tmp_path):
   assert model["averaged_steps"] == list(range(1, 11))
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines if "eval/bleu_greedy" in r] == [5, 10]
+  curve = run_curve(tmp_path)  # the run's BLEU against time, from its workdir alone
+  assert [p["step"] for p in curve["points"]] == [5, 10]
+  assert 0 < curve["points"][0]["elapsed_s"] < curve["points"][1]["elapsed_s"]
+  assert curve["test_bleu"]["test_2016[:16]"] == results["bleu/test_2016[:16]"]
   assert len((tmp_path / "translations" / "test_2016[:16].txt").read_text().splitlines()) == 16

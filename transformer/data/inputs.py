@@ -138,8 +138,11 @@ def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir:
     train_tokenizer(data, cached, sentences)
   workdir.mkdir(parents=True, exist_ok=True)
   tmp = workdir / f".{MODEL_FILENAME}.{os.getpid()}.tmp"
-  shutil.copyfile(cached / MODEL_FILENAME, tmp)
-  os.replace(tmp, path)
+  try:
+    shutil.copyfile(cached / MODEL_FILENAME, tmp)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)  # a copy cut short (a full disk) leaves nothing behind
   return path
 
 

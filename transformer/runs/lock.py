@@ -57,7 +57,11 @@ class WorkdirLock:
       return {}
 
   def release(self) -> None:
+    """Clears the holder's record (a finished run leaves nothing to take over) and unlocks."""
     if self._file is not None:
+      self._file.seek(0)
+      self._file.truncate()
+      self._file.flush()
       fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
       self._file.close()
       self._file = None

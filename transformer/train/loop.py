@@ -174,7 +174,9 @@ class Trainer:
     self.resumed_from = self._restore()
     # Process 0 reports for the run, MFU included.
     self.peak = (
-      report.peak_flop_per_s(config.model.dtype) if jax.process_index() == 0 else (None, "")
+      report.peak_flop_per_s(config.model.dtype, cache_dir)
+      if jax.process_index() == 0
+      else (None, "")
     )
 
   def _take_lock(self) -> None:

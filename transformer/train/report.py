@@ -83,19 +83,45 @@ class StepWindow:
     return out
 
 
-def peak_flop_per_s(compute_dtype: str) -> tuple[float | None, str]:
+def peak_flop_per_s(compute_dtype: str, cache_dir: Path | None = None) -> tuple[float | None, str]:
   """(peak FLOP/s, how it was found) for MFU: the datasheet's 16-bit rate for a known
-  accelerator computing in 16 bits, else a matmul in the compute dtype timed now (about a
-  second on a CPU)."""
+  accelerator computing in 16 bits, else the rate of the matmul the benchmarks time (4096^2 on
+  a CPU, 8192^2 elsewhere; `benchmarks/train_mfu`), so the log's MFU and the benchmark's agree.
+  That takes a few seconds on a CPU, so it is measured once per device, dtype and JAX version
+  and kept in `cache_dir`/peaks.json."""
   sheet = datasheet_peak()
   if sheet and compute_dtype in ("bfloat16", "float16"):
     return sheet, f"datasheet {jax.devices()[0].device_kind}"
-  n = 2048 if jax.default_backend() == "cpu" else 8192
+  n = 4096 if jax.default_backend() == "cpu" else 8192
+  key = f"{jax.devices()[0].device_kind} | {compute_dtype} | {n} | jax {jax.__version__}"
+  path = cache_dir / "peaks.json" if cache_dir else None
+  known = _read_peaks(path)
+  if key in known:
+    return known[key]["flop_per_s"], f"{n}^2 matmul measured {known[key]['measured']}"
   try:
-    return measured_matmul_peak(jnp.dtype(compute_dtype), n=n, runs=3), f"measured {n}^2 matmul"
+    rate = measured_matmul_peak(jnp.dtype(compute_dtype), n=n, runs=5)
   except Exception as error:
     log.warning("no matmul peak (%s): MFU is left out", error)
     return None, "none"
+  if path is not None:
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    known[key] = {"flop_per_s": rate, "measured": when}
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+      tmp.write_text(json.dumps(known, indent=1) + "\n")
+      os.replace(tmp, path)
+    except OSError:
+      pass  # a cache that cannot be written only means measuring again next time
+  return rate, f"{n}^2 matmul measured now"
+
+
+def _read_peaks(path: Path | None) -> dict[str, Any]:
+  try:
+    values = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+  except (OSError, ValueError):
+    return {}
+  return values if isinstance(values, dict) else {}
 
 
 def device_memory() -> dict[str, int]:
@@ -231,8 +257,11 @@ def append_environment(workdir: Path, record: dict[str, Any]) -> None:
     if not isinstance(history, list):
       history = []
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps([*history, record], indent=1) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps([*history, record], indent=1) + "\n")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------
