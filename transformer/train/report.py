@@ -93,7 +93,7 @@ def peak_flop_per_s(compute_dtype: str, cache_dir: Path | None = None) -> tuple[
   if sheet and compute_dtype in ("bfloat16", "float16"):
     return sheet, f"datasheet {jax.devices()[0].device_kind}"
   n = 4096 if jax.default_backend() == "cpu" else 8192
-  key = f"{jax.devices()[0].device_kind} | {compute_dtype} | {n} | jax {jax.__version__}"
+  key = f"{jax.devices()[0].device_kind} | {compute_dtype} | {n}^2 @ {n}^2 | jax {jax.__version__}"
   path = cache_dir / "peaks.json" if cache_dir else None
   known = _read_peaks(path)
   if key in known:
