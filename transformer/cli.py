@@ -38,10 +38,14 @@ def run_cli(main: Callable[[], object]) -> int:
     return 130
   except Exception as error:
     if storage_full(error):
-      print(f"error: {storage_message(error)}", file=sys.stderr, flush=True)
-      # Background writers (Orbax's save threads, tfds's) would each print their own traceback
-      # of the same failed write while the interpreter shuts down.
+      # Background writers (Orbax's save threads, tensorstore's callbacks) go on printing
+      # tracebacks of the same failed write: silence stderr for everyone first, then say it
+      # once on the saved descriptor, and leave without waiting for those threads.
       sys.stdout.flush()
+      sys.stderr.flush()
+      saved = os.dup(2)
+      os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+      os.write(saved, f"error: {storage_message(error)}\n".encode())
       os._exit(2)
     if not isinstance(error, (*USER_ERRORS, CheckpointError)):
       raise
