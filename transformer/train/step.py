@@ -45,16 +45,20 @@ def shift_right(
 
 def _translation(model, batch: Batch):
   targets_BT = batch["targets"]
-  # Packed rows carry segments and positions of both sides; they are absent otherwise.
+  # Packed rows carry segments and positions of both sides; unpacked ones call the model
+  # with the two sequences alone, as a model without packing support (the LSTM baseline) takes.
   decoder_in_BT = shift_right(targets_BT, batch.get("targets_positions"))
-  logits_BTV = model(
-    batch["inputs"],
-    decoder_in_BT,
-    src_segments_BS=batch.get("inputs_segments"),
-    tgt_segments_BT=batch.get("targets_segments"),
-    src_positions_BS=batch.get("inputs_positions"),
-    tgt_positions_BT=batch.get("targets_positions"),
-  )
+  packing = {
+    keyword: batch[key]
+    for keyword, key in (
+      ("src_segments_BS", "inputs_segments"),
+      ("tgt_segments_BT", "targets_segments"),
+      ("src_positions_BS", "inputs_positions"),
+      ("tgt_positions_BT", "targets_positions"),
+    )
+    if key in batch
+  }
+  logits_BTV = model(batch["inputs"], decoder_in_BT, **packing)
   return logits_BTV, targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
 
 
