@@ -34,8 +34,9 @@ from flax import nnx
 from jax.profiler import ProfileData
 
 from benchmarks import common
-from benchmarks.steps import CONFIGS, build_step, compute_dtype, random_batch, train_flops
+from benchmarks.steps import CONFIGS, build_step, compute_dtype, random_batch
 from transformer import EncoderDecoder
+from transformer.train.flops import train_flops
 
 IGNORED = re.compile(r"^(ThreadpoolListener|ThunkExecutor|end: |\$|PjitFunction|Parse|Python)")
 

@@ -22,30 +22,11 @@ CONFIGS = {
   "small": TransformerConfig.small,
   "base": TransformerConfig.base,
 }
-# Dense bfloat16 tensor-core rate of the SXM parts by NVIDIA's datasheet (no sparsity).
-DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
 
 
 def compute_dtype() -> str:
   """The training dtype of the backend: bfloat16 on accelerators, float32 on CPU."""
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def datasheet_peak() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return next((rate for name, rate in DATASHEET_BF16.items() if name in kind), None)
-
-
-def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
-  """Model FLOPs of one forward + backward pass, by `FLOP_FORMULA` (what it counts and why: the
-  docstring of benchmarks/train_mfu.py)."""
-  d, f, v = config.d_model, config.d_ff, config.vocab_size
-  enc, dec = config.num_encoder_layers, config.num_decoder_layers
-  per_source = enc * (4 * d * d + 2 * d * f) + dec * 2 * d * d
-  per_target = dec * (6 * d * d + 2 * d * f) + d * v
-  dense = 6 * batch * (src_len * per_source + tgt_len * per_target)
-  scores = 12 * batch * d * (enc * src_len**2 + dec * (tgt_len**2 + tgt_len * src_len))
-  return float(dense + scores)
 
 
 def random_batch(vocab_size: int, batch: int, src_len: int, tgt_len: int, seed: int = 0):

@@ -47,12 +47,11 @@ from benchmarks.steps import (
   build_step,
   compute_dtype,
   count_params,
-  datasheet_peak,
   random_batch,
   time_train_step,
-  train_flops,
 )
 from transformer import EncoderDecoder, TransformerConfig
+from transformer.train.flops import datasheet_peak, train_flops
 
 # Rows of (config, batch B, length S = T); `breakdown` times the pieces of that row's step.
 PRESETS = {
