@@ -125,6 +125,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  """--step / --average: which parameters of a run a command uses (default: its exported model),
+  and --beam_size / --alpha: how it searches (default: as the run was scored)."""
+  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
+  parser.add_argument(
+    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
+  )
+  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
+  parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse with a bad argument reported as one line (`error: ...`, exit 2) like every other
   user error, instead of a usage block."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.data.corpus import Pair
 from transformer.data.inputs import evaluation_set, file_evaluation_set
 from transformer.decode.config import DecodeConfig
@@ -64,12 +64,7 @@ def parse_args(argv=None):
   )
   parser.add_argument("--src", help="a file of source sentences, one per line")
   parser.add_argument("--ref", help="the reference translations of --src, line by line")
-  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
-  parser.add_argument(
-    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
-  )
-  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
-  parser.add_argument("--alpha", type=float, help="length penalty (default: the run's)")
+  add_model_arguments(parser)
   parser.add_argument("--max_extra_tokens", type=int, help="(default: the run's)")
   parser.add_argument(
     "--batch_size",

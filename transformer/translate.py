@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.decode.config import check_search
 from transformer.decode.translator import Translator
 
@@ -96,14 +96,9 @@ def parse_args(argv=None):
   )
   parser.add_argument("text", nargs="*", help="sentences; none: read --file or stdin, one a line")
   parser.add_argument("--workdir", required=True, help="a run directory written by training")
-  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
-  parser.add_argument(
-    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
-  )
+  add_model_arguments(parser)
   parser.add_argument("--file", help="a text file with one sentence per line")
   parser.add_argument("--batch_size", type=positive_int, default=64)
-  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
-  parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
   parser.add_argument(
     "--max_extra_tokens",
     type=int,

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.cli import ArgumentParser, add_model_arguments, run_cli
 from transformer.decode.config import check_search
 from transformer.decode.translator import Translator
 from transformer.inspect.attention import prepare_sentence
@@ -51,12 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="also compare 'apple' in a fruit and in a company context",
   )
-  parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
-  parser.add_argument(
-    "--average", type=positive_int, help="use the mean of the newest K checkpoints"
-  )
-  parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
-  parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
+  add_model_arguments(parser)
   return parser.parse_args(argv)
 
 
