@@ -45,7 +45,8 @@ def run_cli(main: Callable[[], object]) -> int:
       sys.stderr.flush()
       saved = os.dup(2)
       os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-      os.write(saved, f"error: {storage_message(error)}\n".encode())
+      # A thread may have been cut off mid-line: the message starts a line of its own.
+      os.write(saved, f"\nerror: {storage_message(error)}\n".encode())
       os._exit(2)
     if not isinstance(error, (*USER_ERRORS, CheckpointError)):
       raise
