@@ -8,7 +8,7 @@ each in a fresh process (its peak RSS from `wait4`) and with an empty data cache
                 --config.num_train_steps=2`: tfds preparation, tokenizer training, encoding into
                 the token cache, two steps
   second start  the same command with num_train_steps=4: it resumes, reads the cache
-  to first batch  a process that imports the package, opens the inputs (`build_inputs`) and
+  to first batch  a process that imports the package, opens the inputs (`training_inputs`) and
                 takes one training batch: the pipeline's own start-up
   throughput    the stream read as fast as it goes for `--read_s` seconds, bucketing and packing,
                 at the recipe's 2,048-token batches and at WMT's 25,000: batches/s, real (non-
@@ -217,18 +217,19 @@ def child(args) -> dict:
   start = time.perf_counter()
   import numpy as np
 
+  from transformer.config import Config
   from transformer.configs import default
-  from transformer.data.inputs import build_inputs
-  from transformer.train.config import Config
+  from transformer.data.corpus import Location
+  from transformer.data.inputs import training_inputs
 
   recipe = default.get_config()
   recipe.data.source_dir = args.corpus
   data = Config.of(recipe).data
-  inputs = build_inputs(
+  inputs = training_inputs(
     data,
-    Path(args.workdir),
+    Location.of(data, args.workdir),
+    task="translation",
     seed=0,
-    prepare_data=False,
     batch_tokens=args.tokens,
     packing=args.packing,
     prefetch=4,

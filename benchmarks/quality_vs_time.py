@@ -48,11 +48,12 @@ from flax import nnx
 from benchmarks import common
 from benchmarks.steps import build_step, count_params
 from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
+from transformer.config import Config
 from transformer.configs import default as default_recipe
-from transformer.data.inputs import build_inputs
+from transformer.data.corpus import Location
+from transformer.data.inputs import training_inputs
 from transformer.decode.greedy import greedy_decode
 from transformer.model import create_model
-from transformer.train.config import Config
 from transformer.train.optimizer import make_optimizer
 
 PRESETS = {
@@ -241,7 +242,8 @@ def main(argv=None):
   recipe_config.data.test_splits = ("validation", "test_2016")
   config = Config.of(recipe_config)
   with tempfile.TemporaryDirectory() as scratch:
-    inputs = build_inputs(config.data, args.workdir or scratch, seed=config.seed)
+    where = Location.of(config.data, args.workdir or scratch)
+    inputs = training_inputs(config.data, where, task="translation", seed=config.seed)
     transformer = create_model("translation", config.model, config.seed)
     rnn_config = RNNConfig.with_num_parameters(
       count_params(transformer),

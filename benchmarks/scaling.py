@@ -47,7 +47,7 @@ from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import global_batch, make_mesh
 from transformer.parallel.sharding import shard
 from transformer.parallel.strategies import compile_train_step
-from transformer.train.loop import initial_state
+from transformer.train.setup import initial_state
 from transformer.train.step import make_steps
 
 LAYOUTS = [

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
+from transformer.config import read_config
 
 
 def run_curve(workdir: Path) -> dict:
@@ -42,19 +43,18 @@ def run_curve(workdir: Path) -> dict:
     raise ValueError(f"{metrics} has no validation BLEU: train with decode.validation_bleu=True")
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-  config = json.loads((workdir / "config.json").read_text())
+  config = read_config(workdir).to_dict()
   return {
     "workdir": str(workdir),
     "points": points,
     "test_bleu": {k.removeprefix("bleu/"): v for k, v in results.items() if k.startswith("bleu/")},
-    "model": config.get("model"),
-    "optimizer": config.get("optimizer"),
+    "model": config["model"],
+    "optimizer": config["optimizer"],
     "data": {
-      k: config.get("data", {}).get(k)
-      for k in ("tokens_per_batch", "packing", "vocab_size", "max_len")
+      k: config["data"][k] for k in ("tokens_per_batch", "packing", "vocab_size", "max_len")
     },
-    "num_train_steps": config.get("num_train_steps"),
-    "decode": config.get("decode"),
+    "num_train_steps": config["num_train_steps"],
+    "decode": config["decode"],
   }
 
 

@@ -32,7 +32,7 @@ from flax import nnx
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, read_lines
 from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer, train_sentencepiece
 from transformer.runs.artifact import export_model
-from transformer.runs.checkpoint import Checkpointer
+from transformer.runs.checkpoint import Checkpointer, Record
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
 
@@ -80,7 +80,7 @@ def _write_run(
   (workdir / "config.json").write_text(json.dumps(config, indent=2))
   shutil.copy(tokenizer.model_path, workdir / MODEL_FILENAME)
   checkpointer = Checkpointer(workdir / "checkpoints", asynchronous=False)
-  checkpointer.save(1, {"params": nnx.state(model, nnx.Param)}, {})
+  checkpointer.save(1, {"params": nnx.state(model, nnx.Param)}, Record({}))
   checkpointer.close()
   spec = RunSpec(task, model.config, data_max_length)
   export_model(workdir, spec, model_params(model), tokenizer.model_path, {"step": 1})

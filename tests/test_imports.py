@@ -8,16 +8,20 @@ before it, which rules out every cycle.
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "transformer"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "transformer"
+RECIPES = ROOT / "configs"  # installed as transformer.configs
 
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
-  "parallel",  # meshes, sharding rules, train-step strategies: nothing of the package
+  "errors",  # UserError: what the user can fix, for every part
+  "parallel",  # meshes, sharding rules, train-step strategies
   "model",  # the Transformer; logical axis names from parallel
   "baselines",  # the LSTM/GRU models measured against it
   "data",  # text -> tokenizer -> token cache -> batches
-  "runs",  # a run on disk: checkpoints, the exported model, loading for use
-  "decode",  # search over a loaded model, BLEU
+  "decode",  # search over a model, BLEU
+  "config",  # the run's record: the blocks assembled, config.json read and written
+  "runs",  # a run on disk: checkpoints, the exported model, loading for use, Translator
   "inspect",  # attention maps and figures
   "cli",  # command-line conventions: one-line errors, recipe names
   "train",  # the training loop, its config schema, the training command
@@ -31,8 +35,10 @@ LAYERS = [
 def imports_of_part() -> dict[str, set[str]]:
   """{part: the other parts it imports anywhere in its files}."""
   edges: dict[str, set[str]] = {}
-  for path in PACKAGE.rglob("*.py"):
-    part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+  files = [(path, path.relative_to(PACKAGE).parts[0]) for path in PACKAGE.rglob("*.py")]
+  files += [(path, "configs") for path in RECIPES.glob("*.py")]
+  for path, top in files:
+    part = top.removesuffix(".py")
     if part == "__init__":
       continue
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -86,7 +92,7 @@ def test_every_part_is_layered_and_imports_only_lower_layers():
     p.name.removesuffix(".py")
     for p in PACKAGE.iterdir()
     if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.name != "__init__.py"
-  }
+  } | {"configs"}
   assert parts - {"__main__"} <= set(LAYERS), f"parts missing from LAYERS: {parts - set(LAYERS)}"
   rank = {part: i for i, part in enumerate(LAYERS)}
   upward = sorted(

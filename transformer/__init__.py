@@ -44,7 +44,7 @@ __version__ = "0.2.0"
 def __getattr__(name: str):
   # Loaded on first use: `import transformer` stays as light as the model.
   if name == "Translator":
-    from transformer.decode.translator import Translator
+    from transformer.runs.translator import Translator
 
     return Translator
   if name == "attention_maps":

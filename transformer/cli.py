@@ -4,30 +4,44 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-# The recipes shipped in transformer/configs/, found by path: this module imports none of them.
-RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+from transformer.errors import MissingFile, UserError
 
-# Errors that mean "the input, config or environment is wrong", as opposed to a bug worth a
-# traceback. OSError covers a missing, unreadable or unwritable path (--workdir /dev/null/x).
-USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
+
+def recipes_dir() -> Path:
+  """Where the shipped recipes are: the `transformer.configs` package (configs/ at the top of
+  the source tree, installed under that name). Found, not imported: this module runs none of
+  them."""
+  spec = importlib.util.find_spec("transformer.configs")
+  if spec is None or not spec.submodule_search_locations:
+    raise MissingFile(
+      "the shipped recipes (transformer.configs) are missing: reinstall the package"
+    )
+  return Path(next(iter(spec.submodule_search_locations)))
 
 
 class Stopped(KeyboardInterrupt):
   """A signal stopped the command after it saved what it had to (the message says what)."""
 
 
+def is_user_error(error: BaseException) -> bool:
+  """What the user can fix: a `UserError`, or the OS refusing a path the command was given or
+  writes to (--workdir /dev/null/x, a read-only folder). Anything else is a bug."""
+  return isinstance(error, UserError) or (
+    isinstance(error, OSError) and error.filename is not None and bool(error.strerror)
+  )
+
+
 def run_cli(main: Callable[[], object]) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130
-  with one line saying what was kept."""
-  from transformer.runs.checkpoint import CheckpointError
-
+  with one line saying what was kept. Any other exception is a bug: its traceback is printed
+  and the exit status is 1."""
   try:
     main()
   except Stopped as stop:
@@ -48,9 +62,8 @@ def run_cli(main: Callable[[], object]) -> int:
       # A thread may have been cut off mid-line: the message starts a line of its own.
       os.write(saved, f"\nerror: {storage_message(error)}\n".encode())
       os._exit(2)
-    if not isinstance(error, (*USER_ERRORS, CheckpointError)):
+    if not is_user_error(error):
       raise
-    logging.getLogger(__name__).debug("user error", exc_info=True)
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   return 0
@@ -99,17 +112,21 @@ def user_message(error: BaseException) -> str:
 
 
 def recipe_names() -> list[str]:
-  return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+  return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def recipe_path(name_or_path: str) -> str:
   """The file of a recipe given by name ("default") or by path (an existing file, or any
-  `*.py`, left for the loader to report if it is missing)."""
+  `*.py`, left for the loader to report if it is missing).
+
+  A shipped recipe's name always means the shipped recipe, whatever files the current folder
+  holds: a file named `smoke` there is not run for `--config smoke` (a file is given as a path,
+  `./smoke.py` or `configs/x.py`)."""
+  if name_or_path in recipe_names():
+    return str(recipes_dir() / f"{name_or_path}.py")
   if name_or_path.endswith(".py") or Path(name_or_path).is_file():
     return name_or_path
-  if name_or_path in recipe_names():
-    return str(RECIPES_DIR / f"{name_or_path}.py")
-  raise ValueError(
+  raise UserError(
     f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
     f"{', '.join(recipe_names())}, or a path to a recipe file"
   )

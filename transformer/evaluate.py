@@ -12,7 +12,6 @@ the scores in a .json beside them. `--export` writes the evaluated parameters as
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -21,17 +20,19 @@ from pathlib import Path
 import jax
 
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
-from transformer.data.corpus import Pair
-from transformer.data.inputs import evaluation_set, file_evaluation_set
+from transformer.config import CONFIG_FILENAME, read_config
+from transformer.data.config import DataConfig
+from transformer.data.corpus import Location, Pair
+from transformer.data.inputs import EvaluationSource, Share, evaluation_sets
 from transformer.decode.config import DecodeConfig
 from transformer.decode.scoring import score_test_sets
+from transformer.errors import MissingFile, UserError
 from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import make_mesh
 from transformer.runs.artifact import export_model
 from transformer.runs.loading import load_run
 from transformer.runs.params import model_params
-from transformer.runs.spec import CONFIG_FILENAME, read_json
-from transformer.train.config import Config
+from transformer.runs.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,15 @@ def read_pairs(src: str, ref: str) -> list[Pair]:
   sides = []
   for path in (Path(src), Path(ref)):
     if not path.is_file():
-      raise FileNotFoundError(f"{path} does not exist: give an existing text file")
+      raise MissingFile(f"{path} does not exist: give an existing text file")
     try:
       sides.append(path.read_text(encoding="utf-8").splitlines())
     except UnicodeDecodeError as error:
-      raise ValueError(
+      raise UserError(
         f"{path} is not UTF-8 ({error.reason} at byte {error.start}): convert it to UTF-8"
       ) from None
   if len(sides[0]) != len(sides[1]):
-    raise ValueError(
+    raise UserError(
       f"{src} has {len(sides[0])} lines but {ref} has {len(sides[1])}: the "
       "sources and references must be aligned line by line"
     )
@@ -88,38 +89,31 @@ def main(argv=None) -> dict:
   workdir = Path(args.workdir).absolute()
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":
-    raise ValueError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
-  config = Config.from_dict(read_json(workdir / CONFIG_FILENAME))
-  changes = {
-    k: getattr(args, k)
-    for k in ("beam_size", "alpha", "max_extra_tokens")
-    if getattr(args, k) is not None
-  }
-  decode = dataclasses.replace(config.decode, **changes)  # checks the values
+    raise UserError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
+  data = _data_block(workdir, loaded.spec, need_splits=not args.src)
+  decode = loaded.spec.search.overridden(
+    beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens
+  )
   mesh = make_mesh(ParallelConfig(data=-1))
-  batch_size = args.batch_size or config.data.eval_batch_size
+  batch_size = args.batch_size or data.eval_batch_size
   if batch_size % mesh.devices.size:
-    raise ValueError(
+    raise UserError(
       f"--batch_size {batch_size} does not split over the {mesh.devices.size} "
       "devices: use a multiple of it"
     )
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if args.src:
-    sets = [
-      file_evaluation_set(
-        Path(args.src).name,
-        read_pairs(args.src, args.ref),
-        loaded.tokenizer,
-        config.data,
-        batch_size=batch_size,
-        **shard,
-      )
-    ]
-  else:
-    sets = [
-      evaluation_set(config.data, workdir, split, batch_size=batch_size, **shard)
-      for split in (args.split or config.data.test_splits)
-    ]
+  sources: list[EvaluationSource] = (
+    [(Path(args.src).name, read_pairs(args.src, args.ref))]
+    if args.src
+    else list(args.split or data.test_splits)
+  )
+  sets = evaluation_sets(
+    data,
+    Location.of(data, workdir, jax.process_count()),
+    sources,
+    tokenizer=loaded.tokenizer,
+    batch_size=batch_size,
+    share=Share(jax.process_index(), jax.process_count()),
+  )
   out = Path(args.out) if args.out else workdir / "evaluations"
   tag = _settings_tag(args, decode)
   report = score_test_sets(loaded.model, sets, loaded.tokenizer, decode, mesh, out_dir=None)
@@ -147,6 +141,14 @@ def main(argv=None) -> dict:
     )
     print(f"model written to {path}")
   return report
+
+
+def _data_block(workdir: Path, spec: RunSpec, *, need_splits: bool) -> DataConfig:
+  """The run's data block (its dataset's splits, its evaluation batches); an exported model
+  alone, scored on files, gets the defaults with its own sequence limit."""
+  if need_splits or (workdir / CONFIG_FILENAME).is_file():
+    return read_config(workdir).data
+  return DataConfig(max_len=spec.data_max_len, vocab_size=spec.model.vocab_size)
 
 
 def _settings_tag(args, decode: DecodeConfig) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import IO
 
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
-from transformer.decode.config import check_search
-from transformer.decode.translator import Translator
+from transformer.errors import MissingFile, UserError
+from transformer.runs.translator import Translator
 
 _END = object()
 
@@ -35,7 +35,7 @@ def decoded_lines(stream: IO[bytes], name: str) -> Iterator[str]:
     try:
       yield raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-      raise ValueError(f"{name} line {number} is not UTF-8: convert the input to UTF-8") from None
+      raise UserError(f"{name} line {number} is not UTF-8: convert the input to UTF-8") from None
 
 
 def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -79,12 +79,12 @@ def input_lines(args) -> Iterator[str]:
   if args.file:
     path = Path(args.file)
     if not path.is_file():
-      raise FileNotFoundError(f"{path} does not exist: give an existing text file to --file")
+      raise MissingFile(f"{path} does not exist: give an existing text file to --file")
     with open(path, "rb") as f:
       yield from decoded_lines(f, str(path))
     return
   if sys.stdin is None or sys.stdin.closed:
-    raise ValueError("no input: stdin is closed; pass sentences as arguments or --file")
+    raise UserError("no input: stdin is closed; pass sentences as arguments or --file")
   yield from decoded_lines(sys.stdin.buffer, "stdin")
 
 
@@ -117,14 +117,11 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
   args = parse_args(argv)
   translator = Translator(args.workdir, step=args.step, average=args.average)
-  search = translator.search
-  args.beam_size = search.beam_size if args.beam_size is None else args.beam_size
-  args.alpha = search.alpha if args.alpha is None else args.alpha
-  if args.max_extra_tokens is None:
-    args.max_extra_tokens = search.max_extra_tokens
-  check_search(args.beam_size, args.alpha, args.max_extra_tokens)
+  search = translator.search.overridden(
+    beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens
+  )
   if translator.task == "mlm":
-    raise ValueError(
+    raise UserError(
       f"{args.workdir} holds a masked language model, which neither translates "
       "nor generates: use a translation or lm run"
     )
@@ -133,9 +130,9 @@ def main(argv=None) -> None:
     if translator.task == "translation":
       outputs = translator.translate(
         batch,
-        beam_size=args.beam_size,
-        alpha=args.alpha,
-        max_extra_tokens=args.max_extra_tokens,
+        beam_size=search.beam_size,
+        alpha=search.alpha,
+        max_extra_tokens=search.max_extra_tokens,
         first_line=printed + 1,
       )
     else:
@@ -151,7 +148,7 @@ def main(argv=None) -> None:
       print(line, flush=True)
     printed += len(batch)
   if not printed:
-    raise ValueError("no input text: pass sentences as arguments, --file, or on stdin")
+    raise UserError("no input text: pass sentences as arguments, --file, or on stdin")
 
 
 def main_cli() -> int:

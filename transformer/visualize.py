@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 from transformer.cli import ArgumentParser, add_model_arguments, run_cli
-from transformer.decode.config import check_search
-from transformer.decode.translator import Translator
+from transformer.decode.config import DecodeConfig
+from transformer.errors import UserError
 from transformer.inspect.attention import prepare_sentence
 from transformer.inspect.contrast import contrast_word
 from transformer.inspect.figures import write_attention_figures, write_contrast
+from transformer.runs.translator import Translator
 
 
 def load_translator(
@@ -30,7 +31,7 @@ def load_translator(
   # Absolute: Orbax reads no metadata from a relative checkpoint path (an OCDBT requirement).
   translator = Translator(Path(workdir).absolute(), step=step, average=average)
   if translator.task != "translation":
-    raise ValueError(
+    raise UserError(
       f"{workdir} holds a {translator.task!r} model; attention figures are drawn "
       "for translation (encoder-decoder) runs"
     )
@@ -59,14 +60,14 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   text = " ".join(args.text).strip()
   if not args.text and not args.contrast:
-    raise ValueError("no sentence given: pass one sentence (quoted), or --contrast")
+    raise UserError("no sentence given: pass one sentence (quoted), or --contrast")
   if args.text and not text:
-    raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
-  if args.beam_size is not None or args.alpha is not None:
-    check_search(args.beam_size or 1, 0.0 if args.alpha is None else args.alpha, 0)
+    raise UserError("the sentence is empty: give one non-empty sentence to visualise")
+  if args.beam_size is not None or args.alpha is not None:  # before the model is loaded
+    DecodeConfig().overridden(beam_size=args.beam_size, alpha=args.alpha)
   translator = load_translator(args.workdir, step=args.step, average=args.average)
-  args.beam_size = args.beam_size or translator.search.beam_size
-  args.alpha = translator.search.alpha if args.alpha is None else args.alpha
+  search = translator.search.overridden(beam_size=args.beam_size, alpha=args.alpha)
+  args.beam_size, args.alpha = search.beam_size, search.alpha
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []

@@ -62,6 +62,10 @@ def test_training_exports_the_averaged_model_it_scored(trained):
   assert "decoder/layers/0/cross_attention/query" in params
   assert spec.model.d_model == 32 and tokenizer.read_bytes() == (workdir / "spm.model").read_bytes()
   assert f"bleu/{SPLIT}" in results
+  # model.json carries the scores of the model it describes, and the search they were made with.
+  assert meta["scores"][SPLIT]["bleu"] == results[f"bleu/{SPLIT}"]
+  assert meta["scores"]["validation"]["loss"] == results["eval/loss"]
+  assert meta["decode"] == {"beam_size": 2, "alpha": 0.6, "max_extra_tokens": 8}
 
 
 def test_evaluate_reproduces_the_bleu_training_printed(trained, tmp_path, capsys):

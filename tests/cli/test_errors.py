@@ -97,8 +97,9 @@ def test_misaligned_data_files(tmp_path, capsys):
 
 
 def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
-  from transformer.data.inputs import build_inputs
-  from transformer.train.config import Config
+  from transformer.config import Config
+  from transformer.data.corpus import Location
+  from transformer.data.inputs import training_inputs
 
   corpus = tmp_path / "corpus"
   corpus.mkdir()
@@ -123,7 +124,8 @@ def test_empty_long_and_unknown_lines_are_counted(tmp_path, caplog):
     max_len=32,
   )
   with caplog.at_level(logging.WARNING):
-    build_inputs(Config.of(config).data, tmp_path / "run")
+    data = Config.of(config).data
+    training_inputs(data, Location.of(data, tmp_path / "run"), task="translation", seed=0)
   text = caplog.text
   assert "40 of 200 pairs have an empty side and were dropped" in text
   assert "40 dropped" in text  # the over-long pair, in training
@@ -204,7 +206,8 @@ def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message)
 
 @pytest.mark.slow
 def test_resuming_with_another_model_names_the_config(trained_workdir):
-  """A checkpoint of another shape is not reported as corrupt, and Orbax leaves no traceback."""
+  """A resumed run's model cannot change under it: the key is named before any checkpoint is
+  read, and nothing is reported as corrupt."""
   result = subprocess.run(
     [
       sys.executable,
@@ -223,8 +226,26 @@ def test_resuming_with_another_model_names_the_config(trained_workdir):
   assert result.returncode == 2
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
-  assert line.startswith(
-    f"error: checkpoint at {trained_workdir}/checkpoints/6 was written with "
-    "another model/optimizer config ("
+  assert line == (
+    f"error: {trained_workdir} was trained with model.d_ff=64, this command sets 128: resuming "
+    "would misread its checkpoints; use a new --workdir, or allow the change with "
+    "--config.allow_config_change=model.d_ff"
   )
-  assert "saved (64,), now (128,)" in line and "use a new workdir or the old config" in line
+
+
+@pytest.mark.parametrize(
+  "bug", ["{}['batch']", "__import__('numpy').ones(3) + __import__('numpy').ones(4)"]
+)
+def test_a_bug_exits_non_zero_with_its_traceback(bug):
+  """An exception that is not a UserError (a missing batch key, a broadcasting error) is a bug
+  of the package, not bad input: every command's wrapper lets its traceback through, exit 1."""
+  code = f"import sys; from transformer.cli import run_cli; sys.exit(run_cli(lambda: {bug}))"
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 1
+  assert "Traceback (most recent call last)" in result.stderr
+  assert "error: " not in result.stderr
+  assert ("KeyError: 'batch'" in result.stderr) or (
+    "ValueError: operands could not" in result.stderr
+  )

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from transformer.cli import run_cli
+from transformer.config import Config, get_config
 from transformer.data.config import DataConfig
-from transformer.data.inputs import build_inputs, train_tokenizer
+from transformer.data.corpus import Location
+from transformer.data.inputs import Share, train_tokenizer, training_inputs
 from transformer.data.tokenizer import MASK_ID, MODEL_FILENAME, Tokenizer
-from transformer.train.config import Config, get_config
 
 ENGLISH = [
   "a man rides a bike",
@@ -38,7 +39,8 @@ def write_corpus(directory: Path, repeat: int) -> None:
 
 def inputs_of(config, workdir: Path, **kwargs):
   typed = Config.of(config)
-  return build_inputs(typed.data, workdir, task=typed.task, seed=typed.seed, **kwargs)
+  where = Location.of(typed.data, workdir)
+  return training_inputs(typed.data, where, task=typed.task, seed=typed.seed, **kwargs)
 
 
 def mlm_config(corpus: Path):
@@ -63,9 +65,7 @@ def test_mlm_batches_over_two_processes_are_the_single_process_batches(tmp_path)
   config = mlm_config(tmp_path / "corpus")
   workdir = tmp_path / "run"  # One workdir: the tokenizer trained once is shared by all three.
   single = inputs_of(config, workdir, batch_multiple=2)
-  shards = [
-    inputs_of(config, workdir, batch_multiple=2, process_index=p, process_count=2) for p in range(2)
-  ]
+  shards = [inputs_of(config, workdir, batch_multiple=2, share=Share(p, 2)) for p in range(2)]
   for _ in range(3):
     whole = next(single.train)
     halves = [next(shard.train) for shard in shards]

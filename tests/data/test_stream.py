@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from transformer.data import batching
-from transformer.data.batching import Layout
+from transformer.data.batching import Layout, Share
 from transformer.data.stream import TrainStream, language_model_stream, translation_stream
 from transformer.data.token_cache import build_cache, open_cache
 from transformer.data.tokenizer import EOS_ID, PAD_ID
@@ -189,7 +189,7 @@ def test_restore_continues_like_uninterrupted(cache, packing, k):
 @pytest.mark.parametrize("packing", [False, True])
 def test_process_slices_make_up_the_global_batch(cache, packing):
   single = take(stream(cache, packing), 25)
-  parts = [take(stream(cache, packing, process_index=p, process_count=2), 25) for p in (0, 1)]
+  parts = [take(stream(cache, packing, share=Share(p, 2)), 25) for p in (0, 1)]
   for whole, part0, part1 in zip(single, *parts):
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([part0[key], part1[key]]), whole[key])

@@ -100,7 +100,10 @@ def test_matches_numpy(implementation, seed, causal, t, s):
 def test_is_causal_flag_equals_explicit_mask(implementation):
   q, k, v, _ = random_case(3, t=10, s=10)
   causal = np.tril(np.ones((10, 10), bool))[None, None]
-  got = dot_product_attention(q, k, v, is_causal=True, implementation=implementation, block_size=4)
+  q_, k_, v_ = (jnp.asarray(x) for x in (q, k, v))
+  got = dot_product_attention(
+    q_, k_, v_, is_causal=True, implementation=implementation, block_size=4
+  )
   np.testing.assert_allclose(got, numpy_attention(q, k, v, causal), atol=1e-5, rtol=1e-5)
 
 
@@ -132,10 +135,12 @@ def test_blockwise_gradients_match_xla(scores_bytes, monkeypatch):
 
   def loss(implementation):
     f = lambda q, k, v: jnp.sum(
-      dot_product_attention(q, k, v, mask=mask, implementation=implementation, block_size=4)
+      dot_product_attention(
+        q, k, v, mask=jnp.asarray(mask), implementation=implementation, block_size=4
+      )
       * cotangent
     )
-    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    return jax.grad(f, argnums=(0, 1, 2))(*(jnp.asarray(x) for x in (q, k, v)))
 
   for got, want in zip(loss("blockwise"), loss("xla")):
     assert np.isfinite(got).all()
@@ -247,7 +252,7 @@ def test_masked_keys_content_is_ignored():
 def test_unknown_implementation_is_a_clear_error():
   q, k, v, _ = random_case(0)
   with pytest.raises(ValueError, match="unknown: use one of"):
-    dot_product_attention(q, k, v, implementation="flash")
+    dot_product_attention(*(jnp.asarray(x) for x in (q, k, v)), implementation="flash")
 
 
 @pytest.mark.gpu

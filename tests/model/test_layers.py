@@ -1,5 +1,6 @@
 """Positional encodings, embeddings and the config against their formulas."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,6 +10,8 @@ import pytest
 from flax import nnx
 
 from transformer import EncoderDecoder, TransformerConfig, sinusoidal_position_encoding
+from transformer.config import build_block
+from transformer.errors import UserError
 from transformer.model.layers import (
   Embedding,
   LayerNorm,
@@ -88,8 +91,11 @@ def test_rope_rotates_so_scores_depend_on_offset_only():
   ],
 )
 def test_config_rejects_bad_values(change, message):
-  with pytest.raises(ValueError, match=message):
-    TransformerConfig.tiny(**change)
+  """Every config source (recipe, command line, config.json, model.json) builds the block
+  through the schema, which names the key and the fix."""
+  values = {**dataclasses.asdict(TransformerConfig.tiny()), **change}
+  with pytest.raises(UserError, match=message):
+    build_block(TransformerConfig, values, prefix="model.")
 
 
 def test_tied_logits_custom_backward_equals_autodiff():

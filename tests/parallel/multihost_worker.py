@@ -22,13 +22,13 @@ def main(port: str, process_id: str, checkpoint_dir: str) -> None:
   import harness
 
   from transformer.parallel.sharding import abstract_with_shardings, logical_shardings
-  from transformer.runs.checkpoint import Checkpointer
+  from transformer.runs.checkpoint import Checkpointer, Record
 
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   losses, state = harness.train(harness.mesh_of(data=4, fsdp=2), num_steps=3)
   # Both processes write their shards of one checkpoint, then read it back onto another mesh.
   checkpointer = Checkpointer(checkpoint_dir, keep=1)
-  checkpointer.save(3, state, {"epoch": 0, "batch_index": 3})
+  checkpointer.save(3, state, Record({"epoch": 0, "chunk": 0, "batch": 3}))
   checkpointer.wait()
   target = logical_shardings(state, harness.mesh_of(fsdp=2, tensor=4))
   restored, _, _ = checkpointer.restore(abstract_with_shardings(target, state))

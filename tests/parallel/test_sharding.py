@@ -19,8 +19,8 @@ from transformer import EncoderDecoder
 from transformer.parallel.mesh import check_divisible, global_batch
 from transformer.parallel.sharding import abstract_with_shardings, logical_shardings, shard
 from transformer.parallel.strategies import compile_train_step
-from transformer.runs.checkpoint import Checkpointer
-from transformer.train.loop import initial_state
+from transformer.runs.checkpoint import Checkpointer, Record
+from transformer.train.setup import initial_state
 from transformer.train.step import make_steps, micro_batches
 
 LAYOUTS = {
@@ -151,14 +151,14 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   saved_mesh, restore_mesh = harness.mesh_of(data=8), harness.mesh_of(fsdp=2, tensor=4)
   _, saved_state = harness.train(saved_mesh, num_steps=1)
   checkpointer = Checkpointer(tmp_path, keep=1)
-  checkpointer.save(1, saved_state, {"epoch": 0, "batch_index": 1})
+  checkpointer.save(1, saved_state, Record({"epoch": 0, "chunk": 0, "batch": 1}))
   checkpointer.wait()
   target_shardings = logical_shardings(saved_state, restore_mesh)
-  restored, data_state, step = checkpointer.restore(
+  restored, record, step = checkpointer.restore(
     abstract_with_shardings(target_shardings, saved_state)
   )
   checkpointer.close()
-  assert step == 1 and data_state == {"epoch": 0, "batch_index": 1}
+  assert step == 1 and record.stream == {"epoch": 0, "chunk": 0, "batch": 1}
   for got, want, sharding in zip(
     jax.tree.leaves(restored), jax.tree.leaves(saved_state), jax.tree.leaves(target_shardings)
   ):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from transformer.config import Config
 from transformer.configs import smoke
-from transformer.decode.translator import Translator
-from transformer.train.config import Config
+from transformer.runs.translator import Translator
 from transformer.train.loop import run
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "run_v0_1"
@@ -53,5 +53,7 @@ def test_smoke_recipe_is_still_compatible_with_it():
   """The fixture was trained with the smoke recipe's data settings."""
   recipe = Config.of(smoke.get_config())
   config = old_config(2)
-  assert (recipe.data.train_split, recipe.data.max_len) == (config.data.train_split,
-                                                               config.data.max_len)
+  assert (recipe.data.train_split, recipe.data.max_len) == (
+    config.data.train_split,
+    config.data.max_len,
+  )

@@ -12,9 +12,11 @@ from transformer.runs.lock import LOCK_FILENAME, WorkdirLock
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_name(tmp_path):
-  with WorkdirLock(tmp_path, "training"):
-    with pytest.raises(ValueError, match=r"is in use by process \d+ on .*\(training"):
-      WorkdirLock(tmp_path, "training")
+  with (
+    WorkdirLock(tmp_path, "training"),
+    pytest.raises(ValueError, match=r"is in use by process \d+ on .*\(training"),
+  ):
+    WorkdirLock(tmp_path, "training")
 
 
 def test_a_released_lock_is_taken_quietly(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """Faults: kill -9 mid-run, corrupted checkpoints, non-finite losses."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from transformer.config import Config
 from transformer.configs import smoke
-from transformer.parallel.sharding import abstract_with_shardings
-from transformer.runs.checkpoint import Checkpointer, CheckpointError, average_params
+from transformer.errors import UserError
+from transformer.runs.checkpoint import Checkpointer, CheckpointError, Record, average_params
 from transformer.runs.loading import warm_start_params
-from transformer.train.loop import Trainer, run
+from transformer.train.loop import run, train
 from transformer.train.metrics import MetricWriter
+from transformer.train.setup import opened
 
 pytestmark = pytest.mark.slow  # each runs training end to end, some in subprocesses
 
@@ -99,67 +102,72 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
   exact) and average over it at the end."""
   run(config_for(8), tmp_path)
   assert saved_steps(tmp_path) == [4, 8]
-  trainer = Trainer(config_for(8), tmp_path)
-  params_8 = numpy_params(trainer.state)  # the intact step 8, the reference
-  trainer.close()
+  with opened(Config.of(config_for(8)), tmp_path) as (_, state):
+    params_8 = numpy_params(state)  # the intact step 8, the reference
   corrupt(tmp_path / "checkpoints" / "8")
 
   config = config_for(12)
   config.average_last_checkpoints = 3
-  trainer = Trainer(config, tmp_path)
-  assert trainer.resumed_from == 4
-  assert "checkpoint step 8" in caplog.text and "damaged" in caplog.text
-  assert trainer.checkpointer.steps() == [4]  # the damaged step is gone, the readable kept
-  trainer.close()
+  with opened(Config.of(config), tmp_path) as (job, _):
+    assert job.resumed_from == 4
+    assert "checkpoint step 8" in caplog.text and "damaged" in caplog.text
+    assert job.checkpointer.steps() == [4]  # the damaged step is gone, the readable kept
   assert run(config, tmp_path)["step"] == 12  # averages steps 4, 8 and 12
   assert saved_steps(tmp_path) == [4, 8, 12]
 
-  trainer = Trainer(config, tmp_path)
-  abstract = abstract_with_shardings(trainer.state_shardings, trainer.state)
-  states = {step: trainer.checkpointer.restore(abstract, step)[0] for step in (4, 8, 12)}
-  for got, want in zip(numpy_params(states[8]), params_8):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with opened(Config.of(config), tmp_path) as (job, state):
+    abstract = job.abstract_state(state)
+    states = {step: job.checkpointer.restore(abstract, step)[0] for step in (4, 8, 12)}
+    for got, want in zip(numpy_params(states[8]), params_8):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
-  # Averaging leaves out a step that became unreadable, with a warning, and averages the rest.
-  corrupt(tmp_path / "checkpoints" / "4")
-  averaged, steps = average_params(trainer.checkpointer, abstract, 3)
-  assert steps == [8, 12] and "averaging leaves out checkpoint step 4" in caplog.text
-  for got, a, b in zip(
-    jax.tree.leaves(averaged), numpy_params(states[8]), numpy_params(states[12])
-  ):
-    np.testing.assert_allclose(np.asarray(got), (a + b) / 2, rtol=1e-6, atol=1e-7)
-
-  trainer.close()
+    # Averaging leaves out a step that became unreadable, with a warning, and averages the rest.
+    corrupt(tmp_path / "checkpoints" / "4")
+    averaged, steps = average_params(job.checkpointer, abstract, 3)
+    assert steps == [8, 12] and "averaging leaves out checkpoint step 4" in caplog.text
+    for got, a, b in zip(
+      jax.tree.leaves(averaged), numpy_params(states[8]), numpy_params(states[12])
+    ):
+      np.testing.assert_allclose(np.asarray(got), (a + b) / 2, rtol=1e-6, atol=1e-7)
 
   # A config of another shape is named as such, not as corruption, and nothing is deleted.
   other = config_for(12)
   other.model.d_ff = 128
-  with pytest.raises(
-    CheckpointError,
-    match=r"checkpoint at .*/12 was written with another "
-    r"model/optimizer config \(.*feed_forward.* saved \(64,\), now \(128,\)",
+  with (
+    pytest.raises(UserError, match=r"trained with model.d_ff=64, this command sets 128"),
+    opened(Config.of(other), tmp_path),
   ):
-    Trainer(other, tmp_path)
+    pass
+  assert saved_steps(tmp_path) == [4, 8, 12]
+  # Allowed on purpose, the checkpoint is still read as another model's, and refused so.
+  other.allow_config_change = ("model.d_ff",)
+  with (
+    pytest.raises(
+      CheckpointError,
+      match=r"checkpoint at .*/12 was written with another "
+      r"model/optimizer config \(.*feed_forward.* saved \(64,\), now \(128,\)",
+    ),
+    opened(Config.of(other), tmp_path),
+  ):
+    pass
   assert saved_steps(tmp_path) == [4, 8, 12]
 
 
 def test_crash_in_the_first_step_leaves_no_checkpoint(tmp_path):
   """Nothing trained, nothing saved: a fixed config (here another d_ff) then starts afresh."""
-  trainer = Trainer(config_for(4), tmp_path)
 
   def out_of_memory(state, batch):
     raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
-  trainer.train_step = out_of_memory
-  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
-    trainer.train(MetricWriter(tmp_path, enabled=False))
-  trainer.close()
+  with opened(Config.of(config_for(4)), tmp_path) as (job, state):
+    broken = dataclasses.replace(job, train_step=out_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+      train(broken, state, MetricWriter(tmp_path, enabled=False))
   assert saved_steps(tmp_path) == []
   fixed = config_for(4)
   fixed.model.d_ff = 128
-  trainer = Trainer(fixed, tmp_path)
-  assert trainer.resumed_from is None
-  trainer.close()
+  with opened(Config.of(fixed), tmp_path) as (job, _):
+    assert job.resumed_from is None
 
 
 def test_init_from_skips_an_unfinished_save(tmp_path):
@@ -168,7 +176,7 @@ def test_init_from_skips_an_unfinished_save(tmp_path):
   source = tmp_path / "source"
   checkpointer = Checkpointer(source / "checkpoints", asynchronous=False)
   weights = np.arange(6, dtype=np.float32).reshape(2, 3)
-  checkpointer.save(4, {"params": {"w": jnp.asarray(weights)}}, {})
+  checkpointer.save(4, {"params": {"w": jnp.asarray(weights)}}, Record({}))
   checkpointer.close()
   unfinished = source / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000"
   (unfinished / "state").mkdir(parents=True)
@@ -181,15 +189,11 @@ def test_init_from_skips_an_unfinished_save(tmp_path):
 def test_non_finite_loss_stops_and_keeps_finite_state(tmp_path):
   config = config_for(8)
   config.optimizer.lr_scale = 1e12  # parameters blow up after the first update
-  with pytest.raises(FloatingPointError, match="non-finite loss or gradient within steps"):
+  with pytest.raises(UserError, match="non-finite loss or gradient within steps"):
     run(config, tmp_path)
-  checkpointer = Checkpointer(tmp_path / "checkpoints")
-  trainer_config = config_for(8)
-  trainer = Trainer(trainer_config, tmp_path)  # restores the saved state; must be finite
-  for leaf in jax.tree.leaves(trainer.state.params):
-    assert np.isfinite(np.asarray(leaf)).all()
-  trainer.close()
-  checkpointer.close()
+  with opened(Config.of(config_for(8)), tmp_path) as (_, state):  # restores the saved state
+    for leaf in jax.tree.leaves(state.params):
+      assert np.isfinite(np.asarray(leaf)).all()
 
 
 def test_non_finite_loss_can_skip_updates(tmp_path):
@@ -235,3 +239,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
   assert "stopped: SIGTERM at step" in stderr and "is saved, run the same command" in stderr
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert saved and 5 <= max(saved) < 1000
+
+
+def test_elapsed_time_continues_across_a_resume(tmp_path):
+  """A run stopped after 4 steps and resumed to 8 by another process: the resumed process's
+  time/elapsed_s counts on from what the first had spent (kept in the checkpoint), so the run's
+  BLEU-against-time curve stays one curve."""
+  command = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "smoke",
+    "--workdir",
+    str(tmp_path),
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.decode.bleu_at_end=False",
+    "--config.decode.validation_bleu=False",
+  ]
+
+  def elapsed() -> dict[int, float]:
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    return {
+      record["step"]: record["time/elapsed_s"]
+      for record in map(json.loads, lines)
+      if "time/elapsed_s" in record
+    }
+
+  for steps in (4, 8):
+    subprocess.run(
+      [*command, f"--config.num_train_steps={steps}"], cwd=ROOT, check=True, capture_output=True
+    )
+    if steps == 4:
+      first = elapsed()
+  second = {step: t for step, t in elapsed().items() if step > 4}
+  assert sorted(first) == [2, 4] and sorted(second) == [6, 8]
+  assert first[2] < first[4] < second[6] < second[8]

@@ -63,10 +63,10 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   (init_from) a new run: its parameters start as the exported ones."""
   import numpy as np
 
+  from transformer.config import Config
   from transformer.runs.artifact import read_model
   from transformer.runs.params import model_params
-  from transformer.train.config import Config
-  from transformer.train.loop import Trainer
+  from transformer.train.setup import opened
 
   config = tiny_config(4)
   config.task = task
@@ -87,9 +87,8 @@ def test_language_model_families_train_and_transfer(task, tmp_path):
   )
   config.init_from = str(tmp_path / "pretrain")
   config.seed = 123
-  trainer = Trainer(Config.of(config), tmp_path / "finetune")
-  started = model_params(trainer.model)
-  trainer.close()
+  with opened(Config.of(config), tmp_path / "finetune") as (job, state):
+    started = model_params(job.model(state.params))
   assert started.keys() == exported.keys()
   for name, value in exported.items():
     np.testing.assert_array_equal(started[name], value, err_msg=name)
@@ -100,24 +99,24 @@ def test_accumulated_steps_are_updates_on_stacked_micro_batches(tmp_path):
   the shape a batch without accumulation has, and the logged learning rate is that update's."""
   import optax
 
-  from transformer.train.config import Config
-  from transformer.train.loop import Trainer
+  from transformer.config import Config
+  from transformer.train.loop import train
   from transformer.train.metrics import MetricWriter
+  from transformer.train.setup import opened
 
   config = tiny_config(2)
   config.optimizer.grad_accum_steps = 2
-  trainer = Trainer(Config.of(config), tmp_path)
   writer = MetricWriter(tmp_path)
   try:
-    trainer.train(writer)
-    # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
-    assert trainer.inputs.train.state() == {"epoch": 0, "chunk": 0, "batch": 2}
-    assert next(trainer.inputs.train)["targets"].shape == (32, 32)
+    with opened(Config.of(config), tmp_path) as (job, state):
+      state = train(job, state, writer)
+      # One stream batch per update: 2 micro-batches of 16 rows (512 tokens / length 32).
+      assert job.inputs.train.state() == {"epoch": 0, "chunk": 0, "batch": 2}
+      assert next(job.inputs.train)["targets"].shape == (32, 32)
   finally:
     writer.close()
-    trainer.close()
-  assert int(trainer.state.step) == 2
-  counts = optax.tree_utils.tree_get_all_with_path(trainer.state.opt_state, "count")
+  assert int(state.step) == 2
+  counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
   assert counts and all(int(count) == 2 for _, count in counts)
   # Section 5.3 with d_model=32, warmup_steps=10, at update s = 1, 2 (still warming up).
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

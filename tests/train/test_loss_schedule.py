@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transformer.train.config import Config, get_config
+from transformer.config import Config, get_config
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
 from transformer.train.optimizer import make_optimizer
 from transformer.train.schedule import rsqrt_schedule
@@ -126,13 +126,13 @@ def test_unknown_config_key_is_rejected():
 
 
 def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
-  from transformer.runs.checkpoint import Checkpointer, average_params
+  from transformer.runs.checkpoint import Checkpointer, Record, average_params
   from transformer.train.step import TrainState
 
   checkpointer = Checkpointer(tmp_path, keep=5, asynchronous=False)
   for step in (1, 2, 3):
     state = TrainState(jnp.asarray(step), {"w": jnp.full((4,), float(step))}, ())
-    checkpointer.save(step, state, {})
+    checkpointer.save(step, state, Record({}))
   averaged, steps = average_params(checkpointer, state, last=2)
   checkpointer.close()
   assert steps == [2, 3]

@@ -4,6 +4,8 @@ Packing puts several pairs in one row, with segment ids and per-pair positions; 
 attention, positions, teacher forcing and the loss must keep the pairs apart exactly.
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,7 @@ class InMemoryCache(TokenCache):
 
   def __init__(self):
     super().__init__(
-      directory=None, lengths=np.array([[len(s), len(t)] for s, t in PAIRS]), meta={}
+      directory=Path("<memory>"), lengths=np.array([[len(s), len(t)] for s, t in PAIRS]), meta={}
     )
 
   def read_flat(self, indices):

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.time_to_bleu import run_curve
 from transformer.cli import recipe_names, recipe_path
-from transformer.train.config import Config
+from transformer.config import Config
 from transformer.train.loop import run
 
 

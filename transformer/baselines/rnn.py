@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from transformer.errors import UserError
 from transformer.model.masks import MASKED
 
 
@@ -363,12 +364,12 @@ class RNNConfig:
 
   def __post_init__(self):
     if self.d_model % 2 or self.d_model <= 0:
-      raise ValueError(
+      raise UserError(
         f"d_model={self.d_model} must be positive and even (two directions of "
         "d_model / 2 in the encoder)"
       )
     if self.num_encoder_layers < 1 or self.num_decoder_layers < 1:
-      raise ValueError("the LSTM encoder-decoder needs at least one layer on each side")
+      raise UserError("the LSTM encoder-decoder needs at least one layer on each side")
 
   def replace(self, **changes) -> RNNConfig:
     return dataclasses.replace(self, **changes)
@@ -591,7 +592,7 @@ class LSTMSeq2Seq(nnx.Module):
   ) -> None:
     """Prepares step-by-step decoding (`cache_length` is only checked: the state has no length)."""
     if cache_length > self.config.max_len:
-      raise ValueError(f"cannot decode {cache_length} positions: max_len is {self.config.max_len}")
+      raise UserError(f"cannot decode {cache_length} positions: max_len is {self.config.max_len}")
     self.decoder.init_cache(memory_BSD, src_ids_BS != self.config.pad_id)
 
   def __call__(

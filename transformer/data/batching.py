@@ -16,14 +16,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 from jaxtyping import Int
+
+from transformer.errors import UserError
 
 CHUNK = 65_536  # pairs planned together: a few thousand batches of Multi30k, 1.5% of WMT14 en-de
 
 Row = tuple[int, ...]  # indices of the pairs in one row; () is a padding row
 PlannedBatch = tuple[int, list[Row]]  # (padded length, rows)
+_Rows = TypeVar("_Rows", list[Row], np.ndarray)
 
 
 def default_length_buckets(max_len: int) -> tuple[int, ...]:
@@ -40,7 +44,7 @@ def rows_per_batch(length: int, tokens_per_batch: int, multiple: int) -> int:
   data-parallel ways and processes, times the micro-batches of an update)."""
   rows = tokens_per_batch // length // multiple * multiple
   if rows == 0:
-    raise ValueError(
+    raise UserError(
       f"data.tokens_per_batch={tokens_per_batch} cannot fit {multiple} rows of "
       f"length {length}: raise it to at least {multiple * length}, or lower "
       "data.max_len"
@@ -201,11 +205,21 @@ def chunk_plan(
   return plan_chunk(ids, lengths_n2, layout, np.random.default_rng([seed, epoch, chunk]))
 
 
-def process_rows(rows: Sequence[Row], process_index: int, process_count: int) -> list[Row]:
-  """This process's contiguous share of a global batch's rows."""
-  if len(rows) % process_count:
-    raise ValueError(
-      f"a global batch of {len(rows)} rows does not split over {process_count} processes"
-    )
-  share = len(rows) // process_count
-  return list(rows[process_index * share : (process_index + 1) * share])
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """This process's share of every global batch: rows [index * B / count, (index + 1) * B /
+  count), so that the processes together read exactly what one process would."""
+
+  index: int = 0
+  count: int = 1
+
+  def rows(self, rows: _Rows) -> _Rows:
+    """This process's contiguous slice of a global batch's rows (a list or an array)."""
+    if len(rows) % self.count:
+      raise UserError(
+        f"a batch of {len(rows)} rows does not split over {self.count} processes: make the "
+        "batch size (data.tokens_per_batch / data.max_len, data.eval_batch_size) a multiple "
+        "of the process count"
+      )
+    size = len(rows) // self.count
+    return rows[self.index * size : (self.index + 1) * size]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from transformer.data.tokenizer import check_vocab_size
+from transformer.errors import UserError
 
 TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
 
@@ -60,20 +61,20 @@ class DataConfig:
   def __post_init__(self):
     for name in ("max_len", "tokens_per_batch", "eval_batch_size", "tokenizer_sentences"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        raise UserError(f"data.{name} must be positive, got {getattr(self, name)}")
     check_vocab_size(self.vocab_size)
     if self.tokenizer_type not in TOKENIZER_TYPES:
-      raise ValueError(
+      raise UserError(
         f"data.tokenizer_type={self.tokenizer_type!r} is unknown: use one of {TOKENIZER_TYPES}"
       )
     if any(b <= 1 for b in self.length_buckets):
-      raise ValueError(
+      raise UserError(
         f"data.length_buckets={self.length_buckets} must be lengths > 1, e.g. (16, 32, 64)"
       )
     if self.length_buckets and max(self.length_buckets) < self.max_len:
-      raise ValueError(
+      raise UserError(
         f"data.length_buckets={self.length_buckets} end below data.max_len="
         f"{self.max_len}: end them at {self.max_len}"
       )
     if not 0.0 < self.mlm_select_rate < 1.0:
-      raise ValueError(f"data.mlm_select_rate must be in (0, 1), got {self.mlm_select_rate}")
+      raise UserError(f"data.mlm_select_rate must be in (0, 1), got {self.mlm_select_rate}")

@@ -18,18 +18,40 @@ import tensorflow_datasets as tfds
 
 from transformer.data.config import DataConfig
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR, prepare_multi30k, source_fingerprint
+from transformer.errors import UserError
 
 Pair = tuple[str, str]
 
 
-def default_cache_dir(workdir: Path, process_count: int = 1) -> Path:
-  """Where prepared data is shared between runs: $TRANSFORMER_CACHE_DIR, else <workdir>/cache
-  when several processes run (the workdir is the one folder every host is known to see), else
-  ~/.cache/transformer."""
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a run's data lives, resolved once: the workdir (which keeps the run's tokenizer) and
+  the cache shared by every run that reads the same text (token caches, tokenizers, tfds data)."""
+
+  workdir: Path
+  cache_dir: Path
+
+  @classmethod
+  def of(cls, data: DataConfig, workdir: str | os.PathLike, process_count: int = 1) -> Location:
+    """data.cache_dir, else $TRANSFORMER_CACHE_DIR, else <workdir>/cache when several processes
+    run (the workdir is the one folder every host is known to see), else ~/.cache/transformer."""
+    workdir = Path(workdir)
+    if data.cache_dir:
+      cache_dir = Path(data.cache_dir)
+    elif os.environ.get("TRANSFORMER_CACHE_DIR"):
+      cache_dir = Path(os.environ["TRANSFORMER_CACHE_DIR"])
+    elif process_count > 1:
+      cache_dir = workdir / "cache"
+    else:
+      cache_dir = default_cache_dir()
+    return cls(workdir, cache_dir)
+
+
+def default_cache_dir() -> Path:
+  """$TRANSFORMER_CACHE_DIR, else ~/.cache/transformer: where a single process shares prepared
+  data (and compiled programs) with later runs."""
   if os.environ.get("TRANSFORMER_CACHE_DIR"):
     return Path(os.environ["TRANSFORMER_CACHE_DIR"])
-  if process_count > 1:
-    return workdir / "cache"
   return Path.home() / ".cache" / "transformer"
 
 
@@ -86,7 +108,7 @@ class Corpus:
         builder_kwargs={"file_format": "array_record"},
       )
     except tfds.core.registered.DatasetNotFoundError:
-      raise ValueError(
+      raise UserError(
         f"data.dataset={self.dataset!r} is not a tensorflow-datasets name: use "
         "multi30k or a tfds dataset such as wmt14_translate/de-en"
       ) from None
@@ -106,7 +128,7 @@ class Corpus:
     try:
       return _text(record[self.source_lang]), _text(record[self.target_lang])
     except KeyError as error:
-      raise ValueError(
+      raise UserError(
         f"{self.dataset} has no language {error} in split {split!r}: set "
         "data.source_lang and data.target_lang to its feature names"
       ) from None

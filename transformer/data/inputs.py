@@ -1,10 +1,12 @@
 """Everything a run reads: the tokenizer, the training stream, the evaluation and test sets.
 
-Two phases. `prepare` makes what a run reads exist on disk and is the only one that reads text:
-the tokenizer (trained once per corpus and kept in the workdir and the cache) and a token cache
-per split (`transformer.data.token_cache`). One process runs it; it does nothing when all is
-there. `build_inputs` then opens those files, in every process: a second start tokenizes
-nothing and holds only the pairs' lengths in memory.
+Two ways in: `training_inputs` for a training run, `evaluation_sets` for scoring a trained one.
+
+Training works in two phases. `prepare` makes what a run reads exist on disk and is the only one
+that reads text: the tokenizer (trained once per corpus and kept in the workdir and the cache)
+and a token cache per split (`transformer.data.token_cache`). One process runs it (the caller
+says which: `first_process`); it does nothing when all is there. Every process then opens those
+files: a second start tokenizes nothing and holds only the pairs' lengths in memory.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from transformer.data import batching
+from transformer.data.batching import Share
 from transformer.data.config import DataConfig
-from transformer.data.corpus import Corpus, Pair, default_cache_dir
+from transformer.data.corpus import Corpus, Location, Pair
 from transformer.data.pipeline import (
   Batch,
   Examples,
@@ -41,6 +44,7 @@ from transformer.data.tokenizer import (
   check_vocab_size,
   load_or_train_tokenizer,
 )
+from transformer.errors import MissingFile, UserError
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +86,19 @@ def splits_of(data: DataConfig, task: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def prepare(data: DataConfig, workdir: Path, *, cache_dir: Path, task: str) -> None:
-  """The run's tokenizer in `workdir` and a token cache for each split it reads, built if absent.
+def prepare(data: DataConfig, task: str, where: Location) -> None:
+  """The run's tokenizer in the workdir and a token cache for each split it reads, built if
+  absent.
 
   Text is read in chunks and only when something is missing, so memory stays flat in the size
   of the corpus and a second start reads no text at all.
   """
-  corpus = Corpus.of(data, cache_dir)
-  tokenizer_path = ensure_tokenizer(data, corpus, workdir, cache_dir)
+  corpus = Corpus.of(data, where.cache_dir)
+  tokenizer_path = ensure_tokenizer(data, corpus, where.workdir, where.cache_dir)
   for split in splits_of(data, task):
-    ensure_split(corpus, split, tokenizer_path, cache_dir, keep_text=split != data.train_split)
+    ensure_split(
+      corpus, split, tokenizer_path, where.cache_dir, keep_text=split != data.train_split
+    )
 
 
 def ensure_split(
@@ -168,13 +175,13 @@ def train_tokenizer(data: DataConfig, directory: Path, sentences: Iterable[str])
   except RuntimeError as error:
     # SentencePiece states the size the text allows only inside its message.
     if too_small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
-      raise ValueError(
+      raise UserError(
         f"data.vocab_size={data.vocab_size} is fewer pieces than the training "
         "text's characters and the special pieces need (at least "
         f"{too_small[1]}): raise data.vocab_size"
       ) from None
     if too_large := re.search(r"Vocabulary size too high.*<= (\d+)", str(error)):
-      raise ValueError(
+      raise UserError(
         f"data.vocab_size={data.vocab_size} is more pieces than the training text "
         f"supports (at most {too_large[1]}): lower data.vocab_size"
       ) from None
@@ -190,12 +197,13 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def open_split(data: DataConfig, workdir: Path, cache_dir: Path, split: str) -> TokenCache:
-  corpus = Corpus.of(data, cache_dir)
-  directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), workdir / MODEL_FILENAME)
+def open_split(data: DataConfig, where: Location, split: str) -> TokenCache:
+  corpus = Corpus.of(data, where.cache_dir)
+  tokenizer_path = where.workdir / MODEL_FILENAME
+  directory = where.cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
   cache = open_cache(directory)
   if cache is None:
-    raise FileNotFoundError(f"{split}: no token cache in {directory}: prepare the data first")
+    raise MissingFile(f"{split}: no token cache in {directory}: prepare the data first")
   unknown = cache.meta["unknown_pieces"]
   if unknown:
     log.warning(
@@ -208,53 +216,50 @@ def open_split(data: DataConfig, workdir: Path, cache_dir: Path, split: str) -> 
   return cache
 
 
-def build_inputs(
+def _now(job: Callable[[], None]) -> None:
+  job()
+
+
+def training_inputs(
   data: DataConfig,
-  workdir: str | os.PathLike,
+  where: Location,
   *,
-  task: str = "translation",
-  seed: int = 0,
+  task: str,
+  seed: int,
   batch_tokens: int | None = None,
   batch_multiple: int = 1,
-  process_index: int = 0,
-  process_count: int = 1,
-  cache_dir: Path | None = None,
+  share: Share = Share(),
+  first_process: Callable[[Callable[[], None]], None] = _now,
   packing: bool | None = None,
   prefetch: int = 2,
-  prepare_data: bool = True,
 ) -> Inputs:
-  """The run's inputs, prepared first unless `prepare_data` is False (another process did it).
+  """A training run's inputs: prepared (by the process `first_process` runs the job on, while
+  the others wait), then opened in this process.
 
   Args:
     data: the data block.
-    workdir: where the tokenizer is kept.
+    where: the workdir (the tokenizer) and the shared cache.
     task: "translation", "lm" or "mlm": the format of the batches.
     seed: the order of the training data (and the masked-LM corruption).
     batch_tokens: tokens of one training batch; default data.tokens_per_batch. With gradient
       accumulation a batch holds k micro-batches: k times that.
     batch_multiple: rows of a training batch are a multiple of this (data-parallel ways x k).
-    process_index, process_count: this process's share of every batch's rows.
-    cache_dir: where token caches (and tfds data) are shared; default `default_cache_dir`.
+    share: this process's rows of every batch.
+    first_process: runs the preparation once (`transformer.parallel.distributed
+      .on_first_process` in a multi-host job); by default here and now.
     packing: several pairs per row; default data.packing.
     prefetch: batches assembled ahead in a background thread (0: none).
   """
-  workdir = Path(workdir)
-  if cache_dir is None:
-    cache_dir = (
-      Path(data.cache_dir) if data.cache_dir else default_cache_dir(workdir, process_count)
-    )
-  if prepare_data:
-    prepare(data, workdir, cache_dir=cache_dir, task=task)
-  tokenizer = Tokenizer(workdir / MODEL_FILENAME)
+  first_process(lambda: prepare(data, task, where))
+  tokenizer = Tokenizer(where.workdir / MODEL_FILENAME)
   if tokenizer.vocab_size != data.vocab_size:
-    raise ValueError(
+    raise UserError(
       f"{tokenizer.model_path} has vocab_size {tokenizer.vocab_size}, not "
       f"data.vocab_size={data.vocab_size}: use another workdir or the stored "
       "model's size"
     )
-  shard = dict(process_index=process_index, process_count=process_count)
   batch_tokens = batch_tokens or data.tokens_per_batch
-  train = open_split(data, workdir, cache_dir, data.train_split)
+  train = open_split(data, where, data.train_split)
   # Language models read running text: long sentences are cut into windows, not dropped.
   truncate = data.truncate or task != "translation"
   usable, counts = batching.usable_pairs(train.lengths, data.max_len, truncate)
@@ -267,7 +272,7 @@ def build_inputs(
       buckets=data.length_buckets,
       packing=data.packing if packing is None else packing,
     )
-    stream = translation_stream(train, usable, layout, seed=seed, prefetch=prefetch, **shard)
+    stream = translation_stream(train, usable, layout, seed=seed, prefetch=prefetch, share=share)
   else:
     # Language models read the target side as running text, in windows of max_len tokens.
     targets = [
@@ -278,15 +283,16 @@ def build_inputs(
     windows = lm_windows(targets, data.max_len)
     rows = batching.rows_per_batch(data.max_len, batch_tokens, batch_multiple)
     mlm = (tokenizer.vocab_size, data.mlm_select_rate) if task == "mlm" else None
-    stream = language_model_stream(windows, rows, seed=seed, mlm=mlm, prefetch=prefetch, **shard)
-
-  validation = _evaluation_set(data, workdir, cache_dir, data.eval_split, shard)
+    stream = language_model_stream(
+      windows, rows, seed=seed, mlm=mlm, prefetch=prefetch, share=share
+    )
+  validation = _evaluation_set(data, where, data.eval_split, share)
   test_sets = [
-    _evaluation_set(data, workdir, cache_dir, split, shard)
+    _evaluation_set(data, where, split, share)
     for split in (data.test_splits if task == "translation" else ())
   ]
   eval_batches_ = _eval_batches_for_task(
-    task, seed, data.mlm_select_rate, validation.batches, tokenizer, **shard
+    task, seed, data.mlm_select_rate, validation.batches, tokenizer, share
   )
   return Inputs(
     tokenizer,
@@ -317,77 +323,67 @@ def _report_usable(split: str, max_len: int, truncate: bool, counts: dict[str, i
       counts["kept"],
     )
   if not counts["kept"]:
-    raise ValueError(
+    raise UserError(
       f"{split} has no pair with text on both sides within data.max_len="
       f"{max_len}: check the data files, or raise data.max_len"
     )
 
 
-def evaluation_set(
+# A split of the run's dataset by name, or (name, (source, reference) pairs) read from files.
+EvaluationSource = str | tuple[str, list[Pair]]
+
+
+def evaluation_sets(
   data: DataConfig,
-  workdir: Path,
-  split: str,
+  where: Location,
+  sources: Sequence[EvaluationSource],
   *,
-  cache_dir: Path | None = None,
-  batch_size: int | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> TestSet:
-  """One split as training evaluates it (its token cache built first if missing): batches of
-  data.eval_batch_size sentences (or `batch_size`) in the split's order."""
-  workdir = Path(workdir)
-  cache_dir = cache_dir or (
-    Path(data.cache_dir) if data.cache_dir else default_cache_dir(workdir, process_count)
-  )
-  ensure_split(
-    Corpus.of(data, cache_dir), split, workdir / MODEL_FILENAME, cache_dir, keep_text=True
-  )
-  shard = dict(process_index=process_index, process_count=process_count)
-  return _evaluation_set(data, workdir, cache_dir, split, shard, batch_size)
-
-
-def file_evaluation_set(
-  name: str,
-  pairs: list[Pair],
   tokenizer: Tokenizer,
-  data: DataConfig,
-  *,
   batch_size: int | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> TestSet:
-  """An evaluation set of (source, reference) text pairs from files, batched like a split."""
-  ids = tokenizer.encode([s for s, _ in pairs]), tokenizer.encode([t for _, t in pairs])
-  examples, _ = make_examples(ids[0], ids[1], data.max_len, truncate=True)
-  return TestSet(
-    name,
-    pairs,
-    examples,
-    _batches(
-      data, examples, batch_size, dict(process_index=process_index, process_count=process_count)
-    ),
-  )
+  share: Share = Share(),
+) -> list[TestSet]:
+  """Sets to score a trained run on, batched as training evaluates (data.eval_batch_size, or
+  `batch_size`, sentences a batch, in length buckets): each split by name (its token cache
+  built first if missing), or (name, pairs) of text read from files."""
+  sets = []
+  for source in sources:
+    if isinstance(source, str):
+      ensure_split(
+        Corpus.of(data, where.cache_dir),
+        source,
+        tokenizer.model_path,
+        where.cache_dir,
+        keep_text=True,
+      )
+      sets.append(_evaluation_set(data, where, source, share, batch_size))
+      continue
+    name, pairs = source
+    ids = tokenizer.encode([s for s, _ in pairs]), tokenizer.encode([t for _, t in pairs])
+    examples, _ = make_examples(ids[0], ids[1], data.max_len, truncate=True)
+    sets.append(TestSet(name, pairs, examples, _batches(data, examples, batch_size, share)))
+  return sets
 
 
 def _batches(
-  data: DataConfig, examples: Examples, batch_size: int | None, shard: dict[str, int]
+  data: DataConfig, examples: Examples, batch_size: int | None, share: Share
 ) -> list[Batch]:
   buckets = tuple(data.length_buckets) or batching.default_length_buckets(data.max_len)
-  return eval_batches(examples, batch_size or data.eval_batch_size, length_buckets=buckets, **shard)
+  return eval_batches(
+    examples,
+    batch_size or data.eval_batch_size,
+    length_buckets=buckets,
+    process_index=share.index,
+    process_count=share.count,
+  )
 
 
 def _evaluation_set(
-  data: DataConfig,
-  workdir: Path,
-  cache_dir: Path,
-  split: str,
-  shard: dict[str, int],
-  batch_size: int | None = None,
+  data: DataConfig, where: Location, split: str, share: Share, batch_size: int | None = None
 ) -> TestSet:
   """A split's pairs in order, cut to data.max_len (every line needs a translation)."""
-  cache = open_split(data, workdir, cache_dir, split)
+  cache = open_split(data, where, split)
   if not len(cache) or not (cache.lengths.min(axis=1) > 0).any():
-    raise ValueError(
+    raise UserError(
       f"{split} has no pair with text on both sides: an evaluation set of empty "
       "lines scores nothing; check the data files"
     )
@@ -404,8 +400,8 @@ def _evaluation_set(
       stats.kept,
     )
   if not len(examples):
-    raise ValueError(f"{split} is empty: check the data files")
-  return TestSet(split, cache.text(), examples, _batches(data, examples, batch_size, shard))
+    raise UserError(f"{split} is empty: check the data files")
+  return TestSet(split, cache.text(), examples, _batches(data, examples, batch_size, share))
 
 
 def _eval_batches_for_task(
@@ -414,9 +410,7 @@ def _eval_batches_for_task(
   mlm_select_rate: float,
   batches: list[Batch],
   tokenizer: Tokenizer,
-  *,
-  process_index: int = 0,
-  process_count: int = 1,
+  share: Share,
 ) -> list[Batch]:
   """Validation batches in the task's format, with per-token weights.
 
@@ -436,8 +430,8 @@ def _eval_batches_for_task(
         np.random.default_rng([seed, 2**31, i]),
         tokenizer.vocab_size,
         select_rate=mlm_select_rate,
-        process_index=process_index,
-        process_count=process_count,
+        process_index=share.index,
+        process_count=share.count,
       )
       masked["weights"] = masked["weights"] * batch["weights"][:, None]
       out.append(masked)

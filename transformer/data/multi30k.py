@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 
+from transformer.errors import MissingFile, UserError
+
 # Shipped inside the package, so an installed copy finds it too.
 DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "corpora" / "multi30k"
 LANGUAGES = ("en", "de")
@@ -57,7 +59,7 @@ _CITATION = """\
 def require_file(path: Path) -> None:
   """Raises a one-line FileNotFoundError that names the missing file and the fix."""
   if not path.is_file():
-    raise FileNotFoundError(
+    raise MissingFile(
       f"Multi30k file {path} is missing: copy the corpus into {path.parent} "
       f"or pass source_dir= pointing at a directory with the *.en.gz/*.de.gz files."
     )
@@ -79,12 +81,12 @@ def iter_lines(path: Path) -> Iterator[str]:
           yield raw.decode("utf-8").removesuffix("\n")
         except UnicodeDecodeError as error:
           column = error.start + 1
-          raise ValueError(
+          raise UserError(
             f"{path} line {number} is not UTF-8 (byte {raw[error.start]:#04x} at byte {column} "
             "of the line): convert the file to UTF-8 and gzip it again"
           ) from None
   except (OSError, EOFError, zlib.error) as error:
-    raise ValueError(
+    raise UserError(
       f"{path} cannot be read at line {number + 1} ({error}): the file is cut short or damaged; "
       "copy it again or re-create it with gzip"
     ) from None
@@ -105,9 +107,9 @@ def split_paths(source_dir: Path, stem: str) -> dict[str, Path]:
   counts = {lang: sum(1 for _ in iter_lines(path)) for lang, path in paths.items()}
   if len(set(counts.values())) != 1:
     detail = ", ".join(f"{paths[lang]} has {counts[lang]} lines" for lang in LANGUAGES)
-    raise ValueError(f"Multi30k line counts differ: {detail}; the sides must be aligned.")
+    raise UserError(f"Multi30k line counts differ: {detail}; the sides must be aligned.")
   if not counts["en"]:
-    raise ValueError(
+    raise UserError(
       f"{paths['en']} and {paths['de']} hold no lines: give the {stem} split its sentence pairs"
     )
   return paths
@@ -167,7 +169,7 @@ def source_fingerprint(source_dir: Path) -> str:
   its prepared examples, while an edited or different corpus never reuses them.
   """
   if not source_dir.is_dir():
-    raise FileNotFoundError(
+    raise MissingFile(
       f"data.source_dir {source_dir} not found: the directory is missing; set it to a "
       f"directory holding the Multi30k files ({SPLIT_FILES['train']}.en.gz, "
       f"{SPLIT_FILES['train']}.de.gz, {SPLIT_FILES['validation']}.en.gz, ...)"

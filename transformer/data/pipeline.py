@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Int
 
-from transformer.data.batching import default_length_buckets
+from transformer.data.batching import Share, default_length_buckets
 from transformer.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -67,8 +67,8 @@ def encode_pairs(
 
 
 def make_examples(
-  source_ids: Sequence[Sequence[int] | np.ndarray],
-  target_ids: Sequence[Sequence[int] | np.ndarray],
+  source_ids: Sequence[Sequence[int | np.integer] | np.ndarray],
+  target_ids: Sequence[Sequence[int | np.integer] | np.ndarray],
   max_len: int,
   *,
   truncate: bool = False,
@@ -109,18 +109,7 @@ def _build_translation(examples: Examples, length: int, rows: np.ndarray) -> Bat
   }
 
 
-def process_rows(rows: Int[np.ndarray, " B"], process_index: int, process_count: int) -> np.ndarray:
-  """This process's contiguous slice [B / process_count] of a global batch's rows."""
-  if len(rows) % process_count:
-    raise ValueError(
-      f"a batch of {len(rows)} rows does not split over {process_count} processes: make the "
-      "evaluation batch size a multiple of it"
-    )
-  per_process = len(rows) // process_count
-  return rows[process_index * per_process : (process_index + 1) * per_process]
-
-
-def _with_eos(ids: Sequence[int] | np.ndarray, max_len: int) -> np.ndarray:
+def _with_eos(ids: Sequence[int | np.integer] | np.ndarray, max_len: int) -> np.ndarray:
   kept = np.asarray(ids[: max_len - 1], np.int32)
   return np.concatenate([kept, np.array([EOS_ID], np.int32)])
 
@@ -146,7 +135,7 @@ def _chunk(rows: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def padded(
-  sequences: Sequence[Sequence[int] | np.ndarray], length: int | None = None
+  sequences: Sequence[Sequence[int | np.integer] | np.ndarray], length: int | None = None
 ) -> Int[np.ndarray, "B T"]:
   """Sequences of ids as one [B, T] int32 array right-padded with PAD_ID; T = `length`, or the
   longest sequence."""
@@ -187,7 +176,7 @@ def eval_batches(
   for rows in _chunk(np.arange(len(examples)), batch_size):
     real = rows[rows != _PADDING_ROW]
     length = int(boundaries[assign_buckets(lengths[real], boundaries).max()])
-    local = process_rows(rows, process_index, process_count)
+    local = Share(process_index, process_count).rows(rows)
     batch = _build_translation(examples, length, local)
     batch["weights"] = (local != _PADDING_ROW).astype(np.float32)
     batch["index"] = np.where(local != _PADDING_ROW, examples.index[local], -1).astype(np.int32)
@@ -196,7 +185,7 @@ def eval_batches(
 
 
 def lm_windows(
-  token_ids: Sequence[Sequence[int] | np.ndarray], seq_len: int
+  token_ids: Sequence[Sequence[int | np.integer] | np.ndarray], seq_len: int
 ) -> Int[np.ndarray, "n T"]:
   """One side's sentences joined with EOS after each, cut into windows of T = seq_len.
 
@@ -226,7 +215,7 @@ def mask_tokens(
   itself otherwise (BERT's 80/10/10). For a resumable run seed `rng` with (seed, step).
 
   With `process_count` > 1, `ids_BT` is this process's slice of a global batch of
-  B * process_count rows (as `process_rows` cuts it): the random draws are made for the whole
+  B * process_count rows (as `Share.rows` cuts it): the random draws are made for the whole
   global batch and sliced the same way, so the processes' batches together are the batch one
   process would corrupt. Every process must seed `rng` alike.
 

@@ -31,10 +31,11 @@ import grain
 import numpy as np
 
 from transformer.data import batching
-from transformer.data.batching import Layout, PlannedBatch, Row
+from transformer.data.batching import Layout, PlannedBatch, Row, Share
 from transformer.data.pipeline import mask_tokens
 from transformer.data.token_cache import TokenCache
 from transformer.data.tokenizer import EOS_ID, PAD_ID
+from transformer.errors import UserError
 
 Batch = dict[str, np.ndarray]
 Position = tuple[int, int, int]  # (epoch, chunk, batch)
@@ -61,7 +62,7 @@ class _PlanIterator(grain.DatasetIterator):
     while self._batch >= len(self._plan()):
       empty_chunks += 1
       if empty_chunks > self._chunks:
-        raise ValueError("the training data holds no batch: check the data and data.max_len")
+        raise UserError("the training data holds no batch: check the data and data.max_len")
       self._batch, self._chunk = 0, self._chunk + 1
       if self._chunk == self._chunks:
         self._epoch, self._chunk = self._epoch + 1, 0
@@ -75,7 +76,7 @@ class _PlanIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._epoch, self._chunk, self._batch = (int(state[k]) for k in ("epoch", "chunk", "batch"))
     if not (self._epoch >= 0 and 0 <= self._chunk < self._chunks and self._batch >= 0):
-      raise ValueError(
+      raise UserError(
         f"data position {state} is outside this stream ({self._chunks} chunks an "
         "epoch): the checkpoint was written with other data"
       )
@@ -199,8 +200,7 @@ def translation_stream(
   layout: Layout,
   *,
   seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  share: Share = Share(),
   prefetch: int = 2,
 ) -> TrainStream:
   """Shuffled translation batches of `usable` pairs of `cache`, bucketed or packed."""
@@ -210,7 +210,7 @@ def translation_stream(
 
   def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
     _, (length, rows) = item
-    mine = batching.process_rows(rows, process_index, process_count)
+    mine = share.rows(rows)
     return assemble_translation(cache, mine, length, layout.packing)
 
   plans = PlannedBatches(planner, batching.num_chunks(len(usable)))
@@ -223,8 +223,7 @@ def language_model_stream(
   *,
   seed: int,
   mlm: tuple | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
+  share: Share = Share(),
   prefetch: int = 2,
 ) -> TrainStream:
   """Shuffled batches of `rows` LM windows [n, T]; with `mlm` = (vocab_size, select_rate), BERT's
@@ -239,7 +238,7 @@ def language_model_stream(
 
   def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
     position, (_, global_rows) = item
-    mine = batching.process_rows(global_rows, process_index, process_count)
+    mine = share.rows(global_rows)
     which = np.array([row[0] if row else -1 for row in mine], np.int64)
     targets = np.where((which >= 0)[:, None], windows[np.maximum(which, 0)], PAD_ID)
     targets = targets.astype(np.int32)
@@ -252,8 +251,8 @@ def language_model_stream(
       rng,
       vocab_size,
       select_rate=select_rate,
-      process_index=process_index,
-      process_count=process_count,
+      process_index=share.index,
+      process_count=share.count,
     )
 
   plans = PlannedBatches(planner, batching.num_chunks(len(windows)))

@@ -35,6 +35,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from transformer.data.tokenizer import UNK_ID
+from transformer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def open_cache(directory: Path) -> TokenCache | None:
   meta = json.loads(meta_path.read_text())
   lengths = np.load(directory / LENGTHS_FILENAME)
   if meta.get("format") != FORMAT_VERSION or len(lengths) != meta["pairs"]:
-    raise ValueError(
+    raise UserError(
       f"token cache {directory} is damaged or of another format: delete it and it is built again"
     )
   return TokenCache(directory, lengths, meta)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from transformer.errors import MissingFile, UserError
+
 PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
@@ -30,7 +32,7 @@ def check_vocab_size(vocab_size: int) -> None:
   """A clear error for a vocabulary with no room beyond the special pieces (SentencePiece's own
   error for it names no size)."""
   if vocab_size <= MASK_ID + 1:
-    raise ValueError(
+    raise UserError(
       f"data.vocab_size={vocab_size} leaves no room for text: it needs the "
       f"{MASK_ID + 1} special pieces plus one per distinct character of the "
       "training text: raise data.vocab_size"
@@ -105,12 +107,12 @@ class Tokenizer:
   def __init__(self, model_path: str | os.PathLike):
     self.model_path = Path(model_path)
     if not self.model_path.is_file():
-      raise FileNotFoundError(f"{self.model_path} is missing: the run has no tokenizer")
+      raise MissingFile(f"{self.model_path} is missing: the run has no tokenizer")
     try:
       self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
     except (RuntimeError, OSError) as error:
       detail = " ".join(str(error).split())[:120]
-      raise ValueError(
+      raise UserError(
         f"{self.model_path} is not a SentencePiece model ({detail}): restore it "
         "from the run, or delete it to train a new one"
       ) from None
@@ -123,7 +125,7 @@ class Tokenizer:
     }
     found = {i: self._sp.id_to_piece(i) for i in expected}
     if found != expected:
-      raise ValueError(f"{self.model_path} has special pieces {found}, expected {expected}.")
+      raise UserError(f"{self.model_path} has special pieces {found}, expected {expected}.")
 
   @property
   def vocab_size(self) -> int:
@@ -163,7 +165,7 @@ def load_or_train_tokenizer(
     train_sentencepiece(sentences, model_path, vocab_size, model_type=model_type)
   tokenizer = Tokenizer(model_path)
   if tokenizer.vocab_size != vocab_size:
-    raise ValueError(
+    raise UserError(
       f"{model_path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}: "
       "use another workdir or the stored model's size."
     )

@@ -28,6 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 from transformer.data.tokenizer import BOS_ID, EOS_ID
 from transformer.decode.cache import call_cached, gather_beams, jit_with_model, split_cache
 from transformer.decode.greedy import NEG_INF, log_probs_without_pad, start_tokens
+from transformer.errors import UserError
 from transformer.model.transformer import EncoderDecoder
 
 
@@ -206,12 +207,12 @@ def beam_search(
     the best score; finished and unfinished hypotheses are ranked together by this score.
   """
   if not 1 <= max_new_tokens <= model.config.max_len:
-    raise ValueError(
+    raise UserError(
       f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={model.config.max_len}]"
     )
   # 2W candidates per step must come from real tokens of beam 0 on the first step (PAD excluded).
   if beam_size < 1 or 2 * beam_size >= model.config.vocab_size:
-    raise ValueError(f"beam_size={beam_size} must be >= 1 and below vocab_size / 2")
+    raise UserError(f"beam_size={beam_size} must be >= 1 and below vocab_size / 2")
   return _beam_search(
     model,
     src_ids_BS,

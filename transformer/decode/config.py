@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from transformer.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
@@ -30,14 +32,32 @@ class DecodeConfig:
   def __post_init__(self):
     check_search(self.beam_size, self.alpha, self.max_extra_tokens, prefix="decode.")
     if self.num_examples < 0:
-      raise ValueError(f"decode.num_examples must be >= 0, got {self.num_examples}")
+      raise UserError(f"decode.num_examples must be >= 0, got {self.num_examples}")
+
+  def overridden(
+    self,
+    *,
+    beam_size: int | None = None,
+    alpha: float | None = None,
+    max_extra_tokens: int | None = None,
+  ) -> DecodeConfig:
+    """These search settings where given (not None), this block's elsewhere: how a command's
+    --beam_size, --alpha and --max_extra_tokens override the settings a run was scored with.
+    The values are checked, named as the command line spells them."""
+    beam_size = self.beam_size if beam_size is None else beam_size
+    alpha = self.alpha if alpha is None else alpha
+    max_extra_tokens = self.max_extra_tokens if max_extra_tokens is None else max_extra_tokens
+    check_search(beam_size, alpha, max_extra_tokens)
+    return dataclasses.replace(
+      self, beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens
+    )
 
 
 def check_search(beam_size: int, alpha: float, max_extra_tokens: int, prefix: str = "--") -> None:
   """One-line errors for impossible search settings, named as the caller spells them."""
   if beam_size < 1:
-    raise ValueError(f"{prefix}beam_size must be >= 1 (1 = greedy), got {beam_size}")
+    raise UserError(f"{prefix}beam_size must be >= 1 (1 = greedy), got {beam_size}")
   if not math.isfinite(alpha) or alpha < 0:
-    raise ValueError(f"{prefix}alpha (length penalty) must be a finite number >= 0, got {alpha}")
+    raise UserError(f"{prefix}alpha (length penalty) must be a finite number >= 0, got {alpha}")
   if max_extra_tokens < 0:
-    raise ValueError(f"{prefix}max_extra_tokens must be >= 0, got {max_extra_tokens}")
+    raise UserError(f"{prefix}max_extra_tokens must be >= 0, got {max_extra_tokens}")

@@ -16,6 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from transformer.data.tokenizer import BOS_ID, EOS_ID
 from transformer.decode.cache import call_cached, jit_with_model, split_cache
+from transformer.errors import UserError
 from transformer.model.transformer import EncoderDecoder
 
 # Finite stand-in for -inf (as in Flax's beam search): NEG_INF + log p stays finite and ordered.
@@ -151,7 +152,7 @@ def greedy_decode(
     max_new_tokens positions without EOS if it did not finish.
   """
   if not 1 <= max_new_tokens <= model.config.max_len:
-    raise ValueError(
+    raise UserError(
       f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={model.config.max_len}]"
     )
   return _greedy_decode(

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 from transformer.data.tokenizer import EOS_ID
 from transformer.decode.cache import call_cached, jit_with_model, split_cache
 from transformer.decode.greedy import NEG_INF, log_probs_without_pad, token_loop
+from transformer.errors import UserError
 from transformer.model.transformer import DecoderOnly
 
 
@@ -143,13 +144,13 @@ def sample(
     ids [B, total = T + max_new_tokens]: the prompt, then the new tokens (PAD after EOS).
   """
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy)")
   if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-    raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.config.vocab_size}]")
+    raise UserError(f"top_k={top_k} must be in [1, vocab_size={model.config.vocab_size}]")
   if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    raise UserError(f"top_p={top_p} must be in (0, 1]")
   return _sample(
     model,
     prompt_ids_BT,

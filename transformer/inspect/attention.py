@@ -23,6 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.decode.batch import padded_length, translate_ids
+from transformer.errors import UserError
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.transformer import EncoderDecoder
 
@@ -137,10 +138,10 @@ def pieces_of(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 def source_ids(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[int]:
   """Ids of `text` + EOS; an empty or over-long sentence is an error, never silently cut."""
   if not text.strip():
-    raise ValueError("the sentence is empty: give one non-empty sentence to visualise")
+    raise UserError("the sentence is empty: give one non-empty sentence to visualise")
   ids = tokenizer.encode([text])[0] + [EOS_ID]
   if len(ids) > max_tokens:
-    raise ValueError(
+    raise UserError(
       f"the sentence has {len(ids) - 1} pieces and the model takes at most "
       f"{max_tokens - 1}: shorten it"
     )
@@ -211,7 +212,7 @@ def word_piece_indices(pieces: Sequence[str], word: str) -> list[int]:
     ]
     if "".join(pieces[i] for i in letters).lstrip(WORD_START).lower() == word.lower():
       return letters
-  raise ValueError(f"{word!r} is not a word of the sentence (its pieces: {' '.join(pieces)})")
+  raise UserError(f"{word!r} is not a word of the sentence (its pieces: {' '.join(pieces)})")
 
 
 def cosine(a_D: np.ndarray, b_D: np.ndarray) -> float:

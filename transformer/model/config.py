@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from transformer.errors import UserError
+
 POSITIONS = ("sinusoidal", "learned", "rope")
 NORMS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu")
@@ -70,17 +72,17 @@ class TransformerConfig:
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "attention_block_size"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
     for name in ("num_encoder_layers", "num_decoder_layers"):
       if getattr(self, name) < 0:
-        raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        raise UserError(f"model.{name} must be >= 0, got {getattr(self, name)}")
     if self.d_model % self.num_heads:
-      raise ValueError(
+      raise UserError(
         f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}: "
         "choose d_model as a multiple of num_heads"
       )
     if self.position == "rope" and self.head_dim % 2:
-      raise ValueError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
+      raise UserError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
     for name, allowed in (
       ("position", POSITIONS),
       ("norm", NORMS),
@@ -91,12 +93,12 @@ class TransformerConfig:
       ("logits_dtype", DTYPES),
     ):
       if getattr(self, name) not in allowed:
-        raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
+        raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        raise UserError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.attention_dropout_rate > 0 and self.attention in ("cudnn", "blockwise"):
-      raise ValueError(
+      raise UserError(
         f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "
         f"weights, which model.attention={self.attention!r} never forms: set it to 0, or use "
         "attention 'xla' or 'auto'"

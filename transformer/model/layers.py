@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from transformer.errors import UserError
 from transformer.model.config import TransformerConfig
 from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
 
@@ -154,7 +155,7 @@ class PositionEncoding(nnx.Module):
     # every position; the length is static, so the check costs nothing at run time. (In decode
     # mode the offset is traced, but `init_cache` already bounds the cache by max_len.)
     if positions_BT.shape[-1] > self.max_len:
-      raise ValueError(
+      raise UserError(
         f"sequence of {positions_BT.shape[-1]} positions exceeds model.max_len="
         f"{self.max_len}: raise max_len or shorten the input"
       )

@@ -16,7 +16,7 @@ def as_4d(mask: Bool[Array, ...] | None) -> Bool[Array, "b n t s"] | None:
     return None
   if mask.ndim > 4:
     raise ValueError(f"attention mask has rank {mask.ndim}; it must broadcast to [B, N, T, S]")
-  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape).astype(jnp.bool_)
+  return jnp.asarray(mask).reshape((1,) * (4 - mask.ndim) + mask.shape).astype(jnp.bool_)
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: int | jax.Array = 0) -> Bool[Array, "1 1 T S"]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from transformer.errors import UserError
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.config import TransformerConfig
 from transformer.model.layers import (
@@ -159,7 +160,7 @@ class Decoder(nnx.Module):
   ) -> None:
     """Prepares incremental decoding of up to `cache_length` positions."""
     if cache_length > self.config.max_len:
-      raise ValueError(
+      raise UserError(
         f"cannot decode {cache_length} positions: model.max_len is "
         f"{self.config.max_len}; raise it or decode fewer tokens"
       )

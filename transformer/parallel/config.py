@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from transformer.errors import UserError
+
 STRATEGIES = ("jit", "shard_map")
 
 
@@ -33,19 +35,19 @@ class ParallelConfig:
   def __post_init__(self):
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
     if list(sizes.values()).count(-1) > 1:
-      raise ValueError(
+      raise UserError(
         f"parallel mesh {sizes} has more than one -1: let at most one axis fill in the rest"
       )
     if any(s == 0 or s < -1 for s in sizes.values()):
-      raise ValueError(f"parallel mesh {sizes}: sizes must be positive or -1")
+      raise UserError(f"parallel mesh {sizes}: sizes must be positive or -1")
     if not self.barrier_timeout_s > 0:
-      raise ValueError(f"parallel.barrier_timeout_s must be positive, got {self.barrier_timeout_s}")
+      raise UserError(f"parallel.barrier_timeout_s must be positive, got {self.barrier_timeout_s}")
     if self.strategy not in STRATEGIES:
-      raise ValueError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
+      raise UserError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
     if self.coordinator_address and (
       self.num_processes < 1 or self.process_id < 0 or self.process_id >= self.num_processes
     ):
-      raise ValueError(
+      raise UserError(
         "parallel.coordinator_address needs parallel.num_processes >= 1 and "
         "0 <= parallel.process_id < num_processes"
       )

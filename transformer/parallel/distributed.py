@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 
+from transformer.errors import UserError
 from transformer.parallel.config import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,9 @@ def on_first_process(fn: Callable[[], object], name: str, *, timeout_s: float) -
     failure = _lookup(client, f"{key}/failed")
     if failure is not None:
       _meet(client, f"{key}/failure-seen")
-      raise ValueError(f"process 0 failed while {what}: {failure}")
+      raise UserError(f"process 0 failed while {what}: {failure}")
     time.sleep(0.2)
-  raise TimeoutError(
+  raise UserError(
     f"process 0 did not finish {what} within {timeout_s:.0f} s: see its log, "
     "or raise parallel.barrier_timeout_s"
   )
@@ -105,7 +106,7 @@ def _lookup(client, key: str) -> str | None:
   except Exception as error:
     if "NOT_FOUND" in str(error) or "not found" in str(error).lower():
       return None
-    raise ConnectionError(
+    raise UserError(
       f"lost the job's coordinator (process 0) while waiting for it: "
       f"{' '.join(str(error).split())[:200]}"
     ) from None

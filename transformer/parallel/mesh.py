@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from transformer.errors import UserError
 from transformer.parallel.axes import DATA, FSDP, MESH_AXES, TENSOR
 from transformer.parallel.config import ParallelConfig
 
@@ -18,13 +19,13 @@ def mesh_shape(parallel: ParallelConfig, num_devices: int) -> tuple[int, int, in
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(
+      raise UserError(
         f"parallel mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
         f"{num_devices} devices: make the fixed axes' product divide {num_devices}"
       )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(
+    raise UserError(
       f"parallel mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices "
       f"but {num_devices} are present: set one axis to -1 or match the count"
     )
@@ -59,12 +60,12 @@ def check_divisible(
     ("data.vocab_size", vocab_size, "tensor", tensor),
   ):
     if size % ways:
-      raise ValueError(
+      raise UserError(
         f"{name}={size} is not divisible by the {axis} axis ({ways} devices): "
         f"choose parallel.{axis} dividing {size}"
       )
   if batch_size is not None and batch_size % data_ways(mesh):
-    raise ValueError(
+    raise UserError(
       f"batch of {batch_size} rows does not split over data x fsdp = "
       f"{mesh.shape[DATA] * fsdp} devices: use a multiple of it"
     )

@@ -14,15 +14,17 @@ with the `StepFunctions` attributes) and batches [B, ...] with rows split over d
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+from transformer.errors import UserError
 from transformer.parallel.axes import DATA, FSDP, TENSOR
 from transformer.parallel.mesh import batch_sharding, replicated
 
 
+@runtime_checkable
 class StepFunctions(Protocol):
   """The pure pieces of a train step that a strategy composes."""
 
@@ -52,7 +54,7 @@ def jit_train_step(steps: StepFunctions, state_shardings: Any, mesh: Mesh):
 def shard_map_train_step(steps: StepFunctions, mesh: Mesh):
   """The pmap-style step: replicated state, rows split over `data`, gradients psum-ed."""
   if mesh.shape[FSDP] != 1 or mesh.shape[TENSOR] != 1:
-    raise ValueError(
+    raise UserError(
       f"parallel.strategy=shard_map is data parallelism only, but the mesh is "
       f"{dict(mesh.shape)}: set parallel.fsdp=1 and parallel.tensor=1, or use "
       "parallel.strategy=jit"
@@ -83,4 +85,4 @@ def compile_train_step(strategy: str, steps: StepFunctions, state_shardings: Any
     return jit_train_step(steps, state_shardings, mesh)
   if strategy == "shard_map":
     return shard_map_train_step(steps, mesh)
-  raise ValueError(f"parallel.strategy={strategy!r} is unknown: use jit or shard_map")
+  raise UserError(f"parallel.strategy={strategy!r} is unknown: use jit or shard_map")

@@ -4,15 +4,19 @@ warm starts load by default: the parameters that were scored, with what it takes
   params.safetensors   every parameter by name ("decoder/layers/0/self_attention/query"), in
                        its stored dtype: readable without this package (safetensors, NumPy)
   spm.model            the tokenizer
-  model.json           task, model configuration, sequence limit, which checkpoints were
-                       averaged, the SHA-256 of the two files above, and the scores if any
+  model.json           format version, task, model configuration, sequence limit, the search
+                       settings it was scored with, which checkpoints were averaged, the scores,
+                       the SHA-256 of the two files above, and a SHA-256 of its own other fields
 
 The folder is written complete under a temporary name and then renamed into place; an older one
-is renamed aside first and removed after, so WORKDIR/model is never a half-written mix.
+is renamed aside first and removed after, so WORKDIR/model is never a half-written mix. Every
+file is checked against its SHA-256 when the folder is read: a damaged or hand-edited file is
+refused by name. The hashes sit beside what they cover, so they catch accidents, not tampering.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,14 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from transformer.config import CONFIG_FILENAME, read_config, read_json
+from transformer.errors import MissingFile, UserError
 from transformer.runs.params import FlatParams
-from transformer.runs.spec import RunSpec, read_json
+from transformer.runs.spec import RunSpec
 
 MODEL_DIRNAME = "model"
 PARAMS_FILENAME = "params.safetensors"
 TOKENIZER_FILENAME = "spm.model"
 META_FILENAME = "model.json"
-FORMAT_VERSION = 1
+# 1: no search settings, no self-hash (still read); 2: both.
+FORMAT_VERSION = 2
+SELF_HASH_KEY = "model_json_sha256"
 
 
 def sha256(path: Path) -> str:
@@ -40,11 +48,30 @@ def sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
-def export_model(workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_path: Path,
-                 info: dict[str, Any]) -> Path:
+def _self_hash(meta: dict[str, Any]) -> str:
+  """SHA-256 of model.json's fields other than this hash, in a canonical JSON form."""
+  fields = {k: v for k, v in meta.items() if k != SELF_HASH_KEY}
+  canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+  meta = {**{k: v for k, v in meta.items() if k != SELF_HASH_KEY}, SELF_HASH_KEY: ""}
+  meta[SELF_HASH_KEY] = _self_hash(meta)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def export_model(
+  workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_path: Path, info: dict[str, Any]
+) -> Path:
   """Writes WORKDIR/model/ (see the module docstring); `info` joins model.json (the step, the
-  averaged checkpoints, scores)."""
-  from safetensors.numpy import save_file  # noqa: PLC0415  (only writers need it)
+  averaged checkpoints)."""
+  from safetensors.numpy import save_file
 
   workdir = Path(workdir)
   final = workdir / MODEL_DIRNAME
@@ -52,13 +79,21 @@ def export_model(workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_pat
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   try:
-    save_file({name: np.ascontiguousarray(value) for name, value in params.items()},
-              str(tmp / PARAMS_FILENAME))
+    save_file(
+      {name: np.ascontiguousarray(value) for name, value in params.items()},
+      str(tmp / PARAMS_FILENAME),
+    )
     shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILENAME)
-    meta = {"format": FORMAT_VERSION, **spec.to_dict(), **info,
-            "params_sha256": sha256(tmp / PARAMS_FILENAME),
-            "tokenizer_sha256": sha256(tmp / TOKENIZER_FILENAME)}
-    (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+    for name in (PARAMS_FILENAME, TOKENIZER_FILENAME):  # readable by every user, as the rest
+      os.chmod(tmp / name, 0o644)
+    meta = {
+      "format": FORMAT_VERSION,
+      **spec.to_dict(),
+      **info,
+      "params_sha256": sha256(tmp / PARAMS_FILENAME),
+      "tokenizer_sha256": sha256(tmp / TOKENIZER_FILENAME),
+    }
+    _write_meta(tmp / META_FILENAME, meta)
     aside = workdir / f".{MODEL_DIRNAME}.old-{os.getpid()}"
     if final.exists():
       os.replace(final, aside)
@@ -70,28 +105,60 @@ def export_model(workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_pat
   return final
 
 
+def record_scores(workdir: Path, scores: dict[str, Any]) -> None:
+  """Adds `scores` (e.g. {"test_2016": {"bleu": ...}, "validation": {"loss": ...}}) to
+  WORKDIR/model/model.json, which is rewritten whole with its hash."""
+  path = Path(workdir) / MODEL_DIRNAME / META_FILENAME
+  meta = read_meta(path)
+  _write_meta(path, {**meta, "scores": {**meta.get("scores", {}), **scores}})
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+  """model.json's fields, its format and self-hash checked."""
+  meta = read_json(path)
+  version = meta.get("format")
+  if version not in (1, FORMAT_VERSION):
+    raise UserError(
+      f"{path} is of format {version!r}, which this version of the package does not read "
+      f"(it reads 1 and {FORMAT_VERSION}): export the model again with this version"
+    )
+  if version >= 2 and meta.get(SELF_HASH_KEY) != _self_hash(meta):
+    raise UserError(
+      f"{path} does not match its own checksum: the file is damaged or was edited; export "
+      "the model again (python -m transformer.evaluate --workdir DIR --export)"
+    )
+  return meta
+
+
 def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]]:
   """(spec, parameters, tokenizer file, model.json) of WORKDIR/model, each file checked against
   the SHA-256 that model.json recorded: a damaged or edited export is refused, named."""
-  from safetensors import SafetensorError  # noqa: PLC0415
-  from safetensors.numpy import load_file  # noqa: PLC0415
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
 
   folder = Path(workdir) / MODEL_DIRNAME
   if not (folder / META_FILENAME).is_file():
-    raise FileNotFoundError(f"no exported model in {folder}: train the run to its end (it "
-                            "writes one), export one with `python -m transformer.evaluate "
-                            "--workdir DIR --export`, or pick a checkpoint with --step N")
-  meta = read_json(folder / META_FILENAME)
+    raise MissingFile(
+      f"no exported model in {folder}: train the run to its end (it "
+      "writes one), export one with `python -m transformer.evaluate "
+      "--workdir DIR --export`, or pick a checkpoint with --step N"
+    )
+  meta = read_meta(folder / META_FILENAME)
   spec = RunSpec.from_dict(meta, folder / META_FILENAME)
+  if meta["format"] == 1 and (Path(workdir) / CONFIG_FILENAME).is_file():
+    # Format 1 kept no search settings: the run's own config has them.
+    spec = dataclasses.replace(spec, search=read_config(workdir).decode)
   for name, key in ((PARAMS_FILENAME, "params_sha256"), (TOKENIZER_FILENAME, "tokenizer_sha256")):
     path = folder / name
     if not path.is_file():
-      raise FileNotFoundError(f"{path} is missing: export the model again")
+      raise MissingFile(f"{path} is missing: export the model again")
     if meta.get(key) != sha256(path):
-      raise ValueError(f"{path} does not match the checksum in {folder / META_FILENAME}: the "
-                       "file is damaged or was changed; export the model again")
+      raise UserError(
+        f"{path} does not match the checksum in {folder / META_FILENAME}: the "
+        "file is damaged or was changed; export the model again"
+      )
   try:
     params = load_file(str(folder / PARAMS_FILENAME))
   except (SafetensorError, OSError) as error:
-    raise ValueError(f"{folder / PARAMS_FILENAME} cannot be read ({error})") from None
+    raise UserError(f"{folder / PARAMS_FILENAME} cannot be read ({error})") from None
   return spec, params, folder / TOKENIZER_FILENAME, meta

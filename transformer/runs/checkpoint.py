@@ -8,13 +8,21 @@ the same, or whose arrays no longer match their checksums (a disk error, a trunc
 file), is named in one warning and skipped for the previous one; training then deletes it and
 writes that step again.
 
-The checksums are two sums of each array's bits as 32-bit words, one of them weighted by position
-(mod 2^32, so they do not depend on how the array is sharded or summed): any single changed word
-changes both, any reordering the weighted one.
+The checksum of an array is two sums, mod 2^32, over its bits as 32-bit words, each word first
+mixed with its position by MurmurHash3's finalizer (under two seeds): every bit of a word and of
+its position affects all 32 bits of what is summed, so any change (a flipped sign bit, two
+swapped values, a cut, a zeroed block) alters the pair except with probability about 2^-64, and
+sums do not depend on how the array is sharded or reduced (one jit over the global arrays, so
+every process of a multi-host run gets the same numbers). The record of the data stream's
+position (and the run's elapsed time) is covered by a SHA-256 of its JSON. A checkpoint without
+checksums is read only if it predates them (its stream record has the format of version 0.1).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,43 +32,93 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from transformer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
   """No usable checkpoint where one was required."""
+
+
+# The "data" item of a checkpoint: {"format": 2, "stream": position, "elapsed_s": seconds}.
+RECORD_FORMAT = 2
+CHECKSUM_FORMAT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """What a checkpoint keeps besides the train state: the input stream's position (the next
+  batch) and the seconds the run had spent when it was saved (None: not recorded)."""
+
+  stream: dict[str, Any]
+  elapsed_s: float | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": RECORD_FORMAT, "stream": self.stream, "elapsed_s": self.elapsed_s}
+
+  @classmethod
+  def from_json(cls, values: dict[str, Any]) -> Record:
+    """A saved record; one of the earlier layout (the stream's position alone) too."""
+    if "format" not in values:
+      return cls(stream=values)
+    if values["format"] != RECORD_FORMAT or not isinstance(values.get("stream"), dict):
+      raise ValueError(f"its data record is of an unknown layout ({sorted(values)})")
+    return cls(stream=values["stream"], elapsed_s=values.get("elapsed_s"))
+
+  @property
+  def predates_checksums(self) -> bool:
+    """Written by version 0.1, before checksums existed ({"epoch", "batch_index"})."""
+    return "batch_index" in self.stream
 
 
 class Checkpointer:
   """Saves and restores {"state": train state, "data": iterator position, "checksums": of the
   state's arrays} under `directory`."""
 
-  def __init__(self, directory: str | Path, *, keep: int = 3, asynchronous: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self,
+    directory: str | Path,
+    *,
+    keep: int = 3,
+    asynchronous: bool = True,
+    read_only: bool = False,
+  ):
     """`read_only`: another run's directory, neither created nor cleaned of its temporary steps
     (that run may be writing one)."""
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=asynchronous,
-                                           cleanup_tmp_directories=not read_only)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=not read_only,
+      enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=not read_only,
+    )
     # Handlers named up front, so a step's metadata is readable before anything is restored.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(),
-                       "checksums": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "checksums": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def steps(self) -> list[int]:
     """Completed steps; Orbax's temporary directories of unfinished saves are not listed."""
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state or {}),
-                              checksums=ocp.args.JsonSave(checksums(state)))
+  def save(self, step: int, state: Any, record: Record, *, force: bool = False) -> None:
+    data = record.to_json()
+    sums = {"format": CHECKSUM_FORMAT, "arrays": checksums(state), "data": _json_sha256(data)}
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data),
+      checksums=ocp.args.JsonSave(sums),
+    )
     self.manager.save(step, args=args, force=force)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Record, int]:
     """Restores `step`, or the newest good checkpoint, onto `abstract_state`'s shardings.
 
     A damaged step is named in a warning and skipped for the previous good one; once one
@@ -69,16 +127,18 @@ class Checkpointer:
     it stops the restore and nothing is deleted.
 
     Returns:
-      (state, data_state, step).
+      (state, record, step).
     """
+
     def target(candidate: int) -> Any:
       # Compared before restoring: a restore that fails part-way leaves Orbax's pending reads
       # to fail noisily later, and a foreign checkpoint is no reason to try an older one.
       mismatch = self._structure_mismatch(candidate, abstract_state)
       if mismatch:
         raise CheckpointError(
-            f"checkpoint at {self.directory / str(candidate)} was written with another "
-            f"model/optimizer config ({mismatch}): use a new workdir or the old config")
+          f"checkpoint at {self.directory / str(candidate)} was written with another "
+          f"model/optimizer config ({mismatch}): use a new workdir or the old config"
+        )
       return abstract_state
 
     restored, data_state, good, damaged = self._first_good(step, target)
@@ -94,70 +154,84 @@ class Checkpointer:
     def target(candidate: int) -> Any:
       try:
         tree = self.manager.item_metadata(candidate)["state"]
-      except Exception:  # noqa: BLE001  unreadable metadata: a damaged step
+      except Exception:
         return None
-      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          tree)
+      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
     restored, _, good, _ = self._first_good(step, target)
     return restored, good
 
-  def _first_good(self, step: int | None, target) -> tuple[Any, dict, int, list[int]]:
+  def _first_good(self, step: int | None, target) -> tuple[Any, Record, int, list[int]]:
     """The first of `step` (or every step, newest first) that restores and verifies; the
     damaged ones tried before it."""
     candidates = [step] if step is not None else list(reversed(self.steps()))
     if not candidates:
-      raise CheckpointError(f"no checkpoint in {self.directory}: train first, or point "
-                            "--workdir at a run that saved one")
+      raise CheckpointError(
+        f"no checkpoint in {self.directory}: train first, or point "
+        "--workdir at a run that saved one"
+      )
     damaged = []
     for candidate in candidates:
       try:
         abstract = target(candidate)
         if abstract is None:
-          raise ValueError("its metadata cannot be read")
-        state, data_state = self._restore_verified(candidate, abstract)
+          raise UserError("its metadata cannot be read")
+        state, record = self._restore_verified(candidate, abstract)
       except CheckpointError:
         raise
-      except Exception as error:  # noqa: BLE001  Orbax raises bare Exceptions for bad files
-        log.warning("checkpoint step %d in %s is damaged (%s); %s", candidate, self.directory,
-                    _first_line(error), "trying the one before it" if step is None else
-                    "it cannot be used")
+      except Exception as error:
+        log.warning(
+          "checkpoint step %d in %s is damaged (%s); %s",
+          candidate,
+          self.directory,
+          _first_line(error),
+          "trying the one before it" if step is None else "it cannot be used",
+        )
         damaged.append(candidate)
         continue
-      return state, data_state, candidate, damaged
+      return state, record, candidate, damaged
     if step is not None:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: pick "
-                            "another step, or train again")
-    raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps "
-                          f"{candidates}): delete the directory to start afresh")
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} is damaged: pick another step, or train again"
+      )
+    raise CheckpointError(
+      f"every checkpoint in {self.directory} is damaged (steps "
+      f"{candidates}): delete the directory to start afresh"
+    )
 
-  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, Record]:
     has_checksums = (self.directory / str(step) / "checksums").exists()
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
     if has_checksums:
       items["checksums"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = restored["state"]
+    state, data = restored["state"], dict(restored["data"] or {})
+    if not data:
+      raise ValueError("its data record (the input stream's position) is empty")
+    record = Record.from_json(data)
     if has_checksums:
-      _verify(state, restored["checksums"] or {})
-    else:  # written before checksums were: only values that cannot be right are caught
+      _verify(state, data, restored["checksums"] or {})
+    elif record.predates_checksums:  # version 0.1: only values that cannot be right are caught
       _check_finite(state)
-    return state, dict(restored["data"] or {})
+    else:
+      raise ValueError("its checksums are missing (every checkpoint since version 0.1 has them)")
+    return state, record
 
   def _structure_mismatch(self, step: int, abstract_state: Any) -> str | None:
     """How the saved arrays' names and shapes differ from `abstract_state`'s; None when they
     agree or the metadata itself is unreadable (then the step is damaged, not foreign)."""
     try:
       saved = _shapes(self.manager.item_metadata(step)["state"])
-    except Exception:  # noqa: BLE001  any failure to read metadata means a damaged step
+    except Exception:
       return None
     return _describe_difference(saved, _shapes(abstract_state))
 
   def _delete(self, steps: list[int]) -> None:
     for step in steps:
       self.manager.delete(step)
-      log.warning("deleted damaged checkpoint step %d in %s; training writes it again", step,
-                  self.directory)
+      log.warning(
+        "deleted damaged checkpoint step %d in %s; training writes it again", step, self.directory
+      )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -178,6 +252,7 @@ def _name(path) -> str:
       if hasattr(key, attribute):
         return str(getattr(key, attribute))
     return str(key)
+
   return "/".join(part(k) for k in path)
 
 
@@ -194,34 +269,78 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2] for 64-bit elements
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection in which every input bit flips each output bit
+  with probability about 1/2."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
 @jax.jit
-def _sums(leaves: list[jax.Array]) -> list[jax.Array]:
+def _digests(leaves: list[jax.Array]) -> list[jax.Array]:
+  out = []
+  for x in leaves:
+    words = _words(x).ravel()
+    position = jnp.arange(words.size, dtype=jnp.uint32)
+    lanes = [
+      jnp.sum(_fmix32(words ^ _fmix32(position + jnp.uint32(seed))), dtype=jnp.uint32)
+      for seed in SEEDS
+    ]
+    out.append(jnp.stack(lanes))
+  return out
+
+
+@jax.jit
+def _legacy_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+  """The checksums of checkpoints written before format 2: a plain and a position-weighted sum
+  of the words (which two sign flips or a swap of +x and -x can leave unchanged)."""
   out = []
   for x in leaves:
     words = _words(x).ravel()
     weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
-                          jnp.sum(words * weights, dtype=jnp.uint32)]))
+    out.append(
+      jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+    )
   return out
 
 
-def checksums(state: Any) -> dict[str, list[int]]:
-  """{array name: [sum of its words, sum weighted by position]} mod 2^32, computed on the
-  global arrays (one jit), so every process of a multi-host run gets the same numbers."""
-  named = [(_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-           if hasattr(leaf, "dtype")]
+def checksums(state: Any, sums=_digests) -> dict[str, list[int]]:
+  """{array name: its two 32-bit checksums} (see the module docstring), computed on the global
+  arrays (one jit), so every process of a multi-host run gets the same numbers."""
+  named = [
+    (_name(path), leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    if hasattr(leaf, "dtype")
+  ]
   if not named:
     return {}
-  values = jax.device_get(_sums([jnp.asarray(leaf) for _, leaf in named]))
-  return {name: [int(v) for v in np.asarray(value)] for (name, _), value in zip(named, values,
-                                                                               strict=True)}
+  values = jax.device_get(sums([jnp.asarray(leaf) for _, leaf in named]))
+  return {
+    name: [int(v) for v in np.asarray(value)]
+    for (name, _), value in zip(named, values, strict=True)
+  }
 
 
-def _verify(state: Any, saved: dict[str, list[int]]) -> None:
-  now = checksums(state)
-  if now.keys() != saved.keys():
+def _json_sha256(values: Any) -> str:
+  return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _verify(state: Any, data: dict[str, Any], saved: dict[str, Any]) -> None:
+  if saved.get("format") == CHECKSUM_FORMAT:
+    now, arrays = checksums(state), saved.get("arrays", {})
+    if saved.get("data") != _json_sha256(data):
+      raise ValueError("its data record (the input stream's position) differs from its checksum")
+  else:  # written before format 2: the arrays' sums only
+    now, arrays = checksums(state, _legacy_sums), saved
+  if now.keys() != arrays.keys():
     raise ValueError("its checksums name other arrays than it holds")
-  changed = sorted(name for name in now if now[name] != list(saved[name]))
+  changed = sorted(name for name in now if now[name] != list(arrays[name]))
   if changed:
     raise ValueError(f"{len(changed)} arrays differ from their checksums, e.g. {changed[0]}")
 
@@ -230,16 +349,19 @@ def _check_finite(state: Any) -> None:
   """A checkpoint with NaN or Inf is damaged. Computed on the global arrays (one jit), so it
   also works when each process holds only its own shards."""
   floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  if floats and not bool(jax.jit(lambda xs: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(x)) for x in xs])))(floats)):
-    raise ValueError("it holds non-finite values")
+  if floats and not bool(
+    jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)
+  ):
+    raise UserError("it holds non-finite values")
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{"params/decoder/embed/table/value": shape} for a state, its abstract twin or its Orbax
   metadata, whose paths differ only in key types (attribute, dict key, index)."""
-  return {_name(path): tuple(getattr(leaf, "shape", ()))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    _name(path): tuple(getattr(leaf, "shape", ()))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _describe_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
@@ -250,8 +372,10 @@ def _describe_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> s
   reshaped = params_first(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
   parts = []
   if reshaped:
-    parts.append(f"{len(reshaped)} arrays differ in shape, e.g. {reshaped[0]} saved "
-                 f"{saved[reshaped[0]]}, now {wanted[reshaped[0]]}")
+    parts.append(
+      f"{len(reshaped)} arrays differ in shape, e.g. {reshaped[0]} saved "
+      f"{saved[reshaped[0]]}, now {wanted[reshaped[0]]}"
+    )
   if only_wanted:
     parts.append(f"{len(only_wanted)} arrays are new, e.g. {only_wanted[0]}")
   if only_saved:
@@ -274,6 +398,8 @@ def average_params(checkpointer: Checkpointer, abstract_state: Any, last: int):
     total = state.params if total is None else jax.tree.map(lambda a, b: a + b, total, state.params)
     averaged.append(step)
   if not averaged:
-    raise CheckpointError(f"none of the last {last} checkpoints in {checkpointer.directory} is "
-                          "readable: set average_last_checkpoints=0 to use the final parameters")
+    raise CheckpointError(
+      f"none of the last {last} checkpoints in {checkpointer.directory} is "
+      "readable: set average_last_checkpoints=0 to use the final parameters"
+    )
   return jax.tree.map(lambda x: x / len(averaged), total), averaged

@@ -14,12 +14,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from transformer.config import read_config
 from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer
+from transformer.errors import MissingFile, UserError
 from transformer.model.transformer import create_model
 from transformer.runs.artifact import MODEL_DIRNAME, read_model
-from transformer.runs.checkpoint import CheckpointError, Checkpointer
+from transformer.runs.checkpoint import Checkpointer, CheckpointError
 from transformer.runs.params import FlatParams, load_strict, state_params
-from transformer.runs.spec import RunSpec, read_spec
+from transformer.runs.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class LoadedRun:
 def checkpoints_of(workdir: Path) -> Checkpointer:
   directory = Path(workdir).absolute() / "checkpoints"
   if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoint in {directory}: train the run first")
+    raise MissingFile(f"no checkpoint in {directory}: train the run first")
   # Read-only: another process may be training in it (its unfinished saves are left alone).
   return Checkpointer(directory, read_only=True)
 
@@ -48,10 +50,12 @@ def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParam
   try:
     steps = checkpointer.steps()
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train the run first")
+      raise MissingFile(f"no checkpoint in {checkpointer.directory}: train the run first")
     if step is not None and step not in steps:
-      raise ValueError(f"--step {step}: {checkpointer.directory} has checkpoints "
-                       f"{', '.join(map(str, steps))}; pick one of them")
+      raise UserError(
+        f"--step {step}: {checkpointer.directory} has checkpoints "
+        f"{', '.join(map(str, steps))}; pick one of them"
+      )
     state, step = checkpointer.restore_saved(step)
     return state_params(state["params"]), step
   finally:
@@ -65,9 +69,11 @@ def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, li
   try:
     steps = checkpointer.steps()
     if last < 1 or last > len(steps):
-      raise ValueError(f"--average {last}: {checkpointer.directory} holds {len(steps)} "
-                       f"checkpoints ({', '.join(map(str, steps)) or 'none'}); average 1 to "
-                       f"{len(steps)} of them")
+      raise UserError(
+        f"--average {last}: {checkpointer.directory} holds {len(steps)} "
+        f"checkpoints ({', '.join(map(str, steps)) or 'none'}); average 1 to "
+        f"{len(steps)} of them"
+      )
     total: FlatParams = {}
     averaged = []
     for step in steps[-last:]:
@@ -80,30 +86,34 @@ def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, li
         total[name] = total.get(name, 0) + np.asarray(value, np.float64)
       averaged.append(step)
     if not averaged:
-      raise CheckpointError(f"none of the newest {last} checkpoints in {checkpointer.directory} "
-                            "is readable: use the exported model (no --average), or train again")
+      raise CheckpointError(
+        f"none of the newest {last} checkpoints in {checkpointer.directory} "
+        "is readable: use the exported model (no --average), or train again"
+      )
     return {k: (v / len(averaged)).astype(np.float32) for k, v in total.items()}, averaged
   finally:
     checkpointer.close()
 
 
-def load_run(workdir: str | Path, *, step: int | None = None,
-             average: int | None = None) -> LoadedRun:
+def load_run(
+  workdir: str | Path, *, step: int | None = None, average: int | None = None
+) -> LoadedRun:
   """The run's model: WORKDIR/model (the export), or checkpoint `step`, or the average of the
   newest `average` checkpoints; in eval mode."""
   if not str(workdir).strip():
-    raise ValueError("--workdir is empty: give the run directory that training wrote")
+    raise UserError("--workdir is empty: give the run directory that training wrote")
   workdir = Path(workdir).absolute()
   if not workdir.is_dir():
-    raise FileNotFoundError(f"{workdir} is not a directory: --workdir must be a run directory "
-                            "written by training")
+    raise MissingFile(
+      f"{workdir} is not a directory: --workdir must be a run directory written by training"
+    )
   if step is not None and average is not None:
-    raise ValueError("--step and --average each pick the parameters: give one of them")
+    raise UserError("--step and --average each pick the parameters: give one of them")
   if step is None and average is None:
     spec, params, tokenizer_path, _ = read_model(workdir)
     source = str(workdir / MODEL_DIRNAME)
   else:
-    spec, tokenizer_path = read_spec(workdir), workdir / MODEL_FILENAME
+    spec, tokenizer_path = RunSpec.of(read_config(workdir)), workdir / MODEL_FILENAME
     if average is not None:
       params, steps = averaged_checkpoint_params(workdir, average)
       source = f"the average of checkpoints {steps} of {workdir}"
@@ -111,11 +121,13 @@ def load_run(workdir: str | Path, *, step: int | None = None,
       params, saved = checkpoint_params(workdir, step)
       source = f"checkpoint {saved} of {workdir}"
   if not tokenizer_path.is_file():
-    raise FileNotFoundError(f"{tokenizer_path} is missing: the run has no tokenizer")
+    raise MissingFile(f"{tokenizer_path} is missing: the run has no tokenizer")
   tokenizer = Tokenizer(tokenizer_path)
   if tokenizer.vocab_size != spec.model.vocab_size:
-    raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model was "
-                     f"trained with {spec.model.vocab_size}: the tokenizer is not this run's")
+    raise UserError(
+      f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model was "
+      f"trained with {spec.model.vocab_size}: the tokenizer is not this run's"
+    )
   model = create_model(spec.task, spec.model, seed=0)
   load_strict(model, params, source)
   model.eval()
@@ -132,16 +144,25 @@ def warm_start_params(workdir: str | Path) -> tuple[FlatParams, Path, str]:
   try:
     params, step = checkpoint_params(workdir)
   except (FileNotFoundError, CheckpointError) as error:
-    raise FileNotFoundError(f"init_from: {error}") from None
+    raise MissingFile(f"init_from: {error}") from None
   return params, workdir / MODEL_FILENAME, f"checkpoint {step} of {workdir}"
 
 
 def host_params(params) -> FlatParams:
   """Global (possibly sharded, multi-process) parameter arrays as full host arrays, by name."""
-  from jax.experimental import multihost_utils  # noqa: PLC0415
+  from jax.experimental import multihost_utils
 
-  flat = state_params(params) if not isinstance(params, nnx.State) else {
-    "/".join(str(k) for k in path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
-    for path, leaf in nnx.to_flat_state(params)}
-  return {name: np.asarray(multihost_utils.process_allgather(value, tiled=True))
-          if isinstance(value, jax.Array) else np.asarray(value) for name, value in flat.items()}
+  flat = (
+    state_params(params)
+    if not isinstance(params, nnx.State)
+    else {
+      "/".join(str(k) for k in path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
+      for path, leaf in nnx.to_flat_state(params)
+    }
+  )
+  return {
+    name: np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    if isinstance(value, jax.Array)
+    else np.asarray(value)
+    for name, value in flat.items()
+  }

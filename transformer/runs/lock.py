@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from transformer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILENAME = ".lock"
@@ -37,16 +39,24 @@ class WorkdirLock:
       holder = _describe(self._read())
       self._file.close()
       self._file = None
-      raise ValueError(f"{self.path.parent} is in use by {holder}: wait for it to finish, or "
-                         "use another --workdir") from None
+      raise UserError(
+        f"{self.path.parent} is in use by {holder}: wait for it to finish, or use another --workdir"
+      ) from None
     previous = self._read()
     if previous.get("pid") and not _alive(previous):
       log.warning("taking over the lock of %s, which is no longer running", _describe(previous))
     self._file.seek(0)
     self._file.truncate()
-    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-               "command": " ".join(sys.argv), "since": datetime.datetime.now().isoformat(
-                 timespec="seconds")}, self._file)
+    json.dump(
+      {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "purpose": purpose,
+        "command": " ".join(sys.argv),
+        "since": datetime.datetime.now().isoformat(timespec="seconds"),
+      },
+      self._file,
+    )
     self._file.flush()
 
   def _read(self) -> dict:
@@ -88,5 +98,7 @@ def _alive(holder: dict) -> bool:
 def _describe(holder: dict) -> str:
   if not holder:
     return "another process"
-  return (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('purpose')}, "
-          f"since {holder.get('since')}: {holder.get('command')})")
+  return (
+    f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('purpose')}, "
+    f"since {holder.get('since')}: {holder.get('command')})"
+  )

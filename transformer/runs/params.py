@@ -12,22 +12,29 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from transformer.errors import UserError
+
 FlatParams = dict[str, np.ndarray]
 
 
 def model_params(model: nnx.Module) -> FlatParams:
   """The model's parameters by name (host arrays)."""
-  return {"/".join(str(k) for k in path): np.asarray(variable.get_value())
-          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    "/".join(str(k) for k in path): np.asarray(variable.get_value())
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def state_params(params: Any) -> FlatParams:
   """A parameter tree as a flat dict: an `nnx.State` of Params, or the nested dict a checkpoint
   restores (whose Variables appear as {"value": array} levels, dropped from the names)."""
   if isinstance(params, nnx.State):
-    return {"/".join(str(k) for k in path): np.asarray(leaf.get_value()
-                                                        if hasattr(leaf, "get_value") else leaf)
-            for path, leaf in nnx.to_flat_state(params)}
+    return {
+      "/".join(str(k) for k in path): np.asarray(
+        leaf.get_value() if hasattr(leaf, "get_value") else leaf
+      )
+      for path, leaf in nnx.to_flat_state(params)
+    }
   return dict(_flatten(params))
 
 
@@ -40,7 +47,9 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()):
     yield "/".join(prefix), np.asarray(tree)
 
 
-def difference(wanted: Mapping[str, tuple[int, ...]], given: Mapping[str, np.ndarray]) -> str | None:
+def difference(
+  wanted: Mapping[str, tuple[int, ...]], given: Mapping[str, np.ndarray]
+) -> str | None:
   """The first name that is missing, extra or of another shape, in words; None if all agree."""
   missing = sorted(wanted.keys() - given.keys())
   extra = sorted(given.keys() - wanted.keys())
@@ -49,8 +58,10 @@ def difference(wanted: Mapping[str, tuple[int, ...]], given: Mapping[str, np.nda
     return f"parameter {missing[0]} is missing ({len(missing)} in all)"
   if reshaped:
     k = reshaped[0]
-    return (f"parameter {k} has shape {tuple(given[k].shape)}, the model needs {wanted[k]} "
-            f"({len(reshaped)} in all)")
+    return (
+      f"parameter {k} has shape {tuple(given[k].shape)}, the model needs {wanted[k]} "
+      f"({len(reshaped)} in all)"
+    )
   if extra:
     return f"parameter {extra[0]} is not the model's ({len(extra)} in all)"
   return None
@@ -64,8 +75,10 @@ def load_strict(model: nnx.Module, params: Mapping[str, np.ndarray], source: str
   wanted = {"/".join(str(k) for k in path): tuple(variable.shape) for path, variable in flat}
   problem = difference(wanted, params)
   if problem:
-    raise ValueError(f"{source} does not fit the model: {problem}; its configuration and its "
-                     "parameters disagree (restore the run's files, or train again)")
+    raise UserError(
+      f"{source} does not fit the model: {problem}; its configuration and its "
+      "parameters disagree (restore the run's files, or train again)"
+    )
   for path, variable in flat:
     variable.set_value(np.asarray(params["/".join(str(k) for k in path)]).astype(variable.dtype))
   nnx.update(model, state)

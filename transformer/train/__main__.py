@@ -54,7 +54,7 @@ def _fail(message: str) -> NoReturn:
 def _check_override_keys(argv: list[str]) -> None:
   """Every `--config.a.b=value` names a key of the schema (the recipes only set values), so an
   unknown one is named in full before the flags are parsed."""
-  from transformer.train.config import get_config
+  from transformer.config import derived_key_message, get_config
 
   schema = get_config()
   for arg in argv:
@@ -64,17 +64,14 @@ def _check_override_keys(argv: list[str]) -> None:
     node = schema
     for depth, part in enumerate(key.split(".")):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        if key == "model.vocab_size":
-          _fail(
-            "unknown config key model.vocab_size: the model's vocabulary is the "
-            "tokenizer's, set data.vocab_size"
-          )
+        if derived := derived_key_message(key):
+          _fail(derived)
         prefix = ".".join(key.split(".")[:depth])
         close = difflib.get_close_matches(
           part, list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else [], n=1
         )
         hint = f", did you mean {'.'.join(filter(None, [prefix, close[0]]))}?" if close else ""
-        _fail(f"unknown config key {key}{hint} (see transformer/train/config.py for the keys)")
+        _fail(f"unknown config key {key}{hint} (see transformer/config.py for the keys)")
       node = node[part]
 
 
@@ -100,13 +97,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     )
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     message = " ".join(str(error).replace("\\n", " ").split())
-    _fail(f"bad flag or config override: {message} (see transformer/train/config.py for the keys)")
+    _fail(f"bad flag or config override: {message} (see transformer/config.py for the keys)")
   except Exception as error:
     _fail(f"cannot load --config: the recipe raised {type(error).__name__}: {error}")
   if not isinstance(config, ml_collections.ConfigDict):
     _fail(
       f"--config: the recipe's get_config() returned a {type(config).__name__}, not the "
-      "ConfigDict of transformer.train.config.get_config(): return that, with values set"
+      "ConfigDict of transformer.config.get_config(): return that, with values set"
     )
   return remaining
 
@@ -137,7 +134,7 @@ def _train(argv):
 
   def train():
     # Imported here so that Ctrl-C during JAX's import is also one line.
-    from transformer.train.config import Config
+    from transformer.config import Config
     from transformer.train.loop import run
 
     run(Config.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 
 def label_smoothed_cross_entropy(
@@ -89,7 +90,7 @@ def token_metrics(
   }
 
 
-def summarize(sums: dict[str, float]) -> dict[str, float]:
+def summarize(sums: Mapping[str, ArrayLike]) -> dict[str, float]:
   """Turns summed metrics into per-token loss, NLL, perplexity and accuracy."""
   tokens = max(float(sums["tokens"]), 1.0)
   nll = float(sums["nll_sum"]) / tokens

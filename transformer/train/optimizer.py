@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from transformer.config import OptimizerConfig
 from transformer.train import schedule as schedules
-from transformer.train.config import OptimizerConfig
 
 
 def learning_rate(opt: OptimizerConfig, *, d_model: int, num_train_steps: int) -> optax.Schedule:

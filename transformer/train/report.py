@@ -17,12 +17,19 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from transformer.errors import UserError
 from transformer.train.flops import datasheet_peak, measured_matmul_peak
+from transformer.train.loss import summarize
+
+if TYPE_CHECKING:
+  from transformer.train.setup import Run
+  from transformer.train.step import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +90,34 @@ class StepWindow:
     return out
 
 
-def peak_flop_per_s(compute_dtype: str, cache_dir: Path | None = None) -> tuple[float | None, str]:
+def peak_flop_per_s(
+  compute_dtype: str, cache_dir: Path | None = None, *, remeasure: bool = False
+) -> tuple[float | None, str]:
   """(peak FLOP/s, how it was found) for MFU: the datasheet's 16-bit rate for a known
   accelerator computing in 16 bits, else the rate of the matmul the benchmarks time (4096^2 on
   a CPU, 8192^2 elsewhere; `benchmarks/train_mfu`), so the log's MFU and the benchmark's agree.
-  That takes a few seconds on a CPU, so it is measured once per device, dtype and JAX version
-  and kept in `cache_dir`/peaks.json."""
+
+  A measurement takes a few seconds on a CPU and is kept in `cache_dir`/peaks.json under a key
+  naming the processor (its model and the cores this process may use), the dtype, the size and
+  the JAX version; it is the best of several tries (a machine busy with other work only slows a
+  try down). `remeasure` measures again and replaces the kept value.
+  """
   sheet = datasheet_peak()
   if sheet and compute_dtype in ("bfloat16", "float16"):
     return sheet, f"datasheet {jax.devices()[0].device_kind}"
   n = 4096 if jax.default_backend() == "cpu" else 8192
-  key = f"{jax.devices()[0].device_kind} | {compute_dtype} | {n}^2 @ {n}^2 | jax {jax.__version__}"
+  key = f"{processor()} | {compute_dtype} | {n}^2 @ {n}^2 | jax {jax.__version__}"
   path = cache_dir / "peaks.json" if cache_dir else None
   known = _read_peaks(path)
-  if key in known:
-    return known[key]["flop_per_s"], f"{n}^2 matmul measured {known[key]['measured']}"
+  if key in known and not remeasure:
+    return known[key][
+      "flop_per_s"
+    ], f"{n}^2 matmul, best of {PEAK_TRIES} tries, {known[key]['measured']}"
   try:
-    rate = measured_matmul_peak(jnp.dtype(compute_dtype), n=n, runs=5)
-  except Exception as error:
+    rate = max(
+      measured_matmul_peak(jnp.dtype(compute_dtype), n=n, runs=3) for _ in range(PEAK_TRIES)
+    )
+  except Exception as error:  # no peak only means no MFU in the log
     log.warning("no matmul peak (%s): MFU is left out", error)
     return None, "none"
   if path is not None:
@@ -109,19 +126,69 @@ def peak_flop_per_s(compute_dtype: str, cache_dir: Path | None = None) -> tuple[
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-      tmp.write_text(json.dumps(known, indent=1) + "\n")
+      tmp.write_text(json.dumps(known, indent=1) + "\n", encoding="utf-8")
       os.replace(tmp, path)
     except OSError:
       pass  # a cache that cannot be written only means measuring again next time
-  return rate, f"{n}^2 matmul measured now"
+  return rate, f"{n}^2 matmul, best of {PEAK_TRIES} tries, measured now"
+
+
+PEAK_TRIES = 3
+
+
+def processor() -> str:
+  """What the peak depends on: the device kind, and on a CPU its model name and the number of
+  cores this process may run on (`os.sched_getaffinity`)."""
+  kind = jax.devices()[0].device_kind
+  if jax.default_backend() != "cpu":
+    return kind
+  model = kind
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{model}, {cores} cores"
+
+
+def elapsed_at(workdir: Path, step: int) -> float:
+  """The seconds a run had spent by `step`, from its metrics.jsonl (the last time/elapsed_s
+  recorded at or before it): for checkpoints that predate keeping it themselves."""
+  best = 0.0
+  try:
+    with open(Path(workdir) / "metrics.jsonl", encoding="utf-8") as lines:
+      for line in lines:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by a crash
+        if record.get("step", step + 1) <= step and "time/elapsed_s" in record:
+          best = max(best, float(record["time/elapsed_s"]))
+  except OSError:
+    pass
+  return best
 
 
 def _read_peaks(path: Path | None) -> dict[str, Any]:
+  """The kept peaks; a file that is damaged or holds anything but numbers is ignored (and
+  replaced by the next measurement)."""
   try:
     values = json.loads(path.read_text()) if path is not None and path.is_file() else {}
   except (OSError, ValueError):
     return {}
-  return values if isinstance(values, dict) else {}
+  if not isinstance(values, dict):
+    return {}
+  return {
+    key: value
+    for key, value in values.items()
+    if isinstance(value, dict)
+    and isinstance(value.get("flop_per_s"), int | float)
+    and value["flop_per_s"] > 0
+    and isinstance(value.get("measured"), str)
+  }
 
 
 def device_memory() -> dict[str, int]:
@@ -156,46 +223,105 @@ def step_line(
   return "  ".join(parts)
 
 
-def startup_lines(
-  *,
-  task: str,
-  model,
-  parameters: int,
-  mesh,
-  strategy: str,
-  data_counts: dict[str, int],
-  test_sets: list[tuple[str, int]],
-  tokens_per_update: int,
-  layout: str,
-  resumed_from: int | None,
-  peak: tuple[float | None, str],
-) -> list[str]:
+def startup_lines(run: Run) -> list[str]:
   """The start-up summary: what is trained, on what, from which data, in what batches."""
+  config, inputs, mesh = run.config, run.inputs, run.mesh
+  model, data, k = config.model, config.data, config.optimizer.grad_accum_steps
+  if config.task != "translation":
+    layout = f"windows of {data.max_len} tokens"
+  elif data.packing:
+    layout = f"pairs packed into rows of {data.max_len} tokens"
+  else:
+    layout = f"length buckets {data.length_buckets or 'up to ' + str(data.max_len)}"
+  sets = [(data.eval_split, len(inputs.validation.pairs))] if inputs.validation else []
+  sets += [(test.name, len(test.pairs)) for test in inputs.test_sets]
   devices = jax.devices()
-  model_line = (
-    f"model: {task}, {parameters / 1e6:,.2f}M parameters (d_model {model.d_model}, "
-    f"{model.num_encoder_layers}+{model.num_decoder_layers} layers, {model.num_heads} "
-    f"heads, d_ff {model.d_ff}, vocabulary {model.vocab_size}, compute {model.dtype})"
-  )
-  devices_line = (
-    f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-    f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}, strategy "
-    f"{strategy}"
-  )
-  data_line = (
-    f"data: training pairs {data_counts.get('kept', 0):,} of "
-    f"{data_counts.get('pairs', 0):,}" + "".join(f", {name} {size:,}" for name, size in test_sets)
-  )
-  lines = [
-    model_line,
-    devices_line,
-    data_line,
-    f"batches: {tokens_per_update:,} target tokens (with padding) per update, {layout}",
-    "starting at step 0" if resumed_from is None else f"resumed from step {resumed_from}",
+  counts = inputs.train_pairs
+  value, how = run.peak
+  return [
+    (
+      f"model: {config.task}, {run.parameters / 1e6:,.2f}M parameters (d_model {model.d_model}, "
+      f"{model.num_encoder_layers}+{model.num_decoder_layers} layers, {model.num_heads} "
+      f"heads, d_ff {model.d_ff}, vocabulary {model.vocab_size}, compute {model.dtype})"
+    ),
+    (
+      f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+      f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}, strategy "
+      f"{config.parallel.strategy}"
+    ),
+    f"data: training pairs {counts.get('kept', 0):,} of {counts.get('pairs', 0):,}"
+    + "".join(f", {name} {size:,}" for name, size in sets),
+    f"batches: {data.tokens_per_batch * k:,} target tokens (with padding) per update, {layout}"
+    + (f", {k} micro-batches an update" if k > 1 else ""),
+    "starting at step 0"
+    if run.resumed_from is None
+    else f"resumed from step {run.resumed_from} ({run.elapsed_before:,.0f} s spent before)",
+    f"MFU against {value / 1e12:,.3g} TFLOP/s ({how})" if value else "MFU: no peak",
   ]
-  value, how = peak
-  lines.append(f"MFU against {value / 1e12:,.3g} TFLOP/s ({how})" if value else "MFU: no peak")
-  return lines
+
+
+def applied_learning_rate(run: Run, state: TrainState) -> float:
+  """The rate of the last update Adam applied: the schedule at Adam's own count, which skipped
+  updates (nan_policy=skip) did not advance, not at the step count."""
+  counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+  applied = int(jax.device_get(counts[0][1])) if counts else int(state.step)
+  return float(run.schedule(max(applied, 1) - 1))
+
+
+def log_window(
+  run: Run, state: TrainState, writer, window: StepWindow, sums, step: int
+) -> dict[str, str]:
+  """Writes the scalars of the steps since the last report (metric sums `sums`, host values)
+  and logs their line on process 0; a non-finite update stops the run or is warned about, as
+  nan_policy says. Returns the loss and tokens/s for a progress bar."""
+  steps, nonfinite = float(sums.pop("steps")), int(sums.pop("nonfinite"))
+  grad_norm = float(sums.pop("grad_norm")) / steps
+  summary = summarize(sums)
+  rates = window.report(run.peak[0])
+  memory = device_memory()
+  rate = applied_learning_rate(run, state)
+  scalars = {
+    "train/loss": summary["loss"],
+    "train/nll": summary["nll"],
+    "train/accuracy": summary["accuracy"],
+    "train/grad_norm": grad_norm,
+    "train/skipped_updates": nonfinite,
+    "train/learning_rate": rate,
+    **{f"train/{name}": value for name, value in rates.items()},
+  }
+  if "in_use" in memory:
+    scalars["train/device_memory_bytes"] = memory["in_use"]
+  writer.write(step, scalars)
+  total = run.config.num_train_steps
+  if jax.process_index() == 0:
+    log.info(step_line(step, total, summary["loss"], rate, rates, memory))
+  if nonfinite:
+    message = (
+      f"non-finite loss or gradient within steps {step - int(steps) + 1}-{step}: "
+      f"{nonfinite} update(s) skipped, parameters kept at their last finite values"
+    )
+    if run.config.nan_policy == "stop":
+      raise UserError(message + "; lower the learning rate or set nan_policy=skip")
+    log.warning(message)
+  return {"loss": f"{summary['loss']:.3f}", "tok_s": f"{rates['tokens_per_second']:,.0f}"}
+
+
+def print_summary(results: dict, workdir: Path) -> None:
+  """The run's headline numbers and a few translations, on stdout."""
+  print(
+    f"\nstep {results['step']}: validation loss {results['eval/loss']:.3f}, "
+    f"perplexity {results['eval/perplexity']:.2f}, accuracy {results['eval/accuracy']:.3f}"
+  )
+  bleu_file = workdir / "bleu.json"
+  if not bleu_file.exists():
+    return
+  for split, scores in json.loads(bleu_file.read_text(encoding="utf-8")).items():
+    print(f"{split}: {scores['detail']}")
+    for example in scores["examples"]:
+      print(
+        f"  source:      {example['source']}\n  reference:   {example['reference']}\n"
+        f"  translation: {example['translation']}"
+      )
 
 
 # ------------------------------------------------------------------------------------------------

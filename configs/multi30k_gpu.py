@@ -9,7 +9,7 @@ The same settings run on a CPU in float32 (`--config.model.dtype=float32`), only
 cores, 5,800 of its steps take 90 minutes and reach 39.6 sacreBLEU on test_2016 (docs/tuning.md).
 """
 
-from transformer.train.config import get_config as base_config
+from transformer.config import get_config as base_config
 
 
 def get_config():

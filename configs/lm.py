@@ -3,7 +3,7 @@
 Pre-LN and GELU as GPT-2 uses them; windows of 64 tokens of running text.
 """
 
-from transformer.train.config import get_config as base_config
+from transformer.config import get_config as base_config
 
 
 def get_config():

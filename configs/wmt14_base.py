@@ -6,7 +6,7 @@ batch and 100k steps as in Section 5.2; a shared source-target byte-pair-encodin
 37k pieces (SentencePiece's BPE trainer).
 """
 
-from transformer.train.config import get_config as base_config
+from transformer.config import get_config as base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A one-layer model on a slice of Multi30k: seconds per run, for tests and quick checks."""
 
-from transformer.train.config import get_config as base_config
+from transformer.config import get_config as base_config
 
 
 def get_config():

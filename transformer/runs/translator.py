@@ -18,11 +18,11 @@ import numpy as np
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
 from transformer.decode.batch import padded_length, translate_ids
-from transformer.decode.config import DecodeConfig, check_search
+from transformer.decode.config import DecodeConfig
 from transformer.decode.sampling import sample
+from transformer.errors import UserError
 from transformer.model.transformer import DecoderOnly, EncoderDecoder
 from transformer.runs.loading import load_run
-from transformer.runs.spec import CONFIG_FILENAME, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ class Translator:
     loaded = load_run(workdir, step=step, average=average)
     self.spec, self.tokenizer, self.model = loaded.spec, loaded.tokenizer, loaded.model
     self.source = loaded.source
-    self.search = run_search(Path(workdir))
+
+  @property
+  def search(self) -> DecodeConfig:
+    """The beam size, length penalty and length limit the run was scored with."""
+    return self.spec.search
 
   @property
   def task(self) -> str:
@@ -50,14 +54,14 @@ class Translator:
   def encoder_decoder(self) -> EncoderDecoder:
     """The model, if it translates."""
     if not isinstance(self.model, EncoderDecoder):
-      raise ValueError(f"the run holds a {self.task!r} model: translating needs a translation run")
+      raise UserError(f"the run holds a {self.task!r} model: translating needs a translation run")
     return self.model
 
   @property
   def decoder_only(self) -> DecoderOnly:
     """The model, if it continues text."""
     if not isinstance(self.model, DecoderOnly):
-      raise ValueError(f"the run holds a {self.task!r} model: continuing text needs an lm run")
+      raise UserError(f"the run holds a {self.task!r} model: continuing text needs an lm run")
     return self.model
 
   @property
@@ -105,11 +109,9 @@ class Translator:
     """One translation per text; a blank text gets a blank translation. The search settings
     default to the run's own (`self.search`, its decode block); `first_line` numbers the texts
     in warnings (the line of a file they came from)."""
-    beam_size = self.search.beam_size if beam_size is None else beam_size
-    alpha = self.search.alpha if alpha is None else alpha
-    if max_extra_tokens is None:
-      max_extra_tokens = self.search.max_extra_tokens
-    check_search(beam_size, alpha, max_extra_tokens)
+    search = self.search.overridden(
+      beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens
+    )
     model = self.encoder_decoder
     real = [i for i, text in enumerate(texts) if text.strip()]
     out = [""] * len(texts)
@@ -119,9 +121,9 @@ class Translator:
     tokens_BT = translate_ids(
       model,
       jnp.asarray(src_ids_BS),
-      beam_size=beam_size,
-      alpha=alpha,
-      max_extra_tokens=max_extra_tokens,
+      beam_size=search.beam_size,
+      alpha=search.alpha,
+      max_extra_tokens=search.max_extra_tokens,
     )
     for i, text in zip(real, self.tokenizer.decode(np.asarray(tokens_BT)), strict=True):
       out[i] = text
@@ -140,7 +142,7 @@ class Translator:
     """Samples a continuation of each prompt from a decoder-only model (one prompt at a time:
     a batch of prompts would have to share one length)."""
     if max_new_tokens < 1:
-      raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+      raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     model = self.decoder_only
     outputs = []
     for i, text in enumerate(texts):
@@ -148,7 +150,7 @@ class Translator:
       # The last new token is never fed back: T + new - 1 positions must fit in max_len.
       budget = min(max_new_tokens, self.spec.model.max_len + 1 - len(ids))
       if budget <= 0:
-        raise ValueError(
+        raise UserError(
           f"prompt {i + 1} has {len(ids)} tokens (BOS included) and the model "
           f"reads at most {self.spec.model.max_len}: shorten it"
         )
@@ -163,22 +165,3 @@ class Translator:
       )
       outputs.append(self.tokenizer.decode(np.asarray(out)[:, len(ids) :])[0])
     return outputs
-
-
-def run_search(workdir: Path) -> DecodeConfig:
-  """The beam size, length penalty and length limit a run was scored with (its config.json's
-  decode block; older runs name the limit max_extra_length), or the defaults where it has none."""
-  path = workdir / CONFIG_FILENAME
-  values = read_json(path).get("decode") if path.is_file() else None
-  if not isinstance(values, dict):
-    return DecodeConfig()
-  if "max_extra_length" in values:
-    values = {**values, "max_extra_tokens": values["max_extra_length"]}
-  keys = ("beam_size", "alpha", "max_extra_tokens")
-  try:
-    return DecodeConfig(**{k: values[k] for k in keys if k in values})
-  except (TypeError, ValueError) as error:
-    raise ValueError(
-      f"{path}: decode block unusable ({error}): restore the file from the run, "
-      "or pass --beam_size and --alpha"
-    ) from None

@@ -11,9 +11,9 @@ from flax import nnx
 from transformer import DecoderOnly, EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
-from transformer.decode import translator as translate_module
-from transformer.decode.translator import Translator
 from transformer.inspect import attention as visualize
+from transformer.runs import translator as translate_module
+from transformer.runs.translator import Translator
 
 MAX_LEN = 21  # not a multiple of 8: rounding a source up to one would pass the last position
 LONG_TEXT = " ".join(["a man with a red hat"] * 6)

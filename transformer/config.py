@@ -1,30 +1,43 @@
-"""The run's configuration: typed, frozen blocks, one per part of the package, assembled here.
+"""A run's record: its configuration, typed, read and written in one place.
 
-The schema is written once, as dataclasses: `TransformerConfig` (model), `DataConfig`,
-`OptimizerConfig`, `DecodeConfig`, `ParallelConfig`, and `Config` holding them with the training
-loop's own settings. Each block checks its own values when built; `Config` checks how blocks fit
-together. Recipes in transformer/configs/ start from `get_config()`, an `ml_collections`
-rendering of the defaults that the command line overrides (`--config.model.d_model=256`), and
-`Config.from_dict` turns the result into the typed blocks that library code takes.
+The schema is written once, as frozen dataclasses: each part of the package owns its block
+(`TransformerConfig` in model/, `DataConfig` in data/, `DecodeConfig` in decode/,
+`ParallelConfig` in parallel/), and `Config` here holds them with the optimizer's and the
+training loop's own settings. Each block checks its own values when built; `Config` checks how
+blocks fit together.
 
-The model's vocabulary is the tokenizer's, `data.vocab_size`: it has no key of its own.
+Three ways in, one schema:
+  recipes        configs/NAME.py start from `get_config()`, an `ml_collections` rendering of
+                 the defaults that the command line overrides (`--config.model.d_model=256`);
+  config.json    what training writes into its workdir (`write_config`) and every later command
+                 reads back (`read_config`, the one reader, which also migrates the keys of
+                 older runs, `MIGRATIONS`);
+  Python         `Config(...)` or `Config.of(a ConfigDict or a nested dict)`.
+
+The model's vocabulary is the tokenizer's: `model.vocab_size` is derived from `data.vocab_size`
+(`DERIVED`), never set on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from transformer.data.config import DataConfig
 from transformer.decode.config import DecodeConfig
+from transformer.errors import MissingFile, UserError
 from transformer.model.config import TransformerConfig
 from transformer.parallel.config import ParallelConfig
 
+CONFIG_FILENAME = "config.json"
 TASKS = ("translation", "lm", "mlm")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
@@ -64,30 +77,30 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.name={self.name!r} is unknown: use one of {OPTIMIZERS}")
+      raise UserError(f"optimizer.name={self.name!r} is unknown: use one of {OPTIMIZERS}")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"optimizer.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}")
+      raise UserError(f"optimizer.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}")
     if self.warmup_steps < 1:
-      raise ValueError(
+      raise UserError(
         f"optimizer.warmup_steps must be >= 1 (the schedules divide by it), got {self.warmup_steps}"
       )
     for key in ("b1", "b2"):
       if not 0.0 <= getattr(self, key) < 1.0:
-        raise ValueError(
+        raise UserError(
           f"optimizer.{key} must be in [0, 1) (Adam's decay rate), got {getattr(self, key)}"
         )
     if not self.eps > 0:
-      raise ValueError(
+      raise UserError(
         f"optimizer.eps must be positive (it keeps Adam's division finite), got {self.eps}"
       )
     for key in ("lr_scale", "peak_learning_rate"):
       if not getattr(self, key) > 0:
-        raise ValueError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
+        raise UserError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
     for key in ("weight_decay", "grad_clip_norm"):
       if not getattr(self, key) >= 0:
-        raise ValueError(f"optimizer.{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        raise UserError(f"optimizer.{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
     if self.grad_accum_steps < 1:
-      raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+      raise UserError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +120,16 @@ class Config:
     nan_policy: "stop" or "skip" the update on a non-finite loss or gradient.
     profile_steps: (first, last): a `jax.profiler` trace of these steps (1-based, inclusive)
       goes to WORKDIR/profile, for TensorBoard's profile plugin or Perfetto; () for none.
+    measure_peak: measure the MFU reference (a matmul) again instead of reading the value
+      cached for this machine (`transformer.train.report.peak_flop_per_s`).
+    allow_config_change: keys (e.g. "model.activation", "data") that a resumed run may change
+      from the config it was started with; any other change to the model or the data plan is
+      refused, since the checkpoint's parameters or stream position would be misread.
   """
 
   task: str = "translation"
   seed: int = 0
-  model: TransformerConfig = dataclasses.field(
-    default_factory=lambda: TransformerConfig(vocab_size=DataConfig.vocab_size)
-  )
+  model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   label_smoothing: float = 0.1
@@ -126,14 +142,16 @@ class Config:
   init_from: str = ""
   nan_policy: str = "stop"
   profile_steps: tuple[int, ...] = ()
+  measure_peak: bool = False
+  allow_config_change: tuple[str, ...] = ()
   decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
   def __post_init__(self):
     if self.task not in TASKS:
-      raise ValueError(f"task={self.task!r} is unknown: use one of {TASKS}")
+      raise UserError(f"task={self.task!r} is unknown: use one of {TASKS}")
     if self.seed < 0:
-      raise ValueError(f"seed must be >= 0, got {self.seed}")
+      raise UserError(f"seed must be >= 0, got {self.seed}")
     for key in (
       "num_train_steps",
       "log_every_steps",
@@ -142,31 +160,26 @@ class Config:
       "keep_checkpoints",
     ):
       if getattr(self, key) <= 0:
-        raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-    if self.model.vocab_size != self.data.vocab_size:
-      raise ValueError(
-        f"model.vocab_size={self.model.vocab_size} differs from data.vocab_size="
-        f"{self.data.vocab_size}: the model's vocabulary is the tokenizer's; "
-        "set data.vocab_size only"
-      )
+        raise UserError(f"{key} must be positive, got {getattr(self, key)}")
+    _derive(self)
     if self.data.max_len > self.model.max_len:
-      raise ValueError(
+      raise UserError(
         f"data.max_len={self.data.max_len} exceeds model.max_len="
         f"{self.model.max_len}: raise model.max_len or lower data.max_len"
       )
     if self.profile_steps and (
       len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
     ):
-      raise ValueError(
+      raise UserError(
         f"profile_steps={self.profile_steps} must be two steps first,last with "
         "1 <= first <= last, e.g. --config.profile_steps=10,12"
       )
     if self.nan_policy not in NAN_POLICIES:
-      raise ValueError(f"nan_policy={self.nan_policy!r} is unknown: use one of {NAN_POLICIES}")
+      raise UserError(f"nan_policy={self.nan_policy!r} is unknown: use one of {NAN_POLICIES}")
     if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+      raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.average_last_checkpoints <= self.keep_checkpoints:
-      raise ValueError(
+      raise UserError(
         f"average_last_checkpoints={self.average_last_checkpoints} must be in "
         f"[0, keep_checkpoints={self.keep_checkpoints}]: only kept checkpoints "
         "can be averaged; raise keep_checkpoints or lower it"
@@ -176,13 +189,17 @@ class Config:
   def from_dict(cls, values: Mapping[str, Any]) -> Config:
     """The typed config of a nested dict (a recipe's `to_dict()`, a run's config.json).
 
-    Keys the schema lacks are refused by name; `model.vocab_size`, if present (config.json
-    has it), must equal `data.vocab_size`.
+    Keys the schema lacks are refused by name; keys of older runs are migrated (`MIGRATIONS`);
+    a derived key that is present (config.json has them) must agree with its source.
     """
-    values = _renamed(values)
-    data = dict(values.get("data", {}))
-    model = {"vocab_size": data.get("vocab_size", DataConfig.vocab_size), **values.get("model", {})}
-    return _build(cls, {**values, "model": model}, prefix="")
+    values, given = _given_derived(_migrated(values))
+    config = build_block(cls, values, prefix="")
+    for key, value in given.items():
+      if value != _get(config, key):
+        raise UserError(
+          f"{key}={value} differs from {DERIVED[key]}={_get(config, key)}: {DERIVED_WHY[key]}"
+        )
+    return config
 
   @classmethod
   def of(cls, config: Config | Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
@@ -198,13 +215,64 @@ class Config:
     return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------------------------------------
+# Derived keys: set from another key, never on their own
+# ------------------------------------------------------------------------------------------------
+
+# {derived key: its source}. The model's vocabulary is the tokenizer's.
+DERIVED = {"model.vocab_size": "data.vocab_size"}
+DERIVED_WHY = {"model.vocab_size": "the model's vocabulary is the tokenizer's; set data.vocab_size"}
+
+
+def _get(config: Any, key: str) -> Any:
+  for part in key.split("."):
+    config = getattr(config, part)
+  return config
+
+
+def _derive(config: Config) -> None:
+  """Sets every derived key of a freshly built `config` from its source (frozen blocks are
+  replaced, so `Config(data=DataConfig(vocab_size=V))` has a model of V pieces)."""
+  for key, source in DERIVED.items():
+    block, name = key.split(".")
+    value = _get(config, source)
+    if getattr(getattr(config, block), name) != value:
+      changed = dataclasses.replace(getattr(config, block), **{name: value})
+      object.__setattr__(config, block, changed)
+
+
+def _given_derived(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(values without the derived keys, the derived keys' given values)."""
+  values, given = dict(values), {}
+  for key in DERIVED:
+    block, name = key.split(".")
+    if isinstance(values.get(block), Mapping) and name in values[block]:
+      values[block] = dict(values[block])
+      given[key] = values[block].pop(name)
+  return values, given
+
+
+def derived_key_message(key: str) -> str | None:
+  """Why `key` cannot be set, if it is a derived key (for the command line's unknown keys)."""
+  return f"{key} cannot be set: {DERIVED_WHY[key]}" if key in DERIVED else None
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json: the run's record on disk
+# ------------------------------------------------------------------------------------------------
+
 # Keys renamed since version 0.1, whose config.json files still load: (block, old, new).
-RENAMED = (("data", "max_length", "max_len"), ("decode", "max_extra_length", "max_extra_tokens"))
+MIGRATIONS = (
+  ("data", "max_length", "max_len"),
+  ("decode", "max_extra_length", "max_extra_tokens"),
+)
 
 
-def _renamed(values: Mapping[str, Any]) -> dict[str, Any]:
+def _migrated(values: Mapping[str, Any]) -> dict[str, Any]:
+  if not isinstance(values, Mapping):
+    raise UserError(f"the config must be a mapping of keys to values, got {type(values).__name__}")
   values = dict(values)
-  for block, old, new in RENAMED:
+  for block, old, new in MIGRATIONS:
     if isinstance(values.get(block), Mapping) and old in values[block]:
       moved = dict(values[block])
       moved.setdefault(new, moved.pop(old))
@@ -213,36 +281,79 @@ def _renamed(values: Mapping[str, Any]) -> dict[str, Any]:
   return values
 
 
+def read_json(path: Path) -> dict[str, Any]:
+  """A JSON object from `path`, with a one-line error naming the file when it is missing, cut
+  short or not an object."""
+  if not path.is_file():
+    raise MissingFile(
+      f"{path} is missing: point --workdir at a run directory that training has written"
+    )
+  try:
+    values = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise UserError(
+      f"{path} is not valid JSON ({error}): restore the file from the run, or train again"
+    ) from None
+  if not isinstance(values, dict):
+    raise UserError(
+      f"{path} holds a {type(values).__name__}, not a JSON object: restore the file from the "
+      "run, or train again"
+    )
+  return values
+
+
+def read_config(workdir: str | os.PathLike) -> Config:
+  """The config a run was trained with: WORKDIR/config.json, migrated and checked. The one
+  reader of that file: every command that uses a run reads it here."""
+  path = Path(workdir) / CONFIG_FILENAME
+  values = read_json(path)
+  try:
+    return Config.from_dict(values)
+  except UserError as error:
+    raise UserError(f"{path}: {error}: restore the file from the run, or train again") from None
+
+
+def write_config(workdir: str | os.PathLike, config: Config) -> Path:
+  """Writes WORKDIR/config.json whole or not at all (a temporary file renamed into place)."""
+  path = Path(workdir) / CONFIG_FILENAME
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Every key a recipe or the command line can set, at its default. The dict is locked, so an
-  unknown key is an error, and recipes in transformer/configs/ only change values."""
-  values = Config().to_dict()
-  del values["model"]["vocab_size"]  # data.vocab_size's: see the module docstring
+  unknown key is an error, and recipes in configs/ only change values."""
+  values, _ = _given_derived(Config().to_dict())
   config = ml_collections.ConfigDict(values)
   config.lock()
   return config
 
 
-def _build(cls, values: Mapping[str, Any], prefix: str):
+def build_block(cls, values: Mapping[str, Any], prefix: str):
   """`cls(**values)`, recursing into dataclass fields, with tuples from lists and unknown keys
   named; each block's own checks run as it is built."""
   if not isinstance(values, Mapping):
-    raise ValueError(
+    raise UserError(
       f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to "
       f"values, got {type(values).__name__}"
     )
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ValueError(
-      f"unknown config key {prefix}{unknown[0]}: see the schema in transformer/train/config.py"
+    raise UserError(
+      f"unknown config key {prefix}{unknown[0]}: see the schema in transformer/config.py"
     )
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for name, value in values.items():
     hint = hints[name]
     if dataclasses.is_dataclass(hint):
-      kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+      kwargs[name] = build_block(hint, value, f"{prefix}{name}.")
     else:
       kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
   return cls(**kwargs)
@@ -253,16 +364,19 @@ def _coerce(value, hint, key: str):
   the wrong type is an error that names the key."""
   origin = typing.get_origin(hint)
   if origin is typing.Literal:
-    hint = type(typing.get_args(hint)[0])
+    allowed = typing.get_args(hint)
+    if value not in allowed:
+      raise UserError(f"{key}={value!r} is unknown: use one of {allowed}")
+    return value
   elif origin is tuple:
     element = typing.get_args(hint)[0]
     example = "(16, 32)" if element is int else "('test_2016', 'test_2017')"
     if not isinstance(value, list | tuple):
-      raise ValueError(f"{key} must be a tuple such as {example}, got {value!r}")
+      raise UserError(f"{key} must be a tuple such as {example}, got {value!r}")
     try:
       return tuple(_coerce(v, element, key) for v in value)
     except ValueError:
-      raise ValueError(
+      raise UserError(
         f"{key} must be a tuple of {element.__name__} such as {example}, got {value!r}"
       ) from None
   elif origin in (typing.Union, types.UnionType):
@@ -272,5 +386,5 @@ def _coerce(value, hint, key: str):
   if hint in (int, float, str, bool) and (
     not isinstance(value, hint) or (hint is int and isinstance(value, bool))
   ):
-    raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
+    raise UserError(f"{key} must be {hint.__name__}, got {value!r}")
   return value
