@@ -307,6 +307,13 @@ def read_config(workdir: str | os.PathLike) -> Config:
   reader of that file: every command that uses a run reads it here."""
   path = Path(workdir) / CONFIG_FILENAME
   values = read_json(path)
+  # Training writes every key; a record without these describes no run (an emptied file).
+  missing = [key for key in ("task", "model", "data") if key not in values]
+  if missing:
+    raise UserError(
+      f"{path} does not describe a run (no {missing[0]!r}): restore the file from the run, or "
+      "train again"
+    )
   try:
     return Config.from_dict(values)
   except UserError as error:

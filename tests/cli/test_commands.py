@@ -120,7 +120,7 @@ def test_translate_streams_blank_lines_through_and_is_quiet(trained):
   [
     ("no_model", "no exported model in"),
     ("bad_step", "--step 5: "),
-    ("edited_config", "does not fit the model: parameter"),
+    ("edited_config", "model.json does not match its own checksum"),
     ("damaged_params", "does not match the checksum"),
   ],
 )

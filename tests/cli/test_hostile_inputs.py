@@ -255,7 +255,7 @@ def test_unknown_pieces_are_noted(trained, caplog, capsys):
 @pytest.mark.parametrize(
   "damage, message",
   [
-    ("empty", "does not describe a model (no 'task')"),
+    ("empty", "does not describe a run (no 'task')"),
     ("truncated", "config.json is not valid JSON"),
     ("d_model", "does not fit the model: parameter"),
     ("num_decoder_layers", "does not fit the model: parameter"),

@@ -100,9 +100,9 @@ class Run:
 @contextlib.contextmanager
 def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainState]]:
   """Sets up the run in `workdir` (see the module docstring); yields (run, state to start from)."""
-  workdir = Path(workdir)
-  if not str(workdir).strip():
+  if not str(workdir).strip():  # Path("") would be the current folder
     raise UserError("--workdir is empty: name the run's directory, e.g. --workdir runs/exp1")
+  workdir = Path(workdir)
   with contextlib.ExitStack() as stack:
     # Threads of a half-built run (checkpointing, prefetching) would fail noisily at exit.
     workdir.mkdir(parents=True, exist_ok=True)
