@@ -10,6 +10,8 @@ NORMS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
+LOGITS_DTYPES = ("auto", *DTYPES)
+DROPOUT_RNGS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +37,19 @@ class TransformerConfig:
     pad_id: token id of padding; padded keys are never attended to.
     num_classes: size of the EncoderOnly classification head.
     dtype: compute dtype; parameters stay in param_dtype (float32) and softmax/norms run in float32.
-    logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step. float32
-      by default; "bfloat16" halves their memory traffic (the loss and the decoders still reduce
-      over them in float32, element by element).
+    logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step;
+      "bfloat16" halves their memory traffic (the loss and the decoders still reduce over them in
+      float32, element by element). "auto" (the default) is bfloat16 when `dtype` is bfloat16
+      and float32 otherwise (the numerics check: benchmarks/results/numerics_*.json).
+    dropout_rng: the PRNG that draws the dropout masks (`jax.random` implementations). "auto"
+      (the default) is "rbg" when `dtype` is 16-bit, else JAX's "threefry2x32": XLA's
+      RngBitGenerator makes the masks' bits at a fraction of threefry's cost on GPUs. Every
+      implementation is deterministic given the seed and the step, so a resumed run draws the
+      same masks.
+    scan_layers: run each stack as one `nnx.scan` over its layers, whose parameters are then
+      stacked [L, ...] ("encoder/layers/self_attention/query" of shape [L, D, N, H]): the step
+      compiles one layer per stack instead of L. Same values and gradients as the unrolled
+      stacks; exported models keep the unrolled names (`transformer.model.stacking`).
     attention: implementation of scaled dot-product attention, see `dot_product_attention`.
     attention_block_size: key block of the blockwise attention (256: on CPU at T = 2048 level
       with 512 and ahead of 64 and 128, see benchmarks/README.md).
@@ -62,7 +74,9 @@ class TransformerConfig:
   num_classes: int = 2
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  logits_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+  dropout_rng: Literal["auto", "threefry2x32", "rbg", "unsafe_rbg"] = "auto"
+  scan_layers: bool = False
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
   attention_block_size: int = 256
   layer_norm_epsilon: float = 1e-6
@@ -88,7 +102,8 @@ class TransformerConfig:
       ("attention", ATTENTION_IMPLEMENTATIONS),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
-      ("logits_dtype", DTYPES),
+      ("logits_dtype", LOGITS_DTYPES),
+      ("dropout_rng", DROPOUT_RNGS),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
@@ -106,6 +121,20 @@ class TransformerConfig:
   def head_dim(self) -> int:
     """H: the paper's d_k = d_v = d_model / h."""
     return self.d_model // self.num_heads
+
+  @property
+  def resolved_logits_dtype(self) -> str:
+    """The logits' dtype that "auto" stands for with this compute dtype."""
+    if self.logits_dtype != "auto":
+      return self.logits_dtype
+    return "bfloat16" if self.dtype == "bfloat16" else "float32"
+
+  @property
+  def resolved_dropout_rng(self) -> str:
+    """The dropout PRNG implementation that "auto" stands for with this compute dtype."""
+    if self.dropout_rng != "auto":
+      return self.dropout_rng
+    return "rbg" if self.dtype in ("bfloat16", "float16") else "threefry2x32"
 
   def replace(self, **changes) -> TransformerConfig:
     return dataclasses.replace(self, **changes)

@@ -77,9 +77,10 @@ class Embedding(nnx.Module):
     return constrain(x_BTD, (BATCH, LENGTH, ACT_EMBED))
 
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Pre-softmax linear layer sharing the embedding matrix; logits in `config.logits_dtype`."""
+    """Pre-softmax linear layer sharing the embedding matrix; logits in the config's
+    `resolved_logits_dtype`."""
     table_VD = self.table[...].astype(jnp.dtype(self.config.dtype))
-    logits_BTV = tied_logits(x_BTD, table_VD, self.config.logits_dtype)
+    logits_BTV = tied_logits(x_BTD, table_VD, self.config.resolved_logits_dtype)
     return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
 
 
@@ -130,7 +131,7 @@ class OutputProjection(nnx.Module):
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     kernel_DV = self.kernel[...].astype(jnp.dtype(self.config.dtype))
     logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
-    return constrain(logits_BTV.astype(self.config.logits_dtype), (BATCH, LENGTH, VOCAB))
+    return constrain(logits_BTV.astype(self.config.resolved_logits_dtype), (BATCH, LENGTH, VOCAB))
 
 
 class PositionEncoding(nnx.Module):

@@ -2,7 +2,9 @@
 warm starts load by default: the parameters that were scored, with what it takes to use them.
 
   params.safetensors   every parameter by name ("decoder/layers/0/self_attention/query"), in
-                       its stored dtype: readable without this package (safetensors, NumPy)
+                       its stored dtype: readable without this package (safetensors, NumPy);
+                       always per layer, also from a run with stacked layers (model.scan_layers,
+                       written as the unrolled model it equals)
   spm.model            the tokenizer
   model.json           task, model configuration, sequence limit, which checkpoints were
                        averaged, the SHA-256 of the two files above, and the scores if any
@@ -13,6 +15,7 @@ is renamed aside first and removed after, so WORKDIR/model is never a half-writt
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from transformer.model.stacking import unstacked_params
 from transformer.runs.params import FlatParams
 from transformer.runs.spec import RunSpec, read_json
 
@@ -47,6 +51,8 @@ def export_model(workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_pat
   from safetensors.numpy import save_file  # noqa: PLC0415  (only writers need it)
 
   workdir = Path(workdir)
+  params = unstacked_params(params)
+  spec = dataclasses.replace(spec, model=spec.model.replace(scan_layers=False))
   final = workdir / MODEL_DIRNAME
   tmp = workdir / f".{MODEL_DIRNAME}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
