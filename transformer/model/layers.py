@@ -189,6 +189,9 @@ class FeedForward(nnx.Module):
     return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
+# Named, like attention and the loss, so that a profile can tell its fused kernels apart
+# (benchmarks/kernel_profile.py).
+@functools.partial(jax.named_call, name="layer_norm")
 def layer_norm_BTD(
   x_BTD: Float[Array, "B T D"],
   scale_D: Float[Array, " D"],

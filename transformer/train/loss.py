@@ -20,6 +20,7 @@ def label_smoothed_cross_entropy(
   return _losses(logits_BTV, targets_BT, smoothing)[0]
 
 
+@functools.partial(jax.named_call, name="cross_entropy")  # a name for profiles
 def _logit_stats(logits_BTV, targets_BT):
   """max, log-sum-exp, mean and target logit per position: the only reductions over V that the
   loss, the NLL and the accuracy need (with log p = logits - lse, no [B, T, V] log-probabilities
@@ -56,6 +57,7 @@ def _losses_fwd(logits_BTV, targets_BT, smoothing):
   return _from_stats(stats, smoothing), (logits_BTV, targets_BT, stats[1])
 
 
+@functools.partial(jax.named_call, name="cross_entropy")  # a name for profiles
 def _losses_bwd(smoothing, residuals, cotangents):
   logits_BTV, targets_BT, lse_BT = residuals
   d_loss_BT, d_nll_BT, _ = cotangents  # "correct" is piecewise constant: no gradient
