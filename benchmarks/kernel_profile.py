@@ -188,7 +188,7 @@ def kernel_events(directory: Path, module: str = "") -> list[tuple[str, str, flo
         continue  # derived lines (XLA Ops, XLA Modules) repeat the stream events
       for event in line.events:
         stats = dict(getattr(event, "stats", ()))
-        if "hlo_op" not in stats or (module and stats.get("hlo_module", module) != module):
+        if "hlo_op" not in stats or not str(stats.get("hlo_module", module)).startswith(module):
           continue
         events.append((str(stats["hlo_op"]), event.name, event.duration_ns * 1e-9))
   return events

@@ -90,23 +90,16 @@ def run(root: Path, steps: int, chunk: int) -> None:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def eval_losses(workdir: Path) -> dict[int, float]:
-  """{step: validation loss} from a run's metrics.jsonl (a step evaluated twice: the last)."""
-  losses = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+def logged(workdir: Path, key: str) -> dict[int, float]:
+  """{step: value of `key`} from a run's metrics.jsonl, {} before its first line; a step
+  logged twice (evaluated again after a resume) keeps the last value."""
+  path = workdir / "metrics.jsonl"
+  values = {}
+  for line in path.read_text().splitlines() if path.is_file() else ():
     record = json.loads(line)
-    if "eval/loss" in record:
-      losses[int(record["step"])] = float(record["eval/loss"])
-  return losses
-
-
-def train_losses(workdir: Path) -> dict[int, float]:
-  losses = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if "train/loss" in record:
-      losses[int(record["step"])] = float(record["train/loss"])
-  return losses
+    if key in record:
+      values[int(record["step"])] = float(record[key])
+  return values
 
 
 def comparison(curves: dict[str, dict[int, float]], tolerance: float = TOLERANCE) -> dict:
@@ -114,22 +107,22 @@ def comparison(curves: dict[str, dict[int, float]], tolerance: float = TOLERANCE
   |ratio - 1| <= tolerance at all of them."""
   steps = sorted(set.intersection(*(set(c) for c in curves.values())))
   base = curves["baseline"]
-  out = {"steps": steps, "tolerance": tolerance, "variants": {}}
+  variants = {}
   for name, curve in curves.items():
     if name == "baseline":
       continue
     ratios = [curve[s] / base[s] for s in steps]
     worst = max((abs(r - 1) for r in ratios), default=float("nan"))
-    out["variants"][name] = {
+    variants[name] = {
       "ratios": ratios,
       "max_abs_deviation": worst,
       "holds": bool(steps) and worst <= tolerance,
     }
-  return out
+  return {"steps": steps, "tolerance": tolerance, "variants": variants}
 
 
 def compare(root: Path, out: Path, steps: int) -> Path:
-  curves = {v: eval_losses(root / v) for v in VARIANTS}
+  curves = {v: logged(root / v, "eval/loss") for v in VARIANTS}
   result = comparison(curves)
   reached = max(result["steps"], default=0)
   for name, verdict in result["variants"].items():
@@ -137,7 +130,14 @@ def compare(root: Path, out: Path, steps: int) -> Path:
       f"{name}: max |loss / baseline - 1| = {verdict['max_abs_deviation']:.4%} over steps "
       f"{result['steps']} -> {'holds' if verdict['holds'] else 'does NOT hold'}"
     )
+  # Context, not the criterion: the training loss (mean of each 50-step window) of the variants
+  # against the baseline's at every logged step all runs reached.
+  train = comparison({v: logged(root / v, "train/loss") for v in VARIANTS})
   payload = {
+    "train_loss_comparison": {
+      "steps": train["steps"],
+      **{name: v["max_abs_deviation"] for name, v in train["variants"].items()},
+    },
     "question": "validation loss within 1% of float32 logits + threefry dropout at every "
     "evaluation (GPU recipe's model, float32 compute on the CPU)",
     "command": "nice -n 15 python -m benchmarks.numerics run --root ROOT --steps "
@@ -148,9 +148,14 @@ def compare(root: Path, out: Path, steps: int) -> Path:
     "complete": reached >= steps,
     "eval_loss": {v: {str(s): loss for s, loss in sorted(c.items())} for v, c in curves.items()},
     "train_loss": {
-      v: {str(s): loss for s, loss in sorted(train_losses(root / v).items())} for v in VARIANTS
+      v: {str(s): loss for s, loss in sorted(logged(root / v, "train/loss").items())}
+      for v in VARIANTS
     },
-    "models": {v: json.loads((root / v / "config.json").read_text())["model"] for v in VARIANTS},
+    "models": {
+      v: json.loads((root / v / "config.json").read_text())["model"]
+      for v in VARIANTS
+      if (root / v / "config.json").is_file()
+    },
     **result,
   }
   return common.write_and_plot(NAME, "full", payload, out)

@@ -137,3 +137,16 @@ def test_greedy_and_beam_search_decode_a_scanned_model_as_the_unrolled_one(varia
   got_tokens, got_scores = beam_search(scanned, src_BS, beam_size=3, max_new_tokens=8)
   np.testing.assert_array_equal(got_tokens, want_tokens)
   np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5)
+
+
+def test_scanned_dropout_draws_new_masks_at_every_call():
+  """The layers' RNG counts advance inside the scan and are written back, as unrolled layers'
+  do: two calls in train mode draw different masks, and reseeding repeats them."""
+  config = TransformerConfig.tiny(dropout_rate=0.5, scan_layers=True)
+  model = EncoderOnly(config, rngs=nnx.Rngs(params=0, dropout=1))
+  x = ids(6, (2, 7))
+  nnx.reseed(model, dropout=3, policy="match_shape")
+  first, second = model(x), model(x)
+  assert not np.allclose(first, second)
+  nnx.reseed(model, dropout=3, policy="match_shape")
+  np.testing.assert_array_equal(model(x), first)
