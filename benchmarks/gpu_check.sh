@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The train step on a GPU in one command (about 5 minutes on one H100/H200, at most 6):
 #   1. the shared peer harness at gpu_base in bfloat16, paired rounds: the Flax examples/wmt model,
-#      this project with its default flags (bfloat16 logits and rbg dropout bits are its defaults
-#      with bfloat16 compute), PyTorch eager (.bench/gpu_peers.sh);
+#      this project with its default flags, PyTorch eager (.bench/gpu_peers.sh);
 #   2. `python -m benchmarks.train_mfu --rows base:384:64` with default flags: step time and MFU
 #      against the bfloat16 matmul measured in the same process;
 #   3. a 5-step jax.profiler trace of that step, kernel by kernel: the ten most expensive kernels
 #      and the time per group (benchmarks/kernel_profile.py);
+#   4. only with AUTO_ROW=1 (about 75 s more): train_mfu's row again with --logits_dtype auto
+#      --rng_impl auto (bfloat16 logits, rbg dropout bits), the candidate defaults, into OUT/auto/;
 # then gpu_check_<device>.json: the numbers the step-speed issue asks for, with their thresholds.
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [OUT]
@@ -95,6 +96,18 @@ else
     --out "$out"
 fi
 
+# 4. The candidate defaults (model.logits_dtype / dropout_rng "auto"), on request.
+if [[ "${AUTO_ROW:-0}" == 1 ]]; then
+  mkdir -p "$out/auto"
+  if (( dry )); then
+    stage train_mfu_auto 400 "$python" -m benchmarks.train_mfu --preset quick --rows tiny:4:16 \
+      --logits_dtype auto --rng_impl auto --out "$out/auto"
+  else
+    stage train_mfu_auto 85 "$python" -m benchmarks.train_mfu --rows base:384:64 \
+      --logits_dtype auto --rng_impl auto --out "$out/auto"
+  fi
+fi
+
 # Summary: the issue's numbers next to their thresholds.
 status_json=$(for k in "${!status[@]}"; do echo "$k=${status[$k]}"; done)
 "$python" - "$out" "$device" "$peers_json" "$(( $(date +%s) - start ))" "$dry" "$status_json" \
@@ -115,18 +128,25 @@ if peers_json and Path(peers_json).is_file():
     ratio = row.get("project", {}).get("paired_ratio_vs_flax_wmt")
     summary["project_vs_flax_paired"] = {"value": ratio, "needs": 1.25,
                                          "met": ratio is not None and ratio >= 1.25}
-mfu_files = glob.glob(f"{out}/train_mfu_*.json")
-if mfu_files:
-    record = json.loads(Path(mfu_files[0]).read_text())
-    rows = [r for r in record["results"] if r["config"] in ("base", "tiny")]
-    if rows:
-        r = rows[-1]
-        summary["train_mfu"] = {k: r.get(k) for k in ("config", "batch", "mfu", "tokens_per_s",
-                                                      "resolved_logits_dtype", "dropout_rng_impl")}
-        summary["train_mfu"]["step_ms"] = r["timing"]["median_s"] * 1e3
-        summary["train_mfu"]["compile_s"] = r["timing"].get("compile_s")
-        summary["mfu_vs_measured_bf16_matmul"] = {"value": r["mfu"], "needs": 0.45,
-                                                  "met": r["mfu"] >= 0.45}
+def mfu_row(folder):
+    files = glob.glob(f"{folder}/train_mfu_*.json")
+    if not files:
+        return None
+    r = json.loads(Path(files[0]).read_text())["results"][-1]
+    row = {k: r.get(k) for k in ("config", "batch", "mfu", "tokens_per_s",
+                                 "resolved_logits_dtype", "dropout_rng_impl")}
+    row["step_ms"] = r["timing"]["median_s"] * 1e3
+    row["compile_s"] = r["timing"].get("compile_s")
+    return row
+
+
+row = mfu_row(out)
+if row:
+    summary["train_mfu"] = row
+    summary["mfu_vs_measured_bf16_matmul"] = {"value": row["mfu"], "needs": 0.45,
+                                              "met": row["mfu"] >= 0.45}
+if mfu_row(f"{out}/auto"):
+    summary["train_mfu_auto"] = mfu_row(f"{out}/auto")
 profiles = glob.glob(f"{out}/kernel_profile_*.json")
 if profiles:
     record = json.loads(Path(profiles[0]).read_text())

@@ -103,22 +103,24 @@ def logged(workdir: Path, key: str) -> dict[int, float]:
 
 
 def comparison(curves: dict[str, dict[int, float]], tolerance: float = TOLERANCE) -> dict:
-  """Each variant's ratio to the baseline at every step that every run evaluated, and whether
-  |ratio - 1| <= tolerance at all of them."""
-  steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+  """Each variant's ratio to the baseline at every step both evaluated, and whether
+  |ratio - 1| <= tolerance at all of them; `steps`: the steps every run evaluated."""
   base = curves["baseline"]
   variants = {}
   for name, curve in curves.items():
     if name == "baseline":
       continue
+    steps = sorted(set(curve) & set(base))
     ratios = [curve[s] / base[s] for s in steps]
     worst = max((abs(r - 1) for r in ratios), default=float("nan"))
     variants[name] = {
+      "steps": steps,
       "ratios": ratios,
       "max_abs_deviation": worst,
       "holds": bool(steps) and worst <= tolerance,
     }
-  return {"steps": steps, "tolerance": tolerance, "variants": variants}
+  common_steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+  return {"steps": common_steps, "tolerance": tolerance, "variants": variants}
 
 
 def compare(root: Path, out: Path, steps: int) -> Path:
@@ -128,7 +130,7 @@ def compare(root: Path, out: Path, steps: int) -> Path:
   for name, verdict in result["variants"].items():
     print(
       f"{name}: max |loss / baseline - 1| = {verdict['max_abs_deviation']:.4%} over steps "
-      f"{result['steps']} -> {'holds' if verdict['holds'] else 'does NOT hold'}"
+      f"{verdict['steps']} -> {'holds' if verdict['holds'] else 'does NOT hold'}"
     )
   # Context, not the criterion: the training loss (mean of each 50-step window) of the variants
   # against the baseline's at every logged step all runs reached.

@@ -333,7 +333,7 @@ def plot_numerics(path: Path) -> Path:
     )
   for name, verdict in record["variants"].items():
     ratio_ax.plot(
-      record["steps"],
+      verdict.get("steps", record["steps"]),
       [100 * (r - 1) for r in verdict["ratios"]],
       "o-",
       color=colors.get(name),

@@ -21,9 +21,9 @@ whose datasheet rate is known the MFU against it is reported too (the convention
 the PaLM paper), which is lower than against the measured peak.
 
 On a GPU the steps run as the GPU recipe trains: bfloat16 compute with float32 parameters and
-Adam state, cuDNN flash attention (attention="auto"), and the model's defaults for bfloat16
-compute: bfloat16 logits with a float32 loss, dropout masks from the "rbg" PRNG (logits_dtype and
-dropout_rng "auto"; the flags below override them). Besides the fixed
+Adam state, cuDNN flash attention (attention="auto"), and the model's defaults for the logits
+(float32, the loss in float32 too) and the dropout PRNG (threefry2x32); `--logits_dtype auto
+--rng_impl auto` gives bfloat16 logits and rbg masks with bfloat16 compute. Besides the fixed
 "small" row (B = 32 pairs of 64 tokens, for comparison across projects) the base model runs at
 larger batches; B = 384 pairs of 64 tokens is about the paper's 25k source + 25k target tokens.
 
@@ -145,15 +145,15 @@ def main(argv=None):
   parser.add_argument(
     "--logits_dtype",
     choices=("auto", "float32", "bfloat16"),
-    default="auto",
+    default=None,
     help="dtype of the [B, T, V] logits (the loss reduces in float32 anyway); default: the "
-    "model's auto, bfloat16 with bfloat16 compute",
+    "model's; auto: bfloat16 with bfloat16 compute",
   )
   parser.add_argument(
     "--rng_impl",
     choices=("auto", "threefry2x32", "rbg", "unsafe_rbg"),
-    default="auto",
-    help="PRNG of the dropout masks; default: the model's auto, rbg with bfloat16 compute",
+    default=None,
+    help="PRNG of the dropout masks; default: the model's; auto: rbg with bfloat16 compute",
   )
   parser.add_argument(
     "--scan_layers",
@@ -168,10 +168,13 @@ def main(argv=None):
   variant: dict[str, Any] = {
     "dtype": dtype,
     "attention": args.attention,
-    "logits_dtype": args.logits_dtype,
-    "dropout_rng": args.rng_impl,
     "scan_layers": args.scan_layers,
   }
+  # Unset flags leave the model's defaults, so that the default run measures the default step.
+  if args.logits_dtype is not None:
+    variant["logits_dtype"] = args.logits_dtype
+  if args.rng_impl is not None:
+    variant["dropout_rng"] = args.rng_impl
   # The peak is measured before and after the steps and the higher rate is the denominator: on
   # a shared VM one window can land in a slow phase, which would inflate every MFU.
   peaks_before = common.matmul_peaks(quick=args.preset == "quick")

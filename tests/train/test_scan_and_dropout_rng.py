@@ -19,15 +19,15 @@ from transformer.train.loop import run
 from transformer.train.step import dropout_key_as
 
 
-def test_auto_resolves_by_compute_dtype():
-  config = TransformerConfig.tiny()
+def test_defaults_and_auto_resolve_by_compute_dtype():
+  config = TransformerConfig.tiny(dtype="bfloat16")  # the defaults: float32 logits, threefry
   assert (config.resolved_logits_dtype, config.resolved_dropout_rng) == ("float32", "threefry2x32")
-  bf16 = config.replace(dtype="bfloat16")
+  auto = TransformerConfig.tiny(logits_dtype="auto", dropout_rng="auto")
+  assert (auto.resolved_logits_dtype, auto.resolved_dropout_rng) == ("float32", "threefry2x32")
+  bf16 = auto.replace(dtype="bfloat16")
   assert (bf16.resolved_logits_dtype, bf16.resolved_dropout_rng) == ("bfloat16", "rbg")
-  fp16 = config.replace(dtype="float16")
+  fp16 = auto.replace(dtype="float16")
   assert (fp16.resolved_logits_dtype, fp16.resolved_dropout_rng) == ("float32", "rbg")
-  fixed = bf16.replace(logits_dtype="float32", dropout_rng="threefry2x32")
-  assert (fixed.resolved_logits_dtype, fixed.resolved_dropout_rng) == ("float32", "threefry2x32")
   with pytest.raises(ValueError, match="dropout_rng"):
     TransformerConfig.tiny(dropout_rng="philox")
 
@@ -51,9 +51,9 @@ def test_dropout_key_as_converts_deterministically_and_keeps_a_matching_key():
 
 @pytest.mark.parametrize("dropout_rng", ["threefry2x32", "rbg", "unsafe_rbg"])
 def test_train_step_draws_with_the_configured_prng_reproducibly(dropout_rng):
-  """Each choice gives the same step twice from the same state and key; the default on float32
-  compute ("auto") is exactly the explicit threefry2x32, i.e. what steps drew before the option
-  existed; the other implementations draw other masks."""
+  """Each choice gives the same step twice from the same state and key; "auto" on float32
+  compute is exactly threefry2x32, what steps drew before the option existed; the other
+  implementations draw other masks."""
   config = TransformerConfig.tiny(dropout_rate=0.3)
   batch = random_batch(64, 4, 8, 8)
 

@@ -39,13 +39,15 @@ class TransformerConfig:
     dtype: compute dtype; parameters stay in param_dtype (float32) and softmax/norms run in float32.
     logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step;
       "bfloat16" halves their memory traffic (the loss and the decoders still reduce over them in
-      float32, element by element). "auto" (the default) is bfloat16 when `dtype` is bfloat16
-      and float32 otherwise (the numerics check: benchmarks/results/numerics_*.json).
-    dropout_rng: the PRNG that draws the dropout masks (`jax.random` implementations). "auto"
-      (the default) is "rbg" when `dtype` is 16-bit, else JAX's "threefry2x32": XLA's
-      RngBitGenerator makes the masks' bits at a fraction of threefry's cost on GPUs. Every
-      implementation is deterministic given the seed and the step, so a resumed run draws the
-      same masks.
+      float32, element by element). "auto" is bfloat16 when `dtype` is bfloat16, else float32.
+    dropout_rng: the PRNG that draws the dropout masks (`jax.random` implementations): JAX's
+      "threefry2x32", or "rbg" / "unsafe_rbg", XLA's RngBitGenerator, which makes the masks' bits
+      at a fraction of threefry's cost on GPUs. "auto" is "rbg" when `dtype` is 16-bit, else
+      threefry2x32. Every choice is deterministic given the seed and the step, so a resumed run
+      draws the same masks.
+      Both stay float32 / threefry2x32 by default until the numerics check of the two ("auto")
+      on the GPU recipe's model has run its 2,000 steps (`benchmarks/numerics.py`; it resumes):
+      then "auto" becomes their default, so that bfloat16 compute gets both without a flag.
     scan_layers: run each stack as one `nnx.scan` over its layers, whose parameters are then
       stacked [L, ...] ("encoder/layers/self_attention/query" of shape [L, D, N, H]): the step
       compiles one layer per stack instead of L. Same values and gradients as the unrolled
@@ -74,8 +76,8 @@ class TransformerConfig:
   num_classes: int = 2
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  logits_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-  dropout_rng: Literal["auto", "threefry2x32", "rbg", "unsafe_rbg"] = "auto"
+  logits_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+  dropout_rng: Literal["auto", "threefry2x32", "rbg", "unsafe_rbg"] = "threefry2x32"
   scan_layers: bool = False
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
   attention_block_size: int = 256

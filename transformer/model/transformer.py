@@ -138,7 +138,7 @@ class Encoder(nnx.Module):
     x_BSD, mask, positions_BS = self._stack_input(ids_BS, segments_BS, positions_BS)
     states = [x_BSD]
     if is_stacked(self.layers):
-      apply = lambda layer, x_BSD: layer(x_BSD, mask, positions_BS)
+      apply = lambda layer, x: layer(x, mask, positions_BS)
       _, outputs_LBSD = scan_stack(self.layers, x_BSD, apply, all_outputs=True)
       states += list(outputs_LBSD)
     else:
