@@ -316,6 +316,12 @@ def plot_input_pipeline(path: Path) -> Path:
   return _save(fig, path)
 
 
+def _verdict(verdict: dict) -> str:
+  if not verdict.get("steps", True):
+    return "not evaluated yet"
+  return "within 1%" if verdict["holds"] else "outside 1%"
+
+
 def plot_numerics(path: Path) -> Path:
   """Validation loss against step of the baseline and each variant (left; training loss thin),
   and each variant's validation loss relative to the baseline's with the +-1% band (right)."""
@@ -337,7 +343,7 @@ def plot_numerics(path: Path) -> Path:
       [100 * (r - 1) for r in verdict["ratios"]],
       "o-",
       color=colors.get(name),
-      label=f"{name} ({'holds' if verdict['holds'] else 'fails'})",
+      label=f"{name} ({_verdict(verdict)})",
     )
   tolerance = 100 * record["tolerance"]
   ratio_ax.axhspan(-tolerance, tolerance, color="tab:green", alpha=0.12, label="+-1%")
