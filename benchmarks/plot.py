@@ -316,6 +316,52 @@ def plot_input_pipeline(path: Path) -> Path:
   return _save(fig, path)
 
 
+def _verdict(verdict: dict) -> str:
+  if not verdict.get("steps", True):
+    return "not evaluated yet"
+  return "within 1%" if verdict["holds"] else "outside 1%"
+
+
+def plot_numerics(path: Path) -> Path:
+  """Validation loss against step of the baseline and each variant (left; training loss thin),
+  and each variant's validation loss relative to the baseline's with the +-1% band (right)."""
+  record = json.loads(Path(path).read_text())
+  fig, (loss_ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  colors = {"baseline": "black", "bf16_logits": "tab:blue", "rbg": "tab:orange"}
+  for name, curve in record["eval_loss"].items():
+    steps = sorted(int(s) for s in curve)
+    color = colors.get(name)
+    loss_ax.plot(steps, [curve[str(s)] for s in steps], "o-", color=color, label=name)
+    train = record["train_loss"].get(name, {})
+    train_steps = sorted(int(s) for s in train)
+    loss_ax.plot(
+      train_steps, [train[str(s)] for s in train_steps], "-", lw=0.7, alpha=0.5, color=color
+    )
+  for name, verdict in record["variants"].items():
+    ratio_ax.plot(
+      verdict.get("steps", record["steps"]),
+      [100 * (r - 1) for r in verdict["ratios"]],
+      "o-",
+      color=colors.get(name),
+      label=f"{name} ({_verdict(verdict)})",
+    )
+  tolerance = 100 * record["tolerance"]
+  ratio_ax.axhspan(-tolerance, tolerance, color="tab:green", alpha=0.12, label="+-1%")
+  ratio_ax.axhline(0, color="black", lw=0.7)
+  loss_ax.set(xlabel="step", ylabel="validation loss (dots), training loss (thin)")
+  ratio_ax.set(xlabel="step", ylabel="validation loss vs baseline (%)")
+  reached = record["steps_reached_by_all"]
+  for ax in (loss_ax, ratio_ax):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  what = "bfloat16 logits and rbg dropout vs float32 logits + threefry, GPU recipe's model"
+  if not record["complete"]:
+    what += f" (all runs to step {reached} of {record['planned_steps']})"
+  fig.suptitle(_title(record, what), fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 PLOTTERS = {
   "input_pipeline": plot_input_pipeline,
   "attention_vs_rnn": plot_attention_vs_rnn,
@@ -323,6 +369,7 @@ PLOTTERS = {
   "decode_speed": plot_decode_speed,
   "model_level": plot_model_level,
   "quality_vs_time": plot_quality_vs_time,
+  "numerics_bf16_logits_rbg": plot_numerics,
 }
 
 

@@ -43,10 +43,10 @@ def adam() -> optax.GradientTransformation:
   return optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
 
 
-def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None, dropout_seed: int = 0):
+def build_step(model: nnx.Module, tx=None, dropout_seed: int = 0):
   """(steps, initial TrainState): the same pure steps as the training loop, Adam, dropout on.
-  `rng_impl` picks the PRNG of the dropout masks (JAX's default threefry2x32 when None), and
-  `dropout_seed` the key they are drawn from."""
+  `dropout_seed` picks the key of the dropout masks; their PRNG is the model's
+  `config.dropout_rng` (see `transformer.train.step.make_steps`)."""
   tx = tx or adam()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   steps = make_steps(
@@ -55,7 +55,7 @@ def build_step(model: nnx.Module, tx=None, rng_impl: str | None = None, dropout_
     tx,
     task="translation",
     label_smoothing=0.1,
-    dropout_key=jax.random.key(dropout_seed, impl=rng_impl),
+    dropout_key=jax.random.key(dropout_seed),
   )
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return steps, state

@@ -21,7 +21,9 @@ whose datasheet rate is known the MFU against it is reported too (the convention
 the PaLM paper), which is lower than against the measured peak.
 
 On a GPU the steps run as the GPU recipe trains: bfloat16 compute with float32 parameters and
-Adam state, cuDNN flash attention (attention="auto"), float32 logits and loss. Besides the fixed
+Adam state, cuDNN flash attention (attention="auto"), and the model's defaults for the logits
+(float32, the loss in float32 too) and the dropout PRNG (threefry2x32); `--logits_dtype auto
+--rng_impl auto` gives bfloat16 logits and rbg masks with bfloat16 compute. Besides the fixed
 "small" row (B = 32 pairs of 64 tokens, for comparison across projects) the base model runs at
 larger batches; B = 384 pairs of 64 tokens is about the paper's 25k source + 25k target tokens.
 
@@ -36,6 +38,7 @@ it is never reset, so it includes the matmul peak and every earlier row, not thi
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import jax
 from flax import nnx
@@ -75,14 +78,12 @@ PRESETS_GPU = {
 }
 
 
-def breakdown(config: TransformerConfig, batch, runs: int, rng_impl: str | None = None) -> dict:
+def breakdown(config: TransformerConfig, batch, runs: int) -> dict:
   """Times the step's pieces, to show where the time outside the counted matmuls goes:
   the forward pass and loss alone (eval mode, no dropout), forward + backward with dropout, and
   the whole step without dropout (the step with dropout is the main measurement)."""
   pieces = {}
-  steps, state = build_step(
-    EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)), rng_impl=rng_impl
-  )
+  steps, state = build_step(EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1)))
   for piece, fn in (
     ("forward_eval", steps.eval_step),
     ("gradients", lambda p, b: steps.gradients(p, b, state.step)),
@@ -143,21 +144,37 @@ def main(argv=None):
   )
   parser.add_argument(
     "--logits_dtype",
-    choices=("float32", "bfloat16"),
-    default="float32",
-    help="dtype of the [B, T, V] logits (the loss reduces in float32 anyway)",
+    choices=("auto", "float32", "bfloat16"),
+    default=None,
+    help="dtype of the [B, T, V] logits (the loss reduces in float32 anyway); default: the "
+    "model's; auto: bfloat16 with bfloat16 compute",
   )
   parser.add_argument(
     "--rng_impl",
-    choices=("threefry2x32", "rbg", "unsafe_rbg"),
+    choices=("auto", "threefry2x32", "rbg", "unsafe_rbg"),
     default=None,
-    help="PRNG of the dropout masks (default: JAX's)",
+    help="PRNG of the dropout masks; default: the model's; auto: rbg with bfloat16 compute",
+  )
+  parser.add_argument(
+    "--scan_layers",
+    action="store_true",
+    help="each stack as one nnx.scan over stacked layers (compiles one layer per stack)",
   )
   args = common.parse_args(parser, argv)
   preset = dict((PRESETS if jax.default_backend() == "cpu" else PRESETS_GPU)[args.preset])
   if args.rows:
     preset["rows"] = tuple(parse_row(row, parser) for row in args.rows)
   dtype = compute_dtype()
+  variant: dict[str, Any] = {
+    "dtype": dtype,
+    "attention": args.attention,
+    "scan_layers": args.scan_layers,
+  }
+  # Unset flags leave the model's defaults, so that the default run measures the default step.
+  if args.logits_dtype is not None:
+    variant["logits_dtype"] = args.logits_dtype
+  if args.rng_impl is not None:
+    variant["dropout_rng"] = args.rng_impl
   # The peak is measured before and after the steps and the higher rate is the denominator: on
   # a shared VM one window can land in a slow phase, which would inflate every MFU.
   peaks_before = common.matmul_peaks(quick=args.preset == "quick")
@@ -166,10 +183,10 @@ def main(argv=None):
   )
   rows = []
   for name, batch_size, length in preset["rows"]:
-    config = CONFIGS[name](dtype=dtype, attention=args.attention, logits_dtype=args.logits_dtype)
+    config = CONFIGS[name](**variant)
     model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
     batch = random_batch(config.vocab_size, batch_size, length, length)
-    steps, state = build_step(model, rng_impl=args.rng_impl)
+    steps, state = build_step(model)
     timing, memory, xla_flops = time_train_step(steps, state, batch, args.runs)
     flops = train_flops(config, batch_size, length, length)
     rows.append(
@@ -189,9 +206,12 @@ def main(argv=None):
             "dtype",
             "param_dtype",
             "logits_dtype",
+            "dropout_rng",
+            "scan_layers",
           )
         },
-        "dropout_rng_impl": args.rng_impl or "default",
+        "resolved_logits_dtype": config.resolved_logits_dtype,
+        "dropout_rng_impl": config.resolved_dropout_rng,
         "parameters": count_params(model),
         "batch": batch_size,
         "source_length": length,
@@ -247,17 +267,12 @@ def main(argv=None):
   }
   if args.breakdown:
     name, batch_size, length = preset["breakdown"]
-    config = CONFIGS[name](dtype=dtype, attention=args.attention, logits_dtype=args.logits_dtype)
+    config = CONFIGS[name](**variant)
     payload["breakdown"] = {
       "config": name,
       "batch": batch_size,
       "length": length,
-      **breakdown(
-        config,
-        random_batch(config.vocab_size, batch_size, length, length),
-        args.runs,
-        args.rng_impl,
-      ),
+      **breakdown(config, random_batch(config.vocab_size, batch_size, length, length), args.runs),
     }
   common.write_and_plot("train_mfu", args.preset, payload, args.out)
 

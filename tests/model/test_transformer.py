@@ -122,15 +122,19 @@ def test_jitted_forward_traces_once_per_shape():
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  """bfloat16 compute: float32 parameters and logits; with logits_dtype "auto" the logits are
+  bfloat16, the float32 logits of the same bfloat16 model rounded once."""
   config = TransformerConfig.tiny(dtype="bfloat16")
   model = EncoderDecoder(config, rngs=nnx.Rngs(0))
+  narrow = EncoderDecoder(config.replace(logits_dtype="auto"), rngs=nnx.Rngs(0))
   reference = EncoderDecoder(config.replace(dtype="float32"), rngs=nnx.Rngs(0))
   src, tgt = random_ids(9, (2, 6)), random_ids(10, (2, 5))
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
   memory = model.encode(src)
   assert memory.dtype == jnp.bfloat16
-  logits = model(src, tgt)
-  assert logits.dtype == jnp.float32
+  logits, narrow_logits = model(src, tgt), narrow(src, tgt)
+  assert (logits.dtype, narrow_logits.dtype) == (jnp.float32, jnp.bfloat16)
+  np.testing.assert_array_equal(narrow_logits, logits.astype(jnp.bfloat16))
   np.testing.assert_allclose(logits, reference(src, tgt), atol=0.1)
 
 

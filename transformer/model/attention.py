@@ -9,6 +9,7 @@ output and zero weights in every implementation, never NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -36,6 +37,7 @@ def attention_logits(
   return jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
 
 
+@functools.partial(jax.named_call, name="attention")  # a name for profiles
 def attention_weights(
   q_BTNH: Float[Array, "B T N H"],
   k_BSNH: Float[Array, "B S N H"],
@@ -110,6 +112,7 @@ def resolve_implementation(
   return "blockwise" if q_len * kv_len > 1024 * 1024 else "xla"
 
 
+@functools.partial(jax.named_call, name="attention")  # a name for profiles
 def dot_product_attention(
   q: Float[Array, "B T N H"],
   k: Float[Array, "B S N H"],

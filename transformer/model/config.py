@@ -12,6 +12,8 @@ NORMS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
+LOGITS_DTYPES = ("auto", *DTYPES)
+DROPOUT_RNGS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +39,21 @@ class TransformerConfig:
     pad_id: token id of padding; padded keys are never attended to.
     num_classes: size of the EncoderOnly classification head.
     dtype: compute dtype; parameters stay in param_dtype (float32) and softmax/norms run in float32.
-    logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step. float32
-      by default; "bfloat16" halves their memory traffic (the loss and the decoders still reduce
-      over them in float32, element by element).
+    logits_dtype: dtype of the pre-softmax logits [B, T, V], the largest arrays of a step;
+      "bfloat16" halves their memory traffic (the loss and the decoders still reduce over them in
+      float32, element by element). "auto" is bfloat16 when `dtype` is bfloat16, else float32.
+    dropout_rng: the PRNG that draws the dropout masks (`jax.random` implementations): JAX's
+      "threefry2x32", or "rbg" / "unsafe_rbg", XLA's RngBitGenerator, which makes the masks' bits
+      at a fraction of threefry's cost on GPUs. "auto" is "rbg" when `dtype` is 16-bit, else
+      threefry2x32. Every choice is deterministic given the seed and the step, so a resumed run
+      draws the same masks.
+      Both stay float32 / threefry2x32 by default until the numerics check of the two ("auto")
+      on the GPU recipe's model has run its 2,000 steps (`benchmarks/numerics.py`; it resumes):
+      then "auto" becomes their default, so that bfloat16 compute gets both without a flag.
+    scan_layers: run each stack as one `nnx.scan` over its layers, whose parameters are then
+      stacked [L, ...] ("encoder/layers/self_attention/query" of shape [L, D, N, H]): the step
+      compiles one layer per stack instead of L. Same values and gradients as the unrolled
+      stacks; exported models keep the unrolled names (`transformer.model.stacking`).
     attention: implementation of scaled dot-product attention, see `dot_product_attention`.
     attention_block_size: key block of the blockwise attention (256: on CPU at T = 2048 level
       with 512 and ahead of 64 and 128, see benchmarks/README.md).
@@ -64,7 +78,9 @@ class TransformerConfig:
   num_classes: int = 2
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  logits_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+  dropout_rng: Literal["auto", "threefry2x32", "rbg", "unsafe_rbg"] = "threefry2x32"
+  scan_layers: bool = False
   attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
   attention_block_size: int = 256
   layer_norm_epsilon: float = 1e-6
@@ -90,7 +106,8 @@ class TransformerConfig:
       ("attention", ATTENTION_IMPLEMENTATIONS),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
-      ("logits_dtype", DTYPES),
+      ("logits_dtype", LOGITS_DTYPES),
+      ("dropout_rng", DROPOUT_RNGS),
     ):
       if getattr(self, name) not in allowed:
         raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
@@ -108,6 +125,20 @@ class TransformerConfig:
   def head_dim(self) -> int:
     """H: the paper's d_k = d_v = d_model / h."""
     return self.d_model // self.num_heads
+
+  @property
+  def resolved_logits_dtype(self) -> str:
+    """The logits' dtype that "auto" stands for with this compute dtype."""
+    if self.logits_dtype != "auto":
+      return self.logits_dtype
+    return "bfloat16" if self.dtype == "bfloat16" else "float32"
+
+  @property
+  def resolved_dropout_rng(self) -> str:
+    """The dropout PRNG implementation that "auto" stands for with this compute dtype."""
+    if self.dropout_rng != "auto":
+      return self.dropout_rng
+    return "rbg" if self.dtype in ("bfloat16", "float16") else "threefry2x32"
 
   def replace(self, **changes) -> TransformerConfig:
     return dataclasses.replace(self, **changes)

@@ -78,9 +78,10 @@ class Embedding(nnx.Module):
     return constrain(x_BTD, (BATCH, LENGTH, ACT_EMBED))
 
   def attend(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Pre-softmax linear layer sharing the embedding matrix; logits in `config.logits_dtype`."""
+    """Pre-softmax linear layer sharing the embedding matrix; logits in the config's
+    `resolved_logits_dtype`."""
     table_VD = self.table[...].astype(jnp.dtype(self.config.dtype))
-    logits_BTV = tied_logits(x_BTD, table_VD, self.config.logits_dtype)
+    logits_BTV = tied_logits(x_BTD, table_VD, self.config.resolved_logits_dtype)
     return constrain(logits_BTV, (BATCH, LENGTH, VOCAB))
 
 
@@ -131,7 +132,7 @@ class OutputProjection(nnx.Module):
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     kernel_DV = self.kernel[...].astype(jnp.dtype(self.config.dtype))
     logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
-    return constrain(logits_BTV.astype(self.config.logits_dtype), (BATCH, LENGTH, VOCAB))
+    return constrain(logits_BTV.astype(self.config.resolved_logits_dtype), (BATCH, LENGTH, VOCAB))
 
 
 class PositionEncoding(nnx.Module):
@@ -189,6 +190,9 @@ class FeedForward(nnx.Module):
     return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
+# Named, like attention and the loss, so that a profile can tell its fused kernels apart
+# (benchmarks/kernel_profile.py).
+@functools.partial(jax.named_call, name="layer_norm")
 def layer_norm_BTD(
   x_BTD: Float[Array, "B T D"],
   scale_D: Float[Array, " D"],

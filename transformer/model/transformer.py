@@ -22,6 +22,7 @@ from transformer.model.layers import (
   param,
 )
 from transformer.model.masks import padding_mask, segment_mask
+from transformer.model.stacking import scan_stack, stack_modules, unstack_module
 from transformer.parallel.axes import EMBED, VOCAB
 
 
@@ -88,6 +89,16 @@ class DecoderLayer(nnx.Module):
     return self.feed_forward_block(x_BTD, self.feed_forward)
 
 
+def layer_stack(config: TransformerConfig, layers: list[nnx.Module]) -> Any:
+  """The layers as an `nnx.List`, or as one stacked module for `nnx.scan` with
+  `config.scan_layers` (see `transformer.model.stacking`)."""
+  return stack_modules(layers) if config.scan_layers and layers else nnx.List(layers)
+
+
+def is_stacked(layers: nnx.Module) -> bool:
+  return not isinstance(layers, nnx.List)
+
+
 class Encoder(nnx.Module):
   """Embedding + positions + dropout, then L encoder layers: source ids [B, S] -> memory [B, S, D].
 
@@ -100,11 +111,22 @@ class Encoder(nnx.Module):
     self.config, self.embed = config, embed
     self.positions = PositionEncoding(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-    self.layers = nnx.List(
-      [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
+    self.layers = layer_stack(
+      config, [EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)]
     )
     # Pre-LN leaves the residual stream un-normalised: one last LayerNorm closes the stack.
     self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
+
+  def _stack_input(self, ids_BS, segments_BS, positions_BS):
+    """(sqrt(D) * embedding + positions after dropout, the attention mask, the positions)."""
+    if positions_BS is None:
+      positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
+    mask = (
+      padding_mask(ids_BS, self.config.pad_id)
+      if segments_BS is None
+      else segment_mask(segments_BS, segments_BS)
+    )
+    return self.dropout(self.positions(self.embed(ids_BS), positions_BS)), mask, positions_BS
 
   def residual_stream(
     self,
@@ -114,16 +136,15 @@ class Encoder(nnx.Module):
   ) -> list[Float[Array, "B S D"]]:
     """The stack's input (sqrt(D) * embedding + positions, after dropout) and the output of
     each of its L layers, the last one after the final LayerNorm of a pre-LN stack."""
-    if positions_BS is None:
-      positions_BS = jnp.broadcast_to(jnp.arange(ids_BS.shape[1]), ids_BS.shape)
-    mask = (
-      padding_mask(ids_BS, self.config.pad_id)
-      if segments_BS is None
-      else segment_mask(segments_BS, segments_BS)
-    )
-    states = [self.dropout(self.positions(self.embed(ids_BS), positions_BS))]
-    for layer in self.layers:
-      states.append(layer(states[-1], mask, positions_BS))
+    x_BSD, mask, positions_BS = self._stack_input(ids_BS, segments_BS, positions_BS)
+    states = [x_BSD]
+    if is_stacked(self.layers):
+      apply = lambda layer, x: layer(x, mask, positions_BS)
+      _, outputs_LBSD = scan_stack(self.layers, x_BSD, apply, all_outputs=True)
+      states += list(outputs_LBSD)
+    else:
+      for layer in self.layers:
+        states.append(layer(states[-1], mask, positions_BS))
     if self.final_norm is not None:
       states[-1] = self.final_norm(states[-1])
     return states
@@ -134,7 +155,12 @@ class Encoder(nnx.Module):
     segments_BS: Int[Array, "B S"] | None = None,
     positions_BS: Int[Array, "B S"] | None = None,
   ) -> Float[Array, "B S D"]:
-    return self.residual_stream(ids_BS, segments_BS, positions_BS)[-1]
+    if not is_stacked(self.layers):
+      return self.residual_stream(ids_BS, segments_BS, positions_BS)[-1]
+    # The scan alone, without the [L, B, S, D] of every layer's output that residual_stream keeps.
+    x_BSD, mask, positions_BS = self._stack_input(ids_BS, segments_BS, positions_BS)
+    x_BSD = scan_stack(self.layers, x_BSD, lambda layer, x: layer(x, mask, positions_BS))
+    return x_BSD if self.final_norm is None else self.final_norm(x_BSD)
 
 
 class Decoder(nnx.Module):
@@ -148,12 +174,15 @@ class Decoder(nnx.Module):
     self.config, self.embed = config, embed
     self.positions = PositionEncoding(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-    self.layers = nnx.List(
-      [DecoderLayer(config, cross=cross, rngs=rngs) for _ in range(config.num_decoder_layers)]
+    self.layers = layer_stack(
+      config,
+      [DecoderLayer(config, cross=cross, rngs=rngs) for _ in range(config.num_decoder_layers)],
     )
     self.final_norm = LayerNorm(config, rngs=rngs) if config.norm == "pre" else None
     self.cache_index: Any = nnx.data(None)
     self.memory_mask: Any = nnx.data(None)
+    # Stacked layers decode through per-layer copies made by init_cache (see there).
+    self.cache_layers: Any = nnx.data(None)
 
   def init_cache(
     self, batch_size: int, cache_length: int, memory_BSD=None, memory_mask_B11S=None
@@ -164,7 +193,14 @@ class Decoder(nnx.Module):
         f"cannot decode {cache_length} positions: model.max_len is "
         f"{self.config.max_len}; raise it or decode fewer tokens"
       )
-    for layer in self.layers:
+    layers = self.layers
+    if is_stacked(self.layers):
+      # Decoding runs the layers one by one, each with its own cache whose rows come first (as
+      # beam search reorders them), from copies of the stacked parameters: decoding reads them
+      # only, and the copies live as long as the decoding state.
+      self.cache_layers = nnx.List(unstack_module(self.layers))
+      layers = self.cache_layers
+    for layer in layers:
       layer.self_attention.init_cache(batch_size, cache_length)
       if layer.cross_attention is not None:
         layer.cross_attention.init_cache(batch_size, cache_length, memory_BSD)
@@ -199,8 +235,12 @@ class Decoder(nnx.Module):
       self_mask = padding_mask(ids_BT, self.config.pad_id)
     else:
       self_mask = segment_mask(segments_BT, segments_BT)
-    for layer in self.layers:
-      x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, use_cache)
+    if is_stacked(self.layers) and not use_cache:
+      apply = lambda layer, x: layer(x, memory_BSD, self_mask, memory_mask, positions_BT, False)
+      x_BTD = scan_stack(self.layers, x_BTD, apply)
+    else:
+      for layer in self.cache_layers if is_stacked(self.layers) else self.layers:
+        x_BTD = layer(x_BTD, memory_BSD, self_mask, memory_mask, positions_BT, use_cache)
     return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
 
@@ -208,9 +248,9 @@ class EncoderDecoder(nnx.Module):
   """The paper's translation model: `encode` the source once, `decode` target positions.
 
   `__call__(src, tgt)` takes the decoder's input (targets shifted right, starting with BOS) and
-  returns logits [B, T, V] in `config.logits_dtype`; softmax(logits[:, t]) is the distribution of
-  token t + 1. Packed rows also pass the segments and positions of both sides: target sentence i
-  of a row then reads only source sentence i of that row.
+  returns logits [B, T, V] in `config.resolved_logits_dtype`; softmax(logits[:, t]) is the
+  distribution of token t + 1. Packed rows also pass the segments and positions of both sides:
+  target sentence i of a row then reads only source sentence i of that row.
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):

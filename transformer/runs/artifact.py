@@ -2,7 +2,9 @@
 warm starts load by default: the parameters that were scored, with what it takes to use them.
 
   params.safetensors   every parameter by name ("decoder/layers/0/self_attention/query"), in
-                       its stored dtype: readable without this package (safetensors, NumPy)
+                       its stored dtype: readable without this package (safetensors, NumPy);
+                       always per layer, also from a run with stacked layers (model.scan_layers,
+                       written as the unrolled model it equals)
   spm.model            the tokenizer
   model.json           format version, task, model configuration, sequence limit, the search
                        settings it was scored with, which checkpoints were averaged, the scores,
@@ -28,6 +30,7 @@ import numpy as np
 
 from transformer.config import CONFIG_FILENAME, read_config, read_json
 from transformer.errors import MissingFile, UserError
+from transformer.model.stacking import unstacked_params
 from transformer.runs.params import FlatParams
 from transformer.runs.spec import RunSpec
 
@@ -74,6 +77,8 @@ def export_model(
   from safetensors.numpy import save_file
 
   workdir = Path(workdir)
+  params = unstacked_params(params)
+  spec = dataclasses.replace(spec, model=spec.model.replace(scan_layers=False))
   final = workdir / MODEL_DIRNAME
   tmp = workdir / f".{MODEL_DIRNAME}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

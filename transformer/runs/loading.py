@@ -128,7 +128,9 @@ def load_run(
       f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model was "
       f"trained with {spec.model.vocab_size}: the tokenizer is not this run's"
     )
-  model = create_model(spec.task, spec.model, seed=0)
+  # Unrolled whatever the run trained with: decoding and inspection run layer by layer, and
+  # load_strict converts stacked checkpoints (model.scan_layers) to per-layer parameters.
+  model = create_model(spec.task, spec.model.replace(scan_layers=False), seed=0)
   load_strict(model, params, source)
   model.eval()
   return LoadedRun(spec, tokenizer, model, source)

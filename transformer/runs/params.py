@@ -1,7 +1,9 @@
 """A model's parameters as a flat {name: array} dict, and putting such a dict into a model.
 
 Names join the path of each `nnx.Param` with "/" ("decoder/layers/0/self_attention/query"): the
-names of the exported model file, and of the checkpoints' parameters once flattened.
+names of the exported model file, and of the checkpoints' parameters once flattened. A model with
+stacked layers (model.scan_layers) names them "decoder/layers/self_attention/query", [L, ...];
+loading converts either layout into the model's (`transformer.model.stacking`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from transformer.errors import UserError
+from transformer.model.stacking import params_in_layout
 
 FlatParams = dict[str, np.ndarray]
 
@@ -73,6 +76,7 @@ def load_strict(model: nnx.Module, params: Mapping[str, np.ndarray], source: str
   state = nnx.state(model, nnx.Param)
   flat = nnx.to_flat_state(state)
   wanted = {"/".join(str(k) for k in path): tuple(variable.shape) for path, variable in flat}
+  params = params_in_layout(params, wanted)
   problem = difference(wanted, params)
   if problem:
     raise UserError(
@@ -88,8 +92,10 @@ def load_matching(model: nnx.Module, params: Mapping[str, np.ndarray]) -> tuple[
   """Copies every parameter whose name and shape match into `model` (a warm start: a new head
   keeps its fresh initialisation); returns (how many were copied, names left fresh)."""
   state = nnx.state(model, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  params = params_in_layout(params, ("/".join(str(k) for k in path) for path, _ in flat))
   copied, fresh = 0, []
-  for path, variable in nnx.to_flat_state(state):
+  for path, variable in flat:
     name = "/".join(str(k) for k in path)
     value = params.get(name)
     if value is not None and tuple(value.shape) == tuple(variable.shape):

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 
 def label_smoothed_cross_entropy(
@@ -21,6 +22,7 @@ def label_smoothed_cross_entropy(
   return _losses(logits_BTV, targets_BT, smoothing)[0]
 
 
+@functools.partial(jax.named_call, name="cross_entropy")  # a name for profiles
 def _logit_stats(logits_BTV, targets_BT):
   """max, log-sum-exp, mean and target logit per position: the only reductions over V that the
   loss, the NLL and the accuracy need (with log p = logits - lse, no [B, T, V] log-probabilities
@@ -57,6 +59,7 @@ def _losses_fwd(logits_BTV, targets_BT, smoothing):
   return _from_stats(stats, smoothing), (logits_BTV, targets_BT, stats[1])
 
 
+@functools.partial(jax.named_call, name="cross_entropy")  # a name for profiles
 def _losses_bwd(smoothing, residuals, cotangents):
   logits_BTV, targets_BT, lse_BT = residuals
   d_loss_BT, d_nll_BT, _ = cotangents  # "correct" is piecewise constant: no gradient
@@ -90,7 +93,7 @@ def token_metrics(
   }
 
 
-def summarize(sums: Mapping[str, ArrayLike]) -> dict[str, float]:
+def summarize(sums: Mapping[str, float | np.ndarray | np.generic | jax.Array]) -> dict[str, float]:
   """Turns summed metrics into per-token loss, NLL, perplexity and accuracy."""
   tokens = max(float(sums["tokens"]), 1.0)
   nll = float(sums["nll_sum"]) / tokens

@@ -93,6 +93,17 @@ class Steps(NamedTuple):
   grad_accum_steps: int = 1
 
 
+def dropout_key_as(key: jax.Array, impl: str | None) -> jax.Array:
+  """`key` as a key of the PRNG implementation `impl` ("threefry2x32", "rbg", "unsafe_rbg"):
+  itself if it already is one (or `impl` is None), else a key of `impl` made of bits drawn from
+  it. A pure function of `key`, so the masks stay a function of the seed and the step.
+  """
+  if impl is None or jax.random.key_impl(key) == impl:
+    return key
+  data_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, data_shape, jnp.uint32), impl=impl)
+
+
 def micro_batches(batch: Batch, k: int) -> Batch:
   """[k B, ...] -> [k, B, ...]: micro-batch i takes rows i, i + k, i + 2k, ...
 
@@ -122,7 +133,9 @@ def make_steps(
   """Builds the pure training and evaluation functions for one model graph and task.
 
   `rest` is the model's non-parameter state (dropout RNG streams), reseeded at every step from
-  `dropout_key` and the step number, so a resumed run draws exactly the same dropout masks.
+  `dropout_key` and the step number, so a resumed run draws exactly the same dropout masks. The
+  masks are drawn with the PRNG of the model's `config.resolved_dropout_rng` (a key of another
+  implementation is converted, `dropout_key_as`); a model without one uses `dropout_key`'s.
   Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
   paths can so add gradients and counts across devices, and gradient accumulation across
   micro-batches, before one exact division: k micro-batches make one update on a batch k times
@@ -132,7 +145,11 @@ def make_steps(
 
   def summed_loss(params, batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    nnx.reseed(model, dropout=key)
+    config = getattr(model, "config", None)
+    key = dropout_key_as(key, getattr(config, "resolved_dropout_rng", None))
+    # Stacked layers (model.scan_layers) hold one stream key per layer: "match_shape" splits
+    # the step's key over them; a scalar stream gets the key exactly as with "scalars_only".
+    nnx.reseed(model, dropout=key, policy="match_shape")
     logits_BTV, targets_BT, weights_BT = outputs(model, batch)
     sums = token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
     return sums["loss_sum"], sums
