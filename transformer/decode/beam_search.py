@@ -6,19 +6,29 @@ ranked by log p / lp(length)). Each step expands every alive hypothesis over the
 takes the top 2W continuations: the best W without EOS stay alive (at most W of the 2W end in EOS,
 so there are always W), and those of the top W that end in EOS are merged into the finished set.
 (Flax's example also finishes EOS continuations ranked W+1..2W; leaving them out makes a search
-with W = 1 and alpha = 0 exactly greedy.) The search stops early once no alive hypothesis can
-still beat the worst finished one. It returns the W best of both sets by the same score, best
-first: an alive hypothesis cut off at max_new_tokens may outrank a finished one, and is kept then
-(Flax and tensor2tensor instead return alive ones only where nothing finished).
+with W = 1 and alpha = 0 exactly greedy.) It returns the K <= W best of both sets by the same
+score, best first: an alive hypothesis cut off at its length limit may outrank a finished one,
+and is kept then (Flax and tensor2tensor instead return alive ones only where nothing finished).
 
-The model sees R = B * W rows: the memory and source are encoded once and repeated per beam
-(row b * W + w is beam w of sentence b); after each step the self-attention cache rows are
-gathered from the chosen parent beams.
+Each sentence stops on its own, once its K best can no longer change (`_settled`): K hypotheses
+have finished and none alive can still beat the K-th of them, or its hypotheses reached its own
+length limit. From then on its entries are frozen while the others go on; the loop ends when
+every sentence has stopped. A translation needs K = 1, which stops far earlier than K = W.
+
+How the model sees the W hypotheses of a sentence depends on the model:
+  * the Transformer (`EncoderDecoder`) keeps one cache row per sentence and feeds the W beams as
+    W queries at the same position. Its self-attention cache holds W slots per position (slot
+    s * W + x: position s of the hypothesis that beam x held at step s); a table of ancestors
+    (`ancestors_BWT[b, w, s]` = the beam whose slot holds position s of beam w's hypothesis)
+    masks each beam to its own history. Choosing parents then moves a [B, W, T] table of ints
+    instead of the whole cache, and the encoder output is stored once per sentence, not W times.
+  * other models (the LSTM baseline) get R = B * W rows, row b * W + w for beam w of sentence b,
+    and their cache rows are gathered from the chosen parents after each step (`gather_beams`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
@@ -31,8 +41,9 @@ from transformer.decode.greedy import NEG_INF, log_probs_without_pad, start_toke
 from transformer.model.transformer import EncoderDecoder
 
 
-def length_penalty(length: int | Array, alpha: float) -> Float[Array, ""]:
-  """GNMT's lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al., 2016); |Y| counts the tokens with EOS."""
+def length_penalty(length: int | Array, alpha: float) -> Float[Array, "*L"]:
+  """GNMT's lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al., 2016); |Y| counts the tokens with EOS.
+  `length` is a number or an array of them (one per sentence)."""
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
@@ -45,7 +56,9 @@ class BeamState(NamedTuple):
   finished_tokens_BWT: Int[Array, "B W T"]
   finished_scores_BW: Float[Array, "B W"]  # log p / lp(length), sorted, best first
   finished_BW: Bool[Array, "B W"]  # False: an empty slot (score NEG_INF)
-  cache: nnx.State  # step cache, R = B * W rows
+  settled_B: Bool[Array, " B"]  # the sentence's K best are final: its entries stay as they are
+  ancestors_BWT: Int[Array, "B W T"]  # T = max_new_tokens positions (see the module docstring)
+  cache: nnx.State  # the model's step cache
 
 
 def _take_beams(x_BW_, beam_BJ: Int[Array, "B J"]):
@@ -60,22 +73,28 @@ def _top_beams(key_BJ: Float[Array, "B J"], k: int, *arrays):
   return [_take_beams(x, index_Bk) for x in arrays]
 
 
-def _search_can_stop(state: BeamState, max_new_tokens: int, alpha: float) -> Bool[Array, ""]:
-  """True when, for every sentence, W hypotheses have finished and none alive can beat them.
+def _settled(
+  state: BeamState, max_new_tokens_B: Int[Array, " B"], alpha: float, num_results: int
+) -> Bool[Array, " B"]:
+  """Per sentence: whether its K best can no longer change.
 
-  An alive hypothesis only loses log-probability as it grows, and its penalty is at most
-  lp(max_new_tokens), so log p / lp(max_new_tokens) bounds the score it could still finish with.
+  Either its hypotheses have max_new_tokens_B tokens (t is their length now), or K have
+  finished and no alive one can beat the K-th: an alive hypothesis only loses log-probability as
+  it grows, and its penalty is at most lp(max_new_tokens_B), so log p / lp(max_new_tokens_B)
+  bounds the score it could still finish with (and the score it would get cut off at the limit).
   """
-  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(max_new_tokens, alpha)
-  worst_finished_B = jnp.min(state.finished_scores_BW, axis=1)
-  settled_B = jnp.all(state.finished_BW, axis=1) & (worst_finished_B > best_possible_B)
-  return jnp.all(settled_B)
+  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(max_new_tokens_B, alpha)
+  kth = num_results - 1
+  beaten_B = state.finished_BW[:, kth] & (state.finished_scores_BW[:, kth] > best_possible_B)
+  return (state.t >= max_new_tokens_B) | beaten_B
 
 
 def _beam_step(
-  state: BeamState, log_probs_BWV: Float[Array, "B W V"], cache, *, alpha: float, eos_id: int
-) -> BeamState:
-  """Extends the alive beams by one token given each beam's next-token log-probabilities."""
+  state: BeamState, log_probs_BWV: Float[Array, "B W V"], *, alpha: float, eos_id: int
+) -> tuple[BeamState, Int[Array, "B W"]]:
+  """Extends the alive beams by one token given each beam's next-token log-probabilities;
+  returns the new state (its cache and `settled_B` left to the caller) and each new alive
+  beam's parent."""
   batch, beams, vocab = log_probs_BWV.shape
   t = state.t
   # Every continuation of every alive beam, scored by its total log-probability.
@@ -105,60 +124,115 @@ def _beam_step(
     scores_B3W,
     jnp.concatenate([state.finished_BW, ended_B2W], axis=1),
   )
-  return BeamState(
+  # Beam w at position t + 1 writes its own slot; positions up to t are its parent's history.
+  positions_T = jnp.arange(state.ancestors_BWT.shape[2])
+  ancestors_BWT = jnp.where(
+    positions_T[None, None, :] <= t,
+    _take_beams(state.ancestors_BWT, alive_parent_BW),
+    jnp.arange(beams)[None, :, None],
+  )
+  new = BeamState(
     t + 1,
     alive_tokens,
     alive_log_probs,
     finished_tokens,
     finished_scores,
     finished,
-    gather_beams(cache, alive_parent_BW),
+    state.settled_B,
+    ancestors_BWT,
+    state.cache,
   )
+  # A settled sentence keeps its entries (its search ended); the others take the new ones.
+  keep = lambda old, updated: jnp.where(
+    state.settled_B.reshape((batch,) + (1,) * (old.ndim - 1)), old, updated
+  )
+  fields: dict[str, Any] = {
+    name: keep(getattr(state, name), getattr(new, name))
+    for name in BeamState._fields
+    if name not in ("t", "settled_B", "cache")
+  }
+  return new._replace(**fields), alive_parent_BW
 
 
-def _final_beams(state: BeamState, max_new_tokens: int, alpha: float):
-  """The W best of the finished and the alive hypotheses, by score, best first.
+def _final_beams(state: BeamState, max_new_tokens_B, alpha: float, num_results: int):
+  """The K best of the finished and the alive hypotheses, by score, best first.
 
-  Alive hypotheses compete only when the loop ran to max_new_tokens, so they all have max_new_tokens
-  tokens and are scored with that length's penalty. When the search stopped early, every alive
-  one is bounded by the worst finished score (`_search_can_stop`), so the finished set wins.
-  Empty finished slots score NEG_INF and lose to any alive hypothesis; on a tie, finished first.
+  An alive hypothesis competes with the penalty of its sentence's length limit: where the search
+  ran to it, that is its length; where the search stopped earlier, no alive one can beat the K
+  best finished ones (`_settled`) whatever it is scored with. Empty finished slots score NEG_INF
+  and lose to any alive hypothesis; on a tie, finished first.
   """
-  beams = state.finished_BW.shape[1]
-  alive_scores_BW = state.alive_log_probs_BW / length_penalty(max_new_tokens, alpha)
+  penalty_B1 = length_penalty(max_new_tokens_B, alpha)[:, None]
+  alive_scores_BW = state.alive_log_probs_BW / penalty_B1
   scores_B2W = jnp.concatenate([state.finished_scores_BW, alive_scores_BW], axis=1)
   tokens_B2WT = jnp.concatenate([state.finished_tokens_BWT, state.alive_tokens_BWT], axis=1)
-  tokens_BWT, scores_BW = _top_beams(scores_B2W, beams, tokens_B2WT, scores_B2W)
-  return tokens_BWT, scores_BW
+  tokens_BKT, scores_BK = _top_beams(scores_B2W, num_results, tokens_B2WT, scores_B2W)
+  return tokens_BKT, scores_BK
 
 
-@jit_with_model(static_argnames=("beam_size", "alpha", "max_new_tokens", "bos_id", "eos_id"))
+def _start(model, src_ids_BS, beams: int, max_new_tokens: int):
+  """(graphdef, step cache, rest) of the model prepared to decode W beams per source row."""
+  if isinstance(model, EncoderDecoder):
+    memory_BSD = model.encode(src_ids_BS)
+    model.init_cache(memory_BSD, src_ids_BS, max_new_tokens, beams=beams)
+  else:  # one row per beam: encode once, repeat per beam (row b * W + w)
+    memory_RSD = jnp.repeat(model.encode(src_ids_BS), beams, axis=0)
+    model.init_cache(memory_RSD, jnp.repeat(src_ids_BS, beams, axis=0), max_new_tokens)
+  return split_cache(model)
+
+
+def _next_log_probs(graphdef, cache, rest, state: BeamState, *, shared: bool, pad_id: int):
+  """Log-probabilities [B, W, V] of the token after position t of every alive hypothesis."""
+  batch, beams, _ = state.alive_tokens_BWT.shape
+  ids_BW = lax.dynamic_index_in_dim(state.alive_tokens_BWT, state.t, axis=2, keepdims=False)
+  if shared:
+    # Beam w sees, at every position s, the slot of its ancestor there (slot s * W + x).
+    owner_1111 = jnp.arange(beams)[None, None, None, :]
+    mask_B1WC = (state.ancestors_BWT[..., None] == owner_1111).reshape(batch, 1, beams, -1)
+    positions_BW = jnp.full_like(ids_BW, state.t)
+    decode = lambda m: m.decode(
+      ids_BW, use_cache=True, cache_mask=mask_B1WC, tgt_positions_BT=positions_BW
+    )
+    logits_BWV, cache = call_cached(graphdef, cache, rest, decode)
+  else:
+    decode = lambda m: m.decode(ids_BW.reshape(batch * beams, 1), use_cache=True)
+    logits_R1V, cache = call_cached(graphdef, cache, rest, decode)
+    logits_BWV = logits_R1V.reshape(batch, beams, -1)
+  return log_probs_without_pad(logits_BWV, pad_id), cache
+
+
+@jit_with_model(
+  static_argnames=("beam_size", "alpha", "max_new_tokens", "num_results", "bos_id", "eos_id")
+)
 def _beam_search(
-  model: EncoderDecoder,
+  model,
   src_ids_BS,
+  max_new_tokens_B,
   *,
   beam_size: int,
   alpha: float,
   max_new_tokens: int,
+  num_results: int,
   bos_id: int,
   eos_id: int,
 ):
   batch, beams, pad_id = src_ids_BS.shape[0], beam_size, model.config.pad_id
-  # Encode once; beam w of sentence b is row b * W + w.
-  memory_RSD = jnp.repeat(model.encode(src_ids_BS), beams, axis=0)
-  model.init_cache(memory_RSD, jnp.repeat(src_ids_BS, beams, axis=0), max_new_tokens)
-  graphdef, cache, rest = split_cache(model)
+  shared = isinstance(model, EncoderDecoder)
+  graphdef, cache, rest = _start(model, src_ids_BS, beams, max_new_tokens)
 
   def step(state: BeamState) -> BeamState:
-    ids_R1 = lax.dynamic_slice_in_dim(state.alive_tokens_BWT, state.t, 1, axis=2)
-    ids_R1 = ids_R1.reshape(batch * beams, 1)
-    decode = lambda m: m.decode(ids_R1, use_cache=True)
-    logits_R1V, cache = call_cached(graphdef, state.cache, rest, decode)
-    log_probs_BWV = log_probs_without_pad(logits_R1V[:, 0], pad_id).reshape(batch, beams, -1)
-    return _beam_step(state, log_probs_BWV, cache, alpha=alpha, eos_id=eos_id)
+    log_probs_BWV, cache = _next_log_probs(
+      graphdef, state.cache, rest, state, shared=shared, pad_id=pad_id
+    )
+    state, parent_BW = _beam_step(state, log_probs_BWV, alpha=alpha, eos_id=eos_id)
+    if not shared:
+      cache = gather_beams(cache, parent_BW)
+    state = state._replace(cache=cache)
+    settled_B = state.settled_B | _settled(state, max_new_tokens_B, alpha, num_results)
+    return state._replace(settled_B=settled_B)
 
   def unfinished(state: BeamState):
-    return (state.t < max_new_tokens) & ~_search_can_stop(state, max_new_tokens, alpha)
+    return (state.t < max_new_tokens) & ~jnp.all(state.settled_B)
 
   tokens_BWT = start_tokens(batch * beams, max_new_tokens + 1, bos_id, pad_id)
   tokens_BWT = tokens_BWT.reshape(batch, beams, max_new_tokens + 1)
@@ -171,25 +245,28 @@ def _beam_search(
     tokens_BWT,
     jnp.full((batch, beams), NEG_INF),
     jnp.zeros((batch, beams), jnp.bool_),
+    jnp.zeros((batch,), jnp.bool_),
+    jnp.broadcast_to(jnp.arange(beams)[None, :, None], (batch, beams, max_new_tokens)),
     cache,
   )
-  tokens_BWT, scores_BW = _final_beams(
-    lax.while_loop(unfinished, step, state), max_new_tokens, alpha
-  )
-  return tokens_BWT[:, :, 1:], scores_BW
+  state = lax.while_loop(unfinished, step, state)
+  tokens_BKT, scores_BK = _final_beams(state, max_new_tokens_B, alpha, num_results)
+  return tokens_BKT[:, :, 1:], scores_BK
 
 
 def beam_search(
-  model: EncoderDecoder,
+  model,
   src_ids_BS: Int[Array, "B S"],
   *,
   max_new_tokens: int,
   beam_size: int = 4,
   alpha: float = 0.6,
+  num_results: int | None = None,
+  max_new_tokens_B: Int[Array, " B"] | None = None,
   bos_id: int = BOS_ID,
   eos_id: int = EOS_ID,
-) -> tuple[Int[Array, "B W T"], Float[Array, "B W"]]:
-  """The W best translations of each source sentence, best first.
+) -> tuple[Int[Array, "B K T"], Float[Array, "B K"]]:
+  """The K best translations of each source sentence, best first.
 
   Args:
     model: the encoder-decoder; it is not modified (decoding runs on a copy, in eval mode).
@@ -197,13 +274,16 @@ def beam_search(
     max_new_tokens: T, the most tokens per hypothesis (at most `config.max_len`).
     beam_size: W (4 in the paper).
     alpha: length penalty exponent (0.6 in the paper; 0 ranks by plain log-probability).
+    num_results: K <= W hypotheses returned (default W). The search of a sentence stops once
+      its K best are certain, so K = 1 (a translation) runs fewer steps than K = W.
+    max_new_tokens_B: each sentence's own limit (<= T; default T for every one).
     bos_id, eos_id: the decoder's start token and the end-of-sentence token.
 
   Returns:
-    tokens [B, W, max_new_tokens] after BOS (EOS-terminated, then PAD; a hypothesis without EOS
-    fills max_new_tokens), and scores [B, W] = log p(tokens | source) / lp(length), where length
-    counts the tokens up to and including EOS (max_new_tokens for unfinished ones). Slot 0 holds
-    the best score; finished and unfinished hypotheses are ranked together by this score.
+    tokens [B, K, T] after BOS (EOS-terminated, then PAD; a hypothesis without EOS has its
+    sentence's limit of tokens), and scores [B, K] = log p(tokens | source) / lp(length), where
+    length counts the tokens up to and including EOS (the limit for unfinished ones). Slot 0
+    holds the best score; finished and unfinished hypotheses are ranked together by this score.
   """
   if not 1 <= max_new_tokens <= model.config.max_len:
     raise ValueError(
@@ -212,12 +292,19 @@ def beam_search(
   # 2W candidates per step must come from real tokens of beam 0 on the first step (PAD excluded).
   if beam_size < 1 or 2 * beam_size >= model.config.vocab_size:
     raise ValueError(f"beam_size={beam_size} must be >= 1 and below vocab_size / 2")
+  num_results = beam_size if num_results is None else num_results
+  if not 1 <= num_results <= beam_size:
+    raise ValueError(f"num_results={num_results} must be in [1, beam_size={beam_size}]")
+  if max_new_tokens_B is None:
+    max_new_tokens_B = jnp.full(src_ids_BS.shape[:1], max_new_tokens, jnp.int32)
   return _beam_search(
     model,
     src_ids_BS,
+    jnp.minimum(jnp.asarray(max_new_tokens_B, jnp.int32), max_new_tokens),
     beam_size=beam_size,
     alpha=float(alpha),
     max_new_tokens=max_new_tokens,
+    num_results=num_results,
     bos_id=bos_id,
     eos_id=eos_id,
   )

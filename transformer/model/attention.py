@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from transformer.model.blockwise import blockwise_attention
 from transformer.model.config import ATTENTION_IMPLEMENTATIONS, TransformerConfig
@@ -145,6 +145,33 @@ def dot_product_attention(
   return blockwise_attention(q, k, v, mask, is_causal, block_size)
 
 
+def attend_filled_prefix(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B C N H"],
+  v: Float[Array, "B C N H"],
+  mask: Bool[Array, "b n T C"],
+  filled: Int[Array, ""],
+  block: int,
+  implementation: str = "xla",
+) -> Float[Array, "B T N H"]:
+  """Attention over the first `filled` of C cache slots only, the rest being masked anyway.
+
+  Reading all C slots at every decoding step costs memory traffic in proportion to C; early in
+  a sentence few are filled. The prefix lengths block, 2 block, ..., C are each compiled once
+  (`lax.switch`), and each step takes the shortest that holds `filled` slots.
+  """
+  slots = k.shape[1]
+  lengths = [*range(block, slots, block), slots]
+
+  def prefix(length: int):
+    return lambda q, k, v, mask: dot_product_attention(
+      q, k[:, :length], v[:, :length], mask=mask[..., :length], implementation=implementation
+    )
+
+  index = jnp.clip((filled - 1) // block, 0, len(lengths) - 1)
+  return jax.lax.switch(index, [prefix(length) for length in lengths], q, k, v, mask)
+
+
 class MultiHeadAttention(nnx.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -188,6 +215,8 @@ class MultiHeadAttention(nnx.Module):
     self.cached_key: Any = nnx.data(None)
     self.cached_value: Any = nnx.data(None)
     self.cache_index: Any = nnx.data(None)
+    # Slots per prefix length that decoding attends over (`attend_filled_prefix`); static.
+    self.cache_block: int | None = None
     # Rotary positions belong to self-attention: source and target positions are not comparable.
     self.uses_rope = config.position == "rope" and not cross
 
@@ -197,14 +226,21 @@ class MultiHeadAttention(nnx.Module):
     return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
   def init_cache(
-    self, batch_size: int, cache_length: int, context_BSD: Float[Array, "B S D"] | None = None
+    self,
+    batch_size: int,
+    cache_length: int,
+    context_BSD: Float[Array, "B S D"] | None = None,
+    *,
+    block: int | None = None,
   ) -> None:
     """Allocates the KV cache: empty [B, cache_length, N, H] for self-attention, or the projected
-    `context` (the encoder output) for cross-attention."""
+    `context` (the encoder output) for cross-attention. With `block`, each step attends over the
+    filled slots rounded up to a multiple of `block` instead of all of them."""
     if self.cross:
       self.cached_key = nnx.Cache(self._project(context_BSD, self.key, self.key_bias))
       self.cached_value = nnx.Cache(self._project(context_BSD, self.value, self.value_bias))
       return
+    self.cache_block = block if block is not None and block < cache_length else None
     shape = (batch_size, cache_length, self.config.num_heads, self.config.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
     self.cached_value = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
@@ -274,6 +310,16 @@ class MultiHeadAttention(nnx.Module):
         self.sow(nnx.Intermediate, "attention_weights", weights_BNTS)
       dropped_BNTS = self.weights_dropout(weights_BNTS)
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    elif mask is not None and visible is not None and self.cache_block is not None:
+      out_BTNH = attend_filled_prefix(
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        mask,
+        self.cache_index[...],
+        self.cache_block,
+        self.config.attention,
+      )
     else:
       out_BTNH = dot_product_attention(
         q_BTNH,
