@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 
+from transformer import compilation_cache
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.data.corpus import Pair
 from transformer.data.inputs import evaluation_set, file_evaluation_set
@@ -85,6 +86,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  compilation_cache.enable()
   workdir = Path(args.workdir).absolute()
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":

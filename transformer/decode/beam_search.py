@@ -48,17 +48,44 @@ def length_penalty(length: int | Array, alpha: float) -> Float[Array, "*L"]:
 
 
 class BeamState(NamedTuple):
-  """The while-loop carry. t: position fed next; T here is max_new_tokens + 1 (BOS included)."""
+  """The search of B sentences (the while-loop carry); T here is max_new_tokens + 1 (BOS first).
 
-  t: Int[Array, ""]
+  Each sentence has its own step: t_B[b] tokens follow BOS in its hypotheses, and position
+  t_B[b] is fed next. A settled sentence keeps its entries until a caller replaces them.
+  """
+
+  t_B: Int[Array, " B"]
   alive_tokens_BWT: Int[Array, "B W T"]
   alive_log_probs_BW: Float[Array, "B W"]  # sorted, best first
   finished_tokens_BWT: Int[Array, "B W T"]
   finished_scores_BW: Float[Array, "B W"]  # log p / lp(length), sorted, best first
   finished_BW: Bool[Array, "B W"]  # False: an empty slot (score NEG_INF)
   settled_B: Bool[Array, " B"]  # the sentence's K best are final: its entries stay as they are
+  limit_B: Int[Array, " B"]  # the most tokens of the sentence's hypotheses
   ancestors_BWT: Int[Array, "B W T"]  # T = max_new_tokens positions (see the module docstring)
   cache: nnx.State  # the model's step cache
+
+
+def initial_state(
+  limit_B: Int[Array, " B"], beams: int, max_new_tokens: int, cache, *, bos_id: int, pad_id: int
+) -> BeamState:
+  """Every sentence at its start: beam 0 alive with BOS (only it: the first step must not pick
+  W copies of one continuation), nothing finished."""
+  batch = limit_B.shape[0]
+  tokens_BT = start_tokens(batch * beams, max_new_tokens + 1, bos_id, pad_id)
+  tokens_BWT = tokens_BT.reshape(batch, beams, max_new_tokens + 1)
+  return BeamState(
+    jnp.zeros((batch,), jnp.int32),
+    tokens_BWT,
+    jnp.tile(jnp.array([[0.0] + [NEG_INF] * (beams - 1)]), (batch, 1)),
+    tokens_BWT,
+    jnp.full((batch, beams), NEG_INF),
+    jnp.zeros((batch, beams), jnp.bool_),
+    jnp.zeros((batch,), jnp.bool_),
+    limit_B.astype(jnp.int32),
+    jnp.broadcast_to(jnp.arange(beams)[None, :, None], (batch, beams, max_new_tokens)),
+    cache,
+  )
 
 
 def _take_beams(x_BW_, beam_BJ: Int[Array, "B J"]):
@@ -73,36 +100,35 @@ def _top_beams(key_BJ: Float[Array, "B J"], k: int, *arrays):
   return [_take_beams(x, index_Bk) for x in arrays]
 
 
-def _settled(
-  state: BeamState, max_new_tokens_B: Int[Array, " B"], alpha: float, num_results: int
-) -> Bool[Array, " B"]:
+def _settled(state: BeamState, alpha: float, num_results: int) -> Bool[Array, " B"]:
   """Per sentence: whether its K best can no longer change.
 
-  Either its hypotheses have max_new_tokens_B tokens (t is their length now), or K have
-  finished and no alive one can beat the K-th: an alive hypothesis only loses log-probability as
-  it grows, and its penalty is at most lp(max_new_tokens_B), so log p / lp(max_new_tokens_B)
-  bounds the score it could still finish with (and the score it would get cut off at the limit).
+  Either its hypotheses have its limit of tokens, or K have finished and no alive one can beat
+  the K-th: an alive hypothesis only loses log-probability as it grows, and its penalty is at
+  most lp(limit), so log p / lp(limit) bounds the score it could still finish with (and the
+  score it would get when cut off at the limit).
   """
-  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(max_new_tokens_B, alpha)
+  best_possible_B = state.alive_log_probs_BW[:, 0] / length_penalty(state.limit_B, alpha)
   kth = num_results - 1
   beaten_B = state.finished_BW[:, kth] & (state.finished_scores_BW[:, kth] > best_possible_B)
-  return (state.t >= max_new_tokens_B) | beaten_B
+  return state.settled_B | (state.t_B >= state.limit_B) | beaten_B
 
 
 def _beam_step(
   state: BeamState, log_probs_BWV: Float[Array, "B W V"], *, alpha: float, eos_id: int
 ) -> tuple[BeamState, Int[Array, "B W"]]:
-  """Extends the alive beams by one token given each beam's next-token log-probabilities;
-  returns the new state (its cache and `settled_B` left to the caller) and each new alive
-  beam's parent."""
+  """Extends the alive beams of the unsettled sentences by one token given each beam's
+  next-token log-probabilities; returns the new state (cache and `settled_B` as they were) and
+  each new alive beam's parent."""
   batch, beams, vocab = log_probs_BWV.shape
-  t = state.t
+  t_B11 = state.t_B[:, None, None]
   # Every continuation of every alive beam, scored by its total log-probability.
   total_BWV = state.alive_log_probs_BW[:, :, None] + log_probs_BWV
   log_probs_B2W, flat_B2W = lax.top_k(total_BWV.reshape(batch, beams * vocab), 2 * beams)
   parent_B2W, token_B2W = flat_B2W // vocab, flat_B2W % vocab
   tokens_B2WT = _take_beams(state.alive_tokens_BWT, parent_B2W)
-  tokens_B2WT = lax.dynamic_update_slice_in_dim(tokens_B2WT, token_B2W[:, :, None], t + 1, axis=2)
+  new_position_11T = jnp.arange(tokens_B2WT.shape[2])[None, None, :] == t_B11 + 1
+  tokens_B2WT = jnp.where(new_position_11T, token_B2W[:, :, None], tokens_B2WT)
   eos_B2W = token_B2W == eos_id
   # A hypothesis finishes when its EOS ranks among the top W, as a W-best search would keep it;
   # EOS ranked W+1..2W is dropped. Then W = 1 with alpha = 0 is exactly greedy decoding.
@@ -115,7 +141,8 @@ def _beam_step(
   )
 
   # Finished: the best W of the old finished set and the continuations that just ended.
-  scores_B2W = jnp.where(ended_B2W, log_probs_B2W / length_penalty(t + 1, alpha), NEG_INF)
+  penalty_B1 = length_penalty(state.t_B + 1, alpha)[:, None]
+  scores_B2W = jnp.where(ended_B2W, log_probs_B2W / penalty_B1, NEG_INF)
   scores_B3W = jnp.concatenate([state.finished_scores_BW, scores_B2W], axis=1)
   finished_tokens, finished_scores, finished = _top_beams(
     scores_B3W,
@@ -125,22 +152,20 @@ def _beam_step(
     jnp.concatenate([state.finished_BW, ended_B2W], axis=1),
   )
   # Beam w at position t + 1 writes its own slot; positions up to t are its parent's history.
-  positions_T = jnp.arange(state.ancestors_BWT.shape[2])
+  positions_11T = jnp.arange(state.ancestors_BWT.shape[2])[None, None, :]
   ancestors_BWT = jnp.where(
-    positions_T[None, None, :] <= t,
+    positions_11T <= t_B11,
     _take_beams(state.ancestors_BWT, alive_parent_BW),
     jnp.arange(beams)[None, :, None],
   )
-  new = BeamState(
-    t + 1,
-    alive_tokens,
-    alive_log_probs,
-    finished_tokens,
-    finished_scores,
-    finished,
-    state.settled_B,
-    ancestors_BWT,
-    state.cache,
+  new = state._replace(
+    t_B=state.t_B + 1,
+    alive_tokens_BWT=alive_tokens,
+    alive_log_probs_BW=alive_log_probs,
+    finished_tokens_BWT=finished_tokens,
+    finished_scores_BW=finished_scores,
+    finished_BW=finished,
+    ancestors_BWT=ancestors_BWT,
   )
   # A settled sentence keeps its entries (its search ended); the others take the new ones.
   keep = lambda old, updated: jnp.where(
@@ -149,25 +174,68 @@ def _beam_step(
   fields: dict[str, Any] = {
     name: keep(getattr(state, name), getattr(new, name))
     for name in BeamState._fields
-    if name not in ("t", "settled_B", "cache")
+    if name not in ("settled_B", "limit_B", "cache")
   }
   return new._replace(**fields), alive_parent_BW
 
 
-def _final_beams(state: BeamState, max_new_tokens_B, alpha: float, num_results: int):
-  """The K best of the finished and the alive hypotheses, by score, best first.
+def final_beams(state: BeamState, alpha: float, num_results: int):
+  """The K best of the finished and the alive hypotheses, by score, best first: tokens
+  [B, K, T] (BOS first) and scores [B, K].
 
-  An alive hypothesis competes with the penalty of its sentence's length limit: where the search
-  ran to it, that is its length; where the search stopped earlier, no alive one can beat the K
-  best finished ones (`_settled`) whatever it is scored with. Empty finished slots score NEG_INF
-  and lose to any alive hypothesis; on a tie, finished first.
+  An alive hypothesis competes with the penalty of its sentence's limit: where the search ran to
+  it, that is its length; where the search stopped earlier, no alive one can beat the K best
+  finished ones (`_settled`) whatever it is scored with. Empty finished slots score NEG_INF and
+  lose to any alive hypothesis; on a tie, finished first.
   """
-  penalty_B1 = length_penalty(max_new_tokens_B, alpha)[:, None]
-  alive_scores_BW = state.alive_log_probs_BW / penalty_B1
+  alive_scores_BW = state.alive_log_probs_BW / length_penalty(state.limit_B, alpha)[:, None]
   scores_B2W = jnp.concatenate([state.finished_scores_BW, alive_scores_BW], axis=1)
   tokens_B2WT = jnp.concatenate([state.finished_tokens_BWT, state.alive_tokens_BWT], axis=1)
   tokens_BKT, scores_BK = _top_beams(scores_B2W, num_results, tokens_B2WT, scores_B2W)
   return tokens_BKT, scores_BK
+
+
+def _next_log_probs(graphdef, cache, rest, state: BeamState, *, shared: bool, pad_id: int):
+  """Log-probabilities [B, W, V] of the token after position t_B of every alive hypothesis."""
+  batch, beams, _ = state.alive_tokens_BWT.shape
+  ids_BW = jnp.take_along_axis(state.alive_tokens_BWT, state.t_B[:, None, None], axis=2)[..., 0]
+  if shared:
+    # Beam w sees, at every position s, the slot of its ancestor there (slot s * W + x).
+    owner_1111 = jnp.arange(beams)[None, None, None, :]
+    mask_B1WC = (state.ancestors_BWT[..., None] == owner_1111).reshape(batch, 1, beams, -1)
+    positions_BW = jnp.broadcast_to(state.t_B[:, None], ids_BW.shape)
+    decode = lambda m: m.decode(
+      ids_BW, use_cache=True, cache_mask=mask_B1WC, tgt_positions_BT=positions_BW
+    )
+    logits_BWV, cache = call_cached(graphdef, cache, rest, decode)
+  else:
+    decode = lambda m: m.decode(ids_BW.reshape(batch * beams, 1), use_cache=True)
+    logits_R1V, cache = call_cached(graphdef, cache, rest, decode)
+    logits_BWV = logits_R1V.reshape(batch, beams, -1)
+  return log_probs_without_pad(logits_BWV, pad_id), cache
+
+
+def search_step(
+  graphdef,
+  rest,
+  state: BeamState,
+  *,
+  alpha: float,
+  eos_id: int,
+  num_results: int,
+  shared: bool,
+  pad_id: int,
+) -> BeamState:
+  """One step of every sentence's search: the model's next-token distribution for each alive
+  hypothesis, the beams it leads to, and which sentences are settled now."""
+  log_probs_BWV, cache = _next_log_probs(
+    graphdef, state.cache, rest, state, shared=shared, pad_id=pad_id
+  )
+  state, parent_BW = _beam_step(state, log_probs_BWV, alpha=alpha, eos_id=eos_id)
+  if not shared:
+    cache = gather_beams(cache, parent_BW)
+  state = state._replace(cache=cache)
+  return state._replace(settled_B=_settled(state, alpha, num_results))
 
 
 def _start(model, src_ids_BS, beams: int, max_new_tokens: int):
@@ -179,26 +247,6 @@ def _start(model, src_ids_BS, beams: int, max_new_tokens: int):
     memory_RSD = jnp.repeat(model.encode(src_ids_BS), beams, axis=0)
     model.init_cache(memory_RSD, jnp.repeat(src_ids_BS, beams, axis=0), max_new_tokens)
   return split_cache(model)
-
-
-def _next_log_probs(graphdef, cache, rest, state: BeamState, *, shared: bool, pad_id: int):
-  """Log-probabilities [B, W, V] of the token after position t of every alive hypothesis."""
-  batch, beams, _ = state.alive_tokens_BWT.shape
-  ids_BW = lax.dynamic_index_in_dim(state.alive_tokens_BWT, state.t, axis=2, keepdims=False)
-  if shared:
-    # Beam w sees, at every position s, the slot of its ancestor there (slot s * W + x).
-    owner_1111 = jnp.arange(beams)[None, None, None, :]
-    mask_B1WC = (state.ancestors_BWT[..., None] == owner_1111).reshape(batch, 1, beams, -1)
-    positions_BW = jnp.full_like(ids_BW, state.t)
-    decode = lambda m: m.decode(
-      ids_BW, use_cache=True, cache_mask=mask_B1WC, tgt_positions_BT=positions_BW
-    )
-    logits_BWV, cache = call_cached(graphdef, cache, rest, decode)
-  else:
-    decode = lambda m: m.decode(ids_BW.reshape(batch * beams, 1), use_cache=True)
-    logits_R1V, cache = call_cached(graphdef, cache, rest, decode)
-    logits_BWV = logits_R1V.reshape(batch, beams, -1)
-  return log_probs_without_pad(logits_BWV, pad_id), cache
 
 
 @jit_with_model(
@@ -216,41 +264,24 @@ def _beam_search(
   bos_id: int,
   eos_id: int,
 ):
-  batch, beams, pad_id = src_ids_BS.shape[0], beam_size, model.config.pad_id
-  shared = isinstance(model, EncoderDecoder)
-  graphdef, cache, rest = _start(model, src_ids_BS, beams, max_new_tokens)
-
-  def step(state: BeamState) -> BeamState:
-    log_probs_BWV, cache = _next_log_probs(
-      graphdef, state.cache, rest, state, shared=shared, pad_id=pad_id
-    )
-    state, parent_BW = _beam_step(state, log_probs_BWV, alpha=alpha, eos_id=eos_id)
-    if not shared:
-      cache = gather_beams(cache, parent_BW)
-    state = state._replace(cache=cache)
-    settled_B = state.settled_B | _settled(state, max_new_tokens_B, alpha, num_results)
-    return state._replace(settled_B=settled_B)
-
-  def unfinished(state: BeamState):
-    return (state.t < max_new_tokens) & ~jnp.all(state.settled_B)
-
-  tokens_BWT = start_tokens(batch * beams, max_new_tokens + 1, bos_id, pad_id)
-  tokens_BWT = tokens_BWT.reshape(batch, beams, max_new_tokens + 1)
-  # Only beam 0 starts alive, so the first step does not pick W copies of one continuation.
-  alive_log_probs_BW = jnp.tile(jnp.array([[0.0] + [NEG_INF] * (beams - 1)]), (batch, 1))
-  state = BeamState(
-    jnp.asarray(0, jnp.int32),
-    tokens_BWT,
-    alive_log_probs_BW,
-    tokens_BWT,
-    jnp.full((batch, beams), NEG_INF),
-    jnp.zeros((batch, beams), jnp.bool_),
-    jnp.zeros((batch,), jnp.bool_),
-    jnp.broadcast_to(jnp.arange(beams)[None, :, None], (batch, beams, max_new_tokens)),
-    cache,
+  pad_id = model.config.pad_id
+  graphdef, cache, rest = _start(model, src_ids_BS, beam_size, max_new_tokens)
+  state = initial_state(
+    max_new_tokens_B, beam_size, max_new_tokens, cache, bos_id=bos_id, pad_id=pad_id
   )
-  state = lax.while_loop(unfinished, step, state)
-  tokens_BKT, scores_BK = _final_beams(state, max_new_tokens_B, alpha, num_results)
+  step = lambda state: search_step(
+    graphdef,
+    rest,
+    state,
+    alpha=alpha,
+    eos_id=eos_id,
+    num_results=num_results,
+    shared=isinstance(model, EncoderDecoder),
+    pad_id=pad_id,
+  )
+  # Every sentence settles by its limit (<= max_new_tokens steps).
+  state = lax.while_loop(lambda state: ~jnp.all(state.settled_B), step, state)
+  tokens_BKT, scores_BK = final_beams(state, alpha, num_results)
   return tokens_BKT[:, :, 1:], scores_BK
 
 

@@ -162,13 +162,15 @@ class Decoder(nnx.Module):
     memory_mask_B11S=None,
     *,
     beams: int = 1,
+    groups: int = 1,
   ) -> None:
     """Prepares incremental decoding of up to `cache_length` positions.
 
     `beams` > 1 lets W hypotheses of one sentence share a cache row (beam search): each call
     then feeds T = W queries, one per beam, all at the same position, and the self-attention
     cache holds W slots per position (slot t * W + w: beam w's keys at position t). Which slots
-    a beam reads is the caller's `cache_mask`.
+    a beam reads is the caller's `cache_mask`. `groups`: rows that advance apart, in equal groups
+    (see `attend_filled_prefix`).
     """
     if cache_length > self.config.max_len:
       raise ValueError(
@@ -179,10 +181,12 @@ class Decoder(nnx.Module):
     # are compiled).
     block = beams * max(16, -(-cache_length // 8))
     for layer in self.layers:
-      layer.self_attention.init_cache(batch_size, cache_length * beams, block=block)
+      layer.self_attention.init_cache(
+        batch_size, cache_length * beams, beams=beams, block=block, groups=groups
+      )
       if layer.cross_attention is not None:
         layer.cross_attention.init_cache(batch_size, cache_length, memory_BSD)
-    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_index = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))  # next position, per row
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
   def __call__(
@@ -197,17 +201,18 @@ class Decoder(nnx.Module):
     cache_mask: Bool[Array, "B 1 T C"] | None = None,
   ) -> Float[Array, "B T D"]:
     """`memory_mask`: which memory positions each query sees, [B, 1, 1, S] or [B, 1, T, S].
-    `use_cache` (after `init_cache`): `ids_BT` holds only the new positions; `cache_mask`
+    `use_cache` (after `init_cache`): `ids_BT` holds only the new positions (at `positions_BT`,
+    by default where each row stopped); `cache_mask`
     [B, 1, T, C] (C cache slots), if given, hides slots from queries on top of the causal rule
     (beam search: the slots of other hypotheses)."""
-    offset = 0
+    offset_B1 = jnp.zeros((1, 1), jnp.int32)
     if use_cache:
-      offset = self.cache_index[...]
-      self.cache_index[...] = offset + ids_BT.shape[1]
+      offset_B1 = self.cache_index[...][:, None]
+      self.cache_index[...] = self.cache_index[...] + ids_BT.shape[1]
       if self.memory_mask is not None:
         memory_mask = self.memory_mask[...]
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(offset + jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+      positions_BT = jnp.broadcast_to(offset_B1 + jnp.arange(ids_BT.shape[1])[None], ids_BT.shape)
     x_BTD = self.dropout(self.positions(self.embed(ids_BT), positions_BT))
     # Padding keys are hidden from every query; with the cache it tracks what is visible.
     if use_cache:
@@ -293,15 +298,17 @@ class EncoderDecoder(nnx.Module):
     cache_length: int,
     *,
     beams: int = 1,
+    groups: int = 1,
   ) -> None:
     """Caches the projected memory and allocates self-attention caches for `cache_length` steps
-    (of `beams` hypotheses per source row, see `Decoder.init_cache`)."""
+    (of `beams` hypotheses per source row, `groups` of rows, see `Decoder.init_cache`)."""
     self.decoder.init_cache(
       src_ids_BS.shape[0],
       cache_length,
       memory_BSD,
       padding_mask(src_ids_BS, self.config.pad_id),
       beams=beams,
+      groups=groups,
     )
 
   def __call__(

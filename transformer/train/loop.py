@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from transformer import compilation_cache
 from transformer.cli import Stopped
 from transformer.data.corpus import default_cache_dir
 from transformer.data.inputs import Inputs, build_inputs, prepare
@@ -428,6 +429,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   `config` is a `Config` or a recipe's ConfigDict (`transformer.configs.default.get_config()`).
   """
   config = Config.of(config)
+  compilation_cache.enable()
   distributed.initialize(config.parallel)
   if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
     logging.getLogger("transformer").setLevel(logging.WARNING)
