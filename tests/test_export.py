@@ -103,7 +103,10 @@ def test_huggingface_logits_equal_ours(random_run, tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  """A smoke run trained long enough (150 steps) to end its sentences."""
+  """A smoke run trained long enough (150 steps) to end its sentences (only where the test that
+  uses it can run)."""
+  pytest.importorskip("ctranslate2")
+  pytest.importorskip("transformers")
   from transformer.configs import smoke
   from transformer.train.loop import run
 
@@ -121,8 +124,8 @@ def trained_run(tmp_path_factory):
 def test_ctranslate2_translates_as_we_do(trained_run, tmp_path):
   """CTranslate2 ranks finished hypotheses by log p / |Y|^alpha, we by GNMT's penalty: with
   alpha = 0 both rank by log-probability, and beam 4 (and greedy) outputs must agree."""
-  ctranslate2 = pytest.importorskip("ctranslate2")
-  pytest.importorskip("transformers")
+  import ctranslate2
+
   from transformer.decode.translator import Translator
 
   out = export_module.export(trained_run, "ctranslate2", tmp_path / "ct2")
