@@ -145,7 +145,7 @@ class _Programs:
     return search, tokens_BKT[:, 0, 1:], search.settled_B
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # one per (model, layout): batch-1 use meets many lengths
 def _programs(graphdef: nnx.GraphDef, layout: Layout) -> _Programs:
   return _Programs(graphdef, layout)
 
