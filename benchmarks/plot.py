@@ -211,6 +211,26 @@ def plot_decode_speed(path: Path) -> Path:
   )
 
 
+def plot_decode_vs_ctranslate2(path: Path) -> Path:
+  record = json.loads(Path(path).read_text())
+  rows = [
+    {"mode": mode, "system": system, "cpu_s": entry[f"{system}_cpu_s"]}
+    for mode, entry in record["summary"].items()
+    for system in ("project", "ctranslate2")
+    if f"{system}_cpu_s" in entry
+  ]
+  return _grouped_bars(
+    path,
+    rows,
+    "mode",
+    "system",
+    "cpu_s",
+    "process CPU seconds (median of rounds)",
+    f"{record['split']}, {record['sentences']} sentences, same weights",
+    log=False,
+  )
+
+
 def plot_model_level(path: Path) -> Path:
   record = json.loads(Path(path).read_text())
   rows = [{**r, "label": f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"} for r in record["results"]]
@@ -370,6 +390,7 @@ PLOTTERS = {
   "model_level": plot_model_level,
   "quality_vs_time": plot_quality_vs_time,
   "numerics_bf16_logits_rbg": plot_numerics,
+  "decode_vs_ctranslate2": plot_decode_vs_ctranslate2,
 }
 
 

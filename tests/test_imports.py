@@ -15,6 +15,7 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
   "errors",  # UserError: what the user can fix, for every part
+  "compilation_cache",  # JAX's persistent compilation cache under the project's cache folder
   "parallel",  # meshes, sharding rules, train-step strategies
   "model",  # the Transformer; logical axis names from parallel
   "baselines",  # the LSTM/GRU models measured against it
@@ -29,6 +30,7 @@ LAYERS = [
   "translate",
   "evaluate",
   "visualize",  # the other commands
+  "export",  # a run's model as Hugging Face MarianMT and CTranslate2 folders
 ]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 
+from transformer import compilation_cache
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.config import DataConfig
@@ -86,6 +87,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  compilation_cache.enable()
   workdir = Path(args.workdir).absolute()
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from transformer import compilation_cache
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.errors import MissingFile, UserError
 from transformer.runs.translator import Translator
@@ -116,6 +117,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  compilation_cache.enable()
   translator = Translator(args.workdir, step=args.step, average=args.average)
   search = translator.search.overridden(
     beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens

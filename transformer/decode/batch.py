@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from transformer.decode.beam_search import beam_search
@@ -14,17 +15,38 @@ def padded_length(length: int, max_len: int) -> int:
   return min(-(-length // 8) * 8, max(length, max_len))
 
 
+def length_limits(
+  src_ids_BS: Int[Array, "B S"], max_extra_tokens: int, max_new_tokens: int, pad_id: int
+) -> Int[Array, " B"]:
+  """Each sentence's most target tokens: its own source length (EOS included) plus
+  `max_extra_tokens`, within `max_new_tokens`; 1 for an all-padding row, so that it is done at
+  once. A sentence's translation then does not depend on the batch it is in."""
+  lengths_B = jnp.sum(src_ids_BS != pad_id, axis=1)
+  limits_B = jnp.minimum(lengths_B + max_extra_tokens, max_new_tokens)
+  return jnp.where(lengths_B > 0, limits_B, 1).astype(jnp.int32)
+
+
 def translate_ids(
   model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float, max_extra_tokens: int
 ) -> Int[Array, "B T"]:
   """Best translation ids [B, T] of a padded source batch (beam search, or greedy for beam 1).
 
-  T = min(S + max_extra_tokens, model.config.max_len).
+  T = min(S + max_extra_tokens, model.config.max_len); sentence b has at most its own source
+  length + max_extra_tokens of them (`length_limits`).
   """
   max_new_tokens = min(src_ids_BS.shape[1] + max_extra_tokens, model.config.max_len)
+  limits_B = length_limits(src_ids_BS, max_extra_tokens, max_new_tokens, model.config.pad_id)
   if beam_size == 1:
-    return greedy_decode(model, src_ids_BS, max_new_tokens=max_new_tokens)
-  tokens_BWT, _ = beam_search(
-    model, src_ids_BS, max_new_tokens=max_new_tokens, beam_size=beam_size, alpha=alpha
+    return greedy_decode(
+      model, src_ids_BS, max_new_tokens=max_new_tokens, max_new_tokens_B=limits_B
+    )
+  tokens_BKT, _ = beam_search(
+    model,
+    src_ids_BS,
+    max_new_tokens=max_new_tokens,
+    beam_size=beam_size,
+    alpha=alpha,
+    num_results=1,
+    max_new_tokens_B=limits_B,
   )
-  return tokens_BWT[:, 0]
+  return tokens_BKT[:, 0]

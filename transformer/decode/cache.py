@@ -3,9 +3,10 @@
 A `jax.lax.while_loop` carries arrays, not modules. After `init_cache` the model is split three
 ways (`split_cache`):
   graphdef    the module structure (static; hashable, so it can key a jit cache);
-  step cache  self-attention keys/values [R, T, N, H] (an LSTM's h and c [R, L, D]: every
-              per-row entry has the rows R first) and the step counters (scalars), which every
-              step reads and advances: the loop carries it, and beam search reorders its rows;
+  step cache  self-attention keys/values [R, T, N, H] (an LSTM's h and c [R, L, D]) and the
+              decoder's position counter [R]: every entry has the rows R first. Every step
+              reads and advances it: the loop carries it, and beam search over one row per
+              beam reorders its rows;
   rest        parameters, dropout RNG state, and the cross-attention cache (the encoder output
               projected once by `init_cache`, with its padding mask). Decoding only reads these,
               so they stay out of the carry and are never gathered between beams.
@@ -25,6 +26,7 @@ from jaxtyping import Array, Int
 # Written once by init_cache, only read while decoding (see the module docstring).
 _READ_ONLY_CACHE = nnx.Any(nnx.PathContains("cross_attention"), nnx.PathContains("memory_mask"))
 STEP_CACHE = nnx.All(nnx.Cache, nnx.Not(_READ_ONLY_CACHE))
+MEMORY_CACHE = nnx.All(nnx.Cache, _READ_ONLY_CACHE)
 
 
 def split_cache(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -33,14 +35,25 @@ def split_cache(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   return graphdef, cache, rest[0]
 
 
+def split_memory(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+  """(graphdef, step cache, memory cache, parameters and the rest): the rest of `split_cache`
+  in two, for a caller that replaces the memory of some rows (`transformer.decode.engine`)."""
+  graphdef, cache, memory, params = nnx.split(model, STEP_CACHE, MEMORY_CACHE, ...)  # type: ignore[misc]
+  return graphdef, cache, memory, params
+
+
 def call_cached(
-  graphdef: nnx.GraphDef, cache: nnx.State, rest: nnx.State, fn: Callable[[nnx.Module], Any]
+  graphdef: nnx.GraphDef,
+  cache: nnx.State,
+  rest: nnx.State | tuple[nnx.State, ...],
+  fn: Callable[[nnx.Module], Any],
 ) -> tuple[Any, nnx.State]:
   """Runs `fn(model)` on the merged model; returns its output and the advanced step cache.
 
-  Pure: the caller's `cache` is not modified, so it can be a `while_loop` carry.
+  Pure: the caller's `cache` is not modified, so it can be a `while_loop` carry. `rest` is the
+  other State of `split_cache`, or the other two of `split_memory`.
   """
-  model = nnx.merge(graphdef, cache, rest)
+  model = nnx.merge(graphdef, cache, *(rest if isinstance(rest, tuple) else (rest,)))
   out = fn(model)
   return out, nnx.state(model, STEP_CACHE)
 
@@ -50,8 +63,7 @@ def gather_beams(cache: nnx.State, parent_BW: Int[Array, "B W"]) -> nnx.State:
 
   Per-row entries have R = B * W rows, beam w of sentence b at row b * W + w. The gather runs
   along the beam axis of a [B, W, ...] view, so a batch axis sharded over devices stays local.
-  The step counters are scalars shared by all rows (all rows are at the same position), so they
-  pass through unchanged.
+  Scalars pass through unchanged.
   """
   batch, beams = parent_BW.shape
 

@@ -46,11 +46,13 @@ def token_loop(
   pad_id: int,
   eos_id: int | None,
   done_B: Bool[Array, " B"] | None = None,
+  limit_B: Int[Array, " B"] | None = None,
 ) -> Int[Array, "B T"]:
   """Fills tokens_BT[:, start + 1:] one position per step; rows that emitted EOS get PAD.
 
-  `done_B` marks rows already finished. Stops after the last position or once every row has
-  emitted EOS (`eos_id=None`: never early).
+  `done_B` marks rows already finished; `limit_B`, the position after which a row gets no more
+  tokens (its own length limit). Stops after the last position or once every row is done
+  (`eos_id=None`: no row ends at a token).
   """
   length = tokens_BT.shape[1]
   if done_B is None:
@@ -67,6 +69,8 @@ def token_loop(
     tokens_BT = lax.dynamic_update_slice_in_dim(tokens_BT, token_B[:, None], t + 1, axis=1)
     if eos_id is not None:
       done_B = done_B | (token_B == eos_id)
+    if limit_B is not None:
+      done_B = done_B | (t + 1 >= limit_B)
     return t + 1, tokens_BT, done_B, carry
 
   state = (jnp.asarray(start, jnp.int32), tokens_BT, done_B, carry)
@@ -113,6 +117,7 @@ def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_n
 def _greedy_decode(
   model: EncoderDecoder,
   src_ids_BS,
+  max_new_tokens_B,
   *,
   max_new_tokens: int,
   use_cache: bool,
@@ -124,7 +129,9 @@ def _greedy_decode(
   next_token, carry = make_next_token(model, memory_BSD, src_ids_BS, max_new_tokens)
   pad_id = model.config.pad_id
   tokens_BT = start_tokens(src_ids_BS.shape[0], max_new_tokens + 1, bos_id, pad_id)
-  tokens_BT = token_loop(next_token, tokens_BT, 0, carry, pad_id=pad_id, eos_id=eos_id)
+  tokens_BT = token_loop(
+    next_token, tokens_BT, 0, carry, pad_id=pad_id, eos_id=eos_id, limit_B=max_new_tokens_B
+  )
   return tokens_BT[:, 1:]
 
 
@@ -134,6 +141,7 @@ def greedy_decode(
   *,
   max_new_tokens: int,
   use_cache: bool = True,
+  max_new_tokens_B: Int[Array, " B"] | None = None,
   bos_id: int = BOS_ID,
   eos_id: int = EOS_ID,
 ) -> Int[Array, "B T"]:
@@ -143,21 +151,25 @@ def greedy_decode(
     model: the encoder-decoder; it is not modified (decoding runs on a copy, in eval mode).
     src_ids_BS: source ids [B, S], padded with `config.pad_id`.
     max_new_tokens: T, the most tokens generated per row (at most `config.max_len`).
+    max_new_tokens_B: each row's own limit (<= T; default T for every one).
     use_cache: True: feed one position per step with the KV cache; False: recompute the
       decoder over the whole window every step (the baseline the cache is measured against).
     bos_id, eos_id: the decoder's start token and the end-of-sentence token.
 
   Returns:
-    tokens [B, max_new_tokens] after BOS: each row ends with EOS then PAD, or fills all
-    max_new_tokens positions without EOS if it did not finish.
+    tokens [B, max_new_tokens] after BOS: each row ends with EOS then PAD, or has its limit of
+    tokens without EOS (then PAD) if it did not finish.
   """
   if not 1 <= max_new_tokens <= model.config.max_len:
     raise UserError(
       f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={model.config.max_len}]"
     )
+  if max_new_tokens_B is None:
+    max_new_tokens_B = jnp.full(src_ids_BS.shape[:1], max_new_tokens, jnp.int32)
   return _greedy_decode(
     model,
     src_ids_BS,
+    jnp.minimum(jnp.asarray(max_new_tokens_B, jnp.int32), max_new_tokens),
     max_new_tokens=max_new_tokens,
     use_cache=use_cache,
     bos_id=bos_id,

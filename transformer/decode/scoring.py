@@ -15,10 +15,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from transformer.data.inputs import TestSet
-from transformer.data.tokenizer import Tokenizer
-from transformer.decode.batch import translate_ids
+from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.decode.config import DecodeConfig
-from transformer.parallel.mesh import global_batch
+from transformer.decode.engine import search_all
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +30,30 @@ def translate_batches(
   mesh: Mesh,
 ) -> list[str]:
   """Detokenized translations of every real row of `batches` (each process holding its rows of
-  every batch), in the original order."""
-  by_index: dict[int, str] = {}
+  every batch), in the original order.
+
+  The batches only deliver the sentences: every process gathers all of them, and the search
+  takes them longest first through its own slots (`transformer.decode.engine.search_all`), so a
+  sentence's translation does not depend on the batch it came in.
+  """
+  sources: dict[int, np.ndarray] = {}
   for batch in batches:
-    with jax.set_mesh(mesh):
-      src = global_batch({"inputs": batch["inputs"]}, mesh)["inputs"]
-      tokens = translate_ids(
-        model,
-        src,
-        beam_size=decode.beam_size,
-        alpha=decode.alpha,
-        max_extra_tokens=decode.max_extra_tokens,
-      )
-    all_tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+    inputs = np.asarray(multihost_utils.process_allgather(batch["inputs"], tiled=True))
     index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
-    for row, text in zip(index, tokenizer.decode(all_tokens), strict=True):
+    for row, ids in zip(index, inputs, strict=True):
       if row >= 0:
-        by_index[int(row)] = text
-  return [by_index[i] for i in sorted(by_index)]
+        sources[int(row)] = ids[ids != PAD_ID]
+  order = sorted(sources)
+  with jax.set_mesh(mesh):
+    tokens = search_all(
+      model,
+      [sources[i] for i in order],
+      beam_size=decode.beam_size,
+      alpha=decode.alpha,
+      max_extra_tokens=decode.max_extra_tokens,
+      mesh=mesh,
+    )
+  return tokenizer.decode(tokens)
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from transformer.model.blockwise import blockwise_attention
 from transformer.model.config import ATTENTION_IMPLEMENTATIONS, TransformerConfig
@@ -148,6 +148,42 @@ def dot_product_attention(
   return blockwise_attention(q, k, v, mask, is_causal, block_size)
 
 
+def attend_filled_prefix(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B C N H"],
+  v: Float[Array, "B C N H"],
+  mask: Bool[Array, "B n T C"],
+  filled_G: Int[Array, " G"],
+  block: int,
+  implementation: str = "xla",
+) -> Float[Array, "B T N H"]:
+  """Attention over the filled cache slots only, the rest being masked anyway.
+
+  Reading all C slots at every decoding step costs memory traffic in proportion to C; early in
+  a sentence few are filled. The prefix lengths block, 2 block, ..., C are each compiled once
+  (`lax.switch`), and each step takes the shortest that holds the filled slots. The rows form G
+  equal groups (consecutive rows) with `filled_G[g]` slots filled in group g, each taking its
+  own prefix: rows that started decoding at different times need not read the longest's.
+  """
+  slots, groups = k.shape[1], filled_G.shape[0]
+  lengths = [*range(block, slots, block), slots]
+
+  def prefix(length: int):
+    return lambda q, k, v, mask: dot_product_attention(
+      q, k[:, :length], v[:, :length], mask=mask[..., :length], implementation=implementation
+    )
+
+  index_G = jnp.clip((filled_G - 1) // block, 0, len(lengths) - 1)
+  branches = [prefix(length) for length in lengths]
+  rows = q.shape[0] // groups
+  mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
+  outs = [
+    jax.lax.switch(index_G[g], branches, *(x[g * rows : (g + 1) * rows] for x in (q, k, v, mask)))
+    for g in range(groups)
+  ]
+  return outs[0] if groups == 1 else jnp.concatenate(outs, axis=0)
+
+
 class MultiHeadAttention(nnx.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -190,7 +226,10 @@ class MultiHeadAttention(nnx.Module):
     # Filled by init_cache; declared as data so the cache is part of the module's state.
     self.cached_key: Any = nnx.data(None)
     self.cached_value: Any = nnx.data(None)
-    self.cache_index: Any = nnx.data(None)
+    # Static: hypotheses per position in the cache, groups of rows, and the slots per prefix
+    # length that decoding attends over (`attend_filled_prefix`).
+    self.cache_beams, self.cache_groups = 1, 1
+    self.cache_block: int | None = None
     # Rotary positions belong to self-attention: source and target positions are not comparable.
     self.uses_rope = config.position == "rope" and not cross
 
@@ -200,37 +239,63 @@ class MultiHeadAttention(nnx.Module):
     return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
   def init_cache(
-    self, batch_size: int, cache_length: int, context_BSD: Float[Array, "B S D"] | None = None
+    self,
+    batch_size: int,
+    cache_length: int,
+    context_BSD: Float[Array, "B S D"] | None = None,
+    *,
+    beams: int = 1,
+    block: int | None = None,
+    groups: int = 1,
   ) -> None:
     """Allocates the KV cache: empty [B, cache_length, N, H] for self-attention, or the projected
-    `context` (the encoder output) for cross-attention."""
+    `context` (the encoder output) for cross-attention.
+
+    Self-attention writes the keys of new entry j of row b at slot p * beams + j, p being the
+    row's first new position (`q_positions_BT[b, 0]`): consecutive positions with beams = 1, or
+    W hypotheses of one position side by side with beams = W (beam search). Rows may be at
+    different positions, and a row sent back to position 0 starts afresh (what it wrote later is
+    hidden by the causal rule). With `block`, each step attends over the filled slots rounded up
+    to a multiple of `block` instead of all of them, in each of `groups` groups of rows apart
+    (`attend_filled_prefix`).
+    """
     if self.cross:
       self.cached_key = nnx.Cache(self._project(context_BSD, self.key, self.key_bias))
       self.cached_value = nnx.Cache(self._project(context_BSD, self.value, self.value_bias))
       return
+    if batch_size % groups:
+      raise ValueError(f"{batch_size} cache rows do not split into {groups} groups")
+    self.cache_beams, self.cache_groups = beams, groups
+    self.cache_block = block if block is not None and block < cache_length else None
     shape = (batch_size, cache_length, self.config.num_heads, self.config.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
     self.cached_value = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
-    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
 
-  def _keys_values(self, x_BTD, context_BSD, use_cache: bool, kv_positions_BS):
+  def _keys_values(self, x_BTD, context_BSD, use_cache: bool, q_positions_BT, kv_positions_BS):
     if use_cache and self.cross:
-      return self.cached_key[...], self.cached_value[...], None
+      return self.cached_key[...], self.cached_value[...], None, None
     source_BSD = x_BTD if context_BSD is None else context_BSD
     k_BSNH = self._project(source_BSD, self.key, self.key_bias)
     v_BSNH = self._project(source_BSD, self.value, self.value_bias)
     if self.uses_rope:
       k_BSNH = rotary_embedding(k_BSNH, kv_positions_BS)
     if not use_cache:
-      return k_BSNH, v_BSNH, None
-    # Self-attention decoding: write the new positions at cache_index, attend to all up to them.
-    index = self.cache_index[...]
-    start = (0, index, 0, 0)
-    self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], k_BSNH, start)
-    self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...], v_BSNH, start)
-    self.cache_index[...] = index + x_BTD.shape[1]
-    visible = causal_mask(x_BTD.shape[1], self.cached_key.shape[1], q_offset=index)
-    return self.cached_key[...], self.cached_value[...], visible
+      return k_BSNH, v_BSNH, None, None
+    # Self-attention decoding: each row writes its new entries at its own slot (see init_cache)
+    # and attends to every slot up to them.
+    if q_positions_BT is None:
+      raise ValueError("decoding with the cache needs the new entries' positions")
+    start_B = q_positions_BT[:, 0].astype(jnp.int32) * self.cache_beams
+    write = jax.vmap(
+      lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0)
+    )
+    self.cached_key[...] = write(self.cached_key[...], k_BSNH, start_B)
+    self.cached_value[...] = write(self.cached_value[...], v_BSNH, start_B)
+    slots_C = jnp.arange(self.cached_key.shape[1])
+    last_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
+    visible_B1TC = (slots_C[None, None, :] <= last_BT[:, :, None])[:, None]
+    filled_G = jnp.max(start_B.reshape(self.cache_groups, -1), axis=1) + x_BTD.shape[1]
+    return self.cached_key[...], self.cached_value[...], visible_B1TC, filled_G
 
   def __call__(
     self,
@@ -250,7 +315,8 @@ class MultiHeadAttention(nnx.Module):
       x_BTD: the queries' input [B, T, D].
       context_BSD: keys' and values' input [B, S, D] for cross-attention.
       mask: bool broadcastable to [B, N, T, S] (with the cache, to [B, N, T, cache_length]).
-      q_positions_BT, kv_positions_BS: absolute positions, used by RoPE only.
+      q_positions_BT, kv_positions_BS: absolute positions, used by RoPE and, with the cache, to
+        place the new keys (see `init_cache`).
       use_cache: use and update the KV cache (see `init_cache`).
       return_weights: also return the attention weights [B, N, T, S] (xla path).
 
@@ -261,7 +327,9 @@ class MultiHeadAttention(nnx.Module):
     if self.uses_rope:
       q_BTNH = rotary_embedding(q_BTNH, q_positions_BT)
       kv_positions_BS = q_positions_BT if kv_positions_BS is None else kv_positions_BS
-    k_BSNH, v_BSNH, visible = self._keys_values(x_BTD, context_BSD, use_cache, kv_positions_BS)
+    k_BSNH, v_BSNH, visible, filled = self._keys_values(
+      x_BTD, context_BSD, use_cache, q_positions_BT, kv_positions_BS
+    )
     if visible is not None:
       mask = visible if mask is None else (as_4d(mask) & visible)
       is_causal = False
@@ -277,6 +345,16 @@ class MultiHeadAttention(nnx.Module):
         self.sow(nnx.Intermediate, "attention_weights", weights_BNTS)
       dropped_BNTS = self.weights_dropout(weights_BNTS)
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    elif mask is not None and filled is not None and self.cache_block is not None:
+      out_BTNH = attend_filled_prefix(
+        q_BTNH,
+        k_BSNH,
+        v_BSNH,
+        mask,
+        filled,
+        self.cache_block,
+        self.config.attention,
+      )
     else:
       out_BTNH = dot_product_attention(
         q_BTNH,

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from transformer.errors import UserError
 from transformer.model.attention import MultiHeadAttention
@@ -185,9 +185,23 @@ class Decoder(nnx.Module):
     self.cache_layers: Any = nnx.data(None)
 
   def init_cache(
-    self, batch_size: int, cache_length: int, memory_BSD=None, memory_mask_B11S=None
+    self,
+    batch_size: int,
+    cache_length: int,
+    memory_BSD=None,
+    memory_mask_B11S=None,
+    *,
+    beams: int = 1,
+    groups: int = 1,
   ) -> None:
-    """Prepares incremental decoding of up to `cache_length` positions."""
+    """Prepares incremental decoding of up to `cache_length` positions.
+
+    `beams` > 1 lets W hypotheses of one sentence share a cache row (beam search): each call
+    then feeds T = W queries, one per beam, all at the same position, and the self-attention
+    cache holds W slots per position (slot t * W + w: beam w's keys at position t). Which slots
+    a beam reads is the caller's `cache_mask`. `groups`: rows that advance apart, in equal groups
+    (see `attend_filled_prefix`).
+    """
     if cache_length > self.config.max_len:
       raise UserError(
         f"cannot decode {cache_length} positions: model.max_len is "
@@ -195,16 +209,21 @@ class Decoder(nnx.Module):
       )
     layers = self.layers
     if is_stacked(self.layers):
-      # Decoding runs the layers one by one, each with its own cache whose rows come first (as
-      # beam search reorders them), from copies of the stacked parameters: decoding reads them
-      # only, and the copies live as long as the decoding state.
+      # Decoding runs the layers one by one, each with its own cache whose rows come first, from
+      # copies of the stacked parameters: decoding reads them only, and the copies live as long
+      # as the decoding state.
       self.cache_layers = nnx.List(unstack_module(self.layers))
       layers = self.cache_layers
+    # Attend over the filled part of the cache, in steps of 16 positions (at most 8 prefix lengths
+    # are compiled).
+    block = beams * max(16, -(-cache_length // 8))
     for layer in layers:
-      layer.self_attention.init_cache(batch_size, cache_length)
+      layer.self_attention.init_cache(
+        batch_size, cache_length * beams, beams=beams, block=block, groups=groups
+      )
       if layer.cross_attention is not None:
         layer.cross_attention.init_cache(batch_size, cache_length, memory_BSD)
-    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_index = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))  # next position, per row
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
   def __call__(
@@ -216,21 +235,25 @@ class Decoder(nnx.Module):
     segments_BT: Int[Array, "B T"] | None = None,
     positions_BT: Int[Array, "B T"] | None = None,
     use_cache: bool = False,
+    cache_mask: Bool[Array, "B 1 T C"] | None = None,
   ) -> Float[Array, "B T D"]:
     """`memory_mask`: which memory positions each query sees, [B, 1, 1, S] or [B, 1, T, S].
-    `use_cache` (after `init_cache`): `ids_BT` holds only the new positions."""
-    offset = 0
+    `use_cache` (after `init_cache`): `ids_BT` holds only the new positions (at `positions_BT`,
+    by default where each row stopped); `cache_mask`
+    [B, 1, T, C] (C cache slots), if given, hides slots from queries on top of the causal rule
+    (beam search: the slots of other hypotheses)."""
+    offset_B1 = jnp.zeros((1, 1), jnp.int32)
     if use_cache:
-      offset = self.cache_index[...]
-      self.cache_index[...] = offset + ids_BT.shape[1]
+      offset_B1 = self.cache_index[...][:, None]
+      self.cache_index[...] = self.cache_index[...] + ids_BT.shape[1]
       if self.memory_mask is not None:
         memory_mask = self.memory_mask[...]
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(offset + jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+      positions_BT = jnp.broadcast_to(offset_B1 + jnp.arange(ids_BT.shape[1])[None], ids_BT.shape)
     x_BTD = self.dropout(self.positions(self.embed(ids_BT), positions_BT))
     # Padding keys are hidden from every query; with the cache it tracks what is visible.
     if use_cache:
-      self_mask = None
+      self_mask = cache_mask
     elif segments_BT is None:
       self_mask = padding_mask(ids_BT, self.config.pad_id)
     else:
@@ -285,11 +308,12 @@ class EncoderDecoder(nnx.Module):
     tgt_segments_BT: Int[Array, "B T"] | None = None,
     tgt_positions_BT: Int[Array, "B T"] | None = None,
     use_cache: bool = False,
+    cache_mask: Bool[Array, "B 1 T C"] | None = None,
   ) -> Float[Array, "B T V"]:
     """Decoder input ids [B, T] + memory [B, S, D] -> logits [B, T, V].
 
     With `use_cache=True` (after `init_cache`), `tgt_ids` holds only the new positions, and
-    memory and source come from the cache (leave them None).
+    memory and source come from the cache (leave them None); `cache_mask` see `Decoder`.
     """
     if src_ids_BS is None:
       memory_mask = None
@@ -304,15 +328,28 @@ class EncoderDecoder(nnx.Module):
       segments_BT=tgt_segments_BT,
       positions_BT=tgt_positions_BT,
       use_cache=use_cache,
+      cache_mask=cache_mask,
     )
     return self.logits(x_BTD)
 
   def init_cache(
-    self, memory_BSD: Float[Array, "B S D"], src_ids_BS: Int[Array, "B S"], cache_length: int
+    self,
+    memory_BSD: Float[Array, "B S D"],
+    src_ids_BS: Int[Array, "B S"],
+    cache_length: int,
+    *,
+    beams: int = 1,
+    groups: int = 1,
   ) -> None:
-    """Caches the projected memory and allocates self-attention caches for `cache_length` steps."""
+    """Caches the projected memory and allocates self-attention caches for `cache_length` steps
+    (of `beams` hypotheses per source row, `groups` of rows, see `Decoder.init_cache`)."""
     self.decoder.init_cache(
-      src_ids_BS.shape[0], cache_length, memory_BSD, padding_mask(src_ids_BS, self.config.pad_id)
+      src_ids_BS.shape[0],
+      cache_length,
+      memory_BSD,
+      padding_mask(src_ids_BS, self.config.pad_id),
+      beams=beams,
+      groups=groups,
     )
 
   def __call__(

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.data.pipeline import padded
-from transformer.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
-from transformer.decode.batch import padded_length, translate_ids
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.decode.batch import padded_length
 from transformer.decode.config import DecodeConfig
+from transformer.decode.engine import search_all
 from transformer.decode.sampling import sample
 from transformer.errors import UserError
 from transformer.model.transformer import DecoderOnly, EncoderDecoder
@@ -118,14 +119,14 @@ class Translator:
     if not real:
       return out
     src_ids_BS = self.encode([texts[i] for i in real], [first_line + i for i in real])
-    tokens_BT = translate_ids(
+    tokens_BT = search_all(
       model,
-      jnp.asarray(src_ids_BS),
+      [ids[ids != PAD_ID] for ids in src_ids_BS],
       beam_size=search.beam_size,
       alpha=search.alpha,
       max_extra_tokens=search.max_extra_tokens,
     )
-    for i, text in zip(real, self.tokenizer.decode(np.asarray(tokens_BT)), strict=True):
+    for i, text in zip(real, self.tokenizer.decode(tokens_BT), strict=True):
       out[i] = text
     return out
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from transformer import compilation_cache
 from transformer.cli import Stopped
 from transformer.config import Config, write_config
 from transformer.parallel import distributed
@@ -38,6 +39,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   `config` is a `Config` or a recipe's ConfigDict (`configs/default.py`'s `get_config()`).
   """
   config = Config.of(config)
+  compilation_cache.enable()
   distributed.initialize(config.parallel)
   if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
     logging.getLogger("transformer").setLevel(logging.WARNING)

@@ -1,0 +1,96 @@
+"""The slot engine (`search_all`) against the search of each sentence on its own, and the early
+stop of a K = 1 search against the full W-best search."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer import EncoderDecoder, TransformerConfig
+from transformer.data.tokenizer import EOS_ID, PAD_ID
+from transformer.decode import beam_search, greedy_decode
+from transformer.decode.batch import length_limits
+from transformer.decode.engine import search_all
+
+MAX_EXTRA = 3
+
+
+def sources_of(src_BS) -> list[np.ndarray]:
+  return [row[row != PAD_ID] for row in np.asarray(src_BS)]
+
+
+def alone(model, source: np.ndarray, beam_size: int, alpha: float) -> np.ndarray:
+  """The translation of one sentence searched by itself: greedy, or the best of a W-best
+  search run to its end (every hypothesis settled)."""
+  src_1S = jnp.asarray(source[None], jnp.int32)
+  max_new = min(len(source) + MAX_EXTRA, model.config.max_len)
+  if beam_size == 1:
+    return np.asarray(greedy_decode(model, src_1S, max_new_tokens=max_new))[0]
+  tokens_1WT, _ = beam_search(
+    model, src_1S, max_new_tokens=max_new, beam_size=beam_size, alpha=alpha
+  )
+  return np.asarray(tokens_1WT)[0, 0]
+
+
+def trimmed(tokens: np.ndarray) -> list[int]:
+  tokens = [int(t) for t in tokens if t != PAD_ID]
+  return tokens[: tokens.index(EOS_ID) + 1] if EOS_ID in tokens else tokens
+
+
+@pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (3, 0.6), (2, 1.0)])
+def test_search_all_translates_each_sentence_as_its_own_search(copy_model, beam_size, alpha):
+  """Ten sentences through 4 slots refilled 2 at a time: each slot's sentence is searched at
+  its own position in a shared cache, and must come out as if searched alone."""
+  rng = np.random.default_rng(3)
+  sources = [rng.integers(EOS_ID + 2, 16, n) for n in (2, 7, 3, 8, 5, 2, 6, 4, 8, 3)]
+  sources = [np.append(s, EOS_ID) for s in sources]
+  got = search_all(
+    copy_model,
+    sources,
+    beam_size=beam_size,
+    alpha=alpha,
+    max_extra_tokens=MAX_EXTRA,
+    slots=4,
+    refill=2,
+  )
+  assert got.shape[0] == len(sources)
+  for source, row in zip(sources, got, strict=True):
+    assert trimmed(row) == trimmed(alone(copy_model, source, beam_size, alpha)), source
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_a_search_for_the_best_stops_early_and_finds_the_same_best(alpha):
+  """K = 1 stops a sentence once its best is certain; the W-best search runs on. A random
+  model (long, uncertain hypotheses) and a short limit leave finished and cut-off hypotheses
+  competing."""
+  model = EncoderDecoder(TransformerConfig.tiny(tie_output=False), rngs=nnx.Rngs(1))
+  src_BS = jnp.asarray(np.random.default_rng(4).integers(5, 64, (6, 5)), jnp.int32)
+  full_BWT, full_BW = beam_search(
+    model, src_BS, max_new_tokens=6, beam_size=4, alpha=alpha, eos_id=7
+  )
+  best_B1T, best_B1 = beam_search(
+    model, src_BS, max_new_tokens=6, beam_size=4, alpha=alpha, eos_id=7, num_results=1
+  )
+  np.testing.assert_array_equal(best_B1T[:, 0], full_BWT[:, 0])
+  np.testing.assert_allclose(best_B1[:, 0], full_BW[:, 0], rtol=1e-6)
+
+
+def test_a_sentences_limit_is_its_own(copy_model, copy_sources):
+  """The limit is the sentence's own length + max_extra_tokens: searched beside a longer
+  source, or padded further, a sentence gets the same translation."""
+  limits_B = np.asarray(length_limits(copy_sources, MAX_EXTRA, 12, PAD_ID))
+  lengths_B = np.sum(np.asarray(copy_sources) != PAD_ID, axis=1)
+  np.testing.assert_array_equal(limits_B, np.minimum(lengths_B + MAX_EXTRA, 12))
+  padded_BS = jnp.pad(copy_sources, ((0, 0), (0, 4)))
+  for src_BS in (copy_sources, padded_BS):
+    tokens_B1T, _ = beam_search(
+      copy_model,
+      src_BS,
+      max_new_tokens=12,
+      beam_size=2,
+      alpha=0.6,
+      num_results=1,
+      max_new_tokens_B=length_limits(src_BS, MAX_EXTRA, 12, PAD_ID),
+    )
+    for source, row in zip(sources_of(copy_sources), np.asarray(tokens_B1T)[:, 0]):
+      assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6))

@@ -1,0 +1,236 @@
+"""Translating many sentences: a fixed set of slots, each holding one sentence's search, refilled
+as searches settle (what serving engines call continuous batching).
+
+A batch searched as one (`beam_search`) runs until its slowest sentence settles and computes every
+row at every step. With the exact stop rule a sentence settles well after its translation ends
+(at alpha = 1 about twice its length), and the spread within a batch adds as much again. Here
+each of `slots` rows holds one sentence's search at its own position (the decoder's cache is
+addressed by position, see `MultiHeadAttention.init_cache`); whenever `refill` of them have
+settled, the host reads their translations and puts the next sentences in their place, longest
+first so that the short ones fill the end. A row is computed while its sentence is searched, and
+a sentence's search is exactly `beam_search`'s with K = 1: the translations are the same.
+
+Three programs are compiled per (model, slots, source length, limit, beam, alpha): `init` (empty
+slots), `refill` (encode the new sentences and write them into their slots) and `run` (steps
+until enough slots have settled). The source length and the limit are those of the longest
+sentence of the list, so a list compiles each once, whatever its batches would have been.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import deque
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from transformer.data.tokenizer import BOS_ID, EOS_ID
+from transformer.decode.batch import padded_length
+from transformer.decode.beam_search import (
+  BeamState,
+  final_beams,
+  initial_state,
+  search_step,
+)
+from transformer.decode.cache import split_memory
+from transformer.model.transformer import EncoderDecoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The static shape of a search: `slots` sentences at a time, sources of `source_length`,
+  at most `max_new_tokens` target tokens, `refill` slots written at once."""
+
+  slots: int
+  refill: int
+  source_length: int
+  max_new_tokens: int
+  beams: int
+  alpha: float
+  pad_id: int
+  bos_id: int = BOS_ID
+  eos_id: int = EOS_ID
+
+
+class _Programs:
+  """The jitted `init`, `refill` and `run` of one model graph and layout (`_programs`)."""
+
+  def __init__(self, graphdef: nnx.GraphDef, layout: Layout):
+    self.layout = layout
+    self.model_graphdef = graphdef
+    # The graph of the model with its caches allocated, set when `init` is traced (first).
+    self.cached_graphdef: nnx.GraphDef | None = None
+    self.init = jax.jit(self._init)
+    # The search and the memory are updated in place (donated): they are the largest arrays.
+    self.refill = jax.jit(self._refill, donate_argnums=(0, 1))
+    self.run = jax.jit(self._run, donate_argnums=(0,))
+
+  def _model(self, state):
+    model = nnx.merge(self.model_graphdef, state)
+    model.eval()
+    return model
+
+  def _allocate(self, model, src_ids_BS, groups: int):
+    """The model's caches for the sources' rows (encoded): (graphdef, step, memory, params)."""
+    memory_BSD = model.encode(src_ids_BS)
+    model.init_cache(
+      memory_BSD, src_ids_BS, self.layout.max_new_tokens, beams=self.layout.beams, groups=groups
+    )
+    return split_memory(model)
+
+  def _init(self, state):
+    """Every slot empty and settled (its source all PAD)."""
+    layout = self.layout
+    model = self._model(state)
+    src_ids_BS = jnp.zeros((layout.slots, layout.source_length), jnp.int32)
+    groups = layout.slots // layout.refill
+    self.cached_graphdef, cache, memory, params = self._allocate(model, src_ids_BS, groups)
+    search = initial_state(
+      jnp.ones((layout.slots,), jnp.int32),
+      layout.beams,
+      layout.max_new_tokens,
+      cache,
+      bos_id=layout.bos_id,
+      pad_id=layout.pad_id,
+    )
+    return search._replace(settled_B=jnp.ones((layout.slots,), jnp.bool_)), memory, params
+
+  def _refill(self, search: BeamState, memory, params, src_ids_QS, slot_Q, limit_Q):
+    """Sentences src_ids_QS start their searches in slots slot_Q (a slot >= `slots` is none)."""
+    layout = self.layout
+    assert self.cached_graphdef is not None, "init runs first"
+    model = nnx.merge(self.cached_graphdef, search.cache, memory, params)
+    _, cache_Q, memory_Q, _ = self._allocate(model, src_ids_QS, 1)
+    fresh = initial_state(
+      limit_Q,
+      layout.beams,
+      layout.max_new_tokens,
+      cache_Q,
+      bos_id=layout.bos_id,
+      pad_id=layout.pad_id,
+    )
+    put = lambda all_rows, new_rows: all_rows.at[slot_Q].set(new_rows, mode="drop")
+    search = jax.tree.map(put, search, fresh)
+    return search, jax.tree.map(put, memory, memory_Q)
+
+  def _run(self, search: BeamState, memory, params, min_done):
+    """Steps every slot until `min_done` groups have settled in full (or all slots have);
+    returns the search and each slot's best hypothesis [slots, T] (tokens after BOS)."""
+    layout = self.layout
+    assert self.cached_graphdef is not None, "init runs first"
+    step = functools.partial(
+      search_step,
+      self.cached_graphdef,
+      (memory, params),
+      alpha=layout.alpha,
+      eos_id=layout.eos_id,
+      num_results=1,
+      shared=True,
+      pad_id=layout.pad_id,
+    )
+
+    def going(search: BeamState):
+      done_G = jnp.all(search.settled_B.reshape(-1, layout.refill), axis=1)
+      return (jnp.sum(done_G.astype(jnp.int32)) < min_done) & ~jnp.all(done_G)
+
+    search = lax.while_loop(going, step, search)
+    tokens_BKT, _ = final_beams(search, layout.alpha, 1)
+    return search, tokens_BKT[:, 0, 1:], search.settled_B
+
+
+@functools.lru_cache(maxsize=32)  # one per (model, layout): batch-1 use meets many lengths
+def _programs(graphdef: nnx.GraphDef, layout: Layout) -> _Programs:
+  return _Programs(graphdef, layout)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array on this host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _placed(x: np.ndarray, mesh: Mesh | None):
+  """A host value every process holds alike, as a replicated global array."""
+  if mesh is None or jax.process_count() == 1:
+    return jnp.asarray(x)
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), x)
+
+
+def search_all(
+  model: EncoderDecoder,
+  sources: Sequence[Sequence[int] | np.ndarray],
+  *,
+  beam_size: int,
+  alpha: float,
+  max_extra_tokens: int,
+  slots: int = 64,
+  refill: int = 8,
+  mesh: Mesh | None = None,
+) -> np.ndarray:
+  """The best translation [N, T] of every source (ids with EOS, no padding), in their order.
+
+  beam_size 1 is greedy decoding (a W = 1 search without length penalty is exactly greedy).
+  Sentence i has at most len(sources[i]) + max_extra_tokens target tokens, within the model's
+  positions; each row holds its tokens (up to and including EOS), then PAD, T being the most any
+  has. Every process must pass the same sources (translations are computed once, over the
+  mesh's devices).
+  """
+  config = model.config
+  if not sources:
+    return np.zeros((0, 1), np.int32)
+  lengths = np.array([len(s) for s in sources])
+  if lengths.min() < 1 or lengths.max() > config.max_len:
+    raise ValueError(
+      f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
+      f"{lengths.max()}"
+    )
+  source_length = padded_length(int(lengths.max()), config.max_len)
+  max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
+  refill = max(1, min(refill, len(sources)))
+  slots = refill * max(1, min(slots // refill, -(-len(sources) // refill)))
+  alpha = 0.0 if beam_size == 1 else float(alpha)
+  layout = Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
+  graphdef, state = nnx.split(model)
+  programs = _programs(graphdef, layout)
+  search, memory, params = programs.init(state)
+  limits = np.minimum(lengths + max_extra_tokens, max_new_tokens).astype(np.int32)
+  queue = deque(np.argsort(-lengths, kind="stable").tolist())  # longest first
+  groups = slots // refill
+  occupant = np.full(slots, -1)
+  results = np.full((len(sources), max_new_tokens), config.pad_id, np.int32)
+  while True:
+    # Each empty group takes the next `refill` sentences of the queue.
+    for group in range(groups):
+      rows = np.arange(group * refill, (group + 1) * refill)
+      if not queue or (occupant[rows] >= 0).any():
+        continue
+      src_QS = np.zeros((refill, source_length), np.int32)
+      limit_Q = np.ones(refill, np.int32)  # an empty row is done after one step
+      for q in range(min(refill, len(queue))):
+        i = queue.popleft()
+        occupant[rows[q]] = i
+        src_QS[q, : lengths[i]] = sources[i]
+        limit_Q[q] = limits[i]
+      search, memory = programs.refill(
+        search, memory, params, *(_placed(x, mesh) for x in (src_QS, rows, limit_Q))
+      )
+    busy = (occupant.reshape(groups, refill) >= 0).any(axis=1)
+    if not busy.any():
+      break
+    min_done = groups - int(busy.sum()) + 1 if queue else groups
+    search, best_BT, settled_B = programs.run(search, memory, params, min_done)
+    settled_B, best_BT = _host(settled_B), _host(best_BT)
+    for done in np.flatnonzero(settled_B.reshape(groups, refill).all(axis=1)):
+      for row in range(done * refill, (done + 1) * refill):
+        if occupant[row] >= 0:
+          results[occupant[row]] = best_BT[row]
+          occupant[row] = -1
+  return results
