@@ -23,19 +23,18 @@ def ids(seed, shape, vocab=64, low=4):
 
 def packed_batch():
   """Two rows, each packing two pairs (segments 1, 2; positions from 0 in each; padding 0)."""
-  src_segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2]], jnp.int32)
-  tgt_segments = jnp.asarray([[1, 1, 2, 2, 2], [1, 1, 1, 2, 0]], jnp.int32)
+  src_segments = np.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2]], np.int32)
+  tgt_segments = np.asarray([[1, 1, 2, 2, 2], [1, 1, 1, 2, 0]], np.int32)
   positions = lambda seg: jnp.asarray(
-    [[int(np.sum(row[:i] == s)) if s else 0 for i, s in enumerate(row)] for row in np.asarray(seg)],
-    jnp.int32,
+    [[int(np.sum(row[:i] == s)) if s else 0 for i, s in enumerate(row)] for row in seg], jnp.int32
   )
   src = jnp.where(src_segments > 0, ids(0, (2, 6)), 0)
   tgt = jnp.where(tgt_segments > 0, ids(1, (2, 5)), 0)
   return dict(
     src_ids_BS=src,
     tgt_ids_BT=tgt,
-    src_segments_BS=src_segments,
-    tgt_segments_BT=tgt_segments,
+    src_segments_BS=jnp.asarray(src_segments),
+    tgt_segments_BT=jnp.asarray(tgt_segments),
     src_positions_BS=positions(src_segments),
     tgt_positions_BT=positions(tgt_segments),
   )

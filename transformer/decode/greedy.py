@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from transformer.data.tokenizer import BOS_ID, EOS_ID
 from transformer.decode.cache import call_cached, jit_with_model, split_cache
 from transformer.errors import UserError
-from transformer.model.transformer import EncoderDecoder
 
 # Finite stand-in for -inf (as in Flax's beam search): NEG_INF + log p stays finite and ordered.
 NEG_INF = -1.0e7
@@ -82,7 +82,7 @@ def start_tokens(batch_size: int, length: int, bos_id: int, pad_id: int) -> Int[
   return jnp.full((batch_size, length), pad_id, jnp.int32).at[:, 0].set(bos_id)
 
 
-def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_new_tokens: int):
+def _cached_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_tokens: int):
   """Feeds position t only; keys/values of positions < t come from the cache."""
   model.init_cache(memory_BSD, src_ids_BS, max_new_tokens)
   graphdef, cache, rest = split_cache(model)
@@ -97,7 +97,7 @@ def _cached_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_new_to
   return next_token, cache
 
 
-def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_new_tokens: int):
+def _recomputing_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_tokens: int):
   """Runs the decoder over the whole [B, max_new_tokens] window every step (the no-cache baseline).
 
   Fixed shapes keep it one compilation; causal masking makes positions after t irrelevant to the
@@ -115,7 +115,7 @@ def _recomputing_next_token(model: EncoderDecoder, memory_BSD, src_ids_BS, max_n
 
 @jit_with_model(static_argnames=("max_new_tokens", "use_cache", "bos_id", "eos_id"))
 def _greedy_decode(
-  model: EncoderDecoder,
+  model: nnx.Module,
   src_ids_BS,
   max_new_tokens_B,
   *,
@@ -136,7 +136,7 @@ def _greedy_decode(
 
 
 def greedy_decode(
-  model: EncoderDecoder,
+  model: nnx.Module,
   src_ids_BS: Int[Array, "B S"],
   *,
   max_new_tokens: int,
@@ -148,7 +148,8 @@ def greedy_decode(
   """Greedy translation of a batch of (PAD-padded) sources.
 
   Args:
-    model: the encoder-decoder; it is not modified (decoding runs on a copy, in eval mode).
+    model: an encoder-decoder (`EncoderDecoder`, or the LSTM baseline with the same decoding
+      interface); it is not modified (decoding runs on a copy, in eval mode).
     src_ids_BS: source ids [B, S], padded with `config.pad_id`.
     max_new_tokens: T, the most tokens generated per row (at most `config.max_len`).
     max_new_tokens_B: each row's own limit (<= T; default T for every one).

@@ -84,10 +84,10 @@ def scan_stack(
   return body(x, stacked)
 
 
-def unstacked_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def unstacked_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """A flat {name: array} dict with every stacked parameter split into its L per-layer ones
   ("encoder/layers/x" [L, ...] -> "encoder/layers/0/x" ... ); other names are kept."""
-  out: dict[str, np.ndarray] = {}
+  out: dict[str, Any] = {}
   for name, value in params.items():
     match = _STACKED.match(name)
     if match is None:
@@ -99,7 +99,7 @@ def unstacked_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def stacked_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def stacked_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """The inverse of `unstacked_params`: per-layer parameters of the stacks joined into one
   [L, ...] array each. Layers must be numbered 0 .. L-1 without gaps."""
   out: dict[str, Any] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -84,7 +85,9 @@ def load_strict(model: nnx.Module, params: Mapping[str, np.ndarray], source: str
       "parameters disagree (restore the run's files, or train again)"
     )
   for path, variable in flat:
-    variable.set_value(np.asarray(params["/".join(str(k) for k in path)]).astype(variable.dtype))
+    variable.set_value(
+      jnp.asarray(np.asarray(params["/".join(str(k) for k in path)]), variable.dtype)
+    )
   nnx.update(model, state)
 
 
@@ -99,7 +102,7 @@ def load_matching(model: nnx.Module, params: Mapping[str, np.ndarray]) -> tuple[
     name = "/".join(str(k) for k in path)
     value = params.get(name)
     if value is not None and tuple(value.shape) == tuple(variable.shape):
-      variable.set_value(np.asarray(value).astype(variable.dtype))
+      variable.set_value(jnp.asarray(np.asarray(value), variable.dtype))
       copied += 1
     else:
       fresh.append(name)
