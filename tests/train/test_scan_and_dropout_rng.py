@@ -28,7 +28,7 @@ def test_defaults_and_auto_resolve_by_compute_dtype():
   assert (bf16.resolved_logits_dtype, bf16.resolved_dropout_rng) == ("bfloat16", "rbg")
   fp16 = auto.replace(dtype="float16")
   assert (fp16.resolved_logits_dtype, fp16.resolved_dropout_rng) == ("float32", "rbg")
-  # ValueError from the config's own check; TypeError when the test run's type-check hook sees it first.
+  # ValueError from the config's own check; TypeError when the type-check hook sees it first.
   with pytest.raises((ValueError, TypeError), match="dropout_rng"):
     TransformerConfig.tiny(dropout_rng="philox")
 
