@@ -11,13 +11,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from transformer.baselines.rnn import LSTMSeq2Seq
 from transformer.data.tokenizer import BOS_ID, EOS_ID
 from transformer.decode.cache import call_cached, jit_with_model, split_cache
 from transformer.errors import UserError
+from transformer.model.transformer import EncoderDecoder
+
+# The models greedy decoding drives: the Transformer and the LSTM baseline share its interface.
+Seq2Seq = EncoderDecoder | LSTMSeq2Seq
 
 # Finite stand-in for -inf (as in Flax's beam search): NEG_INF + log p stays finite and ordered.
 NEG_INF = -1.0e7
@@ -82,7 +86,7 @@ def start_tokens(batch_size: int, length: int, bos_id: int, pad_id: int) -> Int[
   return jnp.full((batch_size, length), pad_id, jnp.int32).at[:, 0].set(bos_id)
 
 
-def _cached_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_tokens: int):
+def _cached_next_token(model: Seq2Seq, memory_BSD, src_ids_BS, max_new_tokens: int):
   """Feeds position t only; keys/values of positions < t come from the cache."""
   model.init_cache(memory_BSD, src_ids_BS, max_new_tokens)
   graphdef, cache, rest = split_cache(model)
@@ -97,7 +101,7 @@ def _cached_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_tokens
   return next_token, cache
 
 
-def _recomputing_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_tokens: int):
+def _recomputing_next_token(model: Seq2Seq, memory_BSD, src_ids_BS, max_new_tokens: int):
   """Runs the decoder over the whole [B, max_new_tokens] window every step (the no-cache baseline).
 
   Fixed shapes keep it one compilation; causal masking makes positions after t irrelevant to the
@@ -115,7 +119,7 @@ def _recomputing_next_token(model: nnx.Module, memory_BSD, src_ids_BS, max_new_t
 
 @jit_with_model(static_argnames=("max_new_tokens", "use_cache", "bos_id", "eos_id"))
 def _greedy_decode(
-  model: nnx.Module,
+  model: Seq2Seq,
   src_ids_BS,
   max_new_tokens_B,
   *,
@@ -136,7 +140,7 @@ def _greedy_decode(
 
 
 def greedy_decode(
-  model: nnx.Module,
+  model: Seq2Seq,
   src_ids_BS: Int[Array, "B S"],
   *,
   max_new_tokens: int,
