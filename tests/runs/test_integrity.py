@@ -3,16 +3,27 @@ catch flips and swaps, the stream record against its hash, a missing checksum re
 model.json against its own hash."""
 
 import json
+import re
 import shutil
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.errors import UserError
-from transformer.runs.artifact import META_FILENAME, MODEL_DIRNAME, read_model, record_scores
+from transformer.runs.artifact import (
+  META_FILENAME,
+  MODEL_DIRNAME,
+  PARAMS_FILENAME,
+  _write_meta,
+  read_model,
+  record_scores,
+  sha256,
+)
 from transformer.runs.checkpoint import (
   Checkpointer,
   CheckpointError,
@@ -133,3 +144,112 @@ def test_scores_join_model_json_and_keep_it_readable(exported):
   record_scores(exported, {"test_2016": {"bleu": 30.5}, "validation": {"loss": 3.2}})
   _, _, _, meta = read_model(exported)
   assert meta["scores"] == {"test_2016": {"bleu": 30.5}, "validation": {"loss": 3.2}}
+
+
+# ------------------------------------------------------------------------------------------------
+# An export that was tampered with, its hashes rewritten to match: the hashes cannot tell, the
+# schema and the parameter file's header can. Each is refused before any allocation.
+# ------------------------------------------------------------------------------------------------
+
+
+def rewrite_meta(workdir, change) -> None:
+  """model.json changed by `change(meta)` and written with a self-hash that matches."""
+  path = workdir / MODEL_DIRNAME / META_FILENAME
+  meta = json.loads(path.read_text())
+  change(meta)
+  _write_meta(path, meta)
+
+
+def rewrite_params(workdir, change) -> None:
+  """params.safetensors changed by `change({name: array})`, its SHA-256 in model.json updated."""
+  folder = workdir / MODEL_DIRNAME
+  params = load_file(str(folder / PARAMS_FILENAME))
+  change(params)
+  save_file(params, str(folder / PARAMS_FILENAME))
+  rewrite_meta(workdir, lambda meta: meta.update(params_sha256=sha256(folder / PARAMS_FILENAME)))
+
+
+def first_matrix(params: dict) -> str:
+  """A weight matrix of a layer (not the embedding, whose size bounds the vocabulary)."""
+  return next(
+    name for name, value in sorted(params.items()) if "layers" in name and value.ndim == 2
+  )
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda m: m.update(format=99), "is of format 99"),
+    (lambda m: m.update(format=True), "is of format True"),
+    (lambda m: m.update(format="2"), "is of format '2'"),
+    (lambda m: m.update(extra=1), "has a field 'extra' that model.json does not have"),
+    (lambda m: m.pop("decode"), "lacks the field 'decode'"),
+    (lambda m: m.update(step="1"), "has step='1', which is not of type int or NoneType"),
+    (lambda m: m.update(averaged_steps=[1.5]), "averaged_steps=[1.5], which is not a list"),
+    (lambda m: m["model"].update(d_model=32.0), "model.d_model must be int, got 32.0"),
+    (lambda m: m["model"].update(max_len=32.5), "model.max_len must be int, got 32.5"),
+    (lambda m: m["model"].update(activation="swish"), "model.activation='swish' is unknown"),
+    (lambda m: m["model"].update(pad_id=5), "model.pad_id=5"),
+    (lambda m: m.update(data_max_len=1e3), "data_max_len=1000.0, which is not of type int"),
+    (lambda m: m.update(data_max_len=1), "data_max_len=1 is not a length"),
+  ],
+)
+def test_model_json_outside_its_schema_is_refused(exported, change, message):
+  rewrite_meta(exported, change)
+  with pytest.raises(UserError, match=re.escape(message)):
+    read_model(exported)
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("d_ff", 10**10, "gives model.d_ff=10000000000, more than"),
+    ("vocab_size", 10**9, "gives model.vocab_size=1000000000, more than"),
+    ("num_encoder_layers", 10**6, "gives model.num_encoder_layers=1000000, more than"),
+    ("max_len", 10**8, "gives model.max_len=100000000, a position table far larger"),
+    ("d_ff", 128, "does not fit the model that"),
+    ("num_decoder_layers", 3, "does not fit the model that"),
+  ],
+)
+def test_sizes_the_parameter_file_does_not_hold_are_refused_before_allocation(
+  exported, field, value, message
+):
+  rewrite_meta(exported, lambda meta: meta["model"].update({field: value}))
+  began = time.perf_counter()
+  with pytest.raises(UserError, match=re.escape(message)):
+    read_model(exported)
+  assert time.perf_counter() - began < 30  # no 40 GB allocation, no million-layer trace
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda p, k: p.update({k: np.full_like(p[k], np.nan)}), "holds NaN or infinite values"),
+    (lambda p, k: p.update({k: np.full_like(p[k], np.inf)}), "holds NaN or infinite values"),
+    (lambda p, k: p.update({k: p[k].astype(np.int32)}), "is of dtype I32, not a floating-point"),
+    (lambda p, k: p.update({k: p[k] > 0}), "is of dtype BOOL, not a floating-point"),
+    (lambda p, k: p.update({k: p[k][:1]}), "does not fit the model that"),
+    (lambda p, k: p.update({k + "_extra": p[k]}), "is not the model's"),
+    (lambda p, k: p.pop(k), "is missing"),
+  ],
+)
+def test_a_parameter_file_of_other_values_is_refused(exported, change, message):
+  rewrite_params(exported, lambda params: change(params, first_matrix(params)))
+  with pytest.raises(UserError, match=re.escape(message)):
+    read_model(exported)
+
+
+def test_an_edited_position_is_refused(exported):
+  """Fields that change no shape (activation, position) are covered by the self-hash only."""
+  path = exported / MODEL_DIRNAME / META_FILENAME
+  meta = json.loads(path.read_text())
+  meta["model"]["position"] = "rope"
+  path.write_text(json.dumps(meta, indent=2))
+  with pytest.raises(UserError, match="does not match its own checksum"):
+    read_model(exported)
+
+
+def test_an_untouched_export_passes_every_check(exported):
+  spec, params, _, meta = read_model(exported)
+  assert meta["format"] == 2 and spec.search.beam_size == meta["decode"]["beam_size"]
+  assert all(np.isfinite(value).all() for value in params.values())
