@@ -42,7 +42,7 @@ def cli_error(capsys, main) -> str:
     (dict(label_smoothing=-0.1), "label_smoothing must be in [0, 1)"),
     (dict(optimizer=dict(b1=1.0)), "optimizer.b1 must be in [0, 1)"),
     (dict(optimizer=dict(b2=-0.5)), "optimizer.b2 must be in [0, 1)"),
-    (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be positive"),
+    (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be a finite number > 0"),
     (dict(optimizer=dict(schedule="linear")), "optimizer.schedule='linear' is unknown"),
     (
       dict(average_last_checkpoints=6),
@@ -58,6 +58,32 @@ def cli_error(capsys, main) -> str:
       dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
       "d_model=36 is not divisible by the fsdp axis",
     ),
+    # Finite and in range, or the run trains nothing (eps=inf: every update is zero) or dies
+    # later with advice that does not fit (weight_decay=inf: "lower the learning rate").
+    (dict(optimizer=dict(eps=float("inf"))), "optimizer.eps must be a finite number > 0"),
+    (
+      dict(optimizer=dict(name="adamw", weight_decay=float("inf"))),
+      "optimizer.weight_decay must be a finite number >= 0",
+    ),
+    (dict(optimizer=dict(lr_scale=float("nan"))), "optimizer.lr_scale must be a finite number"),
+    (
+      dict(optimizer=dict(schedule="cosine", peak_learning_rate=float("inf"))),
+      "optimizer.peak_learning_rate must be a finite number > 0",
+    ),
+    (
+      dict(optimizer=dict(grad_clip_norm=float("inf"))),
+      "optimizer.grad_clip_norm must be a finite number >= 0",
+    ),
+    (dict(model=dict(layer_norm_epsilon=float("nan"))), "model.layer_norm_epsilon must be a"),
+    (dict(model=dict(layer_norm_epsilon=-1.0)), "model.layer_norm_epsilon must be a finite"),
+    (dict(model=dict(layer_norm_epsilon=0.0)), "model.layer_norm_epsilon must be a finite"),
+    (dict(model=dict(dropout_rate=float("nan"))), "model.dropout_rate must be in [0, 1)"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be in [0, 1)"),
+    (dict(model=dict(num_classes=0)), "model.num_classes must be positive"),
+    (dict(model=dict(pad_id=5)), "model.pad_id=5: the tokenizer pads with id 0"),
+    (dict(model=dict(pad_id=-1)), "model.pad_id=-1 is not an id"),
+    (dict(seed=2**64), "seed=18446744073709551616 is too large"),
+    (dict(parallel=dict(barrier_timeout_s=float("inf"))), "barrier_timeout_s must be positive"),
   ],
 )
 def test_bad_config_values(change, message, tmp_path, capsys):

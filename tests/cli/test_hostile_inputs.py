@@ -113,6 +113,15 @@ def test_an_impossible_model_size_is_refused_before_allocation(tmp_path, capsys)
   assert time.time() - began < 60
 
 
+def test_a_position_table_too_large_is_refused_before_allocation(tmp_path, capsys):
+  """The sinusoidal table is no parameter, but every trace builds it: the memory estimate
+  counts it (max_len=1e8 died of an ArrayMemoryError after a minute)."""
+  began = time.time()
+  line = one_line_error(capsys, lambda: run(smoke_config(**{"model.max_len": 10**10}), tmp_path))
+  assert "model.max_len=10000000000 needs a sinusoidal position table" in line
+  assert time.time() - began < 60
+
+
 @pytest.mark.parametrize(
   "args, message",
   [

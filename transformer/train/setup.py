@@ -26,6 +26,7 @@ from transformer.config import CONFIG_FILENAME, Config, read_config
 from transformer.data.corpus import Location
 from transformer.data.inputs import Inputs, Share, training_inputs
 from transformer.errors import UserError
+from transformer.model.layers import position_table_bytes
 from transformer.model.transformer import create_model
 from transformer.parallel import distributed
 from transformer.parallel.axes import FSDP, TENSOR
@@ -218,7 +219,26 @@ def check_memory(config: Config, mesh: Mesh) -> int:
       "available: shrink it (model.d_model, model.d_ff, the layers, data.vocab_size) or shard it "
       "over more devices (parallel.fsdp)"
     )
+  # The sinusoidal table is no parameter, but every trace of the model builds it on the host.
+  table = position_table_bytes(config.model)
+  host = available if jax.local_devices()[0].platform == "cpu" else _host_memory_bytes()
+  if host is not None and table > host:
+    raise UserError(
+      f"model.max_len={config.model.max_len} needs a sinusoidal position table of "
+      f"{table / 1e9:,.1f} GB while the model is built, more than the {host / 1e9:,.1f} GB "
+      "available: lower model.max_len to the longest sequence the run needs"
+    )
   return count
+
+
+def _host_memory_bytes() -> int | None:
+  try:
+    for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except (OSError, ValueError):
+    pass
+  return None
 
 
 def check_resumable(config: Config, workdir: Path) -> None:
