@@ -123,3 +123,26 @@ def test_vocab_size_below_the_special_pieces(vocab_size, tmp_path, capsys):
   )
   assert f"data.vocab_size={vocab_size}" in line and f"the {MASK_ID + 1} special pieces" in line
   assert "raise data.vocab_size" in line
+
+
+def test_a_split_is_encoded_with_the_tokenizer_of_the_model_that_is_scored(tmp_path):
+  """Another run's export copied into a workdir brings its own tokenizer: `evaluate --split`
+  reads the split's token cache of that tokenizer, not of the workdir's spm.model (which
+  scored the export on ids it never learned, e.g. BLEU 1.39 instead of 2.05)."""
+  from transformer.data.inputs import evaluation_sets
+
+  write_corpus(tmp_path / "corpus", repeat=8)
+  config = mlm_config(tmp_path / "corpus")
+  config.task = "translation"
+  config.data.update(
+    test_splits=("test_2016",), vocab_size=40, max_len=48, length_buckets=(48,), tokens_per_batch=384
+  )
+  typed = Config.of(config)
+  where = Location.of(typed.data, tmp_path / "run")
+  inputs_of(config, tmp_path / "run")  # the run's own tokenizer and caches
+  own = Tokenizer(tmp_path / "run" / MODEL_FILENAME)
+  other = load_tokenizer(vocab_config(MINIMUM), tmp_path / "other")
+  (test_set,) = evaluation_sets(typed.data, where, ["test_2016"], tokenizer=other)
+  sources = [source for source, _ in test_set.pairs]
+  assert other.encode(sources) != own.encode(sources)
+  assert [ids[:-1].tolist() for ids in test_set.examples.inputs] == other.encode(sources)
