@@ -135,7 +135,11 @@ def test_a_split_is_encoded_with_the_tokenizer_of_the_model_that_is_scored(tmp_p
   config = mlm_config(tmp_path / "corpus")
   config.task = "translation"
   config.data.update(
-    test_splits=("test_2016",), vocab_size=40, max_len=48, length_buckets=(48,), tokens_per_batch=384
+    test_splits=("test_2016",),
+    vocab_size=40,
+    max_len=48,
+    length_buckets=(48,),
+    tokens_per_batch=384,
   )
   typed = Config.of(config)
   where = Location.of(typed.data, tmp_path / "run")
@@ -146,3 +150,24 @@ def test_a_split_is_encoded_with_the_tokenizer_of_the_model_that_is_scored(tmp_p
   sources = [source for source, _ in test_set.pairs]
   assert other.encode(sources) != own.encode(sources)
   assert [ids[:-1].tolist() for ids in test_set.examples.inputs] == other.encode(sources)
+
+
+def test_a_damaged_tokenizer_in_the_cache_is_named_and_never_copied(tmp_path):
+  """The cache's copy of a tokenizer is garbage: the error names that file (not the workdir's
+  spm.model, whose deletion only copied the garbage back), and deleting it trains a new one."""
+  from transformer.data.corpus import Corpus
+  from transformer.data.inputs import ensure_tokenizer
+  from transformer.errors import UserError
+
+  write_corpus(tmp_path / "corpus", repeat=8)
+  data = DataConfig(source_dir=str(tmp_path / "corpus"), train_split="train", vocab_size=40)
+  corpus, cache = Corpus.of(data, tmp_path / "cache"), tmp_path / "cache"
+  ensure_tokenizer(data, corpus, tmp_path / "first", cache)
+  (cached,) = (cache / "tokenizers").glob(f"*/{MODEL_FILENAME}")
+  cached.write_bytes(b"garbage")
+  with pytest.raises(UserError, match=f"{cached} is not a SentencePiece model"):
+    ensure_tokenizer(data, corpus, tmp_path / "second", cache)
+  assert not (tmp_path / "second" / MODEL_FILENAME).exists()
+  cached.unlink()  # the fix the message names
+  path = ensure_tokenizer(data, corpus, tmp_path / "second", cache)
+  assert path.read_bytes() == (tmp_path / "first" / MODEL_FILENAME).read_bytes()

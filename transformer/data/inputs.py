@@ -143,6 +143,8 @@ def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir:
   if not (cached / MODEL_FILENAME).exists():
     sentences = _tokenizer_sentences(corpus, data.train_split, data.tokenizer_sentences // 2)
     train_tokenizer(data, cached, sentences)
+  # Loaded before it is copied: a damaged cached copy is named as itself, not as the workdir's.
+  Tokenizer(cached / MODEL_FILENAME)
   workdir.mkdir(parents=True, exist_ok=True)
   tmp = workdir / f".{MODEL_FILENAME}.{os.getpid()}.tmp"
   try:
