@@ -131,9 +131,10 @@ class Config:
       goes to WORKDIR/profile, for TensorBoard's profile plugin or Perfetto; () for none.
     measure_peak: measure the MFU reference (a matmul) again instead of reading the value
       cached for this machine (`transformer.train.report.peak_flop_per_s`).
-    allow_config_change: keys (e.g. "model.activation", "data") that a resumed run may change
-      from the config it was started with; any other change to the model or the data plan is
-      refused, since the checkpoint's parameters or stream position would be misread.
+    allow_config_change: keys (e.g. "model.activation", "data", or "all") that a resumed run
+      may change from the config it was started with; any other change to the model or the
+      data plan is refused, since the checkpoint's parameters or stream position would be
+      misread.
   """
 
   task: str = "translation"

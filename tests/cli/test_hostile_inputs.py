@@ -426,6 +426,31 @@ def test_a_second_run_on_a_busy_workdir_is_refused_at_once(tmp_path):
   assert first.returncode == 130
 
 
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("model.activation", "gelu"),  # the relu weights would be exported as a gelu model
+    ("model.position", "learned"),
+    ("data.tokens_per_batch", 1024),  # the stored stream position means another batch
+    ("data.packing", True),
+    ("data.train_split", "train[:1000]"),
+    ("data.vocab_size", 400),
+  ],
+)
+def test_resuming_under_another_model_or_data_plan_is_refused(key, value, copy_of, capsys):
+  before = (copy_of / "config.json").read_text()
+  line = one_line_error(capsys, lambda: run(smoke_config(**{key: value}), copy_of))
+  assert f"was trained with {key}=" in line and f"--config.allow_config_change={key}" in line
+  assert (copy_of / "config.json").read_text() == before
+
+
+def test_resuming_checkpoints_without_their_config_json_is_refused(copy_of, capsys):
+  (copy_of / "config.json").unlink()
+  line = one_line_error(capsys, lambda: run(smoke_config(), copy_of))
+  assert "has checkpoints but no config.json" in line and "allow_config_change=all" in line
+  assert not (copy_of / "config.json").exists()
+
+
 def test_init_from_a_run_with_another_tokenizer_is_refused(trained, tmp_path, capsys):
   other = tmp_path / "other"
   line = one_line_error(

@@ -114,6 +114,16 @@ def test_a_changed_stream_record_is_refused(tmp_path, caplog):
   assert "data record (the input stream's position) differs from its checksum" in caplog.text
 
 
+def test_an_emptied_stream_record_is_refused(tmp_path, caplog):
+  """A data item of {} would restart the stream from its start, silently."""
+  save(tmp_path, base_values())
+  (path,) = [p for p in (tmp_path / "1" / "data").iterdir() if p.name == "metadata"]
+  path.write_text("{}")
+  with pytest.raises(CheckpointError, match="damaged"):
+    restore(tmp_path)
+  assert "data record (the input stream's position) is empty" in caplog.text
+
+
 def test_an_intact_checkpoint_restores_its_values_and_record(tmp_path):
   save(tmp_path, base_values(), Record(STREAM, elapsed_s=12.5))
   state, record, step = restore(tmp_path)

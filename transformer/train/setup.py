@@ -245,11 +245,23 @@ def check_resumable(config: Config, workdir: Path) -> None:
   """Refuses to resume a run under a config that changes its model or its data plan: the
   checkpoint's parameters would be read as another model, or its stream position against
   other batches. `allow_config_change` names the keys a user changes on purpose."""
-  if not (workdir / "checkpoints").is_dir() or not (workdir / CONFIG_FILENAME).is_file():
+  checkpoints = workdir / "checkpoints"
+  if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     return
+  if not (workdir / CONFIG_FILENAME).is_file():
+    # Without the record of what the checkpoints are, any config would be taken for theirs.
+    if "all" in config.allow_config_change:
+      return
+    raise UserError(
+      f"{workdir} has checkpoints but no {CONFIG_FILENAME}, the record of the config they were "
+      f"trained with: restore it, use a new --workdir, or resume under this config on purpose "
+      "with --config.allow_config_change=all"
+    )
   changed = config_changes(read_config(workdir), config)
   allowed = config.allow_config_change
-  refused = [k for k in changed if not any(k == a or k.startswith(a + ".") for a in allowed)]
+  refused = [
+    k for k in changed if not any(a == "all" or k == a or k.startswith(a + ".") for a in allowed)
+  ]
   if refused:
     before, after = changed[refused[0]]
     raise UserError(
