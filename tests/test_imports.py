@@ -15,6 +15,7 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
   "errors",  # UserError: what the user can fix, for every part
+  "files",  # files written whole or not at all
   "parallel",  # meshes, sharding rules, train-step strategies
   "model",  # the Transformer; logical axis names from parallel
   "baselines",  # the LSTM/GRU models measured against it
