@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import errno
 import importlib.util
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -41,15 +45,35 @@ def is_user_error(error: BaseException) -> bool:
 def run_cli(main: Callable[[], object]) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130
   with one line saying what was kept. Any other exception is a bug: its traceback is printed
-  and the exit status is 1."""
+  and the exit status is 1. Output is UTF-8 whatever the locale; a reader that went away
+  (`| head`) ends the command quietly (141, as SIGPIPE would), an output that cannot be written
+  (a full disk) is one line."""
+  unicode_output()
+  previous = stop_on_sigterm()
   try:
     main()
+    flush_output()  # a failure to deliver the output is this command's, not the exit's
   except Stopped as stop:
     print(f"stopped: {stop}", file=sys.stderr)
     return 130
   except KeyboardInterrupt:
     print("stopped by an interrupt", file=sys.stderr)
     return 130
+  except (OutputError, BrokenPipeError) as error:
+    # Whatever is left in the buffer goes nowhere: the interpreter's own last flush must not
+    # fail again with a message of its own.
+    with contextlib.suppress(OSError, ValueError):  # (a stdout without a descriptor)
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    cause = error.__cause__ if isinstance(error, OutputError) else error
+    if isinstance(cause, BrokenPipeError):
+      return 141
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+    print(
+      f"error: the output cannot be written ({reason}): check where standard output goes "
+      "(a full disk, a closed terminal)",
+      file=sys.stderr,
+    )
+    return 2
   except Exception as error:
     if storage_full(error):
       # Background writers (Orbax's save threads, tensorstore's callbacks) go on printing
@@ -66,7 +90,62 @@ def run_cli(main: Callable[[], object]) -> int:
       raise
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+def stop_on_sigterm():
+  """SIGTERM raises `Stopped`, as Ctrl-C raises KeyboardInterrupt, so that the commands end with
+  one line and 130 at any moment (the training loop installs its own handler while it trains).
+  Every file is written under a temporary name and renamed, so nothing is left half-written.
+  Returns the handler it replaced (None off the main thread, where handlers cannot be set)."""
+  if threading.current_thread() is not threading.main_thread():
+    return None
+
+  def stop(signum, frame):
+    del frame
+    raise Stopped(
+      f"{signal.Signals(signum).name}; nothing was left half-written (every file is written "
+      "whole or not at all)"
+    )
+
+  previous = signal.getsignal(signal.SIGTERM)
+  signal.signal(signal.SIGTERM, stop)
+  return previous if previous is not None else signal.SIG_DFL
+
+
+def unicode_output() -> None:
+  """stdout and stderr as UTF-8 when the locale's encoding cannot write every character (an
+  ASCII locale): translations of German text are printed, not a UnicodeEncodeError. Input is
+  read as UTF-8 too, whatever the locale."""
+  for stream in (sys.stdout, sys.stderr):
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    if codecs.lookup(encoding).name not in ("utf-8", "utf-16", "utf-32") and hasattr(
+      stream, "reconfigure"
+    ):
+      stream.reconfigure(encoding="utf-8")
+
+
+class OutputError(Exception):
+  """Standard output refused a write (raised from the OSError): not the workdir's disk."""
+
+
+def emit(line: str) -> None:
+  """Prints `line` to stdout at once (a translation as soon as it is done); a write that
+  stdout refuses is an `OutputError`, which `run_cli` tells apart from a full workdir."""
+  try:
+    print(line, flush=True)
+  except OSError as error:
+    raise OutputError(str(error)) from error
+
+
+def flush_output() -> None:
+  try:
+    sys.stdout.flush()
+  except OSError as error:
+    raise OutputError(str(error)) from error
 
 
 # A full disk, a quota or a file-size limit, as the OS says it (OSError) or as a library that
@@ -130,6 +209,15 @@ def recipe_path(name_or_path: str) -> str:
     f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
     f"{', '.join(recipe_names())}, or a path to a recipe file"
   )
+
+
+def argument_text(text: str) -> str:
+  """A command-line sentence as the UTF-8 it was typed in: under an ASCII locale Python keeps
+  its other bytes as surrogates, which the tokenizer cannot take."""
+  try:
+    return os.fsencode(text).decode("utf-8")
+  except UnicodeDecodeError:
+    raise UserError(f"the argument {text!r} is not UTF-8: type it in UTF-8") from None
 
 
 def positive_int(text: str) -> int:

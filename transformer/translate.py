@@ -21,7 +21,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
+from transformer.cli import (
+  ArgumentParser,
+  add_model_arguments,
+  argument_text,
+  emit,
+  positive_int,
+  run_cli,
+)
 from transformer.errors import MissingFile, UserError
 from transformer.runs.translator import Translator
 
@@ -74,11 +81,13 @@ def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def input_lines(args) -> Iterator[str]:
   if args.text:
-    yield from args.text
+    yield from map(argument_text, args.text)
     return
   if args.file:
     path = Path(args.file)
-    if not path.is_file():
+    if path.is_dir():
+      raise UserError(f"--file {path} is a directory: give a text file, one sentence a line")
+    if not path.exists():  # a stream (/dev/stdin, a named pipe) is read like a file
       raise MissingFile(f"{path} does not exist: give an existing text file to --file")
     with open(path, "rb") as f:
       yield from decoded_lines(f, str(path))
@@ -145,7 +154,7 @@ def main(argv=None) -> None:
         seed=args.seed + printed,
       )
     for line in outputs:
-      print(line, flush=True)
+      emit(line)
     printed += len(batch)
   if not printed:
     raise UserError("no input text: pass sentences as arguments, --file, or on stdin")

@@ -19,12 +19,15 @@ is allocated (`check_header`), and that the parameters must be finite floating-p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +124,26 @@ def export_model(
     }
     _write_meta(tmp / META_FILENAME, meta)
     aside = workdir / f".{MODEL_DIRNAME}.old-{os.getpid()}"
-    if final.exists():
-      os.replace(final, aside)
-    os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    with _signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave no model
+      if final.exists():
+        os.replace(final, aside)
+      os.replace(tmp, final)
+      shutil.rmtree(aside, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+  """SIGINT and SIGTERM wait until the block is done (their handlers then run as usual)."""
+  held = {signal.SIGINT, signal.SIGTERM}
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def record_scores(workdir: Path, scores: dict[str, Any]) -> None:
