@@ -7,10 +7,12 @@ import codecs
 import contextlib
 import errno
 import importlib.util
+import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -50,6 +52,9 @@ def run_cli(main: Callable[[], object]) -> int:
   (a full disk) is one line."""
   unicode_output()
   previous = stop_on_sigterm()
+  quiet = QuietStorageErrors()
+  logging.getLogger("absl").addFilter(quiet)
+  unraisable, sys.unraisablehook = sys.unraisablehook, quiet.unraisablehook(sys.unraisablehook)
   try:
     main()
     flush_output()  # a failure to deliver the output is this command's, not the exit's
@@ -91,9 +96,35 @@ def run_cli(main: Callable[[], object]) -> int:
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   finally:
+    logging.getLogger("absl").removeFilter(quiet)
+    sys.unraisablehook = unraisable
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+class QuietStorageErrors(logging.Filter):
+  """Drops the log records of a write refused for lack of space (Orbax's save threads log the
+  same failed write four times, with tracebacks, ~340 lines): `run_cli` says it in one line.
+  The writes Orbax then abandons still complete into its closed event loop, and tensorstore
+  reports each callback's "Event loop is closed" as unraisable (~200 lines): those go too."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+      (error is not None and storage_full(error))
+      or any(os.strerror(code) in record.getMessage() for code in STORAGE_ERRNOS)
+    )
+
+  @staticmethod
+  def unraisablehook(previous):
+    def hook(unraisable):
+      error, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+      closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+      if not (closed_loop and frames and frames[-1].name == "_check_closed"):
+        previous(unraisable)
+
+    return hook
 
 
 def stop_on_sigterm():

@@ -533,6 +533,42 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
   failed = limited_train(workdir, cache, 100_000)
   assert failed.returncode == 2, failed.stderr[-2000:]
   assert failed.stderr.strip().splitlines()[-1].startswith("error: a write failed")
+  # Orbax's threads logged the failed write with ~650 lines of tracebacks, and its temporary
+  # step folder kept the disk full.
+  assert "Traceback" not in failed.stderr and "Event loop is closed" not in failed.stderr
+  assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
+  resumed = limited_train(workdir, cache, None, "--config.num_train_steps=7")
+  assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 32 MB tmpfs (where this user may mount one): writes past it fail with ENOSPC."""
+  folder = tmp_path / "disk"
+  folder.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True
+  )
+  if mounted.returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_enospc_while_saving_a_checkpoint(small_disk, tmp_path):
+  workdir, cache = small_disk / "run", tmp_path / "cache"
+  first = limited_train(workdir, cache, None, "--config.num_train_steps=3")
+  assert first.returncode == 0, first.stderr[-2000:]
+  free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+  (small_disk / "filler").write_bytes(b"\0" * max(free - 60_000, 0))
+  failed = limited_train(workdir, cache, None)
+  lines = failed.stderr.strip().splitlines()
+  assert failed.returncode == 2 and lines[-1].startswith(
+    "error: a write failed (No space left on device)"
+  ), failed.stderr[-2000:]
+  assert "Traceback" not in failed.stderr and "Event loop is closed" not in failed.stderr
+  assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
+  (small_disk / "filler").unlink()
   resumed = limited_train(workdir, cache, None, "--config.num_train_steps=7")
   assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]
 
