@@ -2,6 +2,7 @@
 
 import gzip
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,41 @@ def test_a_bug_exits_non_zero_with_its_traceback(bug):
   assert ("KeyError: 'batch'" in result.stderr) or (
     "ValueError: operands could not" in result.stderr
   )
+
+
+def test_a_file_in_the_current_folder_never_shadows_a_shipped_recipe(tmp_path, monkeypatch):
+  """`--config smoke` in a folder holding a file named `smoke` runs the shipped recipe, not the
+  file (which an untrusted folder could hold); a file is given as a path."""
+  from transformer.cli import recipe_path, recipes_dir
+
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "smoke").write_text("raise SystemExit('this file ran')\n", encoding="utf-8")
+  (tmp_path / "smoke.py").write_text("raise SystemExit('this file ran')\n", encoding="utf-8")
+  assert recipe_path("smoke") == str(recipes_dir() / "smoke.py")
+  assert recipe_path("./smoke.py") == "./smoke.py"
+  assert recipe_path(str(tmp_path / "smoke")) == str(tmp_path / "smoke")
+
+
+@pytest.mark.parametrize(
+  "data, message",
+  [
+    (dict(dataset="wmt14_translate/de-en"), "is not prepared in"),
+    (dict(dataset="huggingface:some_dataset"), "names the community dataset"),
+    (dict(cache_dir="/nonexistent/cache"), "names data.cache_dir='/nonexistent/cache', which does"),
+    (dict(tfds_data_dir="/nonexistent/tfds"), "names data.tfds_data_dir='/nonexistent/tfds'"),
+  ],
+)
+def test_evaluate_split_does_not_follow_a_data_block_off_this_machine(data, message, tmp_path):
+  """A run folder from elsewhere: its config.json decides what `evaluate --split` reads. It may
+  name the shipped corpus, local Multi30k files or a dataset prepared here; never a download,
+  a preparation or a folder to create."""
+  from transformer.data.config import DataConfig
+  from transformer.data.corpus import Location
+  from transformer.errors import UserError
+  from transformer.evaluate import check_data_block
+
+  block = DataConfig(**data)
+  with pytest.raises(UserError, match=re.escape(message)):
+    check_data_block(block, Location(tmp_path, tmp_path / "cache"), tmp_path / "config.json")
+  assert not (tmp_path / "cache").exists() and not Path("/nonexistent").exists()
+  check_data_block(DataConfig(), Location(tmp_path, tmp_path / "cache"), tmp_path / "config.json")

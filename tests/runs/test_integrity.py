@@ -263,3 +263,49 @@ def test_an_untouched_export_passes_every_check(exported):
   spec, params, _, meta = read_model(exported)
   assert meta["format"] == 2 and spec.search.beam_size == meta["decode"]["beam_size"]
   assert all(np.isfinite(value).all() for value in params.values())
+
+
+def test_every_file_of_an_export_is_readable_by_every_user(tmp_path, tokenizer, monkeypatch):
+  """params.safetensors was written 0600 (safetensors' own mode) while the rest was 0644."""
+  import os
+  import stat
+
+  from transformer.runs.artifact import export_model
+  from transformer.runs.params import model_params
+  from transformer.runs.spec import RunSpec
+
+  old = os.umask(0o022)
+  try:
+    model = EncoderDecoder(
+      TransformerConfig.tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0)
+    )
+    folder = export_model(
+      tmp_path,
+      RunSpec("translation", model.config, 32),
+      model_params(model),
+      tokenizer.model_path,
+      {},
+    )
+  finally:
+    os.umask(old)
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+  assert modes == {PARAMS_FILENAME: 0o644, "spm.model": 0o644, META_FILENAME: 0o644}
+
+
+def test_a_folder_of_only_the_export_translates_with_its_own_search(tmp_path, tokenizer):
+  """A folder holding only model/ (no config.json) searches as the run was scored (here beam
+  3, 7 extra tokens), not with the defaults (beam 4, 50 extra tokens)."""
+  from transformer.decode.config import DecodeConfig
+  from transformer.runs.artifact import export_model
+  from transformer.runs.params import model_params
+  from transformer.runs.spec import RunSpec
+  from transformer.runs.translator import Translator
+
+  model = EncoderDecoder(TransformerConfig.tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
+  search = DecodeConfig(beam_size=3, alpha=0.8, max_extra_tokens=7)
+  spec = RunSpec("translation", model.config, 32, search)
+  export_model(tmp_path, spec, model_params(model), tokenizer.model_path, {})
+  assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_DIRNAME]
+  translator = Translator(tmp_path)
+  assert (translator.search.beam_size, translator.search.alpha) == (3, 0.8)
+  assert translator.search.max_extra_tokens == 7
