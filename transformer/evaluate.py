@@ -36,6 +36,7 @@ from transformer.runs.loading import load_run
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
+from transformer.train.flops import available_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def _evaluate(args, workdir: Path) -> dict:
   )
   mesh = make_mesh(ParallelConfig(data=-1))
   batch_size = args.batch_size or data.eval_batch_size
+  step = decode.beam_size * loaded.spec.model.vocab_size * 4 * 2
+  check_batch_memory(batch_size, data.max_len, step, "--batch_size")
   if batch_size % mesh.devices.size:
     raise UserError(
       f"--batch_size {batch_size} does not split over the {mesh.devices.size} "
@@ -174,6 +177,20 @@ def _evaluate(args, workdir: Path) -> dict:
     )
     print(f"model written to {path}")
   return report
+
+
+def check_batch_memory(rows: int, length: int, per_row_step: int, name: str) -> None:
+  """Refuses an evaluation batch whose rows alone exceed the memory there is: a batch is padded
+  to its full size even when the set is smaller (--batch_size 800000000 allocated for minutes
+  before failing). Counted: each row's source and target ids (`length` each) and one search
+  step's scores (`per_row_step` bytes: beam x vocabulary)."""
+  available = available_memory_bytes()
+  needed = rows * (length * 4 * 2 + per_row_step)
+  if available is not None and needed > available:
+    raise UserError(
+      f"{name} {rows} needs {needed / 1e9:,.0f} GB for one batch, more than the "
+      f"{available / 1e9:,.1f} GB available: lower it"
+    )
 
 
 def check_data_block(data: DataConfig, where: Location, config_path: Path) -> None:

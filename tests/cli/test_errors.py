@@ -85,6 +85,8 @@ def cli_error(capsys, main) -> str:
     (dict(model=dict(pad_id=-1)), "model.pad_id=-1 is not an id"),
     (dict(seed=2**64), "seed=18446744073709551616 is too large"),
     (dict(parallel=dict(barrier_timeout_s=float("inf"))), "barrier_timeout_s must be positive"),
+    # Evaluation batches are padded to their full size: 8e8 rows allocated for minutes.
+    (dict(data=dict(eval_batch_size=8 * 10**8)), "data.eval_batch_size=800000000 needs"),
   ],
 )
 def test_bad_config_values(change, message, tmp_path, capsys):

@@ -622,6 +622,18 @@ def test_evaluate_files_without_a_pair_to_score(sources, references, message, tr
   assert not list(folder.glob("*.json"))
 
 
+def test_evaluate_batch_size_beyond_memory(trained, tmp_path, capsys):
+  """Every batch is padded to --batch_size rows: 800000000 of them allocated for minutes."""
+  from transformer import evaluate
+
+  src, ref = write_lines(tmp_path / "src", ["A dog."]), write_lines(tmp_path / "ref", ["Hund."])
+  argv = ["--workdir", str(trained), "--src", str(src), "--ref", str(ref), "--batch_size"]
+  began = time.time()
+  line = one_line_error(capsys, lambda: evaluate.main([*argv, "800000000"]))
+  assert "--batch_size 800000000 needs" in line and "lower it" in line
+  assert time.time() - began < 60
+
+
 def test_evaluate_gives_a_blank_source_a_blank_hypothesis(trained, tmp_path, capsys):
   from transformer import evaluate
 

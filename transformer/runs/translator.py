@@ -9,6 +9,7 @@ Translator("runs/default", step=600)                 # or a checkpoint, or avera
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -158,6 +159,10 @@ class Translator:
       raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= seed <= MAX_SEED - len(texts):
       raise UserError(f"--seed must be in [0, {MAX_SEED - len(texts)}], got {seed}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
+      raise UserError(
+        f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
+      )
     model = self.decoder_only
     outputs = []
     for i, text in enumerate(texts):

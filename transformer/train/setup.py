@@ -219,6 +219,15 @@ def check_memory(config: Config, mesh: Mesh) -> int:
       "available: shrink it (model.d_model, model.d_ff, the layers, data.vocab_size) or shard it "
       "over more devices (parallel.fsdp)"
     )
+  # Evaluation batches are padded to their full size even when a split is smaller: their ids
+  # and one search step's scores (beam x vocabulary) for every row.
+  per_row = config.data.max_len * 4 * 2 + config.decode.beam_size * config.model.vocab_size * 8
+  batch = config.data.eval_batch_size * per_row
+  if available is not None and batch > available:
+    raise UserError(
+      f"data.eval_batch_size={config.data.eval_batch_size} needs {batch / 1e9:,.0f} GB for one "
+      f"evaluation batch, more than the {available / 1e9:,.1f} GB available: lower it"
+    )
   # The sinusoidal table is no parameter, but every trace of the model builds it on the host.
   table = position_table_bytes(config.model)
   host = available if jax.local_devices()[0].platform == "cpu" else _host_memory_bytes()
