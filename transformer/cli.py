@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from transformer.errors import MissingFile, UserError
 
@@ -39,9 +39,17 @@ class Stopped(KeyboardInterrupt):
 def is_user_error(error: BaseException) -> bool:
   """What the user can fix: a `UserError`, or the OS refusing a path the command was given or
   writes to (--workdir /dev/null/x, a read-only folder). Anything else is a bug."""
-  return isinstance(error, UserError) or (
-    isinstance(error, OSError) and error.filename is not None and bool(error.strerror)
+  return (
+    isinstance(error, UserError)
+    or (isinstance(error, OSError) and error.filename is not None and bool(error.strerror))
+    or no_backend(error)
   )
+
+
+def no_backend(error: BaseException) -> bool:
+  """JAX cannot start the platform the environment names (JAX_PLATFORMS=tpu on a machine
+  without one): the user's environment, not a bug."""
+  return isinstance(error, RuntimeError) and str(error).startswith("Unable to initialize backend")
 
 
 def run_cli(main: Callable[[], object]) -> int:
@@ -98,8 +106,8 @@ def run_cli(main: Callable[[], object]) -> int:
   finally:
     logging.getLogger("absl").removeFilter(quiet)
     sys.unraisablehook = unraisable
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
   return 0
 
 
@@ -127,13 +135,14 @@ class QuietStorageErrors(logging.Filter):
     return hook
 
 
-def stop_on_sigterm():
-  """SIGTERM raises `Stopped`, as Ctrl-C raises KeyboardInterrupt, so that the commands end with
-  one line and 130 at any moment (the training loop installs its own handler while it trains).
-  Every file is written under a temporary name and renamed, so nothing is left half-written.
-  Returns the handler it replaced (None off the main thread, where handlers cannot be set)."""
+def stop_on_sigterm() -> dict[signal.Signals, Any]:
+  """SIGTERM (and SIGHUP: the terminal closed, unless nohup ignores it) raises `Stopped`, as
+  Ctrl-C raises KeyboardInterrupt, so that the commands end with one line and 130 at any moment
+  (the training loop installs its own handler while it trains). Every file is written under a
+  temporary name and renamed, so nothing is left half-written. Returns the handlers it replaced
+  (none off the main thread, where handlers cannot be set)."""
   if threading.current_thread() is not threading.main_thread():
-    return None
+    return {}
 
   def stop(signum, frame):
     del frame
@@ -142,21 +151,28 @@ def stop_on_sigterm():
       "whole or not at all)"
     )
 
-  previous = signal.getsignal(signal.SIGTERM)
-  signal.signal(signal.SIGTERM, stop)
-  return previous if previous is not None else signal.SIG_DFL
+  previous = {}
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    handler = signal.getsignal(signum)
+    if signum == signal.SIGHUP and handler == signal.SIG_IGN:
+      continue
+    previous[signum] = handler if handler is not None else signal.SIG_DFL
+    signal.signal(signum, stop)
+  return previous
 
 
 def unicode_output() -> None:
   """stdout and stderr as UTF-8 when the locale's encoding cannot write every character (an
-  ASCII locale): translations of German text are printed, not a UnicodeEncodeError. Input is
-  read as UTF-8 too, whatever the locale."""
+  ASCII locale): translations of German text are printed, not a UnicodeEncodeError. What UTF-8
+  cannot hold either (a path that is not UTF-8, kept by Python as surrogates) is printed as its
+  escape. Input is read as UTF-8 too, whatever the locale."""
   for stream in (sys.stdout, sys.stderr):
+    if not hasattr(stream, "reconfigure"):
+      continue
     encoding = getattr(stream, "encoding", None) or "utf-8"
-    if codecs.lookup(encoding).name not in ("utf-8", "utf-16", "utf-32") and hasattr(
-      stream, "reconfigure"
-    ):
+    if codecs.lookup(encoding).name not in ("utf-8", "utf-16", "utf-32"):
       stream.reconfigure(encoding="utf-8")
+    stream.reconfigure(errors="backslashreplace")
 
 
 class OutputError(Exception):
@@ -216,6 +232,11 @@ def user_message(error: BaseException) -> str:
     return (
       f"{error.filename}: {error.strerror}: check the path (a writable directory for "
       "--workdir, an existing file otherwise)"
+    )
+  if no_backend(error):
+    return (
+      f"{str(error).splitlines()[0].split(' (set JAX_PLATFORMS')[0]}: set JAX_PLATFORMS to a "
+      "platform this machine has (cpu, gpu), or unset it"
     )
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__

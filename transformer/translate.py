@@ -39,6 +39,8 @@ def decoded_lines(stream: IO[bytes], name: str) -> Iterator[str]:
   """The lines of a byte stream as text, without their line ends; a line that is not UTF-8 is a
   one-line error naming it."""
   for number, raw in enumerate(stream, start=1):
+    if number == 1:
+      raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the text
     try:
       yield raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:

@@ -864,7 +864,9 @@ def test_sigterm_while_the_export_is_renamed_into_place(copy_of, monkeypatch, ca
   assert not [p for p in copy_of.iterdir() if p.name.startswith(".model")]
 
 
-def test_sigterm_to_translate_waiting_for_input(trained):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_translate_waiting_for_input(signum, trained):
+  """SIGTERM, or SIGHUP (its terminal closed), ended translate with 143 (129) and no word."""
   process = subprocess.Popen(
     [sys.executable, "-m", "transformer.translate", "--workdir", str(trained)],
     cwd=ROOT,
@@ -876,7 +878,59 @@ def test_sigterm_to_translate_waiting_for_input(trained):
   process.stdin.write(b"A dog runs.\n")
   process.stdin.flush()
   assert process.stdout.readline()  # translated: the model is loaded, stdin is waited on
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, err = process.communicate(timeout=120)
   lines = err.decode().strip().splitlines()
-  assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith("stopped: SIGTERM")
+  name = signal.Signals(signum).name
+  assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith(f"stopped: {name}")
+
+
+def test_a_byte_order_mark_is_not_translated(trained, tmp_path, capsys, caplog):
+  plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+  plain.write_text("A dog runs.\nTwo men talk.\n", encoding="utf-8")
+  marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+  outputs = []
+  for path in (plain, marked):
+    argv = ["--workdir", str(trained), "--file", str(path)]
+    assert run_cli(lambda argv=argv: translate_command.main(argv)) == 0
+    outputs.append(capsys.readouterr().out)
+  assert outputs[0] == outputs[1] and "outside the vocabulary" not in caplog.text
+
+
+def test_a_platform_the_machine_lacks_is_one_line(trained):
+  result = command(
+    "-m",
+    "transformer.translate",
+    "--workdir",
+    str(trained),
+    "A dog.",
+    env_extra={"JAX_PLATFORMS": "tpu"},
+  )
+  lines = result.stderr.decode().strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, lines[-5:]
+  assert lines[0].startswith("error: Unable to initialize backend 'tpu'")
+  assert lines[0].endswith(
+    "set JAX_PLATFORMS to a platform this machine has (cpu, gpu), or unset it"
+  )
+
+
+def test_a_workdir_whose_name_is_not_utf8(trained, tmp_path, capsys):
+  """A folder named with a byte that is not UTF-8 (kept by Python as a surrogate): SentencePiece
+  could not open the tokenizer by that path (TypeError), and model.json and the scores could
+  not be written (UnicodeEncodeError)."""
+  from transformer import evaluate
+  from transformer.runs.artifact import read_model
+
+  workdir = tmp_path / os.fsdecode(b"run\xff")
+  shutil.copytree(trained, workdir)
+  src, ref = (
+    write_lines(tmp_path / "src", ["A dog runs."]),
+    write_lines(tmp_path / "ref", ["Hund."]),
+  )
+  argv = ["--workdir", str(workdir), "--src", str(src), "--ref", str(ref), "--export"]
+  assert run_cli(lambda: evaluate.main(argv)) == 0, capsys.readouterr().err
+  _, _, _, meta = read_model(workdir)
+  assert meta["source"] == str(workdir / "model")
+  (scores,) = (workdir / "evaluations").glob("*.json")
+  assert json.loads(scores.read_text(encoding="utf-8"))["model"] == str(workdir / "model")
+  assert run_cli(lambda: translate_command.main(["--workdir", str(workdir), "A dog."])) == 0
