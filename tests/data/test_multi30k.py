@@ -238,3 +238,18 @@ def test_first_runs_preparing_at_once_all_succeed(tmp_path):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     assert out.strip().splitlines()[-1] == str(SPLIT_SIZES["validation"])
+
+
+def test_a_damaged_dataset_info_is_named_with_the_fix(tmp_path):
+  """dataset_info.json of the prepared copy cut short: a protobuf ParseError traceback before."""
+  import shutil
+
+  from transformer.errors import UserError
+
+  builder = prepare_multi30k(tmp_path / "tfds")
+  (info,) = Path(builder.data_dir).glob("dataset_info.json")
+  info.write_text(info.read_text(encoding="utf-8")[:100], encoding="utf-8")
+  with pytest.raises(UserError, match=r"the prepared Multi30k in .* is damaged .*delete that"):
+    prepare_multi30k(tmp_path / "tfds")
+  shutil.rmtree(tmp_path / "tfds" / "multi30k_sources")  # the fix it names
+  assert len(prepare_multi30k(tmp_path / "tfds").as_data_source(split="validation")) == 1014

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from transformer.errors import MissingFile, UserError
 
@@ -202,9 +203,15 @@ def prepare_multi30k(
   data_dir.mkdir(parents=True, exist_ok=True)
   with open(data_dir / ".prepare.lock", "a", encoding="utf-8") as lock:
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-    builder = Multi30k(
-      data_dir=os.fspath(data_dir), source_dir=source_dir, file_format="array_record"
-    )
+    try:
+      builder = Multi30k(
+        data_dir=os.fspath(data_dir), source_dir=source_dir, file_format="array_record"
+      )
+    except (ValueError, json_format.Error) as error:  # its dataset_info.json cut or edited
+      raise UserError(
+        f"the prepared Multi30k in {data_dir} is damaged ({' '.join(str(error).split())[:200]}): "
+        "delete that folder and it is prepared again"
+      ) from None
     if not builder.is_prepared():
       tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's log
       builder.download_and_prepare(file_format="array_record")

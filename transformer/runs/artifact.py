@@ -81,7 +81,8 @@ def _self_hash(meta: dict[str, Any]) -> str:
   """SHA-256 of model.json's fields other than this hash, in a canonical JSON form."""
   fields = {k: v for k, v in meta.items() if k != SELF_HASH_KEY}
   canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-  return hashlib.sha256(canonical.encode()).hexdigest()
+  # (a path that is not UTF-8, e.g. in "source", is hashed as its bytes)
+  return hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -89,7 +90,7 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
   meta[SELF_HASH_KEY] = _self_hash(meta)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # \u-escaped: any path
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
