@@ -443,9 +443,9 @@ def summary(results: list[dict]) -> dict:
 def resummarize(path: Path) -> Path:
   """Recomputes the derived fields of an existing attention_vs_rnn JSON from its measured rows
   (which stay as they are) and redraws its plot."""
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   record.update(summary(record["results"]))
-  Path(path).write_text(json.dumps(record, indent=1) + "\n")
+  Path(path).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
   print(f"rewrote the summary of {path}")
   from benchmarks import plot
 
@@ -503,7 +503,7 @@ def parse_args(argv=None):
     if not path.is_file():
       parser.error(f"--resummarize: {path} does not exist; pass an attention_vs_rnn_*.json")
     try:
-      benchmark = json.loads(path.read_text()).get("benchmark")
+      benchmark = json.loads(path.read_text(encoding="utf-8")).get("benchmark")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
       benchmark = None
     if benchmark != "attention_vs_rnn":
@@ -568,7 +568,7 @@ def main(argv=None):
   args = parse_args(argv)
   if args.resummarize:
     for path in args.resummarize:
-      print_summary(json.loads(resummarize(path).read_text()))
+      print_summary(json.loads(resummarize(path).read_text(encoding="utf-8")))
     return 0
   preset = (PRESETS_GPU if on_gpu() else PRESETS)[args.preset]
   if args.head_to_head:

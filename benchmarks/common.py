@@ -72,7 +72,7 @@ def parse_args(parser: argparse.ArgumentParser | str, argv=None) -> argparse.Nam
   try:
     out.mkdir(parents=True, exist_ok=True)
     probe = out / f".write-test-{os.getpid()}"
-    probe.write_text("")
+    probe.write_text("", encoding="utf-8")
     probe.unlink()
   except OSError as error:
     parser.error(f"--out {out} cannot be written ({error.strerror}): give a writable folder")
@@ -86,7 +86,7 @@ def parse_args(parser: argparse.ArgumentParser | str, argv=None) -> argparse.Nam
 
 def cpu_model() -> str:
   try:
-    text = Path("/proc/cpuinfo").read_text()
+    text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
   except OSError:
     return platform.processor() or "unknown"
   match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
@@ -176,7 +176,9 @@ def _cpu_snapshot() -> tuple[float, float, float]:
   """(wall s, busy CPU s of the whole host, CPU s of this process and its finished children)."""
   busy = float("nan")
   try:
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    fields = [
+      float(x) for x in Path("/proc/stat").read_text(encoding="utf-8").split("\n")[0].split()[1:]
+    ]
     busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait
   except (OSError, ValueError, IndexError):
     pass
@@ -440,7 +442,7 @@ def write_json(
       "CPU during this run; its timings are not trustworthy"
     )
   partial = path.with_name(path.name + ".partial")
-  partial.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+  partial.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n", encoding="utf-8")
   os.replace(partial, path)
   if not quiet:
     print(f"wrote {path}")

@@ -191,7 +191,10 @@ def training_wait(scale: int, root: Path, steps: int) -> dict:
     ),
     env,
   )
-  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = [
+    json.loads(line)
+    for line in (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+  ]
   waits = [m["train/data_wait_fraction"] for m in lines if "train/data_wait_fraction" in m]
   rates = [m["train/tokens_per_second"] for m in lines if "train/tokens_per_second" in m]
   print(

@@ -54,7 +54,7 @@ def _title(record: dict, what: str) -> str:
 def plot_attention_vs_rnn(path: Path) -> Path:
   """Log-log tokens/s vs T per batch size: fwd+bwd solid, forward dotted, and a dashed vertical
   line where an attention layer's fwd+bwd crosses the fastest recurrent layer measured there."""
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   results = record["results"]
   marks_all = record.get("crossovers_vs_strongest")
   if marks_all is None:  # a record written before that field existed
@@ -132,7 +132,7 @@ def plot_attention_vs_rnn(path: Path) -> Path:
 
 
 def plot_train_mfu(path: Path) -> Path:
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   rows = record["results"]
   dtype = record.get("mfu_peak_dtype", "float32")
   mfu = lambda r: r.get("mfu", r["mfu_vs_f32_matmul"])
@@ -172,7 +172,7 @@ def _grouped_bars(
   title: str,
   log: bool,
 ) -> Path:
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   groups = sorted({r[group] for r in rows}, key=str)
   names = list(dict.fromkeys(r[series] for r in rows))
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -198,7 +198,7 @@ def _grouped_bars(
 
 
 def plot_decode_speed(path: Path) -> Path:
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   return _grouped_bars(
     path,
     record["results"],
@@ -232,7 +232,7 @@ def plot_decode_vs_ctranslate2(path: Path) -> Path:
 
 
 def plot_model_level(path: Path) -> Path:
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   rows = [{**r, "label": f"{r['model']} ({r['parameters'] / 1e6:.1f}M)"} for r in record["results"]]
   return _grouped_bars(
     path,
@@ -248,7 +248,7 @@ def plot_model_level(path: Path) -> Path:
 
 def plot_quality_vs_time(path: Path) -> Path:
   """Validation BLEU (left) and NLL (right) against training seconds, one line per model."""
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   fig, (bleu_ax, nll_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
   # Runs appended with --append may outnumber the colours: they repeat.
   lstm_colours = itertools.cycle(["tab:red", "tab:orange", "tab:brown", "tab:pink"])
@@ -282,7 +282,7 @@ def plot_quality_vs_time(path: Path) -> Path:
 def plot_time_to_bleu(path: Path) -> Path:
   """Greedy validation BLEU (left) and validation loss (right) against wall-clock minutes since
   each run's process started, one line per run; the legend gives its final test BLEU."""
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   fig, (bleu_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
   for label, run in record["runs"].items():
     minutes = [p["elapsed_s"] / 60 for p in run["points"]]
@@ -303,7 +303,7 @@ def plot_time_to_bleu(path: Path) -> Path:
 def plot_input_pipeline(path: Path) -> Path:
   """Against corpus size: seconds to the first training batch and peak RSS of a first and a
   second start (left, middle), and the stream's real target tokens/s per batching (right)."""
-  record = json.loads(Path(path).read_text())
+  record = json.loads(Path(path).read_text(encoding="utf-8"))
   rows = record["results"]
   pairs = [row["pairs"] for row in rows]
   fig, (time_ax, rss_ax, read_ax) = plt.subplots(1, 3, figsize=(14, 4.2))
@@ -395,7 +395,7 @@ PLOTTERS = {
 
 
 def plot_file(path: Path) -> Path | None:
-  benchmark = json.loads(Path(path).read_text()).get("benchmark", "")
+  benchmark = json.loads(Path(path).read_text(encoding="utf-8")).get("benchmark", "")
   plotter = PLOTTERS.get(benchmark)
   if benchmark.startswith("time_to_bleu_"):  # one file per named comparison
     plotter = plot_time_to_bleu

@@ -284,7 +284,7 @@ def main(argv=None):
       runs.append(train_for_budget(name, model, tx, inputs, preset, optimizer))
   earlier = {}
   if args.append:
-    previous = json.loads(path.read_text())
+    previous = json.loads(path.read_text(encoding="utf-8"))
     runs = previous["results"] + runs
     earlier = {
       "earlier_runs": previous.get("earlier_runs", [])

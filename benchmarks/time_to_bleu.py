@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
-from transformer.config import read_config
+from transformer.cli import run_cli
+from transformer.config import read_config, read_json
+from transformer.errors import MissingFile, UserError
 
 
 def run_curve(workdir: Path) -> dict:
@@ -26,23 +28,21 @@ def run_curve(workdir: Path) -> dict:
   test scores."""
   metrics = workdir / "metrics.jsonl"
   if not metrics.is_file():
-    raise FileNotFoundError(f"{metrics} is missing: give the folder of a training run")
-  points = []
-  for line in metrics.read_text().splitlines():
-    record = json.loads(line)
-    if "eval/bleu_greedy" in record:
-      points.append(
-        {
-          "step": record["step"],
-          "elapsed_s": record.get("time/elapsed_s"),
-          "validation_bleu_greedy": record["eval/bleu_greedy"],
-          "validation_loss": record.get("eval/loss"),
-        }
-      )
+    raise MissingFile(f"{metrics} is missing: give the folder of a training run")
+  points = [
+    {
+      "step": record.get("step"),
+      "elapsed_s": record.get("time/elapsed_s"),
+      "validation_bleu_greedy": record["eval/bleu_greedy"],
+      "validation_loss": record.get("eval/loss"),
+    }
+    for record in metric_records(metrics)
+    if "eval/bleu_greedy" in record
+  ]
   if not points:
-    raise ValueError(f"{metrics} has no validation BLEU: train with decode.validation_bleu=True")
+    raise UserError(f"{metrics} has no validation BLEU: train with decode.validation_bleu=True")
   results_path = workdir / "results.json"
-  results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+  results = read_json(results_path) if results_path.is_file() else {}
   config = read_config(workdir).to_dict()
   return {
     "workdir": str(workdir),
@@ -56,6 +56,27 @@ def run_curve(workdir: Path) -> dict:
     "num_train_steps": config["num_train_steps"],
     "decode": config["decode"],
   }
+
+
+def metric_records(path: Path) -> list[dict]:
+  """The records of a metrics.jsonl. Its last line may be cut short (the run was killed while
+  writing it): it is left out with a warning. A damaged line before it is a one-line error."""
+  lines = path.read_text(encoding="utf-8").split("\n")
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict):
+      records.append(record)
+    elif number == len(lines):  # no newline after it: the write was cut off
+      print(f"warning: {path} line {number} is cut short; left out", file=sys.stderr)
+    else:
+      raise UserError(f"{path} line {number} is not a JSON record: the file is damaged")
+  return records
 
 
 def main(argv=None):
@@ -73,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

@@ -16,6 +16,7 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 LAYERS = [
   "errors",  # UserError: what the user can fix, for every part
   "compilation_cache",  # JAX's persistent compilation cache under the project's cache folder
+  "files",  # files written whole or not at all
   "parallel",  # meshes, sharding rules, train-step strategies
   "model",  # the Transformer; logical axis names from parallel
   "baselines",  # the LSTM/GRU models measured against it

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import errno
 import importlib.util
+import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from transformer.errors import MissingFile, UserError
 
@@ -33,23 +39,54 @@ class Stopped(KeyboardInterrupt):
 def is_user_error(error: BaseException) -> bool:
   """What the user can fix: a `UserError`, or the OS refusing a path the command was given or
   writes to (--workdir /dev/null/x, a read-only folder). Anything else is a bug."""
-  return isinstance(error, UserError) or (
-    isinstance(error, OSError) and error.filename is not None and bool(error.strerror)
+  return (
+    isinstance(error, UserError)
+    or (isinstance(error, OSError) and error.filename is not None and bool(error.strerror))
+    or no_backend(error)
   )
+
+
+def no_backend(error: BaseException) -> bool:
+  """JAX cannot start the platform the environment names (JAX_PLATFORMS=tpu on a machine
+  without one): the user's environment, not a bug."""
+  return isinstance(error, RuntimeError) and str(error).startswith("Unable to initialize backend")
 
 
 def run_cli(main: Callable[[], object]) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130
   with one line saying what was kept. Any other exception is a bug: its traceback is printed
-  and the exit status is 1."""
+  and the exit status is 1. Output is UTF-8 whatever the locale; a reader that went away
+  (`| head`) ends the command quietly (141, as SIGPIPE would), an output that cannot be written
+  (a full disk) is one line."""
+  unicode_output()
+  previous = stop_on_sigterm()
+  quiet = QuietStorageErrors()
+  logging.getLogger("absl").addFilter(quiet)
+  unraisable, sys.unraisablehook = sys.unraisablehook, quiet.unraisablehook(sys.unraisablehook)
   try:
     main()
+    flush_output()  # a failure to deliver the output is this command's, not the exit's
   except Stopped as stop:
     print(f"stopped: {stop}", file=sys.stderr)
     return 130
   except KeyboardInterrupt:
     print("stopped by an interrupt", file=sys.stderr)
     return 130
+  except (OutputError, BrokenPipeError) as error:
+    # Whatever is left in the buffer goes nowhere: the interpreter's own last flush must not
+    # fail again with a message of its own.
+    with contextlib.suppress(OSError, ValueError):  # (a stdout without a descriptor)
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    cause = error.__cause__ if isinstance(error, OutputError) else error
+    if isinstance(cause, BrokenPipeError):
+      return 141
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+    print(
+      f"error: the output cannot be written ({reason}): check where standard output goes "
+      "(a full disk, a closed terminal)",
+      file=sys.stderr,
+    )
+    return 2
   except Exception as error:
     if storage_full(error):
       # Background writers (Orbax's save threads, tensorstore's callbacks) go on printing
@@ -66,7 +103,96 @@ def run_cli(main: Callable[[], object]) -> int:
       raise
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+    sys.unraisablehook = unraisable
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
   return 0
+
+
+class QuietStorageErrors(logging.Filter):
+  """Drops the log records of a write refused for lack of space (Orbax's save threads log the
+  same failed write four times, with tracebacks, ~340 lines): `run_cli` says it in one line.
+  The writes Orbax then abandons still complete into its closed event loop, and tensorstore
+  reports each callback's "Event loop is closed" as unraisable (~200 lines): those go too."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+      (error is not None and storage_full(error))
+      or any(os.strerror(code) in record.getMessage() for code in STORAGE_ERRNOS)
+    )
+
+  @staticmethod
+  def unraisablehook(previous):
+    def hook(unraisable):
+      error, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+      closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+      if not (closed_loop and frames and frames[-1].name == "_check_closed"):
+        previous(unraisable)
+
+    return hook
+
+
+def stop_on_sigterm() -> dict[signal.Signals, Any]:
+  """SIGTERM (and SIGHUP: the terminal closed, unless nohup ignores it) raises `Stopped`, as
+  Ctrl-C raises KeyboardInterrupt, so that the commands end with one line and 130 at any moment
+  (the training loop installs its own handler while it trains). Every file is written under a
+  temporary name and renamed, so nothing is left half-written. Returns the handlers it replaced
+  (none off the main thread, where handlers cannot be set)."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+
+  def stop(signum, frame):
+    del frame
+    raise Stopped(
+      f"{signal.Signals(signum).name}; nothing was left half-written (every file is written "
+      "whole or not at all)"
+    )
+
+  previous = {}
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    handler = signal.getsignal(signum)
+    if signum == signal.SIGHUP and handler == signal.SIG_IGN:
+      continue
+    previous[signum] = handler if handler is not None else signal.SIG_DFL
+    signal.signal(signum, stop)
+  return previous
+
+
+def unicode_output() -> None:
+  """stdout and stderr as UTF-8 when the locale's encoding cannot write every character (an
+  ASCII locale): translations of German text are printed, not a UnicodeEncodeError. What UTF-8
+  cannot hold either (a path that is not UTF-8, kept by Python as surrogates) is printed as its
+  escape. Input is read as UTF-8 too, whatever the locale."""
+  for stream in (sys.stdout, sys.stderr):
+    if not hasattr(stream, "reconfigure"):
+      continue
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    if codecs.lookup(encoding).name not in ("utf-8", "utf-16", "utf-32"):
+      stream.reconfigure(encoding="utf-8")
+    stream.reconfigure(errors="backslashreplace")
+
+
+class OutputError(Exception):
+  """Standard output refused a write (raised from the OSError): not the workdir's disk."""
+
+
+def emit(line: str) -> None:
+  """Prints `line` to stdout at once (a translation as soon as it is done); a write that
+  stdout refuses is an `OutputError`, which `run_cli` tells apart from a full workdir."""
+  try:
+    print(line, flush=True)
+  except OSError as error:
+    raise OutputError(str(error)) from error
+
+
+def flush_output() -> None:
+  try:
+    sys.stdout.flush()
+  except OSError as error:
+    raise OutputError(str(error)) from error
 
 
 # A full disk, a quota or a file-size limit, as the OS says it (OSError) or as a library that
@@ -107,6 +233,11 @@ def user_message(error: BaseException) -> str:
       f"{error.filename}: {error.strerror}: check the path (a writable directory for "
       "--workdir, an existing file otherwise)"
     )
+  if no_backend(error):
+    return (
+      f"{str(error).splitlines()[0].split(' (set JAX_PLATFORMS')[0]}: set JAX_PLATFORMS to a "
+      "platform this machine has (cpu, gpu), or unset it"
+    )
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
 
@@ -130,6 +261,15 @@ def recipe_path(name_or_path: str) -> str:
     f"--config {name_or_path!r} is neither a file nor a recipe: use one of "
     f"{', '.join(recipe_names())}, or a path to a recipe file"
   )
+
+
+def argument_text(text: str) -> str:
+  """A command-line sentence as the UTF-8 it was typed in: under an ASCII locale Python keeps
+  its other bytes as surrogates, which the tokenizer cannot take."""
+  try:
+    return os.fsencode(text).decode("utf-8")
+  except UnicodeDecodeError:
+    raise UserError(f"the argument {text!r} is not UTF-8: type it in UTF-8") from None
 
 
 def positive_int(text: str) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -32,12 +33,15 @@ from typing import Any
 import ml_collections
 
 from transformer.data.config import DataConfig
+from transformer.data.tokenizer import PAD_ID
 from transformer.decode.config import DecodeConfig
 from transformer.errors import MissingFile, UserError
 from transformer.model.config import TransformerConfig
 from transformer.parallel.config import ParallelConfig
 
 CONFIG_FILENAME = "config.json"
+# jax.random.key takes a signed 64-bit seed, and dropout is seeded with seed + 1.
+MAX_SEED = 2**63 - 2
 TASKS = ("translation", "lm", "mlm")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
@@ -89,16 +93,21 @@ class OptimizerConfig:
         raise UserError(
           f"optimizer.{key} must be in [0, 1) (Adam's decay rate), got {getattr(self, key)}"
         )
-    if not self.eps > 0:
+    # Every rate finite: an infinite eps makes every update zero, an infinite weight decay or
+    # learning rate makes the first one NaN; both pass a sign check.
+    if not (self.eps > 0 and math.isfinite(self.eps)):
       raise UserError(
-        f"optimizer.eps must be positive (it keeps Adam's division finite), got {self.eps}"
+        f"optimizer.eps must be a finite number > 0 (it keeps Adam's division finite), got "
+        f"{self.eps}"
       )
     for key in ("lr_scale", "peak_learning_rate"):
-      if not getattr(self, key) > 0:
-        raise UserError(f"optimizer.{key} must be positive, got {getattr(self, key)}")
+      if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+        raise UserError(f"optimizer.{key} must be a finite number > 0, got {getattr(self, key)}")
     for key in ("weight_decay", "grad_clip_norm"):
-      if not getattr(self, key) >= 0:
-        raise UserError(f"optimizer.{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
+      if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+        raise UserError(
+          f"optimizer.{key} must be a finite number >= 0 (0 turns it off), got {getattr(self, key)}"
+        )
     if self.grad_accum_steps < 1:
       raise UserError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
@@ -122,9 +131,10 @@ class Config:
       goes to WORKDIR/profile, for TensorBoard's profile plugin or Perfetto; () for none.
     measure_peak: measure the MFU reference (a matmul) again instead of reading the value
       cached for this machine (`transformer.train.report.peak_flop_per_s`).
-    allow_config_change: keys (e.g. "model.activation", "data") that a resumed run may change
-      from the config it was started with; any other change to the model or the data plan is
-      refused, since the checkpoint's parameters or stream position would be misread.
+    allow_config_change: keys (e.g. "model.activation", "data", or "all") that a resumed run
+      may change from the config it was started with; any other change to the model or the
+      data plan is refused, since the checkpoint's parameters or stream position would be
+      misread.
   """
 
   task: str = "translation"
@@ -152,6 +162,8 @@ class Config:
       raise UserError(f"task={self.task!r} is unknown: use one of {TASKS}")
     if self.seed < 0:
       raise UserError(f"seed must be >= 0, got {self.seed}")
+    if self.seed > MAX_SEED:
+      raise UserError(f"seed={self.seed} is too large: jax.random.key takes seeds up to {MAX_SEED}")
     for key in (
       "num_train_steps",
       "log_every_steps",
@@ -162,6 +174,13 @@ class Config:
       if getattr(self, key) <= 0:
         raise UserError(f"{key} must be positive, got {getattr(self, key)}")
     _derive(self)
+    if self.model.pad_id != PAD_ID:
+      # Batches are padded with the tokenizer's PAD (id 0); another pad_id would mask a real
+      # piece as padding and never emit it.
+      raise UserError(
+        f"model.pad_id={self.model.pad_id}: the tokenizer pads with id {PAD_ID}; leave "
+        f"model.pad_id at {PAD_ID}"
+      )
     if self.data.max_len > self.model.max_len:
       raise UserError(
         f"data.max_len={self.data.max_len} exceeds model.max_len="

@@ -12,6 +12,7 @@ the scores in a .json beside them. `--export` writes the evaluated parameters as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import jax
 
-from transformer import compilation_cache
+from transformer import compilation_cache, files
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.config import DataConfig
-from transformer.data.corpus import Location, Pair
+from transformer.data.corpus import Corpus, Location, Pair
 from transformer.data.inputs import EvaluationSource, Share, evaluation_sets
 from transformer.decode.config import DecodeConfig
 from transformer.decode.scoring import score_test_sets
@@ -32,30 +33,51 @@ from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import make_mesh
 from transformer.runs.artifact import export_model
 from transformer.runs.loading import load_run
+from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
+from transformer.train.flops import available_memory_bytes
 
 log = logging.getLogger(__name__)
 
 
+def read_lines(path: Path, flag: str) -> list[str]:
+  """The lines of a UTF-8 text file, or of a stream such as /dev/stdin, without their line ends
+  and without a leading byte-order mark. Lines end at "\n" only, as the corpus reader splits
+  them: a U+2028, a form feed or another break inside a sentence stays inside it, so the two
+  files stay aligned."""
+  if path.is_dir():
+    raise UserError(f"{flag} {path} is a directory: give a text file, one sentence a line")
+  if not path.exists():
+    raise MissingFile(f"{flag} {path} does not exist: give an existing text file")
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise UserError(
+      f"{path} is not UTF-8 ({error.reason} at byte {error.start}): convert it to UTF-8"
+    ) from None
+  lines = text.removeprefix("\ufeff").split("\n")
+  if lines[-1] == "":
+    lines.pop()  # the end of the last line, not a line of its own
+  return [line.removesuffix("\r") for line in lines]
+
+
 def read_pairs(src: str, ref: str) -> list[Pair]:
-  """Aligned (source, reference) lines of two UTF-8 text files."""
-  sides = []
-  for path in (Path(src), Path(ref)):
-    if not path.is_file():
-      raise MissingFile(f"{path} does not exist: give an existing text file")
-    try:
-      sides.append(path.read_text(encoding="utf-8").splitlines())
-    except UnicodeDecodeError as error:
-      raise UserError(
-        f"{path} is not UTF-8 ({error.reason} at byte {error.start}): convert it to UTF-8"
-      ) from None
+  """Aligned (source, reference) lines of two UTF-8 text files; at least one pair must have
+  text on both sides (blank lines are kept: a blank source gets a blank translation)."""
+  sides = [read_lines(Path(src), "--src"), read_lines(Path(ref), "--ref")]
   if len(sides[0]) != len(sides[1]):
     raise UserError(
       f"{src} has {len(sides[0])} lines but {ref} has {len(sides[1])}: the "
       "sources and references must be aligned line by line"
     )
-  return list(zip(*sides, strict=True))
+  pairs = list(zip(*sides, strict=True))
+  if not any(source.strip() and reference.strip() for source, reference in pairs):
+    raise UserError(
+      f"{src} and {ref} have no pair with text on both sides ({len(pairs)} lines): an "
+      "evaluation of empty lines scores nothing; check the files"
+    )
+  return pairs
 
 
 def parse_args(argv=None):
@@ -89,6 +111,14 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   compilation_cache.enable()
   workdir = Path(args.workdir).absolute()
+  with contextlib.ExitStack() as stack:
+    if args.export and workdir.is_dir():  # it replaces WORKDIR/model: not under a running
+      # train.py, nor under another export
+      stack.enter_context(WorkdirLock(workdir, "exporting a model (transformer.evaluate)"))
+    return _evaluate(args, workdir)
+
+
+def _evaluate(args, workdir: Path) -> dict:
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":
     raise UserError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
@@ -98,6 +128,8 @@ def main(argv=None) -> dict:
   )
   mesh = make_mesh(ParallelConfig(data=-1))
   batch_size = args.batch_size or data.eval_batch_size
+  step = decode.beam_size * loaded.spec.model.vocab_size * 4 * 2
+  check_batch_memory(batch_size, data.max_len, step, "--batch_size")
   if batch_size % mesh.devices.size:
     raise UserError(
       f"--batch_size {batch_size} does not split over the {mesh.devices.size} "
@@ -108,9 +140,12 @@ def main(argv=None) -> dict:
     if args.src
     else list(args.split or data.test_splits)
   )
+  where = Location.of(data, workdir, jax.process_count())
+  if not args.src:
+    check_data_block(data, where, workdir / CONFIG_FILENAME)
   sets = evaluation_sets(
     data,
-    Location.of(data, workdir, jax.process_count()),
+    where,
     sources,
     tokenizer=loaded.tokenizer,
     batch_size=batch_size,
@@ -123,9 +158,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, scores in report.items():
       hypotheses = scores.pop("hypotheses")
-      (out / f"{name}.{tag}.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+      files.write_text(out / f"{name}.{tag}.txt", "\n".join(hypotheses) + "\n")
       scores.update(model=loaded.source, batch_size=batch_size)
-      (out / f"{name}.{tag}.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False))
+      files.write_text(out / f"{name}.{tag}.json", json.dumps(scores, indent=2, ensure_ascii=False))
       print(
         f"{name}: {scores['detail']}  (lowercased {scores['bleu_lowercased']:.2f}, chrF "
         f"{scores['chrf']:.2f}; {scores['signature']})"
@@ -143,6 +178,56 @@ def main(argv=None) -> dict:
     )
     print(f"model written to {path}")
   return report
+
+
+def check_batch_memory(rows: int, length: int, per_row_step: int, name: str) -> None:
+  """Refuses an evaluation batch whose rows alone exceed the memory there is: a batch is padded
+  to its full size even when the set is smaller (--batch_size 800000000 allocated for minutes
+  before failing). Counted: each row's source and target ids (`length` each) and one search
+  step's scores (`per_row_step` bytes: beam x vocabulary)."""
+  available = available_memory_bytes()
+  needed = rows * (length * 4 * 2 + per_row_step)
+  if available is not None and needed > available:
+    raise UserError(
+      f"{name} {rows} needs {needed / 1e9:,.0f} GB for one batch, more than the "
+      f"{available / 1e9:,.1f} GB available: lower it"
+    )
+
+
+def check_data_block(data: DataConfig, where: Location, config_path: Path) -> None:
+  """What `--split` may make this command do, as a run's config.json (perhaps of a folder from
+  elsewhere) directs it: read the shipped Multi30k corpus, Multi30k files of data.source_dir,
+  or a tfds dataset already prepared on this machine, and write token caches into a cache folder
+  that exists. It never downloads or prepares a tfds dataset, and never creates a folder that
+  config.json names."""
+  for key in ("cache_dir", "tfds_data_dir"):
+    folder = getattr(data, key)
+    if folder and not Path(folder).is_dir():
+      raise UserError(
+        f"{config_path} names data.{key}={folder!r}, which does not exist: evaluate creates "
+        "no folder a run's config names; create it if the run is yours, or score files with "
+        "--src/--ref"
+      )
+  if data.dataset == "multi30k":
+    return
+  if ":" in data.dataset:  # a community dataset ("huggingface:..."): fetched from elsewhere
+    raise UserError(
+      f"{config_path} names the community dataset {data.dataset!r}: evaluate does not fetch "
+      "datasets; score files with --src/--ref"
+    )
+  import tensorflow_datasets as tfds
+
+  tfds_dir = Corpus.of(data, where.cache_dir).tfds_dir
+  try:
+    prepared = tfds.builder(data.dataset, data_dir=str(tfds_dir)).is_prepared()
+  except Exception:  # an unknown name, a folder tfds cannot read: nothing is prepared
+    prepared = False
+  if not prepared:
+    raise UserError(
+      f"{config_path} names the tfds dataset {data.dataset!r}, which is not prepared in "
+      f"{tfds_dir}: evaluate does not download or prepare datasets; train on it first (which "
+      "prepares it), or score files with --src/--ref"
+    )
 
 
 def _data_block(workdir: Path, spec: RunSpec, *, need_splits: bool) -> DataConfig:

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import IO
 
 from transformer import compilation_cache
-from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
+from transformer.cli import (
+  ArgumentParser,
+  add_model_arguments,
+  argument_text,
+  emit,
+  positive_int,
+  run_cli,
+)
 from transformer.errors import MissingFile, UserError
 from transformer.runs.translator import Translator
 
@@ -33,6 +40,8 @@ def decoded_lines(stream: IO[bytes], name: str) -> Iterator[str]:
   """The lines of a byte stream as text, without their line ends; a line that is not UTF-8 is a
   one-line error naming it."""
   for number, raw in enumerate(stream, start=1):
+    if number == 1:
+      raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the text
     try:
       yield raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
@@ -75,11 +84,13 @@ def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def input_lines(args) -> Iterator[str]:
   if args.text:
-    yield from args.text
+    yield from map(argument_text, args.text)
     return
   if args.file:
     path = Path(args.file)
-    if not path.is_file():
+    if path.is_dir():
+      raise UserError(f"--file {path} is a directory: give a text file, one sentence a line")
+    if not path.exists():  # a stream (/dev/stdin, a named pipe) is read like a file
       raise MissingFile(f"{path} does not exist: give an existing text file to --file")
     with open(path, "rb") as f:
       yield from decoded_lines(f, str(path))
@@ -147,7 +158,7 @@ def main(argv=None) -> None:
         seed=args.seed + printed,
       )
     for line in outputs:
-      print(line, flush=True)
+      emit(line)
     printed += len(batch)
   if not printed:
     raise UserError("no input text: pass sentences as arguments, --file, or on stdin")

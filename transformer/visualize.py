@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transformer.cli import ArgumentParser, add_model_arguments, run_cli
+from transformer.cli import ArgumentParser, add_model_arguments, argument_text, run_cli
 from transformer.decode.config import DecodeConfig
 from transformer.errors import UserError
 from transformer.inspect.attention import prepare_sentence
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  text = " ".join(args.text).strip()
+  text = " ".join(map(argument_text, args.text)).strip()
   if not args.text and not args.contrast:
     raise UserError("no sentence given: pass one sentence (quoted), or --contrast")
   if args.text and not text:

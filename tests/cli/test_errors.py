@@ -2,6 +2,7 @@
 
 import gzip
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def cli_error(capsys, main) -> str:
     (dict(label_smoothing=-0.1), "label_smoothing must be in [0, 1)"),
     (dict(optimizer=dict(b1=1.0)), "optimizer.b1 must be in [0, 1)"),
     (dict(optimizer=dict(b2=-0.5)), "optimizer.b2 must be in [0, 1)"),
-    (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be positive"),
+    (dict(optimizer=dict(eps=0.0)), "optimizer.eps must be a finite number > 0"),
     (dict(optimizer=dict(schedule="linear")), "optimizer.schedule='linear' is unknown"),
     (
       dict(average_last_checkpoints=6),
@@ -58,6 +59,34 @@ def cli_error(capsys, main) -> str:
       dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
       "d_model=36 is not divisible by the fsdp axis",
     ),
+    # Finite and in range, or the run trains nothing (eps=inf: every update is zero) or dies
+    # later with advice that does not fit (weight_decay=inf: "lower the learning rate").
+    (dict(optimizer=dict(eps=float("inf"))), "optimizer.eps must be a finite number > 0"),
+    (
+      dict(optimizer=dict(name="adamw", weight_decay=float("inf"))),
+      "optimizer.weight_decay must be a finite number >= 0",
+    ),
+    (dict(optimizer=dict(lr_scale=float("nan"))), "optimizer.lr_scale must be a finite number"),
+    (
+      dict(optimizer=dict(schedule="cosine", peak_learning_rate=float("inf"))),
+      "optimizer.peak_learning_rate must be a finite number > 0",
+    ),
+    (
+      dict(optimizer=dict(grad_clip_norm=float("inf"))),
+      "optimizer.grad_clip_norm must be a finite number >= 0",
+    ),
+    (dict(model=dict(layer_norm_epsilon=float("nan"))), "model.layer_norm_epsilon must be a"),
+    (dict(model=dict(layer_norm_epsilon=-1.0)), "model.layer_norm_epsilon must be a finite"),
+    (dict(model=dict(layer_norm_epsilon=0.0)), "model.layer_norm_epsilon must be a finite"),
+    (dict(model=dict(dropout_rate=float("nan"))), "model.dropout_rate must be in [0, 1)"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be in [0, 1)"),
+    (dict(model=dict(num_classes=0)), "model.num_classes must be positive"),
+    (dict(model=dict(pad_id=5)), "model.pad_id=5: the tokenizer pads with id 0"),
+    (dict(model=dict(pad_id=-1)), "model.pad_id=-1 is not an id"),
+    (dict(seed=2**64), "seed=18446744073709551616 is too large"),
+    (dict(parallel=dict(barrier_timeout_s=float("inf"))), "barrier_timeout_s must be positive"),
+    # Evaluation batches are padded to their full size: 8e8 rows allocated for minutes.
+    (dict(data=dict(eval_batch_size=8 * 10**8)), "data.eval_batch_size=800000000 needs"),
   ],
 )
 def test_bad_config_values(change, message, tmp_path, capsys):
@@ -249,3 +278,41 @@ def test_a_bug_exits_non_zero_with_its_traceback(bug):
   assert ("KeyError: 'batch'" in result.stderr) or (
     "ValueError: operands could not" in result.stderr
   )
+
+
+def test_a_file_in_the_current_folder_never_shadows_a_shipped_recipe(tmp_path, monkeypatch):
+  """`--config smoke` in a folder holding a file named `smoke` runs the shipped recipe, not the
+  file (which an untrusted folder could hold); a file is given as a path."""
+  from transformer.cli import recipe_path, recipes_dir
+
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "smoke").write_text("raise SystemExit('this file ran')\n", encoding="utf-8")
+  (tmp_path / "smoke.py").write_text("raise SystemExit('this file ran')\n", encoding="utf-8")
+  assert recipe_path("smoke") == str(recipes_dir() / "smoke.py")
+  assert recipe_path("./smoke.py") == "./smoke.py"
+  assert recipe_path(str(tmp_path / "smoke")) == str(tmp_path / "smoke")
+
+
+@pytest.mark.parametrize(
+  "data, message",
+  [
+    (dict(dataset="wmt14_translate/de-en"), "is not prepared in"),
+    (dict(dataset="huggingface:some_dataset"), "names the community dataset"),
+    (dict(cache_dir="/nonexistent/cache"), "names data.cache_dir='/nonexistent/cache', which does"),
+    (dict(tfds_data_dir="/nonexistent/tfds"), "names data.tfds_data_dir='/nonexistent/tfds'"),
+  ],
+)
+def test_evaluate_split_does_not_follow_a_data_block_off_this_machine(data, message, tmp_path):
+  """A run folder from elsewhere: its config.json decides what `evaluate --split` reads. It may
+  name the shipped corpus, local Multi30k files or a dataset prepared here; never a download,
+  a preparation or a folder to create."""
+  from transformer.data.config import DataConfig
+  from transformer.data.corpus import Location
+  from transformer.errors import UserError
+  from transformer.evaluate import check_data_block
+
+  block = DataConfig(**data)
+  with pytest.raises(UserError, match=re.escape(message)):
+    check_data_block(block, Location(tmp_path, tmp_path / "cache"), tmp_path / "config.json")
+  assert not (tmp_path / "cache").exists() and not Path("/nonexistent").exists()
+  check_data_block(DataConfig(), Location(tmp_path, tmp_path / "cache"), tmp_path / "config.json")

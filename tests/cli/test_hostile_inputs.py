@@ -113,6 +113,15 @@ def test_an_impossible_model_size_is_refused_before_allocation(tmp_path, capsys)
   assert time.time() - began < 60
 
 
+def test_a_position_table_too_large_is_refused_before_allocation(tmp_path, capsys):
+  """The sinusoidal table is no parameter, but every trace builds it: the memory estimate
+  counts it (max_len=1e8 died of an ArrayMemoryError after a minute)."""
+  began = time.time()
+  line = one_line_error(capsys, lambda: run(smoke_config(**{"model.max_len": 10**10}), tmp_path))
+  assert "model.max_len=10000000000 needs a sinusoidal position table" in line
+  assert time.time() - began < 60
+
+
 @pytest.mark.parametrize(
   "args, message",
   [
@@ -417,6 +426,31 @@ def test_a_second_run_on_a_busy_workdir_is_refused_at_once(tmp_path):
   assert first.returncode == 130
 
 
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("model.activation", "gelu"),  # the relu weights would be exported as a gelu model
+    ("model.position", "learned"),
+    ("data.tokens_per_batch", 1024),  # the stored stream position means another batch
+    ("data.packing", True),
+    ("data.train_split", "train[:1000]"),
+    ("data.vocab_size", 400),
+  ],
+)
+def test_resuming_under_another_model_or_data_plan_is_refused(key, value, copy_of, capsys):
+  before = (copy_of / "config.json").read_text()
+  line = one_line_error(capsys, lambda: run(smoke_config(**{key: value}), copy_of))
+  assert f"was trained with {key}=" in line and f"--config.allow_config_change={key}" in line
+  assert (copy_of / "config.json").read_text() == before
+
+
+def test_resuming_checkpoints_without_their_config_json_is_refused(copy_of, capsys):
+  (copy_of / "config.json").unlink()
+  line = one_line_error(capsys, lambda: run(smoke_config(), copy_of))
+  assert "has checkpoints but no config.json" in line and "allow_config_change=all" in line
+  assert not (copy_of / "config.json").exists()
+
+
 def test_init_from_a_run_with_another_tokenizer_is_refused(trained, tmp_path, capsys):
   other = tmp_path / "other"
   line = one_line_error(
@@ -499,5 +533,404 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
   failed = limited_train(workdir, cache, 100_000)
   assert failed.returncode == 2, failed.stderr[-2000:]
   assert failed.stderr.strip().splitlines()[-1].startswith("error: a write failed")
+  # Orbax's threads logged the failed write with ~650 lines of tracebacks, and its temporary
+  # step folder kept the disk full.
+  assert "Traceback" not in failed.stderr and "Event loop is closed" not in failed.stderr
+  assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
   resumed = limited_train(workdir, cache, None, "--config.num_train_steps=7")
   assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 32 MB tmpfs (where this user may mount one): writes past it fail with ENOSPC."""
+  folder = tmp_path / "disk"
+  folder.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True
+  )
+  if mounted.returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_enospc_while_saving_a_checkpoint(small_disk, tmp_path):
+  workdir, cache = small_disk / "run", tmp_path / "cache"
+  first = limited_train(workdir, cache, None, "--config.num_train_steps=3")
+  assert first.returncode == 0, first.stderr[-2000:]
+  free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+  (small_disk / "filler").write_bytes(b"\0" * max(free - 60_000, 0))
+  failed = limited_train(workdir, cache, None)
+  lines = failed.stderr.strip().splitlines()
+  assert failed.returncode == 2 and lines[-1].startswith(
+    "error: a write failed (No space left on device)"
+  ), failed.stderr[-2000:]
+  assert "Traceback" not in failed.stderr and "Event loop is closed" not in failed.stderr
+  assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
+  (small_disk / "filler").unlink()
+  resumed = limited_train(workdir, cache, None, "--config.num_train_steps=7")
+  assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate on files: lines split as the corpus reader splits them, blank and empty input
+# ------------------------------------------------------------------------------------------------
+
+
+def write_lines(path: Path, lines: list[str], prefix: str = "") -> Path:
+  path.write_text(prefix + "".join(line + "\n" for line in lines), encoding="utf-8")
+  return path
+
+
+def test_evaluate_files_split_lines_at_newlines_only(tmp_path):
+  """A U+2028, a form feed or a \\x1c inside a line stays in it (str.splitlines cut there and
+  shifted every later pair); a BOM is not part of the first reference; CRLF ends are dropped."""
+  from transformer.evaluate import read_pairs
+
+  src = write_lines(tmp_path / "src", ["A dog\u2028runs.", "Two men\ftalk.", "A\x1ccat.", "Hi."])
+  ref = tmp_path / "ref"
+  ref.write_bytes("\ufeffEin Hund.\r\nZwei Männer.\r\nEine Katze.\r\nHallo.\r\n".encode())
+  assert read_pairs(str(src), str(ref)) == [
+    ("A dog\u2028runs.", "Ein Hund."),
+    ("Two men\ftalk.", "Zwei Männer."),
+    ("A\x1ccat.", "Eine Katze."),
+    ("Hi.", "Hallo."),
+  ]
+
+
+@pytest.mark.parametrize(
+  "sources, references, message",
+  [
+    ([], [], "have no pair with text on both sides (0 lines)"),
+    (["", " "], ["", "\t"], "have no pair with text on both sides (2 lines)"),
+    (["a", ""], ["", "b"], "have no pair with text on both sides (2 lines)"),
+    (["a"], ["b", "c"], "has 1 lines but"),
+  ],
+)
+def test_evaluate_files_without_a_pair_to_score(sources, references, message, trained, capsys):
+  """An empty or all-blank file scored 0.00 (or raised IndexError): refused as training refuses
+  such an evaluation split."""
+  from transformer import evaluate
+
+  folder = trained.parent / f"files-{len(sources)}-{len(references)}-{hash(message) % 1000}"
+  folder.mkdir(exist_ok=True)
+  src, ref = write_lines(folder / "src", sources), write_lines(folder / "ref", references)
+  argv = ["--workdir", str(trained), "--src", str(src), "--ref", str(ref), "--out", str(folder)]
+  line = one_line_error(capsys, lambda: evaluate.main(argv))
+  assert message in line
+  assert not list(folder.glob("*.json"))
+
+
+def test_evaluate_batch_size_beyond_memory(trained, tmp_path, capsys):
+  """Every batch is padded to --batch_size rows: 800000000 of them allocated for minutes."""
+  from transformer import evaluate
+
+  src, ref = write_lines(tmp_path / "src", ["A dog."]), write_lines(tmp_path / "ref", ["Hund."])
+  argv = ["--workdir", str(trained), "--src", str(src), "--ref", str(ref), "--batch_size"]
+  began = time.time()
+  line = one_line_error(capsys, lambda: evaluate.main([*argv, "800000000"]))
+  assert "--batch_size 800000000 needs" in line and "lower it" in line
+  assert time.time() - began < 60
+
+
+def test_evaluate_gives_a_blank_source_a_blank_hypothesis(trained, tmp_path, capsys):
+  from transformer import evaluate
+
+  src = write_lines(tmp_path / "src", ["A dog runs on the beach.", "", "Two men talk."])
+  ref = write_lines(tmp_path / "ref", ["Ein Hund läuft am Strand.", "", "Zwei Männer reden."])
+  argv = ["--workdir", str(trained), "--src", str(src), "--ref", str(ref), "--out", str(tmp_path)]
+  assert run_cli(lambda: evaluate.main(argv)) == 0
+  (hypotheses,) = tmp_path.glob("src.*.txt")
+  lines = hypotheses.read_text(encoding="utf-8").split("\n")
+  assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+
+
+@pytest.mark.parametrize("flag", ["--src", "--ref"])
+def test_a_directory_for_a_file_argument(flag, trained, tmp_path, capsys):
+  from transformer import evaluate
+
+  files = {
+    "--src": write_lines(tmp_path / "src", ["a"]),
+    "--ref": write_lines(tmp_path / "r", ["b"]),
+  }
+  files[flag] = tmp_path
+  argv = ["--workdir", str(trained), "--src", str(files["--src"]), "--ref", str(files["--ref"])]
+  line = one_line_error(capsys, lambda: evaluate.main(argv))
+  assert f"{flag} {tmp_path} is a directory: give a text file" in line
+
+
+def test_translate_file_arguments_that_are_not_regular_files(trained, tmp_path):
+  """A directory is named as one; /dev/stdin (a pipe, not a regular file) is read."""
+  result = command(
+    "-m", "transformer.translate", "--workdir", str(trained), "--file", str(tmp_path)
+  )
+  lines = result.stderr.decode().strip().splitlines()
+  assert result.returncode == 2 and lines == [
+    f"error: --file {tmp_path} is a directory: give a text file, one sentence a line"
+  ]
+  result = command(
+    "-m",
+    "transformer.translate",
+    "--workdir",
+    str(trained),
+    "--file",
+    "/dev/stdin",
+    input_bytes=b"A dog runs.\n\nTwo men talk.\n",
+  )
+  assert result.returncode == 0, result.stderr.decode()[-2000:]
+  assert len(result.stdout.decode().split("\n")) == 4
+
+
+def test_evaluate_export_takes_the_workdir_lock(copy_of, capsys):
+  """--export replaces WORKDIR/model: never under a running train.py."""
+  from transformer import evaluate
+  from transformer.runs.lock import WorkdirLock
+
+  before = (copy_of / "model" / "params.safetensors").read_bytes()
+  with WorkdirLock(copy_of, "training"):
+    line = one_line_error(
+      capsys, lambda: evaluate.main(["--workdir", str(copy_of), "--step", "3", "--export"])
+    )
+  assert f"{copy_of} is in use by process {os.getpid()}" in line
+  assert (copy_of / "model" / "params.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Output, locale and the Python API
+# ------------------------------------------------------------------------------------------------
+
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+
+
+def test_commands_under_an_ascii_locale(trained, tmp_path):
+  """Files are written as UTF-8 and German text is printed whatever the locale (evaluate left
+  a 0-byte .json, translate failed on its own arguments)."""
+  german = "Ein Mädchen läuft über die Straße."
+  result = command(
+    "-m", "transformer.translate", "--workdir", str(trained), german, env_extra=ASCII_LOCALE
+  )
+  assert result.returncode == 0 and len(result.stdout.splitlines()) == 1, result.stderr[-2000:]
+  src = write_lines(tmp_path / "src", ["A girl runs across the street."])
+  ref = write_lines(tmp_path / "ref", [german])
+  result = command(
+    "-m",
+    "transformer.evaluate",
+    "--workdir",
+    str(trained),
+    "--src",
+    str(src),
+    "--ref",
+    str(ref),
+    "--out",
+    str(tmp_path / "out"),
+    env_extra=ASCII_LOCALE,
+  )
+  assert result.returncode == 0, result.stderr.decode()[-2000:]
+  (scores,) = (tmp_path / "out").glob("*.json")
+  assert json.loads(scores.read_text(encoding="utf-8"))["bleu"] >= 0
+
+
+def test_training_to_its_summary_under_an_ascii_locale(copy_of):
+  """The finish of a run (export, scores, the summary with German references) under an ASCII
+  locale: it exited 2 at the summary after finishing everything."""
+  result = command(
+    "train.py",
+    "--config",
+    "smoke",
+    "--workdir",
+    str(copy_of),
+    "--config.checkpoint_every_steps=3",
+    "--config.keep_checkpoints=5",
+    env_extra=ASCII_LOCALE,
+  )
+  assert result.returncode == 0, result.stderr.decode()[-2000:]
+  assert "reference:" in result.stdout.decode("utf-8")
+
+
+def test_output_that_cannot_be_written(trained):
+  """stdout on a full device is one line about the output, not disk advice about the workdir;
+  a reader that went away (`| head -1`) ends the command quietly, as SIGPIPE would."""
+  full = subprocess.run(
+    f"{sys.executable} -m transformer.translate --workdir {trained} 'A dog.' > /dev/full",
+    shell=True,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  lines = full.stderr.strip().splitlines()
+  assert full.returncode == 2 and len(lines) == 1, full.stderr[-2000:]
+  assert lines[0].startswith("error: the output cannot be written (No space left on device)")
+  piped = subprocess.run(
+    f"yes 'A dog runs.' | head -300 | {sys.executable} -m transformer.translate "
+    f"--workdir {trained} --batch_size 8 | head -1; exit ${{PIPESTATUS[2]}}",
+    shell=True,
+    executable="/bin/bash",
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert piped.returncode == 141 and piped.stderr == "", piped.stderr[-2000:]
+  assert len(piped.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+  "texts, message",
+  [
+    ("[42]", "texts must be a list of str; texts[0] is int"),
+    ("[None, 'A dog.']", "texts must be a list of str; texts[0] is NoneType"),
+    ("'A dog.'", "texts must be a list of str, got str: wrap one in [...]"),
+  ],
+)
+def test_translator_api_with_texts_that_are_not_strings(texts, message, trained):
+  """In a fresh interpreter (the tests' type-checking hook would refuse these first)."""
+  code = (
+    f"import sys; from transformer import Translator; Translator(sys.argv[1]).translate({texts})"
+  )
+  result = command("-c", code, str(trained))
+  assert result.returncode == 1
+  assert result.stderr.decode().strip().splitlines()[-1] == f"TypeError: {message}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals at other moments: one line and 130, nothing half-written
+# ------------------------------------------------------------------------------------------------
+
+
+def sigterm_inside(monkeypatch, target: str) -> None:
+  """`target` (module.function) sends this process SIGTERM before it does its work."""
+  module_name, _, name = target.rpartition(".")
+  module = __import__(module_name, fromlist=[name])
+  original = getattr(module, name)
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, signalled)
+
+
+def stopped_line(capsys, main) -> str:
+  assert run_cli(main) == 130
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM"), lines
+  return lines[0]
+
+
+@pytest.mark.parametrize(
+  "target",
+  [
+    "transformer.train.setup.training_inputs",  # preparing the data
+    "transformer.train.finish.evaluation",  # the final evaluation
+    "transformer.runs.artifact._write_meta",  # the export, mid-way
+  ],
+)
+def test_sigterm_outside_the_training_loop(target, copy_of, monkeypatch, capsys):
+  """The run has finished its steps: running it again only finishes it (export, evaluation).
+  A SIGTERM at any of these moments ended with 143 and no word; the export is left as it was."""
+  from transformer.runs.artifact import read_model
+
+  before = {p.name: p.read_bytes() for p in (copy_of / "model").iterdir()}
+  sigterm_inside(monkeypatch, target)
+  stopped_line(capsys, lambda: run(smoke_config(), copy_of))
+  monkeypatch.undo()
+  if "evaluation" not in target:  # (the export is done before the final evaluation)
+    assert {p.name: p.read_bytes() for p in (copy_of / "model").iterdir()} == before
+  read_model(copy_of)
+  assert not [p for p in copy_of.iterdir() if p.name.startswith(".model")]
+
+
+def test_sigterm_while_the_export_is_renamed_into_place(copy_of, monkeypatch, capsys):
+  """Between moving the old export aside and the new one in, a signal waits: WORKDIR/model is
+  the complete new export, and nothing is left aside."""
+  from transformer.runs import artifact
+
+  renames = []
+
+  def replace(source, destination):
+    if not renames:
+      os.kill(os.getpid(), signal.SIGTERM)
+    renames.append(destination)
+    os.rename(source, destination)
+
+  monkeypatch.setattr(artifact.os, "replace", replace)
+  stopped_line(capsys, lambda: run(smoke_config(), copy_of))
+  monkeypatch.undo()
+  artifact.read_model(copy_of)
+  assert not [p for p in copy_of.iterdir() if p.name.startswith(".model")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_translate_waiting_for_input(signum, trained):
+  """SIGTERM, or SIGHUP (its terminal closed), ended translate with 143 (129) and no word."""
+  process = subprocess.Popen(
+    [sys.executable, "-m", "transformer.translate", "--workdir", str(trained)],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  process.stdin.write(b"A dog runs.\n")
+  process.stdin.flush()
+  assert process.stdout.readline()  # translated: the model is loaded, stdin is waited on
+  process.send_signal(signum)
+  _, err = process.communicate(timeout=120)
+  lines = err.decode().strip().splitlines()
+  name = signal.Signals(signum).name
+  assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith(f"stopped: {name}")
+
+
+def test_a_byte_order_mark_is_not_translated(trained, tmp_path, capsys, caplog):
+  plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+  plain.write_text("A dog runs.\nTwo men talk.\n", encoding="utf-8")
+  marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+  outputs = []
+  for path in (plain, marked):
+    argv = ["--workdir", str(trained), "--file", str(path)]
+    assert run_cli(lambda argv=argv: translate_command.main(argv)) == 0
+    outputs.append(capsys.readouterr().out)
+  assert outputs[0] == outputs[1] and "outside the vocabulary" not in caplog.text
+
+
+def test_a_platform_the_machine_lacks_is_one_line(trained):
+  result = command(
+    "-m",
+    "transformer.translate",
+    "--workdir",
+    str(trained),
+    "A dog.",
+    env_extra={"JAX_PLATFORMS": "tpu"},
+  )
+  lines = result.stderr.decode().strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, lines[-5:]
+  assert lines[0].startswith("error: Unable to initialize backend 'tpu'")
+  assert lines[0].endswith(
+    "set JAX_PLATFORMS to a platform this machine has (cpu, gpu), or unset it"
+  )
+
+
+def test_a_workdir_whose_name_is_not_utf8(trained, tmp_path, capsys):
+  """A folder named with a byte that is not UTF-8 (kept by Python as a surrogate): SentencePiece
+  could not open the tokenizer by that path (TypeError), and model.json and the scores could
+  not be written (UnicodeEncodeError)."""
+  from transformer import evaluate
+  from transformer.runs.artifact import read_model
+
+  workdir = tmp_path / os.fsdecode(b"run\xff")
+  shutil.copytree(trained, workdir)
+  src, ref = (
+    write_lines(tmp_path / "src", ["A dog runs."]),
+    write_lines(tmp_path / "ref", ["Hund."]),
+  )
+  argv = ["--workdir", str(workdir), "--src", str(src), "--ref", str(ref), "--export"]
+  assert run_cli(lambda: evaluate.main(argv)) == 0, capsys.readouterr().err
+  _, _, _, meta = read_model(workdir)
+  assert meta["source"] == str(workdir / "model")
+  (scores,) = (workdir / "evaluations").glob("*.json")
+  assert json.loads(scores.read_text(encoding="utf-8"))["model"] == str(workdir / "model")
+  assert run_cli(lambda: translate_command.main(["--workdir", str(workdir), "A dog."])) == 0

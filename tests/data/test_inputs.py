@@ -1,6 +1,7 @@
 """What a run reads, built from the config: multi-process batches and vocabulary-size errors."""
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,109 @@ def test_vocab_size_below_the_special_pieces(vocab_size, tmp_path, capsys):
   )
   assert f"data.vocab_size={vocab_size}" in line and f"the {MASK_ID + 1} special pieces" in line
   assert "raise data.vocab_size" in line
+
+
+def test_a_split_is_encoded_with_the_tokenizer_of_the_model_that_is_scored(tmp_path):
+  """Another run's export copied into a workdir brings its own tokenizer: `evaluate --split`
+  reads the split's token cache of that tokenizer, not of the workdir's spm.model (which
+  scored the export on ids it never learned, e.g. BLEU 1.39 instead of 2.05)."""
+  from transformer.data.inputs import evaluation_sets
+
+  write_corpus(tmp_path / "corpus", repeat=8)
+  config = mlm_config(tmp_path / "corpus")
+  config.task = "translation"
+  config.data.update(
+    test_splits=("test_2016",),
+    vocab_size=40,
+    max_len=48,
+    length_buckets=(48,),
+    tokens_per_batch=384,
+  )
+  typed = Config.of(config)
+  where = Location.of(typed.data, tmp_path / "run")
+  inputs_of(config, tmp_path / "run")  # the run's own tokenizer and caches
+  own = Tokenizer(tmp_path / "run" / MODEL_FILENAME)
+  other = load_tokenizer(vocab_config(MINIMUM), tmp_path / "other")
+  (test_set,) = evaluation_sets(typed.data, where, ["test_2016"], tokenizer=other)
+  sources = [source for source, _ in test_set.pairs]
+  assert other.encode(sources) != own.encode(sources)
+  assert [ids[:-1].tolist() for ids in test_set.examples.inputs] == other.encode(sources)
+
+
+def test_a_damaged_tokenizer_in_the_cache_is_named_and_never_copied(tmp_path):
+  """The cache's copy of a tokenizer is garbage: the error names that file (not the workdir's
+  spm.model, whose deletion only copied the garbage back), and deleting it trains a new one."""
+  from transformer.data.corpus import Corpus
+  from transformer.data.inputs import ensure_tokenizer
+  from transformer.errors import UserError
+
+  write_corpus(tmp_path / "corpus", repeat=8)
+  data = DataConfig(source_dir=str(tmp_path / "corpus"), train_split="train", vocab_size=40)
+  corpus, cache = Corpus.of(data, tmp_path / "cache"), tmp_path / "cache"
+  ensure_tokenizer(data, corpus, tmp_path / "first", cache)
+  (cached,) = (cache / "tokenizers").glob(f"*/{MODEL_FILENAME}")
+  cached.write_bytes(b"garbage")
+  with pytest.raises(UserError, match=f"{cached} is not a SentencePiece model"):
+    ensure_tokenizer(data, corpus, tmp_path / "second", cache)
+  assert not (tmp_path / "second" / MODEL_FILENAME).exists()
+  cached.unlink()  # the fix the message names
+  path = ensure_tokenizer(data, corpus, tmp_path / "second", cache)
+  assert path.read_bytes() == (tmp_path / "first" / MODEL_FILENAME).read_bytes()
+
+
+@pytest.mark.parametrize(
+  "split, message",
+  [
+    ("train[:0]", "split 'train[:0]' cannot be read (the slice selects no pairs)"),
+    ("train[5:5]", "split 'train[5:5]' cannot be read (the slice selects no pairs)"),
+    ("tran", "split 'tran' cannot be read (Unknown split 'tran'"),
+    ("train[:abc]", "split 'train[:abc]' cannot be read (Error parsing split"),
+  ],
+)
+def test_a_split_that_selects_nothing_is_named(split, message, tmp_path):
+  """`train_split=train[:0]` said "Paths sequence can not be of 0 length"."""
+  from transformer.data.corpus import Corpus
+  from transformer.errors import UserError
+
+  write_corpus(tmp_path / "corpus", repeat=2)
+  corpus = Corpus.of(DataConfig(source_dir=str(tmp_path / "corpus")), tmp_path / "cache")
+  with pytest.raises(UserError, match=re.escape(message)):
+    list(corpus.chunks(split))
+
+
+@pytest.mark.parametrize("damage", ["cut", "delete"])
+def test_prepared_files_cut_short_are_named_with_the_fix(damage, tmp_path):
+  """The token caches removed and the prepared tfds files cut in half or deleted: reading the
+  split again is one line naming the folder to delete (it was a RuntimeError from ArrayRecord).
+  Read in a fresh interpreter: the tests' type-checking hook would read a record itself first."""
+  import shutil
+  import subprocess
+  import sys
+
+  from transformer.data.corpus import Corpus
+
+  write_corpus(tmp_path / "corpus", repeat=400)
+  corpus = Corpus.of(DataConfig(source_dir=str(tmp_path / "corpus")), tmp_path / "cache")
+  assert sum(len(chunk) for chunk in corpus.chunks("train")) == 2000
+  for path in (tmp_path / "cache" / "tfds").rglob("*train.array_record*"):
+    if damage == "cut":
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+      path.unlink()
+  code = (
+    "import sys; from pathlib import Path; from transformer.cli import run_cli; "
+    "from transformer.data.config import DataConfig; from transformer.data.corpus import Corpus; "
+    "corpus = Corpus.of(DataConfig(source_dir=sys.argv[1]), Path(sys.argv[2])); "
+    "sys.exit(run_cli(lambda: list(corpus.chunks('train'))))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path / "corpus"), str(tmp_path / "cache")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert re.search(r"the prepared files under .* cannot be read .*: delete", lines[0]), lines
+  shutil.rmtree(tmp_path / "cache" / "tfds" / "multi30k_sources")  # the fix it names
+  assert sum(len(chunk) for chunk in corpus.chunks("train")) == 2000

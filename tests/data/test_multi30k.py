@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -212,3 +214,42 @@ def test_bad_file_is_one_cli_line(tmp_path, capsys):
   )
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and "train.en.gz line 1 is not UTF-8" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_first_runs_preparing_at_once_all_succeed(tmp_path):
+  """Three processes prepare one fresh folder together (two first runs of a new cache): they
+  take turns, and none fails on tfds's rename of the folder another one finished."""
+  code = (
+    "import sys; from transformer.data.multi30k import prepare_multi30k; "
+    "print(len(prepare_multi30k(sys.argv[1]).as_data_source(split='validation')))"
+  )
+  processes = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(tmp_path / "tfds")],
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(3)
+  ]
+  for process in processes:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == str(SPLIT_SIZES["validation"])
+
+
+def test_a_damaged_dataset_info_is_named_with_the_fix(tmp_path):
+  """dataset_info.json of the prepared copy cut short: a protobuf ParseError traceback before."""
+  import shutil
+
+  from transformer.errors import UserError
+
+  builder = prepare_multi30k(tmp_path / "tfds")
+  (info,) = Path(builder.data_dir).glob("dataset_info.json")
+  info.write_text(info.read_text(encoding="utf-8")[:100], encoding="utf-8")
+  with pytest.raises(UserError, match=r"the prepared Multi30k in .* is damaged .*delete that"):
+    prepare_multi30k(tmp_path / "tfds")
+  shutil.rmtree(tmp_path / "tfds" / "multi30k_sources")  # the fix it names
+  assert len(prepare_multi30k(tmp_path / "tfds").as_data_source(split="validation")) == 1014

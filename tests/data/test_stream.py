@@ -15,6 +15,7 @@ from transformer.data.batching import Layout, Share
 from transformer.data.stream import TrainStream, language_model_stream, translation_stream
 from transformer.data.token_cache import build_cache, open_cache
 from transformer.data.tokenizer import EOS_ID, PAD_ID
+from transformer.errors import UserError
 
 FIRST_ID = 5
 MAX_LENGTH = 48
@@ -184,6 +185,21 @@ def test_restore_continues_like_uninterrupted(cache, packing, k):
     assert got.keys() == want.keys()
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize(
+  "state",
+  [{}, {"epoch": 0, "chunk": 0}, {"epoch": "1", "chunk": 0, "batch": 0}, {"epoch": 0.5}],
+)
+def test_a_position_that_is_not_one_is_refused(cache, state):
+  """A stream record emptied or edited (its hash rewritten) would restart the stream from the
+  start, silently: it is refused instead."""
+  resumed = stream(cache)
+  try:
+    with pytest.raises(UserError, match=r"is not an \(epoch, chunk, batch\) of this stream"):
+      resumed.restore(state)
+  finally:
+    resumed.close()
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -3,6 +3,8 @@
 Random tiny models with conftest's tokenizer stand in for trained runs.
 """
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,3 +112,24 @@ def test_prompt_of_max_len_tokens_still_gets_one_new_token(
     rf"{prompt_length}: shorten it",
   ):
     lm.continue_text([text + " dog"], **options)
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    (dict(temperature=float("nan")), "--temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "--temperature must be a finite number >= 0"),
+    (dict(seed=2**64), "--seed must be in [0, "),
+    (dict(seed=-1), "--seed must be in [0, "),
+  ],
+)
+def test_sampling_settings_that_mean_nothing_are_refused(
+  options, message, tmp_path, tokenizer, write_run
+):
+  """A NaN temperature sampled garbage without a word; a seed past 2^63 was an OverflowError."""
+  config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size)
+  workdir = write_run(
+    tmp_path, DecoderOnly(config, rngs=nnx.Rngs(0)), tokenizer, task="lm", data_max_length=32
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    Translator(workdir).continue_text(["a man"], max_new_tokens=2, **options)

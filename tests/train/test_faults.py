@@ -213,7 +213,9 @@ def test_non_finite_loss_can_skip_updates(tmp_path):
     assert record["train/learning_rate"] == pytest.approx(want, rel=1e-6), record["step"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_saves_a_checkpoint_and_exits_130(signum, tmp_path):
+  """SIGHUP (the terminal closed) as SIGTERM: it killed the run without a checkpoint."""
   command = [
     sys.executable,
     "train.py",
@@ -233,10 +235,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
     metrics.exists() and len(metrics.read_text().splitlines()) >= 5
   ):
     time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-2000:]
-  assert "stopped: SIGTERM at step" in stderr and "is saved, run the same command" in stderr
+  name = signal.Signals(signum).name
+  assert f"stopped: {name} at step" in stderr and "is saved, run the same command" in stderr
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert saved and 5 <= max(saved) < 1000
 

@@ -112,12 +112,31 @@ class Corpus:
         f"data.dataset={self.dataset!r} is not a tensorflow-datasets name: use "
         "multi30k or a tfds dataset such as wmt14_translate/de-en"
       ) from None
+    except UserError:
+      raise
+    except ValueError as error:
+      # tfds's words for a split it cannot read: an unknown name, a slice it cannot parse, or a
+      # slice that selects nothing ("Paths sequence can not be of 0 length").
+      reason = " ".join(str(error).split())
+      if "0 length" in reason:
+        reason = "the slice selects no pairs"
+      raise UserError(
+        f"{self.dataset} split {split!r} cannot be read ({reason[:300]}): name a split of the "
+        "dataset, with a slice that selects pairs such as train[:2000]"
+      ) from None
 
   def chunks(self, split: str, size: int = 65_536) -> Iterator[list[Pair]]:
     """The split's (source, target) pairs in dataset order, `size` at a time."""
     source = self.source(split)
     for start in range(0, len(source), size):
-      records = _read(source, range(start, min(start + size, len(source))))
+      try:
+        records = _read(source, range(start, min(start + size, len(source))))
+      except (RuntimeError, OSError) as error:  # ArrayRecord's words for a cut or damaged file
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(
+          f"{self.dataset} split {split!r}: the prepared files under {self.tfds_dir} cannot be "
+          f"read ({reason}): delete that dataset's folder there and it is prepared again"
+        ) from None
       yield [self._pair(record, split) for record in records]
 
   def pairs(self, split: str) -> list[Pair]:

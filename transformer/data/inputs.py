@@ -143,6 +143,8 @@ def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir:
   if not (cached / MODEL_FILENAME).exists():
     sentences = _tokenizer_sentences(corpus, data.train_split, data.tokenizer_sentences // 2)
     train_tokenizer(data, cached, sentences)
+  # Loaded before it is copied: a damaged cached copy is named as itself, not as the workdir's.
+  Tokenizer(cached / MODEL_FILENAME)
   workdir.mkdir(parents=True, exist_ok=True)
   tmp = workdir / f".{MODEL_FILENAME}.{os.getpid()}.tmp"
   try:
@@ -197,9 +199,13 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def open_split(data: DataConfig, where: Location, split: str) -> TokenCache:
+def open_split(
+  data: DataConfig, where: Location, split: str, tokenizer_path: Path | None = None
+) -> TokenCache:
+  """The token cache of `split` encoded by `tokenizer_path` (default: the workdir's tokenizer;
+  a model scored with another, e.g. an export copied in, names its own)."""
   corpus = Corpus.of(data, where.cache_dir)
-  tokenizer_path = where.workdir / MODEL_FILENAME
+  tokenizer_path = tokenizer_path or where.workdir / MODEL_FILENAME
   directory = where.cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
   cache = open_cache(directory)
   if cache is None:
@@ -355,7 +361,7 @@ def evaluation_sets(
         where.cache_dir,
         keep_text=True,
       )
-      sets.append(_evaluation_set(data, where, source, share, batch_size))
+      sets.append(_evaluation_set(data, where, source, share, batch_size, tokenizer.model_path))
       continue
     name, pairs = source
     ids = tokenizer.encode([s for s, _ in pairs]), tokenizer.encode([t for _, t in pairs])
@@ -378,10 +384,15 @@ def _batches(
 
 
 def _evaluation_set(
-  data: DataConfig, where: Location, split: str, share: Share, batch_size: int | None = None
+  data: DataConfig,
+  where: Location,
+  split: str,
+  share: Share,
+  batch_size: int | None = None,
+  tokenizer_path: Path | None = None,
 ) -> TestSet:
   """A split's pairs in order, cut to data.max_len (every line needs a translation)."""
-  cache = open_split(data, where, split)
+  cache = open_split(data, where, split, tokenizer_path)
   if not len(cache) or not (cache.lengths.min(axis=1) > 0).any():
     raise UserError(
       f"{split} has no pair with text on both sides: an evaluation set of empty "

@@ -11,6 +11,7 @@ so translations of the test sets stay aligned with their references.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from transformer.errors import MissingFile, UserError
 
@@ -195,12 +197,24 @@ def prepare_multi30k(
   """
   source_dir = Path(source_dir) if source_dir is not None else DEFAULT_SOURCE_DIR
   data_dir = Path(tfds_data_dir) / "multi30k_sources" / source_fingerprint(source_dir)
-  builder = Multi30k(
-    data_dir=os.fspath(data_dir), source_dir=source_dir, file_format="array_record"
-  )
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's own log
-    builder.download_and_prepare(file_format="array_record")
+  # One process at a time prepares it: two first runs at once raced on tfds's rename of the
+  # finished folder. The builder is made under the lock, so it reads what the other prepared;
+  # the kernel releases the lock however its holder ends.
+  data_dir.mkdir(parents=True, exist_ok=True)
+  with open(data_dir / ".prepare.lock", "a", encoding="utf-8") as lock:
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    try:
+      builder = Multi30k(
+        data_dir=os.fspath(data_dir), source_dir=source_dir, file_format="array_record"
+      )
+    except (ValueError, json_format.Error) as error:  # its dataset_info.json cut or edited
+      raise UserError(
+        f"the prepared Multi30k in {data_dir} is damaged ({' '.join(str(error).split())[:200]}): "
+        "delete that folder and it is prepared again"
+      ) from None
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's log
+      builder.download_and_prepare(file_format="array_record")
   return builder
 
 

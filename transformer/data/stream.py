@@ -74,7 +74,15 @@ class _PlanIterator(grain.DatasetIterator):
     return {"epoch": self._epoch, "chunk": self._chunk, "batch": self._batch}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._epoch, self._chunk, self._batch = (int(state[k]) for k in ("epoch", "chunk", "batch"))
+    values = [
+      state.get(k) if isinstance(state, dict) else None for k in ("epoch", "chunk", "batch")
+    ]
+    if not all(type(v) is int for v in values):  # {} would silently restart the stream
+      raise UserError(
+        f"data position {state} is not an (epoch, chunk, batch) of this stream: the "
+        "checkpoint was written with other data, or its record was edited"
+      )
+    self._epoch, self._chunk, self._batch = (int(v) for v in values if v is not None)
     if not (self._epoch >= 0 and 0 <= self._chunk < self._chunks and self._batch >= 0):
       raise UserError(
         f"data position {state} is outside this stream ({self._chunks} chunks an "

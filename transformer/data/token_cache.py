@@ -9,7 +9,14 @@ A cache is a directory named by a hash of (the split's text, the tokenizer file,
                            a read of a batch's records costs a few groups' decoding, and the
                            reader's index of groups stays small (one record a group made each
                            read of a 4.5M-pair file cost ~60 ms of index lookups)
-  meta.json                pair count, dtype, pieces outside the vocabulary, what it was built from
+  text.jsonl               (evaluation splits) each pair's text, one JSON [source, target] a line
+  meta.json                pair count, dtype, pieces outside the vocabulary, what it was built from,
+                           and what the other files must be: SHA-256 of lengths.npy and
+                           text.jsonl, the byte size of each ArrayRecord file
+
+Nothing in a cache is trusted: `open_cache` checks meta.json's fields, lengths.npy and text.jsonl
+against their hashes and the shards' sizes, and every record read must be as long as its row of
+lengths says. A damaged cache is a one-line error that names it; deleting the folder rebuilds it.
 
 It is built chunk by chunk (memory bounded by one chunk, whatever the split's size) into a temporary
 directory that is renamed into place when complete, so a reader sees a whole cache or none, and
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,7 +50,9 @@ log = logging.getLogger(__name__)
 # Version 2: records in groups of 64. ArrayRecordReader.read(indices) costs time in proportion to
 # the file's chunk count on every call (53 ms for 4M single-record chunks, 0.8 ms in groups of
 # 64..128, measured on 2 CPU cores), and a group of uncompressed records is cheap to read whole.
-FORMAT_VERSION = 2
+# Version 3: meta.json records the hashes of lengths.npy and text.jsonl and the shards' sizes
+# (caches of version 2 are not read: the next run builds the version 3 one beside them).
+FORMAT_VERSION = 3
 WRITER_OPTIONS = "group_size:64,uncompressed"
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 META_FILENAME = "meta.json"
@@ -86,11 +96,17 @@ class TokenCache:
       # One reader per shard, without read-ahead: training reads pairs in random order. (Reading
       # through `grain.sources.ArrayRecordDataSource` measured half this rate: it looks up each
       # key's shard in Python and hands every batch to a thread pool.)
-      self._readers = [
-        ArrayRecordReader(str(self.directory / name), READER_OPTIONS)
-        for name in self.meta["shards"]
-      ]
-      sizes = [reader.num_records() for reader in self._readers]
+      try:
+        readers = [
+          ArrayRecordReader(str(self.directory / name), READER_OPTIONS)
+          for name in self.meta["shards"]
+        ]
+        sizes = [reader.num_records() for reader in readers]
+      except (RuntimeError, OSError, ValueError) as error:
+        raise damaged(self.directory, f"its records cannot be read: {_words(error)}") from None
+      if sum(sizes) != len(self.lengths):
+        raise damaged(self.directory, f"it holds {sum(sizes)} records for {len(self)} pairs")
+      self._readers = readers
       self._starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
     assert self._starts is not None
     return self._readers, self._starts
@@ -103,15 +119,28 @@ class TokenCache:
       return np.zeros((0,), self.dtype)
     readers, starts = self._open()
     shard_of = np.searchsorted(starts, indices, side="right") - 1
-    if (shard_of == shard_of[0]).all():  # the common case: one shard, one read
-      records = readers[shard_of[0]].read((indices - starts[shard_of[0]]).tolist())
-    else:
-      records = [b""] * len(indices)
-      for shard in np.unique(shard_of).tolist():
-        where = np.flatnonzero(shard_of == shard)
-        positions = (indices[where] - starts[shard]).tolist()
-        for k, record in zip(where.tolist(), readers[shard].read(positions), strict=True):
-          records[k] = record
+    try:
+      if (shard_of == shard_of[0]).all():  # the common case: one shard, one read
+        records = readers[shard_of[0]].read((indices - starts[shard_of[0]]).tolist())
+      else:
+        records = [b""] * len(indices)
+        for shard in np.unique(shard_of).tolist():
+          where = np.flatnonzero(shard_of == shard)
+          positions = (indices[where] - starts[shard]).tolist()
+          for k, record in zip(where.tolist(), readers[shard].read(positions), strict=True):
+            records[k] = record
+    except (RuntimeError, OSError, ValueError) as error:  # ArrayRecord's words for a bad file
+      raise damaged(self.directory, f"its records cannot be read: {_words(error)}") from None
+    # Each record holds its pair's ids: as many as its row of lengths says, or the pairs would
+    # be cut apart at the wrong places.
+    wanted = self.lengths[indices].sum(axis=1) * self.dtype.itemsize
+    got = np.fromiter(map(len, records), np.int64, len(records))
+    if (got != wanted).any():
+      k = int(np.flatnonzero(got != wanted)[0])
+      raise damaged(
+        self.directory,
+        f"record {int(indices[k])} holds {got[k]} bytes, its lengths say {wanted[k]}",
+      )
     return np.frombuffer(b"".join(records), self.dtype)
 
   def read(self, indices: Sequence[int] | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -130,9 +159,24 @@ class TokenCache:
   def text(self) -> list[tuple[str, str]]:
     """The (source, target) text of every pair, if the cache kept it (`keep_text`)."""
     path = self.directory / TEXT_FILENAME
-    if not path.is_file():
+    if "text_sha256" not in self.meta:
       return []
-    return [tuple(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+    data = _checked_bytes(self.directory, TEXT_FILENAME, self.meta["text_sha256"])
+    pairs = []
+    try:
+      # Lines end at "\n" only: json.dumps escapes every other line break inside a pair.
+      for line in data.decode("utf-8").split("\n")[:-1]:
+        pair = json.loads(line)
+        if not (
+          isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+        ):
+          raise ValueError(f"a line holds {type(pair).__name__}, not [source, target]")
+        pairs.append((pair[0], pair[1]))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError included
+      raise damaged(self.directory, f"{path.name} cannot be read: {_words(error)}") from None
+    if len(pairs) != len(self):
+      raise damaged(self.directory, f"{path.name} holds {len(pairs)} pairs, not {len(self)}")
+    return pairs
 
   def side(self, which: int) -> list[np.ndarray]:
     """Every pair's ids of one side (0 source, 1 target), in order, read in chunks."""
@@ -142,18 +186,104 @@ class TokenCache:
     return out
 
 
-def open_cache(directory: Path) -> TokenCache | None:
-  """The complete cache in `directory`, or None if there is none (yet)."""
-  meta_path = directory / META_FILENAME
-  if not meta_path.is_file():
-    return None
-  meta = json.loads(meta_path.read_text())
-  lengths = np.load(directory / LENGTHS_FILENAME)
-  if meta.get("format") != FORMAT_VERSION or len(lengths) != meta["pairs"]:
+def damaged(directory: Path, what: str) -> UserError:
+  """The one-line error for a cache that cannot be used as it is: what is wrong, and the fix."""
+  return UserError(
+    f"token cache {directory} is damaged ({what}): delete that folder and it is built again"
+  )
+
+
+def _words(error: BaseException) -> str:
+  return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def _checked_bytes(directory: Path, name: str, sha256: str) -> bytes:
+  """A cache file's contents, checked against the SHA-256 that meta.json recorded."""
+  try:
+    data = (directory / name).read_bytes()
+  except OSError as error:
+    raise damaged(directory, f"{name}: {error.strerror}") from None
+  if hashlib.sha256(data).hexdigest() != sha256:
+    raise damaged(directory, f"{name} differs from the SHA-256 in {META_FILENAME}")
+  return data
+
+
+# meta.json's fields a reader relies on, and their types.
+META_FIELDS = {
+  "format": int,
+  "pairs": int,
+  "dtype": str,
+  "shards": list,
+  "shard_bytes": list,
+  "pieces": int,
+  "unknown_pieces": int,
+  "lengths_sha256": str,
+}
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+  try:
+    meta = json.loads((directory / META_FILENAME).read_text(encoding="utf-8"))
+  except OSError as error:
+    raise damaged(directory, f"{META_FILENAME}: {error.strerror}") from None
+  except ValueError as error:  # UnicodeDecodeError and JSONDecodeError included
+    raise damaged(directory, f"{META_FILENAME} is not valid JSON: {_words(error)}") from None
+  if not isinstance(meta, dict):
+    raise damaged(directory, f"{META_FILENAME} holds a {type(meta).__name__}, not an object")
+  if meta.get("format") != FORMAT_VERSION:
     raise UserError(
-      f"token cache {directory} is damaged or of another format: delete it and it is built again"
+      f"token cache {directory} is of format {meta.get('format')!r}, not {FORMAT_VERSION}: "
+      "delete that folder and it is built again"
+    )
+  for key, kind in META_FIELDS.items():
+    if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), kind):
+      raise damaged(directory, f"{META_FILENAME} has no {kind.__name__} {key!r}")
+  shards = meta["shards"]
+  if not shards or not all(
+    isinstance(name, str) and name == Path(name).name and name.endswith(".array_record")
+    for name in shards
+  ):
+    raise damaged(directory, f"{META_FILENAME} names shards {shards!r}")
+  if meta["dtype"] not in ("uint16", "uint32") or meta["pairs"] < 0:
+    raise damaged(directory, f"{META_FILENAME} has dtype {meta['dtype']!r}, pairs {meta['pairs']}")
+  return meta
+
+
+def open_cache(directory: Path) -> TokenCache | None:
+  """The complete cache in `directory`, or None if there is none (yet). Every file is checked
+  (module docstring); a damaged one is a one-line error naming the folder and the fix."""
+  if not (directory / META_FILENAME).is_file():
+    return None
+  meta = _read_meta(directory)
+  data = _checked_bytes(directory, LENGTHS_FILENAME, meta["lengths_sha256"])
+  try:
+    lengths = np.load(io.BytesIO(data), allow_pickle=False)
+  except (ValueError, OSError, EOFError) as error:
+    raise damaged(directory, f"{LENGTHS_FILENAME} cannot be read: {_words(error)}") from None
+  if lengths.dtype != np.int32 or lengths.shape != (meta["pairs"], 2) or (lengths < 0).any():
+    raise damaged(
+      directory,
+      f"{LENGTHS_FILENAME} is {lengths.dtype} {lengths.shape}, not int32 ({meta['pairs']}, 2) "
+      "counts",
+    )
+  for name, size in zip(meta["shards"], meta["shard_bytes"], strict=False):
+    path = directory / name
+    if not path.is_file() or path.stat().st_size != size:
+      found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+      raise damaged(directory, f"{name} is {found}, {META_FILENAME} says {size} bytes")
+  if len(meta["shards"]) != len(meta["shard_bytes"]):
+    raise damaged(
+      directory, f"{META_FILENAME} has {len(meta['shards'])} shards but not their sizes"
     )
   return TokenCache(directory, lengths, meta)
+
+
+def _file_sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def build_cache(
@@ -204,22 +334,29 @@ def build_cache(
     writer.close()
     all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), np.int32)
     np.save(tmp / LENGTHS_FILENAME, all_lengths)
+    if keep_text and not (tmp / TEXT_FILENAME).exists():
+      (tmp / TEXT_FILENAME).write_bytes(b"")  # a split of no pairs has no lines
     meta = {
       "format": FORMAT_VERSION,
       "pairs": len(all_lengths),
       "dtype": np.dtype(dtype).name,
       "shards": shards,
+      "shard_bytes": [(tmp / name).stat().st_size for name in shards],
       "pieces": pieces,
       "unknown_pieces": unknown,
+      "lengths_sha256": _file_sha256(tmp / LENGTHS_FILENAME),
+      **({"text_sha256": _file_sha256(tmp / TEXT_FILENAME)} if keep_text else {}),
       "built_from": built_from,
       "seconds": round(time.perf_counter() - start, 1),
     }
     # meta.json last: `open_cache` takes a directory without it for an unfinished one.
-    (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2))
-    if directory.exists():  # another process finished the same cache first: keep theirs
-      shutil.rmtree(tmp)
-    else:
+    (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    try:
       os.replace(tmp, directory)
+    except OSError:
+      if not directory.is_dir():
+        raise
+      shutil.rmtree(tmp)  # another process finished the same cache first: keep theirs
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

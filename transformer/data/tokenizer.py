@@ -109,7 +109,8 @@ class Tokenizer:
     if not self.model_path.is_file():
       raise MissingFile(f"{self.model_path} is missing: the run has no tokenizer")
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.model_path))
+      # Read here, not by path: SentencePiece cannot open a path that is not UTF-8.
+      self._sp = spm.SentencePieceProcessor(model_proto=self.model_path.read_bytes())
     except (RuntimeError, OSError) as error:
       detail = " ".join(str(error).split())[:120]
       raise UserError(

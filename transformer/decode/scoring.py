@@ -14,6 +14,7 @@ import sacrebleu
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from transformer import files
 from transformer.data.inputs import TestSet
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.decode.config import DecodeConfig
@@ -87,6 +88,8 @@ def score_test_sets(
   report = {}
   for test in test_sets:
     hypotheses = translate_batches(model, test.batches, tokenizer, decode, mesh)
+    # A blank source line has a blank translation, as `translate` prints it.
+    hypotheses = [h if s.strip() else "" for (s, _), h in zip(test.pairs, hypotheses, strict=True)]
     scores = bleu(hypotheses, [tgt for _, tgt in test.pairs])
     report[test.name] = {
       **scores,
@@ -102,7 +105,7 @@ def score_test_sets(
     log.info("%s: %s", test.name, scores["detail"])
     if out_dir is not None and jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
-      (out_dir / f"{test.name}.txt").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+      files.write_text(out_dir / f"{test.name}.txt", "\n".join(hypotheses) + "\n")
   return report
 
 
@@ -110,4 +113,4 @@ def write_report(report: dict, path: Path) -> None:
   """The scores as JSON (the hypotheses have files of their own)."""
   if jax.process_index() == 0:
     scores = {name: {k: v for k, v in r.items() if k != "hypotheses"} for name, r in report.items()}
-    path.write_text(json.dumps(scores, indent=2, ensure_ascii=False), encoding="utf-8")
+    files.write_text(path, json.dumps(scores, indent=2, ensure_ascii=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from transformer.errors import UserError
@@ -86,7 +87,15 @@ class TransformerConfig:
   layer_norm_epsilon: float = 1e-6
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len", "attention_block_size"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_heads",
+      "d_ff",
+      "max_len",
+      "attention_block_size",
+      "num_classes",
+    ):
       if getattr(self, name) <= 0:
         raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
     for name in ("num_encoder_layers", "num_decoder_layers"):
@@ -114,6 +123,16 @@ class TransformerConfig:
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise UserError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+    if not (math.isfinite(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+      # 0 divides by zero on a constant row, NaN or a negative value poisons every norm.
+      raise UserError(
+        f"model.layer_norm_epsilon must be a finite number > 0 (e.g. 1e-6), got "
+        f"{self.layer_norm_epsilon}"
+      )
+    if not 0 <= self.pad_id < self.vocab_size:
+      raise UserError(
+        f"model.pad_id={self.pad_id} is not an id of the {self.vocab_size}-piece vocabulary"
+      )
     if self.attention_dropout_rate > 0 and self.attention in ("cudnn", "blockwise"):
       raise UserError(
         f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "

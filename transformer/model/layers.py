@@ -34,6 +34,13 @@ def _sinusoid_table(length: int, d_model: int) -> np.ndarray:
   return table_TD.astype(np.float32)
 
 
+def position_table_bytes(config: TransformerConfig) -> int:
+  """Host memory that building the sinusoidal table takes whenever the model is traced: float64
+  angles, sines, cosines and table, then its float32 copy (24 bytes an entry); 0 for learned
+  positions (parameters, counted as such) and RoPE (no table)."""
+  return 24 * config.max_len * config.d_model if config.position == "sinusoidal" else 0
+
+
 def sinusoidal_position_encoding(length: int, d_model: int) -> Float[Array, "T D"]:
   """The paper's fixed encodings (Section 3.5), float32 [length, d_model].
 

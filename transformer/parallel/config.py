@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from transformer.errors import UserError
 
@@ -40,8 +41,10 @@ class ParallelConfig:
       )
     if any(s == 0 or s < -1 for s in sizes.values()):
       raise UserError(f"parallel mesh {sizes}: sizes must be positive or -1")
-    if not self.barrier_timeout_s > 0:
-      raise UserError(f"parallel.barrier_timeout_s must be positive, got {self.barrier_timeout_s}")
+    if not (self.barrier_timeout_s > 0 and math.isfinite(self.barrier_timeout_s)):
+      raise UserError(
+        f"parallel.barrier_timeout_s must be positive and finite, got {self.barrier_timeout_s}"
+      )
     if self.strategy not in STRATEGIES:
       raise UserError(f"parallel.strategy={self.strategy!r} is unknown: use one of {STRATEGIES}")
     if self.coordinator_address and (

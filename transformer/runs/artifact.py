@@ -13,16 +13,23 @@ warm starts load by default: the parameters that were scored, with what it takes
 The folder is written complete under a temporary name and then renamed into place; an older one
 is renamed aside first and removed after, so WORKDIR/model is never a half-written mix. Every
 file is checked against its SHA-256 when the folder is read: a damaged or hand-edited file is
-refused by name. The hashes sit beside what they cover, so they catch accidents, not tampering.
+refused by name. The hashes sit beside what they cover, so they catch accidents, not tampering:
+what protects a reader from a folder made to harm it is that every field of model.json must fit
+its schema and every size it names must match the parameter file's own header before anything
+is allocated (`check_header`), and that the parameters must be finite floating-point numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ import numpy as np
 from transformer.config import CONFIG_FILENAME, read_config, read_json
 from transformer.errors import MissingFile, UserError
 from transformer.model.stacking import unstacked_params
-from transformer.runs.params import FlatParams
+from transformer.runs.params import FlatParams, difference, model_shapes
 from transformer.runs.spec import RunSpec
 
 MODEL_DIRNAME = "model"
@@ -41,6 +48,28 @@ META_FILENAME = "model.json"
 # 1: no search settings, no self-hash (still read); 2: both.
 FORMAT_VERSION = 2
 SELF_HASH_KEY = "model_json_sha256"
+# model.json's schema: each top-level field, the types it may hold, and whether it is required
+# (by format 2; format 1 lacked the search settings and the self-hash). Anything else is refused:
+# a reader must not act on a field nobody wrote.
+_INT, _STR, _DICT = (int,), (str,), (dict,)
+SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+  "format": (_INT, True),
+  "task": (_STR, True),
+  "model": (_DICT, True),
+  "data_max_len": (_INT, True),
+  "decode": (_DICT, True),
+  "params_sha256": (_STR, True),
+  "tokenizer_sha256": (_STR, True),
+  SELF_HASH_KEY: (_STR, True),
+  "step": ((int, type(None)), False),
+  "averaged_steps": ((list,), False),
+  "exported_by": (_STR, False),
+  "source": (_STR, False),
+  "scores": (_DICT, False),
+}
+ADDED_IN_FORMAT_2 = ("decode", SELF_HASH_KEY)
+# Parameter dtypes a model file may hold: a model's parameters are floating-point numbers.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def sha256(path: Path) -> str:
@@ -55,7 +84,8 @@ def _self_hash(meta: dict[str, Any]) -> str:
   """SHA-256 of model.json's fields other than this hash, in a canonical JSON form."""
   fields = {k: v for k, v in meta.items() if k != SELF_HASH_KEY}
   canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-  return hashlib.sha256(canonical.encode()).hexdigest()
+  # (a path that is not UTF-8, e.g. in "source", is hashed as its bytes)
+  return hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -63,7 +93,7 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
   meta[SELF_HASH_KEY] = _self_hash(meta)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # \u-escaped: any path
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
@@ -100,14 +130,26 @@ def export_model(
     }
     _write_meta(tmp / META_FILENAME, meta)
     aside = workdir / f".{MODEL_DIRNAME}.old-{os.getpid()}"
-    if final.exists():
-      os.replace(final, aside)
-    os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    with _signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave no model
+      if final.exists():
+        os.replace(final, aside)
+      os.replace(tmp, final)
+      shutil.rmtree(aside, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+  """SIGINT and SIGTERM wait until the block is done (their handlers then run as usual)."""
+  held = {signal.SIGINT, signal.SIGTERM}
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def record_scores(workdir: Path, scores: dict[str, Any]) -> None:
@@ -122,7 +164,7 @@ def read_meta(path: Path) -> dict[str, Any]:
   """model.json's fields, its format and self-hash checked."""
   meta = read_json(path)
   version = meta.get("format")
-  if version not in (1, FORMAT_VERSION):
+  if type(version) is not int or version not in (1, FORMAT_VERSION):
     raise UserError(
       f"{path} is of format {version!r}, which this version of the package does not read "
       f"(it reads 1 and {FORMAT_VERSION}): export the model again with this version"
@@ -132,7 +174,108 @@ def read_meta(path: Path) -> dict[str, Any]:
       f"{path} does not match its own checksum: the file is damaged or was edited; export "
       "the model again (python -m transformer.evaluate --workdir DIR --export)"
     )
+  problem = _schema_problem(meta)
+  if problem:
+    raise UserError(
+      f"{path} {problem}: it is not a model.json this package wrote; restore the file from "
+      "the run, or export the model again"
+    )
   return meta
+
+
+def _schema_problem(meta: dict[str, Any]) -> str | None:
+  """What in `meta` breaks the schema (`SCHEMA`), in words; None if nothing does."""
+  unknown = sorted(set(meta) - set(SCHEMA))
+  if unknown:
+    return f"has a field {unknown[0]!r} that model.json does not have"
+  for key, (types, required) in SCHEMA.items():
+    if key not in meta:
+      if required and (meta["format"] >= 2 or key not in ADDED_IN_FORMAT_2):
+        return f"lacks the field {key!r}"
+      continue
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+      return f"has {key}={value!r}, which is not of type {' or '.join(t.__name__ for t in types)}"
+  if not all(type(s) is int and s >= 0 for s in meta.get("averaged_steps", [])):
+    return f"has averaged_steps={meta['averaged_steps']!r}, which is not a list of steps"
+  return None
+
+
+Header = dict[str, tuple[tuple[int, ...], str]]  # {name: (shape, safetensors dtype)}
+
+
+def read_header(path: Path) -> Header:
+  """The parameter file's names, shapes and dtypes, read from its header without its data."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(str(path), "numpy") as f:
+      slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+      return {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+  except (SafetensorError, OSError) as error:
+    raise UserError(f"{path} cannot be read ({error}): export the model again") from None
+
+
+def check_sizes(spec: RunSpec, header: Header, path: Path) -> None:
+  """Refuses sizes in model.json beyond what the parameter file could hold, before a model of
+  them is even traced: every width at most the file's largest dimension, every layer count at
+  most its tensor count, and a sinusoidal position table (built while translating, not stored)
+  of at most 16 times the file's values."""
+  config = spec.model
+  largest = max((max(shape, default=1) for shape, _ in header.values()), default=0)
+  values = sum(math.prod(shape) for shape, _ in header.values())
+  limits = dict.fromkeys(("vocab_size", "d_model", "d_ff", "num_heads"), largest)
+  # Layers are tensors of their own, or one dimension of stacked tensors (scanned layers).
+  limits |= dict.fromkeys(("num_encoder_layers", "num_decoder_layers"), len(header) + largest)
+  for name, limit in limits.items():
+    if getattr(config, name) > limit:
+      raise UserError(
+        f"{path.parent / META_FILENAME} gives model.{name}={getattr(config, name)}, more than "
+        f"{path} can hold: the two files are not of one export (export the model again)"
+      )
+  if config.position == "sinusoidal" and config.max_len * config.d_model > max(
+    16 * values, 1 << 22
+  ):
+    raise UserError(
+      f"{path.parent / META_FILENAME} gives model.max_len={config.max_len}, a position table far "
+      f"larger than the model in {path}: restore the file from the run, or export it again"
+    )
+
+
+def check_header(path: Path, header: Header, wanted: dict[str, tuple[int, ...]]) -> None:
+  """Refuses a parameter file whose header is not exactly the parameters `wanted` ({name:
+  shape}, of the model that model.json describes) in a floating-point dtype. Run before the
+  file's data is loaded or the model is built."""
+  shapes = {name: _Shape(shape) for name, (shape, _) in header.items()}
+  problem = difference(wanted, shapes)
+  if problem:
+    raise UserError(
+      f"{path} does not fit the model that {path.parent / META_FILENAME} describes: {problem}; "
+      "the two files are not of one export (export the model again)"
+    )
+  odd = sorted(name for name, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES)
+  if odd:
+    raise UserError(
+      f"{path}: parameter {odd[0]} is of dtype {header[odd[0]][1]}, not a floating-point type "
+      f"({len(odd)} in all): the file was not written by an export; export the model again"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+  """A parameter known only by its shape (what `difference` compares)."""
+
+  shape: tuple[int, ...]
+
+
+def check_finite(path: Path, params: FlatParams) -> None:
+  """Refuses parameters holding NaN or infinity: a model of them translates into garbage."""
+  bad = sorted(name for name, value in params.items() if not np.isfinite(value).all())
+  if bad:
+    raise UserError(
+      f"{path}: parameter {bad[0]} holds NaN or infinite values ({len(bad)} in all): the "
+      "model cannot be used; export it again from a good checkpoint"
+    )
 
 
 def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]]:
@@ -162,8 +305,14 @@ def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]
         f"{path} does not match the checksum in {folder / META_FILENAME}: the "
         "file is damaged or was changed; export the model again"
       )
+  # Sizes and dtypes from the file's header first: nothing is allocated for a model.json
+  # that does not describe this file.
+  header = read_header(folder / PARAMS_FILENAME)
+  check_sizes(spec, header, folder / PARAMS_FILENAME)
+  check_header(folder / PARAMS_FILENAME, header, model_shapes(spec.task, spec.model))
   try:
     params = load_file(str(folder / PARAMS_FILENAME))
   except (SafetensorError, OSError) as error:
     raise UserError(f"{folder / PARAMS_FILENAME} cannot be read ({error})") from None
+  check_finite(folder / PARAMS_FILENAME, params)
   return spec, params, folder / TOKENIZER_FILENAME, meta

@@ -20,10 +20,13 @@ checksums is read only if it predates them (its stream record has the format of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,7 @@ class Checkpointer:
     """`read_only`: another run's directory, neither created nor cleaned of its temporary steps
     (that run may be writing one)."""
     self.directory = Path(directory).absolute()
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=not read_only,
@@ -116,7 +120,8 @@ class Checkpointer:
       data=ocp.args.JsonSave(data),
       checksums=ocp.args.JsonSave(sums),
     )
-    self.manager.save(step, args=args, force=force)
+    with self._unfinished_removed_on_failure():
+      self.manager.save(step, args=args, force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Record, int]:
     """Restores `step`, or the newest good checkpoint, onto `abstract_state`'s shardings.
@@ -234,11 +239,24 @@ class Checkpointer:
       )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._unfinished_removed_on_failure():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  @contextlib.contextmanager
+  def _unfinished_removed_on_failure(self) -> Iterator[None]:
+    """A save that failed (a full disk: its threads have stopped by the time the failure
+    reaches here) leaves no temporary step folder behind to keep the disk full."""
+    try:
+      yield
+    except Exception:
+      if not self.read_only:
+        for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
+          shutil.rmtree(unfinished, ignore_errors=True)
+      raise
 
 
 def _first_line(error: BaseException) -> str:

@@ -16,7 +16,9 @@ import numpy as np
 from flax import nnx
 
 from transformer.errors import UserError
+from transformer.model.config import TransformerConfig
 from transformer.model.stacking import params_in_layout
+from transformer.model.transformer import create_model
 
 FlatParams = dict[str, np.ndarray]
 
@@ -51,10 +53,21 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()):
     yield "/".join(prefix), np.asarray(tree)
 
 
-def difference(
-  wanted: Mapping[str, tuple[int, ...]], given: Mapping[str, np.ndarray]
-) -> str | None:
-  """The first name that is missing, extra or of another shape, in words; None if all agree."""
+def model_shapes(task: str, config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """{name: shape} of every parameter of the task's model of `config`, by the per-layer names an
+  export writes (a scanned model's are the unrolled one's), found by tracing its construction
+  (`nnx.eval_shape`): nothing is allocated."""
+  unrolled = config.replace(scan_layers=False)
+  abstract = nnx.eval_shape(lambda: create_model(task, unrolled, seed=0))
+  return {
+    "/".join(str(k) for k in path): tuple(variable.shape)
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  }
+
+
+def difference(wanted: Mapping[str, tuple[int, ...]], given: Mapping[str, Any]) -> str | None:
+  """The first name that is missing, extra or of another shape, in words; None if all agree.
+  `given` holds arrays, or anything with their `shape` (a file's header)."""
   missing = sorted(wanted.keys() - given.keys())
   extra = sorted(given.keys() - wanted.keys())
   reshaped = sorted(k for k in wanted.keys() & given.keys() if tuple(given[k].shape) != wanted[k])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer.config import Config, build_block
+from transformer.data.tokenizer import PAD_ID
 from transformer.decode.config import DecodeConfig
 from transformer.errors import UserError
 from transformer.model.config import TransformerConfig
@@ -58,6 +59,8 @@ class RunSpec:
       if task not in FAMILIES:
         raise UserError(f"task={task!r} is unknown")
       config = build_block(TransformerConfig, model, prefix="model.")
+      if config.pad_id != PAD_ID:
+        raise UserError(f"model.pad_id={config.pad_id} is not the tokenizer's PAD ({PAD_ID})")
       if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
         raise UserError(f"data_max_len={max_len!r} is not a length")
       search = values.get("decode", {})

@@ -9,12 +9,14 @@ Translator("runs/default", step=600)                 # or a checkpoint, or avera
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer.config import MAX_SEED
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.decode.batch import padded_length
@@ -26,6 +28,16 @@ from transformer.model.transformer import DecoderOnly, EncoderDecoder
 from transformer.runs.loading import load_run
 
 log = logging.getLogger(__name__)
+
+
+def check_texts(texts: object) -> None:
+  """A list (or tuple) of strings, or a TypeError that says so: a bare string would be
+  translated character by character, and anything else fails deep inside the tokenizer."""
+  if isinstance(texts, str) or not isinstance(texts, list | tuple):
+    raise TypeError(f"texts must be a list of str, got {type(texts).__name__}: wrap one in [...]")
+  odd = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+  if odd is not None:
+    raise TypeError(f"texts must be a list of str; texts[{odd}] is {type(texts[odd]).__name__}")
 
 
 class Translator:
@@ -110,6 +122,7 @@ class Translator:
     """One translation per text; a blank text gets a blank translation. The search settings
     default to the run's own (`self.search`, its decode block); `first_line` numbers the texts
     in warnings (the line of a file they came from)."""
+    check_texts(texts)
     search = self.search.overridden(
       beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens
     )
@@ -142,8 +155,15 @@ class Translator:
   ) -> list[str]:
     """Samples a continuation of each prompt from a decoder-only model (one prompt at a time:
     a batch of prompts would have to share one length)."""
+    check_texts(texts)
     if max_new_tokens < 1:
       raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= seed <= MAX_SEED - len(texts):
+      raise UserError(f"--seed must be in [0, {MAX_SEED - len(texts)}], got {seed}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
+      raise UserError(
+        f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
+      )
     model = self.decoder_only
     outputs = []
     for i, text in enumerate(texts):

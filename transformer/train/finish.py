@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from transformer import files
 from transformer.data.inputs import TestSet
 from transformer.decode.config import DecodeConfig
 from transformer.decode.scoring import score_test_sets, write_report
@@ -113,5 +114,5 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
         **{name: {k: r[k] for k in kept} for name, r in scores.items()},
       },
     )
-    (workdir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    files.write_text(workdir / "results.json", json.dumps(results, indent=2))
   return results

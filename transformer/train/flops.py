@@ -113,7 +113,7 @@ def available_memory_bytes() -> int | None:
     stats = device.memory_stats() or {}
     return stats.get("bytes_limit")
   try:
-    for line in Path("/proc/meminfo").read_text().splitlines():
+    for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
       if line.startswith("MemAvailable:"):
         return int(line.split()[1]) * 1024
   except (OSError, ValueError):

@@ -43,8 +43,10 @@ def process_age_s() -> float:
   """Seconds since this process started (Linux: from /proc), for start-up times that include
   the interpreter and the imports; elsewhere, since this module was imported."""
   try:
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    start_ticks = int(
+      Path("/proc/self/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[19]
+    )
+    uptime_s = float(Path("/proc/uptime").read_text(encoding="utf-8").split()[0])
     return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
   except (OSError, ValueError, IndexError):
     return time.perf_counter() - _IMPORTED

@@ -34,7 +34,12 @@ class StopRequest:
   def __init__(self):
     self.reason: str | None = None
     self._shared = jax.process_count() > 1 and _preemption_service()
-    handled = (signal.SIGINT,) if self._shared else (signal.SIGTERM, signal.SIGINT)
+    handled: tuple[signal.Signals, ...] = (
+      (signal.SIGINT,) if self._shared else (signal.SIGTERM, signal.SIGINT)
+    )
+    # SIGHUP (the terminal closed) stops like Ctrl-C, unless nohup ignores it.
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+      handled += (signal.SIGHUP,)
     self._previous = {s: signal.signal(s, self._handle) for s in handled}
 
   def _handle(self, signum, frame) -> None:

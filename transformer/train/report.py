@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -144,7 +145,7 @@ def processor() -> str:
     return kind
   model = kind
   try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
       if line.startswith("model name"):
         model = line.split(":", 1)[1].strip()
         break
@@ -176,7 +177,9 @@ def _read_peaks(path: Path | None) -> dict[str, Any]:
   """The kept peaks; a file that is damaged or holds anything but numbers is ignored (and
   replaced by the next measurement)."""
   try:
-    values = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    values = (
+      json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+    )
   except (OSError, ValueError):
     return {}
   if not isinstance(values, dict):
@@ -186,6 +189,8 @@ def _read_peaks(path: Path | None) -> dict[str, Any]:
     for key, value in values.items()
     if isinstance(value, dict)
     and isinstance(value.get("flop_per_s"), int | float)
+    and not isinstance(value["flop_per_s"], bool)
+    and math.isfinite(value["flop_per_s"])
     and value["flop_per_s"] > 0
     and isinstance(value.get("measured"), str)
   }
@@ -377,14 +382,14 @@ def append_environment(workdir: Path, record: dict[str, Any]) -> None:
   history = []
   if path.exists():
     try:
-      history = json.loads(path.read_text())
+      history = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
       log.warning("%s is not valid JSON; starting it again", path)
     if not isinstance(history, list):
       history = []
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    tmp.write_text(json.dumps([*history, record], indent=1) + "\n")
+    tmp.write_text(json.dumps([*history, record], indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)

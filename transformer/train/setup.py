@@ -26,6 +26,7 @@ from transformer.config import CONFIG_FILENAME, Config, read_config
 from transformer.data.corpus import Location
 from transformer.data.inputs import Inputs, Share, training_inputs
 from transformer.errors import UserError
+from transformer.model.layers import position_table_bytes
 from transformer.model.transformer import create_model
 from transformer.parallel import distributed
 from transformer.parallel.axes import FSDP, TENSOR
@@ -218,18 +219,58 @@ def check_memory(config: Config, mesh: Mesh) -> int:
       "available: shrink it (model.d_model, model.d_ff, the layers, data.vocab_size) or shard it "
       "over more devices (parallel.fsdp)"
     )
+  # Evaluation batches are padded to their full size even when a split is smaller: their ids
+  # and one search step's scores (beam x vocabulary) for every row.
+  per_row = config.data.max_len * 4 * 2 + config.decode.beam_size * config.model.vocab_size * 8
+  batch = config.data.eval_batch_size * per_row
+  if available is not None and batch > available:
+    raise UserError(
+      f"data.eval_batch_size={config.data.eval_batch_size} needs {batch / 1e9:,.0f} GB for one "
+      f"evaluation batch, more than the {available / 1e9:,.1f} GB available: lower it"
+    )
+  # The sinusoidal table is no parameter, but every trace of the model builds it on the host.
+  table = position_table_bytes(config.model)
+  host = available if jax.local_devices()[0].platform == "cpu" else _host_memory_bytes()
+  if host is not None and table > host:
+    raise UserError(
+      f"model.max_len={config.model.max_len} needs a sinusoidal position table of "
+      f"{table / 1e9:,.1f} GB while the model is built, more than the {host / 1e9:,.1f} GB "
+      "available: lower model.max_len to the longest sequence the run needs"
+    )
   return count
+
+
+def _host_memory_bytes() -> int | None:
+  try:
+    for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except (OSError, ValueError):
+    pass
+  return None
 
 
 def check_resumable(config: Config, workdir: Path) -> None:
   """Refuses to resume a run under a config that changes its model or its data plan: the
   checkpoint's parameters would be read as another model, or its stream position against
   other batches. `allow_config_change` names the keys a user changes on purpose."""
-  if not (workdir / "checkpoints").is_dir() or not (workdir / CONFIG_FILENAME).is_file():
+  checkpoints = workdir / "checkpoints"
+  if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     return
+  if not (workdir / CONFIG_FILENAME).is_file():
+    # Without the record of what the checkpoints are, any config would be taken for theirs.
+    if "all" in config.allow_config_change:
+      return
+    raise UserError(
+      f"{workdir} has checkpoints but no {CONFIG_FILENAME}, the record of the config they were "
+      f"trained with: restore it, use a new --workdir, or resume under this config on purpose "
+      "with --config.allow_config_change=all"
+    )
   changed = config_changes(read_config(workdir), config)
   allowed = config.allow_config_change
-  refused = [k for k in changed if not any(k == a or k.startswith(a + ".") for a in allowed)]
+  refused = [
+    k for k in changed if not any(a == "all" or k == a or k.startswith(a + ".") for a in allowed)
+  ]
   if refused:
     before, after = changed[refused[0]]
     raise UserError(
