@@ -43,7 +43,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
     logging.getLogger("transformer").setLevel(logging.WARNING)
   with opened(config, workdir) as (job, state):
     if jax.process_index() == 0:
-      write_config(job.workdir, config)
+      write_config(job.workdir, job.config)  # data.vocab_size 0 resolved to the tokenizer's
       report.append_environment(job.workdir, report.environment_record(job.mesh))
       for line in report.startup_lines(job):
         log.info(line)
