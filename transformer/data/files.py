@@ -26,13 +26,14 @@ import dataclasses
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from transformer.data.config import DataConfig
 from transformer.errors import MissingFile, UserError
@@ -57,7 +58,7 @@ def resolve(pattern: str, key: str) -> list[Path]:
   return [path]
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
   with open(path, "rb") as f:
     compressed = f.read(2) == GZIP_MAGIC
   return gzip.open(path, "rb") if compressed else open(path, "rb")
