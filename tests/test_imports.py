@@ -27,6 +27,7 @@ LAYERS = [
   "train",  # the training loop, its config schema, the training command
   "configs",  # recipes: values of train's schema
   "translate",
+  "sample",
   "evaluate",
   "visualize",  # the other commands
 ]

@@ -156,7 +156,7 @@ def test_misaligned_parallel_sides_name_both_counts(tmp_path):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_bytes_that_are_not_utf8_name_the_line(tmp_path, gz):
-  raw = "fine\nalso fine\n".encode() + b"bad \xff byte\n"
+  raw = b"fine\nalso fine\n" + b"bad \xff byte\n"
   (tmp_path / "t.txt").write_bytes(gzip.compress(raw) if gz else raw)
   with pytest.raises(UserError, match=r"t.txt line 3 is not UTF-8 \(byte 0xff at byte 5"):
     text_corpus([tmp_path / "t.txt"]).pairs("train")
@@ -176,7 +176,7 @@ def test_a_tsv_line_without_one_tab(tmp_path):
     (dict(train_files=("a.txt",)), "read only with data.dataset=text or parallel"),
     (dict(dataset="parallel", train_files=("a.txt",)), r"write the language as \{lang\}"),
     (dict(dataset="text", train_files=("a",), validation_fraction=0.0), "no validation text"),
-    (dict(vocab_size=0), "a SentencePiece vocabulary needs its size"),
+    (dict(vocab_size=0), "is for tokenizer_type char or byte"),
     (dict(tokenizer_type="byte", vocab_size=300), "a byte vocabulary has 261 ids"),
   ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from transformer.data.tokenizer import check_vocab_size
+from transformer.data.tokenizer import NUM_SPECIAL, check_vocab_size
 from transformer.errors import UserError
 
 TOKENIZER_TYPES = ("unigram", "bpe", "char", "byte")  # SentencePiece's two, and characters, bytes
@@ -89,8 +89,9 @@ class DataConfig:
       )
     if self.vocab_size == 0 and self.tokenizer_kind == "sentencepiece":
       raise UserError(
-        "data.vocab_size=0: a SentencePiece vocabulary needs its size (e.g. 8000); only "
-        "tokenizer_type char or byte take 0 (the tokenizer's own size)"
+        f"data.vocab_size=0 leaves no room for text: it needs the {NUM_SPECIAL} special pieces "
+        "plus one per distinct character of the training text: raise data.vocab_size (0, the "
+        "tokenizer's own size, is for tokenizer_type char or byte)"
       )
     check_vocab_size(self.vocab_size, self.tokenizer_kind)
     self._check_files()
