@@ -488,7 +488,7 @@ def running_eval_batches(
     )
   if 0 < limit < len(windows):
     windows = windows[np.linspace(0, len(windows) - 1, limit).round().astype(np.int64)]
-  batches = []
+  batches: list[Batch] = []
   for start in range(0, len(windows), batch_size):
     filled = np.full((batch_size, windows.shape[1]), PAD_ID, np.int32)
     chunk = windows[start : start + batch_size]
