@@ -29,6 +29,7 @@ LAYERS = [
   "train",  # the training loop, its config schema, the training command
   "configs",  # recipes: values of train's schema
   "translate",
+  "sample",
   "evaluate",
   "visualize",  # the other commands
   "export",  # a run's model as Hugging Face MarianMT and CTranslate2 folders

@@ -15,7 +15,9 @@ Three ways in, one schema:
   Python         `Config(...)` or `Config.of(a ConfigDict or a nested dict)`.
 
 The model's vocabulary is the tokenizer's: `model.vocab_size` is derived from `data.vocab_size`
-(`DERIVED`), never set on its own.
+(`DERIVED`), never set on its own. A char or byte vocabulary may leave data.vocab_size 0 (the
+tokenizer's own size): training sets it once the tokenizer exists (`Config.with_vocab_size`),
+before the model is built, and config.json records the size.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MAX_SEED = 2**63 - 2
 TASKS = ("translation", "lm", "mlm")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
+DECAY_MASKS = ("all", "matrices")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -56,8 +59,13 @@ class OptimizerConfig:
     name: "adam" (the paper) or "adamw" (decoupled weight decay).
     b1, b2, eps: Adam's decay rates and epsilon (Section 5.3: 0.9, 0.98, 1e-9).
     weight_decay: AdamW's decay; 0 for Adam.
+    weight_decay_mask: which parameters AdamW decays: "all", or "matrices" (those of 2 or more
+      dimensions: projections and embeddings, not biases or LayerNorm scales, as GPT-2 and
+      nanoGPT decay).
     schedule: "rsqrt" (the paper's warm-up then 1/sqrt(step), scaled by `lr_scale`), "cosine"
-      (warm-up to `peak_learning_rate`, cosine decay to 0 at the last step) or "constant".
+      (warm-up to `peak_learning_rate`, cosine decay to `end_learning_rate` at the last step) or
+      "constant".
+    end_learning_rate: where the cosine schedule ends (nanoGPT's min_lr); 0 by default.
     warmup_steps: updates of linear warm-up.
     lr_scale: multiplies the rsqrt schedule.
     peak_learning_rate: the cosine and constant schedules' rate.
@@ -72,10 +80,12 @@ class OptimizerConfig:
   b2: float = 0.98
   eps: float = 1e-9
   weight_decay: float = 0.0
+  weight_decay_mask: str = "all"
   schedule: str = "rsqrt"
   warmup_steps: int = 4000
   lr_scale: float = 1.0
   peak_learning_rate: float = 1e-3
+  end_learning_rate: float = 0.0
   grad_clip_norm: float = 0.0
   grad_accum_steps: int = 1
 
@@ -110,6 +120,16 @@ class OptimizerConfig:
         )
     if self.grad_accum_steps < 1:
       raise UserError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+    if self.weight_decay_mask not in DECAY_MASKS:
+      raise UserError(
+        f"optimizer.weight_decay_mask={self.weight_decay_mask!r} is unknown: use one of "
+        f"{DECAY_MASKS}"
+      )
+    if not 0.0 <= self.end_learning_rate <= self.peak_learning_rate:
+      raise UserError(
+        f"optimizer.end_learning_rate={self.end_learning_rate} must be in [0, "
+        f"peak_learning_rate={self.peak_learning_rate}]: the cosine decays to it"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +253,11 @@ class Config:
     """Plain nested values (tuples as lists), as written to config.json."""
     return dataclasses.asdict(self)
 
+  def with_vocab_size(self, vocab_size: int) -> Config:
+    """This config with data.vocab_size (and so the model's) set: how a run whose char or byte
+    vocabulary takes the tokenizer's own size (0) records it once the tokenizer exists."""
+    return dataclasses.replace(self, data=dataclasses.replace(self.data, vocab_size=vocab_size))
+
 
 # ------------------------------------------------------------------------------------------------
 # Derived keys: set from another key, never on their own
@@ -255,6 +280,8 @@ def _derive(config: Config) -> None:
   for key, source in DERIVED.items():
     block, name = key.split(".")
     value = _get(config, source)
+    if value == 0:  # data.vocab_size 0: the tokenizer's own, set once it is known (`resolved`)
+      continue
     if getattr(getattr(config, block), name) != value:
       changed = dataclasses.replace(getattr(config, block), **{name: value})
       object.__setattr__(config, block, changed)

@@ -23,7 +23,7 @@ import jax
 from transformer import compilation_cache, files
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.config import CONFIG_FILENAME, read_config
-from transformer.data.config import DataConfig
+from transformer.data.config import FILE_DATASETS, DataConfig
 from transformer.data.corpus import Corpus, Location, Pair
 from transformer.data.inputs import EvaluationSource, Share, evaluation_sets
 from transformer.decode.config import DecodeConfig
@@ -197,7 +197,8 @@ def check_batch_memory(rows: int, length: int, per_row_step: int, name: str) -> 
 def check_data_block(data: DataConfig, where: Location, config_path: Path) -> None:
   """What `--split` may make this command do, as a run's config.json (perhaps of a folder from
   elsewhere) directs it: read the shipped Multi30k corpus, Multi30k files of data.source_dir,
-  or a tfds dataset already prepared on this machine, and write token caches into a cache folder
+  or a tfds dataset already prepared on this machine, or the files of a "text" or "parallel"
+  dataset, and write token caches into a cache folder
   that exists. It never downloads or prepares a tfds dataset, and never creates a folder that
   config.json names."""
   for key in ("cache_dir", "tfds_data_dir"):
@@ -208,7 +209,7 @@ def check_data_block(data: DataConfig, where: Location, config_path: Path) -> No
         "no folder a run's config names; create it if the run is yours, or score files with "
         "--src/--ref"
       )
-  if data.dataset == "multi30k":
+  if data.dataset == "multi30k" or data.dataset in FILE_DATASETS:  # read where they are
     return
   if ":" in data.dataset:  # a community dataset ("huggingface:..."): fetched from elsewhere
     raise UserError(
@@ -217,7 +218,9 @@ def check_data_block(data: DataConfig, where: Location, config_path: Path) -> No
     )
   import tensorflow_datasets as tfds
 
-  tfds_dir = Corpus.of(data, where.cache_dir).tfds_dir
+  corpus = Corpus.of(data, where.cache_dir)
+  assert isinstance(corpus, Corpus)  # file datasets returned above
+  tfds_dir = corpus.tfds_dir
   try:
     prepared = tfds.builder(data.dataset, data_dir=str(tfds_dir)).is_prepared()
   except Exception:  # an unknown name, a folder tfds cannot read: nothing is prepared

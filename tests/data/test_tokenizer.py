@@ -16,6 +16,7 @@ from transformer.data.tokenizer import (
   pair_sentences,
   train_sentencepiece,
 )
+from transformer.errors import UserError
 
 VOCAB_SIZE = 1000
 
@@ -94,3 +95,70 @@ def test_training_is_deterministic(model_dir, tmp_path, sentences):
 def test_vocab_size_mismatch(model_dir):
   with pytest.raises(ValueError, match="vocab_size"):
     load_or_train_tokenizer(model_dir, never_read(), VOCAB_SIZE + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# char and byte vocabularies: one interface, one loader
+# ------------------------------------------------------------------------------------------------
+
+
+def random_text(rng, n: int) -> str:
+  """Arbitrary Unicode: ASCII, accents, CJK, emoji, combining marks, tabs and line breaks."""
+  pools = [range(0x20, 0x7F), range(0xC0, 0x250), range(0x4E00, 0x4E40), range(0x1F600, 0x1F640)]
+  pools += [range(0x300, 0x310), [0x9, 0xA, 0x2028]]
+  return "".join(chr(int(rng.choice(list(pools[rng.integers(len(pools))])))) for _ in range(n))
+
+
+def test_byte_vocabulary_round_trips_any_text(tmp_path):
+  from transformer.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, write_byte_vocab
+
+  tokenizer = Tokenizer(write_byte_vocab(tmp_path / "vocab.json"))
+  assert isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size == BYTE_VOCAB_SIZE == 261
+  rng = np.random.default_rng(0)
+  texts = [random_text(rng, 200) for _ in range(20)] + ["", "\x00\x7f"]
+  ids = tokenizer.encode(texts)
+  for text, row in zip(texts, ids, strict=True):
+    assert row == [b + 5 for b in text.encode("utf-8")]  # bytes after the 5 special ids
+  assert tokenizer.decode([row + [EOS_ID, 9] for row in ids]) == texts  # stops at EOS
+
+
+def test_char_vocabulary_round_trips_its_characters_and_maps_others_to_unk(tmp_path):
+  from transformer.data.tokenizer import CharTokenizer, write_char_vocab
+
+  rng = np.random.default_rng(1)
+  text = random_text(rng, 3000)
+  tokenizer = Tokenizer(write_char_vocab(tmp_path / "vocab.json", text))
+  assert isinstance(tokenizer, CharTokenizer)
+  assert tokenizer.vocab_size == 5 + len(set(text))
+  assert tokenizer.decode(tokenizer.encode([text])) == [text]
+  assert tokenizer.chars == sorted(set(text))  # ids in code-point order
+  assert tokenizer.encode(["\u0394"]) == [[UNK_ID]] and "\u0394" not in text
+  assert tokenizer.decode([[UNK_ID, PAD_ID, BOS_ID]]) == ["\ufffd"]
+  assert tokenizer.pieces([EOS_ID, 5]) == ["</s>", tokenizer.chars[0]]
+
+
+def test_one_loader_dispatches_on_the_file(tmp_path, tokenizer):
+  from transformer.data.tokenizer import SentencePieceTokenizer, tokenizer_file, write_char_vocab
+
+  assert isinstance(tokenizer, SentencePieceTokenizer)
+  assert Tokenizer(tokenizer.model_path).encode(["a dog"]) == tokenizer.encode(["a dog"])
+  assert tokenizer_file(tmp_path).name == MODEL_FILENAME  # none yet: the SentencePiece name
+  write_char_vocab(tmp_path / "vocab.json", "abc")
+  assert (
+    tokenizer_file(tmp_path).name == "vocab.json"
+    and Tokenizer(tmp_path / "vocab.json").kind == "char"
+  )
+
+
+@pytest.mark.parametrize(
+  "content, message",
+  [
+    (b"not json", "is not a vocabulary file"),
+    (b'{"kind": "words"}', "is not a char or byte vocabulary"),
+    (b'{"kind": "char", "chars": ["ab"]}', "must list distinct single characters"),
+  ],
+)
+def test_a_damaged_vocab_file_is_one_line(tmp_path, content, message):
+  (tmp_path / "vocab.json").write_bytes(content)
+  with pytest.raises(UserError, match=message):
+    Tokenizer(tmp_path / "vocab.json")

@@ -137,3 +137,43 @@ def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
   checkpointer.close()
   assert steps == [2, 3]
   np.testing.assert_allclose(averaged["w"], 2.5)
+
+
+def test_cosine_schedule_ends_at_its_floor_as_nanogpt_computes_it():
+  from transformer.config import OptimizerConfig
+  from transformer.train.optimizer import learning_rate
+
+  opt = OptimizerConfig(
+    name="adamw",
+    schedule="cosine",
+    peak_learning_rate=1e-3,
+    end_learning_rate=1e-4,
+    warmup_steps=100,
+  )
+  schedule = learning_rate(opt, d_model=128, num_train_steps=2000)
+  for it in (100, 500, 1000, 1999, 2000):  # nanoGPT's get_lr after warm-up
+    ratio = (it - 100) / (2000 - 100)
+    expected = 1e-4 + 0.5 * (1 + np.cos(np.pi * ratio)) * (1e-3 - 1e-4)
+    np.testing.assert_allclose(float(schedule(it)), expected, rtol=1e-5)
+  with pytest.raises(Exception, match="end_learning_rate"):
+    OptimizerConfig(peak_learning_rate=1e-3, end_learning_rate=2e-3)
+
+
+def test_weight_decay_of_matrices_leaves_vectors_alone():
+  from transformer.config import OptimizerConfig
+
+  params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "scale": jnp.ones((4,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for mask, decayed in (("matrices", {"kernel"}), ("all", {"kernel", "bias", "scale"})):
+    opt = OptimizerConfig(
+      name="adamw",
+      schedule="constant",
+      peak_learning_rate=0.1,
+      weight_decay=0.5,
+      weight_decay_mask=mask,
+    )
+    tx = make_optimizer(opt, d_model=4, num_train_steps=10)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for name, update in updates.items():  # AdamW with zero gradients: -lr * wd * p, or nothing
+      expected = -0.1 * 0.5 if name in decayed else 0.0
+      np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6)

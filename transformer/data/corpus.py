@@ -1,4 +1,5 @@
-"""Where a run's text comes from: a split of Multi30k or of any tfds dataset, read in chunks.
+"""Where a run's text comes from: a split of Multi30k, of any tfds dataset, or of your own files
+(`transformer.data.files`), read in chunks.
 
 Reading in chunks keeps memory flat: a WMT-sized split of millions of pairs is tokenized chunk by
 chunk into the token cache (`transformer.data.token_cache`), never held whole in Python lists.
@@ -14,10 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tensorflow_datasets as tfds
-
 from transformer.data.config import DataConfig
-from transformer.data.multi30k import DEFAULT_SOURCE_DIR, prepare_multi30k, source_fingerprint
+from transformer.data.files import FileCorpus
 from transformer.errors import UserError
 
 Pair = tuple[str, str]
@@ -66,9 +65,12 @@ class Corpus:
   source_dir: Path | None  # Multi30k's text files; None for tfds datasets
 
   @classmethod
-  def of(cls, data: DataConfig, cache_dir: Path) -> Corpus:
-    """The corpus of `data`; tfds prepares under data.tfds_data_dir, else $TFDS_DATA_DIR, else
-    `cache_dir`/tfds (shared by every run that reads the same dataset)."""
+  def of(cls, data: DataConfig, cache_dir: Path) -> Corpus | FileCorpus:
+    """The corpus of `data`: its files (dataset text or parallel), or a tfds dataset prepared
+    under data.tfds_data_dir, else $TFDS_DATA_DIR, else `cache_dir`/tfds (shared by every run
+    that reads the same dataset)."""
+    if data.from_files:
+      return FileCorpus.of(data)
     if data.tfds_data_dir:
       tfds_dir = Path(data.tfds_data_dir)
     elif os.environ.get("TFDS_DATA_DIR"):
@@ -77,6 +79,8 @@ class Corpus:
       tfds_dir = cache_dir / "tfds"
     source_dir = None
     if data.dataset == "multi30k":
+      from transformer.data.multi30k import DEFAULT_SOURCE_DIR
+
       source_dir = Path(data.source_dir) if data.source_dir else DEFAULT_SOURCE_DIR
     return cls(data.dataset, data.source_lang, data.target_lang, tfds_dir, source_dir)
 
@@ -89,6 +93,8 @@ class Corpus:
       "languages": [self.source_lang, self.target_lang],
     }
     if self.source_dir is not None:
+      from transformer.data.multi30k import source_fingerprint
+
       identity["files"] = source_fingerprint(self.source_dir)
     else:
       identity["tfds_dir"] = str(self.tfds_dir.absolute())
@@ -96,6 +102,12 @@ class Corpus:
 
   def source(self, split: str) -> Sequence[Mapping[str, Any]]:
     """The split's examples with random access (tfds prepares them on first use)."""
+    # Imported here: tensorflow-datasets takes seconds to import, which runs reading their own
+    # files or a prepared token cache do not need.
+    import tensorflow_datasets as tfds
+
+    from transformer.data.multi30k import prepare_multi30k
+
     try:
       if self.source_dir is not None:
         return prepare_multi30k(self.tfds_dir, self.source_dir).as_data_source(split=split)

@@ -28,6 +28,7 @@ from transformer.data import batching
 from transformer.data.batching import Share
 from transformer.data.config import DataConfig
 from transformer.data.corpus import Corpus, Location, Pair
+from transformer.data.files import FileCorpus, test_names
 from transformer.data.pipeline import (
   Batch,
   Examples,
@@ -35,14 +36,25 @@ from transformer.data.pipeline import (
   lm_windows,
   make_examples,
   mask_tokens,
+  running_ids,
+  running_windows,
 )
-from transformer.data.stream import TrainStream, language_model_stream, translation_stream
+from transformer.data.stream import (
+  TrainStream,
+  language_model_stream,
+  running_text_stream,
+  translation_stream,
+)
 from transformer.data.token_cache import TokenCache, build_cache, cache_key, open_cache
 from transformer.data.tokenizer import (
-  MODEL_FILENAME,
+  PAD_ID,
   Tokenizer,
   check_vocab_size,
   load_or_train_tokenizer,
+  tokenizer_file,
+  tokenizer_filename,
+  write_byte_vocab,
+  write_char_vocab,
 )
 from transformer.errors import MissingFile, UserError
 
@@ -76,9 +88,21 @@ class Inputs:
 
 
 def splits_of(data: DataConfig, task: str) -> list[str]:
-  """The splits a run reads: training, validation and, for translation, the test sets."""
-  tests = list(data.test_splits) if task == "translation" else []
+  """The splits a run reads: training, validation and, for translation, the test sets (of
+  data.test_files when the text comes from files)."""
+  tests = test_splits(data) if task == "translation" else []
   return list(dict.fromkeys([data.train_split, data.eval_split, *tests]))
+
+
+def test_splits(data: DataConfig) -> list[str]:
+  """The names of a translation run's test sets."""
+  return test_names(data) if data.from_files else list(data.test_splits)
+
+
+def running_text(data: DataConfig, task: str) -> bool:
+  """Whether the language models read the split as running text (windows across line breaks,
+  dataset text) rather than as the target side's sentences (Multi30k, tfds)."""
+  return task != "translation" and data.dataset == "text"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +126,12 @@ def prepare(data: DataConfig, task: str, where: Location) -> None:
 
 
 def ensure_split(
-  corpus: Corpus, split: str, tokenizer_path: Path, cache_dir: Path, *, keep_text: bool
+  corpus: Corpus | FileCorpus,
+  split: str,
+  tokenizer_path: Path,
+  cache_dir: Path,
+  *,
+  keep_text: bool,
 ) -> Path:
   """The token cache of `split` encoded by `tokenizer_path`, built if absent; its directory."""
   directory = cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
@@ -125,41 +154,84 @@ def ensure_split(
   return directory
 
 
-def ensure_tokenizer(data: DataConfig, corpus: Corpus, workdir: Path, cache_dir: Path) -> Path:
-  """workdir/spm.model: the run's own, else a copy of the one trained earlier on the same text
-  with the same settings, else one trained now (and kept in the cache for the next run)."""
-  check_vocab_size(data.vocab_size)
-  path = workdir / MODEL_FILENAME
+def ensure_tokenizer(
+  data: DataConfig, corpus: Corpus | FileCorpus, workdir: Path, cache_dir: Path
+) -> Path:
+  """The run's tokenizer file in the workdir (spm.model, or vocab.json for char and byte): the
+  run's own, else a copy of the one made earlier from the same text with the same settings,
+  else one made now (and kept in the cache for the next run)."""
+  kind = data.tokenizer_kind
+  check_vocab_size(data.vocab_size, kind)
+  path = tokenizer_file(workdir)
   if path.exists():
+    if Tokenizer(path).kind != kind:
+      raise UserError(
+        f"{path} is a {Tokenizer(path).kind} tokenizer, but data.tokenizer_type="
+        f"{data.tokenizer_type}: use another workdir, or delete {path.name} to make a new one"
+      )
     return path
+  path = workdir / tokenizer_filename(kind)
   settings = {
     "text": corpus.fingerprint(data.train_split),
     "vocab_size": data.vocab_size,
     "type": data.tokenizer_type,
     "sentences": data.tokenizer_sentences,
   }
+  if kind == "byte":  # nothing learnt from the text
+    settings = {"type": "byte"}
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-  cached = cache_dir / "tokenizers" / key
-  if not (cached / MODEL_FILENAME).exists():
-    sentences = _tokenizer_sentences(corpus, data.train_split, data.tokenizer_sentences // 2)
-    train_tokenizer(data, cached, sentences)
+  cached = cache_dir / "tokenizers" / key / path.name
+  if not cached.exists():
+    if kind == "byte":
+      write_byte_vocab(cached)
+    elif kind == "char":
+      write_char_vocab(cached, _characters(corpus, data.train_split))
+    else:
+      sentences = _tokenizer_sentences(corpus, data.train_split, data.tokenizer_sentences // 2)
+      train_tokenizer(data, cached.parent, sentences)
   # Loaded before it is copied: a damaged cached copy is named as itself, not as the workdir's.
-  Tokenizer(cached / MODEL_FILENAME)
+  Tokenizer(cached)
   workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / f".{MODEL_FILENAME}.{os.getpid()}.tmp"
+  tmp = workdir / f".{path.name}.{os.getpid()}.tmp"
   try:
-    shutil.copyfile(cached / MODEL_FILENAME, tmp)
+    shutil.copyfile(cached, tmp)
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)  # a copy cut short (a full disk) leaves nothing behind
+  if kind == "char" and data.vocab_size and Tokenizer(path).vocab_size != data.vocab_size:
+    size = Tokenizer(path).vocab_size
+    path.unlink()
+    raise UserError(
+      f"data.vocab_size={data.vocab_size}, but the training text's characters make a char "
+      f"vocabulary of {size} ids (with the 5 special ones): set data.vocab_size={size}, or 0 "
+      "for the tokenizer's own size"
+    )
   return path
 
 
-def _tokenizer_sentences(corpus: Corpus, split: str, num_pairs: int) -> Iterator[str]:
-  """Both sides of the first `num_pairs` training pairs with text on both sides, interleaved."""
+def _characters(corpus: Corpus | FileCorpus, split: str) -> set[str]:
+  """Every character of the split's text, both sides."""
+  chars: set[str] = set()
+  for chunk in corpus.chunks(split):
+    for src, tgt in chunk:
+      chars.update(src)
+      chars.update(tgt)
+  return chars
+
+
+def _tokenizer_sentences(corpus: Corpus | FileCorpus, split: str, num_pairs: int) -> Iterator[str]:
+  """Both sides of the first `num_pairs` training pairs with text on both sides, interleaved;
+  of running text (dataset text), its first 2 x `num_pairs` lines that hold text."""
   taken = 0
   for chunk in corpus.chunks(split):
     for src, tgt in chunk:
+      if isinstance(corpus, FileCorpus) and corpus.dataset == "text":
+        if taken == 2 * num_pairs:
+          return
+        if tgt.strip():
+          taken += 1
+          yield tgt.removesuffix("\n")
+        continue
       if taken == num_pairs:
         return
       if src.strip() and tgt.strip():
@@ -205,7 +277,7 @@ def open_split(
   """The token cache of `split` encoded by `tokenizer_path` (default: the workdir's tokenizer;
   a model scored with another, e.g. an export copied in, names its own)."""
   corpus = Corpus.of(data, where.cache_dir)
-  tokenizer_path = tokenizer_path or where.workdir / MODEL_FILENAME
+  tokenizer_path = tokenizer_path or tokenizer_file(where.workdir)
   directory = where.cache_dir / "tokens" / cache_key(corpus.fingerprint(split), tokenizer_path)
   cache = open_cache(directory)
   if cache is None:
@@ -257,7 +329,7 @@ def training_inputs(
     prefetch: batches assembled ahead in a background thread (0: none).
   """
   first_process(lambda: prepare(data, task, where))
-  tokenizer = Tokenizer(where.workdir / MODEL_FILENAME)
+  tokenizer = Tokenizer(tokenizer_file(where.workdir))
   if tokenizer.vocab_size != data.vocab_size:
     raise UserError(
       f"{tokenizer.model_path} has vocab_size {tokenizer.vocab_size}, not "
@@ -266,6 +338,19 @@ def training_inputs(
     )
   batch_tokens = batch_tokens or data.tokens_per_batch
   train = open_split(data, where, data.train_split)
+  if running_text(data, task):
+    return _running_text_inputs(
+      data,
+      where,
+      tokenizer,
+      train,
+      task=task,
+      seed=seed,
+      batch_tokens=batch_tokens,
+      batch_multiple=batch_multiple,
+      share=share,
+      prefetch=prefetch,
+    )
   # Language models read running text: long sentences are cut into windows, not dropped.
   truncate = data.truncate or task != "translation"
   usable, counts = batching.usable_pairs(train.lengths, data.max_len, truncate)
@@ -333,6 +418,94 @@ def _report_usable(split: str, max_len: int, truncate: bool, counts: dict[str, i
       f"{split} has no pair with text on both sides within data.max_len="
       f"{max_len}: check the data files, or raise data.max_len"
     )
+
+
+def read_running_ids(cache: TokenCache, tokenizer: Tokenizer) -> np.ndarray:
+  """A text split's token cache as its running text of ids (`running_ids`)."""
+  targets = [
+    target
+    for start in range(0, len(cache), batching.CHUNK)
+    for _, target in cache.read(range(start, min(start + batching.CHUNK, len(cache))))
+  ]
+  return running_ids(targets, tokenizer.represents_newline)
+
+
+def _running_text_inputs(
+  data: DataConfig,
+  where: Location,
+  tokenizer: Tokenizer,
+  train: TokenCache,
+  *,
+  task: str,
+  seed: int,
+  batch_tokens: int,
+  batch_multiple: int,
+  share: Share,
+  prefetch: int,
+) -> Inputs:
+  """Inputs of a language model on running text: training windows cut anywhere in the text,
+  validation as consecutive windows of the validation text (every id after its first is a
+  target once, reading the ids before it)."""
+  ids = read_running_ids(train, tokenizer)
+  rows = batching.rows_per_batch(data.max_len, batch_tokens, batch_multiple)
+  mlm = (tokenizer.vocab_size, data.mlm_select_rate) if task == "mlm" else None
+  stream = running_text_stream(
+    ids, data.max_len, rows, seed=seed, mlm=mlm, prefetch=prefetch, share=share
+  )
+  log.info("%s: %d tokens of running text", data.train_split, len(ids))
+  counts = {"pairs": len(train), "empty": 0, "too_long": 0, "kept": len(train)}
+  validation = read_running_ids(open_split(data, where, data.eval_split), tokenizer)
+  batches = running_eval_batches(
+    validation,
+    data.max_len,
+    data.eval_batch_size,
+    shifted=task == "lm",
+    share=share,
+    limit=data.eval_windows,
+  )
+  if task == "mlm":
+    batches = _eval_batches_for_task(task, seed, data.mlm_select_rate, batches, tokenizer, share)
+  return Inputs(tokenizer, stream, batches, [], train_pairs=counts, validation=None)
+
+
+def running_eval_batches(
+  ids: np.ndarray,
+  length: int,
+  batch_size: int,
+  *,
+  shifted: bool,
+  share: Share = Share(),
+  limit: int = 0,
+) -> list[Batch]:
+  """Validation batches of running text, this process's rows of each: consecutive windows
+  (`running_windows` when `shifted`, for the LM: "inputs" and "targets" [B, length]; else
+  windows of `length`: "targets" and "weights" [B] for `_eval_batches_for_task`), the last
+  batch filled with rows of padding. `limit` > 0 keeps that many windows, evenly spread."""
+  if shifted:
+    windows = running_windows(ids, length)
+  else:  # [w, length], the last one right-padded
+    windows = np.full(-(-len(ids) // length) * length, PAD_ID, np.int32)
+    windows[: len(ids)] = ids
+    windows = windows.reshape(-1, length)
+  if not len(windows):
+    raise UserError(
+      f"the validation text has {len(ids)} tokens, too few for one window: give more "
+      "validation text (data.eval_files or data.validation_fraction)"
+    )
+  if 0 < limit < len(windows):
+    windows = windows[np.linspace(0, len(windows) - 1, limit).round().astype(np.int64)]
+  batches: list[Batch] = []
+  for start in range(0, len(windows), batch_size):
+    filled = np.full((batch_size, windows.shape[1]), PAD_ID, np.int32)
+    chunk = windows[start : start + batch_size]
+    filled[: len(chunk)] = chunk
+    rows = share.rows(np.arange(batch_size))
+    weights = (rows < len(chunk)).astype(np.float32)
+    if shifted:
+      batches.append({"inputs": filled[rows, :-1], "targets": filled[rows, 1:]})
+    else:
+      batches.append({"targets": filled[rows], "weights": weights})
+  return batches
 
 
 # A split of the run's dataset by name, or (name, (source, reference) pairs) read from files.

@@ -197,6 +197,37 @@ def lm_windows(
   return filled.reshape(-1, seq_len)  # [n windows, T]
 
 
+def running_ids(
+  records: Sequence[Sequence[int | np.integer] | np.ndarray], line_breaks_are_text: bool
+) -> Int[np.ndarray, " n"]:
+  """A text split's records (`transformer.data.files`: lines, an empty record after each
+  document) as one running text of ids.
+
+  With a char or byte vocabulary (`line_breaks_are_text`) each line carries its own line break,
+  so the records go end to end and each document end becomes EOS. SentencePiece drops line
+  breaks, so there EOS follows every line as well as every document.
+  """
+  lengths = np.fromiter((len(r) for r in records), np.int64, len(records))
+  eos_after = (lengths == 0) | (not line_breaks_are_text)
+  out = np.full(int(lengths.sum() + eos_after.sum()), EOS_ID, np.int32)
+  starts = np.cumsum(lengths + eos_after) - lengths - eos_after
+  for start, record in zip(starts.tolist(), records, strict=True):
+    out[start : start + len(record)] = record
+  return out
+
+
+def running_windows(ids: Int[np.ndarray, " n"], length: int) -> Int[np.ndarray, "w L"]:
+  """[w, length + 1] windows of running text, each starting `length` ids after the one before:
+  a window's inputs are w[:-1] and its targets w[1:], so every id after the first is a target
+  exactly once and reads its real predecessors (nanoGPT's and GPT-2's layout). The last window
+  is right-padded with PAD_ID (a target of 0 weighs nothing)."""
+  count = max(-(-(len(ids) - 1) // length), 0)
+  filled = np.full(count * length + 1, PAD_ID, np.int32)
+  filled[: len(ids)] = ids
+  starts = np.arange(count) * length
+  return filled[starts[:, None] + np.arange(length + 1)]
+
+
 def mask_tokens(
   ids_BT: Int[np.ndarray, "B T"],
   rng: np.random.Generator,

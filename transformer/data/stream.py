@@ -16,7 +16,8 @@ model builds its decoder input itself):
   translation:  {"inputs": [B, S], "targets": [B, T]}, and when packed also
                 "inputs_segments", "targets_segments" (1, 2, ... per pair in the row, 0 for
                 padding) and "inputs_positions", "targets_positions" (from 0 in each pair)
-  language model: {"targets": [B, T]}
+  language model: {"targets": [B, T]}; on running text also "inputs" [B, T], the ids before
+                the targets (`running_text_stream`)
   masked LM:    {"inputs": [B, T], "targets": [B, T], "weights": [B, T] float32}
 """
 
@@ -264,4 +265,65 @@ def language_model_stream(
     )
 
   plans = PlannedBatches(planner, batching.num_chunks(len(windows)))
+  return TrainStream(plans.map(assemble), prefetch)
+
+
+def window_offset(seed: int, epoch: int, length: int) -> int:
+  """Where epoch `epoch`'s windows start: 0 in the first epoch, then a draw from (seed, epoch),
+  so later epochs cut the text elsewhere and each window meets new contexts."""
+  return 0 if epoch == 0 else int(np.random.default_rng([seed, epoch, 7]).integers(length))
+
+
+def running_text_stream(
+  ids: np.ndarray,
+  length: int,
+  rows: int,
+  *,
+  seed: int,
+  mlm: tuple | None = None,
+  share: Share = Share(),
+  prefetch: int = 2,
+) -> TrainStream:
+  """Shuffled batches of `rows` windows of the running text `ids` [n].
+
+  Language model: windows of length + 1 ids, `length` apart, as {"inputs": w[:-1], "targets":
+  w[1:]}: every position reads the ids before it, never a BOS. With `mlm` = (vocab_size,
+  select_rate): windows of `length` ids, corrupted as `language_model_stream` does. Epoch e's
+  windows start at `window_offset` and are visited in a permutation of (seed, e): a pure
+  function of the position, so resuming is exact.
+  """
+  width = length if mlm else length + 1
+  count = (len(ids) - width - (length - 1)) // length + 1
+  if count < 1:
+    raise UserError(
+      f"the training text has {len(ids)} tokens, too few for a window of {width} (with room to "
+      f"move it): give more text, or lower data.max_len={length}"
+    )
+  columns = np.arange(width)
+
+  def planner(epoch: int, chunk: int) -> list[PlannedBatch]:
+    order = batching.epoch_order(count, seed, epoch)[chunk * batching.CHUNK :][: batching.CHUNK]
+    batches = [[(int(i),) for i in order[s : s + rows]] for s in range(0, len(order), rows)]
+    return [(width, b + [()] * (rows - len(b))) for b in batches]
+
+  def assemble(item: tuple[Position, PlannedBatch]) -> Batch:
+    position, (_, global_rows) = item
+    mine = share.rows(global_rows)
+    which = np.array([row[0] if row else -1 for row in mine], np.int64)
+    starts = window_offset(seed, position[0], length) + np.maximum(which, 0) * length
+    windows = np.where((which >= 0)[:, None], ids[starts[:, None] + columns], PAD_ID)
+    windows = windows.astype(np.int32)
+    if mlm is None:
+      return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    vocab_size, select_rate = mlm
+    return mask_tokens(
+      windows,
+      np.random.default_rng([seed, *position]),
+      vocab_size,
+      select_rate=select_rate,
+      process_index=share.index,
+      process_count=share.count,
+    )
+
+  plans = PlannedBatches(planner, batching.num_chunks(count))
   return TrainStream(plans.map(assemble), prefetch)

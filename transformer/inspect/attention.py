@@ -11,12 +11,10 @@ numbered from 1 in every figure, file and JSON key.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
@@ -130,9 +128,8 @@ class Sentence:
 
 
 def pieces_of(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-  """The SentencePiece piece of each id, e.g. ["\u2581apple", "\u2581un", "ve", "</s>"]."""
-  processor = spm.SentencePieceProcessor(model_file=os.fspath(tokenizer.model_path))
-  return [processor.id_to_piece(int(i)) for i in ids]
+  """The piece of each id, e.g. ["\u2581apple", "\u2581un", "ve", "</s>"]."""
+  return tokenizer.pieces(ids)
 
 
 def source_ids(tokenizer: Tokenizer, text: str, max_tokens: int) -> list[int]:

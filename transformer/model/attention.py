@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from transformer.model.blockwise import blockwise_attention
 from transformer.model.config import ATTENTION_IMPLEMENTATIONS, TransformerConfig
-from transformer.model.layers import param, rotary_embedding
+from transformer.model.layers import dense_BTK_KN, param, rotary_embedding
 from transformer.model.masks import MASKED, as_4d, causal_mask
 from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, HEADS, KV, LENGTH, constrain
 
@@ -235,7 +235,11 @@ class MultiHeadAttention(nnx.Module):
 
   def _project(self, x_BTD, kernel: nnx.Param, bias: nnx.Param) -> Float[Array, "B T N H"]:
     dtype = jnp.dtype(self.config.dtype)
-    y_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD.astype(dtype), kernel[...].astype(dtype))
+    # As one [D, N H] matmul whose weight gradient XLA:CPU runs fast (`dense_BTK_KN`).
+    kernel_DNH = kernel[...].astype(dtype)
+    d, n, h = kernel_DNH.shape
+    y_BTK = dense_BTK_KN(x_BTD.astype(dtype), kernel_DNH.reshape(d, n * h))  # K = N H
+    y_BTNH = y_BTK.reshape(*y_BTK.shape[:2], n, h)
     return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
 
   def init_cache(
@@ -366,7 +370,10 @@ class MultiHeadAttention(nnx.Module):
         block_size=self.config.attention_block_size,
       )
     dtype = jnp.dtype(self.config.dtype)
-    y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH.astype(dtype), self.out[...].astype(dtype))
+    out_NHD = self.out[...].astype(dtype)
+    n, h, d = out_NHD.shape
+    out_BTK = out_BTNH.astype(dtype).reshape(*out_BTNH.shape[:2], n * h)  # K = N H
+    y_BTD = dense_BTK_KN(out_BTK, out_NHD.reshape(n * h, d))
     y_BTD = y_BTD + self.out_bias[...].astype(dtype)[None, None]
     y_BTD = constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
     return (y_BTD, weights_BNTS) if return_weights else y_BTD

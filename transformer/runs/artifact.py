@@ -5,7 +5,8 @@ warm starts load by default: the parameters that were scored, with what it takes
                        its stored dtype: readable without this package (safetensors, NumPy);
                        always per layer, also from a run with stacked layers (model.scan_layers,
                        written as the unrolled model it equals)
-  spm.model            the tokenizer
+  spm.model            the tokenizer: a SentencePiece model, or vocab.json for a char or byte
+                       vocabulary (model.json's "tokenizer_file" names which; none: spm.model)
   model.json           format version, task, model configuration, sequence limit, the search
                        settings it was scored with, which checkpoints were averaged, the scores,
                        the SHA-256 of the two files above, and a SHA-256 of its own other fields
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from transformer.config import CONFIG_FILENAME, read_config, read_json
+from transformer.data.tokenizer import TOKENIZER_FILENAMES
 from transformer.errors import MissingFile, UserError
 from transformer.model.stacking import unstacked_params
 from transformer.runs.params import FlatParams, difference, model_shapes
@@ -43,7 +45,7 @@ from transformer.runs.spec import RunSpec
 
 MODEL_DIRNAME = "model"
 PARAMS_FILENAME = "params.safetensors"
-TOKENIZER_FILENAME = "spm.model"
+TOKENIZER_FILENAME = "spm.model"  # the tokenizer file of exports that do not name theirs
 META_FILENAME = "model.json"
 # 1: no search settings, no self-hash (still read); 2: both.
 FORMAT_VERSION = 2
@@ -118,16 +120,19 @@ def export_model(
       {name: np.ascontiguousarray(value) for name, value in params.items()},
       str(tmp / PARAMS_FILENAME),
     )
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILENAME)
-    for name in (PARAMS_FILENAME, TOKENIZER_FILENAME):  # readable by every user, as the rest
+    tokenizer_name = Path(tokenizer_path).name
+    shutil.copyfile(tokenizer_path, tmp / tokenizer_name)
+    for name in (PARAMS_FILENAME, tokenizer_name):  # readable by every user, as the rest
       os.chmod(tmp / name, 0o644)
     meta = {
       "format": FORMAT_VERSION,
       **spec.to_dict(),
       **info,
       "params_sha256": sha256(tmp / PARAMS_FILENAME),
-      "tokenizer_sha256": sha256(tmp / TOKENIZER_FILENAME),
+      "tokenizer_sha256": sha256(tmp / tokenizer_name),
     }
+    if tokenizer_name != TOKENIZER_FILENAME:  # exports of SentencePiece runs stay as they were
+      meta["tokenizer_file"] = tokenizer_name
     _write_meta(tmp / META_FILENAME, meta)
     aside = workdir / f".{MODEL_DIRNAME}.old-{os.getpid()}"
     with _signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave no model
@@ -296,7 +301,13 @@ def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]
   if meta["format"] == 1 and (Path(workdir) / CONFIG_FILENAME).is_file():
     # Format 1 kept no search settings: the run's own config has them.
     spec = dataclasses.replace(spec, search=read_config(workdir).decode)
-  for name, key in ((PARAMS_FILENAME, "params_sha256"), (TOKENIZER_FILENAME, "tokenizer_sha256")):
+  tokenizer_name = meta.get("tokenizer_file", TOKENIZER_FILENAME)
+  if tokenizer_name not in TOKENIZER_FILENAMES:
+    raise UserError(
+      f"{folder / META_FILENAME} names the tokenizer file {tokenizer_name!r}, not one of "
+      f"{', '.join(TOKENIZER_FILENAMES)}: export the model again"
+    )
+  for name, key in ((PARAMS_FILENAME, "params_sha256"), (tokenizer_name, "tokenizer_sha256")):
     path = folder / name
     if not path.is_file():
       raise MissingFile(f"{path} is missing: export the model again")
@@ -315,4 +326,4 @@ def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]
   except (SafetensorError, OSError) as error:
     raise UserError(f"{folder / PARAMS_FILENAME} cannot be read ({error})") from None
   check_finite(folder / PARAMS_FILENAME, params)
-  return spec, params, folder / TOKENIZER_FILENAME, meta
+  return spec, params, folder / tokenizer_name, meta

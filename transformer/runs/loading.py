@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from transformer.config import read_config
-from transformer.data.tokenizer import MODEL_FILENAME, Tokenizer
+from transformer.data.tokenizer import Tokenizer, tokenizer_file
 from transformer.errors import MissingFile, UserError
 from transformer.model.transformer import create_model
 from transformer.runs.artifact import MODEL_DIRNAME, read_model
@@ -113,7 +113,7 @@ def load_run(
     spec, params, tokenizer_path, _ = read_model(workdir)
     source = str(workdir / MODEL_DIRNAME)
   else:
-    spec, tokenizer_path = RunSpec.of(read_config(workdir)), workdir / MODEL_FILENAME
+    spec, tokenizer_path = RunSpec.of(read_config(workdir)), tokenizer_file(workdir)
     if average is not None:
       params, steps = averaged_checkpoint_params(workdir, average)
       source = f"the average of checkpoints {steps} of {workdir}"
@@ -147,7 +147,7 @@ def warm_start_params(workdir: str | Path) -> tuple[FlatParams, Path, str]:
     params, step = checkpoint_params(workdir)
   except (FileNotFoundError, CheckpointError) as error:
     raise MissingFile(f"init_from: {error}") from None
-  return params, workdir / MODEL_FILENAME, f"checkpoint {step} of {workdir}"
+  return params, tokenizer_file(workdir), f"checkpoint {step} of {workdir}"
 
 
 def host_params(params) -> FlatParams:

@@ -25,16 +25,19 @@ SEARCH_KEYS = ("beam_size", "alpha", "max_extra_tokens")
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """A run's task ("translation", "lm" or "mlm"), its model's configuration, the longest
-  sequence it was trained on (its data.max_len, EOS included), and its search settings."""
+  sequence it was trained on (its data.max_len, EOS included), its search settings, and whether
+  its language model read running text (dataset text: no BOS, windows across line breaks)."""
 
   task: str
   model: TransformerConfig
   data_max_len: int
   search: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+  running_text: bool = False
 
   @classmethod
   def of(cls, config: Config) -> RunSpec:
-    return cls(config.task, config.model, config.data.max_len, config.decode)
+    running = config.task != "translation" and config.data.dataset == "text"
+    return cls(config.task, config.model, config.data.max_len, config.decode, running)
 
   @property
   def max_source_tokens(self) -> int:
@@ -42,12 +45,15 @@ class RunSpec:
     return min(self.data_max_len, self.model.max_len)
 
   def to_dict(self) -> dict[str, Any]:
-    return {
+    values = {
       "task": self.task,
       "model": dataclasses.asdict(self.model),
       "data_max_len": self.data_max_len,
       "decode": {key: getattr(self.search, key) for key in SEARCH_KEYS},
     }
+    if self.running_text:  # absent otherwise: earlier exports stay as they were
+      values["running_text"] = True
+    return values
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], source: Path) -> RunSpec:
@@ -67,6 +73,9 @@ class RunSpec:
       if not isinstance(search, dict) or set(search) - set(SEARCH_KEYS):
         raise UserError(f"decode={search!r} is not a set of {', '.join(SEARCH_KEYS)}")
       decode = build_block(DecodeConfig, search, prefix="decode.")
+      running = values.get("running_text", False)
+      if not isinstance(running, bool):
+        raise UserError(f"running_text={running!r} is not true or false")
     except KeyError as error:
       raise UserError(
         f"{source} does not describe a model (no {error}): restore the file from the run, or "
@@ -77,4 +86,4 @@ class RunSpec:
         f"{source} does not describe a model ({error}): restore the file from the run, or "
         "train again"
       ) from None
-    return cls(task=task, model=config, data_max_len=max_len, search=decode)
+    return cls(task=task, model=config, data_max_len=max_len, search=decode, running_text=running)

@@ -154,7 +154,10 @@ class Translator:
     seed: int = 0,
   ) -> list[str]:
     """Samples a continuation of each prompt from a decoder-only model (one prompt at a time:
-    a batch of prompts would have to share one length)."""
+    a batch of prompts would have to share one length). A model of running text (dataset text)
+    reads the prompt as it is (an empty one as a document's start) and continues it past its
+    context by sliding the context along, as nanoGPT's sample.py does; a model of sentences
+    reads BOS first and stops at its context."""
     check_texts(texts)
     if max_new_tokens < 1:
       raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -167,6 +170,12 @@ class Translator:
     model = self.decoder_only
     outputs = []
     for i, text in enumerate(texts):
+      key = jax.random.key(seed + i)
+      if self.spec.running_text:
+        ids = self.tokenizer.encode([text])[0] or [EOS_ID]
+        new = self._slide(ids, max_new_tokens, key, temperature, top_k, top_p)
+        outputs.append(self.tokenizer.decode([new])[0])
+        continue
       ids = [BOS_ID, *self.tokenizer.encode([text])[0]]
       # The last new token is never fed back: T + new - 1 positions must fit in max_len.
       budget = min(max_new_tokens, self.spec.model.max_len + 1 - len(ids))
@@ -179,10 +188,35 @@ class Translator:
         model,
         jnp.asarray([ids], jnp.int32),
         max_new_tokens=budget,
-        rng=jax.random.key(seed + i),
+        rng=key,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
       )
       outputs.append(self.tokenizer.decode(np.asarray(out)[:, len(ids) :])[0])
     return outputs
+
+  def _slide(self, ids, max_new_tokens, key, temperature, top_k, top_p) -> list[int]:
+    """Up to `max_new_tokens` ids after `ids`, each call reading the last half-context of what
+    is there and adding up to the other half (two shapes to compile); stops at EOS."""
+    context = self.spec.model.max_len
+    new: list[int] = []
+    call = 0
+    while len(new) < max_new_tokens:
+      prompt = (ids + new)[-max(context // 2, 1) :]
+      count = min(max_new_tokens - len(new), context + 1 - len(prompt))
+      out = sample(
+        self.decoder_only,
+        jnp.asarray([prompt], jnp.int32),
+        max_new_tokens=count,
+        rng=jax.random.fold_in(key, call),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+      )
+      added = [int(t) for t in np.asarray(out)[0, len(prompt) :]]
+      if EOS_ID in added:
+        return new + added[: added.index(EOS_ID)]
+      new += added
+      call += 1
+    return new

@@ -7,12 +7,12 @@ run's newest good checkpoint when the workdir has one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -24,6 +24,7 @@ from transformer.parallel.mesh import global_batch
 from transformer.runs.checkpoint import Record
 from transformer.train import metrics as metrics_lib
 from transformer.train import report
+from transformer.train.allocator import keep_freed_memory
 from transformer.train.finish import elapsed_s, evaluation, finish
 from transformer.train.flops import step_flops
 from transformer.train.preemption import StopRequest
@@ -40,12 +41,13 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   """
   config = Config.of(config)
   compilation_cache.enable()
+  keep_freed_memory()  # each step's temporary buffers without page faults (see allocator.py)
   distributed.initialize(config.parallel)
   if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
     logging.getLogger("transformer").setLevel(logging.WARNING)
   with opened(config, workdir) as (job, state):
     if jax.process_index() == 0:
-      write_config(job.workdir, config)
+      write_config(job.workdir, job.config)  # data.vocab_size 0 resolved to the tokenizer's
       report.append_environment(job.workdir, report.environment_record(job.mesh))
       for line in report.startup_lines(job):
         log.info(line)
@@ -81,7 +83,11 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
   progress = metrics_lib.Progress(step, config.num_train_steps, enabled=jax.process_index() == 0)
   window = report.StepWindow()
   profiler = report.Profiler(job.workdir, config.profile_steps)
-  sums, first = None, True
+  # Each step's metrics stay where the step left them until a log step fetches and adds them
+  # on the host: adding them on the device would dispatch one small computation per metric and
+  # step (a noticeable share of a small model's step on a CPU).
+  pending: list[dict[str, jax.Array]] = []
+  first = True
   try:
     with jax.set_mesh(job.mesh):
       while step < config.num_train_steps and not stop.stop_now(step):
@@ -100,12 +106,13 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
           flops = step_flops(config.task, config.model, batch) * jax.process_count()
           window.add(tokens, flops, waited)
         profiler.after(step, state)
-        sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+        pending.append(step_metrics)
         progress.update(1)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-          shown = report.log_window(job, state, writer, window, jax.device_get(sums), step)
+          sums = functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), jax.device_get(pending))
+          shown = report.log_window(job, state, writer, window, sums, step)
           progress.set_postfix(**shown)
-          sums = None
+          pending = []
         if step % config.eval_every_steps == 0 and step < config.num_train_steps:
           evaluating = time.perf_counter()
           writer.write(step, evaluation(job, state.params))

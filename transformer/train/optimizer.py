@@ -15,7 +15,7 @@ def learning_rate(opt: OptimizerConfig, *, d_model: int, num_train_steps: int) -
     return schedules.rsqrt_schedule(d_model, opt.warmup_steps, opt.lr_scale)
   if opt.schedule == "cosine":
     return schedules.warmup_cosine_schedule(
-      opt.peak_learning_rate, opt.warmup_steps, num_train_steps
+      opt.peak_learning_rate, opt.warmup_steps, num_train_steps, opt.end_learning_rate
     )
   return optax.constant_schedule(opt.peak_learning_rate)
 
@@ -32,13 +32,26 @@ def make_optimizer(
   if opt.name == "adam":
     core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
   else:
-    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    core = optax.adamw(
+      lr,
+      b1=opt.b1,
+      b2=opt.b2,
+      eps=opt.eps,
+      weight_decay=opt.weight_decay,
+      mask=matrices if opt.weight_decay_mask == "matrices" else None,
+    )
   tx = (
     optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
     if opt.grad_clip_norm > 0
     else core
   )
   return with_standard_promotion(tx)
+
+
+def matrices(params):
+  """True for the parameters of 2 or more dimensions (projections, embeddings), False for
+  biases and LayerNorm scales: the ones GPT-2 and nanoGPT leave undecayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def with_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -95,8 +95,8 @@ def peak_flop_per_s(
   compute_dtype: str, cache_dir: Path | None = None, *, remeasure: bool = False
 ) -> tuple[float | None, str]:
   """(peak FLOP/s, how it was found) for MFU: the datasheet's 16-bit rate for a known
-  accelerator computing in 16 bits, else the rate of the matmul the benchmarks time (4096^2 on
-  a CPU, 8192^2 elsewhere; `benchmarks/train_mfu`), so the log's MFU and the benchmark's agree.
+  accelerator computing in 16 bits, else the rate of an n x n matmul (2048^2 on a CPU, 8192^2
+  elsewhere, as `benchmarks/train_mfu` times it).
 
   A measurement takes a few seconds on a CPU and is kept in `cache_dir`/peaks.json under a key
   naming the processor (its model and the cores this process may use), the dtype, the size and
@@ -106,7 +106,9 @@ def peak_flop_per_s(
   sheet = datasheet_peak()
   if sheet and compute_dtype in ("bfloat16", "float16"):
     return sheet, f"datasheet {jax.devices()[0].device_kind}"
-  n = 4096 if jax.default_backend() == "cpu" else 8192
+  # 2048^2 on a CPU: an eighth of 4096^2's seconds at start-up (a first run paid ~35 CPU s for
+  # it), and a CPU's matmul rate is already flat at that size.
+  n = 2048 if jax.default_backend() == "cpu" else 8192
   key = f"{processor()} | {compute_dtype} | {n}^2 @ {n}^2 | jax {jax.__version__}"
   path = cache_dir / "peaks.json" if cache_dir else None
   known = _read_peaks(path)

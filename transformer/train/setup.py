@@ -23,8 +23,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from transformer.config import CONFIG_FILENAME, Config, read_config
-from transformer.data.corpus import Location
-from transformer.data.inputs import Inputs, Share, training_inputs
+from transformer.data.corpus import Corpus, Location
+from transformer.data.inputs import Inputs, Share, ensure_tokenizer, training_inputs
+from transformer.data.tokenizer import Tokenizer, tokenizer_file
 from transformer.errors import UserError
 from transformer.model.layers import position_table_bytes
 from transformer.model.transformer import create_model
@@ -115,6 +116,9 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
     )
     check_resumable(config, workdir)
     mesh = make_mesh(config.parallel)
+    where = Location.of(config.data, workdir, jax.process_count())
+    if config.data.vocab_size == 0:
+      config = config.with_vocab_size(_tokenizer_size(config, where))
     # Before any data work, so a mesh that cannot split the model or the evaluation batches
     # fails in seconds. The tokenizer has exactly data.vocab_size pieces.
     check_divisible(
@@ -126,7 +130,6 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
       batch_size=config.data.eval_batch_size,
     )
     parameters = check_memory(config, mesh)
-    where = Location.of(config.data, workdir, jax.process_count())
     inputs = _inputs(config, where, mesh)
     stack.callback(inputs.train.close)
     model = create_model(config.task, config.model, config.seed)
@@ -180,6 +183,22 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
       elapsed_before=elapsed_before,
     )
     yield run, state
+
+
+def _tokenizer_size(config: Config, where: Location) -> int:
+  """The vocabulary size of the run's char or byte tokenizer (data.vocab_size 0), made first by
+  process 0 if the workdir has none yet."""
+  data = config.data
+  distributed.on_first_process(
+    lambda: ensure_tokenizer(
+      data, Corpus.of(data, where.cache_dir), where.workdir, where.cache_dir
+    ),
+    "preparing-the-tokenizer",
+    timeout_s=config.parallel.barrier_timeout_s,
+  )
+  size = Tokenizer(tokenizer_file(where.workdir)).vocab_size
+  log.info("data.vocab_size: the %s tokenizer's own, %d ids", data.tokenizer_type, size)
+  return size
 
 
 def _inputs(config: Config, where: Location, mesh: Mesh) -> Inputs:
@@ -266,7 +285,10 @@ def check_resumable(config: Config, workdir: Path) -> None:
       f"trained with: restore it, use a new --workdir, or resume under this config on purpose "
       "with --config.allow_config_change=all"
     )
-  changed = config_changes(read_config(workdir), config)
+  before = read_config(workdir)
+  if config.data.vocab_size == 0:  # the tokenizer's own: the run recorded its size
+    config = config.with_vocab_size(before.data.vocab_size)
+  changed = config_changes(before, config)
   allowed = config.allow_config_change
   refused = [
     k for k in changed if not any(a == "all" or k == a or k.startswith(a + ".") for a in allowed)
@@ -307,12 +329,15 @@ RESUMABLE_KEYS = (
   "optimizer.warmup_steps",
   "optimizer.lr_scale",
   "optimizer.peak_learning_rate",
+  "optimizer.end_learning_rate",
   "optimizer.grad_clip_norm",
   "data.cache_dir",
   "data.tfds_data_dir",
   "data.eval_split",
   "data.eval_batch_size",
   "data.test_splits",
+  "data.eval_files",
+  "data.test_files",
   "model.attention",
   "model.attention_block_size",
   "model.dropout_rate",
@@ -355,7 +380,7 @@ def warm_start(model: nnx.Module, run: str, tokenizer_path: Path) -> None:
     raise UserError(
       f"init_from {run}: its tokenizer ({their_tokenizer}) is not this run's "
       f"({tokenizer_path}), so its embeddings would mean other pieces: train this run with that "
-      "run's tokenizer (copy its spm.model into the workdir first) or start afresh"
+      "run's tokenizer (copy its spm.model or vocab.json into the workdir first) or start afresh"
     )
   copied, fresh = load_matching(model, params)
   if not copied:

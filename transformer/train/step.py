@@ -64,7 +64,10 @@ def _translation(model, batch: Batch):
 
 def _language_model(model, batch: Batch):
   targets_BT = batch["targets"]
-  return model(shift_right(targets_BT)), targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
+  # Windows of running text bring their own inputs (the id before each target, never a BOS);
+  # sentences are read from BOS.
+  inputs_BT = batch["inputs"] if "inputs" in batch else shift_right(targets_BT)
+  return model(inputs_BT), targets_BT, (targets_BT != PAD_ID).astype(jnp.float32)
 
 
 def _masked_language_model(model, batch: Batch):
