@@ -7,7 +7,6 @@ run's newest good checkpoint when the workdir has one.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -83,10 +82,9 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
   progress = metrics_lib.Progress(step, config.num_train_steps, enabled=jax.process_index() == 0)
   window = report.StepWindow()
   profiler = report.Profiler(job.workdir, config.profile_steps)
-  # Each step's metrics stay where the step left them until a log step fetches and adds them
-  # on the host: adding them on the device would dispatch one small computation per metric and
-  # step (a noticeable share of a small model's step on a CPU).
-  pending: list[dict[str, jax.Array]] = []
+  pending: list[
+    dict[str, jax.Array]
+  ] = []  # step metrics, summed at log steps (metrics_lib.host_sums)
   first = True
   try:
     with jax.set_mesh(job.mesh):
@@ -98,7 +96,7 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
         state, step_metrics = job.train_step(state, global_batch(batch, job.mesh))
         step += 1
         if first:  # compilation is not a step: the first window starts after it
-          _first_step_done(state, batch_at=asked + waited)
+          report.first_step_done(state, batch_at=asked + waited)
           window.reset()
           first = False
         else:
@@ -109,8 +107,9 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
         pending.append(step_metrics)
         progress.update(1)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-          sums = functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), jax.device_get(pending))
-          shown = report.log_window(job, state, writer, window, sums, step)
+          shown = report.log_window(
+            job, state, writer, window, metrics_lib.host_sums(pending), step
+          )
           progress.set_postfix(**shown)
           pending = []
         if step % config.eval_every_steps == 0 and step < config.num_train_steps:
@@ -138,15 +137,3 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
       )
     )
   return state
-
-
-def _first_step_done(state: TrainState, *, batch_at: float) -> None:
-  """Logs when the first batch arrived and when its step (compiling included) was done."""
-  jax.block_until_ready(state)
-  age = metrics_lib.process_age_s()
-  log.info(
-    "first training batch %.1f s after the process started; first step "
-    "(compiling included) done at %.1f s",
-    age - (time.perf_counter() - batch_at),
-    age,
-  )

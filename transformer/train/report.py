@@ -27,6 +27,7 @@ import optax
 from transformer.errors import UserError
 from transformer.train.flops import datasheet_peak, measured_matmul_peak
 from transformer.train.loss import summarize
+from transformer.train.metrics import process_age_s
 
 if TYPE_CHECKING:
   from transformer.train.setup import Run
@@ -429,3 +430,15 @@ class Profiler:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+
+
+def first_step_done(state: Any, *, batch_at: float) -> None:
+  """Logs when the first batch arrived and when its step (compiling included) was done."""
+  jax.block_until_ready(state)
+  age = process_age_s()
+  log.info(
+    "first training batch %.1f s after the process started; first step "
+    "(compiling included) done at %.1f s",
+    age - (time.perf_counter() - batch_at),
+    age,
+  )
