@@ -26,7 +26,7 @@ def test_every_recipe_is_a_valid_config(name):
   raw = recipe(name)
   if raw.data.dataset in FILE_DATASETS and not raw.data.train_files:
     # The user's text comes on the command line; without it the one-line error asks for it.
-    with pytest.raises(UserError, match="data.train_files"):
+    with pytest.raises(UserError, match=r"data\.train_files"):
       Config.of(raw)
     raw.data.train_files = ("input.txt",)
   config = Config.of(raw)
