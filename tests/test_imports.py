@@ -15,6 +15,7 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
   "errors",  # UserError: what the user can fix, for every part
+  "allocator",  # glibc malloc kept from handing XLA:CPU's buffers back each step
   "compilation_cache",  # JAX's persistent compilation cache under the project's cache folder
   "files",  # files written whole or not at all
   "parallel",  # meshes, sharding rules, train-step strategies

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 
 from transformer import compilation_cache, files
+from transformer.allocator import keep_freed_memory
 from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
 from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.config import FILE_DATASETS, DataConfig
@@ -110,6 +111,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   compilation_cache.enable()
+  keep_freed_memory()  # each decoding step's buffers without page faults
   workdir = Path(args.workdir).absolute()
   with contextlib.ExitStack() as stack:
     if args.export and workdir.is_dir():  # it replaces WORKDIR/model: not under a running

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from transformer import compilation_cache
+from transformer.allocator import keep_freed_memory
 from transformer.cli import (
   ArgumentParser,
   add_model_arguments,
@@ -129,6 +130,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
   args = parse_args(argv)
   compilation_cache.enable()
+  keep_freed_memory()  # each decoding step's buffers without page faults
   translator = Translator(args.workdir, step=args.step, average=args.average)
   search = translator.search.overridden(
     beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from transformer import compilation_cache
+from transformer.allocator import keep_freed_memory
 from transformer.cli import Stopped
 from transformer.config import Config, write_config
 from transformer.parallel import distributed
@@ -23,7 +24,6 @@ from transformer.parallel.mesh import global_batch
 from transformer.runs.checkpoint import Record
 from transformer.train import metrics as metrics_lib
 from transformer.train import report
-from transformer.train.allocator import keep_freed_memory
 from transformer.train.finish import elapsed_s, evaluation, finish
 from transformer.train.flops import step_flops
 from transformer.train.preemption import StopRequest
