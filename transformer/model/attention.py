@@ -184,6 +184,62 @@ def attend_filled_prefix(
   return outs[0] if groups == 1 else jnp.concatenate(outs, axis=0)
 
 
+# Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
+_INIT_IN = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+_INIT_OUT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+
+
+def project(x_BTD, kernel_DNH, bias_NH, dtype) -> Float[Array, "B T N H"]:
+  """x W + b for every head at once: one [D, N H] matmul whose weight gradient XLA:CPU runs fast
+  (`dense_BTK_KN`)."""
+  kernel_DNH = kernel_DNH.astype(dtype)
+  d, n, h = kernel_DNH.shape
+  y_BTK = dense_BTK_KN(x_BTD.astype(dtype), kernel_DNH.reshape(d, n * h))  # K = N H
+  y_BTNH = y_BTK.reshape(*y_BTK.shape[:2], n, h)
+  return constrain(y_BTNH + bias_NH.astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
+
+
+def merge_heads(out_BTNH, out_NHD, out_bias_D, dtype) -> Float[Array, "B T D"]:
+  """Concat(head_1..head_h) W^O + b as one [N H, D] matmul."""
+  out_NHD = out_NHD.astype(dtype)
+  n, h, d = out_NHD.shape
+  out_BTK = out_BTNH.astype(dtype).reshape(*out_BTNH.shape[:2], n * h)  # K = N H
+  y_BTD = dense_BTK_KN(out_BTK, out_NHD.reshape(n * h, d)) + out_bias_D.astype(dtype)[None, None]
+  return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
+
+
+# Row b of a [B, C, ...] cache gets its new entries [B, T, ...] from slot start_B[b] on.
+write_rows = jax.vmap(
+  lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0)
+)
+
+
+def cache_view(start_B, cache_length: int, new: int, groups: int):
+  """(visible [B, 1, new, cache_length]: which slots each new entry attends to, filled [G]: the
+  slots filled in each group of rows) for rows writing `new` entries from slot start_B."""
+  slots_C = jnp.arange(cache_length)
+  last_BT = start_B[:, None] + jnp.arange(new)[None, :]
+  visible_B1TC = (slots_C[None, None, :] <= last_BT[:, :, None])[:, None]
+  filled_G = jnp.max(start_B.reshape(groups, -1), axis=1) + new
+  return visible_B1TC, filled_G
+
+
+def attend(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, filled, block, config: TransformerConfig):
+  """softmax(QK^T/sqrt(d_k))V without forming the weights: over the filled cache prefix when
+  decoding with `block`, else through `dot_product_attention`'s implementation."""
+  if mask is not None and filled is not None and block is not None:
+    return attend_filled_prefix(q_BTNH, k_BSNH, v_BSNH, mask, filled, block, config.attention)
+  return dot_product_attention(
+    q_BTNH,
+    k_BSNH,
+    v_BSNH,
+    mask=mask,
+    is_causal=is_causal,
+    implementation=config.attention,
+    block_size=config.attention_block_size,
+  )
+
+
 class MultiHeadAttention(nnx.Module):
   """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -206,17 +262,10 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, config: TransformerConfig, *, cross: bool = False, rngs: nnx.Rngs):
     self.config, self.cross = config, cross
     d, n, h, w = config.d_model, config.num_heads, config.head_dim, jnp.dtype(config.param_dtype)
-    # Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
-    init_in = nnx.initializers.variance_scaling(
-      1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2)
-    )
-    init_out = nnx.initializers.variance_scaling(
-      1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2
-    )
-    self.query = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
-    self.key = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
-    self.value = param(rngs, init_in, (d, n, h), (EMBED, HEADS, KV), w)
-    self.out = param(rngs, init_out, (n, h, d), (HEADS, KV, EMBED), w)
+    self.query = param(rngs, _INIT_IN, (d, n, h), (EMBED, HEADS, KV), w)
+    self.key = param(rngs, _INIT_IN, (d, n, h), (EMBED, HEADS, KV), w)
+    self.value = param(rngs, _INIT_IN, (d, n, h), (EMBED, HEADS, KV), w)
+    self.out = param(rngs, _INIT_OUT, (n, h, d), (HEADS, KV, EMBED), w)
     zeros = nnx.initializers.zeros
     self.query_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
     self.key_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
@@ -234,13 +283,7 @@ class MultiHeadAttention(nnx.Module):
     self.uses_rope = config.position == "rope" and not cross
 
   def _project(self, x_BTD, kernel: nnx.Param, bias: nnx.Param) -> Float[Array, "B T N H"]:
-    dtype = jnp.dtype(self.config.dtype)
-    # As one [D, N H] matmul whose weight gradient XLA:CPU runs fast (`dense_BTK_KN`).
-    kernel_DNH = kernel[...].astype(dtype)
-    d, n, h = kernel_DNH.shape
-    y_BTK = dense_BTK_KN(x_BTD.astype(dtype), kernel_DNH.reshape(d, n * h))  # K = N H
-    y_BTNH = y_BTK.reshape(*y_BTK.shape[:2], n, h)
-    return constrain(y_BTNH + bias[...].astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
+    return project(x_BTD, kernel[...], bias[...], jnp.dtype(self.config.dtype))
 
   def init_cache(
     self,
@@ -290,15 +333,11 @@ class MultiHeadAttention(nnx.Module):
     if q_positions_BT is None:
       raise ValueError("decoding with the cache needs the new entries' positions")
     start_B = q_positions_BT[:, 0].astype(jnp.int32) * self.cache_beams
-    write = jax.vmap(
-      lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0)
+    self.cached_key[...] = write_rows(self.cached_key[...], k_BSNH, start_B)
+    self.cached_value[...] = write_rows(self.cached_value[...], v_BSNH, start_B)
+    visible_B1TC, filled_G = cache_view(
+      start_B, self.cached_key.shape[1], x_BTD.shape[1], self.cache_groups
     )
-    self.cached_key[...] = write(self.cached_key[...], k_BSNH, start_B)
-    self.cached_value[...] = write(self.cached_value[...], v_BSNH, start_B)
-    slots_C = jnp.arange(self.cached_key.shape[1])
-    last_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
-    visible_B1TC = (slots_C[None, None, :] <= last_BT[:, :, None])[:, None]
-    filled_G = jnp.max(start_B.reshape(self.cache_groups, -1), axis=1) + x_BTD.shape[1]
     return self.cached_key[...], self.cached_value[...], visible_B1TC, filled_G
 
   def __call__(
@@ -338,42 +377,15 @@ class MultiHeadAttention(nnx.Module):
       mask = visible if mask is None else (as_4d(mask) & visible)
       is_causal = False
     weights_BNTS = None
-    use_weights = (
-      return_weights
-      or self.sow_weights
-      or (self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic)
-    )
-    if use_weights:
+    dropping = self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic
+    if return_weights or self.sow_weights or dropping:
       weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
       if self.sow_weights:
         self.sow(nnx.Intermediate, "attention_weights", weights_BNTS)
       dropped_BNTS = self.weights_dropout(weights_BNTS)
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
-    elif mask is not None and filled is not None and self.cache_block is not None:
-      out_BTNH = attend_filled_prefix(
-        q_BTNH,
-        k_BSNH,
-        v_BSNH,
-        mask,
-        filled,
-        self.cache_block,
-        self.config.attention,
-      )
     else:
-      out_BTNH = dot_product_attention(
-        q_BTNH,
-        k_BSNH,
-        v_BSNH,
-        mask=mask,
-        is_causal=is_causal,
-        implementation=self.config.attention,
-        block_size=self.config.attention_block_size,
-      )
-    dtype = jnp.dtype(self.config.dtype)
-    out_NHD = self.out[...].astype(dtype)
-    n, h, d = out_NHD.shape
-    out_BTK = out_BTNH.astype(dtype).reshape(*out_BTNH.shape[:2], n * h)  # K = N H
-    y_BTD = dense_BTK_KN(out_BTK, out_NHD.reshape(n * h, d))
-    y_BTD = y_BTD + self.out_bias[...].astype(dtype)[None, None]
-    y_BTD = constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
+      block = self.cache_block if filled is not None else None
+      out_BTNH = attend(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, filled, block, self.config)
+    y_BTD = merge_heads(out_BTNH, self.out[...], self.out_bias[...], jnp.dtype(self.config.dtype))
     return (y_BTD, weights_BNTS) if return_weights else y_BTD

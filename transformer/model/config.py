@@ -87,58 +87,7 @@ class TransformerConfig:
   layer_norm_epsilon: float = 1e-6
 
   def __post_init__(self):
-    for name in (
-      "vocab_size",
-      "d_model",
-      "num_heads",
-      "d_ff",
-      "max_len",
-      "attention_block_size",
-      "num_classes",
-    ):
-      if getattr(self, name) <= 0:
-        raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
-    for name in ("num_encoder_layers", "num_decoder_layers"):
-      if getattr(self, name) < 0:
-        raise UserError(f"model.{name} must be >= 0, got {getattr(self, name)}")
-    if self.d_model % self.num_heads:
-      raise UserError(
-        f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}: "
-        "choose d_model as a multiple of num_heads"
-      )
-    if self.position == "rope" and self.head_dim % 2:
-      raise UserError(f"rope needs an even head width, got d_model/num_heads={self.head_dim}")
-    for name, allowed in (
-      ("position", POSITIONS),
-      ("norm", NORMS),
-      ("activation", ACTIVATIONS),
-      ("attention", ATTENTION_IMPLEMENTATIONS),
-      ("dtype", DTYPES),
-      ("param_dtype", DTYPES),
-      ("logits_dtype", LOGITS_DTYPES),
-      ("dropout_rng", DROPOUT_RNGS),
-    ):
-      if getattr(self, name) not in allowed:
-        raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {allowed}")
-    for name in ("dropout_rate", "attention_dropout_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise UserError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-    if not (math.isfinite(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
-      # 0 divides by zero on a constant row, NaN or a negative value poisons every norm.
-      raise UserError(
-        f"model.layer_norm_epsilon must be a finite number > 0 (e.g. 1e-6), got "
-        f"{self.layer_norm_epsilon}"
-      )
-    if not 0 <= self.pad_id < self.vocab_size:
-      raise UserError(
-        f"model.pad_id={self.pad_id} is not an id of the {self.vocab_size}-piece vocabulary"
-      )
-    if self.attention_dropout_rate > 0 and self.attention in ("cudnn", "blockwise"):
-      raise UserError(
-        f"model.attention_dropout_rate={self.attention_dropout_rate} needs the full attention "
-        f"weights, which model.attention={self.attention!r} never forms: set it to 0, or use "
-        "attention 'xla' or 'auto'"
-      )
+    check(self)
 
   @property
   def head_dim(self) -> int:
@@ -218,3 +167,59 @@ class TransformerConfig:
       dropout_rate=0.3,
     )
     return cls(**{**values, **overrides})
+
+
+def check(config: TransformerConfig) -> None:
+  """Refuses values no model can be built from, in one line naming the key and the fix."""
+  for name in (
+    "vocab_size",
+    "d_model",
+    "num_heads",
+    "d_ff",
+    "max_len",
+    "attention_block_size",
+    "num_classes",
+  ):
+    if getattr(config, name) <= 0:
+      raise UserError(f"model.{name} must be positive, got {getattr(config, name)}")
+  for name in ("num_encoder_layers", "num_decoder_layers"):
+    if getattr(config, name) < 0:
+      raise UserError(f"model.{name} must be >= 0, got {getattr(config, name)}")
+  if config.d_model % config.num_heads:
+    raise UserError(
+      f"model.d_model={config.d_model} is not divisible by model.num_heads={config.num_heads}: "
+      "choose d_model as a multiple of num_heads"
+    )
+  if config.position == "rope" and config.head_dim % 2:
+    raise UserError(f"rope needs an even head width, got d_model/num_heads={config.head_dim}")
+  for name, allowed in (
+    ("position", POSITIONS),
+    ("norm", NORMS),
+    ("activation", ACTIVATIONS),
+    ("attention", ATTENTION_IMPLEMENTATIONS),
+    ("dtype", DTYPES),
+    ("param_dtype", DTYPES),
+    ("logits_dtype", LOGITS_DTYPES),
+    ("dropout_rng", DROPOUT_RNGS),
+  ):
+    if getattr(config, name) not in allowed:
+      raise UserError(f"model.{name}={getattr(config, name)!r} is unknown: use one of {allowed}")
+  for name in ("dropout_rate", "attention_dropout_rate"):
+    if not 0.0 <= getattr(config, name) < 1.0:
+      raise UserError(f"model.{name} must be in [0, 1), got {getattr(config, name)}")
+  if not (math.isfinite(config.layer_norm_epsilon) and config.layer_norm_epsilon > 0):
+    # 0 divides by zero on a constant row, NaN or a negative value poisons every norm.
+    raise UserError(
+      f"model.layer_norm_epsilon must be a finite number > 0 (e.g. 1e-6), got "
+      f"{config.layer_norm_epsilon}"
+    )
+  if not 0 <= config.pad_id < config.vocab_size:
+    raise UserError(
+      f"model.pad_id={config.pad_id} is not an id of the {config.vocab_size}-piece vocabulary"
+    )
+  if config.attention_dropout_rate > 0 and config.attention in ("cudnn", "blockwise"):
+    raise UserError(
+      f"model.attention_dropout_rate={config.attention_dropout_rate} needs the full attention "
+      f"weights, which model.attention={config.attention!r} never forms: set it to 0, or use "
+      "attention 'xla' or 'auto'"
+    )

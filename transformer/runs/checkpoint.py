@@ -120,7 +120,7 @@ class Checkpointer:
       data=ocp.args.JsonSave(data),
       checksums=ocp.args.JsonSave(sums),
     )
-    with self._unfinished_removed_on_failure():
+    with _unfinished_removed_on_failure(self.directory, self.read_only):
       self.manager.save(step, args=args, force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Record, int]:
@@ -138,7 +138,7 @@ class Checkpointer:
     def target(candidate: int) -> Any:
       # Compared before restoring: a restore that fails part-way leaves Orbax's pending reads
       # to fail noisily later, and a foreign checkpoint is no reason to try an older one.
-      mismatch = self._structure_mismatch(candidate, abstract_state)
+      mismatch = _structure_mismatch(self.manager, candidate, abstract_state)
       if mismatch:
         raise CheckpointError(
           f"checkpoint at {self.directory / str(candidate)} was written with another "
@@ -195,41 +195,14 @@ class Checkpointer:
         damaged.append(candidate)
         continue
       return state, record, candidate, damaged
-    if step is not None:
-      raise CheckpointError(
-        f"checkpoint step {step} in {self.directory} is damaged: pick another step, or train again"
-      )
-    raise CheckpointError(
-      f"every checkpoint in {self.directory} is damaged (steps "
-      f"{candidates}): delete the directory to start afresh"
-    )
+    raise _none_good(self.directory, step, candidates)
 
   def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, Record]:
     has_checksums = (self.directory / str(step) / "checksums").exists()
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
     if has_checksums:
       items["checksums"] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state, data = restored["state"], dict(restored["data"] or {})
-    if not data:
-      raise ValueError("its data record (the input stream's position) is empty")
-    record = Record.from_json(data)
-    if has_checksums:
-      _verify(state, data, restored["checksums"] or {})
-    elif record.predates_checksums:  # version 0.1: only values that cannot be right are caught
-      _check_finite(state)
-    else:
-      raise ValueError("its checksums are missing (every checkpoint since version 0.1 has them)")
-    return state, record
-
-  def _structure_mismatch(self, step: int, abstract_state: Any) -> str | None:
-    """How the saved arrays' names and shapes differ from `abstract_state`'s; None when they
-    agree or the metadata itself is unreadable (then the step is damaged, not foreign)."""
-    try:
-      saved = _shapes(self.manager.item_metadata(step)["state"])
-    except Exception:
-      return None
-    return _describe_difference(saved, _shapes(abstract_state))
+    return _verified(self.manager.restore(step, args=ocp.args.Composite(**items)), has_checksums)
 
   def _delete(self, steps: list[int]) -> None:
     for step in steps:
@@ -239,24 +212,62 @@ class Checkpointer:
       )
 
   def wait(self) -> None:
-    with self._unfinished_removed_on_failure():
+    with _unfinished_removed_on_failure(self.directory, self.read_only):
       self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.wait()
     self.manager.close()
 
-  @contextlib.contextmanager
-  def _unfinished_removed_on_failure(self) -> Iterator[None]:
-    """A save that failed (a full disk: its threads have stopped by the time the failure
-    reaches here) leaves no temporary step folder behind to keep the disk full."""
-    try:
-      yield
-    except Exception:
-      if not self.read_only:
-        for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
-          shutil.rmtree(unfinished, ignore_errors=True)
-      raise
+
+def _verified(restored: Any, has_checksums: bool) -> tuple[Any, Record]:
+  """The restored state and its data record, once the checksums (or, for a checkpoint older
+  than them, finiteness) hold."""
+  state, data = restored["state"], dict(restored["data"] or {})
+  if not data:
+    raise ValueError("its data record (the input stream's position) is empty")
+  record = Record.from_json(data)
+  if has_checksums:
+    _verify(state, data, restored["checksums"] or {})
+  elif record.predates_checksums:  # version 0.1: only values that cannot be right are caught
+    _check_finite(state)
+  else:
+    raise ValueError("its checksums are missing (every checkpoint since version 0.1 has them)")
+  return state, record
+
+
+def _none_good(directory: Path, step: int | None, candidates: list[int]) -> CheckpointError:
+  if step is not None:
+    return CheckpointError(
+      f"checkpoint step {step} in {directory} is damaged: pick another step, or train again"
+    )
+  return CheckpointError(
+    f"every checkpoint in {directory} is damaged (steps {candidates}): delete the directory to "
+    "start afresh"
+  )
+
+
+def _structure_mismatch(manager: Any, step: int, abstract_state: Any) -> str | None:
+  """How the saved arrays' names and shapes differ from `abstract_state`'s; None when they
+  agree or the metadata itself is unreadable (then the step is damaged, not foreign)."""
+  try:
+    saved = _shapes(manager.item_metadata(step)["state"])
+  except Exception:
+    return None
+  return _describe_difference(saved, _shapes(abstract_state))
+
+
+@contextlib.contextmanager
+def _unfinished_removed_on_failure(directory: Path, read_only: bool) -> Iterator[None]:
+  """A save that failed (a full disk: its threads have stopped by the time the failure reaches
+  here) leaves no temporary step folder behind to keep the disk full."""
+  try:
+    yield
+  except Exception:
+    if not read_only:
+      for unfinished in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(unfinished, ignore_errors=True)
+    raise
 
 
 def _first_line(error: BaseException) -> str:

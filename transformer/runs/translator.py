@@ -8,8 +8,10 @@ Translator("runs/default", step=600)                 # or a checkpoint, or avera
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -159,64 +161,64 @@ class Translator:
     context by sliding the context along, as nanoGPT's sample.py does; a model of sentences
     reads BOS first and stops at its context."""
     check_texts(texts)
-    if max_new_tokens < 1:
-      raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0 <= seed <= MAX_SEED - len(texts):
-      raise UserError(f"--seed must be in [0, {MAX_SEED - len(texts)}], got {seed}")
-    if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
-      raise UserError(
-        f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
-      )
-    model = self.decoder_only
+    check_sampling(len(texts), max_new_tokens, temperature, seed)
+    draw = functools.partial(
+      sample, self.decoder_only, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    context = self.spec.model.max_len
     outputs = []
     for i, text in enumerate(texts):
       key = jax.random.key(seed + i)
+      ids = self.tokenizer.encode([text])[0]
       if self.spec.running_text:
-        ids = self.tokenizer.encode([text])[0] or [EOS_ID]
-        new = self._slide(ids, max_new_tokens, key, temperature, top_k, top_p)
-        outputs.append(self.tokenizer.decode([new])[0])
-        continue
-      ids = [BOS_ID, *self.tokenizer.encode([text])[0]]
-      # The last new token is never fed back: T + new - 1 positions must fit in max_len.
-      budget = min(max_new_tokens, self.spec.model.max_len + 1 - len(ids))
-      if budget <= 0:
-        raise UserError(
-          f"prompt {i + 1} has {len(ids)} tokens (BOS included) and the model "
-          f"reads at most {self.spec.model.max_len}: shorten it"
-        )
-      out = sample(
-        model,
-        jnp.asarray([ids], jnp.int32),
-        max_new_tokens=budget,
-        rng=key,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-      )
-      outputs.append(self.tokenizer.decode(np.asarray(out)[:, len(ids) :])[0])
+        new = slide(draw, ids or [EOS_ID], max_new_tokens, context, key)
+      else:
+        new = continue_sentence(draw, [BOS_ID, *ids], max_new_tokens, context, key, i + 1)
+      outputs.append(self.tokenizer.decode([new])[0])
     return outputs
 
-  def _slide(self, ids, max_new_tokens, key, temperature, top_k, top_p) -> list[int]:
-    """Up to `max_new_tokens` ids after `ids`, each call reading the last half-context of what
-    is there and adding up to the other half (two shapes to compile); stops at EOS."""
-    context = self.spec.model.max_len
-    new: list[int] = []
-    call = 0
-    while len(new) < max_new_tokens:
-      prompt = (ids + new)[-max(context // 2, 1) :]
-      count = min(max_new_tokens - len(new), context + 1 - len(prompt))
-      out = sample(
-        self.decoder_only,
-        jnp.asarray([prompt], jnp.int32),
-        max_new_tokens=count,
-        rng=jax.random.fold_in(key, call),
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-      )
-      added = [int(t) for t in np.asarray(out)[0, len(prompt) :]]
-      if EOS_ID in added:
-        return new + added[: added.index(EOS_ID)]
-      new += added
-      call += 1
-    return new
+
+def check_sampling(count: int, max_new_tokens: int, temperature: float, seed: int) -> None:
+  """One line for settings that cannot sample `count` prompts."""
+  if max_new_tokens < 1:
+    raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= seed <= MAX_SEED - count:
+    raise UserError(f"--seed must be in [0, {MAX_SEED - count}], got {seed}")
+  if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
+    raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+
+
+def continue_sentence(
+  draw: Callable, ids: list[int], max_new_tokens: int, context: int, key, number: int
+) -> list[int]:
+  """Up to `max_new_tokens` ids after a sentence's `ids` (BOS first), within the model's
+  `context` positions; prompt `number` (from 1) too long for it is one line."""
+  # The last new token is never fed back: T + new - 1 positions must fit in the context.
+  budget = min(max_new_tokens, context + 1 - len(ids))
+  if budget <= 0:
+    raise UserError(
+      f"prompt {number} has {len(ids)} tokens (BOS included) and the model "
+      f"reads at most {context}: shorten it"
+    )
+  out = draw(jnp.asarray([ids], jnp.int32), max_new_tokens=budget, rng=key)
+  return [int(t) for t in np.asarray(out)[0, len(ids) :]]
+
+
+def slide(draw: Callable, ids: list[int], max_new_tokens: int, context: int, key) -> list[int]:
+  """Up to `max_new_tokens` ids after running text `ids`, each call reading the last
+  half-context of what is there and adding up to the other half (two shapes to compile); stops
+  at EOS."""
+  new: list[int] = []
+  call = 0
+  while len(new) < max_new_tokens:
+    prompt = (ids + new)[-max(context // 2, 1) :]
+    count = min(max_new_tokens - len(new), context + 1 - len(prompt))
+    out = draw(
+      jnp.asarray([prompt], jnp.int32), max_new_tokens=count, rng=jax.random.fold_in(key, call)
+    )
+    added = [int(t) for t in np.asarray(out)[0, len(prompt) :]]
+    if EOS_ID in added:
+      return new + added[: added.index(EOS_ID)]
+    new += added
+    call += 1
+  return new

@@ -114,11 +114,11 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
       "taking-the-workdir-lock",
       timeout_s=config.parallel.barrier_timeout_s,
     )
-    check_resumable(config, workdir)
     mesh = make_mesh(config.parallel)
     where = Location.of(config.data, workdir, jax.process_count())
-    if config.data.vocab_size == 0:
+    if config.data.vocab_size == 0:  # the char or byte tokenizer's own size, the one place
       config = config.with_vocab_size(_tokenizer_size(config, where))
+    check_resumable(config, workdir)
     # Before any data work, so a mesh that cannot split the model or the evaluation batches
     # fails in seconds. The tokenizer has exactly data.vocab_size pieces.
     check_divisible(
@@ -285,10 +285,7 @@ def check_resumable(config: Config, workdir: Path) -> None:
       f"trained with: restore it, use a new --workdir, or resume under this config on purpose "
       "with --config.allow_config_change=all"
     )
-  before = read_config(workdir)
-  if config.data.vocab_size == 0:  # the tokenizer's own: the run recorded its size
-    config = config.with_vocab_size(before.data.vocab_size)
-  changed = config_changes(before, config)
+  changed = config_changes(read_config(workdir), config)
   allowed = config.allow_config_change
   refused = [
     k for k in changed if not any(a == "all" or k == a or k.startswith(a + ".") for a in allowed)
