@@ -68,6 +68,8 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
   "exported_by": (_STR, False),
   "source": (_STR, False),
   "scores": (_DICT, False),
+  "tokenizer_file": (_STR, False),  # a char or byte vocabulary's vocab.json; none: spm.model
+  "running_text": ((bool,), False),  # only when true: a language model of running text
 }
 ADDED_IN_FORMAT_2 = ("decode", SELF_HASH_KEY)
 # Parameter dtypes a model file may hold: a model's parameters are floating-point numbers.
@@ -199,7 +201,7 @@ def _schema_problem(meta: dict[str, Any]) -> str | None:
         return f"lacks the field {key!r}"
       continue
     value = meta[key]
-    if isinstance(value, bool) or not isinstance(value, types):
+    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
       return f"has {key}={value!r}, which is not of type {' or '.join(t.__name__ for t in types)}"
   if not all(type(s) is int and s >= 0 for s in meta.get("averaged_steps", [])):
     return f"has averaged_steps={meta['averaged_steps']!r}, which is not a list of steps"
