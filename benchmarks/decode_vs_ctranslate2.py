@@ -271,7 +271,7 @@ def main(argv=None):
     NAME,
     args.preset,
     {
-      "workdir": str(workdir),
+      "workdir": workdir.name,  # the run folder by name: no machine path in results
       "split": args.split,
       "sentences": len(sources),
       "search": dict(beam_size=search.beam_size, alpha=search.alpha),
