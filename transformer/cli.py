@@ -61,8 +61,10 @@ def run_cli(main: Callable[[], object]) -> int:
   unicode_output()
   previous = stop_on_sigterm()
   quiet = QuietStorageErrors()
-  logging.getLogger("absl").addFilter(quiet)
+  for name in QuietStorageErrors.LOGGERS:
+    logging.getLogger(name).addFilter(quiet)
   unraisable, sys.unraisablehook = sys.unraisablehook, quiet.unraisablehook(sys.unraisablehook)
+  in_thread, threading.excepthook = threading.excepthook, quiet.excepthook(threading.excepthook)
   try:
     main()
     flush_output()  # a failure to deliver the output is this command's, not the exit's
@@ -104,8 +106,10 @@ def run_cli(main: Callable[[], object]) -> int:
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   finally:
-    logging.getLogger("absl").removeFilter(quiet)
+    for name in QuietStorageErrors.LOGGERS:
+      logging.getLogger(name).removeFilter(quiet)
     sys.unraisablehook = unraisable
+    threading.excepthook = in_thread
     for signum, handler in previous.items():
       signal.signal(signum, handler)
   return 0
@@ -115,14 +119,24 @@ class QuietStorageErrors(logging.Filter):
   """Drops the log records of a write refused for lack of space (Orbax's save threads log the
   same failed write four times, with tracebacks, ~340 lines): `run_cli` says it in one line.
   The writes Orbax then abandons still complete into its closed event loop, and tensorstore
-  reports each callback's "Event loop is closed" as unraisable (~200 lines): those go too."""
+  reports each callback's "Event loop is closed" as unraisable (~200 lines): those go too, as do
+  the same failed writes ending the save's other threads and asyncio's tasks."""
+
+  LOGGERS = ("absl", "asyncio")  # Orbax logs through absl; its abandoned tasks through asyncio
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     return not (
-      (error is not None and storage_full(error))
+      (error is not None and self.quiet(error))
       or any(os.strerror(code) in record.getMessage() for code in STORAGE_ERRNOS)
     )
+
+  @staticmethod
+  def quiet(error: BaseException) -> bool:
+    """A refused write, or a write into the temporary folder of a save that failed and was
+    removed (`runs.checkpoint` removes it while the save's last writers end)."""
+    removed = isinstance(error, FileNotFoundError) and ".orbax-checkpoint-tmp" in str(error)
+    return removed or storage_full(error)
 
   @staticmethod
   def unraisablehook(previous):
@@ -131,6 +145,14 @@ class QuietStorageErrors(logging.Filter):
       closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
       if not (closed_loop and frames and frames[-1].name == "_check_closed"):
         previous(unraisable)
+
+    return hook
+
+  @staticmethod
+  def excepthook(previous):
+    def hook(args):
+      if args.exc_value is None or not QuietStorageErrors.quiet(args.exc_value):
+        previous(args)
 
     return hook
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import harness
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -104,7 +105,7 @@ def two_micro_batches():
   interleaved = {
     k: np.stack([first[k], second[k]], axis=1).reshape(-1, *first[k].shape[1:]) for k in first
   }  # [2B, T]
-  split = micro_batches(interleaved, 2)
+  split = micro_batches(jax.tree.map(jnp.asarray, interleaved), 2)
   np.testing.assert_array_equal(split["targets"][0], first["targets"])
   np.testing.assert_array_equal(split["targets"][1], second["targets"])
   assert np.sum(first["targets"] != 0) > 2 * np.sum(second["targets"] != 0)

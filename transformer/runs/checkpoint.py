@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,9 +267,27 @@ def _unfinished_removed_on_failure(directory: Path, read_only: bool) -> Iterator
     yield
   except Exception:
     if not read_only:
-      for unfinished in directory.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(unfinished, ignore_errors=True)
+      _remove_unfinished(directory)
     raise
+
+
+def _remove_unfinished(directory: Path, timeout_s: float = 10.0, settle: int = 3) -> None:
+  """Removes the temporary step folders of a failed save. Its first failed write ends the save,
+  but its other writers go on for a moment: Orbax's threads are waited for, and the folders are
+  removed until `settle` sweeps in a row (0.2 s apart) find none, as a pool thread may still
+  create a file there (and fail on the folder removed under it: `cli` keeps that quiet)."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+      with contextlib.suppress(Exception):  # Orbax's threads re-raise their failure on join
+        thread.join(max(0.0, deadline - time.monotonic()))
+  quiet = 0
+  while quiet < settle and time.monotonic() < deadline:
+    unfinished = list(directory.glob("*.orbax-checkpoint-tmp*"))
+    for folder in unfinished:
+      shutil.rmtree(folder, ignore_errors=True)
+    quiet = 0 if unfinished else quiet + 1
+    time.sleep(0.2)
 
 
 def _first_line(error: BaseException) -> str:

@@ -82,7 +82,7 @@ class Progress:
       self.bar.close()
 
 
-def host_sums(pending: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+def host_sums(pending: list[dict[str, jax.Array]]) -> dict[str, np.ndarray | np.generic]:
   """The steps' metrics fetched once and added on the host: adding them on the device would
   dispatch one small computation per metric and step (a noticeable share of a small model's
   step on a CPU)."""
