@@ -26,7 +26,7 @@ from transformer.cli import ArgumentParser, add_model_arguments, positive_int, r
 from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.config import FILE_DATASETS, DataConfig
 from transformer.data.corpus import Corpus, Location, Pair
-from transformer.data.inputs import EvaluationSource, Share, evaluation_sets
+from transformer.data.inputs import EvaluationSource, Share, evaluation_sets, test_splits
 from transformer.decode.config import DecodeConfig
 from transformer.decode.scoring import score_test_sets
 from transformer.errors import MissingFile, UserError
@@ -140,7 +140,7 @@ def _evaluate(args, workdir: Path) -> dict:
   sources: list[EvaluationSource] = (
     [(Path(args.src).name, read_pairs(args.src, args.ref))]
     if args.src
-    else list(args.split or data.test_splits)
+    else list(args.split or test_splits(data))
   )
   where = Location.of(data, workdir, jax.process_count())
   if not args.src:

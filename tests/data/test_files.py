@@ -349,3 +349,32 @@ def test_itertools_product_of_layouts_all_read(tmp_path):
     data = DataConfig(dataset="parallel", train_files=(str(entry),), validation_fraction=0.5)
     corpus = FileCorpus.of(data)
     assert corpus.pairs("train") + corpus.pairs("validation") == pairs
+
+
+def test_translation_from_files_scores_the_test_files_whatever_test_splits_names(tmp_path):
+  """The recipe's test_splits name Multi30k's sets; a run on files scores data.test_files, named
+  after them (the run read test_2016 and refused to start)."""
+  words = ["a dog", "two men", "the sun", "a cat", "one tree", "red car", "big house"]
+  write(tmp_path / "all.en", "".join(f"{w} {i}\n" for i in range(40) for w in words))
+  write(tmp_path / "all.de", "".join(f"{w} {i}\n" for i in range(40) for w in words))
+  write(tmp_path / "news.en", "a dog 1\nthe sun 2\n")
+  write(tmp_path / "news.de", "a dog 1\nthe sun 2\n")
+  config = get_config()
+  config.data.update(
+    dataset="parallel",
+    train_files=(str(tmp_path / "all.{lang}"),),
+    test_files=(str(tmp_path / "news.{lang}"),),
+    vocab_size=36,
+    max_len=16,
+    tokens_per_batch=16 * 8,
+    eval_batch_size=8,
+    cache_dir=str(tmp_path / "cache"),
+  )
+  typed = Config.of(config)
+  assert typed.data.test_splits == ("test_2016", "test_2017")
+  inputs = training_inputs(
+    typed.data, Location.of(typed.data, tmp_path / "run"), task="translation", seed=0, prefetch=0
+  )
+  assert [test.name for test in inputs.test_sets] == ["news"]
+  assert [target for _, target in inputs.test_sets[0].pairs] == ["a dog 1", "the sun 2"]
+  inputs.train.close()

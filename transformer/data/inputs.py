@@ -380,7 +380,7 @@ def training_inputs(
   validation = _evaluation_set(data, where, data.eval_split, share)
   test_sets = [
     _evaluation_set(data, where, split, share)
-    for split in (data.test_splits if task == "translation" else ())
+    for split in (test_splits(data) if task == "translation" else ())
   ]
   eval_batches_ = _eval_batches_for_task(
     task, seed, data.mlm_select_rate, validation.batches, tokenizer, share
