@@ -355,10 +355,9 @@ def test_translation_from_files_scores_the_test_files_whatever_test_splits_names
   """The recipe's test_splits name Multi30k's sets; a run on files scores data.test_files, named
   after them (the run read test_2016 and refused to start)."""
   words = ["a dog", "two men", "the sun", "a cat", "one tree", "red car", "big house"]
-  write(tmp_path / "all.en", "".join(f"{w} {i}\n" for i in range(40) for w in words))
-  write(tmp_path / "all.de", "".join(f"{w} {i}\n" for i in range(40) for w in words))
-  write(tmp_path / "news.en", "a dog 1\nthe sun 2\n")
-  write(tmp_path / "news.de", "a dog 1\nthe sun 2\n")
+  for lang in ("en", "de"):  # both sides alike: the test is about which sets are read
+    write(tmp_path / f"all.{lang}", "".join(f"{w} {i}\n" for i in range(40) for w in words))
+    write(tmp_path / f"news.{lang}", "a dog 1\nthe sun 2\n")
   config = get_config()
   config.data.update(
     dataset="parallel",
