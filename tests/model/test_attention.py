@@ -263,3 +263,31 @@ def test_cudnn_matches_numpy_on_gpu():
   np.testing.assert_allclose(
     np.asarray(got, np.float32), numpy_attention(q, k, v, mask), atol=3e-2, rtol=3e-2
   )
+
+
+def test_attention_over_a_heads_first_cache_matches_numpy():
+  """A decoding cache is stored [B, N, C, H]; attending over it is the same formula."""
+  q, k, v, mask = random_case(7, t=4, s=13)
+  mask = mask & (np.random.default_rng(1).random((2, 1, 4, 13)) < 0.7)
+  mask[1, :, 2] = False  # a query that sees nothing gets zeros
+  heads_first = lambda x: jnp.asarray(np.swapaxes(x, 1, 2))
+  out = attn.cached_attention(jnp.asarray(q), heads_first(k), heads_first(v), jnp.asarray(mask))
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_attending_over_each_groups_filled_prefix_equals_attending_over_every_slot():
+  """Groups of rows filled to different depths each read their own prefix of the cache; the
+  slots past it are masked, so the result is attention over all of them."""
+  b, t, c, n, h, block = 6, 2, 24, 2, 4, 8
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k, v = (rng.normal(size=(b, n, c, h)).astype(np.float32) for _ in range(2))
+  filled_G = np.array([3, 17, 24])  # three groups of two rows
+  filled_B = np.repeat(filled_G, b // 3)
+  mask = np.arange(c)[None, None, None, :] < filled_B[:, None, None, None]
+  mask = np.broadcast_to(mask, (b, 1, t, c))
+  args = [jnp.asarray(x) for x in (q, k, v, mask)]
+  out = attn.attend_filled_prefix(*args, jnp.asarray(filled_G), block)
+  np.testing.assert_allclose(out, attn.cached_attention(*args), rtol=1e-6, atol=1e-6)
+  reference = numpy_attention(q, np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2), mask)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)

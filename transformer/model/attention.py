@@ -148,14 +148,37 @@ def dot_product_attention(
   return blockwise_attention(q, k, v, mask, is_causal, block_size)
 
 
+def cached_attention(
+  q_BTNH: Float[Array, "B T N H"],
+  k_BNCH: Float[Array, "B N C H"],
+  v_BNCH: Float[Array, "B N C H"],
+  mask: Bool[Array, ...] | None,
+) -> Float[Array, "B T N H"]:
+  """softmax(QK^T/sqrt(d_k))V over a decoding cache, stored heads first: with the heads beside
+  the rows the two products are batched matmuls as they lie, where a [B, C, N, H] cache would
+  be transposed whole at every step (memory traffic in proportion to the cache, per layer)."""
+  scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+  logits_BNTC = jnp.einsum("BTNH,BNCH->BNTC", q_BTNH, k_BNCH, preferred_element_type=jnp.float32)
+  logits_BNTC = logits_BNTC * scale
+  mask = as_4d(mask)
+  if mask is None:
+    weights_BNTC = jax.nn.softmax(logits_BNTC, axis=-1)
+  else:
+    weights_BNTC = jax.nn.softmax(jnp.where(mask, logits_BNTC, MASKED), axis=-1)
+    weights_BNTC = jnp.where(mask, weights_BNTC, 0.0)  # a fully masked row: zeros
+  # Products as plain batched matmuls ([T, C] x [C, H] per row and head): XLA:CPU runs a
+  # product with another output order as a slow generic dot.
+  out_BNTH = jnp.einsum("BNTC,BNCH->BNTH", weights_BNTC.astype(v_BNCH.dtype), v_BNCH)
+  return jnp.swapaxes(out_BNTH, 1, 2)
+
+
 def attend_filled_prefix(
   q: Float[Array, "B T N H"],
-  k: Float[Array, "B C N H"],
-  v: Float[Array, "B C N H"],
+  k: Float[Array, "B N C H"],
+  v: Float[Array, "B N C H"],
   mask: Bool[Array, "B n T C"],
   filled_G: Int[Array, " G"],
   block: int,
-  implementation: str = "xla",
 ) -> Float[Array, "B T N H"]:
   """Attention over the filled cache slots only, the rest being masked anyway.
 
@@ -165,12 +188,12 @@ def attend_filled_prefix(
   equal groups (consecutive rows) with `filled_G[g]` slots filled in group g, each taking its
   own prefix: rows that started decoding at different times need not read the longest's.
   """
-  slots, groups = k.shape[1], filled_G.shape[0]
+  slots, groups = k.shape[2], filled_G.shape[0]
   lengths = [*range(block, slots, block), slots]
 
   def prefix(length: int):
-    return lambda q, k, v, mask: dot_product_attention(
-      q, k[:, :length], v[:, :length], mask=mask[..., :length], implementation=implementation
+    return lambda q, k, v, mask: cached_attention(
+      q, k[:, :, :length], v[:, :, :length], mask[..., :length]
     )
 
   index_G = jnp.clip((filled_G - 1) // block, 0, len(lengths) - 1)
@@ -208,9 +231,9 @@ def merge_heads(out_BTNH, out_NHD, out_bias_D, dtype) -> Float[Array, "B T D"]:
   return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
-# Row b of a [B, C, ...] cache gets its new entries [B, T, ...] from slot start_B[b] on.
+# Row b of a [B, N, C, H] cache gets its new entries [B, N, T, H] from slot start_B[b] on.
 write_rows = jax.vmap(
-  lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0)
+  lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 1)
 )
 
 
@@ -224,15 +247,18 @@ def cache_view(start_B, cache_length: int, new: int, groups: int):
   return visible_B1TC, filled_G
 
 
-def attend(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, filled, block, config: TransformerConfig):
-  """softmax(QK^T/sqrt(d_k))V without forming the weights: over the filled cache prefix when
-  decoding with `block`, else through `dot_product_attention`'s implementation."""
-  if mask is not None and filled is not None and block is not None:
-    return attend_filled_prefix(q_BTNH, k_BSNH, v_BSNH, mask, filled, block, config.attention)
+def attend(q_BTNH, k, v, mask, is_causal, cached: bool, filled, block, config: TransformerConfig):
+  """softmax(QK^T/sqrt(d_k))V without forming the weights: over a decoding cache (k and v
+  [B, N, C, H], over its filled prefix with `block`), else [B, S, N, H] through
+  `dot_product_attention`'s implementation."""
+  if cached:
+    if filled is not None and block is not None:
+      return attend_filled_prefix(q_BTNH, k, v, mask, filled, block)
+    return cached_attention(q_BTNH, k, v, mask)
   return dot_product_attention(
     q_BTNH,
-    k_BSNH,
-    v_BSNH,
+    k,
+    v,
     mask=mask,
     is_causal=is_causal,
     implementation=config.attention,
@@ -295,8 +321,9 @@ class MultiHeadAttention(nnx.Module):
     block: int | None = None,
     groups: int = 1,
   ) -> None:
-    """Allocates the KV cache: empty [B, cache_length, N, H] for self-attention, or the projected
-    `context` (the encoder output) for cross-attention.
+    """Allocates the KV cache: empty [B, N, cache_length, H] for self-attention, or the projected
+    `context` (the encoder output) [B, N, S, H] for cross-attention (heads first: see
+    `cached_attention`).
 
     Self-attention writes the keys of new entry j of row b at slot p * beams + j, p being the
     row's first new position (`q_positions_BT[b, 0]`): consecutive positions with beams = 1, or
@@ -307,14 +334,17 @@ class MultiHeadAttention(nnx.Module):
     (`attend_filled_prefix`).
     """
     if self.cross:
-      self.cached_key = nnx.Cache(self._project(context_BSD, self.key, self.key_bias))
-      self.cached_value = nnx.Cache(self._project(context_BSD, self.value, self.value_bias))
+      heads_first = lambda x_BSNH: jnp.swapaxes(x_BSNH, 1, 2)
+      self.cached_key = nnx.Cache(heads_first(self._project(context_BSD, self.key, self.key_bias)))
+      self.cached_value = nnx.Cache(
+        heads_first(self._project(context_BSD, self.value, self.value_bias))
+      )
       return
     if batch_size % groups:
       raise ValueError(f"{batch_size} cache rows do not split into {groups} groups")
     self.cache_beams, self.cache_groups = beams, groups
     self.cache_block = block if block is not None and block < cache_length else None
-    shape = (batch_size, cache_length, self.config.num_heads, self.config.head_dim)
+    shape = (batch_size, self.config.num_heads, cache_length, self.config.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
     self.cached_value = nnx.Cache(jnp.zeros(shape, jnp.dtype(self.config.dtype)))
 
@@ -333,10 +363,11 @@ class MultiHeadAttention(nnx.Module):
     if q_positions_BT is None:
       raise ValueError("decoding with the cache needs the new entries' positions")
     start_B = q_positions_BT[:, 0].astype(jnp.int32) * self.cache_beams
-    self.cached_key[...] = write_rows(self.cached_key[...], k_BSNH, start_B)
-    self.cached_value[...] = write_rows(self.cached_value[...], v_BSNH, start_B)
+    heads_first = lambda x_BSNH: jnp.swapaxes(x_BSNH, 1, 2)
+    self.cached_key[...] = write_rows(self.cached_key[...], heads_first(k_BSNH), start_B)
+    self.cached_value[...] = write_rows(self.cached_value[...], heads_first(v_BSNH), start_B)
     visible_B1TC, filled_G = cache_view(
-      start_B, self.cached_key.shape[1], x_BTD.shape[1], self.cache_groups
+      start_B, self.cached_key.shape[2], x_BTD.shape[1], self.cache_groups
     )
     return self.cached_key[...], self.cached_value[...], visible_B1TC, filled_G
 
@@ -370,7 +401,8 @@ class MultiHeadAttention(nnx.Module):
     if self.uses_rope:
       q_BTNH = rotary_embedding(q_BTNH, q_positions_BT)
       kv_positions_BS = q_positions_BT if kv_positions_BS is None else kv_positions_BS
-    k_BSNH, v_BSNH, visible, filled = self._keys_values(
+    # With the cache, keys and values come heads first: [B, N, C, H].
+    k, v, visible, filled = self._keys_values(
       x_BTD, context_BSD, use_cache, q_positions_BT, kv_positions_BS
     )
     if visible is not None:
@@ -379,6 +411,7 @@ class MultiHeadAttention(nnx.Module):
     weights_BNTS = None
     dropping = self.config.attention_dropout_rate > 0 and not self.weights_dropout.deterministic
     if return_weights or self.sow_weights or dropping:
+      k_BSNH, v_BSNH = (jnp.swapaxes(x, 1, 2) for x in (k, v)) if use_cache else (k, v)
       weights_BNTS = attention_weights(q_BTNH, k_BSNH, mask=mask, is_causal=is_causal)
       if self.sow_weights:
         self.sow(nnx.Intermediate, "attention_weights", weights_BNTS)
@@ -386,6 +419,6 @@ class MultiHeadAttention(nnx.Module):
       out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", dropped_BNTS.astype(v_BSNH.dtype), v_BSNH)
     else:
       block = self.cache_block if filled is not None else None
-      out_BTNH = attend(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, filled, block, self.config)
+      out_BTNH = attend(q_BTNH, k, v, mask, is_causal, use_cache, filled, block, self.config)
     y_BTD = merge_heads(out_BTNH, self.out[...], self.out_bias[...], jnp.dtype(self.config.dtype))
     return (y_BTD, weights_BNTS) if return_weights else y_BTD
