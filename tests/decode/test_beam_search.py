@@ -4,11 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.baselines.rnn import LSTMSeq2Seq, RNNConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode, length_penalty
+from transformer.decode.beam_search import top_k_in_chunks
+from transformer.decode.greedy import NEG_INF
 
 MAX_LENGTH = 10
 
@@ -122,3 +125,19 @@ def test_lstm_beam_scores_equal_full_forward_log_prob_over_penalty(batch, beam_s
   expected_BW = full_forward_scores(model, src_BS, tokens_BWT, 0.6)
   np.testing.assert_allclose(scores_BW, expected_BW, atol=1e-4)
   assert np.all(np.diff(expected_BW, axis=1) <= 1e-5), expected_BW
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_in_chunks_equals_lax_top_k_ties_included(ties):
+  """The beam step's top-k over [B, W V] reads a fraction of each row; values and indices
+  (the lowest index first among equal values) are lax.top_k's."""
+  rng = np.random.default_rng(int(ties))
+  for width, k in [(32_000, 8), (8_000, 2), (1_000, 16), (513, 3), (40, 8)]:
+    x = rng.normal(size=(3, width)).astype(np.float32)
+    if ties:
+      x = np.round(x)  # five distinct values: most of every top-k ties
+      x[1, : width // 2] = NEG_INF
+    expected = lax.top_k(jnp.asarray(x), k)
+    got = top_k_in_chunks(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])

@@ -28,6 +28,7 @@ How the model sees the W hypotheses of a sentence depends on the model:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -95,6 +96,34 @@ def _take_beams(x_BW_, beam_BJ: Int[Array, "B J"]):
   return jnp.take_along_axis(x_BW_, index, axis=1)
 
 
+def top_k_in_chunks(
+  x_BJ: Float[Array, "B J"], k: int
+) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
+  """`lax.top_k(x, k)` of long rows, ties included, from a fraction of them.
+
+  The rows are cut into chunks of c; the k elements with the highest values lie in the k chunks
+  with the highest maxima (were one outside them, each of those k chunks would hold an element
+  ranked before it: higher, or equal and at a lower index). So a top-k over the chunks' maxima,
+  then over those k chunks' elements, in index order so that ties still go to the lowest index,
+  reads J / c + k c elements where a sort-based top-k orders J (XLA:CPU's TopK costs in
+  proportion to J: the beam step's [B, W V] took as long as the output projection).
+  """
+  batch, width = x_BJ.shape
+  chunk = 2 ** round(math.log2(math.sqrt(width / k)))
+  if width < 4 * k * chunk:
+    values_Bk, index_Bk = lax.top_k(x_BJ, k)
+    return values_Bk, index_Bk
+  chunks = -(-width // chunk)
+  padded_BJ = jnp.pad(x_BJ, ((0, 0), (0, chunks * chunk - width)), constant_values=-jnp.inf)
+  x_BCc = padded_BJ.reshape(batch, chunks, chunk)
+  _, best_Bk = lax.top_k(jnp.max(x_BCc, axis=2), k)
+  best_Bk = jnp.sort(best_Bk, axis=1)
+  candidates_Bkc = jnp.take_along_axis(x_BCc, best_Bk[:, :, None], axis=1)
+  values_Bk, at_Bk = lax.top_k(candidates_Bkc.reshape(batch, k * chunk), k)
+  index_Bk = jnp.take_along_axis(best_Bk, at_Bk // chunk, axis=1) * chunk + at_Bk % chunk
+  return values_Bk, index_Bk
+
+
 def _top_beams(key_BJ: Float[Array, "B J"], k: int, *arrays):
   """The k entries with the highest key per row, best first, from each [B, J, ...] array."""
   _, index_Bk = lax.top_k(key_BJ, k)
@@ -125,7 +154,7 @@ def _beam_step(
   t_B11 = state.t_B[:, None, None]
   # Every continuation of every alive beam, scored by its total log-probability.
   total_BWV = state.alive_log_probs_BW[:, :, None] + log_probs_BWV
-  log_probs_B2W, flat_B2W = lax.top_k(total_BWV.reshape(batch, beams * vocab), 2 * beams)
+  log_probs_B2W, flat_B2W = top_k_in_chunks(total_BWV.reshape(batch, beams * vocab), 2 * beams)
   parent_B2W, token_B2W = flat_B2W // vocab, flat_B2W % vocab
   tokens_B2WT = _take_beams(state.alive_tokens_BWT, parent_B2W)
   new_position_11T = jnp.arange(tokens_B2WT.shape[2])[None, None, :] == t_B11 + 1

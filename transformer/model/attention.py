@@ -190,18 +190,20 @@ def attend_filled_prefix(
   """
   slots, groups = k.shape[2], filled_G.shape[0]
   lengths = [*range(block, slots, block), slots]
+  rows = q.shape[0] // groups
+  mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
 
-  def prefix(length: int):
+  # Each branch slices its group's rows and prefix at once from the whole cache (a branch's
+  # operands are not copied; slicing the rows first would copy the group's whole cache).
+  def prefix(group: int, length: int):
+    row = slice(group * rows, (group + 1) * rows)
     return lambda q, k, v, mask: cached_attention(
-      q, k[:, :, :length], v[:, :, :length], mask[..., :length]
+      q[row], k[row, :, :length], v[row, :, :length], mask[row, ..., :length]
     )
 
   index_G = jnp.clip((filled_G - 1) // block, 0, len(lengths) - 1)
-  branches = [prefix(length) for length in lengths]
-  rows = q.shape[0] // groups
-  mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
   outs = [
-    jax.lax.switch(index_G[g], branches, *(x[g * rows : (g + 1) * rows] for x in (q, k, v, mask)))
+    jax.lax.switch(index_G[g], [prefix(g, length) for length in lengths], q, k, v, mask)
     for g in range(groups)
   ]
   return outs[0] if groups == 1 else jnp.concatenate(outs, axis=0)
