@@ -33,46 +33,36 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.cold:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-cache-")
-  from flax import nnx
-
   from transformer import compilation_cache
-  from transformer.decode.scoring import score_test_sets, write_report
-  from transformer.runs.spec import CONFIG_FILENAME, read_json
-  from transformer.train.config import Config
-  from transformer.train.loop import Trainer
+  from transformer.config import read_config
+  from transformer.decode.scoring import write_report
+  from transformer.train import finish
+  from transformer.train.setup import opened
 
   compilation_cache.enable()
-  config = Config.from_dict(read_json(args.workdir / CONFIG_FILENAME))
+  config = read_config(args.workdir)
   start = time.perf_counter()
-  trainer = Trainer(config, args.workdir)
-  trainer.evaluation(trainer.state.params)  # what the run's earlier evaluations compiled
-  parts = {"startup_and_warm_evaluation_s": time.perf_counter() - start}
-  cpu, wall = time.process_time(), time.perf_counter()
+  with opened(config, args.workdir) as (run, state):
+    finish.evaluation(run, state.params)  # what the run's earlier evaluations compiled
+    parts = {"startup_and_warm_evaluation_s": time.perf_counter() - start}
+    cpu, wall = time.process_time(), time.perf_counter()
 
-  def lap(name: str) -> None:
-    nonlocal wall
-    parts[name] = time.perf_counter() - wall
-    wall = time.perf_counter()
+    def lap(name: str) -> None:
+      nonlocal wall
+      parts[name] = time.perf_counter() - wall
+      wall = time.perf_counter()
 
-  params, averaged = trainer.final_params()
-  lap("average_s")
-  trainer.export(params, averaged)
-  lap("export_s")
-  results = trainer.evaluation(params)
-  lap("validation_loss_and_greedy_bleu_s")
-  model = nnx.merge(trainer.graphdef, params, trainer.rest)
-  model.eval()
-  scores = score_test_sets(
-    model,
-    trainer.inputs.test_sets,
-    trainer.inputs.tokenizer,
-    config.decode,
-    trainer.mesh,
-    args.workdir / "translations",
-  )
-  write_report(scores, args.workdir / "bleu.json")
-  lap("beam_search_test_sets_s")
-  trainer.close()
+    params, averaged = finish.final_params(run, state)
+    lap("average_s")
+    finish.export(run, int(state.step), params, averaged)
+    lap("export_s")
+    results = finish.evaluation(run, params)
+    lap("validation_loss_and_greedy_bleu_s")
+    scores = finish.score(
+      run, params, run.inputs.test_sets, run.config.decode, args.workdir / "translations"
+    )
+    write_report(scores, args.workdir / "bleu.json")
+    lap("beam_search_test_sets_s")
   tail = sum(v for k, v in parts.items() if not k.startswith("startup"))
   report = {
     **{k: round(v, 2) for k, v in parts.items()},
