@@ -9,8 +9,8 @@ from flax import nnx
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
-from transformer.decode.batch import length_limits
-from transformer.decode.engine import search_all
+from transformer.decode.batch import length_limits, search_length
+from transformer.decode.engine import _programs, search_all
 
 MAX_EXTRA = 3
 
@@ -94,3 +94,20 @@ def test_a_sentences_limit_is_its_own(copy_model, copy_sources):
     )
     for source, row in zip(sources_of(copy_sources), np.asarray(tokens_B1T)[:, 0]):
       assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6))
+
+
+def test_lists_whose_longest_sentences_differ_a_little_share_the_compiled_search(copy_model):
+  """Two lists (two test sets, one sentence then another) with longest sources of 17 and 30
+  tokens search at one source length (32, `search_length`; rounded to multiples of 8 they
+  were 24 and 32): one set of programs, and each list's translations are those of its
+  sentences searched alone."""
+  _programs.cache_clear()
+  rng = np.random.default_rng(5)
+  for longest in (17, 30):
+    sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in (2, longest - 1, 3)]
+    got = search_all(copy_model, sources, beam_size=2, alpha=0.6, max_extra_tokens=MAX_EXTRA)
+    for source, row in zip(sources, got, strict=True):
+      assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6)), source
+  assert _programs.cache_info().misses == 1
+  assert [search_length(n, 64) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64]
+  assert search_length(40, 48) == 48  # never past the model's positions

@@ -15,6 +15,15 @@ def padded_length(length: int, max_len: int) -> int:
   return min(-(-length // 8) * 8, max(length, max_len))
 
 
+def search_length(length: int, max_len: int) -> int:
+  """The source length a search is compiled for: `length` rounded up to a power of two (at least
+  8), never past `max_len`. Coarser than `padded_length`: a search compiles three programs per
+  source length (`transformer.decode.engine`), and lists whose longest sentences differ a little
+  (two test sets, one sentence after another) then share them; the extra padding costs little,
+  the source being encoded once per sentence."""
+  return min(max(8, 1 << (length - 1).bit_length()), max(length, max_len))
+
+
 def length_limits(
   src_ids_BS: Int[Array, "B S"], max_extra_tokens: int, max_new_tokens: int, pad_id: int
 ) -> Int[Array, " B"]:

@@ -12,8 +12,9 @@ a sentence's search is exactly `beam_search`'s with K = 1: the translations are 
 
 Three programs are compiled per (model, slots, source length, limit, beam, alpha): `init` (empty
 slots), `refill` (encode the new sentences and write them into their slots) and `run` (steps
-until enough slots have settled). The source length and the limit are those of the longest
-sentence of the list, so a list compiles each once, whatever its batches would have been.
+until enough slots have settled). The source length is the longest sentence's rounded up to a
+power of two (`search_length`) and the limit follows from it, so a list compiles each once,
+whatever its batches would have been, and lists of similar sentences share them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer.data.tokenizer import BOS_ID, EOS_ID
-from transformer.decode.batch import padded_length
+from transformer.decode.batch import search_length
 from transformer.decode.beam_search import (
   BeamState,
   final_beams,
@@ -192,7 +193,7 @@ def search_all(
       f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
       f"{lengths.max()}"
     )
-  source_length = padded_length(int(lengths.max()), config.max_len)
+  source_length = search_length(int(lengths.max()), config.max_len)
   max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
   refill = max(1, min(refill, len(sources)))
   slots = refill * max(1, min(slots // refill, -(-len(sources) // refill)))
