@@ -233,6 +233,11 @@ def merge_heads(out_BTNH, out_NHD, out_bias_D, dtype) -> Float[Array, "B T D"]:
   return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
 
 
+def heads_first(x_BSNH: Float[Array, "B S N H"]) -> Float[Array, "B N S H"]:
+  """Keys or values in a decoding cache's layout (see `cached_attention`)."""
+  return jnp.swapaxes(x_BSNH, 1, 2)
+
+
 # Row b of a [B, N, C, H] cache gets its new entries [B, N, T, H] from slot start_B[b] on.
 write_rows = jax.vmap(
   lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 1)
@@ -336,7 +341,6 @@ class MultiHeadAttention(nnx.Module):
     (`attend_filled_prefix`).
     """
     if self.cross:
-      heads_first = lambda x_BSNH: jnp.swapaxes(x_BSNH, 1, 2)
       self.cached_key = nnx.Cache(heads_first(self._project(context_BSD, self.key, self.key_bias)))
       self.cached_value = nnx.Cache(
         heads_first(self._project(context_BSD, self.value, self.value_bias))
@@ -365,7 +369,6 @@ class MultiHeadAttention(nnx.Module):
     if q_positions_BT is None:
       raise ValueError("decoding with the cache needs the new entries' positions")
     start_B = q_positions_BT[:, 0].astype(jnp.int32) * self.cache_beams
-    heads_first = lambda x_BSNH: jnp.swapaxes(x_BSNH, 1, 2)
     self.cached_key[...] = write_rows(self.cached_key[...], heads_first(k_BSNH), start_B)
     self.cached_value[...] = write_rows(self.cached_value[...], heads_first(v_BSNH), start_B)
     visible_B1TC, filled_G = cache_view(
