@@ -48,6 +48,11 @@ def attention_weights(
   """softmax(Q K^T / sqrt(d_k)) in float32, masked entries exactly zero."""
   logits_BNTS = attention_logits(q_BTNH, k_BSNH)
   mask = _combine(as_4d(mask), is_causal, q_BTNH.shape[1], k_BSNH.shape[1])
+  return masked_softmax(logits_BNTS, mask)
+
+
+def masked_softmax(logits_BNTS: Float[Array, "B N T S"], mask) -> Float[Array, "B N T S"]:
+  """softmax over the keys a query may see (mask None: all), masked entries exactly zero."""
   if mask is None:
     return jax.nn.softmax(logits_BNTS, axis=-1)
   weights_BNTS = jax.nn.softmax(jnp.where(mask, logits_BNTS, MASKED), axis=-1)
@@ -159,13 +164,7 @@ def cached_attention(
   be transposed whole at every step (memory traffic in proportion to the cache, per layer)."""
   scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
   logits_BNTC = jnp.einsum("BTNH,BNCH->BNTC", q_BTNH, k_BNCH, preferred_element_type=jnp.float32)
-  logits_BNTC = logits_BNTC * scale
-  mask = as_4d(mask)
-  if mask is None:
-    weights_BNTC = jax.nn.softmax(logits_BNTC, axis=-1)
-  else:
-    weights_BNTC = jax.nn.softmax(jnp.where(mask, logits_BNTC, MASKED), axis=-1)
-    weights_BNTC = jnp.where(mask, weights_BNTC, 0.0)  # a fully masked row: zeros
+  weights_BNTC = masked_softmax(logits_BNTC * scale, as_4d(mask))
   # Products as plain batched matmuls ([T, C] x [C, H] per row and head): XLA:CPU runs a
   # product with another output order as a slow generic dot.
   out_BNTH = jnp.einsum("BNTC,BNCH->BNTH", weights_BNTC.astype(v_BNCH.dtype), v_BNCH)
