@@ -10,7 +10,7 @@ from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
 from transformer.decode.batch import length_limits, search_length
-from transformer.decode.engine import _programs, search_all
+from transformer.decode.engine import Engine, _programs, search_all
 
 MAX_EXTRA = 3
 
@@ -111,3 +111,20 @@ def test_lists_whose_longest_sentences_differ_a_little_share_the_compiled_search
   assert _programs.cache_info().misses == 1
   assert [search_length(n, 64) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64]
   assert search_length(40, 48) == 48  # never past the model's positions
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_list_within_one_group_is_searched_in_one_program(copy_model, beam_size):
+  """Up to `refill` sentences (one sentence at a time, as `translate` is used interactively)
+  fill one group: the whole search runs as `once`, without the refill loop's programs, and
+  each translation is that of its sentence searched alone."""
+  _programs.cache_clear()
+  rng = np.random.default_rng(6)
+  sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in (6, 2, 5)]
+  engine = Engine(copy_model)
+  got = engine.search(sources, beam_size=beam_size, alpha=0.6, max_extra_tokens=MAX_EXTRA)
+  for source, row in zip(sources, got, strict=True):
+    assert trimmed(row) == trimmed(alone(copy_model, source, beam_size, 0.6)), source
+  (programs,) = engine._by_layout.values()
+  assert programs.once._cache_size() == 1
+  assert programs.run._cache_size() == programs.init._cache_size() == 0

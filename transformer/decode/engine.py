@@ -12,7 +12,9 @@ a sentence's search is exactly `beam_search`'s with K = 1: the translations are 
 
 Three programs are compiled per (model, slots, source length, limit, beam, alpha): `init` (empty
 slots), `refill` (encode the new sentences and write them into their slots) and `run` (steps
-until enough slots have settled). The source length is the longest sentence's rounded up to a
+until enough slots have settled); a list that fits one group of `refill` slots (one sentence at a
+time, as an interactive `translate` is used) runs a fourth, `once`, the whole search in one call.
+The source length is the longest sentence's rounded up to a
 power of two (`search_length`) and the limit follows from it, so a list compiles each once,
 whatever its batches would have been, and lists of similar sentences share them.
 """
@@ -61,20 +63,26 @@ class Layout:
 
 
 class _Programs:
-  """The jitted `init`, `refill` and `run` of one model graph and layout (`_programs`)."""
+  """The jitted `init`, `refill`, `run` and `once` of one model graph and layout (`_programs`).
 
-  def __init__(self, graphdef: nnx.GraphDef, layout: Layout):
+  The model's state comes in as its flat list of arrays (`treedef` rebuilds it): a call then
+  passes a few hundred arrays without walking the module's structure, which costs more than a
+  short search itself (one sentence at a time).
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, treedef, layout: Layout):
     self.layout = layout
-    self.model_graphdef = graphdef
-    # The graph of the model with its caches allocated, set when `init` is traced (first).
+    self.model_graphdef, self.treedef = graphdef, treedef
+    # The graph of the model with its caches allocated, set when `init` or `once` is traced.
     self.cached_graphdef: nnx.GraphDef | None = None
     self.init = jax.jit(self._init)
     # The search and the memory are updated in place (donated): they are the largest arrays.
     self.refill = jax.jit(self._refill, donate_argnums=(0, 1))
     self.run = jax.jit(self._run, donate_argnums=(0,))
+    self.once = jax.jit(self._once)
 
-  def _model(self, state):
-    model = nnx.merge(self.model_graphdef, state)
+  def _model(self, leaves):
+    model = nnx.merge(self.model_graphdef, jax.tree.unflatten(self.treedef, leaves))
     model.eval()
     return model
 
@@ -84,48 +92,44 @@ class _Programs:
     model.init_cache(
       memory_BSD, src_ids_BS, self.layout.max_new_tokens, beams=self.layout.beams, groups=groups
     )
-    return split_memory(model)
+    graphdef, cache, memory, params = split_memory(model)
+    self.cached_graphdef = graphdef
+    return cache, memory, params
 
-  def _init(self, state):
-    """Every slot empty and settled (its source all PAD)."""
+  def _start(self, limit_B, cache) -> BeamState:
     layout = self.layout
-    model = self._model(state)
-    src_ids_BS = jnp.zeros((layout.slots, layout.source_length), jnp.int32)
-    groups = layout.slots // layout.refill
-    self.cached_graphdef, cache, memory, params = self._allocate(model, src_ids_BS, groups)
-    search = initial_state(
-      jnp.ones((layout.slots,), jnp.int32),
+    return initial_state(
+      limit_B,
       layout.beams,
       layout.max_new_tokens,
       cache,
       bos_id=layout.bos_id,
       pad_id=layout.pad_id,
     )
+
+  def _init(self, leaves):
+    """Every slot empty and settled (its source all PAD)."""
+    layout = self.layout
+    src_ids_BS = jnp.zeros((layout.slots, layout.source_length), jnp.int32)
+    cache, memory, params = self._allocate(
+      self._model(leaves), src_ids_BS, layout.slots // layout.refill
+    )
+    search = self._start(jnp.ones((layout.slots,), jnp.int32), cache)
     return search._replace(settled_B=jnp.ones((layout.slots,), jnp.bool_)), memory, params
 
   def _refill(self, search: BeamState, memory, params, src_ids_QS, slot_Q, limit_Q):
     """Sentences src_ids_QS start their searches in slots slot_Q (a slot >= `slots` is none)."""
-    layout = self.layout
     assert self.cached_graphdef is not None, "init runs first"
     model = nnx.merge(self.cached_graphdef, search.cache, memory, params)
-    _, cache_Q, memory_Q, _ = self._allocate(model, src_ids_QS, 1)
-    fresh = initial_state(
-      limit_Q,
-      layout.beams,
-      layout.max_new_tokens,
-      cache_Q,
-      bos_id=layout.bos_id,
-      pad_id=layout.pad_id,
-    )
+    cache_Q, memory_Q, _ = self._allocate(model, src_ids_QS, 1)
+    fresh = self._start(limit_Q, cache_Q)
     put = lambda all_rows, new_rows: all_rows.at[slot_Q].set(new_rows, mode="drop")
     search = jax.tree.map(put, search, fresh)
     return search, jax.tree.map(put, memory, memory_Q)
 
-  def _run(self, search: BeamState, memory, params, min_done):
-    """Steps every slot until `min_done` groups have settled in full (or all slots have);
-    returns the search and each slot's best hypothesis [slots, T] (tokens after BOS)."""
+  def _steps(self, search: BeamState, memory, params, min_done):
+    """Steps every slot until `min_done` groups have settled in full (or all slots have)."""
     layout = self.layout
-    assert self.cached_graphdef is not None, "init runs first"
     step = functools.partial(
       search_step,
       self.cached_graphdef,
@@ -141,14 +145,28 @@ class _Programs:
       done_G = jnp.all(search.settled_B.reshape(-1, layout.refill), axis=1)
       return (jnp.sum(done_G.astype(jnp.int32)) < min_done) & ~jnp.all(done_G)
 
-    search = lax.while_loop(going, step, search)
-    tokens_BKT, _ = final_beams(search, layout.alpha, 1)
+    return lax.while_loop(going, step, search)
+
+  def _run(self, search: BeamState, memory, params, min_done):
+    """`_steps`; returns the search and each slot's best hypothesis [slots, T] (tokens after
+    BOS), with which slots have settled."""
+    assert self.cached_graphdef is not None, "init runs first"
+    search = self._steps(search, memory, params, min_done)
+    tokens_BKT, _ = final_beams(search, self.layout.alpha, 1)
     return search, tokens_BKT[:, 0, 1:], search.settled_B
+
+  def _once(self, leaves, src_ids_BS, limit_B):
+    """The whole search of sentences that fill one group (slots = refill): the best hypothesis
+    of each [slots, T], in one program (one sentence at a time runs this)."""
+    cache, memory, params = self._allocate(self._model(leaves), src_ids_BS, 1)
+    search = self._steps(self._start(limit_B, cache), memory, params, 1)
+    tokens_BKT, _ = final_beams(search, self.layout.alpha, 1)
+    return tokens_BKT[:, 0, 1:]
 
 
 @functools.lru_cache(maxsize=32)  # one per (model, layout): batch-1 use meets many lengths
-def _programs(graphdef: nnx.GraphDef, layout: Layout) -> _Programs:
-  return _Programs(graphdef, layout)
+def _programs(graphdef: nnx.GraphDef, treedef, layout: Layout) -> _Programs:
+  return _Programs(graphdef, treedef, layout)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -163,6 +181,93 @@ def _placed(x: np.ndarray, mesh: Mesh | None):
   if mesh is None or jax.process_count() == 1:
     return jnp.asarray(x)
   return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), x)
+
+
+class Engine:
+  """A model ready to search many times (a `Translator`'s): split once into its graph and its
+  arrays, with the compiled programs of each layout it has met at hand. It holds the model's
+  weights as they were when it was made.
+  """
+
+  def __init__(self, model: EncoderDecoder):
+    self.config = model.config
+    self.graphdef, state = nnx.split(model)
+    self.leaves, self.treedef = jax.tree.flatten(state)
+    self._by_layout: dict[Layout, _Programs] = {}
+
+  def programs(self, layout: Layout) -> _Programs:
+    if layout not in self._by_layout:  # the graph is hashed once per layout, not per call
+      self._by_layout[layout] = _programs(self.graphdef, self.treedef, layout)
+    return self._by_layout[layout]
+
+  def search(
+    self,
+    sources: Sequence[Sequence[int] | np.ndarray],
+    *,
+    beam_size: int,
+    alpha: float,
+    max_extra_tokens: int,
+    slots: int = 64,
+    refill: int = 8,
+    mesh: Mesh | None = None,
+  ) -> np.ndarray:
+    """`search_all` with this engine's model."""
+    config = self.config
+    if not sources:
+      return np.zeros((0, 1), np.int32)
+    lengths = np.array([len(s) for s in sources])
+    if lengths.min() < 1 or lengths.max() > config.max_len:
+      raise ValueError(
+        f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
+        f"{lengths.max()}"
+      )
+    source_length = search_length(int(lengths.max()), config.max_len)
+    max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
+    refill = max(1, min(refill, len(sources)))
+    slots = refill * max(1, min(slots // refill, -(-len(sources) // refill)))
+    alpha = 0.0 if beam_size == 1 else float(alpha)
+    layout = Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
+    programs = self.programs(layout)
+    limits = np.minimum(lengths + max_extra_tokens, max_new_tokens).astype(np.int32)
+    if slots == refill:  # one group holds them all: no refills, one program
+      src_BS = np.zeros((slots, source_length), np.int32)
+      for row, ids in enumerate(sources):
+        src_BS[row, : lengths[row]] = ids
+      placed = (_placed(x, mesh) for x in (src_BS, limits))
+      return _host(programs.once(self.leaves, *placed))
+    search, memory, params = programs.init(self.leaves)
+    queue = deque(np.argsort(-lengths, kind="stable").tolist())  # longest first
+    groups = slots // refill
+    occupant = np.full(slots, -1)
+    results = np.full((len(sources), max_new_tokens), config.pad_id, np.int32)
+    while True:
+      # Each empty group takes the next `refill` sentences of the queue.
+      for group in range(groups):
+        rows = np.arange(group * refill, (group + 1) * refill)
+        if not queue or (occupant[rows] >= 0).any():
+          continue
+        src_QS = np.zeros((refill, source_length), np.int32)
+        limit_Q = np.ones(refill, np.int32)  # an empty row is done after one step
+        for q in range(min(refill, len(queue))):
+          i = queue.popleft()
+          occupant[rows[q]] = i
+          src_QS[q, : lengths[i]] = sources[i]
+          limit_Q[q] = limits[i]
+        search, memory = programs.refill(
+          search, memory, params, *(_placed(x, mesh) for x in (src_QS, rows, limit_Q))
+        )
+      busy = (occupant.reshape(groups, refill) >= 0).any(axis=1)
+      if not busy.any():
+        break
+      min_done = groups - int(busy.sum()) + 1 if queue else groups
+      search, best_BT, settled_B = programs.run(search, memory, params, min_done)
+      settled_B, best_BT = _host(settled_B), _host(best_BT)
+      for done in np.flatnonzero(settled_B.reshape(groups, refill).all(axis=1)):
+        for row in range(done * refill, (done + 1) * refill):
+          if occupant[row] >= 0:
+            results[occupant[row]] = best_BT[row]
+            occupant[row] = -1
+    return results
 
 
 def search_all(
@@ -182,56 +287,14 @@ def search_all(
   Sentence i has at most len(sources[i]) + max_extra_tokens target tokens, within the model's
   positions; each row holds its tokens (up to and including EOS), then PAD, T being the most any
   has. Every process must pass the same sources (translations are computed once, over the
-  mesh's devices).
+  mesh's devices). Searching one model many times: `Engine(model).search`.
   """
-  config = model.config
-  if not sources:
-    return np.zeros((0, 1), np.int32)
-  lengths = np.array([len(s) for s in sources])
-  if lengths.min() < 1 or lengths.max() > config.max_len:
-    raise ValueError(
-      f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
-      f"{lengths.max()}"
-    )
-  source_length = search_length(int(lengths.max()), config.max_len)
-  max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
-  refill = max(1, min(refill, len(sources)))
-  slots = refill * max(1, min(slots // refill, -(-len(sources) // refill)))
-  alpha = 0.0 if beam_size == 1 else float(alpha)
-  layout = Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
-  graphdef, state = nnx.split(model)
-  programs = _programs(graphdef, layout)
-  search, memory, params = programs.init(state)
-  limits = np.minimum(lengths + max_extra_tokens, max_new_tokens).astype(np.int32)
-  queue = deque(np.argsort(-lengths, kind="stable").tolist())  # longest first
-  groups = slots // refill
-  occupant = np.full(slots, -1)
-  results = np.full((len(sources), max_new_tokens), config.pad_id, np.int32)
-  while True:
-    # Each empty group takes the next `refill` sentences of the queue.
-    for group in range(groups):
-      rows = np.arange(group * refill, (group + 1) * refill)
-      if not queue or (occupant[rows] >= 0).any():
-        continue
-      src_QS = np.zeros((refill, source_length), np.int32)
-      limit_Q = np.ones(refill, np.int32)  # an empty row is done after one step
-      for q in range(min(refill, len(queue))):
-        i = queue.popleft()
-        occupant[rows[q]] = i
-        src_QS[q, : lengths[i]] = sources[i]
-        limit_Q[q] = limits[i]
-      search, memory = programs.refill(
-        search, memory, params, *(_placed(x, mesh) for x in (src_QS, rows, limit_Q))
-      )
-    busy = (occupant.reshape(groups, refill) >= 0).any(axis=1)
-    if not busy.any():
-      break
-    min_done = groups - int(busy.sum()) + 1 if queue else groups
-    search, best_BT, settled_B = programs.run(search, memory, params, min_done)
-    settled_B, best_BT = _host(settled_B), _host(best_BT)
-    for done in np.flatnonzero(settled_B.reshape(groups, refill).all(axis=1)):
-      for row in range(done * refill, (done + 1) * refill):
-        if occupant[row] >= 0:
-          results[occupant[row]] = best_BT[row]
-          occupant[row] = -1
-  return results
+  return Engine(model).search(
+    sources,
+    beam_size=beam_size,
+    alpha=alpha,
+    max_extra_tokens=max_extra_tokens,
+    slots=slots,
+    refill=refill,
+    mesh=mesh,
+  )

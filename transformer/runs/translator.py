@@ -23,7 +23,7 @@ from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.decode.batch import padded_length
 from transformer.decode.config import DecodeConfig
-from transformer.decode.engine import search_all
+from transformer.decode.engine import Engine
 from transformer.decode.sampling import sample
 from transformer.errors import UserError
 from transformer.model.transformer import DecoderOnly, EncoderDecoder
@@ -60,6 +60,12 @@ class Translator:
   def search(self) -> DecodeConfig:
     """The beam size, length penalty and length limit the run was scored with."""
     return self.spec.search
+
+  @functools.cached_property
+  def engine(self) -> Engine:
+    """The translation model's search engine (made once: a `Translator`'s model stays as
+    loaded)."""
+    return Engine(self.encoder_decoder)
 
   @property
   def task(self) -> str:
@@ -128,14 +134,12 @@ class Translator:
     search = self.search.overridden(
       beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens
     )
-    model = self.encoder_decoder
     real = [i for i, text in enumerate(texts) if text.strip()]
     out = [""] * len(texts)
     if not real:
       return out
     src_ids_BS = self.encode([texts[i] for i in real], [first_line + i for i in real])
-    tokens_BT = search_all(
-      model,
+    tokens_BT = self.engine.search(
       [ids[ids != PAD_ID] for ids in src_ids_BS],
       beam_size=search.beam_size,
       alpha=search.alpha,
