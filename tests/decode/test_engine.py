@@ -37,20 +37,25 @@ def trimmed(tokens: np.ndarray) -> list[int]:
   return tokens[: tokens.index(EOS_ID) + 1] if EOS_ID in tokens else tokens
 
 
-@pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (3, 0.6), (2, 1.0)])
-def test_search_all_translates_each_sentence_as_its_own_search(copy_model, beam_size, alpha):
-  """Ten sentences through 4 slots refilled 2 at a time: each slot's sentence is searched at
-  its own position in a shared cache, and must come out as if searched alone."""
+@pytest.mark.parametrize(
+  "beam_size, alpha, slots, count", [(1, 0.0, 4, 10), (3, 0.6, 4, 10), (2, 1.0, 16, 24)]
+)
+def test_search_all_translates_each_sentence_as_its_own_search(
+  copy_model, beam_size, alpha, slots, count
+):
+  """Sentences through `slots` slots, any 2 free ones refilled at once (16 slots: two groups of
+  8 attending over their own prefixes, sentences of different ages in each): each slot's
+  sentence is searched at its own position in a shared cache, and must come out as if
+  searched alone."""
   rng = np.random.default_rng(3)
-  sources = [rng.integers(EOS_ID + 2, 16, n) for n in (2, 7, 3, 8, 5, 2, 6, 4, 8, 3)]
-  sources = [np.append(s, EOS_ID) for s in sources]
+  sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in rng.integers(1, 9, count)]
   got = search_all(
     copy_model,
     sources,
     beam_size=beam_size,
     alpha=alpha,
     max_extra_tokens=MAX_EXTRA,
-    slots=4,
+    slots=slots,
     refill=2,
   )
   assert got.shape[0] == len(sources)
