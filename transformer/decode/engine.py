@@ -101,9 +101,7 @@ class _Programs:
     model.init_cache(
       memory_BSD, src_ids_BS, self.layout.max_new_tokens, beams=self.layout.beams, groups=groups
     )
-    graphdef, cache, memory, params = split_memory(model)
-    self.cached_graphdef = graphdef
-    return cache, memory, params
+    return split_memory(model)
 
   def _start(self, limit_B, cache) -> BeamState:
     layout = self.layout
@@ -120,7 +118,9 @@ class _Programs:
     """Every slot empty and settled (its source all PAD)."""
     layout = self.layout
     src_ids_BS = jnp.zeros((layout.slots, layout.source_length), jnp.int32)
-    cache, memory, params = self._allocate(self._model(leaves), src_ids_BS, layout.groups)
+    self.cached_graphdef, cache, memory, params = self._allocate(
+      self._model(leaves), src_ids_BS, layout.groups
+    )
     search = self._start(jnp.ones((layout.slots,), jnp.int32), cache)
     return search._replace(settled_B=jnp.ones((layout.slots,), jnp.bool_)), memory, params
 
@@ -128,7 +128,7 @@ class _Programs:
     """Sentences src_ids_QS start their searches in slots slot_Q (a slot >= `slots` is none)."""
     assert self.cached_graphdef is not None, "init runs first"
     model = nnx.merge(self.cached_graphdef, search.cache, memory, params)
-    cache_Q, memory_Q, _ = self._allocate(model, src_ids_QS, 1)
+    _, cache_Q, memory_Q, _ = self._allocate(model, src_ids_QS, 1)
     fresh = self._start(limit_Q, cache_Q)
     put = lambda all_rows, new_rows: all_rows.at[slot_Q].set(new_rows, mode="drop")
     search = jax.tree.map(put, search, fresh)
@@ -164,7 +164,9 @@ class _Programs:
   def _once(self, leaves, src_ids_BS, limit_B):
     """The whole search of sentences that fill one group (slots = refill): the best hypothesis
     of each [slots, T], in one program (one sentence at a time runs this)."""
-    cache, memory, params = self._allocate(self._model(leaves), src_ids_BS, 1)
+    self.cached_graphdef, cache, memory, params = self._allocate(
+      self._model(leaves), src_ids_BS, self.layout.groups
+    )
     search = self._steps(self._start(limit_B, cache), memory, params, self.layout.slots)
     tokens_BKT, _ = final_beams(search, self.layout.alpha, 1)
     return tokens_BKT[:, 0, 1:]
