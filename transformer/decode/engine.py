@@ -66,9 +66,10 @@ class Layout:
   @property
   def groups(self) -> int:
     """Groups of consecutive slots, each attending over its own filled prefix of the cache
-    (`attend_filled_prefix`): groups of 8 (fewer would read longer prefixes, more would
-    compile and run more attention branches per step)."""
-    return self.slots // 8 if self.slots % 8 == 0 else 1
+    (`attend_filled_prefix`): 32 rows (slots x beams) each. Fewer would read longer prefixes;
+    more would compile and run more attention branches per step."""
+    groups = max(1, self.slots * self.beams // 32)
+    return groups if self.slots % groups == 0 else 1
 
 
 class _Programs:
