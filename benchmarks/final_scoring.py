@@ -52,12 +52,16 @@ def main(argv=None) -> dict:
       parts[name] = time.perf_counter() - wall
       wall = time.perf_counter()
 
+    compiling = finish.compile_test_search(run, state.params)
     params, averaged = finish.final_params(run, state)
     lap("average_s")
     finish.export(run, int(state.step), params, averaged)
     lap("export_s")
     results = finish.evaluation(run, params)
     lap("validation_loss_and_greedy_bleu_s")
+    if compiling is not None:
+      compiling.join()
+    lap("waiting_for_the_search_compile_s")
     scores = finish.score(
       run, params, run.inputs.test_sets, run.config.decode, args.workdir / "translations"
     )

@@ -133,3 +133,22 @@ def test_a_list_within_one_group_is_searched_in_one_program(copy_model, beam_siz
   (programs,) = engine._by_layout.values()
   assert programs.once._cache_size() == 1
   assert programs.run._cache_size() == programs.init._cache_size() == 0
+
+
+def test_a_prepared_search_compiles_nothing_more(copy_model):
+  """`prepare` runs a list's programs on empty slots; the search of the list then finds each
+  compiled once (the state a refill or a step returns has the types `init` gives it: a weakly
+  typed score there compiled `refill` and `run` twice)."""
+  _programs.cache_clear()
+  rng = np.random.default_rng(7)
+  sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in rng.integers(1, 9, 12)]
+  search = dict(beam_size=2, alpha=0.6, max_extra_tokens=MAX_EXTRA, slots=4, refill=2)
+  engine = Engine(copy_model)
+  engine.prepare(np.array([len(s) for s in sources]), **search)
+  (programs,) = engine._by_layout.values()
+  compiled = [p._cache_size() for p in (programs.init, programs.refill, programs.run)]
+  got = engine.search(sources, **search)
+  assert [p._cache_size() for p in (programs.init, programs.refill, programs.run)] == compiled
+  assert compiled == [1, 1, 1]
+  for source, row in zip(sources, got, strict=True):
+    assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6)), source

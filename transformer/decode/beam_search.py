@@ -81,7 +81,7 @@ def initial_state(
     tokens_BWT,
     jnp.tile(jnp.array([[0.0] + [NEG_INF] * (beams - 1)]), (batch, 1)),
     tokens_BWT,
-    jnp.full((batch, beams), NEG_INF),
+    jnp.full((batch, beams), NEG_INF, jnp.float32),  # not weakly typed: as the steps leave it
     jnp.zeros((batch, beams), jnp.bool_),
     jnp.zeros((batch,), jnp.bool_),
     limit_B.astype(jnp.int32),

@@ -209,6 +209,55 @@ class Engine:
       self._by_layout[layout] = _programs(self.graphdef, self.treedef, layout)
     return self._by_layout[layout]
 
+  def layout(
+    self,
+    lengths: np.ndarray,
+    beam_size: int,
+    alpha: float,
+    max_extra_tokens: int,
+    slots: int,
+    refill: int,
+  ) -> Layout:
+    """The layout a search of sources of `lengths` runs in (see `search`)."""
+    config = self.config
+    if lengths.min() < 1 or lengths.max() > config.max_len:
+      raise ValueError(
+        f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
+        f"{lengths.max()}"
+      )
+    source_length = search_length(int(lengths.max()), config.max_len)
+    max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
+    refill = max(1, min(refill, len(lengths)))
+    slots = refill * max(1, min(slots // refill, -(-len(lengths) // refill)))
+    alpha = 0.0 if beam_size == 1 else float(alpha)
+    return Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
+
+  def prepare(
+    self,
+    lengths: np.ndarray,
+    *,
+    beam_size: int,
+    alpha: float,
+    max_extra_tokens: int,
+    slots: int = 64,
+    refill: int = 8,
+  ) -> None:
+    """Compiles the programs a search of sources of `lengths` runs, by running them on empty
+    slots (a few steps of nothing): a search started later, in any thread, finds them ready.
+    One process only (a multi-process search places its inputs on a global mesh)."""
+    layout = self.layout(np.asarray(lengths), beam_size, alpha, max_extra_tokens, slots, refill)
+    programs = self.programs(layout)
+    # Arrays as a search passes them (`_placed`), so that it finds the same entries.
+    empty_QS = jnp.zeros((layout.refill, layout.source_length), jnp.int32)
+    ones_Q = jnp.ones(layout.refill, jnp.int32)
+    if layout.slots == layout.refill:
+      jax.block_until_ready(programs.once(self.leaves, empty_QS, ones_Q))
+      return
+    search, memory, params = programs.init(self.leaves)
+    nowhere_Q = jnp.full(layout.refill, layout.slots, jnp.int32)  # every row dropped
+    search, memory = programs.refill(search, memory, params, empty_QS, nowhere_Q, ones_Q)
+    jax.block_until_ready(programs.run(search, memory, params, layout.slots))
+
   def search(
     self,
     sources: Sequence[Sequence[int] | np.ndarray],
@@ -225,17 +274,9 @@ class Engine:
     if not sources:
       return np.zeros((0, 1), np.int32)
     lengths = np.array([len(s) for s in sources])
-    if lengths.min() < 1 or lengths.max() > config.max_len:
-      raise ValueError(
-        f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
-        f"{lengths.max()}"
-      )
-    source_length = search_length(int(lengths.max()), config.max_len)
-    max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
-    refill = max(1, min(refill, len(sources)))
-    slots = refill * max(1, min(slots // refill, -(-len(sources) // refill)))
-    alpha = 0.0 if beam_size == 1 else float(alpha)
-    layout = Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
+    layout = self.layout(lengths, beam_size, alpha, max_extra_tokens, slots, refill)
+    slots, refill, source_length = layout.slots, layout.refill, layout.source_length
+    max_new_tokens = layout.max_new_tokens
     programs = self.programs(layout)
     limits = np.minimum(lengths + max_extra_tokens, max_new_tokens).astype(np.int32)
     if slots == refill:  # one group holds them all: no refills, one program
@@ -268,9 +309,9 @@ class Engine:
       min_settled = int(np.sum(occupant < 0)) + refill if queue else slots
       search, best_BT, settled_B = programs.run(search, memory, params, min_settled)
       settled_B, best_BT = _host(settled_B), _host(best_BT)
-      for row in np.flatnonzero(settled_B & (occupant >= 0)):
-        results[occupant[row]] = best_BT[row]
-        occupant[row] = -1
+      for slot in np.flatnonzero(settled_B & (occupant >= 0)):
+        results[occupant[slot]] = best_BT[slot]
+        occupant[slot] = -1
     return results
 
 

@@ -18,7 +18,7 @@ from transformer import files
 from transformer.data.inputs import TestSet
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.decode.config import DecodeConfig
-from transformer.decode.engine import search_all
+from transformer.decode.engine import Engine, search_all
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,26 @@ def translate_batches(
       mesh=mesh,
     )
   return tokenizer.decode(tokens)
+
+
+def prepare_search(model, test_sets: Sequence[TestSet], decode: DecodeConfig, mesh: Mesh) -> None:
+  """Compiles the search `score_test_sets` runs on `test_sets` (one process; see
+  `Engine.prepare`), without translating them."""
+  engine = Engine(model)
+  with jax.set_mesh(mesh):
+    for test in test_sets:
+      lengths = [
+        int(np.sum(ids != PAD_ID))
+        for batch in test.batches
+        for ids, row in zip(batch["inputs"], batch["index"], strict=True)
+        if row >= 0
+      ]
+      engine.prepare(
+        np.array(lengths),
+        beam_size=decode.beam_size,
+        alpha=decode.alpha,
+        max_extra_tokens=decode.max_extra_tokens,
+      )
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from flax import nnx
 from transformer import files
 from transformer.data.inputs import TestSet
 from transformer.decode.config import DecodeConfig
-from transformer.decode.scoring import score_test_sets, write_report
+from transformer.decode.scoring import prepare_search, score_test_sets, write_report
 from transformer.parallel.mesh import global_batch
 from transformer.runs.artifact import export_model, record_scores
 from transformer.runs.checkpoint import average_params
@@ -45,6 +46,31 @@ def score(
 ) -> dict[str, dict[str, Any]]:
   """Translates `sets` with the model of `params` and scores them (see `score_test_sets`)."""
   return score_test_sets(run.model(params), sets, run.inputs.tokenizer, decode, run.mesh, out_dir)
+
+
+def compile_test_search(run: Run, params: nnx.State) -> threading.Thread | None:
+  """Starts compiling the test sets' beam search in a thread, where `finish` will score them:
+  compiling takes one core for about 20 s, which the averaging, the export and the validation
+  leave mostly free. None where there is nothing to compile, or several processes (their
+  programs run in step across hosts)."""
+  config = run.config
+  if not (
+    config.task == "translation"
+    and config.decode.bleu_at_end
+    and run.inputs.test_sets
+    and jax.process_count() == 1
+  ):
+    return None
+
+  def compile_it() -> None:
+    try:
+      prepare_search(run.model(params), run.inputs.test_sets, config.decode, run.mesh)
+    except Exception as error:  # the search compiles when it runs instead
+      log.debug("compiling the test sets' search ahead failed: %s", error)
+
+  thread = threading.Thread(target=compile_it, name="compile-test-search", daemon=True)
+  thread.start()
+  return thread
 
 
 def elapsed_s(run: Run) -> float:
@@ -95,12 +121,15 @@ def export(run: Run, step: int, params: nnx.State, averaged_steps: list[int]) ->
 def finish(run: Run, state: TrainState) -> dict[str, Any]:
   """Exports the run's final parameters, evaluates and scores them; returns the results (also
   written to results.json, bleu.json and model.json's scores)."""
+  compiling = compile_test_search(run, state.params)
   params, averaged_steps = final_params(run, state)
   step = int(state.step)
   export(run, step, params, averaged_steps)  # the model scored below is the model one uses
   results: dict[str, Any] = {"step": step, **evaluation(run, params)}
   config, workdir = run.config, run.workdir
   scores: dict[str, Any] = {}
+  if compiling is not None:
+    compiling.join()
   if config.task == "translation" and config.decode.bleu_at_end and run.inputs.test_sets:
     scores = score(run, params, run.inputs.test_sets, config.decode, workdir / "translations")
     write_report(scores, workdir / "bleu.json")
