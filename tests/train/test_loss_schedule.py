@@ -134,9 +134,15 @@ def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
     state = TrainState(jnp.asarray(step), {"w": jnp.full((4,), float(step))}, ())
     checkpointer.save(step, state, Record({}))
   averaged, steps = average_params(checkpointer, state, last=2)
+  # The newest step's parameters held in memory are not read again (a run at its end).
+  restored = []
+  restore = checkpointer.restore
+  checkpointer.restore = lambda abstract, step: restored.append(step) or restore(abstract, step)
+  held, held_steps = average_params(checkpointer, state, last=2, held=(3, state.params))
   checkpointer.close()
-  assert steps == [2, 3]
+  assert steps == held_steps == [2, 3] and restored == [2]
   np.testing.assert_allclose(averaged["w"], 2.5)
+  np.testing.assert_allclose(held["w"], 2.5)
 
 
 def test_cosine_schedule_ends_at_its_floor_as_nanogpt_computes_it():

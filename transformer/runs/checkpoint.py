@@ -432,19 +432,25 @@ def _describe_difference(saved: dict[str, tuple], wanted: dict[str, tuple]) -> s
   return "; ".join(parts) or None
 
 
-def average_params(checkpointer: Checkpointer, abstract_state: Any, last: int):
+def average_params(
+  checkpointer: Checkpointer, abstract_state: Any, last: int, *, held: tuple[int, Any] = (-1, None)
+):
   """The mean of the parameters of the last `last` checkpoints (the paper averages 5 or 20).
 
-  A damaged one is left out with a warning: the average of the others still stands.
+  `held` = (step, parameters) already in memory (a run's at its end): that step is not read
+  again. A damaged one is left out with a warning: the average of the others still stands.
   """
   total, averaged = None, []
   for step in checkpointer.steps()[-last:]:
-    try:
-      state, _, _ = checkpointer.restore(abstract_state, step)
-    except CheckpointError as error:
-      log.warning("averaging leaves out checkpoint step %d: %s", step, error)
-      continue
-    total = state.params if total is None else jax.tree.map(lambda a, b: a + b, total, state.params)
+    if step == held[0]:
+      params = held[1]
+    else:
+      try:
+        params = checkpointer.restore(abstract_state, step)[0].params
+      except CheckpointError as error:
+        log.warning("averaging leaves out checkpoint step %d: %s", step, error)
+        continue
+    total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
     averaged.append(step)
   if not averaged:
     raise CheckpointError(

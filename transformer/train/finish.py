@@ -101,7 +101,8 @@ def final_params(run: Run, state: TrainState) -> tuple[nnx.State, list[int]]:
   k = run.config.average_last_checkpoints
   if k <= 1 or len(run.checkpointer.steps()) < 2:
     return state.params, []
-  params, steps = average_params(run.checkpointer, run.abstract_state(state), k)
+  held = (int(state.step), state.params)  # the newest checkpoint's, if it is this step's
+  params, steps = average_params(run.checkpointer, run.abstract_state(state), k, held=held)
   log.info("averaged the parameters of checkpoints %s", steps)
   return params, steps
 
