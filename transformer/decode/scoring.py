@@ -23,6 +23,15 @@ from transformer.decode.engine import Engine, search_all
 log = logging.getLogger(__name__)
 
 
+def real_rows(batch: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+  """{sentence index: source ids without padding} of a batch's real rows (index >= 0)."""
+  return {
+    int(row): ids[ids != PAD_ID]
+    for row, ids in zip(batch["index"], batch["inputs"], strict=True)
+    if row >= 0
+  }
+
+
 def translate_batches(
   model,
   batches: Iterable[dict[str, np.ndarray]],
@@ -39,11 +48,11 @@ def translate_batches(
   """
   sources: dict[int, np.ndarray] = {}
   for batch in batches:
-    inputs = np.asarray(multihost_utils.process_allgather(batch["inputs"], tiled=True))
-    index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
-    for row, ids in zip(index, inputs, strict=True):
-      if row >= 0:
-        sources[int(row)] = ids[ids != PAD_ID]
+    gathered = {
+      key: np.asarray(multihost_utils.process_allgather(batch[key], tiled=True))
+      for key in ("inputs", "index")
+    }
+    sources.update(real_rows(gathered))
   order = sorted(sources)
   with jax.set_mesh(mesh):
     tokens = search_all(
@@ -63,12 +72,7 @@ def prepare_search(model, test_sets: Sequence[TestSet], decode: DecodeConfig, me
   engine = Engine(model)
   with jax.set_mesh(mesh):
     for test in test_sets:
-      lengths = [
-        int(np.sum(ids != PAD_ID))
-        for batch in test.batches
-        for ids, row in zip(batch["inputs"], batch["index"], strict=True)
-        if row >= 0
-      ]
+      lengths = [len(ids) for batch in test.batches for ids in real_rows(batch).values()]
       engine.prepare(
         np.array(lengths),
         beam_size=decode.beam_size,
