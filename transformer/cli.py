@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from transformer.decode.config import STOP_RULES
 from transformer.errors import MissingFile, UserError
 
 
@@ -307,13 +308,19 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   """--step / --average: which parameters of a run a command uses (default: its exported model),
-  and --beam_size / --alpha: how it searches (default: as the run was scored)."""
+  and --beam_size / --alpha / --stop: how it searches (default: as the run was scored)."""
   parser.add_argument("--step", type=positive_int, help="use checkpoint STEP")
   parser.add_argument(
     "--average", type=positive_int, help="use the mean of the newest K checkpoints"
   )
   parser.add_argument("--beam_size", type=positive_int, help="1 = greedy (default: the run's)")
   parser.add_argument("--alpha", type=float, help="length penalty exponent (default: the run's)")
+  parser.add_argument(
+    "--stop",
+    choices=STOP_RULES,
+    help="when a sentence's beam search ends: heuristic (its best alive hypothesis would not "
+    "win by ending next) or exact (none could win at any length) (default: the run's)",
+  )
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -126,7 +126,10 @@ def _evaluate(args, workdir: Path) -> dict:
     raise UserError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
   data = _data_block(workdir, loaded.spec, need_splits=not args.src)
   decode = loaded.spec.search.overridden(
-    beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens
+    beam_size=args.beam_size,
+    alpha=args.alpha,
+    max_extra_tokens=args.max_extra_tokens,
+    stop=args.stop,
   )
   mesh = make_mesh(ParallelConfig(data=-1))
   batch_size = args.batch_size or data.eval_batch_size
@@ -244,9 +247,11 @@ def _data_block(workdir: Path, spec: RunSpec, *, need_splits: bool) -> DataConfi
 
 
 def _settings_tag(args, decode: DecodeConfig) -> str:
-  """A file-name tag of what was evaluated: model, beam, alpha."""
+  """A file-name tag of what was evaluated: model, beam, alpha (and the stop rule where it is not
+  the default: earlier files keep their names)."""
   model = f"step{args.step}" if args.step else f"avg{args.average}" if args.average else "model"
-  return f"{model}.beam{decode.beam_size}.alpha{decode.alpha:g}"
+  stop = "" if decode.stop == DecodeConfig.stop else f".{decode.stop}"
+  return f"{model}.beam{decode.beam_size}.alpha{decode.alpha:g}{stop}"
 
 
 def main_cli() -> int:

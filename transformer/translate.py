@@ -133,7 +133,10 @@ def main(argv=None) -> None:
   keep_freed_memory()  # each decoding step's buffers without page faults
   translator = Translator(args.workdir, step=args.step, average=args.average)
   search = translator.search.overridden(
-    beam_size=args.beam_size, alpha=args.alpha, max_extra_tokens=args.max_extra_tokens
+    beam_size=args.beam_size,
+    alpha=args.alpha,
+    max_extra_tokens=args.max_extra_tokens,
+    stop=args.stop,
   )
   if translator.task == "mlm":
     raise UserError(
@@ -148,6 +151,7 @@ def main(argv=None) -> None:
         beam_size=search.beam_size,
         alpha=search.alpha,
         max_extra_tokens=search.max_extra_tokens,
+        stop=search.stop,
         first_line=printed + 1,
       )
     else:

@@ -65,7 +65,12 @@ def test_training_exports_the_averaged_model_it_scored(trained):
   # model.json carries the scores of the model it describes, and the search they were made with.
   assert meta["scores"][SPLIT]["bleu"] == results[f"bleu/{SPLIT}"]
   assert meta["scores"]["validation"]["loss"] == results["eval/loss"]
-  assert meta["decode"] == {"beam_size": 2, "alpha": 0.6, "max_extra_tokens": 8}
+  assert meta["decode"] == {
+    "beam_size": 2,
+    "alpha": 0.6,
+    "max_extra_tokens": 8,
+    "stop": "heuristic",
+  }
 
 
 def test_evaluate_reproduces_the_bleu_training_printed(trained, tmp_path, capsys):

@@ -52,6 +52,7 @@ def cli_error(capsys, main) -> str:
     (dict(decode=dict(beam_size=0)), "decode.beam_size must be >= 1"),
     (dict(decode=dict(alpha=-1.0)), "decode.alpha (length penalty) must be a finite number >= 0"),
     (dict(decode=dict(max_extra_tokens=-1)), "decode.max_extra_tokens must be >= 0"),
+    (dict(decode=dict(stop="fast")), "decode.stop must be one of heuristic, exact, got 'fast'"),
     (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
     (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
     (dict(data=dict(eval_batch_size=12)), "batch of 12 rows does not split over data x fsdp = 8"),

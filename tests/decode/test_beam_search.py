@@ -141,3 +141,88 @@ def test_top_k_in_chunks_equals_lax_top_k_ties_included(ties):
     got = top_k_in_chunks(jnp.asarray(x), k)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+def reference_search(next_log_probs, beams: int, alpha: float, limit: int, stop: str):
+  """The best hypothesis (tokens after BOS, EOS included where it ended; score) of one sentence
+  by the search the module docstring describes, written over Python lists: `next_log_probs(
+  prefix)` gives the float64 log-probabilities of the token after BOS + prefix."""
+  lp = lambda length: ((5.0 + length) / 6.0) ** alpha
+  alive, finished, t = [((), 0.0)], [], 0
+  while True:
+    candidates = [
+      (log_p + step_log_p, w, token)
+      for w, (tokens, log_p) in enumerate(alive)
+      for token, step_log_p in enumerate(next_log_probs(tokens))
+      if token != PAD_ID
+    ]
+    top = sorted(candidates, key=lambda c: (-c[0], c[1], c[2]))[: 2 * beams]
+    finished += [
+      (alive[w][0] + (token,), s / lp(t + 1)) for s, w, token in top[:beams] if token == EOS_ID
+    ]
+    finished = sorted(finished, key=lambda f: -f[1])[:beams]
+    alive = [(alive[w][0] + (token,), s) for s, w, token in top if token != EOS_ID][:beams]
+    t += 1
+    if t >= limit:
+      scored = finished + [(tokens, log_p / lp(limit)) for tokens, log_p in alive]
+      return max(scored, key=lambda f: f[1])
+    ends_at = t + 1 if stop == "heuristic" else limit
+    if finished and finished[0][1] > alive[0][1] / lp(ends_at):
+      return finished[0]
+
+
+@pytest.mark.parametrize("stop", ["heuristic", "exact"])
+@pytest.mark.parametrize("alpha", [1.0, 5.0])
+def test_each_stop_rule_finds_what_a_list_search_with_it_finds(
+  copy_model, copy_sources, stop, alpha
+):
+  """Per sentence, the search returns the best hypothesis of a plain Python search by the same
+  stop rule over a full forward pass per prefix."""
+  src_BS = np.asarray(copy_sources)
+  forward = nnx.jit(lambda model, src_1S, tgt_in_1T: model(src_1S, tgt_in_1T))
+
+  def next_log_probs(b):
+    def of(prefix):
+      # Padded to one length (one compilation): position len(prefix) sees only what precedes it.
+      tgt_in_1T = np.full((1, MAX_LENGTH), PAD_ID)
+      tgt_in_1T[0, : len(prefix) + 1] = [BOS_ID, *prefix]
+      logits_1TV = forward(copy_model, jnp.asarray(src_BS[b : b + 1]), jnp.asarray(tgt_in_1T))
+      return numpy_log_softmax(logits_1TV)[0, len(prefix)]
+
+    return of
+
+  tokens_BKT, scores_BK = beam_search(
+    copy_model,
+    copy_sources,
+    beam_size=4,
+    alpha=alpha,
+    max_new_tokens=MAX_LENGTH,
+    num_results=1,
+    stop=stop,
+  )
+  for b in range(len(src_BS)):
+    tokens, score = reference_search(next_log_probs(b), 4, alpha, MAX_LENGTH, stop)
+    row = [int(x) for x in np.asarray(tokens_BKT[b, 0])]
+    assert row[: len(tokens)] == list(tokens) and set(row[len(tokens) :]) <= {PAD_ID}, b
+    np.testing.assert_allclose(scores_BK[b, 0], score, atol=1e-4)
+
+
+def test_the_stop_rules_part_where_a_longer_hypothesis_wins_late(copy_model, copy_sources):
+  """A strong length penalty lifts long hypotheses: the exact rule waits for them where the
+  heuristic has stopped, so the rules' agreement with the list search above is not one
+  agreement twice."""
+  best = {
+    stop: np.asarray(
+      beam_search(
+        copy_model,
+        copy_sources,
+        beam_size=4,
+        alpha=5.0,
+        max_new_tokens=MAX_LENGTH,
+        num_results=1,
+        stop=stop,
+      )[0][:, 0]
+    )
+    for stop in ("heuristic", "exact")
+  }
+  assert np.any(best["heuristic"] != best["exact"])

@@ -294,7 +294,7 @@ def test_every_file_of_an_export_is_readable_by_every_user(tmp_path, tokenizer, 
 
 def test_a_folder_of_only_the_export_translates_with_its_own_search(tmp_path, tokenizer):
   """A folder holding only model/ (no config.json) searches as the run was scored (here beam
-  3, 7 extra tokens), not with the defaults (beam 4, 50 extra tokens)."""
+  3, 7 extra tokens, the exact stop rule), not with the defaults (beam 4, 50, heuristic)."""
   from transformer.decode.config import DecodeConfig
   from transformer.runs.artifact import export_model
   from transformer.runs.params import model_params
@@ -302,10 +302,10 @@ def test_a_folder_of_only_the_export_translates_with_its_own_search(tmp_path, to
   from transformer.runs.translator import Translator
 
   model = EncoderDecoder(TransformerConfig.tiny(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
-  search = DecodeConfig(beam_size=3, alpha=0.8, max_extra_tokens=7)
+  search = DecodeConfig(beam_size=3, alpha=0.8, max_extra_tokens=7, stop="exact")
   spec = RunSpec("translation", model.config, 32, search)
   export_model(tmp_path, spec, model_params(model), tokenizer.model_path, {})
   assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_DIRNAME]
   translator = Translator(tmp_path)
   assert (translator.search.beam_size, translator.search.alpha) == (3, 0.8)
-  assert translator.search.max_extra_tokens == 7
+  assert (translator.search.max_extra_tokens, translator.search.stop) == (7, "exact")

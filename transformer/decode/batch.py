@@ -36,7 +36,13 @@ def length_limits(
 
 
 def translate_ids(
-  model, src_ids_BS: Int[Array, "B S"], *, beam_size: int, alpha: float, max_extra_tokens: int
+  model,
+  src_ids_BS: Int[Array, "B S"],
+  *,
+  beam_size: int,
+  alpha: float,
+  max_extra_tokens: int,
+  stop: str = "heuristic",
 ) -> Int[Array, "B T"]:
   """Best translation ids [B, T] of a padded source batch (beam search, or greedy for beam 1).
 
@@ -57,5 +63,6 @@ def translate_ids(
     alpha=alpha,
     num_results=1,
     max_new_tokens_B=limits_B,
+    stop=stop,
   )
   return tokens_BKT[:, 0]

@@ -2,8 +2,8 @@
 as searches settle (what serving engines call continuous batching).
 
 A batch searched as one (`beam_search`) runs until its slowest sentence settles and computes every
-row at every step. With the exact stop rule a sentence settles well after its translation ends
-(at alpha = 1 about twice its length), and the spread within a batch adds as much again. Here
+row at every step. A sentence settles after its translation ends (with the exact stop rule at
+alpha = 1, about twice its length), and the spread within a batch adds as much again. Here
 each of `slots` rows holds one sentence's search at its own position (the decoder's cache is
 addressed by position, see `MultiHeadAttention.init_cache`); whenever `refill` of them have
 settled, wherever they are, the host reads their translations and puts the next sentences in
@@ -59,6 +59,7 @@ class Layout:
   max_new_tokens: int
   beams: int
   alpha: float
+  stop: str
   pad_id: int
   bos_id: int = BOS_ID
   eos_id: int = EOS_ID
@@ -146,6 +147,7 @@ class _Programs:
       num_results=1,
       shared=True,
       pad_id=self.layout.pad_id,
+      stop=self.layout.stop,
     )
 
     def going(search: BeamState):
@@ -215,6 +217,7 @@ class Engine:
     beam_size: int,
     alpha: float,
     max_extra_tokens: int,
+    stop: str,
     slots: int,
     refill: int,
   ) -> Layout:
@@ -230,7 +233,9 @@ class Engine:
     refill = max(1, min(refill, len(lengths)))
     slots = refill * max(1, min(slots // refill, -(-len(lengths) // refill)))
     alpha = 0.0 if beam_size == 1 else float(alpha)
-    return Layout(slots, refill, source_length, max_new_tokens, beam_size, alpha, config.pad_id)
+    return Layout(
+      slots, refill, source_length, max_new_tokens, beam_size, alpha, stop, config.pad_id
+    )
 
   def prepare(
     self,
@@ -239,13 +244,16 @@ class Engine:
     beam_size: int,
     alpha: float,
     max_extra_tokens: int,
+    stop: str = "heuristic",
     slots: int = 64,
     refill: int = 8,
   ) -> None:
     """Compiles the programs a search of sources of `lengths` runs, by running them on empty
     slots (a few steps of nothing): a search started later, in any thread, finds them ready.
     One process only (a multi-process search places its inputs on a global mesh)."""
-    layout = self.layout(np.asarray(lengths), beam_size, alpha, max_extra_tokens, slots, refill)
+    layout = self.layout(
+      np.asarray(lengths), beam_size, alpha, max_extra_tokens, stop, slots, refill
+    )
     programs = self.programs(layout)
     # Arrays as a search passes them (`_placed`), so that it finds the same entries.
     empty_QS = jnp.zeros((layout.refill, layout.source_length), jnp.int32)
@@ -265,6 +273,7 @@ class Engine:
     beam_size: int,
     alpha: float,
     max_extra_tokens: int,
+    stop: str = "heuristic",
     slots: int = 64,
     refill: int = 8,
     mesh: Mesh | None = None,
@@ -274,7 +283,7 @@ class Engine:
     if not sources:
       return np.zeros((0, 1), np.int32)
     lengths = np.array([len(s) for s in sources])
-    layout = self.layout(lengths, beam_size, alpha, max_extra_tokens, slots, refill)
+    layout = self.layout(lengths, beam_size, alpha, max_extra_tokens, stop, slots, refill)
     slots, refill, source_length = layout.slots, layout.refill, layout.source_length
     max_new_tokens = layout.max_new_tokens
     programs = self.programs(layout)
@@ -322,13 +331,15 @@ def search_all(
   beam_size: int,
   alpha: float,
   max_extra_tokens: int,
+  stop: str = "heuristic",
   slots: int = 64,
   refill: int = 8,
   mesh: Mesh | None = None,
 ) -> np.ndarray:
   """The best translation [N, T] of every source (ids with EOS, no padding), in their order.
 
-  beam_size 1 is greedy decoding (a W = 1 search without length penalty is exactly greedy).
+  beam_size 1 is greedy decoding (a W = 1 search without length penalty is exactly greedy);
+  `stop` is when a sentence's search ends ("heuristic" or "exact", see `beam_search`).
   Sentence i has at most len(sources[i]) + max_extra_tokens target tokens, within the model's
   positions; each row holds its tokens (up to and including EOS), then PAD, T being the most any
   has. Every process must pass the same sources (translations are computed once, over the
@@ -339,6 +350,7 @@ def search_all(
     beam_size=beam_size,
     alpha=alpha,
     max_extra_tokens=max_extra_tokens,
+    stop=stop,
     slots=slots,
     refill=refill,
     mesh=mesh,

@@ -61,6 +61,7 @@ def translate_batches(
       beam_size=decode.beam_size,
       alpha=decode.alpha,
       max_extra_tokens=decode.max_extra_tokens,
+      stop=decode.stop,
       mesh=mesh,
     )
   return tokenizer.decode(tokens)
@@ -78,6 +79,7 @@ def prepare_search(model, test_sets: Sequence[TestSet], decode: DecodeConfig, me
         beam_size=decode.beam_size,
         alpha=decode.alpha,
         max_extra_tokens=decode.max_extra_tokens,
+        stop=decode.stop,
       )
 
 
@@ -120,6 +122,7 @@ def score_test_sets(
       "beam_size": decode.beam_size,
       "alpha": decode.alpha,
       "max_extra_tokens": decode.max_extra_tokens,
+      "stop": decode.stop,
       "hypotheses": hypotheses,
       "examples": [
         {"source": src, "reference": ref, "translation": hyp}

@@ -19,7 +19,7 @@ from transformer.model.config import TransformerConfig
 from transformer.model.transformer import FAMILIES
 
 # The search settings a model carries: how it was scored, and so how it translates by default.
-SEARCH_KEYS = ("beam_size", "alpha", "max_extra_tokens")
+SEARCH_KEYS = ("beam_size", "alpha", "max_extra_tokens", "stop")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,7 @@ class Translator:
     beam_size: int | None = None,
     alpha: float | None = None,
     max_extra_tokens: int | None = None,
+    stop: str | None = None,
     first_line: int = 1,
   ) -> list[str]:
     """One translation per text; a blank text gets a blank translation. The search settings
@@ -132,7 +133,7 @@ class Translator:
     in warnings (the line of a file they came from)."""
     check_texts(texts)
     search = self.search.overridden(
-      beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens
+      beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens, stop=stop
     )
     real = [i for i, text in enumerate(texts) if text.strip()]
     out = [""] * len(texts)
@@ -144,6 +145,7 @@ class Translator:
       beam_size=search.beam_size,
       alpha=search.alpha,
       max_extra_tokens=search.max_extra_tokens,
+      stop=search.stop,
     )
     for i, text in zip(real, self.tokenizer.decode(tokens_BT), strict=True):
       out[i] = text
