@@ -7,9 +7,12 @@ model, with the project (`Translator.translate`, in this process) and with CTran
 size and alpha, then greedy, in turns: the machine's load changes between rounds alike for both,
 and each round gives a paired ratio. Process CPU seconds are the steady measure on a shared
 machine; wall seconds are recorded beside them. Both sides run warm (the project's programs
-compiled, CTranslate2's model loaded and used once) on 2 threads. Then batch-1 latency: the first
-`--latency_n` sentences one at a time, median milliseconds. BLEU is sacreBLEU as the project
-scores; "identical" counts lines equal to the project's own output.
+compiled, CTranslate2's model loaded and used once). CTranslate2 runs with each of
+`--ct2_threads` intra-op threads (1 and 2) and is compared at its best: on a 2-core Intel Xeon its
+OpenMP threads made 2 slower than 1 in CPU and in wall time (beam 8.4 against 4.5 CPU s, one
+sentence 91 against 10 ms). The project runs as a user runs it (XLA's own thread pool). Then
+batch-1 latency: the first `--latency_n` sentences one at a time, median milliseconds. BLEU is
+sacreBLEU as the project scores; "identical" counts lines equal to the project's own output.
 
 CTranslate2 divides a finished hypothesis' log-probability by |Y|^alpha, the project by GNMT's
 ((5 + |Y|) / 6)^alpha, and stops a sentence once W hypotheses have finished, where the project
@@ -192,7 +195,9 @@ def main(argv=None):
   parser.add_argument("--ct2_python", default=sys.executable)
   parser.add_argument("--ct2_model", type=Path, help="an existing conversion of the run")
   parser.add_argument("--ct2_batch", type=int, default=128, help="CTranslate2 max_batch_size")
-  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument(
+    "--ct2_threads", default="1,2", help="CTranslate2 intra_threads to try, comma-separated"
+  )
   parser.add_argument("--latency_n", type=int, default=50)
   args = common.parse_args(parser, argv)
   quick = args.preset == "quick"
@@ -211,9 +216,9 @@ def main(argv=None):
   ct2_model, ct2_missing = (args.ct2_model, None) if args.ct2_model else (None, None)
   if ct2_model is None:
     ct2_model, ct2_missing = convert(Path(workdir), scratch / "ct2")
+  ct2_threads = [int(n) for n in args.ct2_threads.split(",")]
   request = dict(
     model=str(ct2_model),
-    threads=args.threads,
     alpha=search.alpha,
     batch=args.ct2_batch,
     max_len=translator.spec.model.max_len,
@@ -226,12 +231,21 @@ def main(argv=None):
   own: dict[str, list[str]] = {}
   for round_ in range(rounds):
     for mode, beam in modes.items():
-      systems = {"project": lambda b=beam: project_timed(translator, sources, b, search.alpha)}
+      systems = [
+        ("project", None, lambda b=beam: project_timed(translator, sources, b, search.alpha))
+      ]
       if ct2_model is not None:
-        systems["ctranslate2"] = lambda b=beam: run_ct2(
-          args.ct2_python, {**request, "beam": b, "mode": "batch"}
-        )
-      for system, call in systems.items():
+        systems += [
+          (
+            "ctranslate2",
+            n,
+            lambda b=beam, n=n: run_ct2(
+              args.ct2_python, {**request, "beam": b, "threads": n, "mode": "batch"}
+            ),
+          )
+          for n in ct2_threads
+        ]
+      for system, threads, call in systems:
         result = call()
         hypotheses = result.pop("hypotheses")
         if system == "project":
@@ -239,6 +253,7 @@ def main(argv=None):
         rows.append(
           dict(
             system=system,
+            threads=threads,
             mode=mode,
             beam=beam,
             round=round_,
@@ -258,13 +273,24 @@ def main(argv=None):
       ),
     )
   ]
-  if ct2_model is not None:
+  for n in ct2_threads if ct2_model is not None else []:
     ct2 = run_ct2(
       args.ct2_python,
-      {**request, "texts": sources[:latency_n], "beam": search.beam_size, "mode": "latency"},
+      {
+        **request,
+        "texts": sources[:latency_n],
+        "beam": search.beam_size,
+        "threads": n,
+        "mode": "latency",
+      },
     )
     latency.append(
-      dict(system="ctranslate2", beam=search.beam_size, median_ms=round(ct2["median_ms"], 2))
+      dict(
+        system="ctranslate2",
+        threads=n,
+        beam=search.beam_size,
+        median_ms=round(ct2["median_ms"], 2),
+      )
     )
   print(json.dumps(latency))
   common.write_and_plot(
@@ -275,10 +301,15 @@ def main(argv=None):
       "split": args.split,
       "sentences": len(sources),
       "search": dict(beam_size=search.beam_size, alpha=search.alpha),
-      "ctranslate2": "float32, 2 threads" if ct2_model is not None else ct2_missing,
+      "ctranslate2": (
+        f"float32, intra_threads {ct2_threads}, compared at its best"
+        if ct2_model is not None
+        else ct2_missing
+      ),
       "results": rows,
       "summary": summarize(rows),
       "latency": latency,
+      "latency_ratio": latency_ratio(latency),
     },
     args.out,
   )
@@ -286,17 +317,26 @@ def main(argv=None):
 
 def summarize(rows: list[dict]) -> dict:
   """Per mode: median CPU and wall seconds of each system, and the median of the per-round
-  ratios project / CTranslate2."""
+  ratios project / CTranslate2, CTranslate2 at its best thread count of the round (fewest CPU
+  seconds; its medians per thread count beside)."""
   out = {}
   for mode in dict.fromkeys(r["mode"] for r in rows):
     mine = {r["round"]: r for r in rows if r["mode"] == mode and r["system"] == "project"}
-    theirs = {r["round"]: r for r in rows if r["mode"] == mode and r["system"] == "ctranslate2"}
+    theirs_all = [r for r in rows if r["mode"] == mode and r["system"] == "ctranslate2"]
+    theirs: dict[int, dict] = {}
+    for r in theirs_all:
+      if r["round"] not in theirs or r["cpu_s"] < theirs[r["round"]]["cpu_s"]:
+        theirs[r["round"]] = r
     entry = {
       f"{system}_{key}": statistics.median(r[key] for r in by_round.values())
       for system, by_round in (("project", mine), ("ctranslate2", theirs))
       if by_round
       for key in ("cpu_s", "wall_s", "bleu", "identical")
     }
+    for n in sorted({r["threads"] for r in theirs_all}):
+      entry[f"ctranslate2_{n}_threads_cpu_s"] = statistics.median(
+        r["cpu_s"] for r in theirs_all if r["threads"] == n
+      )
     for key in ("cpu_s", "wall_s"):
       ratios = [mine[r][key] / theirs[r][key] for r in mine if r in theirs]
       if ratios:
@@ -304,6 +344,13 @@ def summarize(rows: list[dict]) -> dict:
         entry[f"ratio_{key}_per_round"] = [round(x, 2) for x in ratios]
     out[mode] = entry
   return out
+
+
+def latency_ratio(latency: list[dict]) -> float | None:
+  """The project's median batch-1 latency over CTranslate2's best (of its thread counts)."""
+  theirs = [r["median_ms"] for r in latency if r["system"] == "ctranslate2"]
+  mine = [r["median_ms"] for r in latency if r["system"] == "project"]
+  return round(mine[0] / min(theirs), 2) if theirs and mine else None
 
 
 if __name__ == "__main__":
