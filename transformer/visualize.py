@@ -63,11 +63,10 @@ def main(argv=None) -> None:
     raise UserError("no sentence given: pass one sentence (quoted), or --contrast")
   if args.text and not text:
     raise UserError("the sentence is empty: give one non-empty sentence to visualise")
-  if args.beam_size is not None or args.alpha is not None:  # before the model is loaded
-    DecodeConfig().overridden(beam_size=args.beam_size, alpha=args.alpha)
+  overrides = dict(beam_size=args.beam_size, alpha=args.alpha, stop=args.stop)
+  DecodeConfig().overridden(**overrides)  # checked before the model is loaded
   translator = load_translator(args.workdir, step=args.step, average=args.average)
-  search = translator.search.overridden(beam_size=args.beam_size, alpha=args.alpha)
-  args.beam_size, args.alpha = search.beam_size, search.alpha
+  search = translator.search.overridden(**overrides)
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []
@@ -76,8 +75,9 @@ def main(argv=None) -> None:
       model,
       tokenizer,
       text,
-      beam_size=args.beam_size,
-      alpha=args.alpha,
+      beam_size=search.beam_size,
+      alpha=search.alpha,
+      stop=search.stop,
       max_source_tokens=translator.max_source_tokens,
     )
     print(f"source: {sentence.text}\ntranslation: {sentence.translation}")
@@ -87,8 +87,9 @@ def main(argv=None) -> None:
       model,
       tokenizer,
       max_source_tokens=translator.max_source_tokens,
-      beam_size=args.beam_size,
-      alpha=args.alpha,
+      beam_size=search.beam_size,
+      alpha=search.alpha,
+      stop=search.stop,
     )
     paths += write_contrast(report, out_dir)
   for path in paths:

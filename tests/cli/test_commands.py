@@ -85,6 +85,13 @@ def test_evaluate_reproduces_the_bleu_training_printed(trained, tmp_path, capsys
   assert scores["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
   assert {"chrf", "bleu_lowercased"} <= scores.keys()
   assert f"{SPLIT}: BLEU = " in capsys.readouterr().out
+  # The exact stop rule, asked for by name, is scored into files of its own.
+  exact = evaluate_command.main(
+    ["--workdir", str(workdir), "--split", SPLIT, "--out", str(tmp_path), "--stop", "exact"]
+  )
+  assert exact[SPLIT]["stop"] == "exact" and report[SPLIT]["stop"] == "heuristic"
+  exact_file = tmp_path / f"{SPLIT}.model.beam2.alpha0.6.exact.txt"
+  assert len(exact_file.read_text().splitlines()) == len(hypotheses)
 
 
 def test_translate_prints_the_hypotheses_training_wrote(trained):

@@ -204,6 +204,7 @@ def test_a_garbage_tokenizer_in_the_workdir(tmp_path, capsys):
     (["--batch_size", "0"], "--batch_size: 0 must be at least 1"),
     (["--alpha", "nan"], "alpha (length penalty) must be a finite number"),
     (["--beam_size", "0"], "--beam_size: 0 must be at least 1"),
+    (["--stop", "fast"], "argument --stop: invalid choice: 'fast'"),
     (["--max_new_tokens", "-5"], "--max_new_tokens: -5 must be at least 1"),
   ],
 )

@@ -153,8 +153,10 @@ def prepare_sentence(
   max_source_tokens: int,
   beam_size: int = 4,
   alpha: float = 0.6,
+  stop: str = "heuristic",
 ) -> Sentence:
-  """Translates `text` (beam search; greedy for beam_size 1) and keeps the ids and pieces."""
+  """Translates `text` (beam search with the `stop` rule; greedy for beam_size 1) and keeps the
+  ids and pieces."""
   max_len = model.config.max_len
   src_ids = source_ids(tokenizer, text, min(max_source_tokens, max_len))
   # Padded as `Translator.encode` pads: fewer shapes to compile, never past max_len.
@@ -162,7 +164,7 @@ def prepare_sentence(
   tokens = [
     int(i)
     for i in np.asarray(
-      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_tokens=50)
+      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_tokens=50, stop=stop)
     )[0]
   ]
   tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens

@@ -53,6 +53,7 @@ def contrast_word(
   max_source_tokens: int = 64,
   beam_size: int = 4,
   alpha: float = 0.6,
+  stop: str = "heuristic",
 ) -> dict:
   """How `word` attends, and where its vector lies, in each (sentence, neighbour) context.
 
@@ -63,7 +64,13 @@ def contrast_word(
   """
   sentences = [
     prepare_sentence(
-      model, tokenizer, text, max_source_tokens=max_source_tokens, beam_size=beam_size, alpha=alpha
+      model,
+      tokenizer,
+      text,
+      max_source_tokens=max_source_tokens,
+      beam_size=beam_size,
+      alpha=alpha,
+      stop=stop,
     )
     for text, _ in contexts
   ]
