@@ -218,11 +218,16 @@ class Engine:
     alpha: float,
     max_extra_tokens: int,
     stop: str,
-    slots: int,
-    refill: int,
+    slots: int | None,
+    refill: int | None,
   ) -> Layout:
     """The layout a search of sources of `lengths` runs in (see `search`)."""
     config = self.config
+    # Default: 64 sentences at a time, refilled 8 at once; greedy rows are four times cheaper
+    # and a step's fixed cost weighs more, so 128 refilled 16 at once (test_2016, one process:
+    # 3.85-3.91 against 4.08-4.28 CPU s; beam 4 keeps 64 x 4 = 256 rows).
+    slots = slots or (128 if beam_size == 1 else 64)
+    refill = refill or slots // 8
     if lengths.min() < 1 or lengths.max() > config.max_len:
       raise ValueError(
         f"sources must have 1 to model.max_len={config.max_len} ids; got {lengths.min()} to "
@@ -245,8 +250,8 @@ class Engine:
     alpha: float,
     max_extra_tokens: int,
     stop: str = "heuristic",
-    slots: int = 64,
-    refill: int = 8,
+    slots: int | None = None,
+    refill: int | None = None,
   ) -> None:
     """Compiles the programs a search of sources of `lengths` runs, by running them on empty
     slots (a few steps of nothing): a search started later, in any thread, finds them ready.
@@ -274,8 +279,8 @@ class Engine:
     alpha: float,
     max_extra_tokens: int,
     stop: str = "heuristic",
-    slots: int = 64,
-    refill: int = 8,
+    slots: int | None = None,
+    refill: int | None = None,
     mesh: Mesh | None = None,
   ) -> np.ndarray:
     """`search_all` with this engine's model."""
@@ -332,8 +337,8 @@ def search_all(
   alpha: float,
   max_extra_tokens: int,
   stop: str = "heuristic",
-  slots: int = 64,
-  refill: int = 8,
+  slots: int | None = None,
+  refill: int | None = None,
   mesh: Mesh | None = None,
 ) -> np.ndarray:
   """The best translation [N, T] of every source (ids with EOS, no padding), in their order.
@@ -343,7 +348,8 @@ def search_all(
   Sentence i has at most len(sources[i]) + max_extra_tokens target tokens, within the model's
   positions; each row holds its tokens (up to and including EOS), then PAD, T being the most any
   has. Every process must pass the same sources (translations are computed once, over the
-  mesh's devices). Searching one model many times: `Engine(model).search`.
+  mesh's devices). `slots` sentences are searched at a time, `refill` of them replaced at once
+  (default 64 and 8, greedy 128 and 16). Searching one model many times: `Engine(model).search`.
   """
   return Engine(model).search(
     sources,
