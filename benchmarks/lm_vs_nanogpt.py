@@ -364,7 +364,7 @@ def main(argv=None) -> int:
       print("  " + json.dumps({k: v for k, v in row.items() if k != "model"}), flush=True)
       results.append(row)
   payload = {
-    "text": {"file": str(text_file), "characters": len(text), "validation": len(val_text)},
+    "text": {"file": text_file.name, "characters": len(text), "validation": len(val_text)},
     "steps": steps,
     "rounds": rounds,
     "pinned_core": core,

@@ -45,7 +45,7 @@ def run_curve(workdir: Path) -> dict:
   results = read_json(results_path) if results_path.is_file() else {}
   config = read_config(workdir).to_dict()
   return {
-    "workdir": str(workdir),
+    "workdir": workdir.name,  # the run folder by name: no machine path in results
     "points": points,
     "test_bleu": {k.removeprefix("bleu/"): v for k, v in results.items() if k.startswith("bleu/")},
     "model": config["model"],
