@@ -346,7 +346,9 @@ def _digests(leaves: list[jax.Array]) -> list[jax.Array]:
   # One program per shape and dtype, not one over every array: a train state has a few shapes
   # and hundreds of arrays, and the one program took 2.7 s to compile (a 0.8M-parameter GPT's
   # state, 206 arrays of 10 shapes: 0.95 s this way), paid at a run's first save.
-  return [_digest(x) for x in leaves]
+  # Each waits for the one before: programs over differently sharded arrays in flight together
+  # can starve the CPU client's threads at their collectives (XLA aborts after 40 s).
+  return [jax.block_until_ready(_digest(x)) for x in leaves]
 
 
 @jax.jit
