@@ -63,6 +63,7 @@ def start(workdir: Path, steps: int, *extra: str, cache: Path, processes: int = 
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
+      start_new_session=True,  # a host's processes, to kill together
     )
     for i in range(processes)
   ]
@@ -154,3 +155,22 @@ def test_preparation_happens_once_and_a_failure_of_process_0_stops_process_1(tmp
     lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
     assert code == 2 and len(lines) == 1 and "absent" in lines[0], err[-3000:]
   assert "process 0 failed while preparing the data" in results[1][2]
+
+
+def test_process_0_killed_while_preparing_stops_process_1_with_one_line(tmp_path):
+  cache = tmp_path / "cache"
+  procs = start(tmp_path / "run", 2, "--config.parallel.barrier_timeout_s=120", cache=cache)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (cache.exists() and any(cache.rglob("*"))):
+    time.sleep(0.05)
+  assert procs[0].poll() is None, "process 0 ended before its preparation could be cut"
+  os.killpg(procs[0].pid, signal.SIGKILL)  # its host goes down: every process of it at once
+  killed = time.time()
+  _, (code, _, err) = wait_all(procs, timeout=120)
+  assert time.time() - killed < 30
+  lines = err.strip().splitlines()
+  assert code == 2, err[-3000:]
+  assert lines[-1].startswith("error: lost the job's coordinator: process 0 stopped"), err[-3000:]
+  assert not any(line.startswith("error: ") for line in lines[:-1])
+  for trace in ("Check failure", "Fatal Python error", "Traceback", "F1"):
+    assert trace not in err

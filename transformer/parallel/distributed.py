@@ -12,6 +12,7 @@ import jax
 
 from transformer.errors import UserError
 from transformer.parallel.config import ParallelConfig
+from transformer.parallel.supervisor import JOB_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,7 @@ def initialize(parallel: ParallelConfig) -> None:
       num_processes=parallel.num_processes,
       process_id=parallel.process_id,
     )
-  elif (
-    os.environ.get("JAX_COORDINATOR_ADDRESS")
-    or os.environ.get("SLURM_JOB_ID")
-    or os.environ.get("TPU_WORKER_HOSTNAMES")
-  ):
+  elif any(os.environ.get(name) for name in JOB_ENVIRONMENT):
     jax.distributed.initialize()
   else:
     return

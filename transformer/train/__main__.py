@@ -18,6 +18,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from transformer.cli import recipe_path, run_cli
+from transformer.parallel import supervisor
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Recipe name (e.g. default) or file.", lock_config=True
@@ -119,9 +120,17 @@ class _PlainFormatter(logging.Formatter):
     return line
 
 
-def _train(argv):
+def _train(argv: list[str], args: list[str]) -> int:
+  """The command, once its flags are parsed (`argv`: what is left of them; `args`: the command's
+  own arguments, as given)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.KEY=VALUE")
+  parallel = _CONFIG.value.parallel
+  if supervisor.is_supervised():
+    supervisor.stop_with_supervisor()
+  elif supervisor.joins_a_job(parallel.coordinator_address, parallel.num_processes):
+    # One host's process of a job: see parallel/supervisor.py.
+    return supervisor.supervise(["-m", "transformer.train", *args])
   # Orbax and tfds log every file they touch at INFO through absl; keep the run's own lines,
   # plain ("12:01:02 step 300/900 loss ..."), on stderr.
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -145,8 +154,9 @@ def _train(argv):
 def main(argv: list[str] | None = None) -> int:
   """The `transformer-train` command."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  argv = argv or sys.argv
   try:
-    return app.run(_train, argv=argv or sys.argv, flags_parser=parse_flags)
+    return app.run(lambda rest: _train(rest, argv[1:]), argv=argv, flags_parser=parse_flags)
   except KeyboardInterrupt:  # while the flags and the recipe load: nothing was started
     print("stopped by an interrupt", file=sys.stderr)
     return 130
