@@ -75,10 +75,8 @@ def main(argv=None) -> None:
       model,
       tokenizer,
       text,
-      beam_size=search.beam_size,
-      alpha=search.alpha,
-      stop=search.stop,
       max_source_tokens=translator.max_source_tokens,
+      search=search,
     )
     print(f"source: {sentence.text}\ntranslation: {sentence.translation}")
     paths += write_attention_figures(model, sentence, out_dir)
@@ -87,9 +85,7 @@ def main(argv=None) -> None:
       model,
       tokenizer,
       max_source_tokens=translator.max_source_tokens,
-      beam_size=search.beam_size,
-      alpha=search.alpha,
-      stop=search.stop,
+      search=search,
     )
     paths += write_contrast(report, out_dir)
   for path in paths:

@@ -13,6 +13,7 @@ from flax import nnx
 from transformer import DecoderOnly, EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
+from transformer.decode.config import DecodeConfig
 from transformer.inspect import attention as visualize
 from transformer.runs import translator as translate_module
 from transformer.runs.translator import Translator
@@ -58,7 +59,11 @@ def test_visualised_sentence_near_max_len_is_padded_within_it(translator):
   )
   assert len(translator.tokenizer.encode([text])[0]) + 1 > 16
   sentence = visualize.prepare_sentence(
-    translator.model, translator.tokenizer, text, max_source_tokens=MAX_LEN, beam_size=1
+    translator.model,
+    translator.tokenizer,
+    text,
+    max_source_tokens=MAX_LEN,
+    search=DecodeConfig(beam_size=1, max_extra_tokens=MAX_LEN),
   )
   # Padding changes nothing, so the translation is greedy decoding of the unpadded source.
   tokens = list(

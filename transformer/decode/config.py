@@ -79,3 +79,6 @@ def check_stop(stop: object, prefix: str = "--") -> None:
   """A one-line error for a stop rule that is not one of `STOP_RULES`."""
   if stop not in STOP_RULES:
     raise UserError(f"{prefix}stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
+
+
+PAPER_SEARCH = DecodeConfig()  # beam 4, alpha 0.6 (Section 6.1), this package's stop rule

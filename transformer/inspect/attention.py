@@ -21,6 +21,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.decode.batch import padded_length, translate_ids
+from transformer.decode.config import PAPER_SEARCH, DecodeConfig
 from transformer.errors import UserError
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.transformer import EncoderDecoder
@@ -151,12 +152,10 @@ def prepare_sentence(
   text: str,
   *,
   max_source_tokens: int,
-  beam_size: int = 4,
-  alpha: float = 0.6,
-  stop: str = "heuristic",
+  search: DecodeConfig = PAPER_SEARCH,
 ) -> Sentence:
-  """Translates `text` (beam search with the `stop` rule; greedy for beam_size 1) and keeps the
-  ids and pieces."""
+  """Translates `text` with the `search` settings (a `Translator`'s are the run's; beam size 1
+  is greedy) and keeps the ids and pieces."""
   max_len = model.config.max_len
   src_ids = source_ids(tokenizer, text, min(max_source_tokens, max_len))
   # Padded as `Translator.encode` pads: fewer shapes to compile, never past max_len.
@@ -164,7 +163,14 @@ def prepare_sentence(
   tokens = [
     int(i)
     for i in np.asarray(
-      translate_ids(model, src_1S, beam_size=beam_size, alpha=alpha, max_extra_tokens=50, stop=stop)
+      translate_ids(
+        model,
+        src_1S,
+        beam_size=search.beam_size,
+        alpha=search.alpha,
+        max_extra_tokens=search.max_extra_tokens,
+        stop=search.stop,
+      )
     )[0]
   ]
   tokens = tokens[: tokens.index(EOS_ID)] if EOS_ID in tokens else tokens
@@ -219,10 +225,11 @@ def cosine(a_D: np.ndarray, b_D: np.ndarray) -> float:
 
 
 def attention_maps(
-  translator, text: str, *, beam_size: int = 4, alpha: float = 0.6
+  translator, text: str, *, search: DecodeConfig | None = None
 ) -> tuple[Sentence, AttentionMaps]:
-  """A translation run's attention for one sentence: it is translated (beam search), then the
-  model is run once on (source, BOS + translation) and every layer's weights are kept.
+  """A translation run's attention for one sentence: it is translated (as the run was scored,
+  or with `search`, e.g. `translator.search.overridden(beam_size=1)`), then the model is run
+  once on (source, BOS + translation) and every layer's weights are kept.
 
   `translator` is a `transformer.Translator` of a translation run. Returns the sentence (ids,
   pieces, translation) and the maps: `maps.cross[l][0]` is layer l+1's encoder-decoder attention
@@ -234,8 +241,7 @@ def attention_maps(
     translator.tokenizer,
     text,
     max_source_tokens=translator.max_source_tokens,
-    beam_size=beam_size,
-    alpha=alpha,
+    search=search or translator.search,
   )
   _, maps = collect_attention(
     model, np.array([sentence.src_ids], np.int32), np.array([sentence.tgt_in_ids], np.int32)

@@ -11,6 +11,7 @@ import numpy as np
 
 from transformer.data.pipeline import padded
 from transformer.data.tokenizer import Tokenizer
+from transformer.decode.config import PAPER_SEARCH, DecodeConfig
 from transformer.inspect.attention import (
   SPECIAL_PIECES,
   Sentence,
@@ -51,16 +52,15 @@ def contrast_word(
   word: str = "apple",
   contexts: Sequence[tuple[str, str]] = DEFAULT_CONTEXTS,
   max_source_tokens: int = 64,
-  beam_size: int = 4,
-  alpha: float = 0.6,
-  stop: str = "heuristic",
+  search: DecodeConfig = PAPER_SEARCH,
 ) -> dict:
   """How `word` attends, and where its vector lies, in each (sentence, neighbour) context.
 
   Vectors of a word are the mean over its pieces. Stages: the embedding table's row (static:
   the same in every context), the encoder input (sqrt(D) * embedding + position), and the output
-  of each encoder layer. At each stage the cosine of `word` in context i to the neighbour of
-  context j is reported; a context-sensitive encoder raises the i == j entries above i != j.
+  of each encoder layer (each sentence translated with the `search` settings). At each stage the
+  cosine of `word` in context i to the neighbour of context j is reported; a context-sensitive
+  encoder raises the i == j entries above i != j.
   """
   sentences = [
     prepare_sentence(
@@ -68,9 +68,7 @@ def contrast_word(
       tokenizer,
       text,
       max_source_tokens=max_source_tokens,
-      beam_size=beam_size,
-      alpha=alpha,
-      stop=stop,
+      search=search,
     )
     for text, _ in contexts
   ]
