@@ -10,9 +10,14 @@ from transformer import EncoderDecoder, TransformerConfig
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
 from transformer.decode.batch import length_limits, search_length
+from transformer.decode.config import DecodeConfig
 from transformer.decode.engine import Engine, _programs, search_all
 
 MAX_EXTRA = 3
+
+
+def settings(beam_size: int, alpha: float) -> DecodeConfig:
+  return DecodeConfig(beam_size=beam_size, alpha=alpha, max_extra_tokens=MAX_EXTRA)
 
 
 def sources_of(src_BS) -> list[np.ndarray]:
@@ -49,15 +54,7 @@ def test_search_all_translates_each_sentence_as_its_own_search(
   searched alone."""
   rng = np.random.default_rng(3)
   sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in rng.integers(1, 9, count)]
-  got = search_all(
-    copy_model,
-    sources,
-    beam_size=beam_size,
-    alpha=alpha,
-    max_extra_tokens=MAX_EXTRA,
-    slots=slots,
-    refill=2,
-  )
+  got = search_all(copy_model, sources, settings(beam_size, alpha), slots=slots, refill=2)
   assert got.shape[0] == len(sources)
   for source, row in zip(sources, got, strict=True):
     assert trimmed(row) == trimmed(alone(copy_model, source, beam_size, alpha)), source
@@ -110,7 +107,7 @@ def test_lists_whose_longest_sentences_differ_a_little_share_the_compiled_search
   rng = np.random.default_rng(5)
   for longest in (17, 30):
     sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in (2, longest - 1)]
-    got = search_all(copy_model, sources, beam_size=2, alpha=0.6, max_extra_tokens=MAX_EXTRA)
+    got = search_all(copy_model, sources, settings(2, 0.6))
     for source, row in zip(sources, got, strict=True):
       assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6)), source
   assert _programs.cache_info().misses == 1
@@ -127,7 +124,7 @@ def test_a_list_within_one_group_is_searched_in_one_program(copy_model, beam_siz
   rng = np.random.default_rng(6)
   sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in (6, 2, 5)]
   engine = Engine(copy_model)
-  got = engine.search(sources, beam_size=beam_size, alpha=0.6, max_extra_tokens=MAX_EXTRA)
+  got = engine.search(sources, settings(beam_size, 0.6))
   for source, row in zip(sources, got, strict=True):
     assert trimmed(row) == trimmed(alone(copy_model, source, beam_size, 0.6)), source
   (programs,) = engine._by_layout.values()
@@ -142,12 +139,12 @@ def test_a_prepared_search_compiles_nothing_more(copy_model):
   _programs.cache_clear()
   rng = np.random.default_rng(7)
   sources = [np.append(rng.integers(EOS_ID + 2, 16, n), EOS_ID) for n in rng.integers(1, 9, 12)]
-  search = dict(beam_size=2, alpha=0.6, max_extra_tokens=MAX_EXTRA, slots=4, refill=2)
+  search = dict(slots=4, refill=2)
   engine = Engine(copy_model)
-  engine.prepare(np.array([len(s) for s in sources]), **search)
+  engine.prepare(np.array([len(s) for s in sources]), settings(2, 0.6), **search)
   (programs,) = engine._by_layout.values()
   compiled = [p._cache_size() for p in (programs.init, programs.refill, programs.run)]
-  got = engine.search(sources, **search)
+  got = engine.search(sources, settings(2, 0.6), **search)
   assert [p._cache_size() for p in (programs.init, programs.refill, programs.run)] == compiled
   assert compiled == [1, 1, 1]
   for source, row in zip(sources, got, strict=True):

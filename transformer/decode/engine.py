@@ -45,6 +45,7 @@ from transformer.decode.beam_search import (
   search_step,
 )
 from transformer.decode.cache import split_memory
+from transformer.decode.config import PAPER_SEARCH, DecodeConfig
 from transformer.model.transformer import EncoderDecoder
 
 
@@ -212,17 +213,10 @@ class Engine:
     return self._by_layout[layout]
 
   def layout(
-    self,
-    lengths: np.ndarray,
-    beam_size: int,
-    alpha: float,
-    max_extra_tokens: int,
-    stop: str,
-    slots: int | None,
-    refill: int | None,
+    self, lengths: np.ndarray, settings: DecodeConfig, slots: int | None, refill: int | None
   ) -> Layout:
     """The layout a search of sources of `lengths` runs in (see `search`)."""
-    config = self.config
+    config, beam_size = self.config, settings.beam_size
     # Default: 64 sentences at a time, refilled 8 at once; greedy rows are four times cheaper
     # and a step's fixed cost weighs more, so 128 refilled 16 at once (test_2016, one process:
     # 3.85-3.91 against 4.08-4.28 CPU s; beam 4 keeps 64 x 4 = 256 rows).
@@ -234,31 +228,26 @@ class Engine:
         f"{lengths.max()}"
       )
     source_length = search_length(int(lengths.max()), config.max_len)
-    max_new_tokens = min(source_length + max_extra_tokens, config.max_len)
+    max_new_tokens = min(source_length + settings.max_extra_tokens, config.max_len)
     refill = max(1, min(refill, len(lengths)))
     slots = refill * max(1, min(slots // refill, -(-len(lengths) // refill)))
-    alpha = 0.0 if beam_size == 1 else float(alpha)
+    alpha = 0.0 if beam_size == 1 else float(settings.alpha)
     return Layout(
-      slots, refill, source_length, max_new_tokens, beam_size, alpha, stop, config.pad_id
+      slots, refill, source_length, max_new_tokens, beam_size, alpha, settings.stop, config.pad_id
     )
 
   def prepare(
     self,
     lengths: np.ndarray,
+    settings: DecodeConfig = PAPER_SEARCH,
     *,
-    beam_size: int,
-    alpha: float,
-    max_extra_tokens: int,
-    stop: str = "heuristic",
     slots: int | None = None,
     refill: int | None = None,
   ) -> None:
     """Compiles the programs a search of sources of `lengths` runs, by running them on empty
     slots (a few steps of nothing): a search started later, in any thread, finds them ready.
     One process only (a multi-process search places its inputs on a global mesh)."""
-    layout = self.layout(
-      np.asarray(lengths), beam_size, alpha, max_extra_tokens, stop, slots, refill
-    )
+    layout = self.layout(np.asarray(lengths), settings, slots, refill)
     programs = self.programs(layout)
     # Arrays as a search passes them (`_placed`), so that it finds the same entries.
     empty_QS = jnp.zeros((layout.refill, layout.source_length), jnp.int32)
@@ -274,11 +263,8 @@ class Engine:
   def search(
     self,
     sources: Sequence[Sequence[int] | np.ndarray],
+    settings: DecodeConfig = PAPER_SEARCH,
     *,
-    beam_size: int,
-    alpha: float,
-    max_extra_tokens: int,
-    stop: str = "heuristic",
     slots: int | None = None,
     refill: int | None = None,
     mesh: Mesh | None = None,
@@ -288,11 +274,11 @@ class Engine:
     if not sources:
       return np.zeros((0, 1), np.int32)
     lengths = np.array([len(s) for s in sources])
-    layout = self.layout(lengths, beam_size, alpha, max_extra_tokens, stop, slots, refill)
+    layout = self.layout(lengths, settings, slots, refill)
     slots, refill, source_length = layout.slots, layout.refill, layout.source_length
     max_new_tokens = layout.max_new_tokens
     programs = self.programs(layout)
-    limits = np.minimum(lengths + max_extra_tokens, max_new_tokens).astype(np.int32)
+    limits = np.minimum(lengths + settings.max_extra_tokens, max_new_tokens).astype(np.int32)
     if slots == refill:  # one group holds them all: no refills, one program
       src_BS = np.zeros((slots, source_length), np.int32)
       for row, ids in enumerate(sources):
@@ -332,32 +318,21 @@ class Engine:
 def search_all(
   model: EncoderDecoder,
   sources: Sequence[Sequence[int] | np.ndarray],
+  settings: DecodeConfig = PAPER_SEARCH,
   *,
-  beam_size: int,
-  alpha: float,
-  max_extra_tokens: int,
-  stop: str = "heuristic",
   slots: int | None = None,
   refill: int | None = None,
   mesh: Mesh | None = None,
 ) -> np.ndarray:
   """The best translation [N, T] of every source (ids with EOS, no padding), in their order.
 
-  beam_size 1 is greedy decoding (a W = 1 search without length penalty is exactly greedy);
-  `stop` is when a sentence's search ends ("heuristic" or "exact", see `beam_search`).
-  Sentence i has at most len(sources[i]) + max_extra_tokens target tokens, within the model's
+  `settings` are the search's (a run's decode block): beam_size 1 is greedy decoding (a W = 1
+  search without length penalty is exactly greedy); `stop` is when a sentence's search ends
+  ("heuristic" or "exact", see `beam_search`). Sentence i has at most
+  len(sources[i]) + settings.max_extra_tokens target tokens, within the model's
   positions; each row holds its tokens (up to and including EOS), then PAD, T being the most any
   has. Every process must pass the same sources (translations are computed once, over the
   mesh's devices). `slots` sentences are searched at a time, `refill` of them replaced at once
   (default 64 and 8, greedy 128 and 16). Searching one model many times: `Engine(model).search`.
   """
-  return Engine(model).search(
-    sources,
-    beam_size=beam_size,
-    alpha=alpha,
-    max_extra_tokens=max_extra_tokens,
-    stop=stop,
-    slots=slots,
-    refill=refill,
-    mesh=mesh,
-  )
+  return Engine(model).search(sources, settings, slots=slots, refill=refill, mesh=mesh)

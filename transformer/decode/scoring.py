@@ -55,15 +55,7 @@ def translate_batches(
     sources.update(real_rows(gathered))
   order = sorted(sources)
   with jax.set_mesh(mesh):
-    tokens = search_all(
-      model,
-      [sources[i] for i in order],
-      beam_size=decode.beam_size,
-      alpha=decode.alpha,
-      max_extra_tokens=decode.max_extra_tokens,
-      stop=decode.stop,
-      mesh=mesh,
-    )
+    tokens = search_all(model, [sources[i] for i in order], decode, mesh=mesh)
   return tokenizer.decode(tokens)
 
 
@@ -74,13 +66,7 @@ def prepare_search(model, test_sets: Sequence[TestSet], decode: DecodeConfig, me
   with jax.set_mesh(mesh):
     for test in test_sets:
       lengths = [len(ids) for batch in test.batches for ids in real_rows(batch).values()]
-      engine.prepare(
-        np.array(lengths),
-        beam_size=decode.beam_size,
-        alpha=decode.alpha,
-        max_extra_tokens=decode.max_extra_tokens,
-        stop=decode.stop,
-      )
+      engine.prepare(np.array(lengths), decode)
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict:

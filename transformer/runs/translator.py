@@ -140,13 +140,7 @@ class Translator:
     if not real:
       return out
     src_ids_BS = self.encode([texts[i] for i in real], [first_line + i for i in real])
-    tokens_BT = self.engine.search(
-      [ids[ids != PAD_ID] for ids in src_ids_BS],
-      beam_size=search.beam_size,
-      alpha=search.alpha,
-      max_extra_tokens=search.max_extra_tokens,
-      stop=search.stop,
-    )
+    tokens_BT = self.engine.search([ids[ids != PAD_ID] for ids in src_ids_BS], search)
     for i, text in zip(real, self.tokenizer.decode(tokens_BT), strict=True):
       out[i] = text
     return out
