@@ -336,9 +336,10 @@ def read_json(path: Path) -> dict[str, Any]:
     )
   try:
     values = json.loads(path.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    reason = "nested too deeply" if isinstance(error, RecursionError) else error
     raise UserError(
-      f"{path} is not valid JSON ({error}): restore the file from the run, or train again"
+      f"{path} is not valid JSON ({reason}): restore the file from the run, or train again"
     ) from None
   if not isinstance(values, dict):
     raise UserError(

@@ -267,8 +267,10 @@ def test_unknown_pieces_are_noted(trained, caplog, capsys):
   [
     ("empty", "does not describe a run (no 'task')"),
     ("truncated", "config.json is not valid JSON"),
+    ("nested", "config.json is not valid JSON (nested too deeply)"),
     ("d_model", "does not fit the model: parameter"),
     ("num_decoder_layers", "does not fit the model: parameter"),
+    ("max_len", "config.json gives model.max_len=100000000, a position table far larger"),
   ],
 )
 def test_a_hand_edited_config_json_with_a_checkpoint(damage, message, copy_of, capsys):
@@ -278,9 +280,11 @@ def test_a_hand_edited_config_json_with_a_checkpoint(damage, message, copy_of, c
     path.write_text("{}")
   elif damage == "truncated":
     path.write_text(text[: len(text) // 2])
+  elif damage == "nested":
+    path.write_text("[" * 100_000 + "]" * 100_000)
   else:
     values = json.loads(text)
-    values["model"][damage] = {"d_model": 64, "num_decoder_layers": 2}[damage]
+    values["model"][damage] = {"d_model": 64, "num_decoder_layers": 2, "max_len": 10**8}[damage]
     if damage == "d_model":
       values["model"]["num_heads"] = 2
     path.write_text(json.dumps(values))

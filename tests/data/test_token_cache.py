@@ -7,6 +7,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +163,29 @@ def test_damage_found_by_the_prefetch_thread_arrives_as_one_line(cache_dir, dama
       read_all()
   finally:
     stream.close()
+
+
+def test_a_build_beside_another_commands_build_keeps_it(tmp_path):
+  """Two commands building one cache at once: each leaves the other's temporary folder alone
+  (a dead builder's is removed), and the cache is whole."""
+  directory = tmp_path / "cache"
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    live = tmp_path / f"cache.tmp-{sleeper.pid}"
+    live.mkdir()
+    (live / "ids-00000.array_record").write_bytes(b"half written")
+    dead = subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"],
+      check=True,
+      capture_output=True,
+      text=True,
+    )
+    stale = tmp_path / f"cache.tmp-{dead.stdout.strip()}"
+    stale.mkdir()
+    build_cache(directory, [[("5 6", "7 8")]], encode, vocab_size=500, built_from={})
+    assert (live / "ids-00000.array_record").read_bytes() == b"half written"
+    assert not stale.exists()
+    assert len(open_cache(directory)) == 1
+  finally:
+    sleeper.kill()
+    sleeper.wait()

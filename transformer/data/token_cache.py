@@ -286,6 +286,22 @@ def _file_sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
+def _builder_alive(tmp: Path) -> bool:
+  """Whether the process that names the temporary folder `tmp` (`NAME.tmp-PID`) still runs: two
+  commands can build the same cache at once (each keeps its own folder; the first to finish
+  renames it into place)."""
+  pid = tmp.name.rpartition(".tmp-")[2]
+  if not pid.isdigit() or int(pid) == os.getpid():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, OverflowError):
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 def build_cache(
   directory: Path,
   chunks: Iterable[list[tuple[str, str]]],
@@ -305,7 +321,8 @@ def build_cache(
   start = time.perf_counter()
   directory.parent.mkdir(parents=True, exist_ok=True)
   for stale in directory.parent.glob(f"{directory.name}.tmp-*"):
-    shutil.rmtree(stale, ignore_errors=True)  # a build that was cut short
+    if not _builder_alive(stale):  # a build that was cut short; a live one is another command's
+      shutil.rmtree(stale, ignore_errors=True)
   tmp = directory.parent / f"{directory.name}.tmp-{os.getpid()}"
   tmp.mkdir()
   dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32

@@ -223,12 +223,15 @@ def read_header(path: Path) -> Header:
     raise UserError(f"{path} cannot be read ({error}): export the model again") from None
 
 
-def check_sizes(spec: RunSpec, header: Header, path: Path) -> None:
-  """Refuses sizes in model.json beyond what the parameter file could hold, before a model of
-  them is even traced: every width at most the file's largest dimension, every layer count at
-  most its tensor count, and a sinusoidal position table (built while translating, not stored)
-  of at most 16 times the file's values."""
+def check_sizes(
+  spec: RunSpec, header: Header, path: Path, described_by: Path | None = None
+) -> None:
+  """Refuses sizes in model.json (or `described_by`, the file the sizes came from) beyond what
+  the parameters in `path` could hold, before a model of them is even traced: every width at
+  most the largest dimension, every layer count at most the tensor count, and a sinusoidal
+  position table (built while translating, not stored) of at most 16 times the values."""
   config = spec.model
+  described_by = described_by or path.parent / META_FILENAME
   largest = max((max(shape, default=1) for shape, _ in header.values()), default=0)
   values = sum(math.prod(shape) for shape, _ in header.values())
   limits = dict.fromkeys(("vocab_size", "d_model", "d_ff", "num_heads"), largest)
@@ -237,15 +240,15 @@ def check_sizes(spec: RunSpec, header: Header, path: Path) -> None:
   for name, limit in limits.items():
     if getattr(config, name) > limit:
       raise UserError(
-        f"{path.parent / META_FILENAME} gives model.{name}={getattr(config, name)}, more than "
-        f"{path} can hold: the two files are not of one export (export the model again)"
+        f"{described_by} gives model.{name}={getattr(config, name)}, more than {path} can "
+        "hold: the two do not belong together (restore the file from the run)"
       )
   if config.position == "sinusoidal" and config.max_len * config.d_model > max(
     16 * values, 1 << 22
   ):
     raise UserError(
-      f"{path.parent / META_FILENAME} gives model.max_len={config.max_len}, a position table far "
-      f"larger than the model in {path}: restore the file from the run, or export it again"
+      f"{described_by} gives model.max_len={config.max_len}, a position table far larger "
+      f"than the model in {path}: restore the file from the run"
     )
 
 

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer.config import read_config
+from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.tokenizer import Tokenizer, tokenizer_file
 from transformer.errors import MissingFile, UserError
 from transformer.model.transformer import create_model
-from transformer.runs.artifact import MODEL_DIRNAME, read_model
+from transformer.runs.artifact import MODEL_DIRNAME, check_sizes, read_model
 from transformer.runs.checkpoint import Checkpointer, CheckpointError
 from transformer.runs.params import FlatParams, load_strict, state_params
 from transformer.runs.spec import RunSpec
@@ -120,6 +120,9 @@ def load_run(
     else:
       params, saved = checkpoint_params(workdir, step)
       source = f"checkpoint {saved} of {workdir}"
+  if step is not None or average is not None:  # sizes from config.json, bounded as model.json's
+    header = {name: (tuple(np.shape(value)), "F32") for name, value in params.items()}
+    check_sizes(spec, header, workdir / "checkpoints", workdir / CONFIG_FILENAME)
   if not tokenizer_path.is_file():
     raise MissingFile(f"{tokenizer_path} is missing: the run has no tokenizer")
   tokenizer = Tokenizer(tokenizer_path)
