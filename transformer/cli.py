@@ -49,8 +49,19 @@ def is_user_error(error: BaseException) -> bool:
 
 def no_backend(error: BaseException) -> bool:
   """JAX cannot start the platform the environment names (JAX_PLATFORMS=tpu on a machine
-  without one): the user's environment, not a bug."""
-  return isinstance(error, RuntimeError) and str(error).startswith("Unable to initialize backend")
+  without one): the user's environment, not a bug. (JAX_PLATFORMS=cuda without an NVIDIA GPU
+  fails JAX's own assertion, in jax/_src/xla_bridge.py, instead of saying so.)"""
+  if isinstance(error, RuntimeError):
+    return str(error).startswith("Unable to initialize backend")
+  if not isinstance(error, AssertionError) or not os.environ.get("JAX_PLATFORMS"):
+    return False
+  import jax  # already imported: JAX raised the error (its traceback keeps none of its frames)
+
+  try:
+    jax.devices()
+  except AssertionError:
+    return True
+  return False
 
 
 def run_cli(main: Callable[[], object]) -> int:
@@ -66,6 +77,7 @@ def run_cli(main: Callable[[], object]) -> int:
     logging.getLogger(name).addFilter(quiet)
   unraisable, sys.unraisablehook = sys.unraisablehook, quiet.unraisablehook(sys.unraisablehook)
   in_thread, threading.excepthook = threading.excepthook, quiet.excepthook(threading.excepthook)
+  stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
   try:
     main()
     flush_output()  # a failure to deliver the output is this command's, not the exit's
@@ -107,6 +119,7 @@ def run_cli(main: Callable[[], object]) -> int:
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   finally:
+    sys.stdout = stdout
     for name in QuietStorageErrors.LOGGERS:
       logging.getLogger(name).removeFilter(quiet)
     sys.unraisablehook = unraisable
@@ -202,6 +215,29 @@ class OutputError(Exception):
   """Standard output refused a write (raised from the OSError): not the workdir's disk."""
 
 
+class _Output:
+  """Standard output whose refused writes are `OutputError`s, whichever command prints (a full
+  disk under `> file` is the output's problem, not the workdir's)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except OSError as error:
+      raise OutputError(str(error)) from error
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except OSError as error:
+      raise OutputError(str(error)) from error
+
+  def __getattr__(self, name: str):
+    return getattr(self._stream, name)
+
+
 def emit(line: str) -> None:
   """Prints `line` to stdout at once (a translation as soon as it is done); a write that
   stdout refuses is an `OutputError`, which `run_cli` tells apart from a full workdir."""
@@ -257,9 +293,12 @@ def user_message(error: BaseException) -> str:
       "--workdir, an existing file otherwise)"
     )
   if no_backend(error):
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    cause = str(error).splitlines()[0].split(" (set JAX_PLATFORMS")[0] if str(error) else ""
     return (
-      f"{str(error).splitlines()[0].split(' (set JAX_PLATFORMS')[0]}: set JAX_PLATFORMS to a "
-      "platform this machine has (cpu, gpu), or unset it"
+      f"{cause or f'JAX found no {platforms} device'}: JAX_PLATFORMS={platforms} names a "
+      "platform this machine does not have: unset it (JAX then takes what the machine has), "
+      "or set it to one it has (cpu is always there)"
     )
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__

@@ -783,6 +783,28 @@ def test_output_that_cannot_be_written(trained):
   assert len(piped.stdout.splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["evaluate", "visualize"])
+def test_every_command_tells_a_full_output_from_a_full_workdir(command, trained, tmp_path):
+  (tmp_path / "s.en").write_text("A dog runs.\nTwo men talk.\n")
+  (tmp_path / "r.de").write_text("Ein Hund rennt.\nZwei Männer reden.\n")
+  args = {
+    "evaluate": f"--src {tmp_path / 's.en'} --ref {tmp_path / 'r.de'} --out {tmp_path / 'ev'}",
+    "visualize": f"--out {tmp_path / 'vis'} 'A dog runs.'",
+  }[command]
+  full = subprocess.run(
+    f"{sys.executable} -m transformer.{command} --workdir {trained} {args} > /dev/full",
+    shell=True,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"},
+  )
+  lines = full.stderr.strip().splitlines()
+  assert full.returncode == 2 and len(lines) == 1, full.stderr[-2000:]
+  assert lines[0].startswith("error: the output cannot be written (No space left on device)")
+
+
 @pytest.mark.parametrize(
   "texts, message",
   [
@@ -902,20 +924,26 @@ def test_a_byte_order_mark_is_not_translated(trained, tmp_path, capsys, caplog):
   assert outputs[0] == outputs[1] and "outside the vocabulary" not in caplog.text
 
 
-def test_a_platform_the_machine_lacks_is_one_line(trained):
+@pytest.mark.parametrize(
+  "platform, cause",
+  [("tpu", "Unable to initialize backend 'tpu'"), ("cuda", "JAX found no cuda device")],
+)
+def test_a_platform_the_machine_lacks_is_one_line(platform, cause, trained):
   result = command(
     "-m",
     "transformer.translate",
     "--workdir",
     str(trained),
     "A dog.",
-    env_extra={"JAX_PLATFORMS": "tpu"},
+    env_extra={"JAX_PLATFORMS": platform},
   )
   lines = result.stderr.decode().strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1, lines[-5:]
-  assert lines[0].startswith("error: Unable to initialize backend 'tpu'")
+  assert lines[0].startswith(f"error: {cause}")
   assert lines[0].endswith(
-    "set JAX_PLATFORMS to a platform this machine has (cpu, gpu), or unset it"
+    f"JAX_PLATFORMS={platform} names a platform this machine does not "
+    "have: unset it (JAX then takes what the machine has), or set it to "
+    "one it has (cpu is always there)"
   )
 
 
