@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax
 
+from transformer.files import cache_root
+
 log = logging.getLogger(__name__)
 
 # Programs that compile faster than this are not worth a disk read (JAX's default is 1 s).
@@ -32,8 +34,7 @@ def enable(cache_dir: str | os.PathLike | None = None) -> Path | None:
   if already:
     return Path(already)
   if cache_dir is None:
-    root = os.environ.get("TRANSFORMER_CACHE_DIR") or Path.home() / ".cache" / "transformer"
-    cache_dir = Path(root) / "jax"
+    cache_dir = cache_root() / "jax"
   path = Path(cache_dir)
   try:
     path.mkdir(parents=True, exist_ok=True)

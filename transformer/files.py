@@ -1,9 +1,12 @@
-"""Files written whole or not at all: a reader, a crash or a signal never finds half of one."""
+"""Files written whole or not at all (a reader, a crash or a signal never finds half of one), and
+the cache folder runs share."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from transformer.errors import UserError
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -18,4 +21,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+  return path
+
+
+def cache_root() -> Path:
+  """$TRANSFORMER_CACHE_DIR, else ~/.cache/transformer: where prepared data and compiled
+  programs are shared by later runs and commands. A folder the variable names is made if
+  missing, and must be writable: the user asked for it, so it is not quietly done without."""
+  named = os.environ.get("TRANSFORMER_CACHE_DIR")
+  if not named:
+    return Path.home() / ".cache" / "transformer"
+  path = Path(named)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    reason = None if os.access(path, os.W_OK | os.X_OK) else "not writable"
+  except OSError as error:
+    reason = error.strerror or str(error)
+  if reason:
+    raise UserError(
+      f"TRANSFORMER_CACHE_DIR={named} cannot hold the cache ({reason}): point it at a "
+      "writable folder, or unset it"
+    )
   return path

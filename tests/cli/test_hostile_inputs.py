@@ -967,3 +967,24 @@ def test_a_workdir_whose_name_is_not_utf8(trained, tmp_path, capsys):
   (scores,) = (workdir / "evaluations").glob("*.json")
   assert json.loads(scores.read_text(encoding="utf-8"))["model"] == str(workdir / "model")
   assert run_cli(lambda: translate_command.main(["--workdir", str(workdir), "A dog."])) == 0
+
+
+def test_a_cache_folder_that_cannot_be_used_is_named(trained, tmp_path):
+  """TRANSFORMER_CACHE_DIR naming a file is one line naming the variable; a fresh one is made,
+  and preparing Multi30k in it prints nothing where evaluate's output goes."""
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  split = ("-m", "transformer.evaluate", "--workdir", str(trained), "--split", "validation[:4]")
+  result = command(
+    *split, "--out", str(tmp_path / "e1"), env_extra={"TRANSFORMER_CACHE_DIR": str(afile)}
+  )
+  lines = result.stderr.decode().strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, lines[-5:]
+  assert lines[0].startswith(f"error: TRANSFORMER_CACHE_DIR={afile} cannot hold the cache (")
+  fresh = tmp_path / "new" / "cache"
+  result = command(
+    *split, "--out", str(tmp_path / "e2"), env_extra={"TRANSFORMER_CACHE_DIR": str(fresh)}
+  )
+  assert result.returncode == 0, result.stderr.decode()[-2000:]
+  assert b"Downloading" not in result.stdout and b"prepared" not in result.stdout
+  assert (fresh / "tfds").is_dir()

@@ -18,6 +18,7 @@ from typing import Any
 from transformer.data.config import DataConfig
 from transformer.data.files import FileCorpus
 from transformer.errors import UserError
+from transformer.files import cache_root
 
 Pair = tuple[str, str]
 
@@ -38,7 +39,7 @@ class Location:
     if data.cache_dir:
       cache_dir = Path(data.cache_dir)
     elif os.environ.get("TRANSFORMER_CACHE_DIR"):
-      cache_dir = Path(os.environ["TRANSFORMER_CACHE_DIR"])
+      cache_dir = cache_root()
     elif process_count > 1:
       cache_dir = workdir / "cache"
     else:
@@ -47,11 +48,9 @@ class Location:
 
 
 def default_cache_dir() -> Path:
-  """$TRANSFORMER_CACHE_DIR, else ~/.cache/transformer: where a single process shares prepared
-  data (and compiled programs) with later runs."""
-  if os.environ.get("TRANSFORMER_CACHE_DIR"):
-    return Path(os.environ["TRANSFORMER_CACHE_DIR"])
-  return Path.home() / ".cache" / "transformer"
+  """Where a single process shares prepared data (and compiled programs) with later runs
+  (`transformer.files.cache_root`)."""
+  return cache_root()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,12 @@ so translations of the test sets stay aligned with their references.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
+import logging
 import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +27,8 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
 from transformer.errors import MissingFile, UserError
+
+log = logging.getLogger(__name__)
 
 # Shipped inside the package, so an installed copy finds it too.
 DEFAULT_SOURCE_DIR = Path(__file__).resolve().parent / "corpora" / "multi30k"
@@ -213,8 +218,11 @@ def prepare_multi30k(
         "delete that folder and it is prepared again"
       ) from None
     if not builder.is_prepared():
+      log.info("preparing Multi30k from %s in %s", source_dir, data_dir)
       tfds.disable_progress_bar()  # a few seconds of work; its bars would bury the run's log
-      builder.download_and_prepare(file_format="array_record")
+      # tfds prints its own two lines to stdout, where evaluate's and translate's output goes.
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(file_format="array_record")
   return builder
 
 
