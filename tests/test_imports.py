@@ -16,8 +16,8 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 LAYERS = [
   "errors",  # UserError: what the user can fix, for every part
   "allocator",  # glibc malloc kept from handing XLA:CPU's buffers back each step
-  "compilation_cache",  # JAX's persistent compilation cache under the project's cache folder
-  "files",  # files written whole or not at all
+  "files",  # files written whole or not at all; the cache folder runs share
+  "compilation_cache",  # JAX's persistent compilation cache under that cache folder
   "parallel",  # meshes, sharding rules, train-step strategies
   "model",  # the Transformer; logical axis names from parallel
   "baselines",  # the LSTM/GRU models measured against it
