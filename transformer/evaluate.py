@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from transformer.decode.scoring import score_test_sets
 from transformer.errors import MissingFile, UserError
 from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import make_mesh
-from transformer.runs.artifact import export_model
-from transformer.runs.loading import load_run
+from transformer.runs.artifact import META_FILENAME, MODEL_DIRNAME, export_model, read_meta
+from transformer.runs.loading import LoadedRun, load_run
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
@@ -108,22 +109,42 @@ def parse_args(argv=None):
   return args
 
 
+def check_out_folder(out: Path) -> None:
+  """Refuses, before anything is loaded or translated, an --out that cannot become a folder
+  for the hypotheses and scores: a file, a path through a file, a folder this user cannot
+  write. (A file there failed only when the first result was written, after all the work.)"""
+  for folder in (out, *out.parents):
+    if folder.exists():  # the nearest existing one: the rest is made
+      if not folder.is_dir():
+        where = "is a file" if folder == out else f"lies under {folder}, which is a file"
+        raise UserError(
+          f"--out {out} {where}: give a folder for the hypotheses and scores (made if absent)"
+        )
+      if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {folder} is not writable: give a folder you can write")
+      return
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  workdir = Path(args.workdir).absolute()
+  out = Path(args.out) if args.out else workdir / "evaluations"
+  check_out_folder(out)
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
-  workdir = Path(args.workdir).absolute()
   with contextlib.ExitStack() as stack:
     if args.export and workdir.is_dir():  # it replaces WORKDIR/model: not under a running
       # train.py, nor under another export
       stack.enter_context(WorkdirLock(workdir, "exporting a model (transformer.evaluate)"))
-    return _evaluate(args, workdir)
+    return _evaluate(args, workdir, out)
 
 
-def _evaluate(args, workdir: Path) -> dict:
+def _evaluate(args, workdir: Path, out: Path) -> dict:
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":
     raise UserError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")
+  # What the export will say the parameters are, known before the work (a bug shows at once).
+  exported = exported_steps(workdir, args, loaded.steps) if args.export else {}
   data = _data_block(workdir, loaded.spec, need_splits=not args.src)
   decode = loaded.spec.search.overridden(
     beam_size=args.beam_size,
@@ -156,7 +177,6 @@ def _evaluate(args, workdir: Path) -> dict:
     batch_size=batch_size,
     share=Share(jax.process_index(), jax.process_count()),
   )
-  out = Path(args.out) if args.out else workdir / "evaluations"
   tag = _settings_tag(args, decode)
   report = score_test_sets(loaded.model, sets, loaded.tokenizer, decode, mesh, out_dir=None)
   if jax.process_index() == 0:
@@ -172,17 +192,48 @@ def _evaluate(args, workdir: Path) -> dict:
       )
       print(f"  hypotheses: {out / f'{name}.{tag}.txt'}")
   if args.export:
-    info = {
-      "step": args.step,
-      "averaged_steps": [],
-      "exported_by": "transformer.evaluate",
-      "source": loaded.source,
-    }
-    path = export_model(
-      workdir, loaded.spec, model_params(loaded.model), loaded.tokenizer.model_path, info
-    )
+    path = _export(workdir, loaded, exported, report)
     print(f"model written to {path}")
   return report
+
+
+def _export(workdir: Path, loaded: LoadedRun, exported: dict, report: dict) -> Path:
+  """Writes the evaluated parameters as WORKDIR/model with their steps and this evaluation's
+  scores; the scores the replaced model.json holds are kept only if it is of the same
+  parameters (an export exported again, or the checkpoint it was made of)."""
+  info = {
+    "source": loaded.source,
+    **exported,
+    "exported_by": "transformer.evaluate",
+    "scores": recorded_scores(report),
+  }
+  params = model_params(loaded.model)
+  return export_model(
+    workdir, loaded.spec, params, loaded.tokenizer.model_path, info, keep_scores=True
+  )
+
+
+# The scores of a test set that model.json keeps: those training's finish records.
+RECORDED = ("bleu", "bleu_lowercased", "chrf", "signature", "beam_size", "alpha")
+
+
+def recorded_scores(report: dict) -> dict:
+  """{set: its scores} as training records them in model.json."""
+  return {name: {key: scores[key] for key in RECORDED} for name, scores in report.items()}
+
+
+def exported_steps(workdir: Path, args, steps: list[int]) -> dict:
+  """model.json's step and averaged_steps for the parameters evaluated, as training records
+  them: checkpoint N is step N; an average is of its newest step, and lists the checkpoints it
+  averaged (a damaged one is left out, so they are read from what was loaded); the export
+  exported again keeps its own, and where it came from."""
+  if args.step is not None:
+    return {"step": args.step, "averaged_steps": []}
+  if args.average is not None:
+    return {"step": steps[-1], "averaged_steps": steps}
+  meta = read_meta(workdir / MODEL_DIRNAME / META_FILENAME)
+  kept = {"step": meta.get("step"), "averaged_steps": meta.get("averaged_steps", [])}
+  return kept | ({"source": meta["source"]} if "source" in meta else {})
 
 
 def check_batch_memory(rows: int, length: int, per_row_step: int, name: str) -> None:

@@ -26,32 +26,43 @@ Two differences are bridged exactly rather than approximated:
 One is not: Marian's LayerNorms use PyTorch's epsilon 1e-5, ours `model.layer_norm_epsilon`
 (1e-6 by default). The logits then differ by about 1e-5 (tests/test_export.py bounds them by
 1e-4). CTranslate2 reads the epsilon from its own config, which the conversion sets to ours.
+
+OUT is written whole or not at all: into a temporary folder beside it, renamed into place when
+complete (a previous export there is replaced only then; a failure, a full disk included, removes
+the temporary folder and leaves OUT as it was). Each export carries `transformer-export.json`
+(its format and the files it wrote), by which a later export recognises its own folder: OUT must
+be absent, an empty folder, or a previous export of the same format holding nothing else. It may
+not be the run's workdir, nor lie inside a folder the run keeps there (model/, checkpoints/, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
+import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transformer.cli import ArgumentParser, positive_int, run_cli
+from transformer.cli import ArgumentParser, positive_int, run_cli, storage_full
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.errors import UserError
 from transformer.model.config import TransformerConfig
+from transformer.runs.artifact import replace_folder
 from transformer.runs.params import FlatParams
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("huggingface", "ctranslate2")
+# The file in every export that names its format and files: how an export knows its own folder.
+MARKER_FILENAME = "transformer-export.json"
 # What the formats express, as (field, value): anything else is refused by `check_exportable`.
 _REQUIRED = (
   ("norm", "post"),
@@ -233,6 +244,7 @@ def write_huggingface(
   pieces = [processor.id_to_piece(i) for i in range(config.vocab_size)]
   out.mkdir(parents=True, exist_ok=True)
   save_file(marian_state_dict(params, config), str(out / "model.safetensors"), {"format": "pt"})
+  os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600: readable as the rest
   _write_json(out / "config.json", marian_config(config))
   _write_json(out / "generation_config.json", generation_config(beam_size, config.max_len))
   for name in ("source.spm", "target.spm"):
@@ -315,26 +327,145 @@ def export(
   average: int | None = None,
 ) -> Path:
   """Writes a run's model (its export, or checkpoint `step`, or the mean of the newest `average`)
-  in format `fmt` to `out`; returns `out`."""
+  in format `fmt` to `out`, whole or not at all; returns `out`."""
   from transformer.runs.loading import load_run
   from transformer.runs.params import model_params
 
   if fmt not in FORMATS:
     raise UserError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
   workdir, out = Path(workdir), Path(out)
+  check_out(out, workdir, fmt)  # before the run is loaded: a refused --out costs nothing
   loaded = load_run(workdir, step=step, average=average)
   check_exportable(loaded.spec.task, loaded.spec.model)
   params = model_params(loaded.model)
   beam_size = loaded.spec.search.beam_size
-  if fmt == "huggingface":
-    return write_huggingface(
-      out, loaded.spec.model, params, loaded.tokenizer.model_path, beam_size=beam_size
+
+  def write(folder: Path, scratch: Path) -> None:
+    hf_dir = folder if fmt == "huggingface" else scratch
+    write_huggingface(
+      hf_dir, loaded.spec.model, params, loaded.tokenizer.model_path, beam_size=beam_size
     )
-  with tempfile.TemporaryDirectory(prefix="marian-") as staging:
-    hf_dir = write_huggingface(
-      Path(staging), loaded.spec.model, params, loaded.tokenizer.model_path, beam_size=beam_size
+    if fmt == "ctranslate2":
+      write_ctranslate2(folder, hf_dir)
+
+  write_whole(out, fmt, write)
+  return out
+
+
+def write_whole(out: Path, fmt: str, write: Callable[[Path, Path], None]) -> None:
+  """Runs `write(folder, scratch)` into a temporary folder beside `out` (and a scratch folder
+  beside it, for the MarianMT folder a conversion starts from), marks it as an export of `fmt`
+  and renames it to `out`, replacing a previous export only now that the new one is whole.
+  Anything that fails removes both; a full disk, or a folder that refuses the writes, is one
+  line naming --out (not the run's folders: --out is all this command writes)."""
+  final = out.resolve()
+  tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+  scratch = final.with_name(f".{final.name}.marian-{os.getpid()}")
+  problem = None
+  try:
+    _remove(tmp, scratch)  # what an export killed under this process id left
+    final.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp, scratch)
+    names = sorted(path.name for path in tmp.iterdir())
+    _write_json(tmp / MARKER_FILENAME, {"format": fmt, "files": names})
+    replace_folder(tmp, final)
+  except Exception as error:
+    problem = _write_problem(error, final.parent)
+    if problem is None:
+      raise
+  finally:
+    _remove(tmp, scratch)
+  if problem is not None:
+    # Raised outside the handler, so that the OS error is not its context: `run_cli` would find
+    # the full disk there and advise freeing space under --workdir instead.
+    raise UserError(f"--out {out} cannot be written ({problem}): {_remedy(problem)}")
+
+
+def _remove(*folders: Path) -> None:
+  for folder in folders:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# A full disk in the export's own words: `run_cli` takes the OS's words ("No space left on
+# device") anywhere in a message for a full workdir.
+_STORAGE_WORDS = {
+  errno.ENOSPC: "its disk is full",
+  errno.EDQUOT: "its disk quota is used up",
+  errno.EFBIG: "a file would exceed the file-size limit",
+}
+
+
+def _write_problem(error: Exception, where: Path) -> str | None:
+  """What kept the export from being written into the folder `where`, in words; None for
+  anything else (a bug, or a file the export reads: those keep their own words)."""
+  if storage_full(error):
+    for code, words in _STORAGE_WORDS.items():
+      if getattr(error, "errno", None) == code or os.strerror(code) in str(error):
+        return words
+    return _STORAGE_WORDS[errno.ENOSPC]
+  if isinstance(error, OSError) and error.strerror and isinstance(error.filename, (str, bytes)):
+    written = Path(os.fsdecode(error.filename))
+    if written == where or where in written.parents:  # a folder that refuses the writes
+      return error.strerror.lower()
+  return None
+
+
+def _remedy(problem: str) -> str:
+  if problem in _STORAGE_WORDS.values():
+    return "free space there or give another --out; nothing was written"
+  return "give a folder you can write to; nothing was written"
+
+
+def check_out(out: Path, workdir: Path, fmt: str) -> None:
+  """Refuses an --out that the export would write over something not its own: the run's
+  workdir (its config.json is the run's record), a path inside a folder or file the run keeps
+  there, a file, or a non-empty folder that is not a previous export of `fmt`."""
+  target, run = out.resolve(), workdir.resolve()
+  if target == run:
+    raise UserError(
+      f"--out {out} is the run's workdir: the export would overwrite the run's own files "
+      f"(config.json); give a folder of its own, e.g. --out {run / fmt}"
     )
-    return write_ctranslate2(out, hf_dir)
+  if run in target.parents:
+    kept = run / target.relative_to(run).parts[0]
+    if kept != target and kept.exists():
+      raise UserError(
+        f"--out {out} lies inside {kept}, which the run keeps: give a folder of its own, "
+        f"e.g. --out {run / fmt}"
+      )
+  _check_replaceable(out, target, fmt)
+
+
+def _check_replaceable(out: Path, target: Path, fmt: str) -> None:
+  """`target` must be absent, an empty folder or a previous export of `fmt` with nothing
+  added (what it holds is deleted when it is replaced)."""
+  if not target.exists():
+    above = next(folder for folder in target.parents if folder.exists())  # "/" at the latest
+    if not above.is_dir():
+      raise UserError(f"--out {out} lies under {above}, which is a file: give a folder")
+    return
+  if not target.is_dir():
+    raise UserError(f"--out {out} is a file: give a folder (made if absent)")
+  names = sorted(path.name for path in target.iterdir())
+  if not names or _is_export(target, fmt, names):
+    return
+  raise UserError(
+    f"--out {out} holds files that are not a {fmt} export of this package ({names[0]}, "
+    f"{len(names)} in all) and would be replaced: give a new or empty folder, or empty it first"
+  )
+
+
+def _is_export(folder: Path, fmt: str, names: list[str]) -> bool:
+  """Whether `folder` (holding `names`) is an export of `fmt` as this command writes it: its
+  marker names that format, and every file there is one it lists."""
+  try:
+    marker = json.loads((folder / MARKER_FILENAME).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # no marker: not ours
+    return False
+  if not isinstance(marker, dict) or marker.get("format") != fmt:
+    return False
+  listed = marker.get("files")
+  return isinstance(listed, list) and set(names) <= {*listed, MARKER_FILENAME}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -109,15 +109,18 @@ class Corpus:
 
     try:
       if self.source_dir is not None:
-        return prepare_multi30k(self.tfds_dir, self.source_dir).as_data_source(split=split)
-      # tfds.data_source defaults to ArrayRecord only without data_dir and builder_kwargs;
-      # otherwise it would prepare TFRecord files, unreadable without TensorFlow.
-      return tfds.data_source(
-        self.dataset,
-        split=split,
-        data_dir=os.fspath(self.tfds_dir),
-        builder_kwargs={"file_format": "array_record"},
-      )
+        found = prepare_multi30k(self.tfds_dir, self.source_dir).as_data_source(split=split)
+      else:
+        # tfds.data_source defaults to ArrayRecord only without data_dir and builder_kwargs;
+        # otherwise it would prepare TFRecord files, unreadable without TensorFlow.
+        found = tfds.data_source(
+          self.dataset,
+          split=split,
+          data_dir=os.fspath(self.tfds_dir),
+          builder_kwargs={"file_format": "array_record"},
+        )
+      len(found)  # a slice that ends before it starts ([5:3]) has a negative length
+      return found
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(
         f"data.dataset={self.dataset!r} is not a tensorflow-datasets name: use "
@@ -127,9 +130,10 @@ class Corpus:
       raise
     except ValueError as error:
       # tfds's words for a split it cannot read: an unknown name, a slice it cannot parse, or a
-      # slice that selects nothing ("Paths sequence can not be of 0 length").
+      # slice that selects nothing ("Paths sequence can not be of 0 length", or a negative
+      # length: "__len__() should return >= 0").
       reason = " ".join(str(error).split())
-      if "0 length" in reason:
+      if "0 length" in reason or "should return >= 0" in reason:
         reason = "the slice selects no pairs"
       raise UserError(
         f"{self.dataset} split {split!r} cannot be read ({reason[:300]}): name a split of the "

@@ -104,10 +104,18 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
 
 
 def export_model(
-  workdir: Path, spec: RunSpec, params: FlatParams, tokenizer_path: Path, info: dict[str, Any]
+  workdir: Path,
+  spec: RunSpec,
+  params: FlatParams,
+  tokenizer_path: Path,
+  info: dict[str, Any],
+  *,
+  keep_scores: bool = False,
 ) -> Path:
   """Writes WORKDIR/model/ (see the module docstring); `info` joins model.json (the step, the
-  averaged checkpoints)."""
+  averaged checkpoints, scores). With `keep_scores`, the scores the replaced model.json recorded
+  are kept if it describes these very parameters (`previous_scores`), info's scores merged over
+  them set by set; scores of other parameters are never carried over."""
   from safetensors.numpy import save_file
 
   workdir = Path(workdir)
@@ -135,17 +143,55 @@ def export_model(
     }
     if tokenizer_name != TOKENIZER_FILENAME:  # exports of SentencePiece runs stay as they were
       meta["tokenizer_file"] = tokenizer_name
+    if keep_scores:
+      meta["scores"] = merged_scores(previous_scores(final / META_FILENAME, meta), meta)
     _write_meta(tmp / META_FILENAME, meta)
-    aside = workdir / f".{MODEL_DIRNAME}.old-{os.getpid()}"
-    with _signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave no model
-      if final.exists():
-        os.replace(final, aside)
-      os.replace(tmp, final)
-      shutil.rmtree(aside, ignore_errors=True)
+    replace_folder(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+  """Renames the complete folder `tmp` to `final`; a folder already there is renamed aside
+  first and removed after, so `final` is always the old folder or the new one, whole."""
+  aside = final.with_name(f".{final.name}.old-{os.getpid()}")
+  shutil.rmtree(aside, ignore_errors=True)
+  with _signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave neither
+    if final.exists():
+      os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# What must be equal for two model.json to describe the same parameters (their scores hold for
+# both): the same model, the same parameter bytes, the same tokenizer.
+_SAME_MODEL_KEYS = ("task", "model", "params_sha256", "tokenizer_sha256")
+
+
+def previous_scores(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+  """The scores of the model.json at `path` if it describes the parameters `meta` does, else
+  none (also when it is missing or unreadable: nothing it says can be trusted then)."""
+  try:
+    previous = read_meta(path)
+  except (OSError, ValueError):  # absent, damaged, edited: its scores are not kept
+    return {}
+  if any(_as_json(previous.get(key)) != _as_json(meta.get(key)) for key in _SAME_MODEL_KEYS):
+    return {}
+  return previous.get("scores", {})
+
+
+def _as_json(value: Any) -> Any:
+  """`value` as model.json reads it back (a tuple as a list): what two of them compare."""
+  return json.loads(json.dumps(value))
+
+
+def merged_scores(kept: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+  """`kept` with meta's own scores over them, set by set (a new BLEU of the test set keeps the
+  validation loss training recorded)."""
+  new = meta.get("scores", {})
+  return {name: {**kept.get(name, {}), **new.get(name, {})} for name in {**kept, **new}}
 
 
 @contextlib.contextmanager

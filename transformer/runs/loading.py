@@ -34,6 +34,7 @@ class LoadedRun:
   tokenizer: Tokenizer
   model: nnx.Module
   source: str  # "model" (the export), "checkpoint 900", "average of checkpoints [...]"
+  steps: list[int] = dataclasses.field(default_factory=list)  # the checkpoints it was made of
 
 
 def checkpoints_of(workdir: Path) -> Checkpointer:
@@ -111,7 +112,7 @@ def load_run(
     raise UserError("--step and --average each pick the parameters: give one of them")
   if step is None and average is None:
     spec, params, tokenizer_path, _ = read_model(workdir)
-    source = str(workdir / MODEL_DIRNAME)
+    source, steps = str(workdir / MODEL_DIRNAME), list[int]()
   else:
     spec, tokenizer_path = RunSpec.of(read_config(workdir)), tokenizer_file(workdir)
     if average is not None:
@@ -119,7 +120,7 @@ def load_run(
       source = f"the average of checkpoints {steps} of {workdir}"
     else:
       params, saved = checkpoint_params(workdir, step)
-      source = f"checkpoint {saved} of {workdir}"
+      source, steps = f"checkpoint {saved} of {workdir}", [saved]
   if step is not None or average is not None:  # sizes from config.json, bounded as model.json's
     header = {name: (tuple(np.shape(value)), "F32") for name, value in params.items()}
     check_sizes(spec, header, workdir / "checkpoints", workdir / CONFIG_FILENAME)
@@ -136,7 +137,7 @@ def load_run(
   model = create_model(spec.task, spec.model.replace(scan_layers=False), seed=0)
   load_strict(model, params, source)
   model.eval()
-  return LoadedRun(spec, tokenizer, model, source)
+  return LoadedRun(spec, tokenizer, model, source, steps)
 
 
 def warm_start_params(workdir: str | Path) -> tuple[FlatParams, Path, str]:
