@@ -47,17 +47,19 @@ def main(argv=None) -> list[str]:
       f"{args.workdir} holds a {translator.task!r} model: sampling needs an lm run "
       "(translate a translation run with python -m transformer.translate)"
     )
+  # One call for every sample (sample k drawn with seed + k): the settings, the seeds of all of
+  # them and the prompt's unknown pieces are checked once, before the first is printed.
+  continuations = translator.continuations(
+    [args.prompt] * args.num_samples,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    seed=args.seed,
+  )
   samples = []
-  for k in range(args.num_samples):
-    (text,) = translator.continue_text(
-      [args.prompt],
-      max_new_tokens=args.max_new_tokens,
-      temperature=args.temperature,
-      top_k=args.top_k,
-      top_p=args.top_p,
-      seed=args.seed + k,
-    )
-    samples.append(args.prompt + text)
+  for k, text in enumerate(continuations):
+    samples.append(args.prompt + text)  # the text starts with a space where it starts a word
     print(samples[-1], flush=True)
     if k + 1 < args.num_samples:
       print("---", flush=True)

@@ -7,12 +7,14 @@ printed as soon as its batch is done: lines already waiting are translated toget
 exported model is used (WORKDIR/model); `--step N` takes checkpoint N, `--average K` the mean of
 the newest K checkpoints. Beam search with the run's own beam size and length penalty by
 default; for a decoder-only run the text is continued by sampling (`--temperature`, `--top_k`,
-`--top_p`).
+`--top_p`, `--seed`, `--max_new_tokens`). Each kind of run refuses the other's flags. A line is
+read up to 1 MiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import queue
 import sys
@@ -32,21 +34,44 @@ from transformer.cli import (
   run_cli,
 )
 from transformer.errors import MissingFile, UserError
-from transformer.runs.translator import Translator
+from transformer.runs.translator import Translator, check_beam_positions
 
 _END = object()
+# The longest input line read, in bytes: ~10^5 words, far past any model's positions (a longer
+# source is cut to them). A stream without line ends (< /dev/zero) grew one line until memory ran
+# out; the batches in flight hold at most 4 x --batch_size lines of this size.
+MAX_LINE_BYTES = 2**20
+
+# Which flags each kind of run takes: given to the other kind, they would be silently ignored.
+SEARCH_FLAGS = ("beam_size", "alpha", "stop", "max_extra_tokens")
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+SAMPLING_DEFAULTS = {"max_new_tokens": 40, "temperature": 1.0, "seed": 0}
 
 
 def decoded_lines(stream: IO[bytes], name: str) -> Iterator[str]:
-  """The lines of a byte stream as text, without their line ends; a line that is not UTF-8 is a
-  one-line error naming it."""
-  for number, raw in enumerate(stream, start=1):
+  """The lines of a byte stream as text, without their line ends; a line that is not UTF-8 or
+  longer than `MAX_LINE_BYTES` is a one-line error naming it."""
+  for number, raw in enumerate(bounded_lines(stream, name), start=1):
     if number == 1:
       raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the text
     try:
       yield raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
       raise UserError(f"{name} line {number} is not UTF-8: convert the input to UTF-8") from None
+
+
+def bounded_lines(stream: IO[bytes], name: str) -> Iterator[bytes]:
+  """The raw lines of a stream, each read only up to `MAX_LINE_BYTES` (+ its line end)."""
+  for number in itertools.count(1):
+    raw = stream.readline(MAX_LINE_BYTES + 1)
+    if not raw:
+      return
+    if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+      raise UserError(
+        f"{name} line {number} is longer than {MAX_LINE_BYTES:,} bytes without a line end: "
+        "give one sentence a line"
+      )
+    yield raw
 
 
 def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -117,14 +142,30 @@ def parse_args(argv=None):
     type=int,
     help="a translation has at most len(source) + this many pieces (default: the run's)",
   )
-  parser.add_argument(
-    "--max_new_tokens", type=positive_int, default=40, help="language models only"
-  )
-  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=positive_int, default=None)
-  parser.add_argument("--top_p", type=float, default=None)
-  parser.add_argument("--seed", type=int, default=0)
+  # Defaults of None: a flag given to a run of the other kind is refused (`check_flags`).
+  lm = "lm runs only"
+  parser.add_argument("--max_new_tokens", type=positive_int, help=f"{lm} (default: 40)")
+  parser.add_argument("--temperature", type=float, help=f"{lm}; 0 = greedy (default: 1.0)")
+  parser.add_argument("--top_k", type=positive_int, help=lm)
+  parser.add_argument("--top_p", type=float, help=lm)
+  parser.add_argument("--seed", type=int, help=f"{lm}; line i uses seed + i - 1 (default: 0)")
   return parser.parse_args(argv)
+
+
+def check_flags(args: argparse.Namespace, task: str) -> None:
+  """An error for a flag the run's kind does not take: an lm run samples (no beam search), a
+  translation run searches (no sampling). Refused rather than warned about: its output would
+  not be what the flag asked for, and a warning is easily lost in a pipeline."""
+  others: tuple[str, ...]
+  if task == "translation":
+    others, takes = SAMPLING_FLAGS, "lm runs (sampling)"
+  else:
+    others, takes = SEARCH_FLAGS, "translation runs (beam search)"
+  for name in others:
+    if getattr(args, name) is not None:
+      raise UserError(
+        f"--{name} is for {takes}; {args.workdir} holds a {task!r} model: leave --{name} out"
+      )
 
 
 def main(argv=None) -> None:
@@ -132,17 +173,23 @@ def main(argv=None) -> None:
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
   translator = Translator(args.workdir, step=args.step, average=args.average)
+  if translator.task == "mlm":
+    raise UserError(
+      f"{args.workdir} holds a masked language model, which neither translates "
+      "nor generates: use a translation or lm run"
+    )
+  check_flags(args, translator.task)
   search = translator.search.overridden(
     beam_size=args.beam_size,
     alpha=args.alpha,
     max_extra_tokens=args.max_extra_tokens,
     stop=args.stop,
   )
-  if translator.task == "mlm":
-    raise UserError(
-      f"{args.workdir} holds a masked language model, which neither translates "
-      "nor generates: use a translation or lm run"
-    )
+  if translator.task == "translation":  # before any input is read
+    check_beam_positions(search.beam_size, translator.spec.model)
+  for name, default in SAMPLING_DEFAULTS.items():
+    if getattr(args, name) is None:
+      setattr(args, name, default)
   printed = 0
   for batch in batches(input_lines(args), args.batch_size):
     if translator.task == "translation":
@@ -162,6 +209,7 @@ def main(argv=None) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed + printed,
+        first_line=printed + 1,
       )
     for line in outputs:
       emit(line)

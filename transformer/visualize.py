@@ -11,8 +11,11 @@ WORKDIR/attention); their paths are printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformer.cli import ArgumentParser, add_model_arguments, argument_text, run_cli
@@ -21,7 +24,7 @@ from transformer.errors import UserError
 from transformer.inspect.attention import prepare_sentence
 from transformer.inspect.contrast import contrast_word
 from transformer.inspect.figures import write_attention_figures, write_contrast
-from transformer.runs.translator import Translator
+from transformer.runs.translator import Translator, check_beam_positions, note_unknown
 
 
 def load_translator(
@@ -36,6 +39,15 @@ def load_translator(
       "for translation (encoder-decoder) runs"
     )
   return translator
+
+
+@contextlib.contextmanager
+def missing_glyphs_quiet() -> Iterator[None]:
+  """Matplotlib's two-line warning for each character its font lacks (an emoji, a script) goes
+  unsaid: the figure shows a box for it, and unknown pieces are noted once, in one line."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+    yield
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,10 +79,13 @@ def main(argv=None) -> None:
   DecodeConfig().overridden(**overrides)  # checked before the model is loaded
   translator = load_translator(args.workdir, step=args.step, average=args.average)
   search = translator.search.overridden(**overrides)
+  check_beam_positions(search.beam_size, translator.spec.model)
   out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []
   if text:
+    (ids,) = tokenizer.encode([text])
+    note_unknown(ids, "the sentence", "the translation will miss them")
     sentence = prepare_sentence(
       model,
       tokenizer,
@@ -79,7 +94,8 @@ def main(argv=None) -> None:
       search=search,
     )
     print(f"source: {sentence.text}\ntranslation: {sentence.translation}")
-    paths += write_attention_figures(model, sentence, out_dir)
+    with missing_glyphs_quiet():
+      paths += write_attention_figures(model, sentence, out_dir)
   if args.contrast:
     report = contrast_word(
       model,
@@ -87,7 +103,8 @@ def main(argv=None) -> None:
       max_source_tokens=translator.max_source_tokens,
       search=search,
     )
-    paths += write_contrast(report, out_dir)
+    with missing_glyphs_quiet():
+      paths += write_contrast(report, out_dir)
   for path in paths:
     print(path)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -26,6 +27,7 @@ from transformer.decode.config import DecodeConfig
 from transformer.decode.engine import Engine
 from transformer.decode.sampling import sample
 from transformer.errors import UserError
+from transformer.model.config import TransformerConfig
 from transformer.model.transformer import DecoderOnly, EncoderDecoder
 from transformer.runs.loading import load_run
 
@@ -40,6 +42,53 @@ def check_texts(texts: object) -> None:
   odd = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
   if odd is not None:
     raise TypeError(f"texts must be a list of str; texts[{odd}] is {type(texts[odd]).__name__}")
+
+
+def check_whole(**values: object) -> None:
+  """A one-line error for a count or seed (None: the default) that is not a whole number: a
+  float reached JAX as a shape and failed deep inside it, and a bool is an int to Python, so
+  top_k=True sampled greedily without a word."""
+  for name, value in values.items():
+    if value is not None and (is_bool(value) or not isinstance(value, numbers.Integral)):
+      raise UserError(f"{name} must be a whole number (int), got {type(value).__name__} {value!r}")
+
+
+def check_real(**values: object) -> None:
+  """A one-line error for a setting (None: the default) that is not a real number."""
+  for name, value in values.items():
+    if value is not None and (is_bool(value) or not isinstance(value, numbers.Real)):
+      raise UserError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def is_bool(value: object) -> bool:
+  return isinstance(value, bool | np.bool_)
+
+
+def check_beam_positions(beam_size: int, config: TransformerConfig) -> None:
+  """Beam search feeds a sentence's beams to the decoder as one row of `beam_size` positions
+  (one cache shared by the beams, `beam_search._next_log_probs`), and sinusoidal or learned
+  positions are checked against the `max_len` they cover: more beams than that stopped deep in
+  the model with an error about the input's length. RoPE has no such table."""
+  if config.position != "rope" and beam_size > config.max_len:
+    raise UserError(
+      f"--beam_size {beam_size} exceeds the model's {config.max_len} positions (model.max_len): "
+      f"its beams are decoded side by side as positions of one row; use --beam_size "
+      f"{config.max_len} or less"
+    )
+
+
+def note_unknown(ids: Sequence[int], what: str, consequence: str) -> None:
+  """One warning when some of a text's pieces are outside the vocabulary (emoji, scripts unseen
+  in training: they become <unk>), which the model cannot read; `what` names the text."""
+  unknown = list(ids).count(UNK_ID)
+  if unknown:
+    log.warning(
+      "%s: %d of its %d pieces are outside the vocabulary (<unk>); %s",
+      what,
+      unknown,
+      len(ids),
+      consequence,
+    )
 
 
 class Translator:
@@ -98,15 +147,7 @@ class Translator:
     rows = []
     numbers = line_numbers or list(range(1, len(texts) + 1))
     for number, ids in zip(numbers, self.tokenizer.encode(texts), strict=True):
-      unknown = ids.count(UNK_ID)
-      if unknown:
-        log.warning(
-          "input line %d: %d of its %d pieces are outside the vocabulary (<unk>); "
-          "the translation will miss them",
-          number,
-          unknown,
-          len(ids),
-        )
+      note_unknown(ids, f"input line {number}", "the translation will miss them")
       if len(ids) + 1 > self.max_source_tokens:
         log.warning(
           "input line %d has %d tokens; only the first %d are translated",
@@ -132,9 +173,12 @@ class Translator:
     default to the run's own (`self.search`, its decode block); `first_line` numbers the texts
     in warnings (the line of a file they came from)."""
     check_texts(texts)
+    check_whole(beam_size=beam_size, max_extra_tokens=max_extra_tokens, first_line=first_line)
+    check_real(alpha=alpha)
     search = self.search.overridden(
       beam_size=beam_size, alpha=alpha, max_extra_tokens=max_extra_tokens, stop=stop
     )
+    check_beam_positions(search.beam_size, self.spec.model)
     real = [i for i, text in enumerate(texts) if text.strip()]
     out = [""] * len(texts)
     if not real:
@@ -154,36 +198,89 @@ class Translator:
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    first_line: int = 1,
   ) -> list[str]:
     """Samples a continuation of each prompt from a decoder-only model (one prompt at a time:
-    a batch of prompts would have to share one length). A model of running text (dataset text)
-    reads the prompt as it is (an empty one as a document's start) and continues it past its
-    context by sliding the context along, as nanoGPT's sample.py does; a model of sentences
-    reads BOS first and stops at its context."""
+    a batch of prompts would have to share one length), prompt i with seed + i. A model of
+    running text (dataset text) reads the prompt as it is (an empty one as a document's start)
+    and continues it past its context by sliding the context along, as nanoGPT's sample.py
+    does; a model of sentences reads BOS first and stops at its context. Each continuation is
+    the text that follows its prompt, so it starts with a space where its first piece starts a
+    word; `first_line` numbers the prompts in warnings and errors."""
+    return list(
+      self.continuations(
+        texts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        first_line=first_line,
+      )
+    )
+
+  def continuations(
+    self,
+    texts: list[str],
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    first_line: int = 1,
+  ) -> Iterator[str]:
+    """`continue_text`'s continuations one at a time, each as soon as it is drawn. The settings
+    are checked, and the prompts' unknown pieces noted (once per distinct prompt), before the
+    first is drawn: a command prints nothing it would have to take back."""
     check_texts(texts)
+    check_whole(max_new_tokens=max_new_tokens, top_k=top_k, seed=seed, first_line=first_line)
+    check_real(temperature=temperature, top_p=top_p)
     check_sampling(len(texts), max_new_tokens, temperature, seed)
     draw = functools.partial(
       sample, self.decoder_only, temperature=temperature, top_k=top_k, top_p=top_p
     )
+    prompts = self.tokenizer.encode(texts)
+    noted: set[str] = set()
+    numbers = range(first_line, first_line + len(texts))
+    for number, text, ids in zip(numbers, texts, prompts, strict=True):
+      if text not in noted:
+        note_unknown(ids, f"prompt {number}", "the model reads each as one unknown piece")
+        noted.add(text)
+    return self._continue(draw, prompts, max_new_tokens, seed, first_line)
+
+  def _continue(
+    self, draw: Callable, prompts: list[list[int]], max_new_tokens: int, seed: int, first: int
+  ) -> Iterator[str]:
     context = self.spec.model.max_len
-    outputs = []
-    for i, text in enumerate(texts):
+    for i, ids in enumerate(prompts):
       key = jax.random.key(seed + i)
-      ids = self.tokenizer.encode([text])[0]
       if self.spec.running_text:
         new = slide(draw, ids or [EOS_ID], max_new_tokens, context, key)
       else:
-        new = continue_sentence(draw, [BOS_ID, *ids], max_new_tokens, context, key, i + 1)
-      outputs.append(self.tokenizer.decode([new])[0])
-    return outputs
+        new = continue_sentence(draw, [BOS_ID, *ids], max_new_tokens, context, key, first + i)
+      yield self.text_after(ids, new)
+
+  def text_after(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text of `new_ids` as it follows `prompt_ids`: SentencePiece drops the space a word's
+    first piece ("\u2581Hund") stands for at the start of a text, so a continuation decoded
+    alone lost the space between the prompt and a new word ("Ein Hund" + "Fu\u00dfball")."""
+    whole, head = self.tokenizer.decode([[*prompt_ids, *new_ids], prompt_ids])
+    if whole.startswith(head):
+      return whole[len(head) :]
+    return self.tokenizer.decode([new_ids])[0]  # (no tokenizer here decodes otherwise)
 
 
 def check_sampling(count: int, max_new_tokens: int, temperature: float, seed: int) -> None:
   """One line for settings that cannot sample `count` prompts."""
   if max_new_tokens < 1:
     raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+  # Prompt (or sample) i is drawn with seed + i: every one of them must be a seed JAX takes.
   if not 0 <= seed <= MAX_SEED - count:
-    raise UserError(f"--seed must be in [0, {MAX_SEED - count}], got {seed}")
+    raise UserError(
+      f"--seed must be in [0, {MAX_SEED - count}] for {count} prompt(s) or samples (the i-th "
+      f"is drawn with seed + i), got {seed}"
+    )
   if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
     raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
 
