@@ -189,3 +189,13 @@ def test_a_build_beside_another_commands_build_keeps_it(tmp_path):
   finally:
     sleeper.kill()
     sleeper.wait()
+
+
+def test_a_cache_folder_without_its_meta_json_is_built_again(built, tmp_path):
+  """A folder without meta.json is no cache (meta.json is written last): building the cache
+  replaces it (the rename onto it failed and was taken for another command's finished build)."""
+  directory = tmp_path / "cache"
+  shutil.copytree(built[0], directory)
+  (directory / META_FILENAME).unlink()
+  build_cache(directory, [[("5 6", "7 8")]], encode, vocab_size=500, built_from={})
+  assert len(open_cache(directory)) == 1

@@ -39,3 +39,10 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplo
   with caplog.at_level("WARNING"), WorkdirLock(tmp_path, "training"):
     pass
   assert f"taking over the lock of process {record['pid']}" in caplog.text
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", "null", "7", "[" * 100_000])
+def test_a_lock_record_that_is_not_an_object_is_taken_over(record, tmp_path):
+  (tmp_path / LOCK_FILENAME).write_text(record)
+  with WorkdirLock(tmp_path, "training"):
+    assert json.loads((tmp_path / LOCK_FILENAME).read_text())["purpose"] == "training"

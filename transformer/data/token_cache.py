@@ -373,7 +373,11 @@ def build_cache(
     except OSError:
       if not directory.is_dir():
         raise
-      shutil.rmtree(tmp)  # another process finished the same cache first: keep theirs
+      if open_cache(directory) is None:  # no meta.json there: damaged, not another's cache
+        shutil.rmtree(directory)
+        os.replace(tmp, directory)
+      else:
+        shutil.rmtree(tmp)  # another process finished the same cache first: keep theirs
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

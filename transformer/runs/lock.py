@@ -60,11 +60,13 @@ class WorkdirLock:
     self._file.flush()
 
   def _read(self) -> dict:
+    """The holder's record; {} for one that cannot be read (garbage, not a JSON object)."""
     try:
       with open(self.path, encoding="utf-8") as f:
-        return json.loads(f.read() or "{}")
-    except (OSError, ValueError):
+        record = json.loads(f.read() or "{}")
+    except (OSError, ValueError, RecursionError):
       return {}
+    return record if isinstance(record, dict) else {}
 
   def release(self) -> None:
     """Clears the holder's record (a finished run leaves nothing to take over) and unlocks."""
