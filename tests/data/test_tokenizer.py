@@ -162,3 +162,16 @@ def test_a_damaged_vocab_file_is_one_line(tmp_path, content, message):
   (tmp_path / "vocab.json").write_bytes(content)
   with pytest.raises(UserError, match=message):
     Tokenizer(tmp_path / "vocab.json")
+
+
+def test_sentences_longer_than_sentencepieces_default_train_the_tokenizer(tmp_path):
+  """Running text arrives in records of up to 65,536 characters: SentencePiece's default skips
+  sentences over 4,192 bytes silently, and their characters became unknown pieces."""
+  rng = np.random.default_rng(0)
+  letters = list("abcdefghijklmnop")  # "q" and "z" only in the long sentence
+  words = ["".join(rng.choice(letters, rng.integers(2, 7))) for _ in range(2000)]
+  sentences = [" ".join(words[i : i + 10]) for i in range(0, 2000, 10)]
+  sentences.append("zebra quokka " * 700)  # 9,100 bytes
+  path = train_sentencepiece(sentences, tmp_path / "spm.model", vocab_size=60)
+  (ids,) = Tokenizer(path).encode(["zebra quokka"])
+  assert UNK_ID not in ids

@@ -61,6 +61,9 @@ def check_vocab_size(vocab_size: int, kind: str = "sentencepiece") -> None:
     )
 
 
+MAX_SENTENCE_BYTES = 4 * 65_536
+
+
 def train_sentencepiece(
   sentences: Iterable[str],
   model_path: str | os.PathLike,
@@ -100,6 +103,9 @@ def train_sentencepiece(
     eos_id=EOS_ID,
     user_defined_symbols=[MASK_PIECE],
     input_sentence_size=0,  # 0 = use every sentence; no random sample.
+    # Running text comes in records of up to 65,536 characters (data/files.py), 4 bytes each at
+    # most; SentencePiece skips longer sentences (its default: 4,192 bytes) without a word.
+    max_sentence_length=MAX_SENTENCE_BYTES,
     shuffle_input_sentence=False,
     num_threads=num_threads,
     minloglevel=2,
