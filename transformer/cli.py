@@ -64,13 +64,16 @@ def no_backend(error: BaseException) -> bool:
   return False
 
 
-def run_cli(main: Callable[[], object]) -> int:
+def run_cli(main: Callable[[], object], *, command: bool = False) -> int:
   """Runs `main`; a user error prints `error: <message>` and exits 2, Ctrl-C/SIGTERM exits 130
   with one line saying what was kept. Any other exception is a bug: its traceback is printed
   and the exit status is 1. Output is UTF-8 whatever the locale; a reader that went away
   (`| head`) ends the command quietly (141, as SIGPIPE would), an output that cannot be written
-  (a full disk) is one line."""
+  (a full disk) is one line. `command`: the process ends when this returns (a console
+  command), so a signal after the work is done is ignored (the exit status is the work's; a
+  Ctrl-C then landed in the interpreter's teardown, as `Exception ignored in ...`)."""
   unicode_output()
+  _STOP.clear()
   previous = stop_on_sigterm()
   quiet = QuietStorageErrors()
   for name in QuietStorageErrors.LOGGERS:
@@ -125,7 +128,7 @@ def run_cli(main: Callable[[], object]) -> int:
     sys.unraisablehook = unraisable
     threading.excepthook = in_thread
     for signum, handler in previous.items():
-      signal.signal(signum, handler)
+      signal.signal(signum, signal.SIG_IGN if command else handler)
   return 0
 
 
@@ -182,19 +185,40 @@ def stop_on_sigterm() -> dict[signal.Signals, Any]:
 
   def stop(signum, frame):
     del frame
-    raise Stopped(
-      f"{signal.Signals(signum).name}; nothing was left half-written (every file is written "
-      "whole or not at all)"
-    )
+    _STOP.append(signum)  # kept, in case the raise lands where Python drops it (a finalizer)
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    raise Stopped(_stopped_by(signum))
 
   previous = {}
-  for signum in (signal.SIGTERM, signal.SIGHUP):
+  for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
     handler = signal.getsignal(signum)
-    if signum == signal.SIGHUP and handler == signal.SIG_IGN:
+    if signum != signal.SIGTERM and handler == signal.SIG_IGN:  # nohup; a background job
       continue
     previous[signum] = handler if handler is not None else signal.SIG_DFL
     signal.signal(signum, stop)
   return previous
+
+
+_STOP: list[int] = []  # the signals `stop_on_sigterm`'s handler has raised for
+
+
+def _stopped_by(signum: int) -> str:
+  return (
+    f"{signal.Signals(signum).name}; nothing was left half-written (every file is written "
+    "whole or not at all)"
+  )
+
+
+def check_stopped() -> None:
+  """Raises the stop a signal asked for, if its first raise was lost: Python drops an exception
+  raised inside a weakref finalizer or a garbage-collection callback (JAX runs some), and the
+  command would go on to the end. Called between the long steps of a command."""
+  if _STOP:
+    signum = _STOP[0]
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    raise Stopped(_stopped_by(signum))
 
 
 def unicode_output() -> None:

@@ -308,7 +308,7 @@ def _settings_tag(args, decode: DecodeConfig) -> str:
 def main_cli() -> int:
   """The `transformer-evaluate` command: errors as one line and exit 2, no traceback."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  return run_cli(main)
+  return run_cli(main, command=True)
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def main(argv=None) -> None:
 def main_cli() -> int:
   """The `transformer-translate` command: errors as one line and exit 2, no traceback."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  return run_cli(main)
+  return run_cli(main, command=True)
 
 
 if __name__ == "__main__":

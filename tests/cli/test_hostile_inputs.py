@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
 from transformer import translate as translate_command
 from transformer import visualize as visualize_command
-from transformer.cli import run_cli
+from transformer.cli import check_stopped, run_cli
 from transformer.configs import smoke
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR
 from transformer.train.loop import run
@@ -988,3 +989,33 @@ def test_a_cache_folder_that_cannot_be_used_is_named(trained, tmp_path):
   assert result.returncode == 0, result.stderr.decode()[-2000:]
   assert b"Downloading" not in result.stdout and b"prepared" not in result.stdout
   assert (fresh / "tfds").is_dir()
+
+
+def test_a_stop_whose_raise_python_dropped_still_stops(capsys):
+  """A SIGTERM that lands in a weakref finalizer (JAX runs some) raises there, and Python
+  drops the exception: `check_stopped` between a command's steps raises it again."""
+
+  def main():
+    holder = type("Holder", (), {})()
+    weakref.finalize(holder, os.kill, os.getpid(), signal.SIGTERM)
+    del holder  # the finalizer runs, the handler raises inside it, Python drops the raise
+    check_stopped()
+    raise AssertionError("went on after the signal")
+
+  assert run_cli(main) == 130
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped: SIGTERM")
+
+
+def test_a_signal_after_a_command_is_done_is_ignored():
+  """The work is done and delivered: a signal in the interpreter's teardown changes nothing
+  (a Ctrl-C there printed `Exception ignored in ...`, a SIGTERM ended it with 143)."""
+  script = (
+    "import os, signal, sys\n"
+    "from transformer.cli import run_cli\n"
+    "code = run_cli(lambda: print('done'), command=True)\n"
+    "for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+    "  os.kill(os.getpid(), signum)\n"
+    "sys.exit(code)\n"
+  )
+  result = command("-c", script)
+  assert (result.returncode, result.stdout, result.stderr) == (0, b"done\n", b"")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer import files
+from transformer.cli import check_stopped
 from transformer.data.inputs import TestSet
 from transformer.decode.config import DecodeConfig
 from transformer.decode.scoring import prepare_search, score_test_sets, write_report
@@ -68,7 +69,10 @@ def compile_test_search(run: Run, params: nnx.State) -> threading.Thread | None:
     except Exception as error:  # the search compiles when it runs instead
       log.debug("compiling the test sets' search ahead failed: %s", error)
 
-  thread = threading.Thread(target=compile_it, name="compile-test-search", daemon=True)
+  # Not a daemon: a daemon thread still compiling when a signal ends the command is cut off
+  # inside XLA at the interpreter's exit, which aborts the process (exit 134, "FATAL:
+  # exception not rethrown"); the exit waits for the compile instead.
+  thread = threading.Thread(target=compile_it, name="compile-test-search")
   thread.start()
   return thread
 
@@ -125,14 +129,18 @@ def finish(run: Run, state: TrainState) -> dict[str, Any]:
   compiling = compile_test_search(run, state.params)
   params, averaged_steps = final_params(run, state)
   step = int(state.step)
+  check_stopped()  # a signal whose raise JAX's finalizers swallowed stops here, not at the end
   export(run, step, params, averaged_steps)  # the model scored below is the model one uses
+  check_stopped()
   results: dict[str, Any] = {"step": step, **evaluation(run, params)}
   config, workdir = run.config, run.workdir
   scores: dict[str, Any] = {}
   if compiling is not None:
     compiling.join()
+  check_stopped()
   if config.task == "translation" and config.decode.bleu_at_end and run.inputs.test_sets:
     scores = score(run, params, run.inputs.test_sets, config.decode, workdir / "translations")
+    check_stopped()
     write_report(scores, workdir / "bleu.json")
     results.update({f"bleu/{split}": r["bleu"] for split, r in scores.items()})
   if jax.process_index() == 0:
