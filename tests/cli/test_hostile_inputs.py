@@ -988,6 +988,7 @@ def test_a_cache_folder_that_cannot_be_used_is_named(trained, tmp_path):
   )
   assert result.returncode == 0, result.stderr.decode()[-2000:]
   assert b"Downloading" not in result.stdout and b"prepared" not in result.stdout
+  assert b"dataset_info.json" not in result.stderr  # tfds's warning about its own fresh folder
   assert (fresh / "tfds").is_dir()
 
 

@@ -1,5 +1,7 @@
 """The joint SentencePiece tokenizer: special ids, round trips, reloading, determinism."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,16 @@ def test_sentences_longer_than_sentencepieces_default_train_the_tokenizer(tmp_pa
   path = train_sentencepiece(sentences, tmp_path / "spm.model", vocab_size=60)
   (ids,) = Tokenizer(path).encode(["zebra quokka"])
   assert UNK_ID not in ids
+
+
+def test_a_trained_tokenizer_is_readable_by_others(tmp_path):
+  """Tokenizers in the shared cache are read by other users' runs: the file gets the mode of
+  any file the process writes (0666 less the umask), not mkstemp's 0600."""
+  umask = os.umask(0o022)
+  try:
+    path = train_sentencepiece(
+      [f"sentence {i} of some words" for i in range(200)], tmp_path / "spm.model", 30
+    )
+  finally:
+    os.umask(umask)
+  assert path.stat().st_mode & 0o777 == 0o644

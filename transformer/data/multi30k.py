@@ -206,7 +206,10 @@ def prepare_multi30k(
   # finished folder. The builder is made under the lock, so it reads what the other prepared;
   # the kernel releases the lock however its holder ends.
   data_dir.mkdir(parents=True, exist_ok=True)
-  with open(data_dir / ".prepare.lock", "a", encoding="utf-8") as lock:
+  with (
+    open(data_dir / ".prepare.lock", "a", encoding="utf-8") as lock,
+    _without_missing_info_warning(),
+  ):
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
       builder = Multi30k(
@@ -224,6 +227,22 @@ def prepare_multi30k(
       with contextlib.redirect_stdout(io.StringIO()):
         builder.download_and_prepare(file_format="array_record")
   return builder
+
+
+@contextlib.contextmanager
+def _without_missing_info_warning() -> Iterator[None]:
+  """tfds warns (through absl) that a folder it has not prepared yet "has no
+  dataset_info.json": on a fresh cache, every first run printed it."""
+
+  def keep(record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(keep)
 
 
 def _decode(value: bytes | str) -> str:
