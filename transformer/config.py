@@ -23,12 +23,14 @@ before the model is built, and config.json records the size.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,14 @@ class Config:
       if getattr(self, key) <= 0:
         raise UserError(f"{key} must be positive, got {getattr(self, key)}")
     _derive(self)
+    if self.task == "translation" and self.data.dataset == "text":
+      # Caught here, not after the tokenizer and caches are built from the text.
+      raise UserError(
+        "data.dataset=text is running text for task=lm or task=mlm, not pairs to translate: "
+        "set --config.task=lm (or mlm), or give translation pairs with data.dataset=parallel "
+        "(train_files such as train.{lang}.txt or a .tsv of source<TAB>target lines)"
+      )
+    object.__setattr__(self, "allow_config_change", change_keys(self.allow_config_change))
     if self.model.pad_id != PAD_ID:
       # Batches are padded with the tokenizer's PAD (id 0); another pad_id would mask a real
       # piece as padding and never emit it.
@@ -212,6 +222,13 @@ class Config:
       raise UserError(
         f"profile_steps={self.profile_steps} must be two steps first,last with "
         "1 <= first <= last, e.g. --config.profile_steps=10,12"
+      )
+    if self.profile_steps and self.profile_steps[1] > self.num_train_steps:
+      first, last = self.profile_steps
+      raise UserError(
+        f"profile_steps={first},{last} ends after num_train_steps={self.num_train_steps}: the "
+        f"run never reaches step {last}; profile steps within 1..{self.num_train_steps}, or "
+        "raise num_train_steps"
       )
     if self.nan_policy not in NAN_POLICIES:
       raise UserError(f"nan_policy={self.nan_policy!r} is unknown: use one of {NAN_POLICIES}")
@@ -301,6 +318,42 @@ def _given_derived(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 def derived_key_message(key: str) -> str | None:
   """Why `key` cannot be set, if it is a derived key (for the command line's unknown keys)."""
   return f"{key} cannot be set: {DERIVED_WHY[key]}" if key in DERIVED else None
+
+
+# ------------------------------------------------------------------------------------------------
+# allow_config_change: keys of the schema
+# ------------------------------------------------------------------------------------------------
+
+
+def change_keys(given: str | tuple[str, ...]) -> tuple[str, ...]:
+  """allow_config_change as keys of the schema: entries split at commas (the command line
+  gives `--config.allow_config_change=data.vocab_size,model.vocab_size` as one string), each a
+  key, a block or "all"; a key the schema lacks would allow nothing, so it is refused."""
+  entries = (given,) if isinstance(given, str) else given
+  keys = tuple(k.strip() for entry in entries for k in str(entry).split(",") if k.strip())
+  for key in keys:
+    if key != "all" and key not in schema_keys():
+      close = difflib.get_close_matches(key, sorted(schema_keys()), n=1)
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      raise UserError(
+        f"allow_config_change names {key!r}, which is no config key{hint}: name keys such as "
+        "model.d_ff, blocks such as data, or all, separated by commas"
+      )
+  return keys
+
+
+@functools.cache
+def schema_keys() -> frozenset[str]:
+  """Every key of the schema, blocks ("model") and values ("model.d_ff") alike."""
+  return frozenset(_keys(Config, ""))
+
+
+def _keys(cls, prefix: str) -> Iterator[str]:
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
+    yield prefix + field.name
+    if dataclasses.is_dataclass(hints[field.name]):
+      yield from _keys(hints[field.name], f"{prefix}{field.name}.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -137,3 +137,4 @@ def test_the_command_line_reads_text_files_for_lm(text_file, tmp_path):
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "step 2:" in done.stdout
+  assert "d_model 32, 1 decoder layers," in done.stderr  # what a language model builds

@@ -94,6 +94,13 @@ class DataConfig:
         "tokenizer's own size, is for tokenizer_type char or byte)"
       )
     check_vocab_size(self.vocab_size, self.tokenizer_kind)
+    # Checked for every dataset, not only those that read it: config.json records it, and a
+    # NaN there is not JSON.
+    if not 0.0 <= self.validation_fraction < 1.0:  # NaN fails every comparison
+      raise UserError(
+        "data.validation_fraction must be a finite number in [0, 1) (the share of the training "
+        f"files held out), got {self.validation_fraction}"
+      )
     self._check_files()
     if self.eval_windows < 0:
       raise UserError(f"data.eval_windows must be >= 0 (0 = all), got {self.eval_windows}")
@@ -145,8 +152,6 @@ class DataConfig:
             "sides: write the language as {lang} (train.{lang}.txt reads train.en.txt and "
             "train.de.txt) or give a .tsv of source<TAB>target lines"
           )
-    if not 0.0 <= self.validation_fraction < 1.0:
-      raise UserError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
     if not self.eval_files and not self.validation_fraction > 0:
       raise UserError(
         "no validation text: give data.eval_files, or hold out part of the training files "

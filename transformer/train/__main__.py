@@ -47,6 +47,21 @@ def _resolve_recipe(argv: list[str]) -> list[str]:
   return out if given else [*out, "--config=" + recipe_path("default")]
 
 
+def _check_one_recipe(argv: list[str]) -> None:
+  """One --config a command: absl would take the last and drop the others without a word."""
+  recipes = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      recipes.append(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      recipes.append(argv[i + 1])
+  if len(recipes) > 1:
+    _fail(
+      f"--config is given {len(recipes)} times ({', '.join(recipes)}): give one recipe, and "
+      "change its values with --config.KEY=VALUE"
+    )
+
+
 def _fail(message: str) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -81,11 +96,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   traceback."""
   _check_override_keys(argv)
   try:
-    argv = _resolve_recipe(argv)
+    resolved = _resolve_recipe(argv)
   except ValueError as error:
     _fail(str(error))
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flags.FLAGS(resolved)
     config = _CONFIG.value
     getattr(config, "task", None)  # config_flags defers a file's load error to the first access
   except OSError as error:
@@ -101,6 +116,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"bad flag or config override: {message} (see transformer/config.py for the keys)")
   except Exception as error:
     _fail(f"cannot load --config: the recipe raised {type(error).__name__}: {error}")
+  # After the recipe loaded: a recipe that cannot be loaded is named first, as such.
+  _check_one_recipe(argv)
+  if len(remaining) > 1:  # absl's usage text would bury the cause
+    _fail(
+      f"unexpected arguments {' '.join(remaining[1:])}: train takes only flags, such as "
+      "--workdir DIR and --config.KEY=VALUE"
+    )
   if not isinstance(config, ml_collections.ConfigDict):
     _fail(
       f"--config: the recipe's get_config() returned a {type(config).__name__}, not the "
@@ -121,10 +143,8 @@ class _PlainFormatter(logging.Formatter):
 
 
 def _train(argv: list[str], args: list[str]) -> int:
-  """The command, once its flags are parsed (`argv`: what is left of them; `args`: the command's
-  own arguments, as given)."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.KEY=VALUE")
+  """The command, once its flags are parsed (`argv`: what is left of them, the program's name
+  alone, as `parse_flags` refuses any other; `args`: the command's own arguments, as given)."""
   parallel = _CONFIG.value.parallel
   if supervisor.is_supervised():
     supervisor.stop_with_supervisor()
@@ -148,7 +168,7 @@ def _train(argv: list[str], args: list[str]) -> int:
 
     run(Config.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
 
-  return run_cli(train)
+  return run_cli(train, command=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,10 +246,15 @@ def startup_lines(run: Run) -> list[str]:
   devices = jax.devices()
   counts = inputs.train_pairs
   value, how = run.peak
+  # The stacks the task builds: a language model has no encoder, a masked LM no decoder.
+  layers = {
+    "lm": f"{model.num_decoder_layers} decoder layers",
+    "mlm": f"{model.num_encoder_layers} encoder layers",
+  }.get(config.task, f"{model.num_encoder_layers}+{model.num_decoder_layers} layers")
   return [
     (
       f"model: {config.task}, {run.parameters / 1e6:,.2f}M parameters (d_model {model.d_model}, "
-      f"{model.num_encoder_layers}+{model.num_decoder_layers} layers, {model.num_heads} "
+      f"{layers}, {model.num_heads} "
       f"heads, d_ff {model.d_ff}, vocabulary {model.vocab_size}, compute {model.dtype})"
     ),
     (
