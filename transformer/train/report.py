@@ -264,8 +264,8 @@ def startup_lines(run: Run) -> list[str]:
     ),
     f"data: training pairs {counts.get('kept', 0):,} of {counts.get('pairs', 0):,}"
     + "".join(f", {name} {size:,}" for name, size in sets),
-    f"batches: {data.tokens_per_batch * k:,} target tokens (with padding) per update, {layout}"
-    + (f", {k} micro-batches an update" if k > 1 else ""),
+    f"batches: up to {data.tokens_per_batch * k:,} target tokens (with padding) per update, "
+    f"{layout}" + (f", {k} micro-batches an update" if k > 1 else ""),
     "starting at step 0"
     if run.resumed_from is None
     else f"resumed from step {run.resumed_from} ({run.elapsed_before:,.0f} s spent before)",
