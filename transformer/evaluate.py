@@ -38,6 +38,7 @@ from transformer.runs.loading import LoadedRun, load_run
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
+from transformer.runs.translator import check_beam_positions
 from transformer.train.flops import available_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def _evaluate(args, workdir: Path, out: Path) -> dict:
     max_extra_tokens=args.max_extra_tokens,
     stop=args.stop,
   )
+  check_beam_positions(decode.beam_size, loaded.spec.model)
   mesh = make_mesh(ParallelConfig(data=-1))
   batch_size = args.batch_size or data.eval_batch_size
   step = decode.beam_size * loaded.spec.model.vocab_size * 4 * 2

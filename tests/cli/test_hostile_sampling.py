@@ -16,6 +16,7 @@ import sentencepiece as spm
 from flax import nnx
 
 from transformer import DecoderOnly, EncoderDecoder, TransformerConfig
+from transformer import evaluate as evaluate_command
 from transformer import sample as sample_command
 from transformer import translate as translate_command
 from transformer import visualize as visualize_command
@@ -171,8 +172,12 @@ def test_a_beam_wider_than_the_positions(translation_run, tmp_path, capsys):
   """Beam search decodes a sentence's beams as one row of positions: max_len of them fit."""
   max_len = MAX_LEN
   wide = str(max_len + 1)
+  (tmp_path / "s.en").write_text("a man\n")
+  (tmp_path / "r.de").write_text("ein Mann\n")
+  files = ["--src", str(tmp_path / "s.en"), "--ref", str(tmp_path / "r.de")]
   for main in (
     lambda: translate_command.main(["--workdir", str(translation_run), "--beam_size", wide, "a"]),
+    lambda: evaluate_command.main(["--workdir", str(translation_run), *files, "--beam_size", wide]),
     lambda: visualize_command.main(
       ["--workdir", str(translation_run), "--out", str(tmp_path), "--beam_size", wide, "a"]
     ),
