@@ -76,7 +76,9 @@ class Inputs:
   """A run's tokenizer, training stream, validation batches and test sets.
 
   `train_pairs` counts the pairs of the training split and those the stream reads;
-  `validation` is the validation split as a test set (for its BLEU).
+  `validation` is the validation split as a test set (for its BLEU); `made_of` names the
+  tokenizer and training text the batches are made of (`made_of`), which each checkpoint
+  records beside the stream's position.
   """
 
   tokenizer: Tokenizer
@@ -85,6 +87,7 @@ class Inputs:
   test_sets: list[TestSet]
   train_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
   validation: TestSet | None = None
+  made_of: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def splits_of(data: DataConfig, task: str) -> list[str]:
@@ -266,6 +269,19 @@ def _sha256(path: Path) -> str:
   return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def made_of(data: DataConfig, where: Location, tokenizer_path: Path) -> dict[str, str]:
+  """What a run's training batches are made of: {"tokenizer": the tokenizer file's SHA-256,
+  "train_text": the training split's fingerprint}. A stream position means nothing against
+  other text, and an embedding nothing under another tokenizer of the same size. The text is
+  named only where its fingerprint hashes the text itself (files, Multi30k): a tfds dataset's
+  names the folder it was prepared in, which a run may move (data.tfds_data_dir)."""
+  identity = {"tokenizer": _sha256(tokenizer_path)}
+  corpus = Corpus.of(data, where.cache_dir)
+  if isinstance(corpus, FileCorpus) or corpus.source_dir is not None:
+    identity["train_text"] = corpus.fingerprint(data.train_split)
+  return identity
+
+
 # ------------------------------------------------------------------------------------------------
 # Opening (every process)
 # ------------------------------------------------------------------------------------------------
@@ -392,6 +408,7 @@ def training_inputs(
     test_sets,
     train_pairs=counts,
     validation=validation,
+    made_of=made_of(data, where, tokenizer.model_path),
   )
 
 
@@ -465,7 +482,15 @@ def _running_text_inputs(
   )
   if task == "mlm":
     batches = _eval_batches_for_task(task, seed, data.mlm_select_rate, batches, tokenizer, share)
-  return Inputs(tokenizer, stream, batches, [], train_pairs=counts, validation=None)
+  return Inputs(
+    tokenizer,
+    stream,
+    batches,
+    [],
+    train_pairs=counts,
+    validation=None,
+    made_of=made_of(data, where, tokenizer.model_path),
+  )
 
 
 def running_eval_batches(

@@ -16,6 +16,12 @@ sums do not depend on how the array is sharded or reduced (jitted over the globa
 every process of a multi-host run gets the same numbers). The record of the data stream's
 position (and the run's elapsed time) is covered by a SHA-256 of its JSON. A checkpoint without
 checksums is read only if it predates them (its stream record has the format of version 0.1).
+
+The record also names what the stream's batches are made of (`Record.inputs`: the tokenizer
+file's SHA-256, the training text's fingerprint), so that a resumed or loaded run is refused
+when either was replaced since; checkpoints written before that was recorded are read unchecked.
+A step folder is trusted only if it holds that step: one renamed (or copied in) under another
+number is refused, and a folder that Orbax cannot see as a step at all is named in a warning.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class CheckpointError(UserError):
   """No usable checkpoint where one was required."""
 
 
-# The "data" item of a checkpoint: {"format": 2, "stream": position, "elapsed_s": seconds}.
+# The "data" item of a checkpoint: {"format": 2, "stream": position, "elapsed_s": seconds}, and
+# "inputs": {"tokenizer": SHA-256, "train_text": fingerprint} once they were recorded.
 RECORD_FORMAT = 2
 CHECKSUM_FORMAT = 2
 
@@ -54,13 +61,19 @@ CHECKSUM_FORMAT = 2
 @dataclasses.dataclass(frozen=True)
 class Record:
   """What a checkpoint keeps besides the train state: the input stream's position (the next
-  batch) and the seconds the run had spent when it was saved (None: not recorded)."""
+  batch), the seconds the run had spent when it was saved (None: not recorded) and what the
+  batches were made of (`inputs`: {"tokenizer": the tokenizer file's SHA-256, "train_text": the
+  training split's fingerprint, when it has one}; None in a checkpoint written before)."""
 
   stream: dict[str, Any]
   elapsed_s: float | None = None
+  inputs: dict[str, str] | None = None
 
   def to_json(self) -> dict[str, Any]:
-    return {"format": RECORD_FORMAT, "stream": self.stream, "elapsed_s": self.elapsed_s}
+    values = {"format": RECORD_FORMAT, "stream": self.stream, "elapsed_s": self.elapsed_s}
+    if self.inputs is not None:
+      values["inputs"] = self.inputs
+    return values
 
   @classmethod
   def from_json(cls, values: dict[str, Any]) -> Record:
@@ -69,7 +82,12 @@ class Record:
       return cls(stream=values)
     if values["format"] != RECORD_FORMAT or not isinstance(values.get("stream"), dict):
       raise ValueError(f"its data record is of an unknown layout ({sorted(values)})")
-    return cls(stream=values["stream"], elapsed_s=values.get("elapsed_s"))
+    inputs = values.get("inputs")
+    if inputs is not None and not (
+      isinstance(inputs, dict) and all(isinstance(v, str) for v in inputs.values())
+    ):
+      raise ValueError(f"its record of the inputs is of an unknown layout ({inputs!r})")
+    return cls(stream=values["stream"], elapsed_s=values.get("elapsed_s"), inputs=inputs)
 
   @property
   def predates_checksums(self) -> bool:
@@ -88,11 +106,14 @@ class Checkpointer:
     keep: int = 3,
     asynchronous: bool = True,
     read_only: bool = False,
+    inputs: dict[str, str] | None = None,
   ):
     """`read_only`: another run's directory, neither created nor cleaned of its temporary steps
-    (that run may be writing one)."""
+    (that run may be writing one). `inputs`: what this run's batches are made of, recorded in
+    every record saved without its own (`Record.inputs`)."""
     self.directory = Path(directory).absolute()
     self.read_only = read_only
+    self.inputs = inputs
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=not read_only,
@@ -109,12 +130,15 @@ class Checkpointer:
         "checksums": ocp.JsonCheckpointHandler(),
       },
     )
+    _warn_of_strangers(self.directory)
 
   def steps(self) -> list[int]:
     """Completed steps; Orbax's temporary directories of unfinished saves are not listed."""
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, record: Record, *, force: bool = False) -> None:
+    if record.inputs is None and self.inputs is not None:
+      record = dataclasses.replace(record, inputs=self.inputs)
     data = record.to_json()
     sums = {"format": CHECKSUM_FORMAT, "arrays": checksums(state), "data": _json_sha256(data)}
     args = ocp.args.Composite(
@@ -152,10 +176,10 @@ class Checkpointer:
     self._delete(damaged)
     return restored, data_state, good
 
-  def restore_saved(self, step: int | None = None) -> tuple[Any, int]:
-    """(state, step) of `step`, or of the newest good checkpoint, as it was saved (structure
-    from its metadata), on this host's first device: for reading a run, not for resuming it.
-    Damaged steps are named in a warning and skipped, never deleted."""
+  def restore_saved(self, step: int | None = None) -> tuple[Any, Record, int]:
+    """(state, record, step) of `step`, or of the newest good checkpoint, as it was saved
+    (structure from its metadata), on this host's first device: for reading a run, not for
+    resuming it. Damaged steps are named in a warning and skipped, never deleted."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(candidate: int) -> Any:
@@ -165,8 +189,8 @@ class Checkpointer:
         return None
       return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
-    restored, _, good, _ = self._first_good(step, target)
-    return restored, good
+    restored, record, good, _ = self._first_good(step, target)
+    return restored, record, good
 
   def _first_good(self, step: int | None, target) -> tuple[Any, Record, int, list[int]]:
     """The first of `step` (or every step, newest first) that restores and verifies; the
@@ -204,7 +228,22 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
     if has_checksums:
       items["checksums"] = ocp.args.JsonRestore()
-    return _verified(self.manager.restore(step, args=ocp.args.Composite(**items)), has_checksums)
+    state, record = _verified(
+      self.manager.restore(step, args=ocp.args.Composite(**items)), has_checksums
+    )
+    self._check_step(step, state)
+    return state, record
+
+  def _check_step(self, step: int, state: Any) -> None:
+    """Refuses a step folder renamed (or copied in) under another number: resuming would log one
+    step and continue from another, and the next saves would overwrite or skip the wrong ones.
+    Checked once the checksums hold, so the stored step is the one that was saved."""
+    stored = _stored_step(state)
+    if stored is not None and stored != step:
+      raise CheckpointError(
+        f"checkpoint folder {self.directory / str(step)} holds step {stored}, not {step}: it "
+        f"was renamed; rename it back to {stored}, or move it out of {self.directory}"
+      )
 
   def _delete(self, steps: list[int]) -> None:
     for step in steps:
@@ -236,6 +275,62 @@ def _verified(restored: Any, has_checksums: bool) -> tuple[Any, Record]:
   else:
     raise ValueError("its checksums are missing (every checkpoint since version 0.1 has them)")
   return state, record
+
+
+def _stored_step(state: Any) -> int | None:
+  """The step counter saved in a train state (a `TrainState`, or the dict of one read as saved);
+  None for a state without one."""
+  step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+  if step is None:
+    return None
+  if isinstance(step, jax.Array):  # replicated: each process holds the whole scalar
+    step = step.addressable_data(0)
+  return int(np.asarray(step))
+
+
+def _warn_of_strangers(directory: Path) -> None:
+  """Names, in one warning, what in `directory` Orbax will never read as a step: a step folder
+  renamed to something that is not its number is otherwise ignored without a word, and the run
+  restarts from an older step or from scratch."""
+  try:
+    names = sorted(p.name for p in directory.iterdir())
+  except OSError:  # not there (yet): Orbax creates it, or names the problem itself
+    return
+  strangers = [n for n in names if not n.isdigit() and ".orbax-checkpoint-tmp" not in n]
+  if strangers:
+    log.warning(
+      "%s holds %s, which %s no checkpoint (a step's folder is named by its step number) and "
+      "%s ignored: rename a checkpoint folder back to its step, or move %s out",
+      directory,
+      ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else ""),
+      "is" if len(strangers) == 1 else "are",
+      "is" if len(strangers) == 1 else "are",
+      "it" if len(strangers) == 1 else "them",
+    )
+
+
+def check_tokenizer(record: Record, step: int, tokenizer_path: Path) -> None:
+  """Refuses a tokenizer file other than the one checkpoint `step` was trained with: the same
+  number of pieces in another order (a permuted vocab.json, another run's spm.model) would read
+  every embedding as another piece, silently. A checkpoint written before the tokenizer was
+  recorded is not checked."""
+  saved = (record.inputs or {}).get("tokenizer")
+  if saved is None or not Path(tokenizer_path).is_file():  # a missing file is named where read
+    return
+  if saved != file_sha256(tokenizer_path):
+    raise UserError(
+      f"{tokenizer_path} is not the tokenizer checkpoint step {step} was trained with (its "
+      "SHA-256 differs from the one the checkpoint recorded): put the run's own "
+      f"{Path(tokenizer_path).name} back, or train in a new --workdir"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _none_good(directory: Path, step: int | None, candidates: list[int]) -> CheckpointError:

@@ -19,7 +19,7 @@ from transformer.data.tokenizer import Tokenizer, tokenizer_file
 from transformer.errors import MissingFile, UserError
 from transformer.model.transformer import create_model
 from transformer.runs.artifact import MODEL_DIRNAME, check_sizes, read_model
-from transformer.runs.checkpoint import Checkpointer, CheckpointError
+from transformer.runs.checkpoint import Checkpointer, CheckpointError, check_tokenizer
 from transformer.runs.params import FlatParams, load_strict, state_params
 from transformer.runs.spec import RunSpec
 
@@ -46,7 +46,8 @@ def checkpoints_of(workdir: Path) -> Checkpointer:
 
 
 def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParams, int]:
-  """The parameters of checkpoint `step` (default: the newest readable one), as saved."""
+  """The parameters of checkpoint `step` (default: the newest readable one), as saved; refused
+  if the workdir's tokenizer is not the one it was trained with."""
   checkpointer = checkpoints_of(workdir)
   try:
     steps = checkpointer.steps()
@@ -57,7 +58,8 @@ def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParam
         f"--step {step}: {checkpointer.directory} has checkpoints "
         f"{', '.join(map(str, steps))}; pick one of them"
       )
-    state, step = checkpointer.restore_saved(step)
+    state, record, step = checkpointer.restore_saved(step)
+    check_tokenizer(record, step, tokenizer_file(workdir))
     return state_params(state["params"]), step
   finally:
     checkpointer.close()
@@ -65,7 +67,8 @@ def checkpoint_params(workdir: Path, step: int | None = None) -> tuple[FlatParam
 
 def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, list[int]]:
   """The mean of the parameters of the newest `last` checkpoints (Section 6.1); a damaged one is
-  left out with a warning, as training's own average does."""
+  left out with a warning, as training's own average does. One trained with another tokenizer
+  than the workdir's is no damage: it refuses the whole average."""
   checkpointer = checkpoints_of(workdir)
   try:
     steps = checkpointer.steps()
@@ -79,10 +82,11 @@ def averaged_checkpoint_params(workdir: Path, last: int) -> tuple[FlatParams, li
     averaged = []
     for step in steps[-last:]:
       try:
-        state, _ = checkpointer.restore_saved(step)
+        state, record, _ = checkpointer.restore_saved(step)
       except CheckpointError as error:
         log.warning("averaging leaves out checkpoint step %d: %s", step, error)
         continue
+      check_tokenizer(record, step, tokenizer_file(workdir))
       for name, value in state_params(state["params"]).items():
         total[name] = total.get(name, 0) + np.asarray(value, np.float64)
       averaged.append(step)

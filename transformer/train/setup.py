@@ -40,7 +40,7 @@ from transformer.parallel.mesh import (
 )
 from transformer.parallel.sharding import abstract_with_shardings, shard
 from transformer.parallel.strategies import compile_train_step
-from transformer.runs.checkpoint import Checkpointer
+from transformer.runs.checkpoint import Checkpointer, Record, check_tokenizer
 from transformer.runs.loading import warm_start_params
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import load_matching
@@ -149,10 +149,12 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
       dropout_key=jax.random.key(config.seed + 1),
       grad_accum_steps=config.optimizer.grad_accum_steps,
     )
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(
+      workdir / "checkpoints", keep=config.keep_checkpoints, inputs=inputs.made_of
+    )
     stack.callback(checkpointer.close)
     state, resumed_from, elapsed_before = _restore(
-      checkpointer, abstract_with_shardings(state_shardings, state), inputs, state, workdir
+      checkpointer, abstract_with_shardings(state_shardings, state), inputs, state, config, workdir
     )
     run = Run(
       config=config,
@@ -286,10 +288,7 @@ def check_resumable(config: Config, workdir: Path) -> None:
       "with --config.allow_config_change=all"
     )
   changed = config_changes(read_config(workdir), config)
-  allowed = config.allow_config_change
-  refused = [
-    k for k in changed if not any(a == "all" or k == a or k.startswith(a + ".") for a in allowed)
-  ]
+  refused = [k for k in changed if not _allowed(k, config)]
   if refused:
     before, after = changed[refused[0]]
     raise UserError(
@@ -298,6 +297,12 @@ def check_resumable(config: Config, workdir: Path) -> None:
       "its checkpoints; use a new --workdir, or allow the change with "
       f"--config.allow_config_change={refused[0]}"
     )
+
+
+def _allowed(key: str, config: Config) -> bool:
+  """Whether allow_config_change lets a resumed run change `key` (itself, a block above it, or
+  "all")."""
+  return any(a == "all" or key == a or key.startswith(a + ".") for a in config.allow_config_change)
 
 
 # What a resumed run may change freely: how long it runs; how it logs, evaluates, saves,
@@ -395,16 +400,53 @@ def warm_start(model: nnx.Module, run: str, tokenizer_path: Path) -> None:
 
 
 def _restore(
-  checkpointer: Checkpointer, abstract: TrainState, inputs: Inputs, fresh: TrainState, workdir
+  checkpointer: Checkpointer,
+  abstract: TrainState,
+  inputs: Inputs,
+  fresh: TrainState,
+  config: Config,
+  workdir: Path,
 ) -> tuple[TrainState, int | None, float]:
   """(state, the step resumed from, the seconds the run had spent): the newest good checkpoint
-  with the stream moved to where it stopped, or the fresh state."""
+  with the stream moved to where it stopped, or the fresh state. Refused when the tokenizer or
+  the training text is not the one the checkpoint was trained with."""
   if not checkpointer.steps():
     return fresh, None, 0.0
   state, record, step = checkpointer.restore(abstract)
-  inputs.train.restore(record.stream)
+  check_tokenizer(record, step, inputs.tokenizer.model_path)
+  if _same_text(record, step, inputs, config):
+    inputs.train.restore(record.stream)
   elapsed = record.elapsed_s
   if elapsed is None:  # a checkpoint written before the elapsed time was kept in it
     elapsed = report.elapsed_at(workdir, step)
   log.info("resumed from step %d in %s", step, checkpointer.directory)
   return state, step, elapsed
+
+
+def _same_text(record: Record, step: int, inputs: Inputs, config: Config) -> bool:
+  """Whether the training text is the one checkpoint `step` read (or either is unrecorded).
+
+  The stream's position (epoch, chunk, batch) counts batches of that text's plan: against other
+  text it would silently point at other batches, while the config, naming the same files, shows
+  no change. Other text is refused unless allowed on purpose; the stream then starts at the new
+  text's first batch."""
+  saved = (record.inputs or {}).get("train_text")
+  now = inputs.made_of.get("train_text")
+  if saved is None or now is None or saved == now:
+    return True
+  key = "data.train_files" if config.data.from_files else "data.source_dir"
+  value = getattr(config.data, key.removeprefix("data."))
+  if not _allowed(key, config):
+    raise UserError(
+      f"the training text of {key}={value!r} has changed since checkpoint step {step} was "
+      "trained on it, so the saved stream position would point into other batches: restore "
+      "those files, use a new --workdir, or continue on the new text from its first batch with "
+      f"--config.allow_config_change={key}"
+    )
+  log.warning(
+    "the training text of %s has changed since checkpoint step %d (allowed by "
+    "allow_config_change): the stream starts at the new text's first batch",
+    key,
+    step,
+  )
+  return False
