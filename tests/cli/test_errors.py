@@ -55,7 +55,10 @@ def cli_error(capsys, main) -> str:
     (dict(decode=dict(stop="fast")), "decode.stop must be one of heuristic, exact, got 'fast'"),
     (dict(data=dict(vocab_size=3)), "data.vocab_size=3 leaves no room for text"),
     (dict(data=dict(tokenizer_type="wordpiece")), "data.tokenizer_type='wordpiece' is unknown"),
-    (dict(data=dict(eval_batch_size=12)), "batch of 12 rows does not split over data x fsdp = 8"),
+    (
+      dict(data=dict(eval_batch_size=12)),
+      "data.eval_batch_size=12 does not split over data x fsdp = 8",
+    ),
     (
       dict(model=dict(d_model=36), parallel=dict(fsdp=-1, data=1)),
       "d_model=36 is not divisible by the fsdp axis",

@@ -138,6 +138,8 @@ def test_missing_files_and_empty_globs(tmp_path):
     text_corpus([tmp_path / "nope.txt"]).pairs("train")
   with pytest.raises(MissingFile, match=r"no file matches .*\*.md"):
     text_corpus([tmp_path / "*.md"]).pairs("train")
+  with pytest.raises(MissingFile, match=r"data.train_files: .* is a folder: name its files, or"):
+    text_corpus([tmp_path]).pairs("train")
 
 
 def test_an_empty_file_is_named(tmp_path):

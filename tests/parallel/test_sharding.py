@@ -184,7 +184,9 @@ def test_undividable_heads_or_batch_is_a_clear_error():
   mesh = harness.mesh_of(data=2, tensor=4)
   with pytest.raises(ValueError, match="num_heads=6 is not divisible by the tensor axis"):
     check_divisible(mesh, num_heads=6, d_ff=64, d_model=32, vocab_size=64)
-  with pytest.raises(ValueError, match="batch of 3 rows does not split"):
+  with pytest.raises(
+    ValueError, match=r"data\.eval_batch_size=3 does not split over data x fsdp = 2 devices"
+  ):
     check_divisible(mesh, num_heads=8, d_ff=64, d_model=32, vocab_size=64, batch_size=3)
 
 

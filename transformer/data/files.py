@@ -53,6 +53,10 @@ def resolve(pattern: str, key: str) -> list[Path]:
       raise MissingFile(f"data.{key}: no file matches {pattern!r}: check the path or the glob")
     return matches
   path = Path(expanded)
+  if path.is_dir():
+    raise MissingFile(
+      f"data.{key}: {path} is a folder: name its files, or a glob such as {path / '*.txt'}"
+    )
   if not path.is_file():
     raise MissingFile(f"data.{key}: {path} does not exist: check the path")
   return [path]

@@ -51,7 +51,8 @@ def check_divisible(
   vocab_size: int,
   batch_size: int | None = None,
 ) -> None:
-  """Clear errors when a model or batch dimension cannot be split over its mesh axis."""
+  """Clear errors when a model dimension or the evaluation batch (`batch_size`, the run's
+  data.eval_batch_size) cannot be split over its mesh axis."""
   tensor, fsdp = mesh.shape[TENSOR], mesh.shape[FSDP]
   for name, size, axis, ways in (
     ("model.num_heads", num_heads, "tensor", tensor),
@@ -65,9 +66,10 @@ def check_divisible(
         f"choose parallel.{axis} dividing {size}"
       )
   if batch_size is not None and batch_size % data_ways(mesh):
+    ways = data_ways(mesh)
     raise UserError(
-      f"batch of {batch_size} rows does not split over data x fsdp = "
-      f"{mesh.shape[DATA] * fsdp} devices: use a multiple of it"
+      f"data.eval_batch_size={batch_size} does not split over data x fsdp = {ways} devices: "
+      f"use a multiple of {ways}"
     )
 
 
