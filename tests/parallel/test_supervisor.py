@@ -66,6 +66,16 @@ def test_a_lost_process_is_named():
   assert len(err.splitlines()) == 1
 
 
+def test_processes_that_never_joined_are_named_as_such():
+  never = (FIXTURES / "never_joined.txt").read_text()
+  child = f"import os, sys; sys.stderr.write({never!r}); sys.stderr.flush(); os.abort()"
+  process = supervised(child)
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 2
+  assert err.startswith("error: the job's processes did not all join within"), err
+  assert len(err.splitlines()) == 1
+
+
 def test_other_aborts_keep_their_output_and_signal():
   child = (
     "import os, sys; sys.stderr.write('F1207 03:17:59.355900 1 other.cc:1] boom\\n'); os.abort()"
@@ -87,9 +97,10 @@ def test_coordination_warnings_without_an_abort_are_printed():
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_supervisor_reaches_the_child(signum):
   child = textwrap.dedent("""\
-    import signal, sys, time
+    import os, signal, sys, time
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
     signal.signal(signal.SIGHUP, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
+    os.kill(os.getppid(), signal.SIGUSR1)  # report_joined, without importing JAX's threads
     print("ready", flush=True)
     time.sleep(60)
     """)
@@ -100,6 +111,24 @@ def test_a_signal_to_the_supervisor_reaches_the_child(signum):
   _, err = process.communicate(timeout=60)
   assert time.monotonic() - began < 10
   assert process.returncode == 1 and err == f"child got {signum.name}\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_before_the_job_has_joined_stops_the_waiting_child(signum):
+  """Until every process has joined, the child waits inside JAX's connect, where no signal
+  reaches Python (a SIGTERM waited out the 5-minute timeout): the supervisor ends it."""
+  child = "import time; print('waiting to join', flush=True); time.sleep(60)"
+  process = supervised(child)
+  assert process.stdout.readline() == "waiting to join\n"
+  process.send_signal(signum)
+  began = time.monotonic()
+  _, err = process.communicate(timeout=60)
+  assert time.monotonic() - began < 10
+  assert process.returncode == 130
+  assert err == (
+    f"stopped: {signum.name} while waiting for the job's other processes to join; nothing was "
+    "written\n"
+  )
 
 
 def test_the_child_stops_when_the_supervisor_is_killed(tmp_path):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 
 from transformer.errors import UserError
+from transformer.parallel import supervisor
 from transformer.parallel.config import ParallelConfig
 from transformer.parallel.supervisor import JOB_ENVIRONMENT
 
@@ -38,6 +39,7 @@ def initialize(parallel: ParallelConfig) -> None:
     jax.distributed.initialize()
   else:
     return
+  supervisor.report_joined()
   log.info(
     "process %d of %d, %d local / %d global devices",
     jax.process_index(),

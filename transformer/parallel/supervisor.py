@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-SUPERVISED = "TRANSFORMER_SUPERVISED"  # set in the child's environment
+SUPERVISED = "TRANSFORMER_SUPERVISED"  # the supervisor's pid, in the child's environment
+JOINED = signal.SIGUSR1  # from the child: every process of the job has joined
 JOB_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
 
 # An absl/glog line, C++ or Python: "E1207 03:17:59.355655    3045 file.cc:289] message".
@@ -56,30 +57,61 @@ def joins_a_job(coordinator_address: str, num_processes: int) -> bool:
 
 
 def is_supervised() -> bool:
-  return os.environ.get(SUPERVISED) == "1"
+  """Whether this process runs under a supervisor (its environment names its parent's pid)."""
+  return os.environ.get(SUPERVISED) == str(os.getppid())
+
+
+def report_joined() -> None:
+  """In a supervised child: tells the supervisor that the job's processes have all joined.
+  Until then the child waits inside JAX's connect, which no signal interrupts: a SIGTERM or
+  Ctrl-C then ends it from the supervisor (it has written nothing yet)."""
+  if is_supervised():
+    os.kill(os.getppid(), JOINED)
 
 
 def supervise(command: list[str]) -> int:
   """Runs `command` (this one's, as `python -m ...`) as a supervised child and returns its exit
   status (or exits with its signal); a child ended by a lost coordination service is one
-  `error:` line and 2."""
-  # A handler, not SIG_IGN: the child starts with the default disposition (exec resets handled
+  `error:` line and 2, one stopped by a signal before its job's processes joined is one
+  `stopped:` line and 130."""
+  joined, stopped = [False], [0]
+  # Handlers, not SIG_IGN: the child starts with the default dispositions (exec resets handled
   # signals; an ignored SIGINT would stay ignored there).
-  previous = {signum: signal.getsignal(signum) for signum in _FORWARDED + (signal.SIGINT,)}
+  previous = {s: signal.getsignal(s) for s in (*_FORWARDED, signal.SIGINT, JOINED)}
   signal.signal(signal.SIGINT, lambda signum, frame: None)
+  signal.signal(JOINED, lambda signum, frame: joined.__setitem__(0, True))
   child = subprocess.Popen(
-    [sys.executable, *command], env={**os.environ, SUPERVISED: "1"}, stderr=subprocess.PIPE
+    [sys.executable, *command],
+    env={**os.environ, SUPERVISED: str(os.getpid())},
+    stderr=subprocess.PIPE,
   )
+
+  def stop(signum, frame):
+    del frame
+    if not joined[0]:  # stuck in JAX's connect: nothing is written before it returns
+      stopped[0] = signum
+      child.kill()
+    elif signum != signal.SIGINT:  # a Ctrl-C reached the child itself
+      child.send_signal(signum)
+
   try:
-    for signum in _FORWARDED:
+    for signum in (*_FORWARDED, signal.SIGINT):
       if previous[signum] != signal.SIG_IGN:
-        signal.signal(signum, lambda signum, frame: child.send_signal(signum))
+        signal.signal(signum, stop)
     assert child.stderr is not None
     held = _pass_through(child.stderr.fileno())
     code = child.wait()
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+  if stopped[0]:
+    name = signal.Signals(stopped[0]).name
+    print(
+      f"stopped: {name} while waiting for the job's other processes to join; nothing was written",
+      file=sys.stderr,
+      flush=True,
+    )
+    return 130
   # SIGABRT, or SIGSEGV where Python's fault dump crashes on the aborting threads.
   if code < 0 and _coordination_abort(held):
     print(f"error: {_lost_peer_message(held)}", file=sys.stderr, flush=True)
@@ -137,6 +169,12 @@ def _coordination_abort(held: list[bytes]) -> bool:
 
 def _lost_peer_message(held: list[bytes]) -> str:
   text = b"".join(held)
+  if b"DEADLINE_EXCEEDED" in text and b"RegisterTask" in text:
+    return (
+      "the job's processes did not all join within JAX's start-up timeout: start every one of "
+      "parallel.num_processes, each with the same parallel.coordinator_address (that of "
+      "process 0's host)"
+    )
   if b"Failed to send RPC to coordination service" in text:
     cause = "lost the job's coordinator: process 0 stopped without a word"
   elif found := _UNHEALTHY.search(text):
