@@ -122,6 +122,7 @@ def run_cli(main: Callable[[], object], *, command: bool = False) -> int:
     print(f"error: {user_message(error)}", file=sys.stderr)
     return 2
   finally:
+    _STOP.clear()  # a later command in this process (tests, notebooks) starts unstopped
     sys.stdout = stdout
     for name in QuietStorageErrors.LOGGERS:
       logging.getLogger(name).removeFilter(quiet)
