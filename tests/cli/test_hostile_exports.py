@@ -18,6 +18,7 @@ import jax
 import pytest
 from flax import nnx
 
+from tests.helpers import one_line_error
 from transformer import EncoderDecoder, TransformerConfig
 from transformer import evaluate as evaluate_command
 from transformer import export as export_command
@@ -26,18 +27,6 @@ from transformer.runs.artifact import read_meta
 from transformer.runs.checkpoint import Checkpointer, Record
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def one_line_error(capsys, main) -> str:
-  """Runs `main` as the commands do: exit 2 and a single `error:` line on stderr."""
-  try:
-    code = run_cli(main)
-  except SystemExit as exit:  # argparse's own errors exit from inside `main`
-    code = exit.code
-  assert code == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
-  return lines[0]
 
 
 @pytest.fixture(scope="module")

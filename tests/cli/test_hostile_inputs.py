@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import one_line_error
 from transformer import translate as translate_command
 from transformer import visualize as visualize_command
 from transformer.cli import check_stopped, run_cli
@@ -28,19 +29,6 @@ from transformer.train.loop import run
 pytestmark = pytest.mark.slow  # training runs shared by the module, commands in subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def one_line_error(capsys, main) -> str:
-  """Runs `main` as the commands do: exit 2 and a single `error:` line on stderr (argparse's
-  own errors exit from inside `main`)."""
-  try:
-    code = run_cli(main)
-  except SystemExit as exit:
-    code = exit.code
-  assert code == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
-  return lines[0]
 
 
 def command(

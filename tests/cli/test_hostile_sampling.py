@@ -3,6 +3,7 @@ tester found. Runs are tiny untrained models saved as training leaves them (`wri
 every test reads its expectation from an independent reference (SentencePiece itself, the
 model's configuration), never from what the model happens to say."""
 
+import functools
 import logging
 import os
 import re
@@ -15,12 +16,12 @@ import pytest
 import sentencepiece as spm
 from flax import nnx
 
+from tests import helpers
 from transformer import DecoderOnly, EncoderDecoder, TransformerConfig
 from transformer import evaluate as evaluate_command
 from transformer import sample as sample_command
 from transformer import translate as translate_command
 from transformer import visualize as visualize_command
-from transformer.cli import run_cli
 from transformer.config import MAX_SEED
 from transformer.data.tokenizer import BOS_ID, EOS_ID
 from transformer.errors import UserError
@@ -31,18 +32,7 @@ MAX_LEN = 16
 UNKNOWN = "🐶🐶東京"  # emoji and a script the tokenizer never saw: <unk> pieces
 
 
-def one_line_error(capsys, main) -> str:
-  """Runs `main` as the commands do: exit 2 and a single `error:` line on stderr, nothing on
-  stdout (argparse's own errors exit from inside `main`)."""
-  try:
-    code = run_cli(main)
-  except SystemExit as exit:
-    code = exit.code
-  out, err = capsys.readouterr()
-  lines = err.strip().splitlines()
-  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
-  assert out == "", out
-  return lines[0]
+one_line_error = functools.partial(helpers.one_line_error, quiet_stdout=True)
 
 
 @pytest.fixture(scope="module")

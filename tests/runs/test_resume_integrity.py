@@ -10,8 +10,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
+from tests.helpers import one_line_error
 from transformer import translate as translate_command
-from transformer.cli import run_cli
 from transformer.configs import shakespeare_char, smoke
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR
 from transformer.data.tokenizer import train_sentencepiece
@@ -21,18 +21,6 @@ from transformer.train.loop import run
 TEXT = "".join(
   f"ROMEO:\nShall I compare thee to a summer's day, number {i}?\n\n" for i in range(300)
 )
-
-
-def one_line_error(capsys, main) -> str:
-  """Runs `main` as the commands do: exit 2 and a single `error:` line on stderr."""
-  try:
-    code = run_cli(main)
-  except SystemExit as exit:
-    code = exit.code
-  assert code == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
-  return lines[0]
 
 
 def text_config(text_file: Path, steps: int, **changes):
