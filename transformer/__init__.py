@@ -17,7 +17,11 @@ Training from Python: `transformer.train.loop.run(transformer.configs.default.ge
 "runs/NAME")`.
 """
 
-from transformer.model import (
+from transformer import startup
+
+startup.stop_until_started()  # before the imports below, which take a second or two
+
+from transformer.model import (  # noqa: E402
   DecoderOnly,
   EncoderDecoder,
   EncoderOnly,

@@ -1,0 +1,74 @@
+"""A command's first second: a signal while Python imports JAX ends it with one line.
+
+A command installs its signal handlers when it starts (`transformer.cli.run_cli`), after its
+imports, which take one to two seconds (JAX, Flax). A SIGTERM in that time ended the process
+with 143 and no word, a Ctrl-C with a KeyboardInterrupt traceback out of some import. The
+package imports this module first, and when the process is one of the package's commands (and
+only then: a program importing the package keeps its own signal handling) it ends the process on
+a signal at once, with one line and 130: nothing has been read or written yet. Standard library
+only, so that it is in place before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+# The scripts that start a command: train.py at the top of the tree, and the installed commands.
+_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+_COMMAND_PREFIX = "transformer-"
+# The interpreter's options whose value is the next argument (`python -X utf8 -m ...`).
+_OPTIONS_WITH_VALUES = ("-X", "-W", "--check-hash-based-pycs")
+
+
+def is_command(orig_argv: list[str]) -> bool:
+  """Whether the interpreter was started to run one of the package's commands:
+  `python -m transformer.<command>`, `python train.py`, or an installed `transformer-<command>`."""
+  args = orig_argv[1:]
+  skip = False
+  for at, arg in enumerate(args):
+    if skip:  # the value of an interpreter option
+      skip = False
+      continue
+    if arg in _OPTIONS_WITH_VALUES:
+      skip = True
+      continue
+    if arg == "-m":
+      module = args[at + 1] if at + 1 < len(args) else ""
+      return module == "transformer" or module.startswith("transformer.")
+    if arg.startswith("-m"):  # -mtransformer.train
+      return arg[2:] == "transformer" or arg[2:].startswith("transformer.")
+    if arg in ("-c", "-"):
+      return False
+    if not arg.startswith("-"):  # the script
+      path = Path(arg)
+      return path.name.startswith(_COMMAND_PREFIX) or _same_file(path, _TRAIN_SCRIPT)
+  return False
+
+
+def _same_file(path: Path, other: Path) -> bool:
+  try:
+    return path.resolve() == other
+  except OSError:
+    return False
+
+
+def _stop(signum, frame) -> None:
+  del frame
+  name = signal.Signals(signum).name
+  os.write(2, f"stopped: {name} while the command was starting; nothing was written\n".encode())
+  os._exit(130)
+
+
+def stop_until_started() -> None:
+  """In a command's process, SIGTERM, SIGINT and SIGHUP end it with one line and 130 until the
+  command installs its own handlers (SIGHUP and SIGINT only where they are not ignored, as
+  under nohup or in a background job)."""
+  if not is_command(getattr(sys, "orig_argv", [])):
+    return
+  for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
+      continue
+    signal.signal(signum, _stop)
