@@ -47,8 +47,8 @@ def main(argv=None) -> list[str]:
       f"{args.workdir} holds a {translator.task!r} model: sampling needs an lm run "
       "(translate a translation run with python -m transformer.translate)"
     )
-  # One call for every sample (sample k drawn with seed + k): the settings, the seeds of all of
-  # them and the prompt's unknown pieces are checked once, before the first is printed.
+  # One call for every sample (sample k drawn with `nth_seed(seed, k)`): the settings, the seed
+  # and the prompt's unknown pieces are checked once, before the first is printed.
   continuations = translator.continuations(
     [args.prompt] * args.num_samples,
     max_new_tokens=args.max_new_tokens,

@@ -34,7 +34,7 @@ from transformer.cli import (
   run_cli,
 )
 from transformer.errors import MissingFile, UserError
-from transformer.runs.translator import Translator, check_beam_positions
+from transformer.runs.translator import Translator, check_beam_positions, nth_seed
 
 _END = object()
 # The longest input line read, in bytes: ~10^5 words, far past any model's positions (a longer
@@ -148,7 +148,9 @@ def parse_args(argv=None):
   parser.add_argument("--temperature", type=float, help=f"{lm}; 0 = greedy (default: 1.0)")
   parser.add_argument("--top_k", type=positive_int, help=lm)
   parser.add_argument("--top_p", type=float, help=lm)
-  parser.add_argument("--seed", type=int, help=f"{lm}; line i uses seed + i - 1 (default: 0)")
+  parser.add_argument(
+    "--seed", type=int, help=f"{lm}; line i uses seed + i - 1, past 2^63 - 2 from 0 (default: 0)"
+  )
   return parser.parse_args(argv)
 
 
@@ -208,7 +210,7 @@ def main(argv=None) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        seed=args.seed + printed,
+        seed=nth_seed(args.seed, printed),
         first_line=printed + 1,
       )
     for line in outputs:

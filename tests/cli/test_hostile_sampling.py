@@ -185,15 +185,36 @@ def test_a_beam_wider_than_the_positions(translation_run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_the_last_samples_seed_is_checked_before_anything_is_printed(lm_run, capsys):
-  """jax.random.key takes seeds up to 2^63 - 1; sample k is drawn with seed + k."""
-  base = ["--workdir", str(lm_run), "--prompt", "a", "--max_new_tokens", "1"]
-  line = one_line_error(
-    capsys, lambda: sample_command.main([*base, "--seed", str(MAX_SEED - 1), "--num_samples", "2"])
-  )
-  assert "--seed must be in [0, " in line and str(MAX_SEED - 1) in line
-  samples = sample_command.main([*base, "--seed", str(MAX_SEED - 2), "--num_samples", "2"])
-  assert len(samples) == 2
+def test_seeds_past_the_largest_count_on_from_zero(lm_run, capsys):
+  """jax.random.key takes seeds up to 2^63 - 2 here; sample k is drawn with seed + k, which goes
+  on from 0 past the largest, so any seed serves any number of samples, and a stream of lines
+  read from stdin never fails half-way."""
+  base = ["--workdir", str(lm_run), "--prompt", "a", "--max_new_tokens", "3", "--temperature", "5"]
+  wrapped = sample_command.main([*base, "--seed", str(MAX_SEED), "--num_samples", "3"])
+  counted = sample_command.main([*base, "--seed", "0", "--num_samples", "2"])
+  last = sample_command.main([*base, "--seed", str(MAX_SEED), "--num_samples", "1"])
+  assert wrapped == last + counted
+  capsys.readouterr()
+  line = one_line_error(capsys, lambda: sample_command.main([*base, "--seed", str(MAX_SEED + 1)]))
+  assert f"--seed must be in [0, {MAX_SEED}]" in line
+
+
+def test_translate_reads_any_number_of_lines_from_a_seed_at_the_top(
+  lm_run, monkeypatch, capsys, tmp_path
+):
+  base = ["--workdir", str(lm_run), "--max_new_tokens", "3", "--temperature", "5"]
+
+  def translated(*args: str, stdin: str = "") -> list[str]:
+    (tmp_path / "stdin.txt").write_text(stdin, encoding="utf-8")
+    with open(tmp_path / "stdin.txt", encoding="utf-8") as lines:
+      monkeypatch.setattr(sys, "stdin", lines)
+      translate_command.main([*base, *args])
+    return capsys.readouterr().out.splitlines()
+
+  streamed = translated("--seed", str(MAX_SEED - 1), stdin="a\na man\na\n")
+  first = translated("--seed", str(MAX_SEED - 1), "a", "a man")
+  rest = translated("--seed", "0", "a")
+  assert streamed == first + rest and len(streamed) == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ class Translator:
     check_texts(texts)
     check_whole(max_new_tokens=max_new_tokens, top_k=top_k, seed=seed, first_line=first_line)
     check_real(temperature=temperature, top_p=top_p)
-    check_sampling(len(texts), max_new_tokens, temperature, seed)
+    check_sampling(max_new_tokens, temperature, seed)
     draw = functools.partial(
       sample, self.decoder_only, temperature=temperature, top_k=top_k, top_p=top_p
     )
@@ -254,7 +254,7 @@ class Translator:
   ) -> Iterator[str]:
     context = self.spec.model.max_len
     for i, ids in enumerate(prompts):
-      key = jax.random.key(seed + i)
+      key = jax.random.key(nth_seed(seed, i))
       if self.spec.running_text:
         new = slide(draw, ids or [EOS_ID], max_new_tokens, context, key)
       else:
@@ -271,16 +271,19 @@ class Translator:
     return self.tokenizer.decode([new_ids])[0]  # (no tokenizer here decodes otherwise)
 
 
-def check_sampling(count: int, max_new_tokens: int, temperature: float, seed: int) -> None:
-  """One line for settings that cannot sample `count` prompts."""
+def nth_seed(seed: int, i: int) -> int:
+  """The seed prompt (or sample) i is drawn with: seed + i, past the largest seed JAX takes
+  counting on from 0, so that any seed serves any number of prompts (a stream of unknown
+  length, as `translate` reads from stdin)."""
+  return (seed + i) % (MAX_SEED + 1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, seed: int) -> None:
+  """One line for settings that cannot sample (any number of prompts: the seeds wrap)."""
   if max_new_tokens < 1:
     raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-  # Prompt (or sample) i is drawn with seed + i: every one of them must be a seed JAX takes.
-  if not 0 <= seed <= MAX_SEED - count:
-    raise UserError(
-      f"--seed must be in [0, {MAX_SEED - count}] for {count} prompt(s) or samples (the i-th "
-      f"is drawn with seed + i), got {seed}"
-    )
+  if not 0 <= seed <= MAX_SEED:
+    raise UserError(f"--seed must be in [0, {MAX_SEED}] (jax.random.key's seeds), got {seed}")
   if not (math.isfinite(temperature) and temperature >= 0):  # NaN sampled garbage silently
     raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
 
