@@ -15,7 +15,7 @@ from transformer import translate as translate_command
 from transformer.configs import shakespeare_char, smoke
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR
 from transformer.data.tokenizer import train_sentencepiece
-from transformer.runs.checkpoint import Checkpointer, Record, check_tokenizer
+from transformer.runs.checkpoint import Checkpointer, CheckpointError, Record, check_tokenizer
 from transformer.train.loop import run
 
 TEXT = "".join(
@@ -165,10 +165,40 @@ def test_a_step_folder_renamed_to_another_step_is_refused(text_run, copy_of, cap
 
 
 @pytest.mark.slow
-def test_a_step_folder_renamed_to_no_number_is_named(text_run, copy_of, caplog):
+def test_a_step_folder_renamed_to_no_number_is_named(text_run, copy_of, caplog, capsys):
+  """The newest step renamed: resuming would train steps 4 to 6 again, so it is refused; an
+  older one renamed is named in a warning and the run resumes from the newest."""
   (copy_of / "checkpoints" / "6").rename(copy_of / "checkpoints" / "abc")
+  line = one_line_error(capsys, lambda: run(text_config(text_run[1], 9), copy_of))
+  assert "checkpoints/abc holds a checkpoint, but it was saved after step 3, the newest" in line
+  assert "rename it back to its step number" in line
+  (copy_of / "checkpoints" / "abc").rename(copy_of / "checkpoints" / "6")
+  (copy_of / "checkpoints" / "3").rename(copy_of / "checkpoints" / "abc")
   with caplog.at_level("INFO"):
     run(text_config(text_run[1], 6), copy_of)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any("holds abc, which is no checkpoint" in w for w in warnings), warnings
-  assert "resumed from step 3" in caplog.text
+  assert "resumed from step 6" in caplog.text
+
+
+def test_resuming_refuses_a_renamed_step_newer_than_every_step_folder(tmp_path):
+  checkpointer = Checkpointer(tmp_path, asynchronous=False)
+  try:
+    for step in (1, 2):
+      record = Record({"epoch": 0, "chunk": 0, "batch": step})
+      checkpointer.save(step, {"w": jnp.full(4, float(step))}, record)
+  finally:
+    checkpointer.close()
+  resumable = lambda: Checkpointer(tmp_path, asynchronous=False).check_resumable()
+  (tmp_path / "2").rename(tmp_path / "best")
+  with pytest.raises(
+    CheckpointError, match="best holds a checkpoint, but it was saved after step 1"
+  ):
+    resumable()
+  (tmp_path / "1").rename(tmp_path / "first")
+  with pytest.raises(CheckpointError, match="start again from step 0"):
+    resumable()
+  (tmp_path / "best").rename(tmp_path / "2")  # only the older one renamed: resumes from 2
+  resumable()
+  state, _, step = Checkpointer(tmp_path, asynchronous=False).restore({"w": jnp.zeros(4)})
+  assert step == 2 and state["w"].tolist() == [2.0] * 4

@@ -21,7 +21,8 @@ The record also names what the stream's batches are made of (`Record.inputs`: th
 file's SHA-256, the training text's fingerprint), so that a resumed or loaded run is refused
 when either was replaced since; checkpoints written before that was recorded are read unchecked.
 A step folder is trusted only if it holds that step: one renamed (or copied in) under another
-number is refused, and a folder that Orbax cannot see as a step at all is named in a warning.
+number is refused, and a folder that Orbax cannot see as a step at all is named in a warning
+(resuming is refused while such a folder holds a checkpoint newer than every step folder).
 """
 
 from __future__ import annotations
@@ -135,6 +136,30 @@ class Checkpointer:
   def steps(self) -> list[int]:
     """Completed steps; Orbax's temporary directories of unfinished saves are not listed."""
     return sorted(self.manager.all_steps())
+
+  def check_resumable(self) -> None:
+    """Refuses to resume when a folder that is not named by a step number holds a checkpoint
+    saved after the newest step folder: a step renamed ("best", "1400.bak") would otherwise send
+    the run back to an older step, or to step 0, to train again what it had trained."""
+    steps = self.steps()
+    newest = _committed_at(self.directory / str(steps[-1])) if steps else None
+    try:
+      folders = sorted(p for p in self.directory.iterdir() if not p.name.isdigit())
+    except OSError:
+      return
+    for folder in folders:
+      committed = _committed_at(folder)
+      if committed is None or (newest is not None and committed <= newest):
+        continue
+      if steps:
+        resume = f"it was saved after step {steps[-1]}, the newest step folder, where the run "
+        resume += "would resume"
+      else:
+        resume = "no folder is named by a step, so the run would start again from step 0"
+      raise CheckpointError(
+        f"{folder} holds a checkpoint, but {resume}: rename it back to its step number to "
+        f"resume from it, or move it out of {self.directory}"
+      )
 
   def save(self, step: int, state: Any, record: Record, *, force: bool = False) -> None:
     if record.inputs is None and self.inputs is not None:
@@ -307,6 +332,15 @@ def _warn_of_strangers(directory: Path) -> None:
       "is" if len(strangers) == 1 else "are",
       "it" if len(strangers) == 1 else "them",
     )
+
+
+def _committed_at(folder: Path) -> int | None:
+  """When Orbax finished saving the step in `folder` (nanoseconds), None if it holds none."""
+  try:
+    metadata = json.loads((folder / "_CHECKPOINT_METADATA").read_text(encoding="utf-8"))
+    return int(metadata["commit_timestamp_nsecs"])
+  except (OSError, ValueError, TypeError, KeyError):
+    return None
 
 
 def check_tokenizer(record: Record, step: int, tokenizer_path: Path) -> None:

@@ -410,6 +410,7 @@ def _restore(
   """(state, the step resumed from, the seconds the run had spent): the newest good checkpoint
   with the stream moved to where it stopped, or the fresh state. Refused when the tokenizer or
   the training text is not the one the checkpoint was trained with."""
+  checkpointer.check_resumable()
   if not checkpointer.steps():
     return fresh, None, 0.0
   state, record, step = checkpointer.restore(abstract)
