@@ -11,7 +11,7 @@ from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decode import beam_search, greedy_decode
 from transformer.decode.batch import length_limits, search_length
 from transformer.decode.config import DecodeConfig
-from transformer.decode.engine import Engine, _programs, search_all
+from transformer.decode.engine import Engine, _programs, refill_widths, search_all
 
 MAX_EXTRA = 3
 
@@ -146,6 +146,7 @@ def test_a_prepared_search_compiles_nothing_more(copy_model):
   compiled = [p._cache_size() for p in (programs.init, programs.refill, programs.run)]
   got = engine.search(sources, settings(2, 0.6), **search)
   assert [p._cache_size() for p in (programs.init, programs.refill, programs.run)] == compiled
-  assert compiled == [1, 1, 1]
+  # `refill` once per width its sentences are encoded at: 8 and 16 for slots of 16 ids.
+  assert compiled == [1, len(refill_widths(16)), 1] == [1, 2, 1]
   for source, row in zip(sources, got, strict=True):
     assert trimmed(row) == trimmed(alone(copy_model, source, 2, 0.6)), source
