@@ -227,6 +227,10 @@ class Engine:
 
   def __init__(self, model: EncoderDecoder):
     self.config = model.config
+    model = nnx.clone(model)
+    if model.config.tie_output:
+      # The output layer's table transposed once here, not in every program (`Embedding`).
+      model.target_embed.init_cache()
     self.graphdef, state = nnx.split(model)
     self.leaves, self.treedef = jax.tree.flatten(state)
     self._by_layout: dict[Layout, _Programs] = {}

@@ -225,6 +225,8 @@ class Decoder(nnx.Module):
       )
       if layer.cross_attention is not None:
         layer.cross_attention.init_cache(batch_size, cache_length, memory_BSD)
+    if self.config.tie_output:  # the output layer's table in the layout a step reads
+      self.embed.init_cache()
     self.cache_index = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))  # next position, per row
     self.memory_mask = None if memory_mask_B11S is None else nnx.Cache(memory_mask_B11S)
 
