@@ -102,9 +102,13 @@ class _Programs:
     model.eval()
     return model
 
-  def _allocate(self, model, src_ids_BS, groups: int):
-    """The model's caches for the sources' rows (encoded): (graphdef, step, memory, params)."""
-    memory_BSD = model.encode(src_ids_BS)
+  def _allocate(self, model, src_ids_BS, groups: int, *, encode: bool = True):
+    """The model's caches for the sources' rows (encoded): (graphdef, step, memory, params).
+    `encode=False`: a memory of zeros, for slots that hold no sentence (nothing reads it)."""
+    if encode:
+      memory_BSD = model.encode(src_ids_BS)
+    else:
+      memory_BSD = jnp.zeros((*src_ids_BS.shape, model.config.d_model), model.config.dtype)
     model.init_cache(
       memory_BSD, src_ids_BS, self.layout.max_new_tokens, beams=self.layout.beams, groups=groups
     )
@@ -126,7 +130,7 @@ class _Programs:
     layout = self.layout
     src_ids_BS = jnp.zeros((layout.slots, layout.source_length), jnp.int32)
     self.cached_graphdef, cache, memory, params = self._allocate(
-      self._model(leaves), src_ids_BS, layout.groups
+      self._model(leaves), src_ids_BS, layout.groups, encode=False
     )
     search = self._start(jnp.ones((layout.slots,), jnp.int32), cache)
     return search._replace(settled_B=jnp.ones((layout.slots,), jnp.bool_)), memory, params
