@@ -10,7 +10,8 @@ machine; wall seconds are recorded beside them. Both sides run warm (the project
 compiled, CTranslate2's model loaded and used once). CTranslate2 runs with each of
 `--ct2_threads` intra-op threads (1 and 2) and is compared at its best: on a 2-core Intel Xeon its
 OpenMP threads made 2 slower than 1 in CPU and in wall time (beam 8.4 against 4.5 CPU s, one
-sentence 91 against 10 ms). The project runs as a user runs it (XLA's own thread pool). Then
+sentence 91 against 10 ms). The project runs as a user runs it, on every core (XLA's own thread
+pool) or on `--threads N` of them (`translate --threads N`): run it once each way. Then
 batch-1 latency: the first `--latency_n` sentences one at a time, median milliseconds. BLEU is
 sacreBLEU as the project scores; "identical" counts lines equal to the project's own output.
 
@@ -19,7 +20,7 @@ CTranslate2 divides a finished hypothesis' log-probability by |Y|^alpha, the pro
 stops once no alive hypothesis can beat its best: their beam outputs differ on some lines; their
 greedy outputs should not.
 
-  python -m benchmarks.decode_vs_ctranslate2 --workdir runs/default [--ct2_python PY]
+  python -m benchmarks.decode_vs_ctranslate2 --workdir runs/default [--ct2_python PY] [--threads 1]
   python -m benchmarks.decode_vs_ctranslate2 --preset quick   # a random tiny run, < 1 minute
 
 The CTranslate2 side needs `ctranslate2` and `sentencepiece` in `--ct2_python` (default: this
@@ -60,6 +61,8 @@ def ct2_worker(request: dict) -> dict:
   import ctranslate2
   import sentencepiece
 
+  if request.get("cores"):  # every core the benchmark had, whatever the project runs on
+    os.sched_setaffinity(0, request["cores"])
   model = request["model"]
   processor = sentencepiece.SentencePieceProcessor(model_file=str(Path(model) / "spm.model"))
   translator = ctranslate2.Translator(
@@ -199,7 +202,16 @@ def main(argv=None):
     "--ct2_threads", default="1,2", help="CTranslate2 intra_threads to try, comma-separated"
   )
   parser.add_argument("--latency_n", type=int, default=50)
+  parser.add_argument(
+    "--threads",
+    type=int,
+    help="CPU cores the project computes on (its --threads; default: all of them)",
+  )
   args = common.parse_args(parser, argv)
+  from transformer.cli import use_cores
+
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  use_cores(args.threads)  # before JAX starts; CTranslate2's workers get every core back
   quick = args.preset == "quick"
   scratch = Path(tempfile.mkdtemp(prefix="decode-vs-ct2-"))
   from transformer import compilation_cache
@@ -223,6 +235,7 @@ def main(argv=None):
     batch=args.ct2_batch,
     max_len=translator.spec.model.max_len,
     texts=sources,
+    cores=cores,
   )
   modes = {"beam": search.beam_size, "greedy": 1}
   for beam in modes.values():  # compile (or load from the compilation cache) before timing
@@ -294,13 +307,14 @@ def main(argv=None):
     )
   print(json.dumps(latency))
   common.write_and_plot(
-    NAME,
+    NAME if args.threads is None else f"{NAME}_threads{args.threads}",
     args.preset,
     {
       "workdir": workdir.name,  # the run folder by name: no machine path in results
       "split": args.split,
       "sentences": len(sources),
       "search": dict(beam_size=search.beam_size, alpha=search.alpha),
+      "project_threads": args.threads or "all cores",
       "ctranslate2": (
         f"float32, intra_threads {ct2_threads}, compared at its best"
         if ct2_model is not None

@@ -23,7 +23,14 @@ import jax
 
 from transformer import compilation_cache, files
 from transformer.allocator import keep_freed_memory
-from transformer.cli import ArgumentParser, add_model_arguments, positive_int, run_cli
+from transformer.cli import (
+  ArgumentParser,
+  add_model_arguments,
+  add_threads_argument,
+  positive_int,
+  run_cli,
+  use_cores,
+)
 from transformer.config import CONFIG_FILENAME, read_config
 from transformer.data.config import FILE_DATASETS, DataConfig
 from transformer.data.corpus import Corpus, Location, Pair
@@ -98,6 +105,7 @@ def parse_args(argv=None):
     type=positive_int,
     help="sentences per batch (default: the run's data.eval_batch_size)",
   )
+  add_threads_argument(parser)
   parser.add_argument("--out", help="where hypotheses and scores go (default: WORKDIR/evaluations)")
   parser.add_argument(
     "--export", action="store_true", help="also write the evaluated parameters as WORKDIR/model"
@@ -128,6 +136,7 @@ def check_out_folder(out: Path) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  use_cores(args.threads)
   workdir = Path(args.workdir).absolute()
   out = Path(args.out) if args.out else workdir / "evaluations"
   check_out_folder(out)

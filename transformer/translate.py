@@ -28,10 +28,12 @@ from transformer.allocator import keep_freed_memory
 from transformer.cli import (
   ArgumentParser,
   add_model_arguments,
+  add_threads_argument,
   argument_text,
   emit,
   positive_int,
   run_cli,
+  use_cores,
 )
 from transformer.errors import MissingFile, UserError
 from transformer.runs.translator import Translator, check_beam_positions, nth_seed
@@ -137,6 +139,7 @@ def parse_args(argv=None):
   add_model_arguments(parser)
   parser.add_argument("--file", help="a text file with one sentence per line")
   parser.add_argument("--batch_size", type=positive_int, default=64)
+  add_threads_argument(parser)
   parser.add_argument(
     "--max_extra_tokens",
     type=int,
@@ -172,6 +175,7 @@ def check_flags(args: argparse.Namespace, task: str) -> None:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  use_cores(args.threads)
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
   translator = Translator(args.workdir, step=args.step, average=args.average)
