@@ -226,7 +226,8 @@ def plot_decode_vs_ctranslate2(path: Path) -> Path:
     "system",
     "cpu_s",
     "process CPU seconds (median of rounds)",
-    f"{record['split']}, {record['sentences']} sentences, same weights",
+    f"{record['split']}, {record['sentences']} sentences, same weights; the project on "
+    f"{record.get('project_threads', 'all cores')} thread(s)",
     log=False,
   )
 
@@ -399,6 +400,8 @@ def plot_file(path: Path) -> Path | None:
   plotter = PLOTTERS.get(benchmark)
   if benchmark.startswith("time_to_bleu_"):  # one file per named comparison
     plotter = plot_time_to_bleu
+  if benchmark.startswith("decode_vs_ctranslate2_threads"):  # the project on N cores
+    plotter = plot_decode_vs_ctranslate2
   return plotter(path) if plotter else None
 
 
