@@ -234,7 +234,7 @@ class Engine:
     model = nnx.clone(model)
     if model.config.tie_output:
       # The output layer's table transposed once here, not in every program (`Embedding`).
-      model.target_embed.init_cache()
+      model.target_embed.init_cache(frozen=True)
     self.graphdef, state = nnx.split(model)
     self.leaves, self.treedef = jax.tree.flatten(state)
     self._by_layout: dict[Layout, _Programs] = {}

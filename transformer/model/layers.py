@@ -85,15 +85,18 @@ class Embedding(nnx.Module):
       rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED), jnp.dtype(config.param_dtype)
     )
     self.table_DV: Any = nnx.data(None)  # the table transposed, while decoding (`init_cache`)
+    self.frozen = False  # its parameters no longer change: the copy is made once (`init_cache`)
 
-  def init_cache(self) -> None:
+  def init_cache(self, *, frozen: bool = False) -> None:
     """Keeps a transposed copy of the table [D, V] for `attend` while decoding. A decoding step
     computes the logits of a few rows: XLA:CPU's matmul reads a [V, D] operand transposed by
     repacking all of it at every step, which costs as much as the product itself (4 rows, V
-    8000, D 128, one core: 300 against 150 us a step). Made once: a model that already has it
-    (a `transformer.decode.engine.Engine`'s) keeps it."""
-    if self.table_DV is None:
+    8000, D 128, one core: 300 against 150 us a step). It is made again at each call (the
+    table may have been trained since), unless a call with `frozen=True` made it for a model
+    whose parameters no longer change (a `transformer.decode.engine.Engine`'s copy)."""
+    if not self.frozen or self.table_DV is None:
       self.table_DV = DecodingCopy(self.table[...].T)
+    self.frozen = self.frozen or frozen
 
   def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     table_VD = self.table[...].astype(jnp.dtype(self.config.dtype))
