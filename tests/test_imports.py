@@ -14,6 +14,7 @@ RECIPES = ROOT / "configs"  # installed as transformer.configs
 
 # Lowest first. Each part may import the parts before it (not all of them need to).
 LAYERS = [
+  "startup",  # a command's first second (signals, JAX's import): standard library only
   "errors",  # UserError: what the user can fix, for every part
   "allocator",  # glibc malloc kept from handing XLA:CPU's buffers back each step
   "files",  # files written whole or not at all; the cache folder runs share

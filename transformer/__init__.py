@@ -20,6 +20,7 @@ Training from Python: `transformer.train.loop.run(transformer.configs.default.ge
 from transformer import startup
 
 startup.stop_until_started()  # before the imports below, which take a second or two
+startup.import_jax()  # a JAX_* variable that JAX refuses is one line
 
 from transformer.model import (  # noqa: E402
   DecoderOnly,

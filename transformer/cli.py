@@ -329,6 +329,20 @@ def user_message(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
+def check_out_folder(out: Path, what: str) -> None:
+  """Refuses, before anything is loaded or computed, an --out that cannot become a folder for
+  `what` (the command's results): a file, a path through a file, a folder this user cannot
+  write. (A file there failed only when the first result was written, after all the work.)"""
+  for folder in (out, *out.parents):
+    if folder.exists():  # the nearest existing one: the rest is made
+      if not folder.is_dir():
+        where = "is a file" if folder == out else f"lies under {folder}, which is a file"
+        raise UserError(f"--out {out} {where}: give a folder for {what} (made if absent)")
+      if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {folder} is not writable: give a folder you can write")
+      return
+
+
 def recipe_names() -> list[str]:
   return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.stem.startswith("_"))
 

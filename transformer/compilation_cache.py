@@ -4,7 +4,8 @@ step, a decoding program of one shape) compiles once per machine, not once per p
 Compiling a decoding program takes seconds on a CPU, as long as translating a test set; with the
 cache, the second `evaluate` or `translate` of a model's shapes starts at once. Turned on by the
 commands (train, evaluate, translate); a library user calls `enable()`. Off with
-TRANSFORMER_COMPILATION_CACHE=0; JAX_COMPILATION_CACHE_DIR, if set, is left as it is.
+TRANSFORMER_COMPILATION_CACHE=0; JAX_COMPILATION_CACHE_DIR, if set, is used (made if absent;
+one that cannot be a folder is named in a warning and the cache left off).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def enable(cache_dir: str | os.PathLike | None = None) -> Path | None:
     "JAX_COMPILATION_CACHE_DIR"
   )
   if already:
-    return Path(already)
+    return _usable(str(already))
   if cache_dir is None:
     cache_dir = cache_root() / "jax"
   path = Path(cache_dir)
@@ -43,4 +44,23 @@ def enable(cache_dir: str | os.PathLike | None = None) -> Path | None:
     return None
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  return path
+
+
+def _usable(folder: str) -> Path | None:
+  """A cache folder named by JAX_COMPILATION_CACHE_DIR (or set by a program), if it is or can
+  become a folder: one that cannot (under /proc, a file) is named once and the cache stays off,
+  where JAX printed its two-line UserWarning of a failed read and went on without it. A URL
+  (gs://...) is JAX's to open."""
+  path = Path(folder)
+  if "://" in folder:
+    return path
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    log.warning(
+      "no compilation cache in %s (%s): check JAX_COMPILATION_CACHE_DIR", path, error.strerror
+    )
+    jax.config.update("jax_compilation_cache_dir", None)
+    return None
   return path

@@ -27,6 +27,7 @@ from transformer.cli import (
   ArgumentParser,
   add_model_arguments,
   add_threads_argument,
+  check_out_folder,
   positive_int,
   run_cli,
   use_cores,
@@ -40,12 +41,18 @@ from transformer.decode.scoring import score_test_sets
 from transformer.errors import MissingFile, UserError
 from transformer.parallel.config import ParallelConfig
 from transformer.parallel.mesh import make_mesh
-from transformer.runs.artifact import META_FILENAME, MODEL_DIRNAME, export_model, read_meta
+from transformer.runs.artifact import (
+  META_FILENAME,
+  MODEL_DIRNAME,
+  check_out_not_managed,
+  export_model,
+  read_meta,
+)
 from transformer.runs.loading import LoadedRun, load_run
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import model_params
 from transformer.runs.spec import RunSpec
-from transformer.runs.translator import check_beam_positions
+from transformer.runs.translator import check_32_bit_mode, check_beam_positions
 from transformer.train.flops import available_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,11 @@ def read_lines(path: Path, flag: str) -> list[str]:
 def read_pairs(src: str, ref: str) -> list[Pair]:
   """Aligned (source, reference) lines of two UTF-8 text files; at least one pair must have
   text on both sides (blank lines are kept: a blank source gets a blank translation)."""
+  if _same_file(src, ref):  # (/dev/stdin twice reads a redirected file twice)
+    raise UserError(
+      f"--src {src} and --ref {ref} are the same file: the sources would be scored against "
+      "themselves; give the references in a file of their own"
+    )
   sides = [read_lines(Path(src), "--src"), read_lines(Path(ref), "--ref")]
   if len(sides[0]) != len(sides[1]):
     raise UserError(
@@ -88,6 +100,13 @@ def read_pairs(src: str, ref: str) -> list[Pair]:
       "evaluation of empty lines scores nothing; check the files"
     )
   return pairs
+
+
+def _same_file(a: str, b: str) -> bool:
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # one is missing: read_lines names it
+    return False
 
 
 def parse_args(argv=None):
@@ -118,28 +137,13 @@ def parse_args(argv=None):
   return args
 
 
-def check_out_folder(out: Path) -> None:
-  """Refuses, before anything is loaded or translated, an --out that cannot become a folder
-  for the hypotheses and scores: a file, a path through a file, a folder this user cannot
-  write. (A file there failed only when the first result was written, after all the work.)"""
-  for folder in (out, *out.parents):
-    if folder.exists():  # the nearest existing one: the rest is made
-      if not folder.is_dir():
-        where = "is a file" if folder == out else f"lies under {folder}, which is a file"
-        raise UserError(
-          f"--out {out} {where}: give a folder for the hypotheses and scores (made if absent)"
-        )
-      if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {folder} is not writable: give a folder you can write")
-      return
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   use_cores(args.threads)
   workdir = Path(args.workdir).absolute()
   out = Path(args.out) if args.out else workdir / "evaluations"
-  check_out_folder(out)
+  check_out_folder(out, "the hypotheses and scores")
+  check_out_not_managed(out, workdir, "evaluations")
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
   with contextlib.ExitStack() as stack:
@@ -150,6 +154,7 @@ def main(argv=None) -> dict:
 
 
 def _evaluate(args, workdir: Path, out: Path) -> dict:
+  check_32_bit_mode()
   loaded = load_run(workdir, step=args.step, average=args.average)
   if loaded.spec.task != "translation":
     raise UserError(f"{workdir} holds a {loaded.spec.task!r} model: BLEU is for translation runs")

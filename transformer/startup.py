@@ -6,19 +6,27 @@ with 143 and no word, a Ctrl-C with a KeyboardInterrupt traceback out of some im
 package imports this module first, and when the process is one of the package's commands (and
 only then: a program importing the package keeps its own signal handling) it ends the process on
 a signal at once, with one line and 130: nothing has been read or written yet. Standard library
-only, so that it is in place before anything heavy is imported.
+only, so that it is in place before anything heavy is imported; `import_jax` then imports JAX,
+so that an environment variable JAX refuses as it is imported (JAX_ENABLE_X64=maybe) is one line
+in a command, not a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
-# The scripts that start a command: train.py at the top of the tree, and the installed commands.
+# The scripts that start a command: train.py at the top of the tree, and the installed commands
+# (pyproject.toml's [project.scripts]; by exact name: a program of one's own called
+# `transformer-demo.py` keeps its own signal handling).
 _TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-_COMMAND_PREFIX = "transformer-"
+_COMMAND_SCRIPTS = tuple(
+  f"transformer-{name}"
+  for name in ("train", "translate", "evaluate", "visualize", "export", "sample")
+)
 # The interpreter's options whose value is the next argument (`python -X utf8 -m ...`).
 _OPTIONS_WITH_VALUES = ("-X", "-W", "--check-hash-based-pycs")
 
@@ -44,7 +52,7 @@ def is_command(orig_argv: list[str]) -> bool:
       return False
     if not arg.startswith("-"):  # the script
       path = Path(arg)
-      return path.name.startswith(_COMMAND_PREFIX) or _same_file(path, _TRAIN_SCRIPT)
+      return path.name in _COMMAND_SCRIPTS or _same_file(path, _TRAIN_SCRIPT)
   return False
 
 
@@ -72,3 +80,29 @@ def stop_until_started() -> None:
     if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
       continue
     signal.signal(signum, _stop)
+
+
+# How JAX refuses an environment variable it reads while it is imported (JAX_ENABLE_X64=maybe,
+# JAX_DEFAULT_MATMUL_PRECISION=bogus): `Invalid value "v" for JAX flag jax_name`, or `invalid
+# truth value 'v' for environment 'JAX_NAME'`.
+_JAX_FLAG = re.compile(r"for JAX flag (\w+)|for environment '(\w+)'")
+
+
+def import_jax() -> None:
+  """Imports JAX. In a command's process, an environment variable JAX refuses at import ends
+  the command with one line naming it, and 2, instead of a traceback out of the package's
+  import (a program importing the package gets JAX's exception)."""
+  try:
+    import jax  # noqa: F401
+  except ValueError as error:
+    match = _JAX_FLAG.search(str(error))
+    if not match or not is_command(getattr(sys, "orig_argv", [])):
+      raise
+    name = match.group(2) or match.group(1).upper()
+    value = os.environ.get(name, "")
+    os.write(
+      2,
+      f"error: the environment variable {name}={value!r} is refused by JAX ({error}): unset "
+      f"it or give it a value JAX takes\n".encode(errors="replace"),
+    )
+    os._exit(2)

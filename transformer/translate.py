@@ -154,7 +154,10 @@ def parse_args(argv=None):
   parser.add_argument(
     "--seed", type=int, help=f"{lm}; line i uses seed + i - 1, past 2^63 - 2 from 0 (default: 0)"
   )
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.text and args.file is not None:  # the arguments were translated, the file ignored
+    parser.error("give sentences as arguments or --file, not both")
+  return args
 
 
 def check_flags(args: argparse.Namespace, task: str) -> None:

@@ -18,12 +18,19 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from transformer.cli import ArgumentParser, add_model_arguments, argument_text, run_cli
+from transformer.cli import (
+  ArgumentParser,
+  add_model_arguments,
+  argument_text,
+  check_out_folder,
+  run_cli,
+)
 from transformer.decode.config import DecodeConfig
 from transformer.errors import UserError
 from transformer.inspect.attention import prepare_sentence
 from transformer.inspect.contrast import contrast_word
 from transformer.inspect.figures import write_attention_figures, write_contrast
+from transformer.runs.artifact import check_out_not_managed
 from transformer.runs.translator import Translator, check_beam_positions, note_unknown
 
 
@@ -77,10 +84,13 @@ def main(argv=None) -> None:
     raise UserError("the sentence is empty: give one non-empty sentence to visualise")
   overrides = dict(beam_size=args.beam_size, alpha=args.alpha, stop=args.stop)
   DecodeConfig().overridden(**overrides)  # checked before the model is loaded
+  out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
+  if args.out or Path(args.workdir).is_dir():  # (else the loader names what --workdir is)
+    check_out_folder(out_dir, "the figures")
+    check_out_not_managed(out_dir, Path(args.workdir), "attention")
   translator = load_translator(args.workdir, step=args.step, average=args.average)
   search = translator.search.overridden(**overrides)
   check_beam_positions(search.beam_size, translator.spec.model)
-  out_dir = Path(args.out) if args.out else Path(args.workdir) / "attention"
   model, tokenizer = translator.encoder_decoder, translator.tokenizer
   paths = []
   if text:

@@ -121,7 +121,8 @@ def test_a_position_table_too_large_is_refused_before_allocation(tmp_path, capsy
   ],
 )
 def test_train_command_arguments(args, message):
-  result = command("train.py", "--config", "smoke", "--workdir", "unused", *args)
+  workdir = [] if "--workdir" in args else ["--workdir", "unused"]  # one --workdir a command
+  result = command("train.py", "--config", "smoke", *workdir, *args)
   lines = result.stderr.decode().strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines[-5:]
 

@@ -11,9 +11,10 @@ translation, read in chunks like the tfds corpora (`transformer.data.corpus.Corp
             source<TAB>target pair a line.
 
 Files are UTF-8, gzip-compressed or not (told by their first bytes, not their names); lines end
-at "\\n" only. A split with no eval_files holds out the last data.validation_fraction of the
-training files: of their characters (text, cut as nanoGPT cuts its 90/10 split) or of their
-pairs (parallel). Missing files, empty files, parallel sides of different lengths and bytes that
+at "\\n" only (a parallel line ending in "\\r\\n" is refused, as its sentence would keep the
+"\\r"). A split with no eval_files holds out the last data.validation_fraction of the training
+files: of their characters (text, cut as nanoGPT cuts its 90/10 split) or of their pairs
+(parallel). Missing files, empty files, parallel sides of different lengths and bytes that
 are not UTF-8 are one-line errors naming the file (and line).
 
 A split's fingerprint hashes the contents of its files (with their names) and how it was cut,
@@ -306,10 +307,13 @@ def _parallel_records(
 
 def _pairs_of(source: Source) -> Iterator[Pair]:
   if isinstance(source, tuple):
-    for (_, src), (_, tgt) in zip(lines(source[0]), lines(source[1]), strict=False):
+    for (number, src), (_, tgt) in zip(lines(source[0]), lines(source[1]), strict=False):
+      _check_line_end(source[0], number, src)
+      _check_line_end(source[1], number, tgt)
       yield src.removesuffix("\n"), tgt.removesuffix("\n")
     return
   for number, line in lines(source):
+    _check_line_end(source, number, line)
     fields = line.removesuffix("\n").split("\t")
     if len(fields) != 2:
       raise UserError(
@@ -317,3 +321,13 @@ def _pairs_of(source: Source) -> Iterator[Pair]:
         "one tab a line"
       )
     yield fields[0], fields[1]
+
+
+def _check_line_end(path: Path, number: int, line: str) -> None:
+  """Refuses a parallel line ending in "\\r\\n" (Windows line ends): lines end at "\\n" only,
+  so every sentence would keep a carriage return, learned and emitted as part of the text."""
+  if line.endswith(("\r\n", "\r")):
+    raise UserError(
+      f"{path} line {number} ends with a carriage return (Windows line ends, \\r\\n), which "
+      "would be kept in every sentence: convert the file to \\n line ends (e.g. dos2unix)"
+    )

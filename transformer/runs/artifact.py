@@ -334,6 +334,26 @@ def check_finite(path: Path, params: FlatParams) -> None:
     )
 
 
+# The folders of a workdir that training and `evaluate --export` manage as a whole: a result
+# written into one is ignored with a warning by every later load (checkpoints/) or deleted by
+# the next export (model/).
+MANAGED_DIRNAMES = (MODEL_DIRNAME, "checkpoints")
+
+
+def check_out_not_managed(out: Path, workdir: Path, default: str) -> None:
+  """Refuses an --out that is, or lies inside, the run's model/ or checkpoints/ (`default`: the
+  folder of the workdir the command writes when --out is not given)."""
+  target, run = Path(out).absolute().resolve(), Path(workdir).absolute().resolve()
+  for name in MANAGED_DIRNAMES:
+    kept = run / name
+    if target == kept or kept in target.parents:
+      raise UserError(
+        f"--out {out} lies in {kept}, which the run manages as a whole (an export replaces "
+        f"model/, a load warns of anything else in checkpoints/): give another folder, e.g. "
+        f"{run / default}"
+      )
+
+
 def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]]:
   """(spec, parameters, tokenizer file, model.json) of WORKDIR/model, each file checked against
   the SHA-256 that model.json recorded: a damaged or edited export is refused, named."""
@@ -341,6 +361,11 @@ def read_model(workdir: Path) -> tuple[RunSpec, FlatParams, Path, dict[str, Any]
   from safetensors.numpy import load_file
 
   folder = Path(workdir) / MODEL_DIRNAME
+  if not (folder / META_FILENAME).is_file() and (Path(workdir) / META_FILENAME).is_file():
+    raise UserError(
+      f"{workdir} is an exported model folder, not a run directory: give the run directory "
+      f"that holds it, --workdir {Path(workdir).parent}"
+    )
   if not (folder / META_FILENAME).is_file():
     raise MissingFile(
       f"no exported model in {folder}: train the run to its end (it "

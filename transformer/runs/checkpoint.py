@@ -144,7 +144,7 @@ class Checkpointer:
     steps = self.steps()
     newest = _committed_at(self.directory / str(steps[-1])) if steps else None
     try:
-      folders = sorted(p for p in self.directory.iterdir() if not p.name.isdigit())
+      folders = sorted(p for p in self.directory.iterdir() if not is_step_name(p.name))
     except OSError:
       return
     for folder in folders:
@@ -313,6 +313,12 @@ def _stored_step(state: Any) -> int | None:
   return int(np.asarray(step))
 
 
+def is_step_name(name: str) -> bool:
+  """Whether Orbax reads a folder of this name as a step: the step's number as `str(step)`
+  writes it. "0006" or "٦" (an Arabic-Indic six) pass `str.isdigit` but are no step to Orbax."""
+  return name.isascii() and name.isdigit() and str(int(name)) == name
+
+
 def _warn_of_strangers(directory: Path) -> None:
   """Names, in one warning, what in `directory` Orbax will never read as a step: a step folder
   renamed to something that is not its number is otherwise ignored without a word, and the run
@@ -321,7 +327,7 @@ def _warn_of_strangers(directory: Path) -> None:
     names = sorted(p.name for p in directory.iterdir())
   except OSError:  # not there (yet): Orbax creates it, or names the problem itself
     return
-  strangers = [n for n in names if not n.isdigit() and ".orbax-checkpoint-tmp" not in n]
+  strangers = [n for n in names if not is_step_name(n) and ".orbax-checkpoint-tmp" not in n]
   if strangers:
     log.warning(
       "%s holds %s, which %s no checkpoint (a step's folder is named by its step number) and "

@@ -64,6 +64,17 @@ def is_bool(value: object) -> bool:
   return isinstance(value, bool | np.bool_)
 
 
+def check_32_bit_mode() -> None:
+  """Refuses JAX's 64-bit mode (JAX_ENABLE_X64=1, or jax_enable_x64 set by a program): the
+  models and their searches compute in float32 and int32, and under it a search's loop carried
+  float64 scores where it took float32 ones and failed with JAX's TypeError."""
+  if jax.config.read("jax_enable_x64"):
+    raise UserError(
+      "JAX's 64-bit mode is on (JAX_ENABLE_X64 or jax_enable_x64): decoding computes in "
+      "float32 and does not run under it: unset JAX_ENABLE_X64 (or set it to 0)"
+    )
+
+
 def check_beam_positions(beam_size: int, config: TransformerConfig) -> None:
   """Beam search feeds a sentence's beams to the decoder as one row of `beam_size` positions
   (one cache shared by the beams, `beam_search._next_log_probs`), and sinusoidal or learned
@@ -101,6 +112,7 @@ class Translator:
   """
 
   def __init__(self, workdir: str | Path, *, step: int | None = None, average: int | None = None):
+    check_32_bit_mode()
     loaded = load_run(workdir, step=step, average=average)
     self.spec, self.tokenizer, self.model = loaded.spec, loaded.tokenizer, loaded.model
     self.source = loaded.source

@@ -62,6 +62,22 @@ def _check_one_recipe(argv: list[str]) -> None:
     )
 
 
+def _check_one_workdir(argv: list[str]) -> None:
+  """One --workdir a command: absl would take the last and train (or resume) there without a
+  word about the others."""
+  workdirs = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--workdir="):
+      workdirs.append(arg.split("=", 1)[1])
+    elif arg == "--workdir" and i + 1 < len(argv):
+      workdirs.append(argv[i + 1])
+  if len(workdirs) > 1:
+    _fail(
+      f"--workdir is given {len(workdirs)} times ({', '.join(workdirs)}): give the run's "
+      "directory once"
+    )
+
+
 def _fail(message: str) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -118,6 +134,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"cannot load --config: the recipe raised {type(error).__name__}: {error}")
   # After the recipe loaded: a recipe that cannot be loaded is named first, as such.
   _check_one_recipe(argv)
+  _check_one_workdir(argv)
   if len(remaining) > 1:  # absl's usage text would bury the cause
     _fail(
       f"unexpected arguments {' '.join(remaining[1:])}: train takes only flags, such as "

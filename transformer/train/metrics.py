@@ -26,7 +26,12 @@ class MetricWriter:
 
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
     # Open for the run's life and flushed after every line; closed by `close`.
-    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    path = workdir / "metrics.jsonl"
+    self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    if self.jsonl.tell() and not _ends_a_line(path):
+      # A line cut short by a crash or a full disk: the resumed run's first record would
+      # continue it, and both would be lost to every reader.
+      self.jsonl.write("\n")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -40,6 +45,12 @@ class MetricWriter:
     if self.enabled:
       self.tensorboard.close()
       self.jsonl.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
 
 
 def process_age_s() -> float:

@@ -40,7 +40,7 @@ from transformer.parallel.mesh import (
 )
 from transformer.parallel.sharding import abstract_with_shardings, shard
 from transformer.parallel.strategies import compile_train_step
-from transformer.runs.checkpoint import Checkpointer, Record, check_tokenizer
+from transformer.runs.checkpoint import Checkpointer, Record, check_tokenizer, is_step_name
 from transformer.runs.loading import warm_start_params
 from transformer.runs.lock import WorkdirLock
 from transformer.runs.params import load_matching
@@ -276,7 +276,13 @@ def check_resumable(config: Config, workdir: Path) -> None:
   checkpoint's parameters would be read as another model, or its stream position against
   other batches. `allow_config_change` names the keys a user changes on purpose."""
   checkpoints = workdir / "checkpoints"
-  if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+  if checkpoints.exists() and not checkpoints.is_dir():
+    # Orbax would find out at the first save, after the first steps were trained, in a thread.
+    raise UserError(
+      f"{checkpoints} is not a folder: training keeps the run's checkpoints there; move it "
+      "away, or use a new --workdir"
+    )
+  if not (checkpoints.is_dir() and any(is_step_name(p.name) for p in checkpoints.iterdir())):
     return
   if not (workdir / CONFIG_FILENAME).is_file():
     # Without the record of what the checkpoints are, any config would be taken for theirs.
@@ -414,6 +420,13 @@ def _restore(
   if not checkpointer.steps():
     return fresh, None, 0.0
   state, record, step = checkpointer.restore(abstract)
+  if step > config.num_train_steps:
+    # Nothing would be trained, and config.json would record fewer steps than the model had.
+    raise UserError(
+      f"{workdir} is at checkpoint step {step}, past num_train_steps={config.num_train_steps}: "
+      f"set --config.num_train_steps={step} or more to finish or continue it, or use a new "
+      "--workdir to train a shorter run"
+    )
   check_tokenizer(record, step, inputs.tokenizer.model_path)
   if _same_text(record, step, inputs, config):
     inputs.train.restore(record.stream)
