@@ -225,8 +225,9 @@ def test_translate_passes_blank_text_through_and_cuts_long_text(trained_workdir,
 )
 def test_train_py_reports_errors_without_traceback(tmp_path, overrides, message):
   """The real entry point, in a subprocess: exit code 2 and one line, no traceback."""
+  workdir = [] if "--workdir" in overrides else ["--workdir", str(tmp_path)]  # one a command
   result = subprocess.run(
-    [sys.executable, "train.py", "--config", "smoke", "--workdir", str(tmp_path), *overrides],
+    [sys.executable, "train.py", "--config", "smoke", *workdir, *overrides],
     cwd=ROOT,
     capture_output=True,
     text=True,
