@@ -414,7 +414,7 @@ def use_cores(count: int | None) -> None:
   """Runs this process on `count` of the CPU cores it may use (None: all of them), before JAX
   starts its backend: XLA:CPU sizes its thread pool by them. Decoding runs many small programs
   whose work its threads share out at a cost (test_2016 on the 2-core Xeon: beam 4 and greedy
-  take 15-20% and ~10% fewer CPU seconds on one core than on two, and batch-1 as fast)."""
+  take 17-20% and 7-12% fewer CPU seconds on one core than on two, and batch-1 as fast)."""
   if count is None:
     return
   if not hasattr(os, "sched_setaffinity"):
