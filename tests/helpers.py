@@ -1,6 +1,11 @@
 """What several test files check the same way."""
 
+import jax.numpy as jnp
+
 from transformer.cli import run_cli
+from transformer.runs.checkpoint import Checkpointer, Record
+
+TINY_MAX_LEN = 16  # positions of the tiny runs of tests/cli/conftest.py
 
 
 def one_line_error(capsys, main, *, quiet_stdout: bool = False) -> str:
@@ -17,3 +22,14 @@ def one_line_error(capsys, main, *, quiet_stdout: bool = False) -> str:
   if quiet_stdout:
     assert out == "", out
   return lines[0]
+
+
+def save_steps(directory, steps) -> None:
+  """Checkpoints of a one-array state at `steps` in `directory` (w = the step, 4 times)."""
+  checkpointer = Checkpointer(directory, asynchronous=False)
+  try:
+    for step in steps:
+      record = Record({"epoch": 0, "chunk": 0, "batch": step})
+      checkpointer.save(step, {"w": jnp.full(4, float(step))}, record)
+  finally:
+    checkpointer.close()

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import jax
 import pytest
-from flax import nnx
 
 from tests import helpers
-from transformer import EncoderDecoder, TransformerConfig, compilation_cache, startup
+from transformer import compilation_cache, startup
 from transformer import evaluate as evaluate_command
 from transformer import translate as translate_command
 from transformer import visualize as visualize_command
@@ -20,17 +19,8 @@ from transformer.errors import UserError
 from transformer.runs.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_LEN = 16
 
 one_line_error = functools.partial(helpers.one_line_error, quiet_stdout=True)
-
-
-@pytest.fixture(scope="module")
-def translation_run(tmp_path_factory, tokenizer, write_run):
-  config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=MAX_LEN)
-  model = EncoderDecoder(config, rngs=nnx.Rngs(0))
-  workdir = tmp_path_factory.mktemp("translation")
-  return write_run(workdir, model, tokenizer, task="translation", data_max_length=MAX_LEN)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,15 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import pytest
 
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, save_steps
 from transformer.configs import smoke
 from transformer.data.config import DataConfig
 from transformer.data.files import FileCorpus
 from transformer.errors import UserError
-from transformer.runs.checkpoint import Checkpointer, CheckpointError, Record, is_step_name
+from transformer.runs.checkpoint import Checkpointer, CheckpointError, is_step_name
 from transformer.train.loop import run
 from transformer.train.metrics import MetricWriter
 
@@ -147,13 +146,7 @@ def test_a_step_renamed_to_digits_orbax_does_not_read_is_refused(name, tmp_path,
   """ "0002", an Arabic-Indic or a full-width 2 pass str.isdigit, so the renamed folder was
   neither named nor refused, while Orbax ignored it: the run went back to step 1 without a
   word and trained step 2 again."""
-  checkpointer = Checkpointer(tmp_path, asynchronous=False)
-  try:
-    for step in (1, 2):
-      record = Record({"epoch": 0, "chunk": 0, "batch": step})
-      checkpointer.save(step, {"w": jnp.full(4, float(step))}, record)
-  finally:
-    checkpointer.close()
+  save_steps(tmp_path, (1, 2))
   (tmp_path / "2").rename(tmp_path / name)
   with pytest.raises(CheckpointError, match="saved after step 1"):
     Checkpointer(tmp_path, asynchronous=False).check_resumable()

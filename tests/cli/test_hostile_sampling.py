@@ -14,10 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import sentencepiece as spm
-from flax import nnx
 
 from tests import helpers
-from transformer import DecoderOnly, EncoderDecoder, TransformerConfig
 from transformer import evaluate as evaluate_command
 from transformer import sample as sample_command
 from transformer import translate as translate_command
@@ -28,27 +26,11 @@ from transformer.errors import UserError
 from transformer.runs import translator as translator_module
 from transformer.runs.translator import Translator
 
-MAX_LEN = 16
+MAX_LEN = helpers.TINY_MAX_LEN
 UNKNOWN = "🐶🐶東京"  # emoji and a script the tokenizer never saw: <unk> pieces
 
 
 one_line_error = functools.partial(helpers.one_line_error, quiet_stdout=True)
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory, tokenizer, write_run):
-  config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=MAX_LEN)
-  model = DecoderOnly(config, rngs=nnx.Rngs(0))
-  workdir = tmp_path_factory.mktemp("lm")
-  return write_run(workdir, model, tokenizer, task="lm", data_max_length=MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def translation_run(tmp_path_factory, tokenizer, write_run):
-  config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=MAX_LEN)
-  model = EncoderDecoder(config, rngs=nnx.Rngs(0))
-  workdir = tmp_path_factory.mktemp("translation")
-  return write_run(workdir, model, tokenizer, task="translation", data_max_length=MAX_LEN)
 
 
 @pytest.fixture

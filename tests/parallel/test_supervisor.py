@@ -43,8 +43,22 @@ def test_output_and_exit_status_pass_through():
   assert process.returncode == 3
 
 
+def aborting_after(text: str) -> str:
+  """A stand-in child that writes `text` (jaxlib's recorded output) to stderr and aborts."""
+  return f"import os, sys; sys.stderr.write({text!r}); sys.stderr.flush(); os.abort()"
+
+
+def one_abort_line(text: str) -> str:
+  """What the supervisor prints for a child aborting after `text`: exit 2 and one line."""
+  process = supervised(aborting_after(text))
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 2
+  assert len(err.splitlines()) == 1, err
+  return err
+
+
 def test_a_lost_coordinator_is_one_line_and_exit_2():
-  child = f"import os, sys; sys.stderr.write({LOST_COORDINATOR!r}); sys.stderr.flush(); os.abort()"
+  child = aborting_after(LOST_COORDINATOR)
   process = supervised(f"import sys; print('before', file=sys.stderr); {child}")
   _, err = process.communicate(timeout=60)
   assert process.returncode == 2
@@ -58,22 +72,13 @@ LOST_PROCESS_1 = (FIXTURES / "lost_process_1.txt").read_text()
 
 
 def test_a_lost_process_is_named():
-  child = f"import os, sys; sys.stderr.write({LOST_PROCESS_1!r}); sys.stderr.flush(); os.abort()"
-  process = supervised(child)
-  _, err = process.communicate(timeout=60)
-  assert process.returncode == 2
+  err = one_abort_line(LOST_PROCESS_1)
   assert err.startswith("error: process 1 of the job stopped without a word"), err
-  assert len(err.splitlines()) == 1
 
 
 def test_processes_that_never_joined_are_named_as_such():
-  never = (FIXTURES / "never_joined.txt").read_text()
-  child = f"import os, sys; sys.stderr.write({never!r}); sys.stderr.flush(); os.abort()"
-  process = supervised(child)
-  _, err = process.communicate(timeout=60)
-  assert process.returncode == 2
+  err = one_abort_line((FIXTURES / "never_joined.txt").read_text())
   assert err.startswith("error: the job's processes did not all join within"), err
-  assert len(err.splitlines()) == 1
 
 
 def test_other_aborts_keep_their_output_and_signal():

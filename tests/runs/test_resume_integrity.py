@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, save_steps
 from transformer import translate as translate_command
 from transformer.configs import shakespeare_char, smoke
 from transformer.data.multi30k import DEFAULT_SOURCE_DIR
@@ -182,13 +182,7 @@ def test_a_step_folder_renamed_to_no_number_is_named(text_run, copy_of, caplog, 
 
 
 def test_resuming_refuses_a_renamed_step_newer_than_every_step_folder(tmp_path):
-  checkpointer = Checkpointer(tmp_path, asynchronous=False)
-  try:
-    for step in (1, 2):
-      record = Record({"epoch": 0, "chunk": 0, "batch": step})
-      checkpointer.save(step, {"w": jnp.full(4, float(step))}, record)
-  finally:
-    checkpointer.close()
+  save_steps(tmp_path, (1, 2))
   resumable = lambda: Checkpointer(tmp_path, asynchronous=False).check_resumable()
   (tmp_path / "2").rename(tmp_path / "best")
   with pytest.raises(

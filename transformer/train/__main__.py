@@ -47,35 +47,17 @@ def _resolve_recipe(argv: list[str]) -> list[str]:
   return out if given else [*out, "--config=" + recipe_path("default")]
 
 
-def _check_one_recipe(argv: list[str]) -> None:
-  """One --config a command: absl would take the last and drop the others without a word."""
-  recipes = []
+def _check_given_once(argv: list[str], flag: str, advice: str) -> None:
+  """One `flag` (--config, --workdir) a command: absl would take the last and drop the others
+  without a word (train on another recipe, or in another folder, than the user sees first)."""
+  values = []
   for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      recipes.append(arg.split("=", 1)[1])
-    elif arg == "--config" and i + 1 < len(argv):
-      recipes.append(argv[i + 1])
-  if len(recipes) > 1:
-    _fail(
-      f"--config is given {len(recipes)} times ({', '.join(recipes)}): give one recipe, and "
-      "change its values with --config.KEY=VALUE"
-    )
-
-
-def _check_one_workdir(argv: list[str]) -> None:
-  """One --workdir a command: absl would take the last and train (or resume) there without a
-  word about the others."""
-  workdirs = []
-  for i, arg in enumerate(argv):
-    if arg.startswith("--workdir="):
-      workdirs.append(arg.split("=", 1)[1])
-    elif arg == "--workdir" and i + 1 < len(argv):
-      workdirs.append(argv[i + 1])
-  if len(workdirs) > 1:
-    _fail(
-      f"--workdir is given {len(workdirs)} times ({', '.join(workdirs)}): give the run's "
-      "directory once"
-    )
+    if arg.startswith(f"{flag}="):
+      values.append(arg.split("=", 1)[1])
+    elif arg == flag and i + 1 < len(argv):
+      values.append(argv[i + 1])
+  if len(values) > 1:
+    _fail(f"{flag} is given {len(values)} times ({', '.join(values)}): {advice}")
 
 
 def _fail(message: str) -> NoReturn:
@@ -133,8 +115,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as error:
     _fail(f"cannot load --config: the recipe raised {type(error).__name__}: {error}")
   # After the recipe loaded: a recipe that cannot be loaded is named first, as such.
-  _check_one_recipe(argv)
-  _check_one_workdir(argv)
+  _check_given_once(
+    argv, "--config", "give one recipe, and change its values with --config.KEY=VALUE"
+  )
+  _check_given_once(argv, "--workdir", "give the run's directory once")
   if len(remaining) > 1:  # absl's usage text would bury the cause
     _fail(
       f"unexpected arguments {' '.join(remaining[1:])}: train takes only flags, such as "
