@@ -21,7 +21,7 @@ from transformer.files import cache_root
 log = logging.getLogger(__name__)
 
 # Programs that compile faster than this are not worth a disk read (JAX's default is 1 s).
-MIN_COMPILE_SECONDS = 0.5
+MIN_COMPILE_SECONDS = 0.0
 
 
 def enable(cache_dir: str | os.PathLike | None = None) -> Path | None:

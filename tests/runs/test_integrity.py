@@ -24,6 +24,7 @@ from transformer.runs.artifact import (
   record_scores,
   sha256,
 )
+from transformer.runs import checkpoint
 from transformer.runs.checkpoint import (
   Checkpointer,
   CheckpointError,
@@ -89,9 +90,13 @@ def numpy_checksums(x: np.ndarray) -> list[int]:
     ]
 
 
-def test_checksums_are_the_documented_formula_per_array():
-  """Each array's pair, computed per array (arrays of one shape share a program), equals the
-  formula written out in NumPy, for float32, int32 and bfloat16 arrays of several shapes."""
+@pytest.mark.parametrize("where", ["host", "compiled"])
+def test_checksums_are_the_documented_formula_per_array(where, monkeypatch):
+  """Each array's pair equals the formula written out in NumPy, for float32, int32 and bfloat16
+  arrays of several shapes, whether summed on the host (arrays in this process's CPU memory) or
+  by the compiled programs (arrays elsewhere; one program per shape)."""
+  if where == "compiled":
+    monkeypatch.setattr(checkpoint, "_on_host", lambda x: False)
   rng = np.random.default_rng(0)
   arrays = {
     "a": rng.standard_normal((8, 8)).astype(np.float32),

@@ -72,6 +72,35 @@ def save(job: Run, state: TrainState, *, force: bool = False) -> None:
   job.checkpointer.save(step, state, record, force=force)
 
 
+class LeafState:
+  """The train state between steps as its flat list of arrays, stepped by `step`.
+
+  Taking an nnx.State of ~200 Variables apart and building it again is Python work on every
+  call of the jitted step: 1.7 ms of a ~50 ms step (a 0.8M-parameter GPT on one core, the
+  calls timed in turns in one process). The step runs on the leaves instead, and the loop
+  builds the state only where it reads it (`state`: reports, evaluations, checkpoints).
+  """
+
+  def __init__(self, state: TrainState, train_step):
+    self.treedef = jax.tree.structure(state)
+    self.leaves = jax.tree.leaves(state)
+
+    def on_leaves(leaves, batch):
+      new, metrics = train_step(jax.tree.unflatten(self.treedef, leaves), batch)
+      return jax.tree.leaves(new), metrics
+
+    self._step = jax.jit(on_leaves, donate_argnums=0)
+
+  def step(self, batch) -> dict[str, jax.Array]:
+    """One update; returns its metrics (the old leaves are donated)."""
+    self.leaves, metrics = self._step(self.leaves, batch)
+    return metrics
+
+  @property
+  def state(self) -> TrainState:
+    return jax.tree.unflatten(self.treedef, self.leaves)
+
+
 def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> TrainState:
   """Runs updates until num_train_steps; returns the last state. The step counter lives on the
   host to avoid syncs. A signal stops the loop after the same step on every process
@@ -86,6 +115,7 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
     dict[str, jax.Array]
   ] = []  # step metrics, summed at log steps (metrics_lib.host_sums)
   first = True
+  leaves = LeafState(state, job.train_step)
   try:
     with jax.set_mesh(job.mesh):
       while step < config.num_train_steps and not stop.stop_now(step):
@@ -93,36 +123,36 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
         asked = time.perf_counter()
         batch = next(job.inputs.train)
         waited = time.perf_counter() - asked
-        state, step_metrics = job.train_step(state, global_batch(batch, job.mesh))
+        step_metrics = leaves.step(global_batch(batch, job.mesh))
         step += 1
         if first:  # compilation is not a step: the first window starts after it
-          report.first_step_done(state, batch_at=asked + waited)
+          report.first_step_done(leaves.leaves, batch_at=asked + waited)
           window.reset()
           first = False
         else:
           tokens = int(np.sum(batch["targets"] != 0)) * jax.process_count()
           flops = step_flops(config.task, config.model, batch) * jax.process_count()
           window.add(tokens, flops, waited)
-        profiler.after(step, state)
+        profiler.after(step, leaves.leaves)
         pending.append(step_metrics)
         progress.update(1)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
           shown = report.log_window(
-            job, state, writer, window, metrics_lib.host_sums(pending), step
+            job, leaves.state, writer, window, metrics_lib.host_sums(pending), step
           )
           progress.set_postfix(**shown)
           pending = []
         if step % config.eval_every_steps == 0 and step < config.num_train_steps:
           evaluating = time.perf_counter()
-          writer.write(step, evaluation(job, state.params))
+          writer.write(step, evaluation(job, leaves.state.params))
           window.exclude(time.perf_counter() - evaluating)
         if step % config.checkpoint_every_steps == 0:
-          save(job, state)
+          save(job, leaves.state)
   finally:
     profiler.stop()
     progress.close()
     try:
-      save(job, state, force=True)
+      save(job, leaves.state, force=True)
       job.checkpointer.wait()
     finally:  # a second signal while saving only repeats the request: the save completes
       stop.restore()
@@ -136,4 +166,4 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
         else "nothing was trained yet, so nothing was saved"
       )
     )
-  return state
+  return leaves.state
