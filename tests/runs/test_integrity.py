@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from transformer import EncoderDecoder, TransformerConfig
 from transformer.errors import UserError
+from transformer.runs import checkpoint
 from transformer.runs.artifact import (
   META_FILENAME,
   MODEL_DIRNAME,
@@ -24,7 +25,6 @@ from transformer.runs.artifact import (
   record_scores,
   sha256,
 )
-from transformer.runs import checkpoint
 from transformer.runs.checkpoint import (
   Checkpointer,
   CheckpointError,
