@@ -160,6 +160,33 @@ def test_layer_norm_matches_float64_formula_even_far_from_zero_mean():
   np.testing.assert_array_equal(got, norm(x_bf16.astype(jnp.float32)).astype(jnp.bfloat16))
 
 
+def test_layer_norm_gradients_match_autodiff_of_the_float64_formula():
+  """The closed-form backward pass against JAX's autodiff of the plain formula in float64, for
+  the input, scale and bias, with a mean far from zero as above."""
+  config = TransformerConfig.tiny()
+  rng = np.random.default_rng(1)
+  x = (3.0 + rng.normal(size=(2, 5, config.d_model))).astype(np.float32)
+  scale, bias = (rng.normal(size=config.d_model).astype(np.float32) for _ in range(2))
+  d_y = rng.normal(size=x.shape).astype(np.float32)
+  eps = config.layer_norm_epsilon
+
+  def formula(x, scale, bias):
+    normed = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + eps)
+    return jnp.sum((normed * scale[None, None] + bias[None, None]) * d_y.astype(x.dtype))
+
+  def ours(x, scale, bias):
+    norm = LayerNorm(config, rngs=nnx.Rngs(0))
+    norm.scale[...], norm.bias[...] = scale, bias
+    return jnp.sum(norm(x) * jnp.asarray(d_y))
+
+  with jax.enable_x64():
+    expected = jax.grad(formula, argnums=(0, 1, 2))(*(np.float64(a) for a in (x, scale, bias)))
+  got = jax.grad(ours, argnums=(0, 1, 2))(*(jnp.asarray(a) for a in (x, scale, bias)))
+  for g, e in zip(got, expected, strict=True):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
 def test_layer_norm_state_has_the_layout_of_flax_layer_norm():
   """Checkpoints written when the model used nnx.LayerNorm restore into this one."""
   config = TransformerConfig.tiny()
