@@ -202,9 +202,13 @@ class PositionEncoding(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.kind, self.max_len, self.d_model = config.position, config.max_len, config.d_model
     if config.position == "learned":
+      # Unit variance, the scale of the sqrt(D)-scaled token embedding each row is added to (as
+      # GPT-2 starts both tables at one scale). At 0.02 the positions began 50 times weaker than
+      # the tokens: the shakespeare_char recipe reached a validation NLL of 1.888 / 1.905 (seeds
+      # 0 / 1) against 1.834 / 1.850 with unit variance.
       self.table = param(
         rngs,
-        nnx.initializers.normal(stddev=0.02),
+        nnx.initializers.normal(stddev=1.0),
         (config.max_len, config.d_model),
         (LENGTH, EMBED),
         jnp.dtype(config.param_dtype),

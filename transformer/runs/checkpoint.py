@@ -508,7 +508,7 @@ def _on_host(x: jax.Array) -> bool:
   NumPy sums it without a compiled program."""
   return (
     x.is_fully_addressable
-    and all(device.platform == "cpu" for device in x.sharding.device_set)
+    and {getattr(device, "platform", None) for device in x.sharding.device_set} == {"cpu"}
     and isinstance(x.dtype, np.dtype)  # not a PRNG key's extended dtype
     and x.dtype.itemsize <= 4
   )

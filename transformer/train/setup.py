@@ -170,8 +170,11 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
         in_shardings=(state_shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
       ),
-      schedule=learning_rate(
-        config.optimizer, d_model=config.model.d_model, num_train_steps=config.num_train_steps
+      # One compiled program for the rate the reports show, not a dozen small ones run op by op.
+      schedule=jax.jit(
+        learning_rate(
+          config.optimizer, d_model=config.model.d_model, num_train_steps=config.num_train_steps
+        )
       ),
       checkpointer=checkpointer,
       parameters=parameters,
