@@ -194,3 +194,24 @@ def test_parallel_files_with_unix_line_ends_still_read(tmp_path):
     ("a dog", "ein hund"),
     ("two men", "zwei manner"),
   ]
+
+
+@pytest.mark.parametrize("dataset", ["multi30k", "parallel"])
+def test_eval_windows_on_sentences_is_refused(dataset, tmp_path):
+  """data.eval_windows limits the validation windows of running text; on a dataset of sentences
+  it was accepted and did nothing (the whole validation split was scored)."""
+  from transformer.config import Config
+
+  config = smoke.get_config()
+  config.data.eval_windows = 16
+  if dataset == "parallel":
+    for split in ("train", "val"):
+      for lang in ("en", "de"):
+        (tmp_path / f"{split}.{lang}").write_text("a b\nc d\n", encoding="utf-8")
+    config.data.dataset = "parallel"
+    config.data.train_files = (str(tmp_path / "train.{lang}"),)
+    config.data.eval_files = (str(tmp_path / "val.{lang}"),)
+  with pytest.raises(
+    UserError, match=r"data\.eval_windows=16 .*data\.dataset=text.*leave data\.eval_windows at 0"
+  ):
+    Config.of(config)

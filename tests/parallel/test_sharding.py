@@ -238,3 +238,28 @@ def test_activations_follow_the_logical_rules():
     [rows, "{}", '{"tensor"}', "{}"],
   ):  # [B, T, N, H]
     assert "sdy.sharding_constraint %" in text and f"[{', '.join(layout)}]>" in text, layout
+
+
+@pytest.mark.parametrize("strategy", ["jit", "shard_map"])
+def test_the_compiled_step_holds_no_constant_of_the_seed(strategy):
+  """The dropout key is an argument of the compiled step: runs of two seeds lower to one program
+  (the persistent compilation cache then serves the second), and the masks still follow the
+  key: the two steps' losses differ with dropout on."""
+  mesh = harness.mesh_of(data=8)
+  config = harness.CONFIG.replace(dropout_rate=0.3)
+  model = EncoderDecoder(config, rngs=nnx.Rngs(params=0, dropout=1))
+  tx = optax.sgd(0.1)
+  texts, losses = [], []
+  for seed in (0, 1):
+    state, shardings = shard(initial_state(model, tx), mesh)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    steps = make_steps(
+      graphdef, rest, tx, task="translation", label_smoothing=0.0, dropout_key=jax.random.key(seed)
+    )
+    step = compile_train_step(strategy, steps, shardings, mesh)
+    with jax.set_mesh(mesh):
+      batch = global_batch(harness.fixed_batch(0), mesh)
+      texts.append(step.lower(state, batch).as_text())
+      losses.append(float(step(state, batch)[1]["loss_sum"]))
+  assert texts[0] == texts[1]
+  assert losses[0] != losses[1]

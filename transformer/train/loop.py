@@ -21,6 +21,7 @@ from transformer.cli import Stopped
 from transformer.config import Config, write_config
 from transformer.parallel import distributed
 from transformer.parallel.mesh import global_batch
+from transformer.parallel.strategies import TrainStep
 from transformer.runs.checkpoint import Record
 from transformer.train import metrics as metrics_lib
 from transformer.train import report
@@ -81,19 +82,20 @@ class LeafState:
   builds the state only where it reads it (`state`: reports, evaluations, checkpoints).
   """
 
-  def __init__(self, state: TrainState, train_step):
+  def __init__(self, state: TrainState, train_step: TrainStep):
     self.treedef = jax.tree.structure(state)
     self.leaves = jax.tree.leaves(state)
+    self.key = train_step.key
 
-    def on_leaves(leaves, batch):
-      new, metrics = train_step(jax.tree.unflatten(self.treedef, leaves), batch)
+    def on_leaves(leaves, batch, key):
+      new, metrics = train_step.jitted(jax.tree.unflatten(self.treedef, leaves), batch, key)
       return jax.tree.leaves(new), metrics
 
     self._step = jax.jit(on_leaves, donate_argnums=0)
 
   def step(self, batch) -> dict[str, jax.Array]:
     """One update; returns its metrics (the old leaves are donated)."""
-    self.leaves, metrics = self._step(self.leaves, batch)
+    self.leaves, metrics = self._step(self.leaves, batch, self.key)
     return metrics
 
   @property

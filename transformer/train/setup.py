@@ -39,7 +39,7 @@ from transformer.parallel.mesh import (
   replicated,
 )
 from transformer.parallel.sharding import abstract_with_shardings, shard
-from transformer.parallel.strategies import compile_train_step
+from transformer.parallel.strategies import TrainStep, compile_train_step
 from transformer.runs.checkpoint import Checkpointer, Record, check_tokenizer, is_step_name
 from transformer.runs.loading import warm_start_params
 from transformer.runs.lock import WorkdirLock
@@ -79,7 +79,7 @@ class Run:
   graphdef: nnx.GraphDef
   rest: nnx.State
   state_shardings: Any
-  train_step: Callable
+  train_step: TrainStep
   eval_step: Callable
   schedule: optax.Schedule
   checkpointer: Checkpointer

@@ -86,14 +86,17 @@ class Steps(NamedTuple):
   """The pure functions of one model graph and task (see `make_steps`).
 
   Every batch is [B, ...]. With `grad_accum_steps` = k > 1 a training batch holds the rows of k
-  micro-batches, and `gradients` splits it (`micro_batches`).
+  micro-batches, and `gradients` splits it (`micro_batches`). `gradients` and `train_step` draw
+  the dropout masks from `key` when given, else from `dropout_key`: a compiled step that takes
+  the key as an argument holds no constant of the seed, so runs of every seed share it.
   """
 
-  gradients: Callable  # (params, batch, step, device=None) -> (summed-loss grads, metric sums)
+  gradients: Callable  # (params, batch, step, device=None, key=None) -> (grads, metric sums)
   apply: Callable  # (state, summed grads, metric sums) -> (state, metrics)
-  train_step: Callable  # (state, batch) -> (state, metrics)
+  train_step: Callable  # (state, batch, key=None) -> (state, metrics)
   eval_step: Callable  # (params, batch) -> metric sums
   grad_accum_steps: int = 1
+  dropout_key: jax.Array | None = None
 
 
 def dropout_key_as(key: jax.Array, impl: str | None) -> jax.Array:
@@ -175,13 +178,13 @@ def make_steps(
     totals, _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum_steps), stacked))
     return totals
 
-  def gradients(params, batch, step, device=None):
+  def gradients(params, batch, step, device=None, key=None):
     """Gradients of the summed loss and the metric sums of one update's batch.
 
     `device` (a data-parallel index) draws different dropout masks on each device of a
     per-device program; each micro-batch also gets its own masks.
     """
-    key = jax.random.fold_in(dropout_key, step)
+    key = jax.random.fold_in(dropout_key if key is None else key, step)
     if device is not None:
       key = jax.random.fold_in(key, device)
     if grad_accum_steps == 1:
@@ -222,8 +225,10 @@ def make_steps(
     }
     return new_state, metrics
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    return apply(state, *gradients(state.params, batch, state.step))
+  def train_step(
+    state: TrainState, batch: Batch, key: jax.Array | None = None
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    return apply(state, *gradients(state.params, batch, state.step, key=key))
 
   def eval_step(params: nnx.State, batch: Batch) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params, rest)
@@ -231,4 +236,4 @@ def make_steps(
     logits_BTV, targets_BT, weights_BT = outputs(model, batch)
     return token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
 
-  return Steps(gradients, apply, train_step, eval_step, grad_accum_steps)
+  return Steps(gradients, apply, train_step, eval_step, grad_accum_steps, dropout_key)
