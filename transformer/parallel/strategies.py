@@ -53,7 +53,7 @@ class TrainStep(NamedTuple):
   GPT's start on one core).
   """
 
-  jitted: Callable
+  jitted: Any  # a jax.jit function: called, or lowered
   key: jax.Array
 
   def __call__(self, state, batch):

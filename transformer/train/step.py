@@ -95,8 +95,8 @@ class Steps(NamedTuple):
   apply: Callable  # (state, summed grads, metric sums) -> (state, metrics)
   train_step: Callable  # (state, batch, key=None) -> (state, metrics)
   eval_step: Callable  # (params, batch) -> metric sums
+  dropout_key: jax.Array
   grad_accum_steps: int = 1
-  dropout_key: jax.Array | None = None
 
 
 def dropout_key_as(key: jax.Array, impl: str | None) -> jax.Array:
@@ -236,4 +236,4 @@ def make_steps(
     logits_BTV, targets_BT, weights_BT = outputs(model, batch)
     return token_metrics(logits_BTV, targets_BT, weights_BT, label_smoothing)
 
-  return Steps(gradients, apply, train_step, eval_step, grad_accum_steps, dropout_key)
+  return Steps(gradients, apply, train_step, eval_step, dropout_key, grad_accum_steps)
