@@ -227,7 +227,8 @@ def project_together(x_BTD, kernels_DNH, biases_NH, dtype) -> list[Float[Array, 
   """Several projections of one input (self-attention's Q, K and V) as one matmul.
 
   Three [768, 128] x [128, 128] products and their gradients run as one of width 384 at a
-  higher rate on the CPU (a small model's attention projections took 6% less of its step). The
+  higher rate on the CPU (1.1-2.2 ms less of a ~46 ms step of the shakespeare_char model on one
+  core, paired in one process). The
   weights are stacked heads first, [D, N, P, H], so the [D, N P H] view keeps heads the major
   axis and a split of the heads over devices (tensor parallelism) needs no resharding.
   """

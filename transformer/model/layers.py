@@ -269,7 +269,8 @@ def layer_norm_BTD(
   Mean and variance are taken in float32 whatever x's dtype (bfloat16 sums of 512 squares lose
   the variance's low bits), and the variance as the mean of squared deviations, not
   E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. The gradient is the
-  closed form (`_layer_norm_bwd`): autodiff's took twice the kernels and time on the CPU.
+  closed form (`_layer_norm_bwd`): autodiff's took 1.9 ms more of a ~45 ms step of the
+  shakespeare_char model on one core (paired in one process).
   """
   return _layer_norm(x_BTD, scale_D, bias_D, float(epsilon))
 

@@ -210,8 +210,8 @@ def make_steps(
       return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
     def branched(state, grads):
-      # On the CPU every array's select is a kernel of its own (~200 of them, 3% of a small
-      # model's step): a branch skips the update instead.
+      # On the CPU every array's select is a kernel of its own (~200 of them: 1.2-2.5 ms of a
+      # ~47 ms step of the shakespeare_char model on one core): a branch skips the update.
       keep = lambda state, grads: (state.params, state.opt_state)
       return jax.lax.cond(finite, update, keep, state, grads)
 
