@@ -17,6 +17,7 @@ import pytest
 from transformer.config import Config
 from transformer.configs import smoke
 from transformer.errors import UserError
+from transformer.parallel.strategies import TrainStep
 from transformer.runs.checkpoint import Checkpointer, CheckpointError, Record, average_params
 from transformer.runs.loading import warm_start_params
 from transformer.train.loop import run, train
@@ -156,11 +157,11 @@ def test_corrupted_checkpoint_falls_back_and_is_written_again(tmp_path, caplog):
 def test_crash_in_the_first_step_leaves_no_checkpoint(tmp_path):
   """Nothing trained, nothing saved: a fixed config (here another d_ff) then starts afresh."""
 
-  def out_of_memory(state, batch):
+  def out_of_memory(state, batch, key):
     raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
   with opened(Config.of(config_for(4)), tmp_path) as (job, state):
-    broken = dataclasses.replace(job, train_step=out_of_memory)
+    broken = dataclasses.replace(job, train_step=TrainStep(out_of_memory, job.train_step.key))
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
       train(broken, state, MetricWriter(tmp_path, enabled=False))
   assert saved_steps(tmp_path) == []
