@@ -17,9 +17,10 @@ it (nanoGPT's x, y = data[i:i+64], data[i+1:i+65]).
 
 Differences that remain: the project's layers have biases (nanoGPT: bias=False) and its own
 initialisation (Glorot matrices; token embeddings scaled by sqrt(d) and learned positions both
-at unit variance, where GPT-2 starts both tables at 0.02); windows are cut at fixed places (moved each epoch) and visited in a shuffled
-order, where nanoGPT draws 12 random offsets a step; validation is 256 windows spread over the
-held-out text at each evaluation (nanoGPT: 20 random batches of 12).
+at unit variance, where GPT-2 starts both tables at 0.02); windows are cut at fixed places
+(moved each epoch) and visited in a shuffled order, where nanoGPT draws 12 random offsets a
+step; validation is 256 windows spread over the held-out text at each evaluation (nanoGPT: 20
+random batches of 12).
 """
 
 from transformer.config import get_config as base_config
