@@ -232,12 +232,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(signum, tmp_path):
   )
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
-  while time.time() < deadline and not (
-    metrics.exists() and len(metrics.read_text().splitlines()) >= 5
-  ):
-    time.sleep(0.2)
-  process.send_signal(signum)
-  _, stderr = process.communicate(timeout=120)
+  try:
+    while time.time() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 5
+    ):
+      time.sleep(0.2)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+  finally:  # a signal the run ignored (inherited SIG_IGN) must not leave 100,000 steps going
+    if process.poll() is None:
+      process.kill()
+      process.wait()
   assert process.returncode == 130, stderr[-2000:]
   name = signal.Signals(signum).name
   assert f"stopped: {name} at step" in stderr and "is saved, run the same command" in stderr
