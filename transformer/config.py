@@ -203,12 +203,6 @@ class Config:
         "set --config.task=lm (or mlm), or give translation pairs with data.dataset=parallel "
         "(train_files such as train.{lang}.txt or a .tsv of source<TAB>target lines)"
       )
-    if self.data.eval_windows and self.data.dataset != "text":
-      raise UserError(
-        f"data.eval_windows={self.data.eval_windows} limits the validation windows of running "
-        f"text (data.dataset=text), but this run validates on the sentences of "
-        f"data.dataset={self.data.dataset}: leave data.eval_windows at 0"
-      )
     object.__setattr__(self, "allow_config_change", change_keys(self.allow_config_change))
     if self.model.pad_id != PAD_ID:
       # Batches are padded with the tokenizer's PAD (id 0); another pad_id would mask a real

@@ -104,6 +104,12 @@ class DataConfig:
     self._check_files()
     if self.eval_windows < 0:
       raise UserError(f"data.eval_windows must be >= 0 (0 = all), got {self.eval_windows}")
+    if self.eval_windows and self.dataset != "text":
+      raise UserError(
+        f"data.eval_windows={self.eval_windows} limits the validation windows of running "
+        f"text (data.dataset=text), but this run validates on the sentences of "
+        f"data.dataset={self.dataset}: leave data.eval_windows at 0"
+      )
     if any(b <= 1 for b in self.length_buckets):
       raise UserError(
         f"data.length_buckets={self.length_buckets} must be lengths > 1, e.g. (16, 32, 64)"

@@ -216,11 +216,7 @@ _INIT_OUT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis
 def project(x_BTD, kernel_DNH, bias_NH, dtype) -> Float[Array, "B T N H"]:
   """x W + b for every head at once: one [D, N H] matmul whose weight gradient XLA:CPU runs fast
   (`dense_BTK_KN`)."""
-  kernel_DNH = kernel_DNH.astype(dtype)
-  d, n, h = kernel_DNH.shape
-  y_BTK = dense_BTK_KN(x_BTD.astype(dtype), kernel_DNH.reshape(d, n * h))  # K = N H
-  y_BTNH = y_BTK.reshape(*y_BTK.shape[:2], n, h)
-  return constrain(y_BTNH + bias_NH.astype(dtype)[None, None], (BATCH, LENGTH, HEADS, KV))
+  return project_together(x_BTD, [kernel_DNH], [bias_NH], dtype)[0]
 
 
 def project_together(x_BTD, kernels_DNH, biases_NH, dtype) -> list[Float[Array, "B T N H"]]:

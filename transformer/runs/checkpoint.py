@@ -453,14 +453,14 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2] for 64-bit elements
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
+def _fmix32(h):
   """MurmurHash3's 32-bit finalizer: a bijection in which every input bit flips each output bit
-  with probability about 1/2."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
+  with probability about 1/2. Of a uint32 JAX or NumPy array, in its own library."""
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
 
 
 SEEDS = (0x9E3779B9, 0x7F4A7C15)
@@ -489,18 +489,10 @@ def _host_digest(x: np.ndarray) -> np.ndarray:
   position = np.arange(words.size, dtype=np.uint32)
   with np.errstate(over="ignore"):
     lanes = [
-      np.sum(_host_fmix32(words ^ _host_fmix32(position + np.uint32(seed))), dtype=np.uint32)
+      np.sum(_fmix32(words ^ _fmix32(position + np.uint32(seed))), dtype=np.uint32)
       for seed in SEEDS
     ]
   return np.stack(lanes)
-
-
-def _host_fmix32(h: np.ndarray) -> np.ndarray:
-  h = h ^ (h >> np.uint32(16))
-  h = h * np.uint32(0x85EBCA6B)
-  h = h ^ (h >> np.uint32(13))
-  h = h * np.uint32(0xC2B2AE35)
-  return h ^ (h >> np.uint32(16))
 
 
 def _on_host(x: jax.Array) -> bool:
