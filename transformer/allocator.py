@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -43,3 +44,12 @@ def keep_freed_memory() -> bool:
   if not done:
     log.debug("mallopt refused: freed memory goes back to the kernel as before")
   return done
+
+
+def freeze_imported_objects() -> None:
+  """Collects once, then leaves every object alive now out of Python's later collections
+  (`gc.freeze`): a command's imports (JAX, Flax, Orbax, Grain) leave ~160,000 objects that live
+  as long as the process, and each full collection walked all of them again: 35-55 ms apiece,
+  0.45 CPU s of a shakespeare_char run's first 20 steps (0.14 s frozen)."""
+  gc.collect()
+  gc.freeze()

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 from transformer import compilation_cache, files
-from transformer.allocator import keep_freed_memory
+from transformer.allocator import freeze_imported_objects, keep_freed_memory
 from transformer.cli import (
   ArgumentParser,
   add_model_arguments,
@@ -146,6 +146,7 @@ def main(argv=None) -> dict:
   check_out_not_managed(out, workdir, "evaluations")
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
+  freeze_imported_objects()
   with contextlib.ExitStack() as stack:
     if args.export and workdir.is_dir():  # it replaces WORKDIR/model: not under a running
       # train.py, nor under another export

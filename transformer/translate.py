@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from transformer import compilation_cache
-from transformer.allocator import keep_freed_memory
+from transformer.allocator import freeze_imported_objects, keep_freed_memory
 from transformer.cli import (
   ArgumentParser,
   add_model_arguments,
@@ -181,6 +181,7 @@ def main(argv=None) -> None:
   use_cores(args.threads)
   compilation_cache.enable()
   keep_freed_memory()  # each decoding step's buffers without page faults
+  freeze_imported_objects()
   translator = Translator(args.workdir, step=args.step, average=args.average)
   if translator.task == "mlm":
     raise UserError(

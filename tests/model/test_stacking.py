@@ -51,10 +51,12 @@ def logits_of(task, model):
 
 def twin_models(task, variant):
   """(unrolled, scanned): the scanned model starts from another seed and is then given the
-  unrolled model's parameters, stacked, through the exported-name path."""
+  unrolled model's parameters, stacked, through the exported-name path. Seed 3: a random
+  model's greedy output is often one token repeated, which would compare nothing; this seed's
+  is not (the decoding test checks)."""
   config = TransformerConfig.tiny(num_encoder_layers=3, num_decoder_layers=3, **variant)
   family = FAMILIES[task]
-  unrolled = family(config, rngs=nnx.Rngs(params=0, dropout=1))
+  unrolled = family(config, rngs=nnx.Rngs(params=3, dropout=1))
   scanned = family(config.replace(scan_layers=True), rngs=nnx.Rngs(params=7, dropout=8))
   load_strict(scanned, model_params(unrolled), "the unrolled model")
   return unrolled, scanned

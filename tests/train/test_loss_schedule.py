@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from transformer.config import Config, get_config
@@ -183,3 +184,28 @@ def test_weight_decay_of_matrices_leaves_vectors_alone():
     for name, update in updates.items():  # AdamW with zero gradients: -lr * wd * p, or nothing
       expected = -0.1 * 0.5 if name in decayed else 0.0
       np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [0.3, 1.0, 7.5])
+def test_clipping_with_the_steps_norm_is_optax_clip_by_global_norm(norm):
+  """Given the norm the step computed (or computing it), the same updates and the same (empty)
+  state as optax's clip, below, at and above the threshold."""
+  from transformer.train.optimizer import clip_by_global_norm
+
+  rng = np.random.default_rng(0)
+  grads = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
+  scale = norm / float(np.sqrt(sum(np.sum(g**2) for g in grads.values())))
+  grads = {k: jnp.asarray(g * scale, jnp.float32) for k, g in grads.items()}
+  ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  want, want_state = theirs.update(grads, theirs.init(grads))
+  given_norm = optax.tree.norm(grads)
+  for extra in ({}, {"grad_norm": given_norm}):
+    got, got_state = ours.update(grads, ours.init(grads), None, **extra)
+    assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
+    for k in grads:
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6)
+  # The norm given is the one used: a wrong norm scales the updates by it.
+  got, _ = ours.update(grads, ours.init(grads), None, grad_norm=jnp.float32(2 * max(norm, 1.0)))
+  np.testing.assert_allclose(
+    np.asarray(got["a"]), np.asarray(grads["a"]) / (2 * max(norm, 1.0)), rtol=1e-6
+  )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from transformer.model import init
 from transformer.model.blockwise import blockwise_attention
 from transformer.model.config import ATTENTION_IMPLEMENTATIONS, TransformerConfig
 from transformer.model.layers import dense_BTK_KN, param, rotary_embedding
@@ -209,8 +210,8 @@ def attend_filled_prefix(
 
 
 # Glorot over fan_in = D and fan_out = N * H, as for the paper's d_model x d_k matrices.
-_INIT_IN = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
-_INIT_OUT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+_INIT_IN = init.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+_INIT_OUT = init.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
 
 
 def project(x_BTD, kernel_DNH, bias_NH, dtype) -> Float[Array, "B T N H"]:
@@ -312,7 +313,7 @@ class MultiHeadAttention(nnx.Module):
     self.key = param(rngs, _INIT_IN, (d, n, h), (EMBED, HEADS, KV), w)
     self.value = param(rngs, _INIT_IN, (d, n, h), (EMBED, HEADS, KV), w)
     self.out = param(rngs, _INIT_OUT, (n, h, d), (HEADS, KV, EMBED), w)
-    zeros = nnx.initializers.zeros
+    zeros = init.zeros
     self.query_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
     self.key_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)
     self.value_bias = param(rngs, zeros, (n, h), (HEADS, KV), w)

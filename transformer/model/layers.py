@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.errors import UserError
+from transformer.model import init
 from transformer.model.config import TransformerConfig
 from transformer.parallel.axes import ACT_EMBED, BATCH, EMBED, LENGTH, MLP, VOCAB, constrain
 
@@ -80,9 +81,12 @@ class Embedding(nnx.Module):
     self.config = config
     # Variance 1/D so that the sqrt(D)-scaled embedding has unit variance, and the tied
     # output layer starts with logits of unit scale.
-    init = nnx.initializers.normal(stddev=config.d_model**-0.5)
     self.table = param(
-      rngs, init, (config.vocab_size, config.d_model), (VOCAB, EMBED), jnp.dtype(config.param_dtype)
+      rngs,
+      init.normal(stddev=config.d_model**-0.5),
+      (config.vocab_size, config.d_model),
+      (VOCAB, EMBED),
+      jnp.dtype(config.param_dtype),
     )
     self.table_DV: Any = nnx.data(None)  # the table transposed, while decoding (`init_cache`)
     self.frozen = False  # its parameters no longer change: the copy is made once (`init_cache`)
@@ -184,7 +188,7 @@ class OutputProjection(nnx.Module):
     self.config = config
     self.kernel = param(
       rngs,
-      nnx.initializers.lecun_normal(),
+      init.lecun_normal(),
       (config.d_model, config.vocab_size),
       (EMBED, VOCAB),
       jnp.dtype(config.param_dtype),
@@ -208,7 +212,7 @@ class PositionEncoding(nnx.Module):
       # 0 / 1) against 1.834 / 1.850 with unit variance.
       self.table = param(
         rngs,
-        nnx.initializers.normal(stddev=1.0),
+        init.normal(stddev=1.0),
         (config.max_len, config.d_model),
         (LENGTH, EMBED),
         jnp.dtype(config.param_dtype),
@@ -238,11 +242,11 @@ class FeedForward(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
     d, f, w = config.d_model, config.d_ff, jnp.dtype(config.param_dtype)
-    init = nnx.initializers.xavier_uniform()
-    self.wi = param(rngs, init, (d, f), (EMBED, MLP), w)
-    self.bi = param(rngs, nnx.initializers.zeros, (f,), (MLP,), w)
-    self.wo = param(rngs, init, (f, d), (MLP, EMBED), w)
-    self.bo = param(rngs, nnx.initializers.zeros, (d,), (EMBED,), w)
+    glorot = init.xavier_uniform()
+    self.wi = param(rngs, glorot, (d, f), (EMBED, MLP), w)
+    self.bi = param(rngs, init.zeros, (f,), (MLP,), w)
+    self.wo = param(rngs, glorot, (f, d), (MLP, EMBED), w)
+    self.bo = param(rngs, init.zeros, (d,), (EMBED,), w)
     self.activation = jax.nn.relu if config.activation == "relu" else jax.nn.gelu
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -333,8 +337,8 @@ class LayerNorm(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.epsilon, self.dtype = config.layer_norm_epsilon, jnp.dtype(config.dtype)
     d, w = config.d_model, jnp.dtype(config.param_dtype)
-    self.scale = param(rngs, nnx.initializers.ones, (d,), (EMBED,), w)
-    self.bias = param(rngs, nnx.initializers.zeros, (d,), (EMBED,), w)
+    self.scale = param(rngs, init.ones, (d,), (EMBED,), w)
+    self.bias = param(rngs, init.zeros, (d,), (EMBED,), w)
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     y_BTD = layer_norm_BTD(x_BTD, self.scale[...], self.bias[...], self.epsilon)

@@ -11,6 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from transformer.errors import UserError
+from transformer.model import init
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.config import TransformerConfig
 from transformer.model.layers import (
@@ -403,11 +404,11 @@ class MaskedLMHead(nnx.Module):
     self.config, self.embed = config, embed
     d = config.d_model
     self.dense = param(
-      rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), jnp.dtype(config.param_dtype)
+      rngs, init.xavier_uniform(), (d, d), (EMBED, None), jnp.dtype(config.param_dtype)
     )
     self.norm = LayerNorm(config, rngs=rngs)
     self.bias = param(
-      rngs, nnx.initializers.zeros, (config.vocab_size,), (VOCAB,), jnp.dtype(config.param_dtype)
+      rngs, init.zeros, (config.vocab_size,), (VOCAB,), jnp.dtype(config.param_dtype)
     )
 
   def __call__(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S V"]:
@@ -426,11 +427,9 @@ class EncoderOnly(nnx.Module):
     self.mlm_head = MaskedLMHead(config, self.embed, rngs=rngs)
     d = config.d_model
     w = jnp.dtype(config.param_dtype)
-    self.pooler = param(rngs, nnx.initializers.xavier_uniform(), (d, d), (EMBED, None), w)
-    self.classifier = param(
-      rngs, nnx.initializers.xavier_uniform(), (d, config.num_classes), (EMBED, None), w
-    )
-    self.classifier_bias = param(rngs, nnx.initializers.zeros, (config.num_classes,), (None,), w)
+    self.pooler = param(rngs, init.xavier_uniform(), (d, d), (EMBED, None), w)
+    self.classifier = param(rngs, init.xavier_uniform(), (d, config.num_classes), (EMBED, None), w)
+    self.classifier_bias = param(rngs, init.zeros, (config.num_classes,), (None,), w)
 
   def __call__(self, ids_BS: Int[Array, "B S"]) -> Float[Array, "B S D"]:
     return self.encoder(ids_BS)

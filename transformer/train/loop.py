@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from transformer import compilation_cache
-from transformer.allocator import keep_freed_memory
+from transformer.allocator import freeze_imported_objects, keep_freed_memory
 from transformer.cli import Stopped
 from transformer.config import Config, write_config
 from transformer.parallel import distributed
@@ -42,6 +42,7 @@ def run(config: Config | ml_collections.ConfigDict, workdir: str | Path) -> dict
   config = Config.of(config)
   compilation_cache.enable()
   keep_freed_memory()  # each step's temporary buffers without page faults (see allocator.py)
+  freeze_imported_objects()
   distributed.initialize(config.parallel)
   if jax.process_index() != 0:  # process 0 speaks for the run; the others only warn
     logging.getLogger("transformer").setLevel(logging.WARNING)

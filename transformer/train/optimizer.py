@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from transformer.config import OptimizerConfig
@@ -41,11 +42,29 @@ def make_optimizer(
       mask=matrices if opt.weight_decay_mask == "matrices" else None,
     )
   tx = (
-    optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
-    if opt.grad_clip_norm > 0
-    else core
+    optax.chain(clip_by_global_norm(opt.grad_clip_norm), core) if opt.grad_clip_norm > 0 else core
   )
   return with_standard_promotion(tx)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` (the same updates and the same empty state) that takes the norm
+  as `grad_norm=` when the caller has it: the train step computes the gradients' global norm for
+  its finiteness check and its report, and summing every gradient's squares a second time cost
+  ~70 more kernels a step (0.5 s of the shakespeare_char step's compilation on a CPU core).
+  Without `grad_norm` it computes the norm itself."""
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    trigger = jnp.squeeze(norm < max_norm)
+
+    def clip(t):
+      return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 def matrices(params):

@@ -96,10 +96,10 @@ def peak_flop_per_s(
   compute_dtype: str, cache_dir: Path | None = None, *, remeasure: bool = False
 ) -> tuple[float | None, str]:
   """(peak FLOP/s, how it was found) for MFU: the datasheet's 16-bit rate for a known
-  accelerator computing in 16 bits, else the rate of an n x n matmul (2048^2 on a CPU, 8192^2
-  elsewhere, as `benchmarks/train_mfu` times it).
+  accelerator computing in 16 bits, else the rate of an n x n matmul (1024^2 on a CPU, 8192^2
+  elsewhere).
 
-  A measurement takes a few seconds on a CPU and is kept in `cache_dir`/peaks.json under a key
+  A measurement takes ~0.3 s on a CPU core and is kept in `cache_dir`/peaks.json under a key
   naming the processor (its model and the cores this process may use), the dtype, the size and
   the JAX version; it is the best of several tries (a machine busy with other work only slows a
   try down). `remeasure` measures again and replaces the kept value.
@@ -107,9 +107,10 @@ def peak_flop_per_s(
   sheet = datasheet_peak()
   if sheet and compute_dtype in ("bfloat16", "float16"):
     return sheet, f"datasheet {jax.devices()[0].device_kind}"
-  # 2048^2 on a CPU: an eighth of 4096^2's seconds at start-up (a first run paid ~35 CPU s for
-  # it), and a CPU's matmul rate is already flat at that size.
-  n = 2048 if jax.default_backend() == "cpu" else 8192
+  # 1024^2 on a CPU: its rate is already the large sizes' (one core of a Xeon, best of 3 tries:
+  # 139-147 GFLOP/s at 1024^2, 143-144 at 2048^2) for 0.3 CPU s of a first run's start instead
+  # of 2.0 s (4096^2 took ~35 s).
+  n = 1024 if jax.default_backend() == "cpu" else 8192
   key = f"{processor()} | {compute_dtype} | {n}^2 @ {n}^2 | jax {jax.__version__}"
   path = cache_dir / "peaks.json" if cache_dir else None
   known = _read_peaks(path)

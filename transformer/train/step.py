@@ -148,6 +148,7 @@ def make_steps(
   larger, whatever their token counts.
   """
   outputs = TASK_OUTPUTS[task]
+  tx = optax.with_extra_args_support(tx)  # any optimizer takes (or ignores) grad_norm=
 
   def summed_loss(params, batch, key):
     model = nnx.merge(graphdef, params, rest, copy=True)
@@ -192,14 +193,20 @@ def make_steps(
     return accumulate(params, batch, key)
 
   def apply(state: TrainState, grads, sums) -> tuple[TrainState, dict[str, jax.Array]]:
-    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    # The mean gradient is formed where it is read, in the norm's reductions and the update's
+    # kernels, which XLA fuses it into: made once before them it cost a kernel per array.
+    mean = lambda grads: jax.tree.map(lambda g: g / tokens, grads)
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(mean(grads))
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
     def update(state, grads):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      # The norm is passed on to the optimizer's clipping (`optimizer.clip_by_global_norm`).
+      updates, opt_state = tx.update(
+        mean(grads), state.opt_state, state.params, grad_norm=grad_norm
+      )
       return optax.apply_updates(state.params, updates), opt_state
 
     def selected(state, grads):
