@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from transformer.model.config import TransformerConfig
@@ -91,8 +92,11 @@ def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, runs: int = 5) -> flo
   # Two distinct random operands, as `benchmarks/common.matmul_peak` times them: a @ a reads
   # one buffer instead of two and ran ~10% faster on a CPU, which inflated the peak.
   device = jax.devices()[0]
+  # Drawn by NumPy: jax.random would compile a sampler for the shape (0.2 s on a CPU core).
   a, b = (
-    jax.device_put(jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype), device)
+    jax.device_put(
+      jnp.asarray(np.random.default_rng(i).standard_normal((n, n), np.float32), dtype), device
+    )
     for i in (0, 1)
   )
   matmul = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
