@@ -68,6 +68,7 @@ def get_config():
     b1=0.9,
     b2=0.99,
     eps=1e-8,
+    flat_state=True,  # one device: the update in a few long kernels (see OptimizerConfig)
   )
   config.label_smoothing = 0.0
   config.num_train_steps = 2000

@@ -411,10 +411,13 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def use_cores(count: int | None) -> None:
-  """Runs this process on `count` of the CPU cores it may use (None: all of them), before JAX
-  starts its backend: XLA:CPU sizes its thread pool by them. Decoding runs many small programs
-  whose work its threads share out at a cost (test_2016 on the 2-core Xeon: beam 4 and greedy
-  take 17-20% and 7-12% fewer CPU seconds on one core than on two, and batch-1 as fast)."""
+  """Computes on `count` threads (None: one per CPU core the process may use). XLA:CPU sizes its
+  thread pools by the cores the process may use when its backend starts: the process is held to
+  `count` of them while the backend starts, then every thread may run on any allowed core again,
+  so that two commands with --threads 1 are not both held to the first core. Decoding runs many
+  small programs whose work threads share out at a cost (test_2016 on the 2-core Xeon: beam 4 and
+  greedy take 17-20% and 7-12% fewer CPU seconds on one thread than on two, and batch-1 as
+  fast)."""
   if count is None:
     return
   if not hasattr(os, "sched_setaffinity"):
@@ -432,6 +435,12 @@ def use_cores(count: int | None) -> None:
     )
     return
   os.sched_setaffinity(0, cores[:count])
+  import jax
+
+  jax.devices()  # the backend starts, its pools sized by `count` cores
+  for thread in os.listdir("/proc/self/task"):  # each thread's own mask, inherited at its start
+    with contextlib.suppress(OSError):  # a thread that ended meanwhile
+      os.sched_setaffinity(int(thread), cores)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,10 +89,43 @@ def stop_until_started() -> None:
 _JAX_FLAG = re.compile(r"for JAX flag (\w+)|for environment '(\w+)'")
 
 
+# How XLA refuses a flag of XLA_FLAGS: from C++, the first time a backend is made (after the
+# command has started its work), with `F... parse_flags_from_env.cc] Unknown flag in XLA_FLAGS:
+# --name=value` and exit 1, before Python can say anything.
+_UNKNOWN_XLA_FLAG = re.compile(r"Unknown flags? in XLA_FLAGS: (.+)")
+_PARSE_XLA_FLAGS = "from jaxlib import _jax; _jax.CompileOptions()"  # XLA's own parser, ~0.1 s
+
+
+def check_xla_flags() -> None:
+  """In a command's process with XLA_FLAGS set: XLA's parser run on them in a child process
+  first, so that a flag this jaxlib's XLA does not know ends the command with one line and 2,
+  before anything is read or written. No verdict (no jaxlib, a child that cannot run) leaves
+  the judging to XLA itself."""
+  if not os.environ.get("XLA_FLAGS", "").strip():
+    return
+  if not is_command(getattr(sys, "orig_argv", [])):
+    return
+  try:
+    probe = subprocess.run(
+      [sys.executable, "-c", _PARSE_XLA_FLAGS], capture_output=True, text=True, timeout=120
+    )
+  except (OSError, subprocess.SubprocessError):
+    return
+  match = _UNKNOWN_XLA_FLAG.search(probe.stderr)
+  if probe.returncode != 0 and match:
+    os.write(
+      2,
+      f"error: XLA_FLAGS holds {match.group(1).strip()}, a flag this version of XLA (jaxlib) "
+      "does not know: remove it from XLA_FLAGS or correct its name\n".encode(errors="replace"),
+    )
+    os._exit(2)
+
+
 def import_jax() -> None:
   """Imports JAX. In a command's process, an environment variable JAX refuses at import ends
   the command with one line naming it, and 2, instead of a traceback out of the package's
   import (a program importing the package gets JAX's exception)."""
+  check_xla_flags()
   try:
     import jax  # noqa: F401
   except ValueError as error:

@@ -70,6 +70,16 @@ def test_a_jax_variable_that_jax_refuses_is_one_line(variable, value, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_an_xla_flag_that_xla_does_not_know_is_one_line(tmp_path):
+  """XLA ends the process from C++ on an unknown flag (its log line and exit 1), once the
+  command is already working; the command checks the flags first."""
+  flags = "--xla_force_host_platform_device_count=2 --xla_no_such_flag=3"
+  code, lines = train(tmp_path / "run", env_extra={"XLA_FLAGS": flags})
+  assert code == 2 and len(lines) == 1, lines[-8:]
+  assert lines[0].startswith("error: XLA_FLAGS holds --xla_no_such_flag=3, a flag"), lines
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_program_importing_the_package_gets_jaxs_exception():
   result = subprocess.run(
     [sys.executable, "-c", "import transformer"],

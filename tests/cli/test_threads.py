@@ -22,21 +22,27 @@ needs_affinity = pytest.mark.skipif(
 
 
 @needs_affinity
-def test_the_process_keeps_that_many_cores_when_jax_starts_after():
-  """In a fresh interpreter, as a command runs: the affinity is set before the backend starts,
-  so XLA's threads (created by then) stay on those cores."""
+def test_xla_computes_on_that_many_threads_which_may_run_on_any_core():
+  """In a fresh interpreter, as a command runs: XLA's pool has one thread (its threads are named
+  tf_XLAEigen), and every thread may then run on any core the process may use, so that two
+  commands with --threads 1 are not both held to the first core."""
   code = (
     "import os\n"
     "from transformer.cli import use_cores\n"
+    "allowed = os.sched_getaffinity(0)\n"
     "use_cores(1)\n"
     "import jax\n"
-    "jax.numpy.ones(3).block_until_ready()\n"
-    "print(len(os.sched_getaffinity(0)))\n"
+    "jax.jit(lambda x: x @ x)(jax.numpy.ones((256, 256))).block_until_ready()\n"
+    "tasks = os.listdir('/proc/self/task')\n"
+    "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in tasks]\n"
+    "print(names.count('tf_XLAEigen'))\n"
+    "print(all(os.sched_getaffinity(int(t)) == allowed for t in tasks))\n"
   )
+  env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, not the tests' eight
   out = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
   ).stdout
-  assert out.split() == ["1"]
+  assert out.split() == ["1", "True"]
 
 
 @needs_affinity

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from transformer.config import Config, get_config
+from transformer.errors import UserError
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
 from transformer.train.optimizer import make_optimizer
 from transformer.train.schedule import rsqrt_schedule
@@ -209,3 +210,44 @@ def test_clipping_with_the_steps_norm_is_optax_clip_by_global_norm(norm):
   np.testing.assert_allclose(
     np.asarray(got["a"]), np.asarray(grads["a"]) / (2 * max(norm, 1.0)), rtol=1e-6
   )
+
+
+@pytest.mark.parametrize("name, decay", [("adam", 0.0), ("adamw", 0.1)])
+def test_flat_state_gives_the_updates_of_the_per_array_optimizer(name, decay):
+  """optimizer.flat_state keeps the moments as one vector: the same updates, step after step,
+  with the decay mask still applied per array."""
+  from transformer.config import OptimizerConfig
+
+  rng = np.random.default_rng(0)
+  params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones((4,))}
+  txs = []
+  for flat in (False, True):
+    opt = OptimizerConfig(
+      name=name,
+      schedule="cosine",
+      peak_learning_rate=0.1,
+      warmup_steps=2,
+      weight_decay=decay,
+      weight_decay_mask="matrices",
+      grad_clip_norm=1.0,
+      flat_state=flat,
+    )
+    txs.append(make_optimizer(opt, d_model=4, num_train_steps=10))
+  states = [tx.init(params) for tx in txs]
+  assert jax.tree.leaves(states[1])[1].shape == (16,)  # the moments as one vector
+  for _ in range(4):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    (want, states[0]), (got, states[1]) = (
+      tx.update(grads, state, params) for tx, state in zip(txs, states, strict=True)
+    )
+    for key in params:
+      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-7)
+    params = optax.apply_updates(params, want)
+
+
+def test_flat_state_is_refused_with_sharded_parameters():
+  config = get_config()
+  config.optimizer.flat_state = True
+  config.parallel.fsdp = 2
+  with pytest.raises(UserError, match=r"optimizer.flat_state .* set optimizer.flat_state=False"):
+    Config.from_dict(config.to_dict())

@@ -30,7 +30,17 @@ def make_optimizer(
   calls this optimizer once per update.
   """
   lr = learning_rate(opt, d_model=d_model, num_train_steps=num_train_steps)
-  if opt.name == "adam":
+  mask = matrices if opt.weight_decay_mask == "matrices" else None
+  if opt.flat_state:
+    # optax.adam(w)'s chain with the moments kept as one vector each (optax.flatten): the
+    # update runs as a few long kernels instead of ~3 per parameter array.
+    decay = [optax.add_decayed_weights(opt.weight_decay, mask)] if opt.name == "adamw" else []
+    core = optax.chain(
+      optax.flatten(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)),
+      *decay,
+      optax.scale_by_learning_rate(lr),
+    )
+  elif opt.name == "adam":
     core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
   else:
     core = optax.adamw(
@@ -39,7 +49,7 @@ def make_optimizer(
       b2=opt.b2,
       eps=opt.eps,
       weight_decay=opt.weight_decay,
-      mask=matrices if opt.weight_decay_mask == "matrices" else None,
+      mask=mask,
     )
   tx = (
     optax.chain(clip_by_global_norm(opt.grad_clip_norm), core) if opt.grad_clip_norm > 0 else core
