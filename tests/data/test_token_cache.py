@@ -140,6 +140,33 @@ def flip_middle(path):
   path.write_bytes(bytes(data))
 
 
+def test_a_single_flipped_bit_is_refused_or_changes_nothing(cache_dir, built):
+  """One bit flipped anywhere in the records file (every 1,499th byte tried): the reader's
+  chunk hashes refuse it as damage, or it fell in padding and every pair reads back unchanged;
+  never a pair silently different."""
+  directory, _ = built
+  want = open_cache(directory).read(range(2000))
+  intact = (cache_dir / SHARD).read_bytes()
+  outcomes = []
+  for at in range(0, len(intact), 1499):
+    data = bytearray(intact)
+    data[at] ^= 1 << (at % 8)
+    (cache_dir / SHARD).write_bytes(bytes(data))
+    try:
+      got = open_cache(cache_dir).read(range(2000))
+    except UserError as error:
+      outcomes.append(str(error))
+      continue
+    same = all(
+      np.array_equal(a, c) and np.array_equal(b, d)
+      for (a, b), (c, d) in zip(got, want, strict=True)
+    )
+    outcomes.append("unchanged" if same else f"byte {at}: pairs read back different")
+  refused = [o for o in outcomes if "is damaged" in o]
+  assert len(refused) + outcomes.count("unchanged") == len(outcomes), set(outcomes)
+  assert refused and "unchanged" in outcomes  # both kinds of place were hit
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_damage_found_by_the_prefetch_thread_arrives_as_one_line(cache_dir, damage):
   """The records are damaged after the cache was opened (a disk error, a file removed under a
