@@ -63,7 +63,10 @@ def train_copy_model(steps: int = 100, seed: int = 0) -> EncoderDecoder:
 
 @pytest.fixture(scope="session")
 def copy_model() -> EncoderDecoder:
-  return train_copy_model()
+  # Seed 1: after 100 steps it ends every held-out source with EOS within 10 tokens (as the
+  # tests read its greedy output) while beam search still finds better on some; seeds 0, 4
+  # and 5 of these initialisers leave one source running past 10 tokens.
+  return train_copy_model(seed=1)
 
 
 @pytest.fixture(scope="session")

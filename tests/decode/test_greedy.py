@@ -42,7 +42,7 @@ def test_cached_greedy_equals_recomputed_and_python_loop(copy_model, copy_source
 def test_cache_equals_recompute_on_rope_pre_norm_untied_model():
   """Random weights, so each step's argmax is arbitrary: any cache slip changes the tokens."""
   config = TransformerConfig.tiny(position="rope", norm="pre", tie_output=False)
-  model = EncoderDecoder(config, rngs=nnx.Rngs(3))
+  model = EncoderDecoder(config, rngs=nnx.Rngs(4))  # a seed whose outputs vary (some repeat one)
   src_BS = jnp.asarray(np.random.default_rng(2).integers(4, 64, (3, 6)), jnp.int32)
   src_BS = src_BS.at[0, 3:].set(PAD_ID)
   cached = greedy_decode(model, src_BS, max_new_tokens=9, eos_id=-1)
