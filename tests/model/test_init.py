@@ -80,8 +80,11 @@ def test_traced_initialisation_gives_the_eager_values():
   eager = glorot(key, (64, 2, 16))
   traced = jax.jit(lambda k: glorot(k, (64, 2, 16)))(key)
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(eager))
-  shaped = jax.eval_shape(lambda k: init.normal(1.0)(k, (4000, 3000)), key)
-  assert shaped.shape == (4000, 3000)
+  big = (100_000, 100_000)  # 10^10 parameters: abstract, nothing drawn or traced per chunk
+  assert jax.eval_shape(lambda k: init.normal(1.0)(k, big), key).shape == big
+  for shape in [(init.CHUNK * 2 + 7,), (0, 5)]:  # several chunks, none
+    traced = jax.jit(lambda k, shape=shape: init.normal(1.0)(k, shape))(key)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(init.normal(1.0)(key, shape)))
 
 
 def test_constants_and_dtypes():
