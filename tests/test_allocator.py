@@ -44,3 +44,24 @@ def test_a_freed_buffer_is_reused_without_page_faults():
   pages = 16 * 2**20 * 4 // 4096
   assert faults("default") > 10 * pages  # glibc's default hands the buffer back every round
   assert faults("keep") < pages // 4
+
+
+def test_the_collector_is_frozen_in_a_command_and_left_alone_in_a_program():
+  """A command freezes its imports' objects; a program calling the package (here, pytest's
+  process) keeps its collector as it is."""
+  import gc
+
+  from transformer.allocator import freeze_imported_objects
+
+  before = gc.get_freeze_count()
+  freeze_imported_objects()
+  assert gc.get_freeze_count() == before
+  code = (
+    "import gc, sys\n"
+    "sys.orig_argv = [sys.executable, '-m', 'transformer.translate']\n"  # as a command starts
+    "from transformer.allocator import freeze_imported_objects\n"
+    "freeze_imported_objects()\n"
+    "print(gc.get_freeze_count() > 10_000)\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["True"]

@@ -17,6 +17,9 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import sys
+
+from transformer.startup import is_command
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,13 @@ def keep_freed_memory() -> bool:
 
 
 def freeze_imported_objects() -> None:
-  """Collects once, then leaves every object alive now out of Python's later collections
-  (`gc.freeze`): a command's imports (JAX, Flax, Orbax, Grain) leave ~160,000 objects that live
-  as long as the process, and each full collection walked all of them again: 35-55 ms apiece,
-  0.45 CPU s of a shakespeare_char run's first 20 steps (0.14 s frozen)."""
+  """In a command's process: collects once, then leaves every object alive now out of Python's
+  later collections (`gc.freeze`): a command's imports (JAX, Flax, Orbax, Grain) leave ~160,000
+  objects that live as long as the process, and each full collection walked all of them again:
+  35-55 ms apiece, 0.45 CPU s of a shakespeare_char run's first 20 steps (0.14 s frozen). A
+  program calling the package keeps its collector as it is: frozen objects it dropped later
+  would never be collected."""
+  if not is_command(getattr(sys, "orig_argv", [])):
+    return
   gc.collect()
   gc.freeze()
