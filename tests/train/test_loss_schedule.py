@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from transformer.config import Config, get_config
+from transformer.config import Config, OptimizerConfig, get_config
 from transformer.errors import UserError
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
-from transformer.train.optimizer import make_optimizer
+from transformer.train.optimizer import clip_by_global_norm, make_optimizer
 from transformer.train.schedule import rsqrt_schedule
 
 
@@ -148,7 +148,6 @@ def test_checkpoint_average_is_the_mean_of_the_last_k(tmp_path):
 
 
 def test_cosine_schedule_ends_at_its_floor_as_nanogpt_computes_it():
-  from transformer.config import OptimizerConfig
   from transformer.train.optimizer import learning_rate
 
   opt = OptimizerConfig(
@@ -168,8 +167,6 @@ def test_cosine_schedule_ends_at_its_floor_as_nanogpt_computes_it():
 
 
 def test_weight_decay_of_matrices_leaves_vectors_alone():
-  from transformer.config import OptimizerConfig
-
   params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "scale": jnp.ones((4,))}
   zeros = jax.tree.map(jnp.zeros_like, params)
   for mask, decayed in (("matrices", {"kernel"}), ("all", {"kernel", "bias", "scale"})):
@@ -191,8 +188,6 @@ def test_weight_decay_of_matrices_leaves_vectors_alone():
 def test_clipping_with_the_steps_norm_is_optax_clip_by_global_norm(norm):
   """Given the norm the step computed (or computing it), the same updates and the same (empty)
   state as optax's clip, below, at and above the threshold."""
-  from transformer.train.optimizer import clip_by_global_norm
-
   rng = np.random.default_rng(0)
   grads = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
   scale = norm / float(np.sqrt(sum(np.sum(g**2) for g in grads.values())))
@@ -216,8 +211,6 @@ def test_clipping_with_the_steps_norm_is_optax_clip_by_global_norm(norm):
 def test_flat_state_gives_the_updates_of_the_per_array_optimizer(name, decay):
   """optimizer.flat_state keeps the moments as one vector: the same updates, step after step,
   with the decay mask still applied per array."""
-  from transformer.config import OptimizerConfig
-
   rng = np.random.default_rng(0)
   params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones((4,))}
   txs = []

@@ -61,8 +61,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   """`optax.clip_by_global_norm` (the same updates and the same empty state) that takes the norm
   as `grad_norm=` when the caller has it: the train step computes the gradients' global norm for
   its finiteness check and its report, and summing every gradient's squares a second time cost
-  ~70 more kernels a step (0.5 s of the shakespeare_char step's compilation on a CPU core).
-  Without `grad_norm` it computes the norm itself."""
+  ~70 more kernels a step (with the mean gradient formed in place, the shakespeare_char step
+  compiled in 2.58 against 3.00 CPU s). Without `grad_norm` it computes the norm itself."""
 
   def update(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
