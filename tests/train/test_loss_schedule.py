@@ -10,7 +10,7 @@ import pytest
 from transformer.config import Config, OptimizerConfig, get_config
 from transformer.errors import UserError
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
-from transformer.train.optimizer import clip_by_global_norm, make_optimizer
+from transformer.train.optimizer import clip_by_global_norm, global_norm, make_optimizer
 from transformer.train.schedule import rsqrt_schedule
 
 
@@ -236,6 +236,24 @@ def test_flat_state_gives_the_updates_of_the_per_array_optimizer(name, decay):
     for key in params:
       np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-7)
     params = optax.apply_updates(params, want)
+
+
+def test_flat_norm_is_the_norm_of_every_leaf_together():
+  """global_norm(flat=True) concatenates the leaves: the same number as optax.tree.norm and as
+  NumPy's norm of the whole tree, for leaves of several shapes, eagerly and under jit."""
+  rng = np.random.default_rng(0)
+  tree = {
+    "kernel": rng.normal(size=(3, 4, 5)).astype(np.float32),
+    "bias": rng.normal(size=(7,)).astype(np.float32),
+    "scalar": np.float32(-2.5),
+  }
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree.values()))
+  as_jax = jax.tree.map(jnp.asarray, tree)
+  for got in (global_norm(as_jax, flat=True), global_norm(as_jax), optax.tree.norm(as_jax)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  jitted = jax.jit(global_norm, static_argnames="flat")
+  np.testing.assert_allclose(float(jitted(as_jax, flat=True)), want, rtol=1e-6)
 
 
 def test_flat_state_is_refused_with_sharded_parameters():

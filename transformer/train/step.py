@@ -17,6 +17,7 @@ from flax import nnx
 
 from transformer.data.tokenizer import BOS_ID, PAD_ID
 from transformer.train.loss import token_metrics
+from transformer.train.optimizer import global_norm
 
 Batch = dict[str, jax.Array]
 
@@ -135,6 +136,7 @@ def make_steps(
   label_smoothing: float,
   dropout_key: jax.Array,
   grad_accum_steps: int = 1,
+  flat_norm: bool = False,
 ) -> Steps:
   """Builds the pure training and evaluation functions for one model graph and task.
 
@@ -145,7 +147,8 @@ def make_steps(
   Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
   paths can so add gradients and counts across devices, and gradient accumulation across
   micro-batches, before one exact division: k micro-batches make one update on a batch k times
-  larger, whatever their token counts.
+  larger, whatever their token counts. `flat_norm` takes the gradients' norm over their
+  concatenation (`optimizer.global_norm`), for parameters whole on every device.
   """
   outputs = TASK_OUTPUTS[task]
   tx = optax.with_extra_args_support(tx)  # any optimizer takes (or ignores) grad_norm=
@@ -199,7 +202,7 @@ def make_steps(
     mean = lambda grads: jax.tree.map(lambda g: g / tokens, grads)
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
-    grad_norm = optax.tree.norm(mean(grads))
+    grad_norm = global_norm(mean(grads), flat=flat_norm)
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
     def update(state, grads):
