@@ -14,7 +14,7 @@ A second cost, measured but not yet removed: a process that compiled its train s
 compiler's freed memory in that one heap between blocks that stay alive, and the ~1,650 scratch
 blocks XLA:CPU's kernels take and free at every shakespeare_char step then walk glibc's lists of
 free sizes (`_int_malloc` 4.4% of the step against 0.4% in a process that read the step from the
-persistent cache; 45.1-45.7 against 42.7-43.0 ms a step). Per-thread arenas avoid the walk there,
+persistent cache; 44.8-45.2 against 42.0-43.0 ms a step). Per-thread arenas avoid the walk there,
 but a thread's heap cannot hold a block above 64 MiB, which is then mapped and unmapped at every
 call: the default recipe took 6.7 million minor faults and 350 against 270 ms a step.
 """
