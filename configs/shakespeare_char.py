@@ -9,18 +9,18 @@ config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --
 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 --lr_decay_iters=2000 --dropout=0.0`) with the rest of its config and train.py: 4 layers, 4 heads,
 d 128 (d_ff 4 x 128), context 64, batch 12, no dropout, pre-LN, GELU, learned positions, tied
-output, LayerNorm eps 1e-5; AdamW lr 1e-3 (b2 0.99, eps 1e-8), weight decay 0.1 on matrices and
-embeddings only, gradient clipping at 1.0, 100 warm-up steps, cosine to 1e-4 at step 2,000. The
-text is one document, its last 10% of characters held out (nanoGPT's 90/10 split), one id per
-character. Each window of 65 characters trains 64 predictions, each reading the characters before
-it (nanoGPT's x, y = data[i:i+64], data[i+1:i+65]).
+output, no biases (nanoGPT's bias=False), LayerNorm eps 1e-5; AdamW lr 1e-3 (b2 0.99, eps 1e-8),
+weight decay 0.1 on matrices and embeddings only, gradient clipping at 1.0, 100 warm-up steps,
+cosine to 1e-4 at step 2,000. The text is one document, its last 10% of characters held out
+(nanoGPT's 90/10 split), one id per character. Each window of 65 characters trains 64
+predictions, each reading the characters before it (nanoGPT's x, y = data[i:i+64],
+data[i+1:i+65]).
 
-Differences that remain: the project's layers have biases (nanoGPT: bias=False) and its own
-initialisation (Glorot matrices; token embeddings scaled by sqrt(d) and learned positions both
-at unit variance, where GPT-2 starts both tables at 0.02); windows are cut at fixed places
-(moved each epoch) and visited in a shuffled order, where nanoGPT draws 12 random offsets a
-step; validation is 256 windows spread over the held-out text at each evaluation (nanoGPT: 20
-random batches of 12).
+Differences that remain: the project's own initialisation (Glorot matrices; token embeddings
+scaled by sqrt(d) and learned positions both at unit variance, where GPT-2 starts both tables at
+0.02); windows are cut at fixed places (moved each epoch) and visited in a shuffled order, where
+nanoGPT draws 12 random offsets a step; validation is 256 windows spread over the held-out text at
+each evaluation (nanoGPT: 20 random batches of 12).
 """
 
 from transformer.config import get_config as base_config
@@ -43,6 +43,7 @@ def get_config():
     position="learned",
     layer_norm_epsilon=1e-5,
     dtype="float32",
+    use_bias=False,
   )
   config.data.update(
     dataset="text",

@@ -41,6 +41,7 @@ def test_the_hidden_order_turns_our_positions_into_marians():
     (dict(position="rope"), "model.position='rope'"),
     (dict(activation="gelu"), "model.activation='gelu'"),
     (dict(share_embeddings=False, tie_output=False), "model.share_embeddings=False"),
+    (dict(use_bias=False), "model.use_bias=False"),
   ],
 )
 def test_architectures_the_formats_cannot_express_are_refused_by_name(change, named):

@@ -71,6 +71,7 @@ _REQUIRED = (
   ("share_embeddings", True),
   ("tie_output", True),
   ("pad_id", PAD_ID),
+  ("use_bias", True),
 )
 
 

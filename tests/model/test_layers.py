@@ -187,6 +187,40 @@ def test_layer_norm_gradients_match_autodiff_of_the_float64_formula():
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
+def test_layer_norm_without_bias_matches_the_float64_formula_and_its_gradients():
+  """`use_bias=False`: (x - mean) / sqrt(var + eps) * scale, and its gradients for x and scale
+  against JAX's autodiff of that formula in float64."""
+  config = TransformerConfig.tiny(use_bias=False)
+  assert LayerNorm(config, rngs=nnx.Rngs(0)).bias is None
+  rng = np.random.default_rng(2)
+  x = (3.0 + rng.normal(size=(2, 5, config.d_model))).astype(np.float32)
+  scale = rng.normal(size=config.d_model).astype(np.float32)
+  d_y = rng.normal(size=x.shape).astype(np.float32)
+  eps = config.layer_norm_epsilon
+
+  def formula(x, scale):
+    normed = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + eps)
+    return normed * scale[None, None]
+
+  def ours(x, scale):
+    norm = LayerNorm(config, rngs=nnx.Rngs(0))
+    norm.scale[...] = scale
+    return norm(x)
+
+  with jax.enable_x64():
+    x64, scale64 = np.float64(x), np.float64(scale)
+    expected_y = formula(x64, scale64)
+    expected = jax.grad(lambda *a: jnp.sum(formula(*a) * np.float64(d_y)), argnums=(0, 1))(
+      x64, scale64
+    )
+  np.testing.assert_allclose(ours(jnp.asarray(x), jnp.asarray(scale)), expected_y, atol=1e-5)
+  got = jax.grad(lambda *a: jnp.sum(ours(*a) * jnp.asarray(d_y)), argnums=(0, 1))(
+    jnp.asarray(x), jnp.asarray(scale)
+  )
+  for g, e in zip(got, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
 def test_layer_norm_state_has_the_layout_of_flax_layer_norm():
   """Checkpoints written when the model used nnx.LayerNorm restore into this one."""
   config = TransformerConfig.tiny()

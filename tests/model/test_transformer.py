@@ -59,7 +59,10 @@ def incremental_logits(step, ids, prefill):
   return jnp.concatenate(logits, axis=1)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:2])
+@pytest.mark.parametrize(
+  "variant",
+  [*VARIANTS[:2], dict(position="learned", norm="pre", activation="gelu", use_bias=False)],
+)
 def test_kv_cache_decoding_equals_full_forward(variant):
   config = TransformerConfig.tiny(**variant)
   model = EncoderDecoder(config, rngs=nnx.Rngs(0))
@@ -74,6 +77,38 @@ def test_kv_cache_decoding_equals_full_forward(variant):
   lm.init_cache(batch_size=2, cache_length=12)
   step = lambda ids: lm(ids, use_cache=True)
   np.testing.assert_allclose(incremental_logits(step, tgt, prefill=3), lm(tgt), atol=1e-5)
+
+
+BIASES = ("bias", "bi", "bo", "query_bias", "key_bias", "value_bias", "out_bias")
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_a_model_without_biases_is_the_model_with_zero_biases(norm):
+  """`use_bias=False` leaves out exactly the projections' and LayerNorms' biases (the output
+  layers' stay); with the other parameters copied over, every family gives
+  the logits and the gradients of the model with biases, whose biases start at zero."""
+  config = TransformerConfig.tiny(norm=norm, activation="gelu")
+  src, tgt = random_ids(9, (2, 6)), random_ids(10, (2, 5))
+  families = [
+    (EncoderDecoder, lambda m: m(src, tgt)),
+    (DecoderOnly, lambda m: m(tgt)),
+    (EncoderOnly, lambda m: m.mlm_logits(src)),
+  ]
+  for family, forward in families:
+    biased = family(config, rngs=nnx.Rngs(0))
+    plain = family(config.replace(use_bias=False), rngs=nnx.Rngs(1))
+    biased_params = dict(nnx.to_flat_state(nnx.state(biased, nnx.Param)))
+    plain_params = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    # The MLM head's output bias stays, like an untied output layer's.
+    left_out = {p for p in biased_params if p[-1] in BIASES and p != ("mlm_head", "bias")}
+    assert left_out and set(plain_params) == set(biased_params) - left_out
+    nnx.update(plain, nnx.from_flat_state({p: biased_params[p] for p in plain_params}))
+    np.testing.assert_allclose(forward(plain), forward(biased), atol=1e-6)
+    loss = lambda m, forward=forward: jnp.mean(forward(m) ** 2)
+    plain_grads = dict(nnx.to_flat_state(nnx.grad(loss)(plain)))
+    biased_grads = dict(nnx.to_flat_state(nnx.grad(loss)(biased)))
+    for path, grad in plain_grads.items():
+      np.testing.assert_allclose(grad[...], biased_grads[path][...], atol=1e-6, err_msg=str(path))
 
 
 def test_parameter_counts_match_table_3():

@@ -244,19 +244,22 @@ class FeedForward(nnx.Module):
     d, f, w = config.d_model, config.d_ff, jnp.dtype(config.param_dtype)
     glorot = init.xavier_uniform()
     self.wi = param(rngs, glorot, (d, f), (EMBED, MLP), w)
-    self.bi = param(rngs, init.zeros, (f,), (MLP,), w)
+    self.bi = param(rngs, init.zeros, (f,), (MLP,), w) if config.use_bias else None
     self.wo = param(rngs, glorot, (f, d), (MLP, EMBED), w)
-    self.bo = param(rngs, init.zeros, (d,), (EMBED,), w)
+    self.bo = param(rngs, init.zeros, (d,), (EMBED,), w) if config.use_bias else None
     self.activation = jax.nn.relu if config.activation == "relu" else jax.nn.gelu
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     dtype = jnp.dtype(self.config.dtype)
-    h_BTF = dense_BTK_KN(x_BTD, self.wi[...].astype(dtype))
-    h_BTF = h_BTF + self.bi[...].astype(dtype)[None, None]
+    h_BTF = _plus_bias(dense_BTK_KN(x_BTD, self.wi[...].astype(dtype)), self.bi)
     h_BTF = constrain(self.activation(h_BTF), (BATCH, LENGTH, MLP))
-    y_BTD = dense_BTK_KN(h_BTF, self.wo[...].astype(dtype))
-    y_BTD = y_BTD + self.bo[...].astype(dtype)[None, None]
+    y_BTD = _plus_bias(dense_BTK_KN(h_BTF, self.wo[...].astype(dtype)), self.bo)
     return constrain(y_BTD, (BATCH, LENGTH, ACT_EMBED))
+
+
+def _plus_bias(y_BTN: Float[Array, "B T N"], bias: nnx.Param | None) -> Float[Array, "B T N"]:
+  """y + b over the last axis, in y's dtype; y itself for a layer without biases."""
+  return y_BTN if bias is None else y_BTN + bias[...].astype(y_BTN.dtype)[None, None]
 
 
 # Named, like attention and the loss, so that a profile can tell its fused kernels apart
@@ -265,10 +268,11 @@ class FeedForward(nnx.Module):
 def layer_norm_BTD(
   x_BTD: Float[Array, "B T D"],
   scale_D: Float[Array, " D"],
-  bias_D: Float[Array, " D"],
+  bias_D: Float[Array, " D"] | None,
   epsilon: float,
 ) -> Float[Array, "B T D"]:
-  """(x - mean) / sqrt(var + eps) * scale + bias over D (Ba et al., 2016), in x's dtype.
+  """(x - mean) / sqrt(var + eps) * scale + bias over D (Ba et al., 2016), in x's dtype; no
+  bias where `bias_D` is None.
 
   Mean and variance are taken in float32 whatever x's dtype (bfloat16 sums of 512 squares lose
   the variance's low bits), and the variance as the mean of squared deviations, not
@@ -296,7 +300,9 @@ def _layer_norm(x_BTD, scale_D, bias_D, epsilon: float):
 
 def _layer_norm_fwd(x_BTD, scale_D, bias_D, epsilon: float):
   normed_BTD, mean_BT1, rstd_BT1 = _normalized(x_BTD, epsilon)
-  y_BTD = normed_BTD * _along_last(scale_D, x_BTD.ndim) + _along_last(bias_D, x_BTD.ndim)
+  y_BTD = normed_BTD * _along_last(scale_D, x_BTD.ndim)
+  if bias_D is not None:
+    y_BTD = y_BTD + _along_last(bias_D, x_BTD.ndim)
   # x in its own dtype and two numbers a row: the normalised rows are made again backward.
   return y_BTD.astype(x_BTD.dtype), (x_BTD, mean_BT1, rstd_BT1, scale_D, bias_D)
 
@@ -315,12 +321,8 @@ def _layer_norm_bwd(epsilon: float, residuals, d_y_BTD):
   )
   rows = tuple(range(d_y_BTD.ndim - 1))
   d_scale_D = jnp.sum(d_y32_BTD * normed_BTD, axis=rows)
-  d_bias_D = jnp.sum(d_y32_BTD, axis=rows)
-  return (
-    d_x_BTD.astype(x_BTD.dtype),
-    d_scale_D.astype(scale_D.dtype),
-    d_bias_D.astype(bias_D.dtype),
-  )
+  d_bias_D = None if bias_D is None else jnp.sum(d_y32_BTD, axis=rows).astype(bias_D.dtype)
+  return d_x_BTD.astype(x_BTD.dtype), d_scale_D.astype(scale_D.dtype), d_bias_D
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -332,14 +334,16 @@ def _along_last(v_D, ndim: int):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm over D with a learned scale (ones) and bias (zeros), stored in param_dtype."""
+  """LayerNorm over D with a learned scale (ones) and bias (zeros, unless `config.use_bias` is
+  off), stored in param_dtype."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.epsilon, self.dtype = config.layer_norm_epsilon, jnp.dtype(config.dtype)
     d, w = config.d_model, jnp.dtype(config.param_dtype)
     self.scale = param(rngs, init.ones, (d,), (EMBED,), w)
-    self.bias = param(rngs, init.zeros, (d,), (EMBED,), w)
+    self.bias = param(rngs, init.zeros, (d,), (EMBED,), w) if config.use_bias else None
 
   def __call__(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    y_BTD = layer_norm_BTD(x_BTD, self.scale[...], self.bias[...], self.epsilon)
+    bias_D = None if self.bias is None else self.bias[...]
+    y_BTD = layer_norm_BTD(x_BTD, self.scale[...], bias_D, self.epsilon)
     return y_BTD.astype(self.dtype)
