@@ -6,12 +6,22 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from transformer import DecoderOnly, TransformerConfig
 from transformer.config import Config, OptimizerConfig, get_config
 from transformer.errors import UserError
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
-from transformer.train.optimizer import clip_by_global_norm, global_norm, make_optimizer
+from transformer.train.optimizer import (
+  clip_by_global_norm,
+  global_norm,
+  learning_rate,
+  make_optimizer,
+  matrices,
+)
 from transformer.train.schedule import rsqrt_schedule
+from transformer.train.setup import initial_state
+from transformer.train.step import make_steps
 
 
 def numpy_smoothed_ce(logits, targets, eps):
@@ -238,6 +248,52 @@ def test_flat_state_gives_the_updates_of_the_per_array_optimizer(name, decay):
     params = optax.apply_updates(params, want)
 
 
+def _first_flat_layout(opt: OptimizerConfig) -> optax.GradientTransformation:
+  """The flat optimizer as it was first written: clipping per array, then Adam under
+  optax.flatten, decay and rate. Checkpoints of its state must restore into today's."""
+  return optax.chain(
+    clip_by_global_norm(opt.grad_clip_norm),
+    optax.chain(
+      optax.flatten(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)),
+      optax.add_decayed_weights(opt.weight_decay, matrices),
+      optax.scale_by_learning_rate(learning_rate(opt, d_model=4, num_train_steps=10)),
+    ),
+  )
+
+
+def test_flat_state_takes_summed_gradients_and_keeps_the_state_layout():
+  """Given the summed gradients with grad_scale = 1 / n and the norm of their mean, the flat
+  optimizer makes the updates it makes from the mean itself (the train step's two ways of
+  calling it), and its state has the layout of the earlier flat chain (old checkpoints restore)."""
+  rng = np.random.default_rng(1)
+  params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones((4,))}
+  opt = OptimizerConfig(
+    name="adamw",
+    weight_decay=0.1,
+    weight_decay_mask="matrices",
+    grad_clip_norm=0.5,
+    flat_state=True,
+  )
+  tx = make_optimizer(opt, d_model=4, num_train_steps=10)
+  state = tx.init(params)
+  old = _first_flat_layout(opt).init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(old)
+  shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+  assert shapes(state) == shapes(old)
+  n = 37.0
+  for _ in range(3):
+    mean = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    norm = optax.tree.norm(mean)
+    summed = jax.tree.map(lambda g: g * n, mean)
+    want, want_state = tx.update(mean, state, params)
+    got, got_state = tx.update(summed, state, params, grad_norm=norm, grad_scale=jnp.float32(1 / n))
+    for key in params:
+      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    params, state = optax.apply_updates(params, want), want_state
+
+
 def test_flat_norm_is_the_norm_of_every_leaf_together():
   """global_norm(flat=True) concatenates the leaves: the same number as optax.tree.norm and as
   NumPy's norm of the whole tree, for leaves of several shapes, eagerly and under jit."""
@@ -262,3 +318,50 @@ def test_flat_state_is_refused_with_sharded_parameters():
   config.parallel.fsdp = 2
   with pytest.raises(UserError, match=r"optimizer.flat_state .* set optimizer.flat_state=False"):
     Config.from_dict(config.to_dict())
+
+
+def test_train_step_with_the_flat_optimizer_matches_the_per_array_one():
+  """The train step hands the flat optimizer the summed gradients (`flat_optimizer`) and the
+  per-array one their mean: three steps of a small GPT give the same parameters, gradient norms
+  and losses."""
+  config = TransformerConfig.tiny(
+    num_encoder_layers=0, norm="pre", activation="gelu", dropout_rate=0.0, use_bias=False
+  )
+  rng = np.random.default_rng(2)
+  batches = [
+    {"targets": jnp.asarray(rng.integers(4, config.vocab_size, size=(4, 9)), jnp.int32)}
+    for _ in range(3)
+  ]
+  runs = []
+  for flat in (False, True):
+    model = DecoderOnly(config, rngs=nnx.Rngs(0))
+    opt = OptimizerConfig(
+      name="adamw",
+      schedule="constant",
+      peak_learning_rate=1e-2,
+      weight_decay=0.1,
+      weight_decay_mask="matrices",
+      grad_clip_norm=0.5,
+      flat_state=flat,
+    )
+    tx = make_optimizer(opt, d_model=config.d_model, num_train_steps=3)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    steps = make_steps(
+      graphdef,
+      rest,
+      tx,
+      task="lm",
+      label_smoothing=0.0,
+      dropout_key=jax.random.key(0),
+      flat_optimizer=flat,
+    )
+    state, step = initial_state(model, tx), jax.jit(steps.train_step)
+    norms = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      norms.append((float(metrics["grad_norm"]), float(metrics["loss_sum"])))
+    runs.append((state.params, norms))
+  (want_params, want_norms), (got_params, got_norms) = runs
+  np.testing.assert_allclose(got_norms, want_norms, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

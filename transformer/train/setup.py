@@ -148,7 +148,7 @@ def opened(config: Config, workdir: str | Path) -> Iterator[tuple[Run, TrainStat
       label_smoothing=config.label_smoothing,
       dropout_key=jax.random.key(config.seed + 1),
       grad_accum_steps=config.optimizer.grad_accum_steps,
-      flat_norm=config.optimizer.flat_state,  # refused with sharded parameters (config)
+      flat_optimizer=config.optimizer.flat_state,  # refused with sharded parameters (config)
     )
     checkpointer = Checkpointer(
       workdir / "checkpoints", keep=config.keep_checkpoints, inputs=inputs.made_of

@@ -136,7 +136,7 @@ def make_steps(
   label_smoothing: float,
   dropout_key: jax.Array,
   grad_accum_steps: int = 1,
-  flat_norm: bool = False,
+  flat_optimizer: bool = False,
 ) -> Steps:
   """Builds the pure training and evaluation functions for one model graph and task.
 
@@ -147,8 +147,10 @@ def make_steps(
   Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
   paths can so add gradients and counts across devices, and gradient accumulation across
   micro-batches, before one exact division: k micro-batches make one update on a batch k times
-  larger, whatever their token counts. `flat_norm` takes the gradients' norm over their
-  concatenation (`optimizer.global_norm`), for parameters whole on every device.
+  larger, whatever their token counts. `flat_optimizer`: `tx` is `optimizer.flat_state`'s,
+  which takes the summed gradients with grad_scale = 1 / tokens and runs on their concatenation
+  (`optimizer.scaled_and_clipped`); their norm is then taken over the same concatenation
+  (`optimizer.global_norm`), for parameters whole on every device.
   """
   outputs = TASK_OUTPUTS[task]
   tx = optax.with_extra_args_support(tx)  # any optimizer takes (or ignores) grad_norm=
@@ -197,18 +199,24 @@ def make_steps(
 
   def apply(state: TrainState, grads, sums) -> tuple[TrainState, dict[str, jax.Array]]:
     tokens = jnp.maximum(sums["tokens"], 1.0)
-    # The mean gradient is formed where it is read, in the norm's reductions and the update's
-    # kernels, which XLA fuses it into: made once before them it cost a kernel per array.
-    mean = lambda grads: jax.tree.map(lambda g: g / tokens, grads)
+    if flat_optimizer:
+      # One concatenation of the summed gradients, shared by the norm and the optimizer (XLA
+      # merges the two), which divides it by the token count itself.
+      grad_norm = global_norm(grads, flat=True) / tokens
+      given, scale = (lambda grads: grads), {"grad_scale": 1.0 / tokens}
+    else:
+      # The mean gradient is formed where it is read, in the norm's reductions and the update's
+      # kernels, which XLA fuses it into: made once before them it cost a kernel per array.
+      given, scale = (lambda grads: jax.tree.map(lambda g: g / tokens, grads)), {}
+      grad_norm = global_norm(given(grads))
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
-    grad_norm = global_norm(mean(grads), flat=flat_norm)
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
     def update(state, grads):
       # The norm is passed on to the optimizer's clipping (`optimizer.clip_by_global_norm`).
       updates, opt_state = tx.update(
-        mean(grads), state.opt_state, state.params, grad_norm=grad_norm
+        given(grads), state.opt_state, state.params, grad_norm=grad_norm, **scale
       )
       return optax.apply_updates(state.params, updates), opt_state
 
