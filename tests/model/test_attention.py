@@ -291,3 +291,35 @@ def test_attending_over_each_groups_filled_prefix_equals_attending_over_every_sl
   np.testing.assert_allclose(out, attn.cached_attention(*args), rtol=1e-6, atol=1e-6)
   reference = numpy_attention(q, np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2), mask)
   np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_projections_together_give_the_separate_projections_and_their_gradients(with_bias):
+  """Q, K and V as one matmul split three ways (`project_together`) against three einsums: the
+  same outputs, and the same gradients for the input, the kernels and the biases."""
+  rng = np.random.default_rng(3)
+  d, n, h = 8, 2, 4
+  x = jnp.asarray(rng.normal(size=(2, 5, d)), jnp.float32)
+  kernels = [jnp.asarray(rng.normal(size=(d, n, h)), jnp.float32) for _ in range(3)]
+  biases = (
+    [jnp.asarray(rng.normal(size=(n, h)), jnp.float32) for _ in range(3)] if with_bias else None
+  )
+  weights = [jnp.asarray(rng.normal(size=(2, 5, n, h)), jnp.float32) for _ in range(3)]
+
+  def separate(x, kernels, biases):
+    outs = [jnp.einsum("BTD,DNH->BTNH", x, k) for k in kernels]
+    return (
+      outs if biases is None else [o + b[None, None] for o, b in zip(outs, biases, strict=True)]
+    )
+
+  def together(x, kernels, biases):
+    return attn.project_together(x, kernels, biases, jnp.float32)
+
+  for got, want in zip(together(x, kernels, biases), separate(x, kernels, biases), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *a: sum(jnp.sum(o * w) for o, w in zip(f(*a), weights, strict=True))
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  got = jax.grad(loss(together), argnums)(x, kernels, biases)
+  want = jax.grad(loss(separate), argnums)(x, kernels, biases)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
