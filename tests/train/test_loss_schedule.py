@@ -14,7 +14,6 @@ from transformer.errors import UserError
 from transformer.train.loss import label_smoothed_cross_entropy, summarize, token_metrics
 from transformer.train.optimizer import (
   clip_by_global_norm,
-  global_norm,
   learning_rate,
   make_optimizer,
   matrices,
@@ -262,9 +261,9 @@ def _first_flat_layout(opt: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def test_flat_state_takes_summed_gradients_and_keeps_the_state_layout():
-  """Given the summed gradients with grad_scale = 1 / n and the norm of their mean, the flat
-  optimizer makes the updates it makes from the mean itself (the train step's two ways of
-  calling it), and its state has the layout of the earlier flat chain (old checkpoints restore)."""
+  """Given the summed gradients with grad_scale = 1 / n and the norm of their mean, or their
+  concatenation as `flat_updates`, the flat optimizer makes the updates it makes from the mean
+  itself, and its state has the layout of the earlier flat chain (old checkpoints restore)."""
   rng = np.random.default_rng(1)
   params = {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones((4,))}
   opt = OptimizerConfig(
@@ -286,30 +285,21 @@ def test_flat_state_takes_summed_gradients_and_keeps_the_state_layout():
     norm = optax.tree.norm(mean)
     summed = jax.tree.map(lambda g: g * n, mean)
     want, want_state = tx.update(mean, state, params)
-    got, got_state = tx.update(summed, state, params, grad_norm=norm, grad_scale=jnp.float32(1 / n))
-    for key in params:
-      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    given = dict(grad_norm=norm, grad_scale=jnp.float32(1 / n))
+    # As the train step calls it: the concatenation given, the updates only for their shapes.
+    flat = jnp.concatenate([jnp.ravel(summed[k]) for k in sorted(summed)])
+    zeros = jax.tree.map(jnp.zeros_like, summed)
+    for got, got_state in (
+      tx.update(summed, state, params, **given),
+      tx.update(zeros, state, params, flat_updates=flat, **given),
+    ):
+      for key in params:
+        np.testing.assert_allclose(
+          np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-7
+        )
+      for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     params, state = optax.apply_updates(params, want), want_state
-
-
-def test_flat_norm_is_the_norm_of_every_leaf_together():
-  """global_norm(flat=True) concatenates the leaves: the same number as optax.tree.norm and as
-  NumPy's norm of the whole tree, for leaves of several shapes, eagerly and under jit."""
-  rng = np.random.default_rng(0)
-  tree = {
-    "kernel": rng.normal(size=(3, 4, 5)).astype(np.float32),
-    "bias": rng.normal(size=(7,)).astype(np.float32),
-    "scalar": np.float32(-2.5),
-  }
-  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree.values()))
-  as_jax = jax.tree.map(jnp.asarray, tree)
-  for got in (global_norm(as_jax, flat=True), global_norm(as_jax), optax.tree.norm(as_jax)):
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(float(got), want, rtol=1e-6)
-  jitted = jax.jit(global_norm, static_argnames="flat")
-  np.testing.assert_allclose(float(jitted(as_jax, flat=True)), want, rtol=1e-6)
 
 
 def test_flat_state_is_refused_with_sharded_parameters():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from transformer.config import OptimizerConfig
 from transformer.train import schedule as schedules
@@ -32,12 +33,12 @@ def make_optimizer(
   lr = learning_rate(opt, d_model=d_model, num_train_steps=num_train_steps)
   mask = matrices if opt.weight_decay_mask == "matrices" else None
   if opt.flat_state:
-    # optax.adam(w)'s chain with the moments kept as one vector each (optax.flatten), and the
+    # optax.adam(w)'s chain with the moments kept as one vector each (`flattened`), and the
     # mean and the clipping applied to that vector: a few long kernels instead of ~3 per
     # parameter array. The state is the per-array chain's: (clipping, (Adam, decay, rate)).
     decay = [optax.add_decayed_weights(opt.weight_decay, mask)] if opt.name == "adamw" else []
     core = optax.chain(
-      optax.flatten(
+      flattened(
         scaled_and_clipped(
           optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps), opt.grad_clip_norm
         )
@@ -84,6 +85,25 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
+def flattened(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`optax.flatten`: `inner` runs on the concatenation of the updates (its state too), passed
+  the extra arguments. A caller that has the concatenation already gives it as `flat_updates=`
+  (with `updates` only for their shapes): the train step makes it once for the gradients' norm,
+  and a second one inside the update's branch cost a copy of every gradient."""
+
+  def update(updates, state, params=None, *, flat_updates=None, **extra_args):
+    del params  # Adam, the mean and the clipping read none
+    flat, unravel = ravel_pytree(updates)
+    if flat_updates is not None:
+      flat = flat_updates
+    flat, state = inner.update(flat, state, None, **extra_args)
+    return unravel(flat), state
+
+  return optax.GradientTransformationExtraArgs(
+    lambda params: inner.init(ravel_pytree(params)[0]), update
+  )
+
+
 def scaled_and_clipped(
   inner: optax.GradientTransformation, max_norm: float
 ) -> optax.GradientTransformationExtraArgs:
@@ -110,21 +130,6 @@ def scaled_and_clipped(
     return inner.update(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
-
-
-def global_norm(tree, *, flat: bool = False) -> jax.Array:
-  """The l2 norm of all of `tree`'s leaves together, as `optax.tree.norm` computes it. `flat`:
-  as the norm of their concatenation, one reduction where optax's is a square and a sum per
-  leaf: the shakespeare_char step compiles to 399 instead of 457 kernels; timed alone in turns
-  in one process it ran 0.7-1.0 ms faster of ~44 ms, the whole command within noise. Only for
-  leaves whole on every device (`optimizer.flat_state`): sharded ones would be gathered."""
-  if not flat:
-    return optax.tree.norm(tree)
-  leaves = jax.tree.leaves(tree)
-  dtype = jnp.result_type(*leaves)
-  return jnp.sqrt(
-    jnp.sum(jnp.square(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
-  )
 
 
 def matrices(params):

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from transformer.data.tokenizer import BOS_ID, PAD_ID
 from transformer.train.loss import token_metrics
-from transformer.train.optimizer import global_norm
 
 Batch = dict[str, jax.Array]
 
@@ -149,8 +149,7 @@ def make_steps(
   micro-batches, before one exact division: k micro-batches make one update on a batch k times
   larger, whatever their token counts. `flat_optimizer`: `tx` is `optimizer.flat_state`'s,
   which takes the summed gradients with grad_scale = 1 / tokens and runs on their concatenation
-  (`optimizer.scaled_and_clipped`); their norm is then taken over the same concatenation
-  (`optimizer.global_norm`), for parameters whole on every device.
+  (`optimizer.scaled_and_clipped`), for parameters whole on every device.
   """
   outputs = TASK_OUTPUTS[task]
   tx = optax.with_extra_args_support(tx)  # any optimizer takes (or ignores) grad_norm=
@@ -200,40 +199,45 @@ def make_steps(
   def apply(state: TrainState, grads, sums) -> tuple[TrainState, dict[str, jax.Array]]:
     tokens = jnp.maximum(sums["tokens"], 1.0)
     if flat_optimizer:
-      # One concatenation of the summed gradients, shared by the norm and the optimizer (XLA
-      # merges the two), which divides it by the token count itself.
-      grad_norm = global_norm(grads, flat=True) / tokens
-      given, scale = (lambda grads: grads), {"grad_scale": 1.0 / tokens}
+      # The summed gradients as one vector, made once for the norm and for the optimizer, which
+      # takes it as it is (`optimizer.flattened`) and divides it by the token count itself.
+      carried, unravel = ravel_pytree(grads)
+      grad_norm = optax.tree.norm(carried) / tokens
+      given = unravel
+      extra = lambda carried: {"grad_scale": 1.0 / tokens, "flat_updates": carried}
     else:
       # The mean gradient is formed where it is read, in the norm's reductions and the update's
       # kernels, which XLA fuses it into: made once before them it cost a kernel per array.
-      given, scale = (lambda grads: jax.tree.map(lambda g: g / tokens, grads)), {}
-      grad_norm = global_norm(given(grads))
+      carried = grads
+      given = lambda grads: jax.tree.map(lambda g: g / tokens, grads)
+      extra = lambda carried: {}
+      grad_norm = optax.tree.norm(given(grads))
     # A non-finite loss or gradient leaves parameters and optimizer untouched; the loop reads
     # `nonfinite` and stops or skips according to the config, with the last good state in hand.
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
-    def update(state, grads):
-      # The norm is passed on to the optimizer's clipping (`optimizer.clip_by_global_norm`).
+    def update(state, carried):
+      # The norm is passed on to the optimizer's clipping (`optimizer.clip_by_global_norm`,
+      # `optimizer.scaled_and_clipped`).
       updates, opt_state = tx.update(
-        given(grads), state.opt_state, state.params, grad_norm=grad_norm, **scale
+        given(carried), state.opt_state, state.params, grad_norm=grad_norm, **extra(carried)
       )
       return optax.apply_updates(state.params, updates), opt_state
 
-    def selected(state, grads):
+    def selected(state, carried):
       # Accelerators fuse the select into the update's kernels, and branch on the device only
       # after a copy of `finite` to the host.
-      new = update(state, grads)
+      new = update(state, carried)
       old = (state.params, state.opt_state)
       return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-    def branched(state, grads):
+    def branched(state, carried):
       # On the CPU every array's select is a kernel of its own (~200 of them: 1.2-2.5 ms of a
       # ~47 ms step of the shakespeare_char model on one core): a branch skips the update.
-      keep = lambda state, grads: (state.params, state.opt_state)
-      return jax.lax.cond(finite, update, keep, state, grads)
+      keep = lambda state, carried: (state.params, state.opt_state)
+      return jax.lax.cond(finite, update, keep, state, carried)
 
-    params, opt_state = jax.lax.platform_dependent(state, grads, cpu=branched, default=selected)
+    params, opt_state = jax.lax.platform_dependent(state, carried, cpu=branched, default=selected)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {
       **sums,
