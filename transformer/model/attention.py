@@ -388,8 +388,8 @@ class MultiHeadAttention(nnx.Module):
         x_BTD,
         [self.query[...], self.key[...], self.value[...]],
         None
-        if self.query_bias is None
-        else [self.query_bias[...], self.key_bias[...], self.value_bias[...]],
+        if not self.config.use_bias
+        else [_value(b) for b in (self.query_bias, self.key_bias, self.value_bias)],
         jnp.dtype(self.config.dtype),
       )
       return q, k, v
