@@ -39,6 +39,7 @@ def test_its_config_json_is_read_by_the_new_schema():
   assert {key: model[key] for key in model.keys() - saved.keys()} == {
     "dropout_rng": "threefry2x32",
     "scan_layers": False,
+    "use_bias": True,
   }
 
 

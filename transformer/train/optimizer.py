@@ -92,7 +92,7 @@ def flattened(inner: optax.GradientTransformation) -> optax.GradientTransformati
   and a second one inside the update's branch cost a copy of every gradient."""
 
   def update(updates, state, params=None, *, flat_updates=None, **extra_args):
-    del params  # Adam, the mean and the clipping read none
+    del params  # the flat optimizer's transforms (mean, clipping, Adam) read none
     flat, unravel = ravel_pytree(updates)
     if flat_updates is not None:
       flat = flat_updates
@@ -111,7 +111,7 @@ def scaled_and_clipped(
   norm of `max_norm` (none when <= 0) as `optax.clip_by_global_norm` clips, with the norm of the
   scaled gradients given as `grad_norm=` or else computed. Its state is `inner`'s.
 
-  Under `optax.flatten` all of it runs on one vector: the train step hands over the summed
+  Under `flattened` all of it runs on one vector: the train step hands over the summed
   gradients with grad_scale = 1 / tokens, and the mean, the clipping and Adam fuse into a few
   kernels, where the mean and the clipping of each array were ~3 kernels of their own (a third of
   the shakespeare_char step's ~400).

@@ -147,9 +147,10 @@ def make_steps(
   Gradients are of the *summed* token loss; `apply` divides by the token count. Data-parallel
   paths can so add gradients and counts across devices, and gradient accumulation across
   micro-batches, before one exact division: k micro-batches make one update on a batch k times
-  larger, whatever their token counts. `flat_optimizer`: `tx` is `optimizer.flat_state`'s,
-  which takes the summed gradients with grad_scale = 1 / tokens and runs on their concatenation
-  (`optimizer.scaled_and_clipped`), for parameters whole on every device.
+  larger, whatever their token counts. `flat_optimizer`: `tx` is `make_optimizer`'s with
+  `optimizer.flat_state`, which takes the summed gradients with grad_scale = 1 / tokens and runs
+  on their concatenation (`optimizer.scaled_and_clipped`), for parameters whole on every device;
+  any other optimizer would ignore grad_scale and step by the summed gradients.
   """
   outputs = TASK_OUTPUTS[task]
   tx = optax.with_extra_args_support(tx)  # any optimizer takes (or ignores) grad_norm=
