@@ -108,8 +108,8 @@ def scaled_and_clipped(
   inner: optax.GradientTransformation, max_norm: float
 ) -> optax.GradientTransformationExtraArgs:
   """`inner` applied to the gradients times `grad_scale=` (1 when not given), clipped to a global
-  norm of `max_norm` (none when <= 0) as `optax.clip_by_global_norm` clips, with the norm of the
-  scaled gradients given as `grad_norm=` or else computed. Its state is `inner`'s.
+  norm of `max_norm` (none when <= 0) by `clip_by_global_norm`, with the norm of the scaled
+  gradients given as `grad_norm=` or else computed. Its state is `inner`'s.
 
   Under `flattened` all of it runs on one vector: the train step hands over the summed
   gradients with grad_scale = 1 / tokens, and the mean, the clipping and Adam fuse into a few
@@ -117,16 +117,14 @@ def scaled_and_clipped(
   the shakespeare_char step's ~400).
   """
 
+  clip = clip_by_global_norm(max_norm)
+
   def update(updates, state, params=None, *, grad_norm=None, grad_scale=None, **extra_args):
     del extra_args
     if grad_scale is not None:
       updates = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), updates)
     if max_norm > 0:
-      norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-      trigger = jnp.squeeze(norm < max_norm)
-      updates = jax.tree.map(
-        lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates
-      )
+      updates, _ = clip.update(updates, optax.EmptyState(), grad_norm=grad_norm)
     return inner.update(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
