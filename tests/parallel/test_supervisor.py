@@ -99,23 +99,36 @@ def test_coordination_warnings_without_an_abort_are_printed():
   assert process.returncode == 0 and err == warning + "\n"
 
 
+# A child that has joined its job and reports each signal it gets (imports no JAX).
+JOINED_CHILD = textwrap.dedent("""\
+  import os, signal, sys, time
+  from transformer.parallel.supervisor import report_joined
+  signal.signal(signal.SIGTERM, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
+  signal.signal(signal.SIGHUP, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
+  report_joined()
+  """)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_supervisor_reaches_the_child(signum):
-  child = textwrap.dedent("""\
-    import os, signal, sys, time
-    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
-    signal.signal(signal.SIGHUP, lambda s, f: sys.exit(f"child got {signal.Signals(s).name}"))
-    os.kill(os.getppid(), signal.SIGUSR1)  # report_joined, without importing JAX's threads
-    print("ready", flush=True)
-    time.sleep(60)
-    """)
-  process = supervised(child)
+  process = supervised(JOINED_CHILD + "print('ready', flush=True)\ntime.sleep(60)\n")
   assert process.stdout.readline() == "ready\n"
   process.send_signal(signum)
   began = time.monotonic()
   _, err = process.communicate(timeout=60)
   assert time.monotonic() - began < 10
   assert process.returncode == 1 and err == f"child got {signum.name}\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_right_after_joining_reaches_the_child(signum):
+  """The signal lands while the supervisor may not yet have run any Python since the child
+  joined (the preemption notice of a job that has just started)."""
+  child = JOINED_CHILD + f"os.kill(os.getppid(), {int(signum)})\ntime.sleep(60)\n"
+  for _ in range(5):
+    process = supervised(child)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and err == f"child got {signum.name}\n"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -28,8 +28,11 @@ import subprocess
 import sys
 import time
 
-SUPERVISED = "TRANSFORMER_SUPERVISED"  # the supervisor's pid, in the child's environment
-JOINED = signal.SIGUSR1  # from the child: every process of the job has joined
+# In the child's environment: "PID:FD", the supervisor's pid and the pipe on which the child
+# says that every process of the job has joined. A pipe, not a signal: Python runs pending
+# signal handlers in signal-number order, so a SIGHUP arriving just after a joining SIGUSR1
+# would be handled first, as if the child had not joined; a byte in a pipe is there to be seen.
+SUPERVISED = "TRANSFORMER_SUPERVISED"
 JOB_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
 
 # An absl/glog line, C++ or Python: "E1207 03:17:59.355655    3045 file.cc:289] message".
@@ -58,7 +61,7 @@ def joins_a_job(coordinator_address: str, num_processes: int) -> bool:
 
 def is_supervised() -> bool:
   """Whether this process runs under a supervisor (its environment names its parent's pid)."""
-  return os.environ.get(SUPERVISED) == str(os.getppid())
+  return os.environ.get(SUPERVISED, "").partition(":")[0] == str(os.getppid())
 
 
 def report_joined() -> None:
@@ -66,7 +69,10 @@ def report_joined() -> None:
   Until then the child waits inside JAX's connect, which no signal interrupts: a SIGTERM or
   Ctrl-C then ends it from the supervisor (it has written nothing yet)."""
   if is_supervised():
-    os.kill(os.getppid(), JOINED)
+    fd = int(os.environ[SUPERVISED].partition(":")[2])
+    with contextlib.suppress(OSError):  # the supervisor gone: the parent-death signal follows
+      os.write(fd, b"j")
+    os.close(fd)
 
 
 def supervise(command: list[str]) -> int:
@@ -74,36 +80,48 @@ def supervise(command: list[str]) -> int:
   status (or exits with its signal); a child ended by a lost coordination service is one
   `error:` line and 2, one stopped by a signal before its job's processes joined is one
   `stopped:` line and 130."""
-  joined, stopped = [False], [0]
-  # Handlers, not SIG_IGN: the child starts with the default dispositions (exec resets handled
-  # signals; an ignored SIGINT would stay ignored there).
-  previous = {s: signal.getsignal(s) for s in (*_FORWARDED, signal.SIGINT, JOINED)}
-  signal.signal(signal.SIGINT, lambda signum, frame: None)
-  signal.signal(JOINED, lambda signum, frame: joined.__setitem__(0, True))
-  child = subprocess.Popen(
-    [sys.executable, *command],
-    env={**os.environ, SUPERVISED: str(os.getpid())},
-    stderr=subprocess.PIPE,
-  )
+  stopped = [0]
+  started: list[subprocess.Popen] = []
+  joined, joined_w = os.pipe()
 
   def stop(signum, frame):
     del frame
-    if not joined[0]:  # stuck in JAX's connect: nothing is written before it returns
+    # Readable: the child has joined (or has ended, when forwarding is harmless as well).
+    if not started or not select.select([joined], [], [], 0)[0]:  # in JAX's connect: no output
       stopped[0] = signum
-      child.kill()
+      for child in started:
+        child.kill()
     elif signum != signal.SIGINT:  # a Ctrl-C reached the child itself
-      child.send_signal(signum)
+      started[0].send_signal(signum)
 
+  # Handlers, not SIG_IGN: the child starts with the default dispositions (exec resets handled
+  # signals; an ignored SIGINT would stay ignored there). Set before the child starts: the
+  # default action would end this process and leave the child running unsupervised.
+  previous = {s: signal.getsignal(s) for s in (*_FORWARDED, signal.SIGINT)}
+  signal.signal(signal.SIGINT, lambda signum, frame: None)
   try:
     for signum in (*_FORWARDED, signal.SIGINT):
       if previous[signum] != signal.SIG_IGN:
         signal.signal(signum, stop)
+    try:
+      child = subprocess.Popen(
+        [sys.executable, *command],
+        env={**os.environ, SUPERVISED: f"{os.getpid()}:{joined_w}"},
+        stderr=subprocess.PIPE,
+        pass_fds=(joined_w,),
+      )
+    finally:
+      os.close(joined_w)
+    started.append(child)
+    if stopped[0]:  # a signal while it started
+      child.kill()
     assert child.stderr is not None
     held = _pass_through(child.stderr.fileno())
     code = child.wait()
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+    os.close(joined)
   if stopped[0]:
     name = signal.Signals(stopped[0]).name
     print(
