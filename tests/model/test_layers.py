@@ -16,6 +16,7 @@ from transformer.model.layers import (
   Embedding,
   LayerNorm,
   PositionEncoding,
+  dense_BTK_KN,
   rotary_embedding,
   tied_logits,
 )
@@ -113,6 +114,21 @@ def test_tied_logits_custom_backward_equals_autodiff():
 
   for got, want in zip(value_and_grads(tied_logits), value_and_grads(plain)):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k, n", [(16, 6), (6, 16), (8, 8)])
+def test_dense_backward_matches_the_float64_formula_wide_tall_and_square(k, n):
+  """x W and its hand-written backward (a tall weight's gradient computed as (dy^T x)^T on the
+  CPU) against NumPy in float64: dx = dy W^T, dW = x^T dy over all B T rows."""
+  rng = np.random.default_rng(k * n)
+  x_BTK, w_KN, d_y_BTN = (rng.normal(size=s) for s in ((2, 3, k), (k, n), (2, 3, n)))
+  y, vjp = jax.vjp(dense_BTK_KN, jnp.float32(x_BTK), jnp.float32(w_KN))
+  d_x, d_w = vjp(jnp.float32(d_y_BTN))
+  np.testing.assert_allclose(y, x_BTK @ w_KN, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_x, d_y_BTN @ w_KN.T, rtol=1e-5, atol=1e-5)
+  want_d_w = x_BTK.reshape(-1, k).T @ d_y_BTN.reshape(-1, n)
+  assert d_w.shape == (k, n)
+  np.testing.assert_allclose(d_w, want_d_w, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_logits_round_the_float32_logits_and_keep_their_gradients():
