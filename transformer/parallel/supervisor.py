@@ -68,11 +68,12 @@ def report_joined() -> None:
   """In a supervised child: tells the supervisor that the job's processes have all joined.
   Until then the child waits inside JAX's connect, which no signal interrupts: a SIGTERM or
   Ctrl-C then ends it from the supervisor (it has written nothing yet)."""
-  if is_supervised():
-    fd = int(os.environ[SUPERVISED].partition(":")[2])
-    with contextlib.suppress(OSError):  # the supervisor gone: the parent-death signal follows
-      os.write(fd, b"j")
-    os.close(fd)
+  fd = os.environ.get(SUPERVISED, "").partition(":")[2]
+  if is_supervised() and fd.isdigit():
+    # OSError: the supervisor gone (its death signal follows), or the pipe already reported.
+    with contextlib.suppress(OSError):
+      os.write(int(fd), b"j")
+      os.close(int(fd))
 
 
 def supervise(command: list[str]) -> int:
