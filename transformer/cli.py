@@ -78,7 +78,8 @@ def run_cli(main: Callable[[], object], *, command: bool = False) -> int:
   quiet = QuietStorageErrors()
   for name in QuietStorageErrors.LOGGERS:
     logging.getLogger(name).addFilter(quiet)
-  unraisable, sys.unraisablehook = sys.unraisablehook, quiet.unraisablehook(sys.unraisablehook)
+  unraisable = sys.unraisablehook
+  sys.unraisablehook = _quiet_dropped_stop(quiet.unraisablehook(unraisable))
   in_thread, threading.excepthook = threading.excepthook, quiet.excepthook(threading.excepthook)
   stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
   try:
@@ -209,6 +210,19 @@ def _stopped_by(signum: int) -> str:
     f"{signal.Signals(signum).name}; nothing was left half-written (every file is written "
     "whole or not at all)"
   )
+
+
+def _quiet_dropped_stop(previous):
+  """An unraisable-exception hook that leaves out the stop `stop_on_sigterm`'s handler raised
+  where Python drops exceptions (a garbage-collection callback, a finalizer): Python would print
+  it as "Exception ignored in ..." with a traceback, and `check_stopped` raises it again where the
+  command can stop with its one line."""
+
+  def hook(unraisable):
+    if not (_STOP and isinstance(unraisable.exc_value, KeyboardInterrupt)):  # Stopped included
+      previous(unraisable)
+
+  return hook
 
 
 def check_stopped() -> None:

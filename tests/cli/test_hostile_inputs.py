@@ -981,20 +981,48 @@ def test_a_cache_folder_that_cannot_be_used_is_named(trained, tmp_path):
   assert (fresh / "tfds").is_dir()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped raise
-def test_a_stop_whose_raise_python_dropped_still_stops(capsys):
-  """A SIGTERM that lands in a weakref finalizer (JAX runs some) raises there, and Python
-  drops the exception: `check_stopped` between a command's steps raises it again."""
+def test_a_ctrl_c_dropped_during_the_set_up_stops_before_the_first_step(tmp_path, capsys):
+  """A Ctrl-C whose raise Python dropped before training began (while the tokenizer and the
+  token cache are built, JAX's garbage-collection callbacks run) stops the run before its first
+  step, with its one line, instead of after the whole run."""
 
   def main():
     holder = type("Holder", (), {})()
-    weakref.finalize(holder, os.kill, os.getpid(), signal.SIGTERM)
+    weakref.finalize(holder, os.kill, os.getpid(), signal.SIGINT)
+    del holder  # the raise lands in the finalizer and is dropped
+    run(smoke.get_config(), tmp_path / "run")
+
+  assert run_cli(main) == 130
+  assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by an interrupt"
+  assert (tmp_path / "run" / "spm.model").exists()  # the set-up ran
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_whose_raise_python_dropped_still_stops_with_one_line(capsys, monkeypatch, signum):
+  """A SIGTERM or Ctrl-C that lands in a weakref finalizer or a garbage-collection callback (JAX
+  runs both) raises there, and Python drops the exception, printing it with its traceback
+  (through `sys.unraisablehook`): `check_stopped` between a command's steps raises it again, and
+  only the one line is said."""
+  printed = []
+  monkeypatch.setattr(sys, "unraisablehook", printed.append)
+
+  def main():
+    holder = type("Holder", (), {})()
+    weakref.finalize(holder, os.kill, os.getpid(), signum)
     del holder  # the finalizer runs, the handler raises inside it, Python drops the raise
     check_stopped()
     raise AssertionError("went on after the signal")
 
   assert run_cli(main) == 130
-  assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped: SIGTERM")
+  assert capsys.readouterr().err.strip().splitlines() == [
+    "stopped: SIGTERM; nothing was left half-written (every file is written whole or not at all)"
+    if signum == signal.SIGTERM
+    else "stopped by an interrupt"
+  ]
+  assert printed == []
   check_stopped()  # what stopped that command does not stop the next one in this process
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from transformer import compilation_cache
 from transformer.allocator import freeze_imported_objects, keep_freed_memory
-from transformer.cli import Stopped
+from transformer.cli import Stopped, check_stopped
 from transformer.config import Config, write_config
 from transformer.parallel import distributed
 from transformer.parallel.mesh import global_batch
@@ -110,6 +110,7 @@ def train(job: Run, state: TrainState, writer: metrics_lib.MetricWriter) -> Trai
   (`StopRequest`); that step is saved, then `Stopped` is raised."""
   config = job.config
   step = int(state.step)
+  check_stopped()  # a signal during the set-up whose raise Python dropped: nothing trained yet
   stop = StopRequest()
   progress = metrics_lib.Progress(step, config.num_train_steps, enabled=jax.process_index() == 0)
   window = report.StepWindow()
