@@ -30,6 +30,7 @@ from transformer.cli import (
   add_model_arguments,
   add_threads_argument,
   argument_text,
+  check_stopped,
   emit,
   positive_int,
   run_cli,
@@ -202,6 +203,7 @@ def main(argv=None) -> None:
       setattr(args, name, default)
   printed = 0
   for batch in batches(input_lines(args), args.batch_size):
+    check_stopped()  # a stop whose raise a finalizer swallowed ends here, not after the input
     if translator.task == "translation":
       outputs = translator.translate(
         batch,
