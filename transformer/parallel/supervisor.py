@@ -59,16 +59,23 @@ def joins_a_job(coordinator_address: str, num_processes: int) -> bool:
   return any(os.environ.get(name) for name in JOB_ENVIRONMENT)
 
 
+def _supervisor() -> tuple[str, str]:
+  """(pid, pipe's fd) as this process's environment names them; empty strings where it names
+  none."""
+  pid, _, fd = os.environ.get(SUPERVISED, "").partition(":")
+  return pid, fd
+
+
 def is_supervised() -> bool:
   """Whether this process runs under a supervisor (its environment names its parent's pid)."""
-  return os.environ.get(SUPERVISED, "").partition(":")[0] == str(os.getppid())
+  return _supervisor()[0] == str(os.getppid())
 
 
 def report_joined() -> None:
   """In a supervised child: tells the supervisor that the job's processes have all joined.
   Until then the child waits inside JAX's connect, which no signal interrupts: a SIGTERM or
   Ctrl-C then ends it from the supervisor (it has written nothing yet)."""
-  fd = os.environ.get(SUPERVISED, "").partition(":")[2]
+  fd = _supervisor()[1]
   if is_supervised() and fd.isdigit():
     # OSError: the supervisor gone (its death signal follows), or the pipe already reported.
     with contextlib.suppress(OSError):
